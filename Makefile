@@ -1,0 +1,50 @@
+# pyproxymap -- the two commands a newcomer needs are `make run` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(VENV)/bin/pip
+CONF   ?= $(CURDIR)/conf
+
+# Debian packages the Python bindings compile against (Berkeley DB 5.3 for hash:/btree:,
+# PCRE2 for pcre:). Installed only when missing and only when running as root.
+SYSTEM_BUILD_DEPS := libdb5.3-dev libpcre2-dev python3-venv gcc
+
+.PHONY: all deps venv install run test lint bench clean
+
+all: install
+
+deps:
+	@missing=""; for p in $(SYSTEM_BUILD_DEPS); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing:$$missing"; \
+	    (apt-get update -q || true) && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \
+	  else echo "please install (as root):$$missing"; fi; \
+	fi
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	$(MAKE) deps
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q -U pip wheel setuptools
+	$(PIP) install -q -e '.[tables,fast,test]'
+	touch $@
+
+venv install: $(VENV)/.installed
+
+run: install
+	$(VENV)/bin/proxymap-master -c $(CONF) start
+
+test: install
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -ra $(PYTEST_ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+bench: install
+	$(PY) -m tests.bench.run $(BENCH_ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info run/

@@ -1,0 +1,196 @@
+"""The one interface every lookup-table type implements (Postfix's ``DICT``).
+
+NAME
+    base -- table interface, errors, surrogate ("unavailable") table, open context
+
+DESCRIPTION
+    A table instance is opened once per (canonical name, open mode, instance flags) by the
+    request handler and kept for the life of the worker process (Postfix never closes them).
+    The handler sets ``table.flags`` to the flag word of the request before every operation
+    and reads it back afterwards (tables may change it, e.g. TRY0NULL/TRY1NULL learning),
+    exactly as Postfix's proxymap sets ``dict->flags``.
+
+    Keys and values are ``bytes``: Postfix is 8-bit clean and byte-exact; the UTF-8 layer
+    (``proxymap.tables.utf8``) decodes only where Postfix does.
+
+    Results: ``lookup`` returns the value or ``None`` (not found). Failures are exceptions:
+    ``DictRetry`` (temporary: status RETRY) and ``DictConfig`` (status CONFIG). A backend
+    failure must never become "not found": that would bounce mail.
+
+    Synchronous vs asynchronous tables: local tables (files, memory) answer inline on the
+    worker's event-loop thread -- the short, allocation-light path. Tables whose lookups
+    may block (network, databases) set ``asynchronous = True`` and implement the ``a*``
+    coroutine methods instead; the handler awaits them so that other clients of the
+    same worker are served meanwhile. A blocking driver runs its calls in an executor
+    thread (``loop.run_in_executor``); a socket protocol may use asyncio streams.
+
+SECURITY
+    Tables are opened only after the handler has approved the name.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from proxymap import flags as F
+
+log = logging.getLogger("proxymap")
+
+
+class DictError(Exception):
+    """A table operation failed; the subclass says which proxymap status to answer."""
+
+
+class DictRetry(DictError):
+    """Temporary failure (DICT_ERR_RETRY): backend down, timeout, unavailable table."""
+
+
+class DictConfig(DictError):
+    """Configuration error (DICT_ERR_CONFIG): e.g. socketmap PERM, non-UTF-8 value."""
+
+
+class DictOpenError(Exception):
+    """Raised by a table constructor when the table cannot be opened.
+
+    The registry turns it into a ``SurrogateTable`` (Postfix's dict_surrogate), logging
+    ``error: <message>`` once; every later operation then answers RETRY.
+    """
+
+
+class DictUnsupported(DictError):
+    """The table type does not support the operation (Postfix would abort the process).
+
+    The handler logs it and answers RETRY instead of dropping every client of the process.
+    """
+
+
+@dataclass
+class OpenContext:
+    """What a table may need beyond its name: configuration, and how to open nested tables.
+
+    ``params`` is main.cf with ``$name`` expansion applied on access (used by tables whose
+    name is a main.cf prefix, e.g. ``mysql:foo`` reads ``foo_hosts``) and for
+    ``smtputf8_enable``. ``open_table`` opens a nested table (``pipemap:{...}`` members) with
+    the same rules as the registry, stripping any ``proxy:`` prefix (the server never
+    connects to itself).
+    """
+
+    params: Mapping[str, str] = field(default_factory=dict)
+    open_table: Callable[[str, int, int], Table] | None = None
+    utf8_enabled: bool = True
+
+
+class Table:
+    """A lookup table. Subclasses set ``dict_type`` and override what they support."""
+
+    dict_type = "?"
+    asynchronous = False
+    # Files whose change makes the read-only service restart (Postfix checks mtime/nlink
+    # before accept). Tables that keep no file leave this empty.
+    watched_files: tuple[str, ...] = ()
+
+    def __init__(self, name: str, open_mode: int, flags: int) -> None:
+        self.name = name
+        self.open_mode = open_mode
+        self.flags = flags
+        self._stamps: list[tuple[int, int, int]] = []  # (fd-independent) dev, ino, mtime_ns
+
+    @property
+    def spec(self) -> str:
+        return f"{self.dict_type}:{self.name}"
+
+    # --- operations (synchronous tables) -------------------------------------------------
+    def lookup(self, key: bytes) -> bytes | None:
+        raise DictUnsupported(f"{self.spec}: lookup is not supported")
+
+    def update(self, key: bytes, value: bytes) -> int:
+        """Store; 0 = stored, 1 = not stored (e.g. duplicate kept, value too large)."""
+        raise DictUnsupported(f"table {self.spec}: update operation is not supported")
+
+    def delete(self, key: bytes) -> int:
+        """Remove; 0 = removed, 1 = not found."""
+        raise DictUnsupported(f"table {self.spec}: delete operation is not supported")
+
+    def sequence(self, function: int) -> tuple[bytes, bytes] | None:
+        """function 0 = first, 1 = next; ``None`` at the end."""
+        raise DictUnsupported(f"table {self.spec}: sequence operation is not supported")
+
+    # --- operations (asynchronous tables override these instead) -------------------------
+    async def alookup(self, key: bytes) -> bytes | None:
+        return self.lookup(key)
+
+    async def aupdate(self, key: bytes, value: bytes) -> int:
+        return self.update(key, value)
+
+    async def adelete(self, key: bytes) -> int:
+        return self.delete(key)
+
+    async def asequence(self, function: int) -> tuple[bytes, bytes] | None:
+        return self.sequence(function)
+
+    # --- life cycle ----------------------------------------------------------------------
+    def watch(self, path: str) -> None:
+        """Record a file whose later change (mtime, or unlinked) means "table changed"."""
+        st = os.stat(path)
+        self.watched_files = (*self.watched_files, path)
+        self._stamps.append((st.st_dev, st.st_ino, st.st_mtime_ns))
+
+    def changed(self) -> bool:
+        """True when a watched file was modified, replaced or removed since open."""
+        for path, (dev, ino, mtime) in zip(self.watched_files, self._stamps):
+            try:
+                st = os.stat(path)
+            except OSError:
+                return True
+            if (st.st_dev, st.st_ino) != (dev, ino) or st.st_nlink == 0:
+                return True
+            if not (self.flags & F.MULTI_WRITER) and st.st_mtime_ns != mtime:
+                return True
+        return False
+
+    def close(self) -> None:
+        pass
+
+    # --- helpers for drivers -------------------------------------------------------------
+    def fold(self, key: bytes) -> bytes:
+        """Driver-level folding: ASCII lower-case when the request asks for it.
+
+        FOLD_FIX applies to fixed tables, FOLD_MUL to the others (Postfix drivers fold
+        only ASCII; full Unicode folding is the UTF-8 layer's job).
+        """
+        want = F.FOLD_FIX if self.flags & F.FIXED else F.FOLD_MUL
+        return key.lower() if self.flags & want else key
+
+
+class SurrogateTable(Table):
+    """Stand-in for a table that could not be opened (Postfix's dict_surrogate).
+
+    Open succeeds (flags = requested | PATTERN, plus SURROGATE for 3.11+ replies); every
+    operation fails with RETRY and logs ``warning: <type:name> is unavailable. <reason>``.
+    """
+
+    dict_type = "surrogate"
+
+    def __init__(self, dict_type: str, name: str, open_mode: int, flags: int, reason: str):
+        super().__init__(name, open_mode, (flags & ~F.FIXED) | F.PATTERN | F.SURROGATE)
+        self.dict_type = dict_type
+        self.reason = reason
+
+    def _fail(self) -> DictRetry:
+        log.warning("%s is unavailable. %s", self.spec, self.reason)
+        return DictRetry(self.reason)
+
+    def lookup(self, key: bytes) -> bytes | None:
+        raise self._fail()
+
+    def update(self, key: bytes, value: bytes) -> int:
+        raise self._fail()
+
+    def delete(self, key: bytes) -> int:
+        raise self._fail()
+
+    def sequence(self, function: int) -> tuple[bytes, bytes] | None:
+        raise self._fail()
