@@ -52,7 +52,7 @@ _NAMES = [
 
 
 def flag_names(flags: int) -> str:
-    """Render a flag word like Postfix's ``dict_flags_str`` (``fixed|lock``; unknown bits in hex)."""
+    """Render flags like Postfix's ``dict_flags_str`` (``fixed|lock``; unknown bits in hex)."""
     parts = []
     rest = flags & 0xFFFFFFFF
     for bit, name in _NAMES:

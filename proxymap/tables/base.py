@@ -140,7 +140,7 @@ class Table:
 
     def changed(self) -> bool:
         """True when a watched file was modified, replaced or removed since open."""
-        for path, (dev, ino, mtime) in zip(self.watched_files, self._stamps):
+        for path, (dev, ino, mtime) in zip(self.watched_files, self._stamps, strict=True):
             try:
                 st = os.stat(path)
             except OSError:
