@@ -1,0 +1,1 @@
+"""Shared test infrastructure: the real Postfix, vectors and the raw proxymap client."""

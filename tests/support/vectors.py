@@ -1,0 +1,226 @@
+"""The shared differential test vectors, loaded and made usable on this machine.
+
+NAME
+    vectors -- read ../shared/spec/vectors/*.tsv and build their tables with the real postmap
+
+SYNOPSIS
+    rows = load_vectors()
+    workdir = build_vector_tables(tmp_path)
+    table = absolute_map(rows[0].map, workdir)
+    maps = proxy_read_maps_for(rows, workdir)
+
+DESCRIPTION
+    The vectors were recorded with Postfix 3.7.11 (see TABLES.md section 8): every row is
+    the outcome of ``postmap -q KEY MAP`` directly, and of ``postmap -q KEY proxy:MAP``
+    through the C proxymap. Map specs name their files relative to the vectors
+    directory; ``build_vector_tables`` copies that directory, fills ``@VECTORS@`` in the
+    ``*.cf`` files, and builds the indexed files (hash, btree, lmdb, cdb) with the real
+    postmap, so lookups here see byte-identical tables.
+
+    Only data files are taken from the shared directory; no shared code is imported.
+
+ENVIRONMENT
+    PYPROXYMAP_SHARED   the shared/ directory (default: <repository>/../shared)
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from tests.support.postfix import postmap_path
+
+REPOSITORY = Path(__file__).resolve().parents[2]
+
+# Types whose name part is a file; relative names are relative to the vectors dir.
+FILE_TYPES = "hash|btree|lmdb|cdb|dbm|sdbm|texthash|regexp|pcre|cidr|sqlite|memcache|mysql|pgsql|ldap"
+_RELATIVE_FILE = re.compile(r"(?<![\w-])(" + FILE_TYPES + r"):(?![{/])([^\s,{}]+)")
+
+# Indexed tables the vectors use, built from their .src files like `postmap TYPE:FILE`.
+INDEXED_TABLES = (
+    "hash:fixed.src",
+    "btree:btree.src",
+    "lmdb:fixed.src",
+    "cdb:fixed.src",
+    "hash:dups.src",
+    "cdb:dups.src",
+    "lmdb:dups.src",
+)
+
+# Rows of these types depend on the host (user database) or on fake network servers.
+HOST_DEPENDENT_TYPES = frozenset({"unix"})
+NETWORK_TYPES = frozenset({"tcp", "socketmap", "memcache", "mysql", "pgsql", "ldap"})
+
+_ESCAPES = {"\\": "\\", "t": "\t", "n": "\n", "r": "\r"}
+
+
+def shared_dir() -> Path:
+    override = os.environ.get("PYPROXYMAP_SHARED")
+    return Path(override) if override else REPOSITORY.parent / "shared"
+
+
+def vectors_dir() -> Path:
+    return shared_dir() / "spec" / "vectors"
+
+
+def unescape(field: str) -> str:
+    """Undo the TSV escaping: \\\\ backslash, \\t TAB, \\n LF, \\r CR (others kept)."""
+    out = []
+    index = 0
+    while index < len(field):
+        char = field[index]
+        if char == "\\" and index + 1 < len(field):
+            following = field[index + 1]
+            out.append(_ESCAPES.get(following, "\\" + following))
+            index += 2
+        else:
+            out.append(char)
+            index += 1
+    return "".join(out)
+
+
+def escape(text: str) -> str:
+    """The inverse of unescape, for showing rows in documents."""
+    return (
+        text.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
+    )
+
+
+@dataclass(frozen=True)
+class VectorRow:
+    """One vectors.tsv row: map spec (relative names), key, expected exit, value."""
+
+    line: int
+    map: str
+    key: str
+    exit: str
+    value: str
+
+    @property
+    def proxied(self) -> bool:
+        return self.map.startswith("proxy:")
+
+    @property
+    def direct_map(self) -> str:
+        """The map without its proxy: prefix."""
+        return self.map[len("proxy:") :] if self.proxied else self.map
+
+    @property
+    def map_type(self) -> str:
+        return self.direct_map.split(":", 1)[0]
+
+    @property
+    def outcome(self) -> tuple[str, str]:
+        """(exit, value) in the notation of PostmapResult.outcome()."""
+        return self.exit, self.value if self.exit == "0" else ""
+
+
+@dataclass(frozen=True)
+class OpenFlagsRow:
+    """One open-flags.tsv row: what a fresh open of MAP answered."""
+
+    map: str
+    request_flags: int
+    status: int
+    reply_flags: int
+    reply_flag_names: str
+
+    @property
+    def map_type(self) -> str:
+        return self.map.split(":", 1)[0]
+
+
+def _read_tsv(name: str) -> list[tuple[int, list[str]]]:
+    path = vectors_dir() / name
+    rows = []
+    with open(path, encoding="utf-8", newline="\n") as tsv:
+        next(tsv)  # header
+        for number, line in enumerate(tsv, start=2):
+            rows.append((number, [unescape(f) for f in line.rstrip("\n").split("\t")]))
+    return rows
+
+
+def load_vectors(name: str = "vectors.tsv") -> list[VectorRow]:
+    return [VectorRow(number, *fields) for number, fields in _read_tsv(name)]
+
+
+def load_open_flags() -> list[OpenFlagsRow]:
+    return [
+        OpenFlagsRow(fields[0], int(fields[1]), int(fields[2]), int(fields[3]), fields[4])
+        for _, fields in _read_tsv("open-flags.tsv")
+    ]
+
+
+def rows_of_types(rows: Iterable[VectorRow], types: Iterable[str]) -> list[VectorRow]:
+    wanted = set(types)
+    return [row for row in rows if row.map_type in wanted]
+
+
+def absolute_map(spec: str, workdir: str | os.PathLike) -> str:
+    """Make the relative file names inside a map spec absolute (nested ones too)."""
+    return _RELATIVE_FILE.sub(lambda m: f"{m.group(1)}:{workdir}/{m.group(2)}", spec)
+
+
+def build_vector_tables(workdir: str | os.PathLike) -> Path:
+    """Copy the vectors dir to WORKDIR and build its tables; returns WORKDIR.
+
+    Everything ends up readable by the postfix user (the proxymap worker reads it).
+    """
+    work = Path(workdir)
+    if work.exists():
+        shutil.rmtree(work)
+    shutil.copytree(vectors_dir(), work)
+    for path in (work, *work.iterdir()):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    for cf in work.glob("*.cf"):
+        cf.write_text(cf.read_text().replace("@VECTORS@", str(work)))
+    # test.sqlite: the data generator ships with the vectors; run the copy, not import it.
+    subprocess.run(
+        [sys.executable, str(work / "make_sqlite.py"), str(work)],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+    for spec in INDEXED_TABLES:
+        table_type, name = spec.split(":")
+        subprocess.run(
+            [postmap_path(), f"{table_type}:{work}/{name}"],
+            check=True,
+            stderr=subprocess.DEVNULL,
+        )
+    for path in work.iterdir():
+        path.chmod(0o644)
+    return work
+
+
+def proxy_read_maps_for(maps_or_rows: Iterable[VectorRow | str], workdir: str | os.PathLike) -> str:
+    """The proxy_read_maps value approving every map (rows or map specs) given.
+
+    Entries are absolute, prefixed with proxy:, deduplicated in order, and have $ doubled
+    because main.cf would otherwise expand it.
+    """
+    entries: dict[str, None] = {}
+    for item in maps_or_rows:
+        spec = item.direct_map if isinstance(item, VectorRow) else item.removeprefix("proxy:")
+        entry = "proxy:" + absolute_map(spec, workdir)
+        entries[entry.replace("$", "$$")] = None
+    return " ".join(entries)
+
+
+def known_proxy_differences(rows: Iterable[VectorRow]) -> list[tuple[VectorRow, VectorRow]]:
+    """(direct row, proxy row) pairs where the recorded 3.7 proxymap differed from direct."""
+    direct = {}
+    pairs = []
+    for row in rows:
+        if not row.proxied:
+            direct[(row.map, row.key)] = row
+        else:
+            twin = direct.get((row.direct_map, row.key))
+            if twin is not None and twin.outcome != row.outcome:
+                pairs.append((twin, row))
+    return pairs
