@@ -1,0 +1,197 @@
+"""Berkeley DB tables: ``hash:NAME`` and ``btree:NAME`` (both kept in ``NAME.db``).
+
+NAME
+    bdb -- Berkeley DB hash and btree tables (Postfix dict_db)
+
+SYNOPSIS
+    hash:/etc/postfix/virtual       -> /etc/postfix/virtual.db, DB_HASH
+    btree:/var/lib/postfix/verify   -> /var/lib/postfix/verify.db, DB_BTREE
+
+DESCRIPTION
+    Files are read and written with the ``berkeleydb`` binding (libdb 5.3, the library
+    Debian's postmap links), so a file built by ``postmap`` is read byte for byte and a
+    file written here is read by ``postmap -q``/``-s``. Keys and values follow the
+    trailing-NUL convention of ``nullterm``. Opening a hash table on a btree file (or
+    the reverse), a missing, empty or corrupt file is an open error shaped like
+    Postfix's: ``open database /p/name.db: Invalid argument``.
+
+    Sequence walks the database order (hash: bucket order; btree: key order).
+
+LOCKING
+    With the LOCK request flag each access holds ``flock(LOCK_SH)`` (``LOCK_EX`` for
+    update/delete) on ``NAME.db``, the lock ``postmap`` takes exclusively while it
+    rebuilds the file in place. Berkeley DB caches pages inside the process, so after
+    such a rebuild the handle is reopened (see ``nullterm``) instead of reading stale
+    pages.
+
+SEE ALSO
+    nullterm.py, TABLES.md 3.1, postmap(1).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+
+from berkeleydb import db as bdb
+
+from proxymap.tables.base import DictOpenError, DictRetry, OpenContext
+from proxymap.tables.nullterm import IndexedFileTable, open_error
+
+# Postfix's berkeley_db_read_buffer_size (the create buffer size applies to postmap).
+DEFAULT_CACHE_SIZE = 128 * 1024
+
+
+class _BerkeleyTable(IndexedFileTable):
+    """Common code of hash and btree; subclasses choose the access method."""
+
+    suffix = ".db"
+    access_method = bdb.DB_UNKNOWN
+
+    def __init__(self, name: str, open_mode: int, flags: int, ctx: OpenContext) -> None:
+        self._cache_size = _cache_size(ctx)
+        self._cursor: bdb.DBCursor | None = None
+        self._last_key: bytes | None = None
+        super().__init__(name, open_mode, flags)
+
+    # --- locking: flock on the .db file, like postmap -----------------------------------------
+    def _lock(self, fd: int, exclusive: bool) -> None:
+        fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+
+    def _unlock(self, fd: int) -> None:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+
+    # --- backend --------------------------------------------------------------------------------
+    def _backend_open(self, fd: int, create: bool, truncate: bool) -> bdb.DB:
+        handle = bdb.DB()
+        handle.set_cachesize(0, self._cache_size, 0)
+        if self.writable:
+            open_flags = (bdb.DB_CREATE if create else 0) | (bdb.DB_TRUNCATE if truncate else 0)
+        else:
+            open_flags = bdb.DB_RDONLY
+        try:
+            handle.open(self.path, dbtype=self.access_method, flags=open_flags, mode=0o644)
+        except bdb.DBError as exc:
+            handle.close()
+            raise _open_error(self.path, exc)
+        self._cursor = None
+        return handle
+
+    def _backend_close(self) -> None:
+        self._close_cursor()
+        self._handle.close()
+
+    def _backend_get(self, raw_key: bytes) -> bytes | None:
+        try:
+            return self._handle.get(raw_key)
+        except bdb.DBError as exc:
+            raise DictRetry(f"error reading {self.path}: {_reason(exc)}")
+
+    def _backend_put(self, raw_key: bytes, raw_value: bytes, replace: bool) -> bool:
+        try:
+            if replace:
+                self._handle.put(raw_key, raw_value)
+                return True
+            return self._handle.put(raw_key, raw_value, flags=bdb.DB_NOOVERWRITE) != bdb.DB_KEYEXIST
+        except bdb.DBKeyExistError:
+            return False
+        except bdb.DBError as exc:
+            raise DictRetry(f"error writing {self.path}: {_reason(exc)}")
+
+    def _backend_remove(self, raw_key: bytes) -> bool:
+        try:
+            self._handle.delete(raw_key)
+            return True
+        except bdb.DBNotFoundError:
+            return False
+        except bdb.DBError as exc:
+            raise DictRetry(f"error deleting from {self.path}: {_reason(exc)}")
+
+    def _backend_sync(self) -> None:
+        try:
+            self._handle.sync()
+        except bdb.DBError as exc:
+            raise DictRetry(f"error syncing {self.path}: {_reason(exc)}")
+
+    def _backend_first(self) -> tuple[bytes, bytes] | None:
+        self._close_cursor()
+        try:
+            self._cursor = self._handle.cursor()
+            return self._remember(self._cursor.first())
+        except bdb.DBError as exc:
+            raise DictRetry(f"error reading {self.path}: {_reason(exc)}")
+
+    def _backend_next(self) -> tuple[bytes, bytes] | None:
+        try:
+            if self._cursor is None:
+                return self._resume()
+            return self._remember(self._cursor.next())
+        except bdb.DBError as exc:
+            raise DictRetry(f"error reading {self.path}: {_reason(exc)}")
+
+    def _resume(self) -> tuple[bytes, bytes] | None:
+        """Continue a walk whose cursor was lost when the handle was reopened."""
+        if self._last_key is None:
+            return None
+        self._cursor = self._handle.cursor()
+        if self._cursor.set(self._last_key) is None:
+            return None  # the key is gone from the rebuilt file; nothing sensible follows
+        return self._remember(self._cursor.next())
+
+    def _remember(self, item: tuple[bytes, bytes] | None) -> tuple[bytes, bytes] | None:
+        self._last_key = None if item is None else item[0]
+        if item is None:
+            self._close_cursor()
+        return item
+
+    def _close_cursor(self) -> None:
+        if self._cursor is not None:
+            try:
+                self._cursor.close()
+            except bdb.DBError:
+                pass
+            self._cursor = None
+
+
+class HashTable(_BerkeleyTable):
+    """``hash:NAME`` -- Berkeley DB hash file ``NAME.db``."""
+
+    dict_type = "hash"
+    access_method = bdb.DB_HASH
+
+
+class BtreeTable(_BerkeleyTable):
+    """``btree:NAME`` -- Berkeley DB btree file ``NAME.db`` (sequence in key order)."""
+
+    dict_type = "btree"
+    access_method = bdb.DB_BTREE
+
+    def _resume(self) -> tuple[bytes, bytes] | None:
+        # Key order survives a rebuild: continue after the last key returned.
+        if self._last_key is None:
+            return None
+        self._cursor = self._handle.cursor()
+        item = self._cursor.set_range(self._last_key)
+        if item is not None and item[0] == self._last_key:
+            item = self._cursor.next()
+        return self._remember(item)
+
+
+def _cache_size(ctx: OpenContext) -> int:
+    try:
+        return int(ctx.params.get("berkeley_db_read_buffer_size", DEFAULT_CACHE_SIZE))
+    except (TypeError, ValueError):
+        return DEFAULT_CACHE_SIZE
+
+
+def _reason(exc: bdb.DBError) -> str:
+    """The errno text of a Berkeley DB error (its own detail goes after ``--``)."""
+    if exc.args and isinstance(exc.args[0], int) and exc.args[0] > 0:
+        return os.strerror(exc.args[0])
+    return str(exc.args[-1] if exc.args else exc)
+
+
+def _open_error(path: str, exc: bdb.DBError) -> DictOpenError:
+    if exc.args and isinstance(exc.args[0], int) and exc.args[0] > 0:
+        return open_error(path, OSError(exc.args[0], os.strerror(exc.args[0])))
+    return DictOpenError(f"open database {path}: {_reason(exc)}")

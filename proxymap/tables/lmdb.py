@@ -1,0 +1,172 @@
+"""LMDB tables: ``lmdb:NAME`` kept in the single file ``NAME.lmdb``.
+
+NAME
+    lmdb -- OpenLDAP LMDB table (Postfix dict_lmdb)
+
+SYNOPSIS
+    lmdb:/etc/postfix/virtual -> /etc/postfix/virtual.lmdb
+
+DESCRIPTION
+    The file is opened the way Postfix opens it: no sub-directory and no LMDB lock file
+    (``subdir=False, lock=False``); Postfix's own file lock replaces LMDB's reader table.
+    The table is "multi-writer" (open reply carries MULTI_WRITER): several processes may
+    update it, and commits by others are visible to the next read transaction because
+    each lookup reads the shared mapping in a fresh transaction. Only a replaced or
+    removed file counts as a change.
+
+    Map size: a reader adopts the size recorded in the file; a writer starts from
+    ``lmdb_map_size`` (default 16 MiB) or the file's size if larger, doubles it when a
+    commit does not fit, and a reader adopts a map grown by another process.
+
+    An empty or over-long key is "not found" (LMDB rejects such keys; Postfix would
+    abort). Sequence walks the keys in order; each step is its own transaction and
+    continues after the last key returned, so no transaction spans two requests.
+
+LOCKING
+    With the LOCK request flag, a shared ``fcntl`` lock (exclusive for updates) covers
+    each access -- the lock ``postmap`` holds while it rebuilds the table.
+
+SEE ALSO
+    nullterm.py, TABLES.md 3.2, postmap(1).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+
+import lmdb
+
+from proxymap import flags as F
+from proxymap.tables.base import DictConfig, DictOpenError, DictRetry, OpenContext
+from proxymap.tables.nullterm import IndexedFileTable
+
+DEFAULT_MAP_SIZE = 16 * 1024 * 1024  # Postfix lmdb_map_size
+
+
+class LmdbTable(IndexedFileTable):
+    """``lmdb:NAME``: LMDB file ``NAME.lmdb``."""
+
+    dict_type = "lmdb"
+    suffix = ".lmdb"
+    impl_flags = F.FIXED | F.MULTI_WRITER
+    reopen_on_rewrite = False  # commits are visible through the shared mapping
+
+    def __init__(self, name: str, open_mode: int, flags: int, ctx: OpenContext) -> None:
+        self._map_size = _configured_map_size(ctx)
+        self._last_key: bytes | None = None
+        super().__init__(name, open_mode, flags)
+
+    # --- locking: fcntl on the .lmdb file, like postmap ------------------------------------
+    def _lock(self, fd: int, exclusive: bool) -> None:
+        fcntl.lockf(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+
+    def _unlock(self, fd: int) -> None:
+        fcntl.lockf(fd, fcntl.LOCK_UN)
+
+    # --- backend ----------------------------------------------------------------------------
+    def _backend_open(self, fd: int, create: bool, truncate: bool) -> lmdb.Environment:
+        if not self.writable:
+            map_size = 0  # adopt the size recorded in the file
+        else:
+            map_size = max(self._map_size, os.fstat(fd).st_size)
+        try:
+            env = lmdb.open(self.path, subdir=False, lock=False, readonly=not self.writable,
+                            create=create, map_size=map_size, max_dbs=0, sync=False,
+                            readahead=False, meminit=False)
+        except lmdb.Error as exc:
+            raise DictOpenError(f"open database {self.path}: {_reason(exc)}")
+        if truncate:
+            with env.begin(write=True) as txn:
+                txn.drop(env.open_db(), delete=False)
+        return env
+
+    def _backend_close(self) -> None:
+        self._handle.close()
+
+    def _read(self, operation):
+        """Run ``operation(txn)`` in a fresh read transaction (sees the latest commit)."""
+        env: lmdb.Environment = self._handle
+        for _attempt in range(2):
+            try:
+                with env.begin(buffers=False) as txn:
+                    return operation(txn)
+            except lmdb.MapResizedError:
+                env.set_mapsize(0)  # another process grew the map: adopt its size
+            except lmdb.Error as exc:
+                raise DictRetry(f"error reading {self.path}: {_reason(exc)}")
+        raise DictRetry(f"error reading {self.path}: map resized repeatedly")
+
+    def _write(self, operation):
+        """Run ``operation(txn)`` in a write transaction, growing the map when full."""
+        env: lmdb.Environment = self._handle
+        while True:
+            try:
+                with env.begin(write=True) as txn:
+                    return operation(txn)
+            except lmdb.MapFullError:
+                env.set_mapsize(env.info()["map_size"] * 2)
+            except lmdb.MapResizedError:
+                env.set_mapsize(0)
+            except lmdb.BadValsizeError as exc:
+                raise DictConfig(f"error writing {self.path}: {_reason(exc)}")
+            except lmdb.Error as exc:
+                raise DictRetry(f"error writing {self.path}: {_reason(exc)}")
+
+    def _backend_get(self, raw_key: bytes) -> bytes | None:
+        if not raw_key or len(raw_key) > self._handle.max_key_size():
+            return None
+        return self._read(lambda txn: txn.get(raw_key))
+
+    def _backend_put(self, raw_key: bytes, raw_value: bytes, replace: bool) -> bool:
+        return self._write(lambda txn: txn.put(raw_key, raw_value, overwrite=replace))
+
+    def _backend_remove(self, raw_key: bytes) -> bool:
+        if not raw_key or len(raw_key) > self._handle.max_key_size():
+            return False
+        return self._write(lambda txn: txn.delete(raw_key))
+
+    def _backend_sync(self) -> None:
+        try:
+            self._handle.sync(True)
+        except lmdb.Error as exc:
+            raise DictRetry(f"error syncing {self.path}: {_reason(exc)}")
+
+    def _backend_first(self) -> tuple[bytes, bytes] | None:
+        return self._remember(self._read(lambda txn: _first(txn.cursor())))
+
+    def _backend_next(self) -> tuple[bytes, bytes] | None:
+        last = self._last_key
+        if last is None:
+            return None
+        return self._remember(self._read(lambda txn: _after(txn.cursor(), last)))
+
+    def _remember(self, item: tuple[bytes, bytes] | None) -> tuple[bytes, bytes] | None:
+        self._last_key = None if item is None else item[0]
+        return item
+
+
+def _first(cursor: lmdb.Cursor) -> tuple[bytes, bytes] | None:
+    return cursor.item() if cursor.first() else None
+
+
+def _after(cursor: lmdb.Cursor, last: bytes) -> tuple[bytes, bytes] | None:
+    if not cursor.set_range(last):
+        return None
+    if cursor.key() == last and not cursor.next():
+        return None
+    return cursor.item()
+
+
+def _configured_map_size(ctx: OpenContext) -> int:
+    try:
+        return max(int(ctx.params.get("lmdb_map_size", DEFAULT_MAP_SIZE)), 1 << 16)
+    except (TypeError, ValueError):
+        return DEFAULT_MAP_SIZE
+
+
+def _reason(exc: lmdb.Error) -> str:
+    """LMDB's message without the leading ``path:`` the binding puts there."""
+    text = str(exc)
+    head, sep, tail = text.partition(": ")
+    return tail if sep and ("/" in head or head.endswith(".lmdb")) else text

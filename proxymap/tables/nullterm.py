@@ -1,0 +1,373 @@
+"""Behaviour shared by the indexed-file tables: hash, btree, lmdb and cdb.
+
+NAME
+    nullterm -- trailing-NUL probing and learning, folding, file freshness
+
+SYNOPSIS
+    class HashTable(IndexedFileTable): ...   # implements the _backend_* primitives
+
+DESCRIPTION
+    Postfix stores each key and value of an indexed file either with or without one
+    terminating NUL byte (postmap on Linux: with, for hash/btree/lmdb; without, for cdb).
+    A reader does not know which, so an instance carries two flag bits:
+
+    TRY1NULL
+        try ``key + NUL`` first;
+    TRY0NULL
+        then try ``key`` as is.
+
+    The first hit clears the other bit for the life of the instance: later lookups use
+    only the learned form. An instance with neither bit is treated as having both (a
+    3.11+ client may send such flags; Postfix would abort). An update on an instance
+    that has not learned anything commits to the trailing NUL (the Linux default).
+    Values are returned up to their first NUL, so a stored trailing NUL disappears.
+
+    ``IndexedFileTable`` implements lookup/update/delete/sequence once, in these terms,
+    on top of a handful of backend primitives. It also keeps the backend handle fresh:
+    before each access it compares the file with the one the handle was opened on and
+    reopens when it was replaced (``mv new old``, cdb rebuilds) or, for tables whose
+    library caches pages (Berkeley DB), rewritten in place by ``postmap``. A file whose
+    timestamp is too recent to trust ("racily clean", as git calls it) is reopened on
+    every access until it is old enough: two rebuilds within one clock tick would
+    otherwise look identical. ``Table.watch``/``changed`` (the restart signal for the
+    read-only service) are independent of this and keep the open-time stamp.
+
+LOCKING
+    With the LOCK request flag each access holds a shared lock (exclusive for writes)
+    on the table file; ``postmap`` holds an exclusive lock while it rebuilds a file in
+    place, so a locked reader never sees a half-written table. The lock style is the
+    subclass's (flock for Berkeley DB, fcntl for LMDB, none for cdb).
+
+SEE ALSO
+    bdb.py, lmdb.py, cdb.py; TABLES.md 3.1-3.3; PROTOCOLS.md 3.5.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TypeVar
+
+from proxymap import flags as F
+from proxymap.tables.base import DictConfig, DictOpenError, DictRetry, DictUnsupported, Table
+
+log = logging.getLogger("proxymap")
+
+NUL = b"\0"
+SEQUENCE_FIRST = 0
+SEQUENCE_NEXT = 1
+
+# A file stamp taken less than this long after the file's last change cannot tell two
+# changes in the same timestamp tick apart. Covers 1-second timestamp filesystems.
+RACY_WINDOW_NS = 2_000_000_000
+
+T = TypeVar("T")
+
+
+# --- the NUL convention, as pure functions -----------------------------------------------
+
+def initial_flags(flags: int, impl_flags: int) -> int:
+    """Flags of a freshly opened instance: the table's own bits, and both TRY bits
+    unless the opener chose one."""
+    flags |= impl_flags
+    if not flags & F.TRY_ANY:
+        flags |= F.TRY_ANY
+    return flags
+
+
+def probe(flags: int, fetch: Callable[[bytes], T | None], key: bytes) -> tuple[T | None, int]:
+    """Look ``key`` up in the forms ``flags`` allows; return (result, learned flags).
+
+    ``fetch`` returns ``None`` for a miss. The flags returned have the other TRY bit
+    cleared after a hit.
+    """
+    if not flags & F.TRY_ANY:
+        flags |= F.TRY_ANY
+    if flags & F.TRY1NULL:
+        found = fetch(key + NUL)
+        if found is not None:
+            return found, flags & ~F.TRY0NULL
+    if flags & F.TRY0NULL:
+        found = fetch(key)
+        if found is not None:
+            return found, flags & ~F.TRY1NULL
+    return None, flags
+
+
+def storage_form(flags: int) -> tuple[bool, int]:
+    """Whether new entries get a trailing NUL, and the flags after committing to it."""
+    if not flags & F.TRY_ANY:
+        flags |= F.TRY_ANY
+    if flags & F.TRY1NULL:
+        return True, flags & ~F.TRY0NULL
+    return False, flags
+
+
+def cut_at_nul(data: bytes) -> bytes:
+    """The C-string view of stored bytes: everything before the first NUL."""
+    end = data.find(NUL)
+    return data if end < 0 else data[:end]
+
+
+# --- file identity --------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class FileStamp:
+    """What a handle was opened on: file identity and content stamps."""
+
+    dev: int
+    ino: int
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+    taken_ns: int
+
+    @classmethod
+    def of(cls, path: str) -> FileStamp | None:
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None
+        return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns,
+                   time.time_ns())
+
+    def same_file(self, other: FileStamp) -> bool:
+        return (self.dev, self.ino) == (other.dev, other.ino)
+
+    def same_content(self, other: FileStamp) -> bool:
+        return self.same_file(other) and (self.size, self.mtime_ns, self.ctime_ns) == (
+            other.size, other.mtime_ns, other.ctime_ns)
+
+    @property
+    def racy(self) -> bool:
+        """True when a later change could leave every stamp unchanged."""
+        return self.taken_ns - max(self.mtime_ns, self.ctime_ns) < RACY_WINDOW_NS
+
+
+def open_error(path: str, exc: BaseException) -> DictOpenError:
+    """A Postfix-shaped open failure: ``open database PATH: REASON``."""
+    if isinstance(exc, OSError) and exc.errno:
+        reason = os.strerror(exc.errno)
+    else:
+        reason = str(exc)
+    return DictOpenError(f"open database {path}: {reason}")
+
+
+# --- the table skeleton ---------------------------------------------------------------------
+
+class IndexedFileTable(Table):
+    """A table kept in one file ``NAME + suffix`` with NUL-convention probing.
+
+    Subclasses provide the backend primitives (all called with the file locked as the
+    request asks): ``_backend_open``/``_backend_close``, ``_backend_get`` (stored value or
+    None), ``_backend_put`` (False when the key exists and ``replace`` is false),
+    ``_backend_remove`` (True when removed), ``_backend_first``/``_backend_next`` (raw
+    key/value pairs), ``_backend_sync``; and ``_lock``/``_unlock`` for their lock style.
+    """
+
+    suffix = ""
+    impl_flags = F.FIXED
+    # Reopen when the file changed in place (page-caching libraries), not only when it
+    # was replaced. LMDB reads the shared mapping, so in-place commits are visible.
+    reopen_on_rewrite = True
+    # Also reopen while the file's stamps are too recent to prove "unchanged" (libraries
+    # whose cached pages would go stale unnoticed; cdb files are always replaced whole).
+    distrust_recent_stamps = True
+
+    def __init__(self, name: str, open_mode: int, flags: int) -> None:
+        super().__init__(name, open_mode, initial_flags(flags, self.impl_flags))
+        self.path = name + self.suffix
+        self.writable = (open_mode & os.O_ACCMODE) != os.O_RDONLY
+        self._fd: int | None = None  # the lock descriptor; also pins the inode
+        self._handle: object = None  # the backend's handle on that inode
+        self._stamp: FileStamp | None = None
+        self._open_file(initial=True)
+        self.watch(self.path)
+
+    # --- subclass hooks --------------------------------------------------------------------
+    def _backend_open(self, fd: int, create: bool, truncate: bool) -> object:
+        """Open the library on ``self.path`` (``fd`` is locked); return the new handle."""
+        raise NotImplementedError
+
+    def _backend_close(self) -> None:
+        """Close ``self._handle``."""
+        raise NotImplementedError
+
+    def _backend_get(self, raw_key: bytes) -> bytes | None:
+        raise NotImplementedError
+
+    def _backend_put(self, raw_key: bytes, raw_value: bytes, replace: bool) -> bool:
+        raise DictUnsupported(f"table {self.spec}: update operation is not supported")
+
+    def _backend_remove(self, raw_key: bytes) -> bool:
+        raise DictUnsupported(f"table {self.spec}: delete operation is not supported")
+
+    def _backend_first(self) -> tuple[bytes, bytes] | None:
+        raise NotImplementedError
+
+    def _backend_next(self) -> tuple[bytes, bytes] | None:
+        raise NotImplementedError
+
+    def _backend_sync(self) -> None:
+        pass
+
+    def _lock(self, fd: int, exclusive: bool) -> None:
+        pass
+
+    def _unlock(self, fd: int) -> None:
+        pass
+
+    # --- opening and freshness ---------------------------------------------------------------
+    def _open_file(self, initial: bool = False) -> None:
+        """Open (or reopen) the lock descriptor and the backend on what the path names now.
+
+        The backend reads the file's metadata while opening: hold the lock meanwhile, so
+        that an open never lands in the middle of a rebuild.
+        """
+        create = initial and self.writable and bool(self.open_mode & os.O_CREAT)
+        truncate = initial and self.writable and bool(self.open_mode & os.O_TRUNC)
+        mode = (os.O_RDWR if self.writable else os.O_RDONLY) | os.O_CLOEXEC
+        try:
+            fd = os.open(self.path, mode | (os.O_CREAT if create else 0), 0o644)
+        except OSError as exc:
+            raise open_error(self.path, exc)
+        try:
+            self._lock(fd, exclusive=self.writable)
+            try:
+                stamp = FileStamp.of(self.path)
+                handle = self._backend_open(fd, create, truncate)
+            finally:
+                self._unlock(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        if self._fd is not None:
+            self._backend_close()
+            os.close(self._fd)
+        self._fd, self._handle, self._stamp = fd, handle, stamp
+
+    def _outdated(self) -> bool:
+        """True when the handle no longer shows what the file name refers to."""
+        now = FileStamp.of(self.path)
+        if now is None or self._stamp is None:
+            return False  # unlinked: keep serving the old file, as Postfix does
+        if not self._stamp.same_file(now):
+            return True
+        if not self.reopen_on_rewrite:
+            return False
+        if not self._stamp.same_content(now):
+            return True
+        return self.distrust_recent_stamps and self._stamp.racy and not self.writable
+
+    def _refresh(self) -> None:
+        if self._outdated():
+            try:
+                self._open_file()
+            except DictOpenError as exc:
+                raise DictRetry(str(exc))
+            except Exception as exc:  # backend refused the new file: table unavailable
+                raise DictRetry(f"open database {self.path}: {exc}")
+
+    @contextmanager
+    def _access(self, exclusive: bool) -> Iterator[None]:
+        """Hold the lock the request asks for around one backend access."""
+        self._refresh()
+        if not self.flags & F.LOCK:
+            yield
+            return
+        fd = self._fd
+        assert fd is not None
+        self._lock(fd, exclusive)
+        try:
+            if self._outdated():  # a rebuild finished while we waited for the lock
+                self._unlock(fd)
+                self._refresh()
+                fd = self._fd
+                assert fd is not None
+                self._lock(fd, exclusive)
+            yield
+        finally:
+            self._unlock(fd)
+
+    def _after_write(self) -> None:
+        if self.flags & F.SYNC_UPDATE:
+            self._backend_sync()
+        # Our own change must not look like a foreign rebuild.
+        self._stamp = FileStamp.of(self.path)
+
+    # --- operations -------------------------------------------------------------------------
+    def _normalize_flags(self) -> None:
+        self.flags |= self.impl_flags
+        if not self.flags & F.TRY_ANY:
+            self.flags |= F.TRY_ANY
+
+    def lookup(self, key: bytes) -> bytes | None:
+        self._normalize_flags()
+        key = cut_at_nul(self.fold(key))
+        if not key:
+            return None  # never stored by postmap; LMDB would even reject it
+        with self._access(exclusive=False):
+            value, self.flags = probe(self.flags, self._backend_get, key)
+        return None if value is None else cut_at_nul(value)
+
+    def update(self, key: bytes, value: bytes) -> int:
+        self._normalize_flags()
+        key = cut_at_nul(self.fold(key))
+        value = cut_at_nul(value)
+        if not key:
+            log.warning("%s: empty key: not stored", self.spec)
+            return 1
+        with_nul, self.flags = storage_form(self.flags)
+        raw_key, raw_value = (key + NUL, value + NUL) if with_nul else (key, value)
+        with self._access(exclusive=True):
+            stored = self._backend_put(raw_key, raw_value, bool(self.flags & F.DUP_REPLACE))
+            if stored:
+                self._after_write()
+        if stored:
+            return 0
+        if self.flags & F.DUP_IGNORE:
+            pass
+        elif self.flags & F.DUP_WARN:
+            log.warning('%s: duplicate entry: "%s"', self.name, key.decode("utf-8", "replace"))
+        else:
+            log.error('%s: duplicate entry: "%s" (not replaced)', self.name,
+                      key.decode("utf-8", "replace"))
+        return 1
+
+    def delete(self, key: bytes) -> int:
+        self._normalize_flags()
+        key = cut_at_nul(self.fold(key))
+        if not key:
+            return 1
+        with self._access(exclusive=True):
+            removed, self.flags = probe(self.flags, self._removed_or_none, key)
+            if removed:
+                self._after_write()
+        return 0 if removed else 1
+
+    def _removed_or_none(self, raw_key: bytes) -> bool | None:
+        return True if self._backend_remove(raw_key) else None
+
+    def sequence(self, function: int) -> tuple[bytes, bytes] | None:
+        self._normalize_flags()
+        if function == SEQUENCE_FIRST:
+            step = self._backend_first
+        elif function == SEQUENCE_NEXT:
+            step = self._backend_next
+        else:
+            raise DictConfig(f"{self.spec}: invalid sequence function {function}")
+        with self._access(exclusive=False):
+            item = step()
+        if item is None:
+            return None
+        return cut_at_nul(item[0]), cut_at_nul(item[1])
+
+    def close(self) -> None:
+        if self._fd is not None:
+            self._backend_close()
+            os.close(self._fd)
+            self._fd = self._handle = None
