@@ -66,10 +66,8 @@ class LmdbTable(IndexedFileTable):
 
     # --- backend ----------------------------------------------------------------------------
     def _backend_open(self, fd: int, create: bool, truncate: bool) -> lmdb.Environment:
-        if not self.writable:
-            map_size = 0  # adopt the size recorded in the file
-        else:
-            map_size = max(self._map_size, os.fstat(fd).st_size)
+        # A reader adopts the size recorded in the file (0); a writer may need more.
+        map_size = max(self._map_size, os.fstat(fd).st_size) if self.writable else 0
         try:
             env = lmdb.open(self.path, subdir=False, lock=False, readonly=not self.writable,
                             create=create, map_size=map_size, max_dbs=0, sync=False,

@@ -150,10 +150,7 @@ class FileStamp:
 
 def open_error(path: str, exc: BaseException) -> DictOpenError:
     """A Postfix-shaped open failure: ``open database PATH: REASON``."""
-    if isinstance(exc, OSError) and exc.errno:
-        reason = os.strerror(exc.errno)
-    else:
-        reason = str(exc)
+    reason = os.strerror(exc.errno) if isinstance(exc, OSError) and exc.errno else str(exc)
     return DictOpenError(f"open database {path}: {reason}")
 
 
