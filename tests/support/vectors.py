@@ -123,12 +123,16 @@ class VectorRow:
 
 @dataclass(frozen=True)
 class OpenFlagsRow:
-    """One open-flags.tsv row: what a fresh open of MAP answered."""
+    """One open-flags.tsv row: what a fresh open of MAP answered.
+
+    status is the proxymap status as text, or "EOF" when the server process died
+    (then reply_flags is None).
+    """
 
     map: str
     request_flags: int
-    status: int
-    reply_flags: int
+    status: str
+    reply_flags: int | None
     reply_flag_names: str
 
     @property
@@ -152,7 +156,13 @@ def load_vectors(name: str = "vectors.tsv") -> list[VectorRow]:
 
 def load_open_flags() -> list[OpenFlagsRow]:
     return [
-        OpenFlagsRow(fields[0], int(fields[1]), int(fields[2]), int(fields[3]), fields[4])
+        OpenFlagsRow(
+            fields[0],
+            int(fields[1]),
+            fields[2],
+            None if fields[3] == "EOF" else int(fields[3]),
+            fields[4],
+        )
         for _, fields in _read_tsv("open-flags.tsv")
     ]
 
