@@ -1,0 +1,309 @@
+"""The proxymap request handler: approval, table instances, flags, status mapping.
+
+NAME
+    handler -- turn one well-formed proxymap request into a reply
+
+SYNOPSIS
+    handler = RequestHandler("proxymap", approved_tables(params, "proxymap"), params)
+    reply = handler.handle(request)          # a Reply, or an awaitable of one
+    name = handler.changed_table()           # before accept(): restart if not None
+
+DESCRIPTION
+    Per request, in Postfix's order (../shared/spec/PROTOCOLS.md section 2.7):
+
+    1. update/delete on the read-only service: warning, DENY (before approval).
+    2. Every leading ``proxy:`` is removed; a name without ``:`` is BAD.
+    3. A name outside the approved set: two warnings, DENY.
+    4. The shared table instance is fetched or opened (O_RDONLY for proxymap,
+       O_RDWR|O_CREAT for proxywrite). Opening never fails: an unusable table is
+       a surrogate that answers RETRY.
+    5. The instance's flags are set, the operation runs, and the outcome is mapped:
+       value -> OK; absent -> NOKEY; update/delete/sequence 0 -> OK, else NOKEY;
+       DictRetry and DictUnsupported (logged) -> RETRY; other DictError -> CONFIG.
+
+    Instances and flags follow the client generation. The oracle is a *direct*
+    ``postmap -q`` by the same client, not the Postfix 3.7 server's quirks:
+
+    * 3.11+ clients (G2): one instance per (name, open mode, instance_flags), opened
+      with those flags plus the UTF-8 layer when they ask UTF8_REQUEST and
+      ``smtputf8_enable = yes``. Each request runs with its own complete flag word
+      (update adds SYNC_UPDATE|DUP_REPLACE, delete SYNC_UPDATE); the reply carries the
+      flags after the operation; ``open`` answers the flags of the fresh instance.
+    * 3.7-3.10 clients (G1): one instance per (name, open mode, instance bits of the
+      request). It is opened with FOLD_FIX|DUP_WARN|UTF8_REQUEST added, so that text
+      tables fold their keys at load time as a direct postmap would, and texthash
+      duplicates keep the first value. There is no server-side UTF-8 layer: the G1
+      client has its own. Each request keeps the instance's non-request bits (so the
+      TRY0NULL/TRY1NULL learning persists) and takes the request bits from the
+      client. ``open`` answers the fresh flags without request bits: no cross-talk.
+
+    Flag sanitising: OPEN_LOCK and BULK_UPDATE (postmap's build-time locking) are
+    never passed to a table -- an exclusive lock held for the life of a server
+    process would block every other user of the file. They are echoed back in
+    the reply flags, so a G2 client's flag word round-trips unchanged. A G2
+    request whose flags carry neither TRY0NULL nor TRY1NULL for a table that uses
+    them gets the instance's fresh TRY bits (Postfix would abort).
+
+    A sequence "next" with no "first" before it on that instance is answered as
+    "first".
+
+    Synchronous tables are answered inline (the hot path: one dict hit finds the
+    instance for a repeated (table, generation, instance flags)); asynchronous
+    tables get a coroutine that the caller awaits.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Awaitable, Mapping
+from dataclasses import dataclass
+
+from proxymap import flags as F
+from proxymap.protocol import BAD, CONFIG, DENY, G2, NOKEY, OK, RETRY, Reply, Request
+from proxymap.tables import open_table
+from proxymap.tables.base import (
+    DictConfig,
+    DictError,
+    DictRetry,
+    DictUnsupported,
+    OpenContext,
+    Table,
+)
+from proxymap.tables.utf8 import activate, utf8_wanted
+
+log = logging.getLogger("proxymap")
+
+WRITER_SERVICE = "proxywrite"
+_PROXY = "proxy:"
+# Build-time locking bits that must never reach a long-lived server table (see above).
+_SANITISED = F.OPEN_LOCK | F.BULK_UPDATE
+_UPDATE_EXTRA = F.SYNC_UPDATE | F.DUP_REPLACE
+_DELETE_EXTRA = F.SYNC_UPDATE
+# What the G1 instance is opened with on top of the client's instance bits: what a
+# direct postmap -q opens with, minus LOCK (a request bit the client sends anyway).
+_G1_OPEN_EXTRA = F.FOLD_FIX | F.DUP_WARN | F.UTF8_REQUEST
+# Routes are cheap to rebuild; the bound only stops a client that cycles through
+# endless flag words from growing the cache without limit.
+_MAX_ROUTES = 4096
+
+
+@dataclass(slots=True, eq=False)
+class Instance:
+    """A shared table instance and what the handler remembers about it."""
+
+    table: Table
+    fresh_flags: int  # flags right after the open
+    open_reply: int  # what an ``open`` request is answered with
+    registered_name: str  # for "table <name> has changed -- restarting"
+    sequence_started: bool = False
+
+
+@dataclass(slots=True, frozen=True)
+class Refusal:
+    """A cached BAD or DENY decision for a raw table name."""
+
+    status: int
+    canonical: str
+
+
+def canonical_name(table: str) -> str:
+    """Remove every leading ``proxy:`` (the server never proxies to itself)."""
+    while table.startswith(_PROXY):
+        table = table[len(_PROXY):]
+    return table
+
+
+def parse_bool(params: Mapping[str, str], name: str, default: bool) -> bool:
+    """A main.cf boolean; MainConfig's own parser when it has one."""
+    get_bool = getattr(params, "get_bool", None)
+    if get_bool is not None:
+        return bool(get_bool(name))
+    value = params.get(name)
+    if value is None:
+        return default
+    return value.strip().lower() == "yes"
+
+
+class RequestHandler:
+    """Answers proxymap/proxywrite requests against the approved tables."""
+
+    def __init__(self, service_name: str, approved, params: Mapping[str, str]) -> None:
+        self.service_name = service_name
+        self.writer = service_name == WRITER_SERVICE
+        self.approved = frozenset(approved)
+        self.params = params
+        self.open_mode = os.O_RDWR | os.O_CREAT if self.writer else os.O_RDONLY
+        self.utf8_enabled = parse_bool(params, "smtputf8_enable", True)
+        self.context = OpenContext(params=params, open_table=self.open_nested,
+                                   utf8_enabled=self.utf8_enabled)
+        self._routes: dict[tuple[str, int, int], Instance | Refusal] = {}
+        self._instances: dict[tuple[str, int, int, int], Instance] = {}
+        access = "read-write" if self.writer else "read-only"
+        parameter = "proxy_write_maps" if self.writer else "proxy_read_maps"
+        self._approve_hint = (f"to approve this table for {access} access, list "
+                              f"proxy:%s in main.cf:{parameter}")
+
+    # --- opening ---------------------------------------------------------------------------
+    def open_nested(self, spec: str, open_mode: int, flags: int) -> Table:
+        """Open a member table (pipemap/unionmap) the way Postfix's dict_open does."""
+        table = open_table(spec, open_mode, flags & ~_SANITISED, self.context)
+        if utf8_wanted(flags, self.utf8_enabled):
+            table = activate(table)
+        return table
+
+    def _instance(self, canonical: str, generation: int, instance_flags: int) -> Instance:
+        key = (canonical, self.open_mode, generation, instance_flags)
+        instance = self._instances.get(key)
+        if instance is None:
+            instance = self._open_instance(canonical, generation, instance_flags)
+            self._instances[key] = instance
+        return instance
+
+    def _open_instance(self, canonical: str, generation: int, instance_flags: int) -> Instance:
+        echo = instance_flags & _SANITISED
+        if generation == G2:
+            table = self.open_nested(canonical, self.open_mode, instance_flags)
+            fresh = table.flags
+            open_reply = fresh | echo
+            registered = f"{canonical}({self.open_mode:o},{F.flag_names(instance_flags)})"
+        else:
+            flags = (instance_flags | _G1_OPEN_EXTRA) & ~_SANITISED
+            table = open_table(canonical, self.open_mode, flags, self.context)
+            fresh = table.flags
+            open_reply = fresh & ~F.RQST_MASK & ~F.SURROGATE
+            registered = f"{canonical}:{F.flag_names(instance_flags)}"
+        return Instance(table, fresh, open_reply, registered)
+
+    # --- routing: name -> instance ------------------------------------------------------
+    def _route(self, raw: str, generation: int, instance_flags: int) -> Instance | Refusal:
+        canonical = canonical_name(raw)
+        if ":" not in canonical:
+            return Refusal(BAD, canonical)
+        if canonical not in self.approved:
+            return Refusal(DENY, canonical)
+        return self._instance(canonical, generation, instance_flags)
+
+    def _refuse(self, refusal: Refusal) -> Reply:
+        if refusal.status == DENY:
+            log.warning('request for unapproved table: "%s"', refusal.canonical)
+            log.warning(self._approve_hint, refusal.canonical)
+        return Reply(refusal.status)
+
+    # --- requests ------------------------------------------------------------------------
+    def handle(self, req: Request) -> Reply | Awaitable[Reply]:
+        op = req.op
+        if (op == "update" or op == "delete") and not self.writer:
+            log.warning("refusing %s %s request on non-proxywrite service", req.table, op)
+            return Reply(DENY)
+        g2 = req.generation == G2
+        selector = req.instance_flags if g2 else req.flags & F.INST_MASK
+        route_key = (req.table, req.generation, selector)
+        instance = self._routes.get(route_key)
+        if instance is None:
+            instance = self._route(req.table, req.generation, selector)
+            if len(self._routes) >= _MAX_ROUTES:
+                self._routes.clear()
+            self._routes[route_key] = instance
+        if instance.__class__ is Refusal:
+            return self._refuse(instance)
+        if op == "open":
+            return Reply(OK, instance.open_reply)
+        if op == "sequence" and req.function not in (0, 1):
+            return Reply(BAD)
+
+        table = instance.table
+        if g2:
+            flags = req.flags
+            if not flags & F.TRY_ANY:
+                flags |= instance.fresh_flags & F.TRY_ANY
+        else:
+            flags = (table.flags & ~F.RQST_MASK) | (req.flags & F.RQST_MASK)
+        if op == "update":
+            flags |= _UPDATE_EXTRA
+        elif op == "delete":
+            flags |= _DELETE_EXTRA
+        echo = req.flags & _SANITISED
+        flags &= ~_SANITISED
+        if table.asynchronous:
+            return self._run_async(instance, req, flags, echo)
+        table.flags = flags
+        try:
+            if op == "lookup":
+                value = table.lookup(req.key)
+                if value is None:
+                    return Reply(NOKEY, table.flags | echo)
+                return Reply(OK, table.flags | echo, value=value)
+            if op == "update":
+                return Reply(OK if table.update(req.key, req.value) == 0 else NOKEY,
+                             table.flags | echo)
+            if op == "delete":
+                return Reply(OK if table.delete(req.key) == 0 else NOKEY, table.flags | echo)
+            if op == "sequence":
+                entry = table.sequence(self._sequence_function(instance, req.function))
+                if entry is None:
+                    return Reply(NOKEY, table.flags | echo)
+                return Reply(OK, table.flags | echo, key=entry[0], value=entry[1])
+        except Exception as exc:  # noqa: BLE001 - every failure becomes a status
+            return Reply(self._error_status(exc, instance, op), table.flags | echo)
+        return Reply(BAD)
+
+    async def _run_async(self, instance: Instance, req: Request, flags: int,
+                         echo: int) -> Reply:
+        # Flags are set here, not in handle(): other requests may run in between.
+        # The reply reports the flags this request ran with: with concurrent
+        # requests on one instance the table's own word may belong to another.
+        table = instance.table
+        op = req.op
+        table.flags = flags
+        reply_flags = flags | echo
+        try:
+            if op == "lookup":
+                value = await table.alookup(req.key)
+                if value is None:
+                    return Reply(NOKEY, reply_flags)
+                return Reply(OK, reply_flags, value=value)
+            if op == "update":
+                status = await table.aupdate(req.key, req.value)
+                return Reply(OK if status == 0 else NOKEY, reply_flags)
+            if op == "delete":
+                status = await table.adelete(req.key)
+                return Reply(OK if status == 0 else NOKEY, reply_flags)
+            if op == "sequence":
+                entry = await table.asequence(self._sequence_function(instance, req.function))
+                if entry is None:
+                    return Reply(NOKEY, reply_flags)
+                return Reply(OK, reply_flags, key=entry[0], value=entry[1])
+        except Exception as exc:  # noqa: BLE001 - every failure becomes a status
+            return Reply(self._error_status(exc, instance, op), reply_flags)
+        return Reply(BAD)
+
+    @staticmethod
+    def _sequence_function(instance: Instance, function: int) -> int:
+        if not instance.sequence_started:
+            instance.sequence_started = True
+            return 0
+        return function
+
+    @staticmethod
+    def _error_status(exc: Exception, instance: Instance, op: str) -> int:
+        if isinstance(exc, DictUnsupported):
+            log.warning("%s: %s", instance.table.spec, exc)
+            return RETRY
+        if isinstance(exc, DictRetry):
+            return RETRY
+        if isinstance(exc, (DictConfig, DictError)):
+            return CONFIG
+        log.error("%s %s failed: %r", instance.table.spec, op, exc, exc_info=exc)
+        return RETRY
+
+    # --- restart check -------------------------------------------------------------------
+    def changed_table(self) -> str | None:
+        """Registered name of the first open table whose file changed (read-only only)."""
+        if self.writer:
+            return None
+        for instance in self._instances.values():
+            table = instance.table
+            if table.watched_files and table.changed():
+                return instance.registered_name
+        return None

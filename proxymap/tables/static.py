@@ -1,0 +1,38 @@
+"""static: every key maps to the same constant (Postfix's dict_static).
+
+NAME
+    static -- constant-result table
+
+DESCRIPTION
+    ``static:text`` answers ``text`` verbatim (blanks included) for every key, the
+    empty key too; ``static:{ text }`` answers the text between the braces with the
+    blanks just inside them removed (``static:{}`` answers the empty string). A
+    braced name with text after the closing brace, or unbalanced braces, makes the
+    table unavailable. Only lookups are supported; the open mode is not checked.
+
+SEE ALSO
+    ../shared/spec/TABLES.md sections 2.7 and 3.6.
+"""
+
+from __future__ import annotations
+
+from proxymap import flags as F
+from proxymap.tables.base import DictOpenError, OpenContext, Table
+from proxymap.tables.textsyntax import BraceError, strip_braces
+
+
+class StaticTable(Table):
+    dict_type = "static"
+
+    def __init__(self, name: str, open_mode: int, flags: int, ctx: OpenContext) -> None:
+        super().__init__(name, open_mode, flags | F.FIXED)
+        text = name
+        if name.startswith("{"):
+            try:
+                text = strip_braces(name)
+            except BraceError as exc:
+                raise DictOpenError(f"static:{name}: {exc}")
+        self.value = text.encode("utf-8", "surrogateescape")
+
+    def lookup(self, key: bytes) -> bytes | None:
+        return self.value

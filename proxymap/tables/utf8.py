@@ -1,0 +1,222 @@
+"""The UTF-8 layer wrapped around a table (Postfix's dict_utf8), and key folding helpers.
+
+NAME
+    utf8 -- UTF-8 key/value checks and full Unicode case folding for lookup tables
+
+SYNOPSIS
+    table = activate(table)                  # when opened with UTF8_REQUEST, smtputf8 on
+    folded = fold_key(key, utf8=True)        # load-time folding of text tables
+
+DESCRIPTION
+    ``activate`` installs the layer on a table opened with UTF8_REQUEST while
+    ``smtputf8_enable = yes`` and sets UTF8_ACTIVE in its flags. For every lookup,
+    update and delete the layer then
+
+    * treats a key that is not valid UTF-8 as absent (lookup: not found and a
+      warning; update/delete: a successful no-op), and an update value likewise;
+    * case-folds the key with full Unicode folding (``str.casefold``) when the
+      table is FIXED and the flags ask FOLD_FIX, or is a pattern table and the
+      flags ask FOLD_MUL, and hides both FOLD bits from the driver during the call
+      so that the driver does not fold a second time (ASCII only);
+    * reports a found value that is not valid UTF-8 as a configuration error.
+
+    The layer shares the wrapped table's flag word: the request handler sets and
+    reads ``flags`` on the layer exactly as on a bare table. Sequence passes through.
+
+    ``fold_key`` is the folding text tables apply to their keys at load time:
+    full Unicode folding with UTF-8 semantics, ASCII lower-casing otherwise.
+
+SEE ALSO
+    ../shared/spec/TABLES.md sections 2.3 and 2.4; PROTOCOLS.md section 3.7.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from proxymap import flags as F
+from proxymap.tables.base import DictConfig, SurrogateTable, Table
+
+log = logging.getLogger("proxymap")
+
+_INVALID = "malformed UTF-8 or invalid codepoint"
+
+
+def is_valid_utf8(data: bytes) -> bool:
+    """Pure ASCII or strictly valid UTF-8 (no surrogates, no overlong forms)."""
+    if data.isascii():
+        return True
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def casefold_utf8(data: bytes) -> bytes:
+    """Full Unicode case folding of valid UTF-8 (ASCII strings: plain lower-casing)."""
+    if data.isascii():
+        return data.lower()
+    return data.decode("utf-8").casefold().encode("utf-8")
+
+
+def fold_key(key: bytes, utf8: bool) -> bytes:
+    """Load-time key folding: Unicode casefold under UTF-8 rules, else ASCII only.
+
+    The caller has already rejected keys that are not valid UTF-8 in UTF-8 mode.
+    """
+    return casefold_utf8(key) if utf8 else key.lower()
+
+
+def utf8_wanted(flags: int, utf8_enabled: bool) -> bool:
+    """Whether a table opened with ``flags`` gets UTF-8 semantics."""
+    return bool(flags & F.UTF8_REQUEST) and utf8_enabled
+
+
+def activate(table: Table) -> Table:
+    """Wrap ``table`` in the UTF-8 layer unless it already has one.
+
+    Surrogates stay bare: every operation on them is a temporary failure anyway,
+    and a stand-in should not turn a malformed key into "not found".
+    """
+    if isinstance(table, (Utf8Table, SurrogateTable)) or table.flags & F.UTF8_ACTIVE:
+        return table
+    return Utf8Table(table)
+
+
+def _printable(data: bytes) -> str:
+    return data.decode("utf-8", "backslashreplace")
+
+
+class Utf8Table(Table):
+    """A table seen through the UTF-8 layer; the flag word is the wrapped table's."""
+
+    def __init__(self, inner: Table) -> None:
+        # Deliberately no Table.__init__: name, mode and flags all live on ``inner``.
+        self.inner = inner
+        self.name = inner.name
+        self.open_mode = inner.open_mode
+        self.dict_type = inner.dict_type
+        self.asynchronous = inner.asynchronous
+        inner.flags |= F.UTF8_ACTIVE
+
+    @property
+    def flags(self) -> int:  # type: ignore[override]
+        return self.inner.flags
+
+    @flags.setter
+    def flags(self, value: int) -> None:
+        self.inner.flags = value
+
+    @property
+    def watched_files(self) -> tuple[str, ...]:  # type: ignore[override]
+        return self.inner.watched_files
+
+    # --- checks ---------------------------------------------------------------------------
+    def _checked_key(self, key: bytes) -> bytes | None:
+        """The key to pass on (folded if asked), or ``None`` when it is not UTF-8."""
+        if not is_valid_utf8(key):
+            log.warning('%s: non-UTF-8 key "%s": %s', self.spec, _printable(key), _INVALID)
+            return None
+        flags = self.inner.flags
+        want = F.FOLD_FIX if flags & F.FIXED else F.FOLD_MUL
+        return casefold_utf8(key) if flags & want else key
+
+    def _checked_value(self, value: bytes | None) -> bytes | None:
+        if value is not None and not is_valid_utf8(value):
+            log.warning('%s: non-UTF-8 value "%s": %s', self.spec, _printable(value), _INVALID)
+            raise DictConfig(f"{self.spec}: non-UTF-8 lookup result")
+        return value
+
+    def _hide_fold(self) -> int:
+        saved = self.inner.flags & F.FOLD_ANY
+        self.inner.flags &= ~F.FOLD_ANY
+        return saved
+
+    def _restore_fold(self, saved: int) -> None:
+        # OR back in: the driver may have changed other bits (TRY0NULL/TRY1NULL learning).
+        self.inner.flags |= saved
+
+    def _update_args(self, key: bytes, value: bytes) -> bytes | None:
+        folded = self._checked_key(key)
+        if folded is not None and not is_valid_utf8(value):
+            log.warning('%s: non-UTF-8 value "%s": %s', self.spec, _printable(value), _INVALID)
+            return None
+        return folded
+
+    # --- synchronous operations --------------------------------------------------------------
+    def lookup(self, key: bytes) -> bytes | None:
+        folded = self._checked_key(key)
+        if folded is None:
+            return None
+        saved = self._hide_fold()
+        try:
+            value = self.inner.lookup(folded)
+        finally:
+            self._restore_fold(saved)
+        return self._checked_value(value)
+
+    def update(self, key: bytes, value: bytes) -> int:
+        folded = self._update_args(key, value)
+        if folded is None:
+            return 0
+        saved = self._hide_fold()
+        try:
+            return self.inner.update(folded, value)
+        finally:
+            self._restore_fold(saved)
+
+    def delete(self, key: bytes) -> int:
+        folded = self._checked_key(key)
+        if folded is None:
+            return 0
+        saved = self._hide_fold()
+        try:
+            return self.inner.delete(folded)
+        finally:
+            self._restore_fold(saved)
+
+    def sequence(self, function: int) -> tuple[bytes, bytes] | None:
+        return self.inner.sequence(function)
+
+    # --- asynchronous operations -------------------------------------------------------------
+    async def alookup(self, key: bytes) -> bytes | None:
+        folded = self._checked_key(key)
+        if folded is None:
+            return None
+        saved = self._hide_fold()
+        try:
+            value = await self.inner.alookup(folded)
+        finally:
+            self._restore_fold(saved)
+        return self._checked_value(value)
+
+    async def aupdate(self, key: bytes, value: bytes) -> int:
+        folded = self._update_args(key, value)
+        if folded is None:
+            return 0
+        saved = self._hide_fold()
+        try:
+            return await self.inner.aupdate(folded, value)
+        finally:
+            self._restore_fold(saved)
+
+    async def adelete(self, key: bytes) -> int:
+        folded = self._checked_key(key)
+        if folded is None:
+            return 0
+        saved = self._hide_fold()
+        try:
+            return await self.inner.adelete(folded)
+        finally:
+            self._restore_fold(saved)
+
+    async def asequence(self, function: int) -> tuple[bytes, bytes] | None:
+        return await self.inner.asequence(function)
+
+    # --- life cycle ----------------------------------------------------------------------------
+    def changed(self) -> bool:
+        return self.inner.changed()
+
+    def close(self) -> None:
+        self.inner.close()
