@@ -47,9 +47,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import TypeVar
 
 from proxymap import flags as F
@@ -115,37 +113,28 @@ def cut_at_nul(data: bytes) -> bytes:
 
 # --- file identity --------------------------------------------------------------------------
 
-@dataclass(frozen=True)
 class FileStamp:
-    """What a handle was opened on: file identity and content stamps."""
+    """What a handle was opened on: file identity, content stamps, and their reliability."""
 
-    dev: int
-    ino: int
-    size: int
-    mtime_ns: int
-    ctime_ns: int
-    taken_ns: int
+    __slots__ = ("identity", "content", "racy")
+
+    def __init__(self, st: os.stat_result, taken_ns: int) -> None:
+        self.identity = (st.st_dev, st.st_ino)
+        self.content = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        # A later change within the same timestamp tick could leave every stamp equal.
+        self.racy = taken_ns - max(st.st_mtime_ns, st.st_ctime_ns) < RACY_WINDOW_NS
 
     @classmethod
     def of(cls, path: str) -> FileStamp | None:
         try:
-            st = os.stat(path)
+            return cls(os.stat(path), time.time_ns())
         except OSError:
             return None
-        return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns,
-                   time.time_ns())
 
-    def same_file(self, other: FileStamp) -> bool:
-        return (self.dev, self.ino) == (other.dev, other.ino)
 
-    def same_content(self, other: FileStamp) -> bool:
-        return self.same_file(other) and (self.size, self.mtime_ns, self.ctime_ns) == (
-            other.size, other.mtime_ns, other.ctime_ns)
-
-    @property
-    def racy(self) -> bool:
-        """True when a later change could leave every stamp unchanged."""
-        return self.taken_ns - max(self.mtime_ns, self.ctime_ns) < RACY_WINDOW_NS
+def _same_file(fd: int, other_fd: int) -> bool:
+    a, b = os.fstat(fd), os.fstat(other_fd)
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
 def open_error(path: str, exc: BaseException) -> DictOpenError:
@@ -182,6 +171,7 @@ class IndexedFileTable(Table):
         self._fd: int | None = None  # the lock descriptor; also pins the inode
         self._handle: object = None  # the backend's handle on that inode
         self._stamp: FileStamp | None = None
+        self._new_fd_locked = False
         self._open_file(initial=True)
         self.watch(self.path)
 
@@ -219,11 +209,15 @@ class IndexedFileTable(Table):
         pass
 
     # --- opening and freshness ---------------------------------------------------------------
-    def _open_file(self, initial: bool = False) -> None:
+    def _open_file(self, initial: bool = False, held_fd: int | None = None,
+                   exclusive: bool = False) -> None:
         """Open (or reopen) the lock descriptor and the backend on what the path names now.
 
         The backend reads the file's metadata while opening: hold the lock meanwhile, so
-        that an open never lands in the middle of a rebuild.
+        that an open never lands in the middle of a rebuild. ``held_fd`` is a descriptor
+        the caller has locked for the access in progress: when the path still names the
+        same file that lock already covers the new descriptor; otherwise the new one is
+        locked too and stays locked (``_leave`` releases both).
         """
         create = initial and self.writable and bool(self.open_mode & os.O_CREAT)
         truncate = initial and self.writable and bool(self.open_mode & os.O_TRUNC)
@@ -232,63 +226,82 @@ class IndexedFileTable(Table):
             fd = os.open(self.path, mode | (os.O_CREAT if create else 0), 0o644)
         except OSError as exc:
             raise open_error(self.path, exc)
+        lock_new = held_fd is None or not _same_file(fd, held_fd)
         try:
-            self._lock(fd, exclusive=self.writable)
+            if lock_new:
+                self._lock(fd, exclusive=exclusive or self.writable)
             try:
                 stamp = FileStamp.of(self.path)
                 handle = self._backend_open(fd, create, truncate)
-            finally:
-                self._unlock(fd)
+            except BaseException:
+                if lock_new:
+                    self._unlock(fd)
+                raise
         except BaseException:
             os.close(fd)
             raise
-        if self._fd is not None:
+        if lock_new and held_fd is None:
+            self._unlock(fd)
+        old_fd = self._fd
+        if old_fd is not None:
             self._backend_close()
-            os.close(self._fd)
+            if old_fd != held_fd:
+                os.close(old_fd)
         self._fd, self._handle, self._stamp = fd, handle, stamp
+        self._new_fd_locked = lock_new and held_fd is not None
 
     def _outdated(self) -> bool:
         """True when the handle no longer shows what the file name refers to."""
-        now = FileStamp.of(self.path)
-        if now is None or self._stamp is None:
+        try:
+            st = os.stat(self.path)
+        except OSError:
             return False  # unlinked: keep serving the old file, as Postfix does
-        if not self._stamp.same_file(now):
-            return True
+        stamp = self._stamp
+        if stamp is None or (st.st_dev, st.st_ino) != stamp.identity:
+            return stamp is not None
         if not self.reopen_on_rewrite:
             return False
-        if not self._stamp.same_content(now):
+        if (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns) != stamp.content:
             return True
-        return self.distrust_recent_stamps and self._stamp.racy and not self.writable
+        return stamp.racy and self.distrust_recent_stamps and not self.writable
 
-    def _refresh(self) -> None:
-        if self._outdated():
-            try:
-                self._open_file()
-            except DictOpenError as exc:
-                raise DictRetry(str(exc))
-            except Exception as exc:  # backend refused the new file: table unavailable
-                raise DictRetry(f"open database {self.path}: {exc}")
+    def _reopen(self, held_fd: int | None, exclusive: bool) -> None:
+        try:
+            self._open_file(held_fd=held_fd, exclusive=exclusive)
+        except DictOpenError as exc:
+            raise DictRetry(str(exc))
+        except Exception as exc:  # the library refused the new file: unavailable for now
+            raise DictRetry(f"open database {self.path}: {exc}")
 
-    @contextmanager
-    def _access(self, exclusive: bool) -> Iterator[None]:
-        """Hold the lock the request asks for around one backend access."""
-        self._refresh()
+    def _enter(self, exclusive: bool) -> tuple[int, ...]:
+        """Start one access: a handle on the current file, locked as the request asks.
+
+        Returns the descriptors ``_leave`` must unlock. One ``stat`` per access.
+        """
         if not self.flags & F.LOCK:
-            yield
-            return
+            if self._outdated():
+                self._reopen(None, exclusive)
+            return ()
         fd = self._fd
         assert fd is not None
         self._lock(fd, exclusive)
         try:
-            if self._outdated():  # a rebuild finished while we waited for the lock
-                self._unlock(fd)
-                self._refresh()
-                fd = self._fd
-                assert fd is not None
-                self._lock(fd, exclusive)
-            yield
-        finally:
+            if not self._outdated():
+                return (fd,)
+            self._reopen(fd, exclusive)  # under the lock: no rebuild can start meanwhile
+        except BaseException:
             self._unlock(fd)
+            if fd != self._fd:
+                os.close(fd)
+            raise
+        assert self._fd is not None
+        return (fd, self._fd) if self._new_fd_locked else (fd,)
+
+    def _leave(self, held: tuple[int, ...]) -> None:
+        for fd in held:
+            self._unlock(fd)
+            if fd != self._fd:
+                os.close(fd)  # the descriptor of a file we just stopped using
 
     def _after_write(self) -> None:
         if self.flags & F.SYNC_UPDATE:
@@ -307,8 +320,11 @@ class IndexedFileTable(Table):
         key = cut_at_nul(self.fold(key))
         if not key:
             return None  # never stored by postmap; LMDB would even reject it
-        with self._access(exclusive=False):
+        held = self._enter(exclusive=False)
+        try:
             value, self.flags = probe(self.flags, self._backend_get, key)
+        finally:
+            self._leave(held)
         return None if value is None else cut_at_nul(value)
 
     def update(self, key: bytes, value: bytes) -> int:
@@ -320,10 +336,13 @@ class IndexedFileTable(Table):
             return 1
         with_nul, self.flags = storage_form(self.flags)
         raw_key, raw_value = (key + NUL, value + NUL) if with_nul else (key, value)
-        with self._access(exclusive=True):
+        held = self._enter(exclusive=True)
+        try:
             stored = self._backend_put(raw_key, raw_value, bool(self.flags & F.DUP_REPLACE))
             if stored:
                 self._after_write()
+        finally:
+            self._leave(held)
         if stored:
             return 0
         if self.flags & F.DUP_IGNORE:
@@ -340,10 +359,13 @@ class IndexedFileTable(Table):
         key = cut_at_nul(self.fold(key))
         if not key:
             return 1
-        with self._access(exclusive=True):
+        held = self._enter(exclusive=True)
+        try:
             removed, self.flags = probe(self.flags, self._removed_or_none, key)
             if removed:
                 self._after_write()
+        finally:
+            self._leave(held)
         return 0 if removed else 1
 
     def _removed_or_none(self, raw_key: bytes) -> bool | None:
@@ -357,8 +379,11 @@ class IndexedFileTable(Table):
             step = self._backend_next
         else:
             raise DictConfig(f"{self.spec}: invalid sequence function {function}")
-        with self._access(exclusive=False):
+        held = self._enter(exclusive=False)
+        try:
             item = step()
+        finally:
+            self._leave(held)
         if item is None:
             return None
         return cut_at_nul(item[0]), cut_at_nul(item[1])
