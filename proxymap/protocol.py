@@ -15,7 +15,13 @@ DESCRIPTION
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
+
+from proxymap import attr
+from proxymap import flags as F
+
+log = logging.getLogger("proxymap")
 
 # Status codes (PROXY_STAT_*), identical in both generations.
 OK = 0
@@ -53,3 +59,203 @@ class Reply:
     flags: int = 0
     key: bytes = b""
     value: bytes = b""
+
+
+# ---------------------------------------------------------------------------------------------
+# Request scanning (Postfix attr_scan0 with STRICT = MISSING|EXTRA), PROTOCOLS.md 1.3 and 2.3.
+# ---------------------------------------------------------------------------------------------
+
+#: What each request must carry after ``request``, in this order, per generation.
+EXPECTED: dict[tuple[str, int], tuple[bytes, ...]] = {
+    ("open", G1): (b"table", b"flags"),
+    ("lookup", G1): (b"table", b"flags", b"key"),
+    ("update", G1): (b"table", b"flags", b"key", b"value"),
+    ("delete", G1): (b"table", b"flags", b"key"),
+    ("sequence", G1): (b"table", b"flags", b"function"),
+    ("open", G2): (b"table", b"instance_flags"),
+    ("lookup", G2): (b"table", b"instance_flags", b"flags", b"key"),
+    ("update", G2): (b"table", b"instance_flags", b"flags", b"key", b"value"),
+    ("delete", G2): (b"table", b"instance_flags", b"flags", b"key"),
+    ("sequence", G2): (b"table", b"instance_flags", b"flags", b"function"),
+}
+_NUMERIC = frozenset({b"flags", b"instance_flags", b"function"})
+_OP_NAMES = {op.encode(): op for op in OPS}
+
+#: Flag bits dropped from the flags that select and open a table instance (G1 ``flags``,
+#: G2 ``instance_flags``). Real clients never send them there; the C server acts on the
+#: first two at open time and can be crashed with them (OPEN_LOCK together with LOCK
+#: panics; a long-lived exclusive lock or bulk mode would stall every other client), and
+#: the last two are states a server sets on an instance, not options a client may claim.
+#: Undefined high bits are dropped too, so that junk cannot multiply table instances.
+#: G2 ``flags`` (the per-request word) is left alone: the server echoes it back and the
+#: client stores it, so it must round-trip unchanged.
+SERVER_IGNORED_FLAGS = (
+    F.OPEN_LOCK | F.BULK_UPDATE | F.UTF8_ACTIVE | F.SURROGATE | 0xFF800000
+)
+_KEEP = ~SERVER_IGNORED_FLAGS & 0xFFFFFFFF
+
+
+def stream_name(service_name: str) -> str:
+    """How Postfix names the client stream in scanner warnings."""
+    return f"{service_name} socket"
+
+
+STANDALONE_STREAM = "unknown_stream"  # the name of stdin in -S mode
+
+
+def _text(raw: bytes) -> str:
+    return raw.decode("utf-8", "backslashreplace")
+
+
+def detect_generation(pairs: attr.Pairs) -> int:
+    """G2 iff ``instance_flags`` comes right after ``table`` (PROTOCOLS.md 2.9)."""
+    return G2 if len(pairs) > 2 and pairs[2][0] == b"instance_flags" else G1
+
+
+def parse_request(pairs: attr.Pairs, stream: str) -> Request | bytes | None:
+    """One received list -> a ``Request`` to handle, an encoded reply, or ``None`` (no reply).
+
+    ``None``: the list is empty or does not start with ``request`` (Postfix answers
+    nothing). ``bytes``: the request is malformed (status BAD, or status 3 alone for an
+    unknown request name), already encoded for the request's generation. Warnings are
+    logged with Postfix's wording.
+    """
+    if not pairs:
+        log.warning("missing attribute request in input from %s", stream)
+        return None
+    first_name, op_raw = pairs[0]
+    if first_name != b"request":
+        log.warning(
+            "unexpected attribute %s from %s (expecting: request)", _text(first_name), stream
+        )
+        return None
+    op = _OP_NAMES.get(op_raw)
+    if op is None:
+        log.warning('unrecognized request: "%s", ignored', _text(op_raw))
+        return UNKNOWN_REQUEST_REPLY
+    generation = detect_generation(pairs)
+    values = _scan(pairs, EXPECTED[op, generation], stream)
+    if values is None:
+        return BAD_REPLIES[op, generation]
+    request = Request(op, values[b"table"].decode("utf-8", "surrogateescape"), generation)
+    if generation == G1:
+        request.flags = values[b"flags"] & _KEEP
+    else:
+        request.instance_flags = values[b"instance_flags"] & _KEEP
+        request.flags = values.get(b"flags", 0)
+    if op == "sequence":
+        function = values[b"function"]
+        if function not in (0, 1):
+            return BAD_REPLIES[op, generation]
+        request.function = function
+    else:
+        request.key = values.get(b"key", b"")
+        request.value = values.get(b"value", b"")
+    return request
+
+
+def _scan(pairs: attr.Pairs, wanted: tuple[bytes, ...], stream: str) -> dict | None:
+    """Match ``pairs[1:]`` against the wanted names like attr_scan0 with STRICT.
+
+    Returns the converted values, or ``None`` after logging why the count is short.
+    Attributes after a complete set are reported once and otherwise ignored (the C
+    scanner stops there, leaving them unread), so a repeated last attribute keeps its
+    first value.
+    """
+    values: dict[bytes, object] = {}
+    available = len(pairs) - 1
+    for index, want in enumerate(wanted, start=1):
+        if index > available:
+            log.warning("missing attribute %s in input from %s", want.decode(), stream)
+            return None
+        name, value = pairs[index]
+        if name != want:
+            log.warning(
+                "unexpected attribute %s from %s (expecting: %s)",
+                _text(name), stream, want.decode(),
+            )
+            return None
+        if want in _NUMERIC:
+            try:
+                values[want] = attr.parse_u32(value)
+            except ValueError:
+                log.warning(
+                    "malformed numerical data from %s while reading input attribute value: %s",
+                    stream, _text(value[:100]),
+                )
+                return None
+        else:
+            values[want] = value
+    if available > len(wanted):
+        extra = pairs[len(wanted) + 1][0]
+        log.warning(
+            "unexpected attribute %s from %s (expecting: (list terminator))", _text(extra), stream
+        )
+    return values
+
+
+# ---------------------------------------------------------------------------------------------
+# Reply encoding, PROTOCOLS.md 2.5 (G1) and 2.6 (G2).
+# ---------------------------------------------------------------------------------------------
+
+_STATUS = [b"status\x00%d\x00" % status for status in range(6)]
+
+
+def _status(status: int) -> bytes:
+    return _STATUS[status] if 0 <= status < 6 else b"status\x00%d\x00" % (status & 0xFFFFFFFF)
+
+
+def _c_string(data: bytes) -> bytes:
+    """Values are C strings on the wire: anything from a NUL on cannot be sent."""
+    return data.split(b"\x00", 1)[0] if b"\x00" in data else data
+
+
+def encode_reply(op: str, generation: int, reply: Reply) -> bytes:
+    """The reply list for ``op`` in the request's generation (key/value empty unless OK)."""
+    status = reply.status
+    head = _status(status)
+    if generation == G2 or op == "open":
+        head += b"flags\x00%d\x00" % (reply.flags & 0xFFFFFFFF)
+    if op == "lookup":
+        value = _c_string(reply.value) if status == OK else b""
+        return head + b"value\x00" + value + b"\x00\x00"
+    if op == "sequence":
+        if status == OK:
+            key, value = _c_string(reply.key), _c_string(reply.value)
+            return b"%skey\x00%s\x00value\x00%s\x00\x00" % (head, key, value)
+        return head + b"key\x00\x00value\x00\x00\x00"
+    return head + b"\x00"
+
+
+def encode_status_reply(op: str, generation: int, status: int) -> bytes:
+    """A reply that reached no table (BAD, DENY): flags 0, empty key and value."""
+    return encode_reply(op, generation, Reply(status))
+
+
+#: ``status 3`` alone: the answer to an unknown request name, in both generations.
+UNKNOWN_REQUEST_REPLY = b"status\x003\x00\x00"
+
+#: Precomputed constant replies, by (op, generation).
+BAD_REPLIES = {key: encode_status_reply(key[0], key[1], BAD) for key in EXPECTED}
+DENY_REPLIES = {key: encode_status_reply(key[0], key[1], DENY) for key in EXPECTED}
+
+
+def reply_to_truncated(pairs: attr.Pairs, next_name: bytes | None = None) -> bytes | None:
+    """The answer to a request cut short by end-of-input (or an oversized list).
+
+    Postfix has read ``request`` by then and dispatched on it, and the request-specific
+    scan fails: status BAD in the request's generation (G2 only if ``instance_flags``
+    was seen after ``table``; ``next_name`` is a name whose value never came). Without a
+    complete ``request`` attribute there is no reply. The end-of-input warning itself is
+    the caller's (it knows whether a field was cut).
+    """
+    if not pairs or pairs[0][0] != b"request":
+        return None
+    op = _OP_NAMES.get(pairs[0][1])
+    if op is None:
+        log.warning('unrecognized request: "%s", ignored', _text(pairs[0][1]))
+        return UNKNOWN_REQUEST_REPLY
+    generation = detect_generation(pairs)
+    if len(pairs) == 2 and next_name == b"instance_flags":
+        generation = G2
+    return BAD_REPLIES[op, generation]
