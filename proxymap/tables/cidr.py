@@ -1,0 +1,164 @@
+"""cidr_table(5): network address tables.
+
+NAME
+    cidr -- ``cidr:/file`` and ``cidr:{ {rule}, ... }`` lookup tables
+
+DESCRIPTION
+    Each rule is ``[!]network value`` or ``IF [!]network`` ... ``ENDIF``
+    (``../shared/spec/TABLES.md`` section 3.13). A network is an address, optionally
+    ``/length``, optionally in brackets (``[addr]``, ``[addr/len]``, ``[addr]/len``);
+    it is IPv6 when its text contains ``:``. Addresses are parsed by the C library's
+    inet_pton (``socket.inet_pton``), so the same strings are accepted as by Postfix
+    (no leading zeros in IPv4, embedded IPv4 in IPv6). A network with host bits set is
+    not fixed up but skipped with a warning naming the proper network.
+
+    Lookup: the first matching rule in file order wins (not the longest prefix). A rule
+    only ever matches keys of its own address family: IPv4 rules never see an
+    IPv4-mapped IPv6 key. A key that does not parse is simply not found.
+"""
+
+from __future__ import annotations
+
+import socket
+
+from proxymap import flags as F
+from proxymap.tables.base import DictUnsupported, OpenContext, Table
+from proxymap.tables.patternfile import (
+    C_SPACE,
+    ENDIF,
+    IF,
+    MATCH,
+    Rule,
+    RuleError,
+    RuleList,
+    keyword_at,
+    require_read_only,
+    rule_lines,
+    rule_source,
+    skip_space,
+    take_negations,
+    warn,
+)
+
+_BITS = {socket.AF_INET: 32, socket.AF_INET6: 128}
+
+
+def parse_address(text: bytes) -> tuple[int, int] | None:
+    """(family, address as an integer), or None when inet_pton rejects the text."""
+    family = socket.AF_INET6 if b":" in text else socket.AF_INET
+    try:
+        packed = socket.inet_pton(family, text.decode("latin-1"))
+    except (OSError, ValueError):
+        return None
+    return family, int.from_bytes(packed, "big")
+
+
+def _mask(family: int, length: int) -> int:
+    bits = _BITS[family]
+    return ((1 << bits) - 1) ^ ((1 << (bits - length)) - 1)
+
+
+def parse_network(pattern: bytes) -> tuple[int, int, int]:
+    """(family, network, mask) of a rule's pattern; RuleError explains a bad one."""
+    if not pattern:
+        raise RuleError("no address pattern")
+    if pattern.startswith(b"["):
+        inside, bracket, after = pattern[1:].partition(b"]")
+        if not bracket:
+            raise RuleError(f"missing ']' character after \"{_show(pattern)}\"")
+        if after and not after.startswith(b"/"):
+            raise RuleError(f"garbage after \"{_show(pattern)}\"")
+        address, slash, length = (inside, b"/", after[1:]) if after else inside.partition(b"/")
+    else:
+        address, slash, length = pattern.partition(b"/")
+    family = socket.AF_INET6 if b":" in address else socket.AF_INET
+    bits = _BITS[family]
+    if slash and (not length.isdigit() or int(length) > bits):
+        raise RuleError(f"bad mask value in \"{_show(address)}/{_show(length)}\"")
+    parsed = parse_address(address)
+    if parsed is None or parsed[0] != family:
+        raise RuleError(f"bad address pattern: \"{_show(address)}\"")
+    prefix = int(length) if slash else bits
+    mask = _mask(family, prefix)
+    network = parsed[1]
+    if network & ~mask:
+        proper = socket.inet_ntop(family, (network & mask).to_bytes(bits // 8, "big"))
+        raise RuleError(
+            f"non-null host address bits in \"{_show(address)}/{_show(length)}\", "
+            f"perhaps you should use \"{proper}/{prefix}\" instead")
+    return family, network, mask
+
+
+class CidrTable(Table):
+    dict_type = "cidr"
+
+    def __init__(self, name: str, open_mode: int, flags: int, ctx: OpenContext | None = None):
+        super().__init__(name, open_mode, (flags & ~F.FIXED) | F.PATTERN)
+        require_read_only(self.dict_type, name, open_mode)
+        source = rule_source(self.dict_type, name)
+        rules = RuleList(self.dict_type, name)
+        for lineno, line in rule_lines(source, name):
+            try:
+                rules.add(self._parse_rule(line, lineno, rules.nesting))
+            except RuleError as exc:
+                warn(self.dict_type, name, lineno, f"{exc}: skipping this rule")
+        self._rules = rules.finish()
+
+    @staticmethod
+    def _parse_rule(line: bytes, lineno: int, nesting: int) -> Rule:
+        if keyword_at(line, b"IF"):
+            positive, pos = take_negations(line, skip_space(line, 2))
+            rule = Rule(IF, lineno, positive)
+            rule.matcher = parse_network(line[pos:])
+            return rule
+        if keyword_at(line, b"ENDIF"):
+            if line[skip_space(line, 5):]:
+                raise RuleError("garbage after ENDIF")
+            if nesting == 0:
+                raise RuleError("ENDIF without IF")
+            return Rule(ENDIF, lineno)
+        positive, pos = take_negations(line, 0)
+        end = pos
+        while end < len(line) and line[end] not in C_SPACE:
+            end += 1
+        pattern, value = line[pos:end], line[end:].strip(C_SPACE)
+        if not pattern:
+            raise RuleError("no address pattern")
+        if not value:
+            raise RuleError("no lookup result")
+        rule = Rule(MATCH, lineno, positive, parse_network(pattern))
+        rule.value = value
+        return rule
+
+    def lookup(self, key: bytes) -> bytes | None:
+        if b"\0" in key:
+            key = key.split(b"\0", 1)[0]
+        parsed = parse_address(key)
+        if parsed is None:
+            return None
+        family, address = parsed
+        rules = self._rules
+        index, count = 0, len(rules)
+        while index < count:
+            rule = rules[index]
+            index += 1
+            kind = rule.kind
+            if kind == ENDIF:
+                continue
+            rule_family, network, mask = rule.matcher
+            holds = rule_family == family and ((address & mask) == network) == rule.positive
+            if kind == MATCH:
+                if holds:
+                    return rule.value
+            elif not holds:
+                if rule.endif < 0:
+                    return None
+                index = rule.endif + 1
+        return None
+
+    def sequence(self, function: int) -> tuple[bytes, bytes] | None:
+        raise DictUnsupported(f"table {self.spec}: sequence operation is not supported")
+
+
+def _show(text: bytes) -> str:
+    return text.decode("utf-8", "replace")
