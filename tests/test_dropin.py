@@ -160,3 +160,20 @@ def test_reload_then_stop_leave_no_stray_worker():
     finally:
         instance.stop()
         instance.cleanup()
+
+
+def test_documented_dropin_under_another_command_name():
+    """docs/DROPIN.md: master.cf runs `pyproxymap`; the master adds -n proxymap."""
+    ensure_postfix()
+    instance = PrivatePostfix(
+        proxymap_program=OUR_PROXYMAP, proxymap_command="pyproxymap", name="harness-dropin-name"
+    )
+    table = f"texthash:{instance.tables}/aliases"
+    (instance.tables / "aliases").write_text(ALIASES)
+    instance.proxy_read_maps = "proxy:" + table
+    with instance:
+        assert instance.postmap_q("Bob", "proxy:" + table) == (0, "bob@example.com")
+        workers = instance.wait_for_workers()
+        assert [" ".join(proc_cmdline(pid)) for pid in workers] == [
+            "pyproxymap -n proxymap -t unix -d -u"
+        ]

@@ -23,8 +23,10 @@ from proxymap import flags
 from tests.support.postfix import PrivatePostfix, ensure_postfix
 from tests.support.vectors import (
     HOST_DEPENDENT_TYPES,
+    REPOSITORY,
     absolute_map,
     build_vector_tables,
+    known_differences_markdown,
     load_open_flags,
     load_vectors,
     proxy_read_maps_for,
@@ -103,4 +105,13 @@ def test_open_reply_flags(vector_postfix, row):
     assert reply["status"].decode() == expected.status
     assert int(reply["flags"]) & flags.IMPL_MASK == expected.reply_flags & flags.IMPL_MASK, (
         f"{flags.flag_names(int(reply['flags']))} vs recorded {expected.reply_flag_names}"
+    )
+
+
+def test_dropin_doc_lists_the_current_known_differences():
+    doc = (REPOSITORY / "docs" / "DROPIN.md").read_text()
+    begin = doc.index("-->\n", doc.index("<!-- BEGIN known-differences")) + len("-->\n")
+    end = doc.index("<!-- END known-differences -->")
+    assert doc[begin:end] == known_differences_markdown(load_vectors()), (
+        "regenerate the table in docs/DROPIN.md with: python -m tests.support.vectors"
     )

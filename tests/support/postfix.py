@@ -371,6 +371,9 @@ class PrivatePostfix:
 
     Constructor arguments (all keyword):
       proxymap_program   executable that daemon/proxymap points to (default: the C one)
+      proxymap_command   master.cf command of both services (default "proxymap"); another
+                         name gets its own daemon/ link to proxymap_program and the master
+                         adds "-n proxymap" (the documented drop-in, docs/DROPIN.md)
       proxy_read_maps    main.cf value (string, or entries joined by spaces)
       proxy_write_maps   main.cf value
       main_cf            extra main.cf parameters (override the defaults)
@@ -387,6 +390,7 @@ class PrivatePostfix:
         self,
         *,
         proxymap_program: str | os.PathLike | None = None,
+        proxymap_command: str = "proxymap",
         proxy_read_maps: str | Iterable[str] = "",
         proxy_write_maps: str | Iterable[str] = "",
         main_cf: Mapping[str, str] | None = None,
@@ -398,6 +402,7 @@ class PrivatePostfix:
         name: str = "pyproxymap-pf",
     ) -> None:
         self.proxymap_program = Path(proxymap_program or C_PROXYMAP)
+        self.proxymap_command = proxymap_command
         self.proxy_read_maps = _as_value(proxy_read_maps)
         self.proxy_write_maps = _as_value(proxy_write_maps)
         self.extra_main_cf = dict(main_cf or {})
@@ -444,9 +449,9 @@ class PrivatePostfix:
         self.set_proxymap_program(self.proxymap_program)
 
     def set_proxymap_program(self, program: str | os.PathLike) -> None:
-        """Point daemon/proxymap at another executable (effective for new processes)."""
+        """Point daemon/<proxymap_command> at another executable (for new processes)."""
         self.proxymap_program = Path(program)
-        link = self.daemon_dir / "proxymap"
+        link = self.daemon_dir / self.proxymap_command
         link.unlink(missing_ok=True)
         link.symlink_to(self.proxymap_program)
 
@@ -471,11 +476,13 @@ class PrivatePostfix:
         return params
 
     def master_cf_lines(self) -> list[str]:
-        args = f" {self.proxymap_args}" if self.proxymap_args else ""
+        command = self.proxymap_command
+        if self.proxymap_args:
+            command += " " + self.proxymap_args
         maxproc = self.proxymap_maxproc
         return [
-            f"proxymap   unix  -  -  n  -  {maxproc}  proxymap{args}",
-            f"proxywrite unix  -  -  n  -  1  proxymap{args}",
+            f"proxymap   unix  -  -  n  -  {maxproc}  {command}",
+            f"proxywrite unix  -  -  n  -  1  {command}",
             "postlog    unix-dgram n  -  n  -  1  postlogd",
             *self.extra_services,
         ]

@@ -234,3 +234,55 @@ def known_proxy_differences(rows: Iterable[VectorRow]) -> list[tuple[VectorRow, 
             if twin is not None and twin.outcome != row.outcome:
                 pairs.append((twin, row))
     return pairs
+
+
+def difference_reason(direct: VectorRow, proxied: VectorRow) -> str:
+    """Why the recorded 3.7 proxymap answered differently (TABLES.md 2.3, 2.6, 3.2, 5.1)."""
+    if proxied.exit == "HANG":
+        return "3.7 proxymap process exits (fatal) on this table; the client retries forever"
+    if direct.map_type == "texthash" and "dups" in direct.map:
+        return "3.7 opens texthash without a duplicate policy: the table is unusable (RETRY)"
+    if direct.map_type == "lmdb" and direct.key == "":
+        return "direct lmdb rejects an empty key (fatal); the proxy instance answers not found"
+    if direct.map_type == "pipemap":
+        return "3.7 opens pipemap members without fold flags: the key passed on is not folded"
+    if direct.exit == "0" and proxied.exit == "1":
+        return "3.7 loads text-table keys unfolded (open flags 0) while the client folds the key"
+    return "see TABLES.md section 8"
+
+
+def expected_from_pyproxymap(direct: VectorRow, proxied: VectorRow) -> str:
+    if direct.map_type == "lmdb" and direct.key == "":
+        return "not found (TABLES.md 3.2)"
+    if proxied.exit == "HANG":
+        return "an error reply (E), no hang"
+    return "as direct"
+
+
+def _cell(outcome: tuple[str, str]) -> str:
+    exit_code, value = outcome
+    if exit_code == "0":
+        return "`" + escape(value).replace("|", "\\|") + "`" if value else "(empty value)"
+    return {"1": "not found", "E": "error", "HANG": "hang"}[exit_code]
+
+
+def known_differences_markdown(rows: Iterable[VectorRow]) -> str:
+    """The table of direct != 3.7-proxy rows, as docs/DROPIN.md shows it."""
+    lines = [
+        "| # | map | key | direct `postmap -q` | 3.7 C proxymap | pyproxymap | why 3.7 differs |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for number, (direct, proxied) in enumerate(known_proxy_differences(rows), start=1):
+        table = direct.map if len(direct.map) <= 48 else direct.map[:45] + "..."
+        key = escape(direct.key).replace("|", "\\|")
+        lines.append(
+            f"| {number} | `{table.replace('|', '¦')}` | {f'`{key}`' if key else '(empty)'} "
+            f"| {_cell(direct.outcome)} | {_cell(proxied.outcome)} "
+            f"| {expected_from_pyproxymap(direct, proxied)} | {difference_reason(direct, proxied)} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    # python -m tests.support.vectors  -> the known-differences table for docs/DROPIN.md
+    print(known_differences_markdown(load_vectors()), end="")

@@ -1,0 +1,557 @@
+"""Benchmark our proxymap against the C proxymap, both under the real Postfix master.
+
+NAME
+    run -- `make bench` / `python -m tests.bench.run`: throughput, latency, CPU, RSS, cold start
+
+SYNOPSIS
+    python -m tests.bench.run [--quick] [--tables hash,lmdb,...] [--conns 1,16,256]
+                              [--seconds S] [--repeat N] [--v311] [--only c|ours]
+                              [--ours PATH] [--results DIR]
+
+DESCRIPTION
+    Two private Postfix instances (tests.support.postfix.PrivatePostfix) serve the same
+    tables: one spawns the installed C proxymap, the other our worker. The load
+    generator is ../shared/bench/pmload.c (compiled once into a cache directory): a
+    closed loop of CONNS connections, one request outstanding per connection, with the
+    flags `postmap -q` sends.
+
+    For every table and connection count the two implementations run alternately
+    (C first, then ours first, ...), REPEAT times each; the report gives medians of:
+      lookups/s, p50 and p99 latency (from pmload),
+      server CPU per lookup (utime+stime of the instance's proxymap processes, from
+      /proc, before and after the run, divided by the lookups served),
+      RSS per worker (VmRSS after the run, mean over the instance's proxymap processes),
+    and, per implementation, the cold start: time from starting the master to the first
+    successful lookup on a fresh connection.
+
+    Both instances get the same process limit and a max_use/max_idle high enough that
+    no worker is recycled during a run. A table type our worker cannot serve yet (the
+    probe lookup does not answer OK) is reported as n/a.
+
+    --v311 makes pmload send the Postfix 3.11+ request form to OUR server; the C 3.7
+    server does not speak it, so its column keeps the 3.7 form as the baseline.
+
+FILES
+    tests/bench/results/<UTC timestamp>.json and .md, and latest.md (a copy of the last).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from tests.support.postfix import (
+    C_PROXYMAP,
+    PrivatePostfix,
+    missing_postfix_parts,
+    proc_cpu_ticks,
+    proc_rss_kib,
+    run_postmap,
+)
+from tests.support.vectors import shared_dir
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+ALL_TABLES = ("hash", "lmdb", "texthash", "pcre", "cidr", "unix")
+TICKS_PER_SECOND = os.sysconf("SC_CLK_TCK")
+IMPLEMENTATIONS = ("c", "ours")
+
+# Table sizes: big enough that lookups are not trivially cached by accident, small
+# enough to build in a second.
+INDEXED_ENTRIES = 10_000
+RULES = 1_000
+KEYS_PER_TABLE = 1_000
+
+
+# ---------------------------------------------------------------------------
+# Load generator
+# ---------------------------------------------------------------------------
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or "/tmp"
+    return Path(base) / "pyproxymap-bench-cache"
+
+
+def build_pmload() -> Path:
+    """Compile pmload.c with gcc -O2 once per source version."""
+    source = shared_dir() / "bench" / "pmload.c"
+    digest = hashlib.sha256(source.read_bytes()).hexdigest()[:12]
+    binary = cache_dir() / f"pmload-{digest}"
+    if not binary.exists():
+        binary.parent.mkdir(parents=True, exist_ok=True)
+        partial = binary.with_suffix(".tmp")
+        subprocess.run(["gcc", "-O2", "-o", str(partial), str(source)], check=True)
+        partial.rename(binary)
+    return binary
+
+
+@dataclass
+class LoadResult:
+    requests: int = 0
+    ok: int = 0
+    nokey: int = 0
+    other: int = 0
+    rps: float = 0.0
+    p50_us: float = 0.0
+    p99_us: float = 0.0
+    max_us: float = 0.0
+    exit: int = 0
+    error: str = ""
+
+
+def run_pmload(
+    pmload: Path, socket_path: Path, table: str, conns: int, seconds: float, keyfile: Path,
+    v311: bool,
+) -> LoadResult:
+    command = [str(pmload), str(socket_path), table, str(conns), str(seconds), str(keyfile)]
+    if v311:
+        command.append("--v311")
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 30)
+    except subprocess.TimeoutExpired:
+        return LoadResult(exit=-1, error="pmload timed out (server hung)")
+    result = LoadResult(exit=done.returncode, error=done.stderr.strip())
+    for item in done.stdout.split():
+        name, _, value = item.partition("=")
+        if name in ("requests", "ok", "nokey", "other"):
+            setattr(result, name, int(value))
+        elif name in ("rps", "p50_us", "p99_us", "max_us"):
+            setattr(result, name, float(value))
+    return result
+
+
+# ---------------------------------------------------------------------------
+# Tables
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class BenchTable:
+    kind: str
+    spec: str  # table name as the client sends it (without proxy:)
+    keyfile: Path
+    probe_key: str
+
+
+def build_tables(directory: Path, kinds: list[str]) -> dict[str, BenchTable]:
+    """Write sources and key files, build indexed files with the real postmap."""
+    directory.mkdir(parents=True, exist_ok=True)
+    directory.chmod(0o755)
+    source = directory / "users"
+    source.write_text(
+        "".join(f"user{i}@example.com user{i}@mail.example.net\n" for i in range(INDEXED_ENTRIES))
+    )
+    # Nine hits for one miss, spread over the whole table.
+    user_keys = [
+        f"user{(i * 7919) % INDEXED_ENTRIES}@example.com" if i % 10 else f"nobody{i}@example.com"
+        for i in range(KEYS_PER_TABLE)
+    ]
+    tables: dict[str, BenchTable] = {}
+    for kind in kinds:
+        if kind in ("hash", "lmdb", "texthash"):
+            if kind != "texthash":
+                run_checked([f"{kind}:{source}"])
+            keyfile = write_keys(directory / "keys-users", user_keys)
+            tables[kind] = BenchTable(kind, f"{kind}:{source}", keyfile, "user1@example.com")
+        elif kind == "pcre":
+            rules = directory / "rules.pcre"
+            rules.write_text(
+                "".join(f"/^user{i}@example\\.com$/ rule{i}\n" for i in range(RULES))
+            )
+            keys = [f"user{(i * 37) % RULES}@example.com" if i % 10 else "nomatch@x"
+                    for i in range(KEYS_PER_TABLE)]
+            tables[kind] = BenchTable(
+                kind, f"pcre:{rules}", write_keys(directory / "keys-pcre", keys),
+                "user1@example.com",
+            )
+        elif kind == "cidr":
+            rules = directory / "nets.cidr"
+            rules.write_text(
+                "".join(f"10.{i // 256}.{i % 256}.0/24 net{i}\n" for i in range(RULES))
+            )
+            keys = [f"10.{(j := (i * 37) % RULES) // 256}.{j % 256}.9" if i % 10 else "192.0.2.1"
+                    for i in range(KEYS_PER_TABLE)]
+            tables[kind] = BenchTable(
+                kind, f"cidr:{rules}", write_keys(directory / "keys-cidr", keys), "10.0.1.9"
+            )
+        elif kind == "unix":
+            keys = ["root", "postfix", "nobody", "daemon", "no-such-user"] * 200
+            tables[kind] = BenchTable(
+                kind, "unix:passwd.byname", write_keys(directory / "keys-unix", keys), "root"
+            )
+        else:
+            raise SystemExit(f"unknown table kind {kind!r}; choose from {', '.join(ALL_TABLES)}")
+    for path in directory.iterdir():
+        path.chmod(0o644)
+    return tables
+
+
+def write_keys(path: Path, keys: list[str]) -> Path:
+    path.write_text("".join(f"{key}\n" for key in keys))
+    return path
+
+
+def run_checked(args: list[str]) -> None:
+    result = run_postmap(args, timeout=120)
+    if result.exit != 0:
+        raise SystemExit(f"postmap {' '.join(args)} failed: {result.stderr}")
+
+
+# ---------------------------------------------------------------------------
+# Server measurements
+# ---------------------------------------------------------------------------
+
+
+def worker_ticks(instance: PrivatePostfix) -> dict[int, int]:
+    return {pid: proc_cpu_ticks(pid) for pid in instance.worker_pids("proxymap")}
+
+
+def cpu_seconds_between(before: dict[int, int], after: dict[int, int]) -> float:
+    """CPU used by the workers between two snapshots (new workers count in full)."""
+    ticks = sum(after[pid] - before.get(pid, 0) for pid in after)
+    return ticks / TICKS_PER_SECOND
+
+
+def mean_rss_mib(instance: PrivatePostfix) -> float | None:
+    sizes = [proc_rss_kib(pid) for pid in instance.worker_pids("proxymap")]
+    sizes = [size for size in sizes if size]
+    return statistics.mean(sizes) / 1024 if sizes else None
+
+
+def probe(instance: PrivatePostfix, table: BenchTable) -> str:
+    """'' when the table answers OK, else why not (for the n/a column)."""
+    try:
+        with instance.client(timeout=10) as client:
+            reply = client.lookup(table.spec, table.probe_key)
+    except (OSError, EOFError) as error:
+        return f"no answer ({error})"
+    status = reply.get("status", b"?").decode()
+    return "" if status == "0" else f"probe lookup status {status}"
+
+
+# ---------------------------------------------------------------------------
+# The benchmark
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class Sample:
+    implementation: str
+    table: str
+    conns: int
+    repeat: int
+    load: LoadResult
+    cpu_us_per_lookup: float | None
+    rss_mib: float | None
+    workers: int
+
+
+@dataclass
+class Report:
+    started: str
+    options: dict
+    host: dict
+    cold_start_ms: dict = field(default_factory=dict)
+    not_available: dict = field(default_factory=dict)
+    samples: list = field(default_factory=list)
+    summary: list = field(default_factory=list)
+
+
+def make_instance(program: Path, tables: dict[str, BenchTable], base: Path, tag: str):
+    return PrivatePostfix(
+        proxymap_program=program,
+        proxy_read_maps=" ".join(f"proxy:{t.spec}" for t in tables.values()),
+        main_cf={
+            # No recycling during a run, the same process limit for both.
+            "max_use": "1000000",
+            "max_idle": "3600",
+            "default_process_limit": "100",
+        },
+        readable_paths=[t.keyfile.parent for t in tables.values()],
+        base_dir=base,
+        name=tag,
+    )
+
+
+def measure_cold_start(program: Path, tables, base: Path, tag: str, repeat: int) -> list[float]:
+    """Milliseconds from master start to the first OK answer; empty if none came."""
+    # The simplest table type, so that the figure is about starting, not about loading.
+    table = tables.get("texthash") or tables.get("unix") or next(iter(tables.values()))
+    times = []
+    for _ in range(repeat):
+        instance = make_instance(program, tables, base, tag)
+        try:
+            instance.start()
+            times.append(
+                instance.time_to_first_answer(table.probe_key, table.spec, timeout=10) * 1000
+            )
+        except (TimeoutError, RuntimeError) as error:
+            log(f"cold start {tag}: {error}")
+            return []
+        finally:
+            instance.stop()
+            instance.cleanup()
+    return times
+
+
+def run_benchmark(options: argparse.Namespace) -> Report:
+    if missing_postfix_parts():
+        raise SystemExit(f"Postfix is not installed: {missing_postfix_parts()}")
+    pmload = build_pmload()
+    base = Path(tempfile.mkdtemp(prefix="pmbench-", dir="/tmp"))
+    base.chmod(0o755)
+    programs = {"c": C_PROXYMAP, "ours": Path(options.ours)}
+    implementations = [i for i in IMPLEMENTATIONS if options.only in (None, i)]
+    report = Report(
+        started=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        options={k: v for k, v in vars(options).items()},
+        host={"cpus": os.cpu_count(), "uname": " ".join(os.uname()),
+              "postfix": postfix_version()},
+    )
+    if not programs["ours"].exists() and "ours" in implementations:
+        report.not_available["ours"] = f"{programs['ours']} does not exist"
+        implementations.remove("ours")
+    try:
+        tables = build_tables(base / "tables", options.tables)
+        for impl in implementations:
+            times = measure_cold_start(programs[impl], tables, base, f"cold-{impl}", options.repeat)
+            report.cold_start_ms[impl] = statistics.median(times) if times else None
+            log(f"cold start {impl}: {_fmt(report.cold_start_ms[impl], 1)} ms ({len(times)} runs)")
+        instances = {impl: make_instance(programs[impl], tables, base, impl)
+                     for impl in implementations}
+        for instance in instances.values():
+            instance.start()
+        try:
+            measure_all(options, pmload, tables, instances, report)
+        finally:
+            for impl, instance in instances.items():
+                leftovers = instance.stop()
+                if leftovers:
+                    log(f"warning: {impl} instance left processes behind: {leftovers}")
+                instance.cleanup()
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    report.summary = summarize(report)
+    return report
+
+
+def measure_all(options, pmload, tables, instances, report) -> None:
+    available = {}
+    for impl, instance in instances.items():
+        for kind, table in tables.items():
+            why_not = probe(instance, table)
+            available[(impl, kind)] = not why_not
+            if why_not:
+                report.not_available[f"{impl}/{kind}"] = why_not
+                log(f"{impl} {kind}: n/a ({why_not})")
+    for kind, table in tables.items():
+        for impl, instance in instances.items():
+            if available[(impl, kind)]:  # warm-up: open the table, spawn workers
+                run_pmload(pmload, instance.socket_path(), table.spec, 16, 0.5, table.keyfile,
+                           options.v311 and impl == "ours")
+        for conns in options.conns:
+            for repeat in range(options.repeat):
+                order = list(instances) if repeat % 2 == 0 else list(reversed(instances))
+                for impl in order:
+                    if not available[(impl, kind)]:
+                        continue
+                    sample = measure_one(options, pmload, instances[impl], impl, table, conns)
+                    sample.repeat = repeat
+                    report.samples.append(sample)
+                    log(describe(sample))
+
+
+def measure_one(options, pmload, instance, impl, table, conns) -> Sample:
+    before = worker_ticks(instance)
+    load = run_pmload(pmload, instance.socket_path(), table.spec, conns, options.seconds,
+                      table.keyfile, options.v311 and impl == "ours")
+    after = worker_ticks(instance)
+    served = load.requests
+    cpu = cpu_seconds_between(before, after)
+    return Sample(
+        implementation=impl,
+        table=table.kind,
+        conns=conns,
+        repeat=0,
+        load=load,
+        cpu_us_per_lookup=cpu / served * 1e6 if served else None,
+        rss_mib=mean_rss_mib(instance),
+        workers=len(after),
+    )
+
+
+def describe(sample: Sample) -> str:
+    load = sample.load
+    cpu = f"{sample.cpu_us_per_lookup:.1f}" if sample.cpu_us_per_lookup else "?"
+    problem = f" ERROR exit={load.exit} {load.error}" if load.exit else ""
+    return (f"{sample.implementation:4} {sample.table:8} conns={sample.conns:<3} "
+            f"rps={load.rps:8.0f} p50={load.p50_us:8.1f}us p99={load.p99_us:8.1f}us "
+            f"cpu={cpu}us/lookup workers={sample.workers}{problem}")
+
+
+def postfix_version() -> str:
+    done = subprocess.run(["postconf", "-dh", "mail_version"], capture_output=True, text=True,
+                          check=False)
+    return done.stdout.strip()
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------
+# Summary and output
+# ---------------------------------------------------------------------------
+
+
+def _median(values):
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def summarize(report: Report) -> list[dict]:
+    groups: dict[tuple, list[Sample]] = {}
+    for sample in report.samples:
+        groups.setdefault((sample.table, sample.conns, sample.implementation), []).append(sample)
+    rows = []
+    for (table, conns, impl), samples in groups.items():
+        good = [s for s in samples if s.load.exit == 0 and s.load.requests]
+        rows.append({
+            "table": table,
+            "conns": conns,
+            "implementation": impl,
+            "runs": len(samples),
+            "failed_runs": len(samples) - len(good),
+            "rps": _median([s.load.rps for s in good]),
+            "p50_us": _median([s.load.p50_us for s in good]),
+            "p99_us": _median([s.load.p99_us for s in good]),
+            "cpu_us_per_lookup": _median([s.cpu_us_per_lookup for s in good]),
+            "rss_mib": _median([s.rss_mib for s in good]),
+            "workers": max((s.workers for s in samples), default=0),
+        })
+    return rows
+
+
+def _fmt(value, digits=0) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:,.{digits}f}"
+
+
+def _ratio(ours, c) -> str:
+    if ours is None or c in (None, 0):
+        return "n/a"
+    return f"{ours / c:.2f}"
+
+
+def markdown(report: Report) -> str:
+    by_key = {(r["table"], r["conns"], r["implementation"]): r for r in report.summary}
+    tables = list(dict.fromkeys(r["table"] for r in report.summary))
+    conns = sorted({r["conns"] for r in report.summary})
+    lines = [
+        f"# proxymap benchmark, {report.started}",
+        "",
+        f"Host: {report.host['cpus']} CPUs, Postfix {report.host['postfix']}. "
+        f"{report.options['seconds']} s per run, {report.options['repeat']} runs per cell "
+        "(medians), C and ours alternating. Request form: "
+        + ("3.11+ for ours, 3.7 for C" if report.options["v311"] else "3.7 (postmap flags)")
+        + ". Ratios are ours/C (throughput: higher is better; the rest: lower is better).",
+        "",
+        "| table | conns | lookups/s C | ours | ratio | p50 µs C | ours | p99 µs C | ours "
+        "| CPU µs/lookup C | ours | ratio | RSS MiB/worker C | ours | workers C | ours |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    empty: dict = {}
+    for table in tables:
+        for conn in conns:
+            c = by_key.get((table, conn, "c"), empty)
+            o = by_key.get((table, conn, "ours"), empty)
+            if not c and not o:
+                continue
+            lines.append(
+                f"| {table} | {conn} | {_fmt(c.get('rps'))} | {_fmt(o.get('rps'))} "
+                f"| {_ratio(o.get('rps'), c.get('rps'))} "
+                f"| {_fmt(c.get('p50_us'), 1)} | {_fmt(o.get('p50_us'), 1)} "
+                f"| {_fmt(c.get('p99_us'), 1)} | {_fmt(o.get('p99_us'), 1)} "
+                f"| {_fmt(c.get('cpu_us_per_lookup'), 1)} | {_fmt(o.get('cpu_us_per_lookup'), 1)} "
+                f"| {_ratio(o.get('cpu_us_per_lookup'), c.get('cpu_us_per_lookup'))} "
+                f"| {_fmt(c.get('rss_mib'), 1)} | {_fmt(o.get('rss_mib'), 1)} "
+                f"| {c.get('workers', 'n/a')} | {o.get('workers', 'n/a')} |"
+            )
+    lines += ["", "Cold start (master start to first answer on a fresh connection, median):", ""]
+    for impl in IMPLEMENTATIONS:
+        cold = report.cold_start_ms.get(impl)
+        lines.append(f"- {impl}: " + (f"{cold:.1f} ms" if cold is not None else "n/a"))
+    failed = [r for r in report.summary if r["failed_runs"]]
+    if failed:
+        lines += ["", "Runs with errors (pmload exit != 0 or no requests):", ""]
+        lines += [f"- {r['implementation']} {r['table']} conns={r['conns']}: "
+                  f"{r['failed_runs']} of {r['runs']}" for r in failed]
+    if report.not_available:
+        lines += ["", "Not available:", ""]
+        lines += [f"- {what}: {why}" for what, why in sorted(report.not_available.items())]
+    return "\n".join(lines) + "\n"
+
+
+def write_results(report: Report, directory: Path) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    stamp = report.started.replace(":", "").replace("-", "")
+    data = asdict(report)
+    (directory / f"{stamp}.json").write_text(json.dumps(data, indent=1, default=str) + "\n")
+    text = markdown(report)
+    (directory / f"{stamp}.md").write_text(text)
+    (directory / "latest.md").write_text(text)
+    return directory / f"{stamp}.md"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m tests.bench.run", description=__doc__.split(
+        "\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true",
+                        help="1.5 s runs, one repeat, 1 and 16 connections")
+    parser.add_argument("--tables", default=",".join(ALL_TABLES),
+                        help=f"comma-separated subset of {','.join(ALL_TABLES)}")
+    parser.add_argument("--conns", default="1,16,256", help="connection counts")
+    parser.add_argument("--seconds", type=float, default=4.0, help="length of one run")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per cell (median)")
+    parser.add_argument("--v311", action="store_true",
+                        help="send the 3.11+ request form to our server")
+    parser.add_argument("--only", choices=IMPLEMENTATIONS, help="measure one implementation")
+    parser.add_argument("--ours", default=str(Path(sys.executable).parent / "proxymap"),
+                        help="our worker executable (default: the venv's proxymap script)")
+    parser.add_argument("--results", default=str(RESULTS_DIR), help="where to write results")
+    options = parser.parse_args(argv)
+    if options.quick:
+        options.seconds = min(options.seconds, 1.5)
+        options.repeat = 1
+        if options.conns == "1,16,256":
+            options.conns = "1,16"
+    options.tables = [t for t in options.tables.split(",") if t]
+    options.conns = [int(c) for c in options.conns.split(",") if c]
+    return options
+
+
+def main(argv: list[str] | None = None) -> int:
+    options = parse_args(argv)
+    if os.geteuid() != 0:
+        print("the benchmark runs private Postfix masters and must run as root", file=sys.stderr)
+        return 2
+    report = run_benchmark(options)
+    path = write_results(report, Path(options.results))
+    print(markdown(report))
+    print(f"results: {path} (and .json, latest.md)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
