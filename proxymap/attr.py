@@ -49,12 +49,13 @@ class AttrTooLarge(ValueError):
     """A list grew beyond the decoder's size limit.
 
     ``complete`` holds the lists that ended before it in the same input (to be answered
-    before the connection is given up).
+    before the connection is given up); ``partial`` the first pairs of the oversized one.
     """
 
-    def __init__(self, message: str, complete: list[Pairs]) -> None:
+    def __init__(self, message: str, complete: list[Pairs], partial: Pairs) -> None:
         super().__init__(message)
         self.complete = complete
+        self.partial = partial
 
 
 class AttrDecoder:
@@ -88,6 +89,11 @@ class AttrDecoder:
     def reading(self) -> str:
         """``"name"`` or ``"value"``: which part of an attribute the decoder waits for."""
         return "value" if self._name is not None else "name"
+
+    @property
+    def pending_name(self) -> bytes | None:
+        """A name received without its value yet."""
+        return self._name
 
     @property
     def in_field(self) -> bool:
@@ -144,7 +150,7 @@ class AttrDecoder:
                 size += len(field) + len(value) + 2
                 if size > self.limit:
                     self.reset()
-                    raise AttrTooLarge(f"attribute list exceeds {self.limit} bytes", done)
+                    raise AttrTooLarge(f"attribute list exceeds {self.limit} bytes", done, pairs)
                 i += 2
             else:
                 name = field
@@ -155,13 +161,14 @@ class AttrDecoder:
         self._size = size
         if tail:
             self._partial += tail
-        self._check_size(size)
+        self._check_size(size, done)
         return done
 
-    def _check_size(self, size: int) -> None:
+    def _check_size(self, size: int, done: list[Pairs] | None = None) -> None:
         if size + len(self._partial) > self.limit and self.pending:
+            pairs = self._pairs
             self.reset()
-            raise AttrTooLarge(f"attribute list exceeds {self.limit} bytes", [])
+            raise AttrTooLarge(f"attribute list exceeds {self.limit} bytes", done or [], pairs)
 
 
 def decode_all(data: bytes) -> tuple[list[Pairs], AttrDecoder]:

@@ -31,6 +31,9 @@ BAD = 3
 DENY = 4
 CONFIG = 5
 
+#: Sent on every accepted connection before anything is read (both services, both generations).
+ANNOUNCEMENT = b"protocol\x00proxymap_protocol\x00\x00"
+
 G1 = 1  # Postfix 3.7 .. 3.10
 G2 = 2  # Postfix 3.11 and later
 
@@ -81,17 +84,15 @@ EXPECTED: dict[tuple[str, int], tuple[bytes, ...]] = {
 _NUMERIC = frozenset({b"flags", b"instance_flags", b"function"})
 _OP_NAMES = {op.encode(): op for op in OPS}
 
-#: Flag bits dropped from the flags that select and open a table instance (G1 ``flags``,
-#: G2 ``instance_flags``). Real clients never send them there; the C server acts on the
-#: first two at open time and can be crashed with them (OPEN_LOCK together with LOCK
-#: panics; a long-lived exclusive lock or bulk mode would stall every other client), and
-#: the last two are states a server sets on an instance, not options a client may claim.
-#: Undefined high bits are dropped too, so that junk cannot multiply table instances.
-#: G2 ``flags`` (the per-request word) is left alone: the server echoes it back and the
-#: client stores it, so it must round-trip unchanged.
-SERVER_IGNORED_FLAGS = (
-    F.OPEN_LOCK | F.BULK_UPDATE | F.UTF8_ACTIVE | F.SURROGATE | 0xFF800000
-)
+#: Flag bits dropped here from the flags that select and open a table instance (G1
+#: ``flags``, G2 ``instance_flags``): UTF8_ACTIVE and SURROGATE are states a server sets
+#: on an instance, not options a client may claim, and undefined high bits would only
+#: multiply table instances. Real clients never send any of them there.
+#: OPEN_LOCK and BULK_UPDATE (postmap's build-time options; OPEN_LOCK with LOCK makes
+#: the C server panic) are kept from the table by the handler, which also echoes them
+#: in G2 replies. G2 ``flags`` (the per-request word) is left alone: the server echoes
+#: it back and the client stores it, so it must round-trip unchanged.
+SERVER_IGNORED_FLAGS = F.UTF8_ACTIVE | F.SURROGATE | 0xFF800000
 _KEEP = ~SERVER_IGNORED_FLAGS & 0xFFFFFFFF
 
 

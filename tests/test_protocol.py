@@ -15,6 +15,7 @@ import pytest
 
 from proxymap import attr
 from proxymap import flags as F
+from proxymap.handler import RequestHandler
 from proxymap.protocol import (
     BAD,
     DENY,
@@ -253,14 +254,26 @@ def test_malformed_flag_numbers_are_bad(text, caplog):
 
 
 @pytest.mark.parametrize("text", [b"-1", b"18446744073709551680"])
-def test_flags_that_crash_postfix_are_sanitised(text):
-    # 3.7 panics (OPEN_LOCK from the instance part together with LOCK); we drop what a
-    # server never acts on and serve the request.
-    req = parse(g1(b"lookup", flags=text, key=b"alice"))
-    assert req.flags & (F.OPEN_LOCK | F.BULK_UPDATE) == 0
+def test_flags_that_crash_postfix_are_sanitised(text, tmp_path):
+    # 3.7 panics (OPEN_LOCK from the instance part together with LOCK). The protocol drops
+    # instance states a client may not claim; the handler keeps OPEN_LOCK/BULK_UPDATE
+    # from the table. End to end, the request is simply served.
+    req = parse(g1(b"lookup", table=b"texthash:%s" % str(tmp_path / "t").encode(), flags=text, key=b"alice"))
+    assert req.flags & (F.UTF8_ACTIVE | F.SURROGATE | 0xFF800000) == 0
     assert req.flags & F.LOCK
-    req = parse(b"request\x00open\x00table\x00x:y\x00instance_flags\x0065600\x00\x00")
-    assert req.instance_flags == F.LOCK
+    (tmp_path / "t").write_text("alice alice@example.com\n")
+    handler = RequestHandler("proxymap", {f"texthash:{tmp_path / 't'}"}, {})
+    assert encode_reply(req.op, req.generation, handler.handle(req)) == b"status\x000\x00value\x00alice@example.com\x00\x00"
+
+
+def test_open_lock_with_lock_in_g2_is_served(tmp_path):
+    (tmp_path / "t").write_text("alice alice@example.com\n")
+    name = f"texthash:{tmp_path / 't'}".encode()
+    req = parse(b"request\x00open\x00table\x00%s\x00instance_flags\x0065600\x00\x00" % name)
+    assert req.instance_flags == 65600
+    handler = RequestHandler("proxymap", {name.decode()}, {})
+    wire = encode_reply(req.op, req.generation, handler.handle(req))
+    assert wire.startswith(b"status\x000\x00flags\x00")
 
 
 def test_g2_request_flags_round_trip_unchanged():

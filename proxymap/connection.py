@@ -1,0 +1,252 @@
+"""One proxymap client connection on the worker's event loop.
+
+NAME
+    connection -- announcement, request framing, in-order replies, the 1-second deadline
+
+SYNOPSIS
+    protocol = ProxymapProtocol(server, handler, stream_name("proxymap"))
+
+DESCRIPTION
+    On accept the 28-byte announcement is written. Received bytes go through the
+    attribute decoder (``proxymap.attr``); each complete list is scanned
+    (``proxymap.protocol``) and handed to the request handler, between
+    ``server.request_started()`` and ``server.request_done()`` so that the master sees
+    the process TAKEN and AVAIL around every request, as from a Postfix daemon.
+
+    Fast path: a table that answers inline returns a ``Reply``; it is encoded and written
+    at once -- no task, no future. A slow (asynchronous) table returns an awaitable: it
+    runs as a task, reading from this client pauses, and requests this client had
+    already sent wait in order behind it, so its replies keep their order while other
+    clients of the process are served meanwhile.
+
+    Requests that arrive together (pipelining; real clients never do it, they wait for
+    each reply) are all answered, in order, with one write. Postfix would answer only
+    the first; answering all is harmless and never produces an unsolicited byte.
+
+    Deadline: a request must arrive complete within 1 second of waiting (Postfix's
+    deadline-mode stream). On expiry Postfix's warning is logged and the connection is
+    closed -- the C server instead stays silent and spins on the readable socket.
+
+    End of input in the middle of a request: the request is answered BAD in its shape
+    (when its ``request`` attribute was complete), then the connection closes. An
+    attribute list larger than ``attr.MAX_LIST_BYTES`` is handled the same way.
+
+    Nothing a client sends raises out of this class: every failure is logged and
+    turned into a reply or a closed connection, so a worker never dies of input (the
+    master would throttle the whole service).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Iterable
+
+from proxymap import attr
+from proxymap.protocol import (
+    ANNOUNCEMENT,
+    RETRY,
+    Reply,
+    Request,
+    encode_reply,
+    parse_request,
+    reply_to_truncated,
+)
+
+try:
+    from master.multi_server import ClientProtocol
+except ImportError:  # the skeleton is being written; a bare protocol until it lands
+
+    class ClientProtocol(asyncio.Protocol):  # type: ignore[no-redef]
+        def __init__(self, server) -> None:
+            self.server = server
+
+
+log = logging.getLogger("proxymap")
+
+#: Postfix's per-request read budget (proxymap puts the stream in deadline mode).
+REQUEST_DEADLINE = 1.0
+
+
+class ProxymapProtocol(ClientProtocol):
+    """Serves one client: strictly one reply per request, in request order."""
+
+    def __init__(self, server, handler, stream: str) -> None:
+        super().__init__(server)
+        self.server = server
+        self.handler = handler
+        self.stream = stream
+        self.decoder = attr.AttrDecoder()
+        self.transport: asyncio.Transport | None = None
+        self._queue: deque[attr.Pairs] = deque()  # received, waiting behind a slow request
+        self._slow: asyncio.Future | None = None
+        self._deadline: asyncio.TimerHandle | None = None
+        self._closing = False  # end of input, or oversized list: close once drained
+        self._final_reply: bytes | None = None  # answer to a cut-short request, if any
+        self._closed = False
+
+    # --- asyncio.Protocol ----------------------------------------------------------------
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self.transport = transport
+        transport.write(ANNOUNCEMENT)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closed = True
+        self._cancel_deadline()
+        self._queue.clear()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            lists = self.decoder.feed(data)
+        except attr.AttrTooLarge as exc:
+            log.warning("attribute list from %s exceeds %d bytes", self.stream,
+                        self.decoder.limit)
+            lists = exc.complete
+            self._closing = True
+            self._final_reply = reply_to_truncated(exc.partial)
+        if lists:
+            self._cancel_deadline()  # the request that was being timed is complete
+            if self._slow is not None:
+                self._queue.extend(lists)
+            else:
+                self._serve(lists)
+        if self._slow is None:
+            self._after_input()
+
+    def eof_received(self) -> bool:
+        if self.decoder.pending:
+            if self.decoder.in_field:
+                log.warning("unexpected end-of-input from %s while reading input attribute %s",
+                            self.stream, self.decoder.reading)
+            else:
+                log.warning("premature end-of-input on %s while reading input attribute %s",
+                            self.stream, self.decoder.reading)
+            self._final_reply = reply_to_truncated(self.decoder.pairs_so_far,
+                                                   self.decoder.pending_name)
+            self.decoder.reset()
+        self._closing = True
+        if self._slow is not None:
+            return True  # keep the transport: the pending replies still go out
+        self._finish()
+        return False
+
+    # --- serving -------------------------------------------------------------------------
+    def _serve(self, lists: Iterable[attr.Pairs]) -> None:
+        """Answer complete lists in order; stop at a slow request and queue the rest."""
+        server = self.server
+        handler = self.handler
+        stream = self.stream
+        out: list[bytes] = []
+        pending = lists if isinstance(lists, deque) else deque(lists)
+        while pending:
+            pairs = pending.popleft()
+            server.request_started()
+            parsed = parse_request(pairs, stream)
+            if parsed is None:
+                server.request_done()
+                continue
+            if parsed.__class__ is not Request:
+                reply = parsed
+            else:
+                try:
+                    result = handler.handle(parsed)
+                except Exception as exc:  # noqa: BLE001 - a handler bug must not kill the worker
+                    log.error("%s request for %s failed: %r", parsed.op, parsed.table, exc,
+                              exc_info=exc)
+                    result = Reply(RETRY)
+                if result.__class__ is not Reply:
+                    # A slow table: flush what is ready, then wait for it off the fast path.
+                    if out:
+                        self.transport.write(b"".join(out))
+                    pending.extend(self._queue)
+                    self._queue = pending
+                    self._start_slow(parsed, result)
+                    return
+                reply = encode_reply(parsed.op, parsed.generation, result)
+            out.append(reply)
+            if pending:
+                server.request_done()
+            else:
+                # The last reply: TAKEN, write, AVAIL -- in Postfix's order.
+                self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+                server.request_done()
+                return
+        if out:
+            self.transport.write(b"".join(out))
+
+    def _start_slow(self, request: Request, awaitable) -> None:
+        try:
+            future = asyncio.ensure_future(awaitable)
+        except TypeError as exc:
+            log.error("%s request for %s: handler returned %r", request.op, request.table, exc)
+            future = asyncio.get_running_loop().create_future()
+            future.set_result(Reply(RETRY))
+        self._slow = future
+        if not self._closed:
+            self.transport.pause_reading()
+        future.add_done_callback(lambda done: self._slow_done(request, done))
+
+    def _slow_done(self, request: Request, future: asyncio.Future) -> None:
+        self._slow = None
+        try:
+            reply = future.result()
+            if reply.__class__ is not Reply:
+                raise TypeError(f"handler result {reply!r} is not a Reply")
+        except BaseException as exc:  # noqa: BLE001 - including cancellation
+            log.error("%s request for %s failed: %r", request.op, request.table, exc)
+            reply = Reply(RETRY)
+        if not self._closed:
+            self.transport.write(encode_reply(request.op, request.generation, reply))
+        self.server.request_done()
+        if self._closed:
+            return
+        if self._queue:
+            queued, self._queue = self._queue, deque()
+            self._serve(queued)
+            if self._slow is not None:
+                return
+        if self._closing:
+            self._finish()
+            self.transport.close()
+            return
+        self.transport.resume_reading()
+        self._after_input()
+
+    # --- end of a request / connection ----------------------------------------------------
+    def _after_input(self) -> None:
+        if self._closing:
+            if not self._closed and self.transport is not None:
+                self._finish()
+                self.transport.close()
+            return
+        if self.decoder.pending:
+            if self._deadline is None:
+                loop = asyncio.get_running_loop()
+                self._deadline = loop.call_later(REQUEST_DEADLINE, self._deadline_expired)
+        else:
+            self._cancel_deadline()
+
+    def _finish(self) -> None:
+        """Answer a request cut short by end of input (or size), once."""
+        reply, self._final_reply = self._final_reply, None
+        if reply is not None and not self._closed:
+            self.server.request_started()
+            self.transport.write(reply)
+            self.server.request_done()
+
+    def _deadline_expired(self) -> None:
+        self._deadline = None
+        if self._closed or self._slow is not None:
+            return
+        log.warning("timeout on %s while reading input attribute %s", self.stream,
+                    self.decoder.reading)
+        self.decoder.reset()
+        self.transport.close()
+
+    def _cancel_deadline(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None

@@ -1,0 +1,303 @@
+"""ProxymapProtocol on a real asyncio loop over socketpairs (PROTOCOLS.md 2.2, 2.8, 6.3).
+
+The request handler is the real one, serving a texthash table and, for slowness, a
+small asynchronous table type registered for these tests only (``slow:<seconds>``),
+which answers ``slow:<key>`` after sleeping. The skeleton side is a recorder of
+request_started/request_done calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+
+import pytest
+
+from proxymap import attr
+from proxymap import flags as F
+from proxymap.connection import ProxymapProtocol
+from proxymap.handler import RequestHandler
+from proxymap.protocol import ANNOUNCEMENT, stream_name
+from proxymap.tables import TABLE_TYPES
+from proxymap.tables.base import Table
+
+ALICE_REPLY = b"status\x000\x00value\x00alice@example.com\x00\x00"
+
+
+class SlowTable(Table):
+    """An asynchronous table: ``slow:0.3`` answers every key after 0.3 s."""
+
+    dict_type = "slow"
+    asynchronous = True
+
+    def __init__(self, name, open_mode, flags, ctx):
+        super().__init__(name, open_mode, flags | F.FIXED)
+        self.delay = float(name)
+
+    async def alookup(self, key: bytes) -> bytes | None:
+        await asyncio.sleep(self.delay)
+        return b"slow:" + key
+
+
+class RecordingServer:
+    """What the skeleton gives a protocol: TAKEN/AVAIL bookkeeping (recorded)."""
+
+    def __init__(self):
+        self.events: list[str] = []
+        self.busy = 0
+
+    def request_started(self):
+        self.busy += 1
+        self.events.append("TAKEN")
+
+    def request_done(self):
+        self.busy -= 1
+        self.events.append("AVAIL")
+
+
+@pytest.fixture
+def table(tmp_path, monkeypatch):
+    monkeypatch.setitem(TABLE_TYPES, "slow", "tests.test_connection:SlowTable")
+    path = tmp_path / "map"
+    path.write_text("alice alice@example.com\nbob bob@example.com\n")
+    return f"texthash:{path}"
+
+
+def lookup(table: str, key: bytes, flags: bytes = b"64") -> bytes:
+    return attr.encode([(b"request", b"lookup"), (b"table", table.encode()), (b"flags", flags), (b"key", key)])
+
+
+class Client:
+    """The test's end of a socketpair, read with asyncio."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def open(self):
+        self.reader, self.writer = await asyncio.open_unix_connection(sock=self.sock)
+
+    async def send(self, data: bytes):
+        self.writer.write(data)
+        await self.writer.drain()
+
+    async def read_lists(self, count: int, timeout: float = 5.0) -> list:
+        decoder = attr.AttrDecoder()
+        lists: list = []
+        while len(lists) < count:
+            data = await asyncio.wait_for(self.reader.read(65536), timeout)
+            if not data:
+                break
+            lists += decoder.feed(data)
+        return lists
+
+    async def read_exactly(self, size: int, timeout: float = 5.0) -> bytes:
+        return await asyncio.wait_for(self.reader.readexactly(size), timeout)
+
+    async def read_to_eof(self, timeout: float = 5.0) -> bytes:
+        return await asyncio.wait_for(self.reader.read(), timeout)
+
+
+async def connect(handler, server) -> tuple[Client, ProxymapProtocol]:
+    loop = asyncio.get_running_loop()
+    ours, theirs = socket.socketpair()
+    protocol = ProxymapProtocol(server, handler, stream_name("proxymap"))
+    await loop.connect_accepted_socket(lambda: protocol, ours)
+    client = Client(theirs)
+    await client.open()
+    assert await client.read_exactly(28) == ANNOUNCEMENT
+    return client, protocol
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 20))
+
+
+def test_announcement_then_request_reply_with_taken_avail(table):
+    async def main():
+        server = RecordingServer()
+        handler = RequestHandler("proxymap", {table}, {})
+        client, _ = await connect(handler, server)
+        assert server.events == []  # nothing at accept (Postfix sends status per request)
+        await client.send(lookup(table, b"alice"))
+        assert await client.read_exactly(len(ALICE_REPLY)) == ALICE_REPLY
+        await client.send(lookup(table, b"nobody"))
+        assert await client.read_exactly(17) == b"status\x001\x00value\x00\x00\x00"
+        assert server.events == ["TAKEN", "AVAIL"] * 2
+    run(main())
+
+
+def test_slow_request_then_fast_ones_keep_order(table):
+    async def main():
+        server = RecordingServer()
+        handler = RequestHandler("proxymap", {table, "slow:0.3"}, {})
+        client, _ = await connect(handler, server)
+        # Pipelined: slow, fast, fast -- the fast table could answer first, but must not.
+        await client.send(lookup("slow:0.3", b"k1") + lookup(table, b"alice") + lookup(table, b"bob"))
+        started = time.monotonic()
+        lists = await client.read_lists(3)
+        assert time.monotonic() - started >= 0.25
+        assert [dict(pairs)[b"value"] for pairs in lists] == [b"slow:k1", b"alice@example.com", b"bob@example.com"]
+        assert server.events == ["TAKEN", "AVAIL"] * 3 and server.busy == 0
+    run(main())
+
+
+def test_second_client_served_while_first_waits(table):
+    async def main():
+        server = RecordingServer()
+        handler = RequestHandler("proxymap", {table, "slow:1.0"}, {})
+        first, _ = await connect(handler, server)
+        second, _ = await connect(handler, server)
+        await first.send(lookup("slow:1.0", b"k"))
+        await asyncio.sleep(0.05)
+        started = time.monotonic()
+        await second.send(lookup(table, b"alice"))
+        assert await second.read_exactly(len(ALICE_REPLY)) == ALICE_REPLY
+        assert time.monotonic() - started < 0.5
+        assert dict((await first.read_lists(1))[0])[b"value"] == b"slow:k"
+    run(main())
+
+
+def test_partial_request_completed_within_deadline_is_answered(table):
+    async def main():
+        handler = RequestHandler("proxymap", {table}, {})
+        client, _ = await connect(handler, RecordingServer())
+        wire = lookup(table, b"alice")
+        await client.send(wire[:20])
+        await asyncio.sleep(0.5)
+        await client.send(wire[20:40])
+        await asyncio.sleep(0.3)
+        await client.send(wire[40:])
+        assert await client.read_exactly(len(ALICE_REPLY)) == ALICE_REPLY
+    run(main())
+
+
+def test_deadline_closes_the_connection(table, caplog):
+    async def main():
+        handler = RequestHandler("proxymap", {table}, {})
+        client, _ = await connect(handler, RecordingServer())
+        wire = lookup(table, b"alice")
+        await client.send(wire[:30])  # inside the value of "table"
+        started = time.monotonic()
+        assert await client.read_to_eof() == b""  # closed, no reply
+        return time.monotonic() - started
+
+    with caplog.at_level(logging.WARNING, "proxymap"):
+        elapsed = run(main())
+    assert 0.9 <= elapsed < 2.0
+    assert "timeout on proxymap socket while reading input attribute value" in caplog.messages
+
+
+def test_deadline_budget_is_per_request_not_reset_by_each_byte(table):
+    async def main():
+        handler = RequestHandler("proxymap", {table}, {})
+        client, _ = await connect(handler, RecordingServer())
+        wire = lookup(table, b"alice")
+        started = time.monotonic()
+        for i in range(0, 12):  # a byte every 0.15 s: 1.8 s for the first 12 bytes
+            await client.send(wire[i:i + 1])
+            await asyncio.sleep(0.15)
+            if client.reader.at_eof():
+                break
+        assert await client.read_to_eof() == b""
+        return time.monotonic() - started
+
+    assert run(main()) < 1.5
+
+
+def test_eof_mid_request_replies_bad_then_closes(table, caplog):
+    async def main():
+        server = RecordingServer()
+        handler = RequestHandler("proxymap", {table}, {})
+        client, _ = await connect(handler, server)
+        await client.send(b"request\x00lookup\x00table")
+        client.writer.write_eof()  # half-close, as in PROTOCOLS.md 6.3
+        assert await client.read_to_eof() == b"status\x003\x00value\x00\x00\x00"
+        assert server.busy == 0
+
+    with caplog.at_level(logging.WARNING, "proxymap"):
+        run(main())
+    assert "unexpected end-of-input from proxymap socket while reading input attribute name" in caplog.messages
+
+
+def test_eof_after_complete_request_still_answers_it(table):
+    async def main():
+        handler = RequestHandler("proxymap", {table, "slow:0.2"}, {})
+        client, _ = await connect(handler, RecordingServer())
+        await client.send(lookup("slow:0.2", b"x") + lookup(table, b"alice"))
+        client.writer.write_eof()
+        rest = await client.read_to_eof()
+        assert rest == b"status\x000\x00value\x00slow:x\x00\x00" + ALICE_REPLY
+    run(main())
+
+
+def test_eof_between_requests_closes_silently(table):
+    async def main():
+        server = RecordingServer()
+        handler = RequestHandler("proxymap", {table}, {})
+        client, _ = await connect(handler, server)
+        client.writer.write_eof()
+        assert await client.read_to_eof() == b""
+        assert server.events == []
+    run(main())
+
+
+def test_malformed_frames_and_the_connection_stays_usable(table):
+    async def main():
+        handler = RequestHandler("proxymap", {table}, {})
+        client, _ = await connect(handler, RecordingServer())
+        await client.send(b"\x00")  # empty list: no reply
+        await client.send(b"table\x00x\x00flags\x0064\x00\x00")  # no request attribute: no reply
+        await client.send(b"request\x00bogus\x00\x00")
+        assert await client.read_exactly(10) == b"status\x003\x00\x00"
+        await client.send(lookup(table, b"alice", flags=b"64abc"))
+        assert await client.read_exactly(17) == b"status\x003\x00value\x00\x00\x00"
+        await client.send(lookup(table, b"alice", flags=b"-1"))  # crashes 3.7; served here
+        assert await client.read_exactly(len(ALICE_REPLY)) == ALICE_REPLY
+        g2 = b"request\x00open\x00table\x00" + table.encode() + b"\x00instance_flags\x0065600\x00\x00"
+        await client.send(g2)
+        reply = (await client.read_lists(1))[0]
+        assert reply[0] == (b"status", b"0") and reply[1][0] == b"flags"
+    run(main())
+
+
+def test_pipelined_requests_all_answered_in_order_in_one_write(table):
+    async def main():
+        handler = RequestHandler("proxymap", {table}, {})
+        client, protocol = await connect(handler, RecordingServer())
+        writes = []
+        original = protocol.transport.write
+        protocol.transport.write = lambda data: (writes.append(data), original(data))
+        await client.send(lookup(table, b"alice") + b"\x00" + lookup(table, b"nobody") + lookup(table, b"bob"))
+        lists = await client.read_lists(3)
+        assert [dict(p)[b"status"] for p in lists] == [b"0", b"1", b"0"]
+        assert len(writes) == 1
+    run(main())
+
+
+def test_oversized_list_answered_bad_and_closed(table, monkeypatch):
+    monkeypatch.setattr(attr, "MAX_LIST_BYTES", 4096)
+
+    async def main():
+        handler = RequestHandler("proxymap", {table}, {})
+        client, protocol = await connect(handler, RecordingServer())
+        protocol.decoder.limit = 4096
+        await client.send(lookup(table, b"alice") + lookup(table, b"k" * 5000))
+        assert await client.read_to_eof() == ALICE_REPLY + b"status\x003\x00value\x00\x00\x00"
+    run(main())
+
+
+def test_client_gone_while_slow_request_runs(table):
+    async def main():
+        server = RecordingServer()
+        handler = RequestHandler("proxymap", {table, "slow:0.2"}, {})
+        client, _ = await connect(handler, server)
+        await client.send(lookup("slow:0.2", b"x"))
+        await asyncio.sleep(0.05)
+        client.writer.close()
+        await asyncio.sleep(0.4)
+        assert server.events == ["TAKEN", "AVAIL"] and server.busy == 0
+    run(main())
