@@ -65,26 +65,30 @@ class LmdbTable(IndexedFileTable):
         fcntl.lockf(fd, fcntl.LOCK_UN)
 
     # --- backend ----------------------------------------------------------------------------
-    def _backend_open(self, fd: int, create: bool, truncate: bool) -> lmdb.Environment:
+    def _backend_open(self, fd: int, create: bool, truncate: bool) -> SharedEnvironment:
         # A reader adopts the size recorded in the file (0); a writer may need more.
         map_size = max(self._map_size, os.fstat(fd).st_size) if self.writable else 0
+
+        def open_environment(writable: bool) -> lmdb.Environment:
+            return lmdb.open(self.path, subdir=False, lock=False, readonly=not writable,
+                             create=create, map_size=map_size if writable else 0,
+                             max_dbs=0, sync=False, readahead=False, meminit=False)
+
         try:
-            env = lmdb.open(self.path, subdir=False, lock=False, readonly=not self.writable,
-                            create=create, map_size=map_size, max_dbs=0, sync=False,
-                            readahead=False, meminit=False)
+            shared = SharedEnvironment.acquire(fd, self.writable, open_environment)
         except lmdb.Error as exc:
             raise DictOpenError(f"open database {self.path}: {_reason(exc)}")
         if truncate:
-            with env.begin(write=True) as txn:
-                txn.drop(env.open_db(), delete=False)
-        return env
+            with shared.env.begin(write=True) as txn:
+                txn.drop(shared.env.open_db(), delete=False)
+        return shared
 
     def _backend_close(self) -> None:
-        self._handle.close()
+        self._handle.release()
 
     def _read(self, operation):
         """Run ``operation(txn)`` in a fresh read transaction (sees the latest commit)."""
-        env: lmdb.Environment = self._handle
+        env: lmdb.Environment = self._handle.env
         for _attempt in range(2):
             try:
                 with env.begin(buffers=False) as txn:
@@ -97,7 +101,7 @@ class LmdbTable(IndexedFileTable):
 
     def _write(self, operation):
         """Run ``operation(txn)`` in a write transaction, growing the map when full."""
-        env: lmdb.Environment = self._handle
+        env: lmdb.Environment = self._handle.env
         while True:
             try:
                 with env.begin(write=True) as txn:
@@ -112,7 +116,7 @@ class LmdbTable(IndexedFileTable):
                 raise DictRetry(f"error writing {self.path}: {_reason(exc)}")
 
     def _backend_get(self, raw_key: bytes) -> bytes | None:
-        if not raw_key or len(raw_key) > self._handle.max_key_size():
+        if not raw_key or len(raw_key) > self._handle.env.max_key_size():
             return None
         return self._read(lambda txn: txn.get(raw_key))
 
@@ -120,13 +124,13 @@ class LmdbTable(IndexedFileTable):
         return self._write(lambda txn: txn.put(raw_key, raw_value, overwrite=replace))
 
     def _backend_remove(self, raw_key: bytes) -> bool:
-        if not raw_key or len(raw_key) > self._handle.max_key_size():
+        if not raw_key or len(raw_key) > self._handle.env.max_key_size():
             return False
         return self._write(lambda txn: txn.delete(raw_key))
 
     def _backend_sync(self) -> None:
         try:
-            self._handle.sync(True)
+            self._handle.env.sync(True)
         except lmdb.Error as exc:
             raise DictRetry(f"error syncing {self.path}: {_reason(exc)}")
 
@@ -142,6 +146,45 @@ class LmdbTable(IndexedFileTable):
     def _remember(self, item: tuple[bytes, bytes] | None) -> tuple[bytes, bytes] | None:
         self._last_key = None if item is None else item[0]
         return item
+
+
+class SharedEnvironment:
+    """The one ``lmdb.Environment`` of a file in this process, shared by its tables.
+
+    The binding refuses to open a file twice in one process (LMDB's own rule), yet the
+    server may hold several instances of one table (different instance flags, read and
+    write). They share the environment; the last release closes it. A read-only
+    environment is upgraded when a writer arrives.
+    """
+
+    _by_file: dict[tuple[int, int], SharedEnvironment] = {}
+
+    def __init__(self, key: tuple[int, int], env: lmdb.Environment, writable: bool) -> None:
+        self.key, self.env, self.writable, self.users = key, env, writable, 0
+
+    @classmethod
+    def acquire(cls, fd: int, writable: bool, open_environment) -> SharedEnvironment:
+        st = os.fstat(fd)
+        key = (st.st_dev, st.st_ino)
+        shared = cls._by_file.get(key)
+        if shared is None:
+            shared = cls(key, open_environment(writable), writable)
+            cls._by_file[key] = shared
+        elif writable and not shared.writable:
+            shared.env.close()
+            try:
+                shared.env, shared.writable = open_environment(True), True
+            except lmdb.Error:
+                shared.env = open_environment(False)  # keep serving the readers
+                raise
+        shared.users += 1
+        return shared
+
+    def release(self) -> None:
+        self.users -= 1
+        if self.users <= 0:
+            self.env.close()
+            self._by_file.pop(self.key, None)
 
 
 def _first(cursor: lmdb.Cursor) -> tuple[bytes, bytes] | None:
