@@ -24,8 +24,8 @@ DESCRIPTION
     * tokens that do not start with a letter or digit, or have no ``:``, are skipped;
     * ``pipemap:{...}`` and ``unionmap:{...}``: the members are processed;
     * ``proxy:...``: every leading ``proxy:`` is removed and the rest is approved;
-    * anything else is skipped, except in export-all mode, where every table
-      reference is listed (with any ``proxy:`` removed).
+    * anything else is skipped, except in export-all mode, where every other table
+      reference is listed too (``pipemap``/``unionmap`` lists themselves are not).
 
     The result keeps the order of first appearance, without duplicates. Brace
     errors log ``bad syntax in <origin> content: <reason>`` and skip the token.
@@ -131,8 +131,6 @@ class _Collector:
         except BraceError as exc:
             log.warning("bad syntax in %s content: %s", origin, exc)
             return
-        if self.export_all:
-            self.add(token, origin)
         self.scan(inner, origin, depth + 1)
 
     def read_file(self, path: str, depth: int) -> None:
