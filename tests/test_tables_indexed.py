@@ -460,88 +460,116 @@ def test_changed_after_rebuild_and_replacement(tmp_path, dict_type, monkeypatch)
     assert fresh.lookup(b"k") == b"three"  # an unlinked file is still served
 
 
-def _reader(table, keys: list[bytes], versions: tuple[bytes, ...], stop: threading.Event,
-            report: dict) -> None:
+def _version_of(value: bytes | None, key: bytes) -> int:
+    """The build number in a value ``N-key``; -1 for anything else (a wrong answer)."""
+    if value is None or not value.endswith(b"-" + key):
+        return -1
+    head = value[: -len(key) - 1]
+    return int(head) if head.isdigit() else -1
+
+
+def _reader(table, keys: list[bytes], progress: dict, stop: threading.Event) -> None:
+    """Look keys up until stopped; an answer older than the last finished build is wrong."""
     try:
         while not stop.is_set():
             for key in keys:
+                finished = progress["finished"]
                 set_request(table, CLIENT_LOOKUP_FLAGS)
-                value = table.lookup(key)
-                report["lookups"] += 1
-                if value is None or value.split(b"-", 1)[0] not in versions or (
-                        not value.endswith(key)):
-                    report["wrong"].append((key, value))
+                version = _version_of(table.lookup(key), key)
+                progress["lookups"] += 1
+                if version < finished:
+                    progress["wrong"].append((key, version, finished))
     except Exception as exc:  # noqa: BLE001 - any failure is a finding
-        report["errors"].append(repr(exc))
+        progress["errors"].append(repr(exc))
 
 
 @pytest.mark.postfix
 @pytest.mark.slow
 @pytest.mark.parametrize("dict_type", INDEXED_TYPES)
 def test_no_wrong_answer_during_rebuilds(tmp_path, dict_type):
+    """A reader thread with LOCK never sees a missing, torn or stale answer.
+
+    Each rebuild stores ``N-key`` for build N. Without the lock hash lookups come back
+    empty mid-rebuild; without the reopen hash and cdb keep answering from old builds.
+    """
     require_postmap()
     source = tmp_path / "t"
     keys = [f"user{n:04d}@example.com" for n in range(3000)]
 
-    def build(version: str) -> None:
+    def build(version: int) -> None:
         build_table(dict_type, source, [(k, f"{version}-{k}") for k in keys])
 
-    build("A")
+    build(0)
     table = open_indexed(f"{dict_type}:{source}")
-    report = {"lookups": 0, "wrong": [], "errors": []}
+    progress = {"finished": 0, "lookups": 0, "wrong": [], "errors": []}
     stop = threading.Event()
     probe = [k.encode() for k in keys[::37]]
-    reader = threading.Thread(target=_reader,
-                              args=(table, probe, (b"A", b"B"), stop, report))
+    reader = threading.Thread(target=_reader, args=(table, probe, progress, stop))
     reader.start()
     try:
-        for round_number in range(8):
-            build("B" if round_number % 2 == 0 else "A")
+        for version in range(1, 9):
+            build(version)
+            progress["finished"] = version
     finally:
         stop.set()
         reader.join(30)
-    assert not report["errors"], report["errors"][:3]
-    assert not report["wrong"], report["wrong"][:3]
-    assert report["lookups"] > 100
+    assert not progress["errors"], progress["errors"][:3]
+    assert not progress["wrong"], progress["wrong"][:3]
+    assert progress["lookups"] > 100
     assert table.changed() == (dict_type != "lmdb")
     set_request(table, CLIENT_LOOKUP_FLAGS)
-    assert table.lookup(keys[0].encode()) == f"A-{keys[0]}".encode()
+    assert table.lookup(probe[0]) == b"8-" + probe[0]
+
+
+READER_PROCESS = """import sys, time
+from pathlib import Path
+from proxymap import flags as F
+from tests.support.postmap import open_indexed, CLIENT_LOOKUP_FLAGS
+table = open_indexed(sys.argv[1])
+finished_file = Path(sys.argv[2])
+keys = [f"user{n:04d}@example.com".encode() for n in range(0, 2000, 29)]
+lookups = wrong = 0
+end = time.time() + float(sys.argv[3])
+while time.time() < end:
+    for key in keys:
+        finished = int(finished_file.read_text() or 0)
+        table.flags = (table.flags & ~F.RQST_MASK) | CLIENT_LOOKUP_FLAGS
+        value = table.lookup(key)
+        lookups += 1
+        head = (value or b"").removesuffix(b"-" + key)
+        if value is None or head == value or not head.isdigit() or int(head) < finished:
+            wrong += 1
+print(lookups, wrong)
+"""
 
 
 @pytest.mark.postfix
 @pytest.mark.slow
-def test_no_wrong_answer_from_another_process(tmp_path):
+@pytest.mark.parametrize("dict_type", ["hash", "lmdb"])
+def test_no_wrong_answer_from_another_process(tmp_path, dict_type):
     """A separate reader process (like a proxymap worker) during repeated rebuilds."""
     require_postmap()
     source = tmp_path / "t"
     keys = [f"user{n:04d}@example.com" for n in range(2000)]
-    build_table("hash", source, [(k, f"A-{k}") for k in keys])
+    build_table(dict_type, source, [(k, f"0-{k}") for k in keys])
+    finished_file = tmp_path / "finished"
+    finished_file.write_text("0")
     script = tmp_path / "reader.py"
-    script.write_text(
-        "import sys, time\n"
-        "from proxymap import flags as F\n"
-        "from tests.support.postmap import open_indexed, CLIENT_LOOKUP_FLAGS\n"
-        "t = open_indexed(sys.argv[1])\n"
-        "keys = [f'user{n:04d}@example.com'.encode() for n in range(0, 2000, 29)]\n"
-        "bad = n = 0\n"
-        "end = time.time() + float(sys.argv[2])\n"
-        "while time.time() < end:\n"
-        "    for k in keys:\n"
-        "        t.flags = (t.flags & ~F.RQST_MASK) | CLIENT_LOOKUP_FLAGS\n"
-        "        v = t.lookup(k); n += 1\n"
-        "        if v not in (b'A-' + k, b'B-' + k): bad += 1\n"
-        "print(n, bad)\n")
+    script.write_text(READER_PROCESS)
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
-    reader = subprocess.Popen([sys.executable, str(script), f"hash:{source}", "3"],
-                              stdout=subprocess.PIPE, env=env, text=True)
+    reader = subprocess.Popen(
+        [sys.executable, str(script), f"{dict_type}:{source}", str(finished_file), "2.5"],
+        stdout=subprocess.PIPE, env=env, text=True)
     deadline = time.time() + 2.5
-    version = "B"
+    version = 0
     while time.time() < deadline:
-        build_table("hash", source, [(k, f"{version}-{k}") for k in keys])
-        version = "A" if version == "B" else "B"
+        version += 1
+        build_table(dict_type, source, [(k, f"{version}-{k}") for k in keys])
+        finished_file.write_text(str(version))
     out, _ = reader.communicate(timeout=60)
-    lookups, wrong = map(int, out.split())
     assert reader.returncode == 0
+    lookups, wrong = map(int, out.split())
+    assert version > 5
     assert lookups > 100
     assert wrong == 0
 

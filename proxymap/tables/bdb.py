@@ -18,11 +18,12 @@ DESCRIPTION
     Sequence walks the database order (hash: bucket order; btree: key order).
 
 LOCKING
-    With the LOCK request flag each access holds ``flock(LOCK_SH)`` (``LOCK_EX`` for
-    update/delete) on ``NAME.db``, the lock ``postmap`` takes exclusively while it
-    rebuilds the file in place. Berkeley DB caches pages inside the process, so after
-    such a rebuild the handle is reopened (see ``nullterm``) instead of reading stale
-    pages.
+    Each access holds ``flock(LOCK_SH)`` (``LOCK_EX`` for update/delete) on ``NAME.db``,
+    the lock ``postmap`` takes exclusively while it rebuilds the file in place. Postfix
+    locks only when the request carries LOCK (every stock client does); we lock always,
+    because an unlocked read racing a rebuild can crash the process. Berkeley DB caches
+    pages inside the process, so after such a rebuild the handle is reopened (see
+    ``nullterm``) instead of reading stale pages.
 
 SEE ALSO
     nullterm.py, TABLES.md 3.1, postmap(1).
@@ -47,6 +48,7 @@ class _BerkeleyTable(IndexedFileTable):
 
     suffix = ".db"
     access_method = bdb.DB_UNKNOWN
+    always_lock = True  # see nullterm LOCKING: an unlocked read during a rebuild can SIGBUS
 
     def __init__(self, name: str, open_mode: int, flags: int, ctx: OpenContext) -> None:
         self._cache_size = _cache_size(ctx)

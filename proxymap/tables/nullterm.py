@@ -36,7 +36,10 @@ LOCKING
     With the LOCK request flag each access holds a shared lock (exclusive for writes)
     on the table file; ``postmap`` holds an exclusive lock while it rebuilds a file in
     place, so a locked reader never sees a half-written table. The lock style is the
-    subclass's (flock for Berkeley DB, fcntl for LMDB, none for cdb).
+    subclass's (flock for Berkeley DB, fcntl for LMDB, none for cdb). Berkeley DB
+    tables lock even without the flag (``always_lock``): the library maps small
+    read-only files, and a rebuild truncating the file under a lookup killed the
+    process with SIGBUS in our tests.
 
 SEE ALSO
     bdb.py, lmdb.py, cdb.py; TABLES.md 3.1-3.3; PROTOCOLS.md 3.5.
@@ -163,6 +166,9 @@ class IndexedFileTable(Table):
     # Also reopen while the file's stamps are too recent to prove "unchanged" (libraries
     # whose cached pages would go stale unnoticed; cdb files are always replaced whole).
     distrust_recent_stamps = True
+    # Lock even when the request does not ask for it: for libraries that map the file,
+    # reading it while postmap truncates it in place is a crash (SIGBUS), not an error.
+    always_lock = False
 
     def __init__(self, name: str, open_mode: int, flags: int) -> None:
         super().__init__(name, open_mode, initial_flags(flags, self.impl_flags))
@@ -278,7 +284,7 @@ class IndexedFileTable(Table):
 
         Returns the descriptors ``_leave`` must unlock. One ``stat`` per access.
         """
-        if not self.flags & F.LOCK:
+        if not (self.flags & F.LOCK or self.always_lock):
             if self._outdated():
                 self._reopen(None, exclusive)
             return ()
