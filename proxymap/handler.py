@@ -116,13 +116,12 @@ def canonical_name(table: str) -> str:
 
 def parse_bool(params: Mapping[str, str], name: str, default: bool) -> bool:
     """A main.cf boolean; MainConfig's own parser when it has one."""
+    if name not in params:
+        return default
     get_bool = getattr(params, "get_bool", None)
     if get_bool is not None:
         return bool(get_bool(name))
-    value = params.get(name)
-    if value is None:
-        return default
-    return value.strip().lower() == "yes"
+    return params[name].strip().lower() == "yes"
 
 
 class RequestHandler:

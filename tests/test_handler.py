@@ -14,7 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from master.mainconf import MainConfig
 from proxymap import flags as F
+from proxymap.approval import approved_tables
 from proxymap.handler import RequestHandler
 from proxymap.protocol import BAD, CONFIG, DENY, G1, G2, NOKEY, OK, RETRY, Reply, Request
 from proxymap.tables import TABLE_TYPES, table_class
@@ -426,3 +428,18 @@ def test_g1_null_learning_persists_on_the_instance(hash_table):
                                  key=b"ALICE"))
     assert g2_reply == Reply(OK, (POSTMAP_Q | 24 | F.UTF8_ACTIVE), value=b"A")
 
+
+
+# --- with the real main.cf object -------------------------------------------------------------
+
+@pytest.mark.parametrize(("level", "utf8"), [("0", False), ("3.6", True)])
+def test_smtputf8_default_follows_compatibility_level(level, utf8, tmp_path):
+    path = tmp_path / "t"
+    path.write_text("Straße S\n")
+    spec = f"texthash:{path}"
+    params = MainConfig({"compatibility_level": level, "proxy_read_maps": f"proxy:{spec}"})
+    handler = RequestHandler("proxymap", approved_tables(params, "proxymap"), params)
+    opened = handler.handle(g2("open", spec, POSTMAP_Q))
+    assert bool(opened.flags & F.UTF8_ACTIVE) is utf8
+    reply = handler.handle(g2("lookup", spec, POSTMAP_Q, opened.flags, key=b"STRASSE"))
+    assert reply.status == (OK if utf8 else NOKEY)
