@@ -287,7 +287,8 @@ class RequestHandler:
     @staticmethod
     def _error_status(exc: Exception, instance: Instance, op: str) -> int:
         if isinstance(exc, DictUnsupported):
-            log.warning("%s: %s", instance.table.spec, exc)
+            # Postfix would abort the whole process here; one failed request is enough.
+            log.warning("%s", exc)
             return RETRY
         if isinstance(exc, DictRetry):
             return RETRY

@@ -48,6 +48,9 @@ def _root_group() -> object:
     return grp.getgrgid(0)
 
 
+# Databases whose id 0 resolved once in this process: a miss there is a real miss.
+_SANE: set[Callable[[], object]] = set()
+
 _MAPS: dict[str, tuple[Callable[[str], str], Callable[[], object]]] = {
     "passwd.byname": (_passwd_entry, _root_passwd),
     "group.byname": (_group_entry, _root_group),
@@ -63,7 +66,6 @@ class UnixTable(Table):
             raise DictOpenError(f"unknown table: unix:{name}")
         super().__init__(name, open_mode, flags | F.FIXED)
         self._entry, self._root = _MAPS[name]
-        self._sanity_checked = False
 
     def lookup(self, key: bytes) -> bytes | None:
         name = self.fold(key).decode("utf-8", "surrogateescape")
@@ -71,11 +73,11 @@ class UnixTable(Table):
             return self._entry(name).encode("utf-8", "surrogateescape")
         except (KeyError, ValueError):
             pass
-        if not self._sanity_checked:
+        if self._root not in _SANE:
             try:
                 self._root()
             except (KeyError, OSError):
                 raise DictRetry(f"unix:{self.name}: cannot look up id 0 either: "
                                 "the name service seems unavailable")
-            self._sanity_checked = True
+            _SANE.add(self._root)
         return None
