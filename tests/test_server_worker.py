@@ -1,0 +1,236 @@
+"""The proxymap service: its hooks, -S mode, and the real worker process.
+
+Hook tests drive ``ProxymapService`` with a real ``MainConfig`` and a small recorder
+for the skeleton calls (service name, exit). Worker tests start the ``proxymap``
+program itself: under ``-S``, and under the stand-in master of
+tests/support/standin_master.py (fds 3-6, GENERATION, status messages) when present.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from master.mainconf import MainConfig
+from proxymap import attr
+from proxymap.server import (
+    ProxymapService,
+    ServiceNameError,
+    parse_service_name,
+    read_one_request,
+    sorted_bytewise,
+)
+from proxymap.tables import TABLE_TYPES
+from tests.test_connection import SlowTable  # noqa: F401 - registered by name below
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+ALICE_REPLY = b"status\x000\x00value\x00alice@example.com\x00\x00"
+
+
+class Exited(Exception):
+    pass
+
+
+class RecordingServer:
+    """The attributes of master.multi_server.MultiServer that the service uses."""
+
+    def __init__(self, service_name: str, config: MainConfig):
+        self.service_name = service_name
+        self.config = config
+        self.exits: list[int] = []
+
+    def exit(self, status: int) -> None:
+        self.exits.append(status)
+        raise Exited(status)
+
+    def request_started(self):
+        pass
+
+    def request_done(self):
+        pass
+
+
+def config(tmp_path: Path, text: str) -> MainConfig:
+    conf = tmp_path / "conf"
+    conf.mkdir(exist_ok=True)
+    (conf / "main.cf").write_text(text)
+    return MainConfig.load(str(conf))
+
+
+# --- service name and export mode -------------------------------------------------------------
+
+def test_service_names():
+    assert parse_service_name("proxymap") == ("proxymap", None)
+    assert parse_service_name("proxywrite") == ("proxywrite", None)
+    assert parse_service_name("export-proxy-proxymap") == ("proxymap", False)
+    assert parse_service_name("export-all-proxywrite") == ("proxywrite", True)
+    for bad in ("pyproxymap", "Proxymap", "export-proxy-", "export-all-foo"):
+        with pytest.raises(ServiceNameError):
+            parse_service_name(bad)
+
+
+def test_bad_service_name_is_fatal_with_the_39_message(tmp_path, caplog):
+    server = RecordingServer("pyproxymap", config(tmp_path, ""))
+    with caplog.at_level(logging.CRITICAL, "proxymap"), pytest.raises((Exited, SystemExit)):
+        ProxymapService().pre_init(server)
+    assert server.exits == [1]
+    assert caplog.messages == ['invalid service name: "pyproxymap" - service name must be "proxywrite" or "proxymap"']
+
+
+def test_export_mode_prints_sorted_bytewise(tmp_path, capsys):
+    cfg = config(tmp_path, "proxy_read_maps = proxy:texthash:/b, proxy:texthash:/a hash:/c proxy:Z:x\n")
+    for name, expected in (("export-proxy-proxymap", ["Z:x", "texthash:/a", "texthash:/b"]),
+                           ("export-all-proxymap", ["Z:x", "hash:/c", "texthash:/a", "texthash:/b"])):
+        server = RecordingServer(name, cfg)
+        with pytest.raises((Exited, SystemExit)):
+            ProxymapService().pre_init(server)
+        assert server.exits == [0]
+        assert capsys.readouterr().out.splitlines() == expected
+    assert sorted_bytewise(["b", "\u00e9", "B", "a"]) == ["B", "a", "b", "\u00e9"]
+
+
+# --- changed table (pre-accept) ---------------------------------------------------------------
+
+def postmap(*args: str) -> None:
+    if shutil.which("postmap") is None:
+        pytest.skip("postmap (Postfix) is not installed")
+    subprocess.run(["postmap", *args], check=True)
+
+
+def test_changed_hash_table_restarts_the_reader(tmp_path, caplog):
+    source = tmp_path / "map"
+    source.write_text("alice alice@example.com\n")
+    postmap(f"hash:{source}")
+    table = f"hash:{source}"
+    cfg = config(tmp_path, f"proxy_read_maps = proxy:{table}\n")
+    service = ProxymapService()
+    server = RecordingServer("proxymap", cfg)
+    service.pre_init(server)
+    service.post_init(server)
+    reply = service.handler.handle(parse(lookup(table, b"alice")))
+    assert reply.value == b"alice@example.com"
+    service.pre_accept(server)  # unchanged: nothing happens
+    assert server.exits == []
+    time.sleep(0.01)
+    source.write_text("alice changed@example.com\n")
+    postmap(f"hash:{source}")
+    with caplog.at_level(logging.INFO, "proxymap"), pytest.raises(Exited):
+        service.pre_accept(server)
+    assert server.exits == [0]
+    assert f"table {table}: has changed -- restarting" in caplog.messages
+
+
+def test_writer_never_restarts_on_change(tmp_path):
+    source = tmp_path / "map"
+    source.write_text("a b\n")
+    postmap(f"hash:{source}")
+    table = f"hash:{source}"
+    service = ProxymapService()
+    server = RecordingServer("proxywrite", config(tmp_path, f"proxy_write_maps = proxy:{table}\n"))
+    os_setsid = os.setsid
+    try:
+        os.setsid = lambda: None  # keep the test runner's session
+        service.pre_init(server)
+    finally:
+        os.setsid = os_setsid
+    service.post_init(server)
+    service.handler.handle(parse(lookup(table, b"a")))
+    postmap(f"hash:{source}")
+    service.pre_accept(server)
+    assert server.exits == []
+
+
+# --- -S mode, in process ------------------------------------------------------------------------
+
+def lookup(table: str, key: bytes, flags: bytes = b"64") -> bytes:
+    return attr.encode([(b"request", b"lookup"), (b"table", table.encode()), (b"flags", flags), (b"key", key)])
+
+
+def parse(wire: bytes):
+    from proxymap.protocol import parse_request
+    return parse_request(attr.AttrDecoder().feed(wire)[0], "test")
+
+
+@pytest.fixture
+def texthash(tmp_path):
+    path = tmp_path / "map"
+    path.write_text("alice alice@example.com\n")
+    return f"texthash:{path}"
+
+
+def standalone(tmp_path, table: str, data: bytes, service_name: str = "proxymap") -> bytes:
+    cfg = config(tmp_path, f"proxy_read_maps = proxy:{table}\nproxy_write_maps = proxy:{table}\n")
+    service = ProxymapService()
+    server = RecordingServer(service_name, cfg)
+    service.pre_init(server)
+    service.post_init(server)
+    out = io.BytesIO()
+    service.serve_standalone(server, io.BytesIO(data), out)
+    return out.getvalue()
+
+
+def test_standalone_lookup_and_g2(tmp_path, texthash):
+    assert standalone(tmp_path, texthash, lookup(texthash, b"alice")) == ALICE_REPLY
+    g2 = b"request\x00open\x00table\x00" + texthash.encode() + b"\x00instance_flags\x000\x00\x00"
+    assert standalone(tmp_path, texthash, g2) == b"status\x000\x00flags\x0016\x00\x00"
+
+
+def test_standalone_reads_only_one_request(tmp_path, texthash):
+    assert standalone(tmp_path, texthash, lookup(texthash, b"alice") + lookup(texthash, b"bob")) == ALICE_REPLY
+
+
+def test_standalone_eof_cases(tmp_path, texthash):
+    assert standalone(tmp_path, texthash, b"") == b""
+    assert standalone(tmp_path, texthash, b"request\x00lookup\x00table") == b"status\x003\x00value\x00\x00\x00"
+    assert standalone(tmp_path, texthash, b"\x00") == b""
+    assert read_one_request(io.BytesIO(b"req")) is None
+
+
+def test_standalone_awaits_a_slow_table(tmp_path, monkeypatch):
+    monkeypatch.setitem(TABLE_TYPES, "slow", "tests.test_connection:SlowTable")
+    assert standalone(tmp_path, "slow:0.1", lookup("slow:0.1", b"x")) == b"status\x000\x00value\x00slow:x\x00\x00"
+    with pytest.raises(RuntimeError):
+        asyncio.get_running_loop()  # the private loop did not leak
+
+
+# --- the real program ---------------------------------------------------------------------------
+
+def proxymap_command() -> list[str]:
+    script = Path(sys.executable).with_name("proxymap")
+    if script.exists():
+        return [str(script)]
+    return [sys.executable, "-c", "from proxymap.server import main; main()"]
+
+
+def worker_env(conf: Path) -> dict[str, str]:
+    env = dict(os.environ, MAIL_CONFIG=str(conf))
+    env["PYTHONPATH"] = str(REPOSITORY)
+    return env
+
+
+def test_program_standalone_mode(tmp_path, texthash):
+    cfg_dir = tmp_path / "conf"
+    cfg_dir.mkdir()
+    (cfg_dir / "main.cf").write_text(f"proxy_read_maps = proxy:{texthash}\nmaillog_file = /dev/stderr\n")
+    try:
+        import master.multi_server  # noqa: F401
+    except ImportError:
+        pytest.skip("master.multi_server (the skeleton) is not there yet")
+    done = subprocess.run(proxymap_command() + ["-S"], input=lookup(texthash, b"alice"),
+                          capture_output=True, env=worker_env(cfg_dir), timeout=30)
+    assert (done.returncode, done.stdout) == (0, ALICE_REPLY), done.stderr
+    done = subprocess.run(proxymap_command() + ["-S", "-n", "export-proxy-proxymap"], input=b"",
+                          capture_output=True, env=worker_env(cfg_dir), timeout=30)
+    assert (done.returncode, done.stdout) == (0, texthash.encode() + b"\n"), done.stderr
+    done = subprocess.run(proxymap_command() + ["-S", "-n", "nonsense"], input=b"",
+                          capture_output=True, env=worker_env(cfg_dir), timeout=30)
+    assert done.returncode == 1 and b'invalid service name: "nonsense"' in done.stderr + done.stdout
