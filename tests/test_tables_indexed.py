@@ -585,3 +585,57 @@ def test_benchmark_function_runs(tmp_path):
     assert client_folded_key("STRASSE") == b"strasse"
     assert client_folded_key("Straße") == b"strasse"
     assert client_folded_key("\udcff\udcfeABC") == b"\xff\xfeabc"
+
+
+# --- several instances of one file in one process --------------------------------------
+
+@pytest.mark.postfix
+def test_lmdb_instances_share_one_environment(tmp_path):
+    """The binding refuses a second open of a file; the server may hold several instances."""
+    require_postmap()
+    spec = build_table("lmdb", tmp_path / "t", [("k", "built")])
+    reader = open_indexed(spec)
+    other_reader = open_indexed(spec, flags=F.TRY1NULL)  # another instance-flags key
+    writer = open_indexed(spec, RW_CREATE)
+    set_request(writer, F.LOCK | SERVER_WRITE_FLAGS)
+    assert writer.update(b"k", b"written") == 0
+    for table in (reader, other_reader):
+        set_request(table, CLIENT_LOOKUP_FLAGS)
+        assert table.lookup(b"k") == b"written"
+    writer.close()
+    set_request(reader, CLIENT_LOOKUP_FLAGS)
+    assert reader.lookup(b"k") == b"written"  # still open after the writer left
+    reader.close()
+    other_reader.close()
+    assert query(spec, "k") == "written"
+
+
+@pytest.mark.postfix
+@pytest.mark.parametrize("dict_type", ["btree", "lmdb"])
+def test_sequence_continues_across_a_rebuild(tmp_path, dict_type):
+    require_postmap()
+    source = tmp_path / "t"
+    spec = build_table(dict_type, source, [(f"k{n}", "old") for n in range(6)])
+    table = open_indexed(spec)
+    set_request(table, F.LOCK)
+    assert table.sequence(0) == (b"k0", b"old")
+    assert table.sequence(1) == (b"k1", b"old")
+    build_table(dict_type, source, [(f"k{n}", "new") for n in range(6)])
+    rest = []
+    item = table.sequence(1)
+    while item is not None:
+        rest.append(item)
+        item = table.sequence(1)
+    assert rest == [(f"k{n}".encode(), b"new") for n in range(2, 6)]
+
+
+@pytest.mark.postfix
+@pytest.mark.parametrize("dict_type", WRITABLE_TYPES)
+def test_truncating_open_empties_the_table(tmp_path, dict_type):
+    require_postmap()
+    spec = build_table(dict_type, tmp_path / "t", [("old", "x")])
+    table = open_indexed(spec, os.O_RDWR | os.O_CREAT | os.O_TRUNC)
+    set_request(table, F.LOCK | SERVER_WRITE_FLAGS)
+    assert table.update(b"new", b"y") == 0
+    table.close()
+    assert dump(spec) == [("new", "y")]
