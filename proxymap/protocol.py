@@ -83,6 +83,7 @@ EXPECTED: dict[tuple[str, int], tuple[bytes, ...]] = {
 }
 _NUMERIC = frozenset({b"flags", b"instance_flags", b"function"})
 _OP_NAMES = {op.encode(): op for op in OPS}
+_NUMERIC_WANTED = {names: tuple(n for n in names if n in _NUMERIC) for names in EXPECTED.values()}
 
 #: Flag bits dropped here from the flags that select and open a table instance (G1
 #: ``flags``, G2 ``instance_flags``): UTF8_ACTIVE and SURROGATE are states a server sets
@@ -163,7 +164,17 @@ def _scan(pairs: attr.Pairs, wanted: tuple[bytes, ...], stream: str) -> dict | N
     scanner stops there, leaving them unread), so a repeated last attribute keeps its
     first value.
     """
-    values: dict[bytes, object] = {}
+    # Fast path, what every real client sends: exactly the wanted names, in order.
+    if len(pairs) == len(wanted) + 1 and tuple([pair[0] for pair in pairs[1:]]) == wanted:
+        values = dict(pairs)
+        try:
+            for name in _NUMERIC_WANTED[wanted]:
+                values[name] = attr.parse_u32(values[name])
+        except ValueError:
+            pass  # the slow path below reports it in Postfix's words
+        else:
+            return values
+    values = {}
     available = len(pairs) - 1
     for index, want in enumerate(wanted, start=1):
         if index > available:
