@@ -128,11 +128,9 @@ class FileStamp:
         self.racy = taken_ns - max(st.st_mtime_ns, st.st_ctime_ns) < RACY_WINDOW_NS
 
     @classmethod
-    def of(cls, path: str) -> FileStamp | None:
-        try:
-            return cls(os.stat(path), time.time_ns())
-        except OSError:
-            return None
+    def of(cls, fd: int) -> FileStamp:
+        """The stamp of the open file ``fd`` (what we read, whatever the path says now)."""
+        return cls(os.fstat(fd), time.time_ns())
 
 
 def _same_file(fd: int, other_fd: int) -> bool:
@@ -237,7 +235,7 @@ class IndexedFileTable(Table):
             if lock_new:
                 self._lock(fd, exclusive=exclusive or self.writable)
             try:
-                stamp = FileStamp.of(self.path)
+                stamp = FileStamp.of(fd)
                 handle = self._backend_open(fd, create, truncate)
             except BaseException:
                 if lock_new:
@@ -263,8 +261,10 @@ class IndexedFileTable(Table):
         except OSError:
             return False  # unlinked: keep serving the old file, as Postfix does
         stamp = self._stamp
-        if stamp is None or (st.st_dev, st.st_ino) != stamp.identity:
-            return stamp is not None
+        if stamp is None:
+            return False
+        if (st.st_dev, st.st_ino) != stamp.identity:
+            return True
         if not self.reopen_on_rewrite:
             return False
         if (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns) != stamp.content:
@@ -313,7 +313,8 @@ class IndexedFileTable(Table):
         if self.flags & F.SYNC_UPDATE:
             self._backend_sync()
         # Our own change must not look like a foreign rebuild.
-        self._stamp = FileStamp.of(self.path)
+        assert self._fd is not None
+        self._stamp = FileStamp.of(self._fd)
 
     # --- operations -------------------------------------------------------------------------
     def _normalize_flags(self) -> None:
