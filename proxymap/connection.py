@@ -41,7 +41,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Iterable
 
 from proxymap import attr
 from proxymap.protocol import (
@@ -134,17 +133,14 @@ class ProxymapProtocol(ClientProtocol):
         return False
 
     # --- serving -------------------------------------------------------------------------
-    def _serve(self, lists: Iterable[attr.Pairs]) -> None:
+    def _serve(self, lists: list[attr.Pairs]) -> None:
         """Answer complete lists in order; stop at a slow request and queue the rest."""
         server = self.server
-        handler = self.handler
-        stream = self.stream
+        last = len(lists) - 1
         out: list[bytes] = []
-        pending = lists if isinstance(lists, deque) else deque(lists)
-        while pending:
-            pairs = pending.popleft()
+        for index, pairs in enumerate(lists):
             server.request_started()
-            parsed = parse_request(pairs, stream)
+            parsed = parse_request(pairs, self.stream)
             if parsed is None:
                 server.request_done()
                 continue
@@ -152,7 +148,7 @@ class ProxymapProtocol(ClientProtocol):
                 reply = parsed
             else:
                 try:
-                    result = handler.handle(parsed)
+                    result = self.handler.handle(parsed)
                 except Exception as exc:  # noqa: BLE001 - a handler bug must not kill the worker
                     log.error("%s request for %s failed: %r", parsed.op, parsed.table, exc,
                               exc_info=exc)
@@ -161,17 +157,16 @@ class ProxymapProtocol(ClientProtocol):
                     # A slow table: flush what is ready, then wait for it off the fast path.
                     if out:
                         self.transport.write(b"".join(out))
-                    pending.extend(self._queue)
-                    self._queue = pending
+                    self._queue.extendleft(reversed(lists[index + 1:]))
                     self._start_slow(parsed, result)
                     return
                 reply = encode_reply(parsed.op, parsed.generation, result)
-            out.append(reply)
-            if pending:
+            if index < last:
+                out.append(reply)
                 server.request_done()
             else:
                 # The last reply: TAKEN, write, AVAIL -- in Postfix's order.
-                self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+                self.transport.write(b"".join(out) + reply if out else reply)
                 server.request_done()
                 return
         if out:
@@ -204,7 +199,8 @@ class ProxymapProtocol(ClientProtocol):
         if self._closed:
             return
         if self._queue:
-            queued, self._queue = self._queue, deque()
+            queued = list(self._queue)
+            self._queue.clear()
             self._serve(queued)
             if self._slow is not None:
                 return

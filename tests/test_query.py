@@ -47,7 +47,8 @@ class LiveServer:
         feed = protocol.data_received
 
         def recording(data: bytes) -> None:
-            self.received.append(data)
+            if self.received is not None:
+                self.received.append(data)
             feed(data)
 
         protocol.data_received = recording
