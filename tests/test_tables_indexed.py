@@ -317,7 +317,7 @@ def test_cdb_sequence_is_file_order(vector_work):
 
 @pytest.mark.postfix
 @pytest.mark.parametrize("dict_type", WRITABLE_TYPES)
-def test_our_writes_are_read_by_postmap(tmp_path, dict_type):
+def test_our_writes_are_read_by_postmap(tmp_path, dict_type, caplog):
     require_postmap()
     spec = f"{dict_type}:{tmp_path}/w"
     table = open_indexed(spec, RW_CREATE)
@@ -335,7 +335,11 @@ def test_our_writes_are_read_by_postmap(tmp_path, dict_type):
     assert table.update(b"USER1@EXAMPLE.COM", b"replaced") == 0  # driver-folded, replaced
     entries["user1@example.com"] = "replaced"
     set_request(table, F.LOCK | F.DUP_WARN | F.SYNC_UPDATE)
-    assert table.update(b"user2@example.com", b"kept-not") == 1  # no DUP_REPLACE
+    with caplog.at_level("WARNING", logger="proxymap"):
+        assert table.update(b"user2@example.com", b"kept-not") == 1  # no DUP_REPLACE
+    assert 'duplicate entry: "user2@example.com"' in caplog.text
+    set_request(table, F.LOCK | F.DUP_IGNORE)
+    assert table.update(b"user2@example.com", b"kept-not") == 1
     for gone in ("user3@example.com", "user4@example.com"):
         set_request(table, F.LOCK | F.SYNC_UPDATE)
         assert table.delete(gone.encode()) == 0
