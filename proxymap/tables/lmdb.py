@@ -57,6 +57,12 @@ class LmdbTable(IndexedFileTable):
         self._last_key: bytes | None = None
         super().__init__(name, open_mode, flags)
 
+    def changed(self) -> bool:
+        # Only replacement or removal counts (base rule for MULTI_WRITER); the bit is ours
+        # to keep even when a request's flag word forgot it.
+        self.flags |= F.MULTI_WRITER
+        return super().changed()
+
     # --- locking: fcntl on the .lmdb file, like postmap ------------------------------------
     def _lock(self, fd: int, exclusive: bool) -> None:
         fcntl.lockf(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
@@ -154,7 +160,8 @@ class SharedEnvironment:
     The binding refuses to open a file twice in one process (LMDB's own rule), yet the
     server may hold several instances of one table (different instance flags, read and
     write). They share the environment; the last release closes it. A read-only
-    environment is upgraded when a writer arrives.
+    environment is upgraded when a writer arrives. Environments must not cross a
+    fork: open tables in the process that uses them.
     """
 
     _by_file: dict[tuple[int, int], SharedEnvironment] = {}
