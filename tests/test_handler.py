@@ -13,6 +13,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from master.mainconf import MainConfig
 from proxymap import flags as F
@@ -440,3 +442,28 @@ def test_smtputf8_default_follows_compatibility_level(level, utf8, tmp_path):
     assert bool(opened.flags & F.UTF8_ACTIVE) is utf8
     reply = handler.handle(g2("lookup", spec, POSTMAP_Q, opened.flags, key=b"STRASSE"))
     assert reply.status == (OK if utf8 else NOKEY)
+
+
+# --- properties -------------------------------------------------------------------------------
+
+@settings(max_examples=300, deadline=None)
+@given(flags=st.integers(min_value=0, max_value=0xFFFFFFFF), generation=st.sampled_from([G1, G2]))
+def test_any_flag_word_round_trips_and_folds_as_asked(r312_static, flags, generation):
+    """G2: the reply flags are the request's; the key is folded iff the word asks it."""
+    handler, spec = r312_static
+    if generation == G2:
+        reply = handler.handle(g2("lookup", spec, POSTMAP_Q, flags, key=b"ALICE"))
+        assert reply.flags == flags
+        want = F.FOLD_FIX if flags & F.FIXED else F.FOLD_MUL
+    else:
+        reply = handler.handle(g1("lookup", spec, flags, key=b"ALICE"))
+        want = F.FOLD_FIX  # G1 keeps the instance's FIXED bit; only request bits vary
+    assert reply.status == (OK if flags & want else NOKEY)
+
+
+@pytest.fixture(scope="module")
+def r312_static(tmp_path_factory):
+    path = tmp_path_factory.mktemp("r312") / "r312"
+    path.write_text("alice alice@example.com\n")
+    spec = f"texthash:{path}"
+    return reader(spec), spec

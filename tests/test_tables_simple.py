@@ -16,6 +16,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from proxymap import flags as F
 from proxymap.handler import RequestHandler
@@ -318,3 +320,31 @@ def test_utf8_layer_hides_fold_bits_from_the_driver():
     table.flags = F.FIXED  # no fold asked: the key passes unchanged
     table.lookup(b"ABC")
     assert seen[-1] == (b"ABC", 0)
+
+
+# --- properties -------------------------------------------------------------------------------
+
+_WORD = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789._@-", min_size=1, max_size=12)
+_VALUE = st.lists(_WORD, min_size=1, max_size=4).map(" , ".join)
+
+
+@settings(max_examples=200, deadline=None)
+@given(entries=st.dictionaries(_WORD, _VALUE, min_size=1, max_size=8))
+def test_inline_braced_elements_round_trip(entries):
+    name = "{ " + ", ".join(f"{{ {k} = {v} }}" for k, v in entries.items()) + " }"
+    table = open_table(f"inline:{name}", RO, F.FOLD_FIX, ctx())
+    assert not isinstance(table, SurrogateTable)
+    for key, value in entries.items():
+        assert table.lookup(key.upper().encode()) == value.encode()
+    walk = [table.sequence(0)] + [table.sequence(1) for _ in entries]
+    assert walk[-1] is None
+    assert dict(walk[:-1]) == {k.encode(): v.encode() for k, v in entries.items()}
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=st.text(alphabet=st.characters(codec="utf-8"), max_size=20))
+def test_utf8_fold_is_python_casefold_and_idempotent(text):
+    data = text.encode("utf-8")
+    folded = casefold_utf8(data)
+    assert folded == text.casefold().encode("utf-8")
+    assert casefold_utf8(folded) == folded
