@@ -233,7 +233,10 @@ class IndexedFileTable(Table):
         lock_new = held_fd is None or not _same_file(fd, held_fd)
         try:
             if lock_new:
-                self._lock(fd, exclusive=exclusive or self.writable)
+                try:
+                    self._lock(fd, exclusive=exclusive or self.writable)
+                except OSError as exc:
+                    raise open_error(self.path, exc)
             try:
                 stamp = FileStamp.of(fd)
                 handle = self._backend_open(fd, create, truncate)
@@ -290,7 +293,10 @@ class IndexedFileTable(Table):
             return ()
         fd = self._fd
         assert fd is not None
-        self._lock(fd, exclusive)
+        try:
+            self._lock(fd, exclusive)
+        except OSError as exc:  # e.g. ENOLCK on a network filesystem; Postfix: fatal
+            raise DictRetry(f"lock {self.path}: {os.strerror(exc.errno or 0)}")
         try:
             if not self._outdated():
                 return (fd,)
