@@ -49,6 +49,7 @@ def ours():
         "proxy:" + spec for name, spec in instance.table_map.items() if name != "unapproved"
     )
     with instance:
+        instance.wait_until_serving("alice", instance.table_map["texthash"])
         yield instance
 
 
@@ -97,7 +98,7 @@ def test_lookup_through_our_proxymap(ours, table, key, expected):
     spec = ours.table_map[table]
     direct = ours.lookup(key, spec).outcome()
     proxied = ours.lookup(key, "proxy:" + spec)
-    assert proxied.outcome() == direct, proxied.stderr
+    assert proxied.outcome() == direct, proxied.stderr + ours.log_tail()
     if expected is not None:
         assert proxied.outcome() == expected
 

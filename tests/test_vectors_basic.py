@@ -82,6 +82,7 @@ def vector_postfix():
         [row.map for row in DIRECT_ROWS] + [row.map for row in OPEN_FLAG_ROWS], instance.vectors
     )
     with instance:
+        instance.wait_until_serving("alice", absolute_map("texthash:fixed.src", instance.vectors))
         yield instance
 
 
@@ -92,7 +93,7 @@ def test_proxy_is_transparent(vector_postfix, row):
     if row.map_type not in HOST_DEPENDENT_TYPES:
         assert direct == row.outcome, "the direct client disagrees with the recording"
     proxied = vector_postfix.lookup(row.key, "proxy:" + table)
-    assert proxied.outcome() == direct, proxied.stderr
+    assert proxied.outcome() == direct, proxied.stderr + vector_postfix.log_tail()
 
 
 @pytest.mark.parametrize("row", OPEN_FLAG_ROWS, ids=[r.map[:40] for r in OPEN_FLAG_ROWS])

@@ -633,6 +633,10 @@ class PrivatePostfix:
             master_out = ""
         return f"--- master output ---\n{master_out}--- maillog ---\n{self.maillog()}"
 
+    def log_tail(self, lines: int = 25) -> str:
+        """The end of the maillog and the master's output, for assertion messages."""
+        return "\n".join(self.diagnostics().splitlines()[-lines:])
+
     def child_pids(self) -> list[int]:
         """Live children of the master (every Postfix daemon it spawned)."""
         master = self.master_pid
@@ -719,6 +723,17 @@ class PrivatePostfix:
                 pass
             time.sleep(0.005)
         raise TimeoutError(f"no answer for {key!r} from {table} within {timeout}s")
+
+    def wait_until_serving(self, key: str, table: str, timeout: float = 20.0) -> None:
+        """Fail fast, with the logs, when the proxymap service never answers.
+
+        Without this, every later lookup would wait for its own client timeout.
+        """
+        try:
+            self.time_to_first_answer(key, table, timeout=timeout)
+        except TimeoutError as error:
+            raise RuntimeError(f"{error}; the proxymap service does not answer:\n"
+                               f"{self.log_tail(40)}") from None
 
 
 def _as_value(value: str | Iterable[str]) -> str:
