@@ -348,3 +348,16 @@ def test_utf8_fold_is_python_casefold_and_idempotent(text):
     folded = casefold_utf8(data)
     assert folded == text.casefold().encode("utf-8")
     assert casefold_utf8(folded) == folded
+
+
+@pytest.mark.parametrize(("spec", "message"), [
+    ("inline:{a = 1}", 'missing \'=\' after attribute name: "inline:{a = 1}"; need "inline:{name=value...}"'),
+    ('inline:{"a b"=1}', 'unbalanced \'"\': "inline:{"a b"=1}"; need "inline:{name=value...}"'),
+    ("inline:{}", 'bad syntax: "inline:{}"; need "inline:{name=value...}"'),
+    ("static:{x}y", "bad static:name syntax: syntax error after '}' in \"{x}y\""),
+    ("unix:foo.byname", "unknown table: unix:foo.byname"),
+])
+def test_open_errors_read_like_postmap(caplog, spec, message):
+    with caplog.at_level(logging.ERROR, "proxymap"):
+        assert isinstance(open_table(spec, RO, F.UTF8_REQUEST, ctx()), SurrogateTable)
+    assert [r.getMessage() for r in caplog.records] == [message]

@@ -53,25 +53,32 @@ def split_inline_element(element: str) -> tuple[str, str] | None:
     return element[:end], rest[1:].strip(_BLANKS)
 
 
+def _syntax_error(problem: str, name: str) -> DictOpenError:
+    # Worded like postmap's message for the same mistake.
+    return DictOpenError(f'{problem}: "inline:{name}"; need "inline:{{name=value...}}"')
+
+
 def parse_inline(name: str) -> list[tuple[str, str]]:
     """All (key, value) pairs of an inline name; ``DictOpenError`` on any syntax error."""
     try:
         elements = braced_elements(name)
-    except BraceError as exc:
-        raise DictOpenError(f"inline:{name}: {exc}")
+    except BraceError:
+        raise _syntax_error("bad syntax", name)
     if not elements:
-        raise DictOpenError(f'inline:{name}: empty table')
+        raise _syntax_error("bad syntax", name)
     pairs = []
     for element in elements:
         text = element
         if element.startswith("{"):
             try:
                 text = strip_braces(element)
-            except BraceError as exc:
-                raise DictOpenError(f"inline:{name}: {exc}")
+            except BraceError:
+                raise _syntax_error("bad syntax", name)
         pair = split_inline_element(text)
         if pair is None:
-            raise DictOpenError(f'inline:{name}: "{text}": missing \'=\' after attribute name')
+            unbalanced = text.count('"') % 2
+            raise _syntax_error("unbalanced '\"'" if unbalanced
+                                else "missing '=' after attribute name", name)
         pairs.append(pair)
     return pairs
 
@@ -84,7 +91,7 @@ class InlineTable(Table):
         super().__init__(name, open_mode, flags | F.FIXED)
         utf8 = utf8_wanted(flags, ctx.utf8_enabled)
         if utf8 and not is_valid_utf8(name.encode("utf-8", "surrogateescape")):
-            raise DictOpenError(f"inline:{name}: non-UTF-8 table name")
+            raise _syntax_error("bad UTF-8 syntax", name)
         fold = bool(flags & F.FOLD_FIX)
         self.entries: dict[bytes, bytes] = {}
         for key_text, value_text in parse_inline(name):

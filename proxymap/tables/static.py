@@ -31,7 +31,7 @@ class StaticTable(Table):
             try:
                 text = strip_braces(name)
             except BraceError as exc:
-                raise DictOpenError(f"static:{name}: {exc}")
+                raise DictOpenError(f"bad static:name syntax: {exc}")
         self.value = text.encode("utf-8", "surrogateescape")
 
     def lookup(self, key: bytes) -> bytes | None:
