@@ -47,9 +47,19 @@ DESCRIPTION
     A sequence "next" with no "first" before it on that instance is answered as
     "first".
 
+    G1 and G2 instances of one table are never shared. Member tables of
+    pipemap/unionmap are opened through ``open_nested``, which adds the UTF-8 layer
+    whenever their flags ask for it, as Postfix's dict_open does, in both generations.
+
     Synchronous tables are answered inline (the hot path: one dict hit finds the
     instance for a repeated (table, generation, instance flags)); asynchronous
     tables get a coroutine that the caller awaits.
+
+BUGS
+    An asynchronous table shares one flag word between concurrent requests on the
+    same instance; the handler sets it right before each call, so a driver must
+    read what it needs from ``flags`` before its first ``await``. Replies report
+    the flags the request ran with.
 """
 
 from __future__ import annotations
