@@ -748,15 +748,18 @@ def _postfix_ids() -> tuple[int, int]:
 
 
 def _editable_sources(purelib: Path) -> list[str]:
-    """Directories an editable install (.pth file) adds to sys.path."""
+    """Source directories an editable install points to (.pth lines, setuptools finders)."""
+    import re
+
     sources = []
-    for pth in purelib.glob("*.pth"):
+    for hook in [*purelib.glob("*.pth"), *purelib.glob("__editable__*finder.py")]:
         try:
-            lines = pth.read_text().splitlines()
+            text = hook.read_text()
         except OSError:
             continue
-        sources += [line for line in lines if line.startswith("/") and Path(line).is_dir()]
-    return sources
+        candidates = text.splitlines() + re.findall(r"""['"](/[^'"]+)['"]""", text)
+        sources += [c for c in candidates if c.startswith("/") and Path(c).is_dir()]
+    return list(dict.fromkeys(sources))
 
 
 # ---------------------------------------------------------------------------
