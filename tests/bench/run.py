@@ -53,10 +53,12 @@ from pathlib import Path
 from tests.support.postfix import (
     C_PROXYMAP,
     PrivatePostfix,
+    install_postfix,
     missing_postfix_parts,
     proc_cpu_ticks,
     proc_rss_kib,
     run_postmap,
+    stop_system_postfix,
 )
 from tests.support.vectors import shared_dir
 
@@ -306,7 +308,10 @@ def measure_cold_start(program: Path, tables, base: Path, tag: str, repeat: int)
 
 def run_benchmark(options: argparse.Namespace) -> Report:
     if missing_postfix_parts():
+        install_postfix()  # as root on a fresh machine, like the tests do
+    if missing_postfix_parts():
         raise SystemExit(f"Postfix is not installed: {missing_postfix_parts()}")
+    stop_system_postfix()
     pmload = build_pmload()
     base = Path(tempfile.mkdtemp(prefix="pmbench-", dir="/tmp"))
     base.chmod(0o755)
