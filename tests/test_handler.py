@@ -25,10 +25,9 @@ from proxymap.tables import TABLE_TYPES, table_class
 from proxymap.tables.base import DictOpenError
 from proxymap.tables.internal import InternalTable
 from tests.support.postfix import ensure_postfix, postmap_path
+from tests.support.vectors import vectors_dir
 
-VECTORS = Path("/work/shared/spec/vectors")
-if not VECTORS.exists():
-    VECTORS = Path(__file__).resolve().parents[2] / "shared" / "spec" / "vectors"
+VECTORS = vectors_dir()  # $PYPROXYMAP_SHARED/spec/vectors, default ../shared
 PARAMS = {"smtputf8_enable": "yes"}
 POSTMAP_Q = 540737  # 3.12 postmap -q instance_flags
 POSTMAP_I = 540673  # 3.12 postmap -i instance_flags
@@ -346,7 +345,9 @@ DELIBERATE_DIFFERENCES = {"texthash:dups.src": F.FIXED}
 
 
 def open_flag_rows() -> list[tuple[str, int]]:
-    rows = []
+    rows: list[tuple[str, int]] = []
+    if not VECTORS.is_dir():
+        return rows  # test_vectors_are_present (test_tables_simple) reports it
     for line in (VECTORS / "open-flags.tsv").read_text().split("\n")[1:]:
         fields = line.split("\t")
         if len(fields) == 5 and fields[3].isdigit():
