@@ -85,10 +85,14 @@ def differential(tmp_path, cls, table_type: str, lines: list[str], keys: list[st
 
 # --- regular expression grammar ------------------------------------------------------------
 
-LITERALS = st.sampled_from(list("abAB1-@x") + ["\\.", "\\-"])
+LITERALS = st.sampled_from(list("abAB1-@x") + ["\\.", "\\-", "\\/", "/"])
 CLASSES = st.sampled_from([".", "[ab]", "[^a]", "[a-c]", "[[:alpha:]]", "[[:digit:]]", "[[:upper:]]"])
 QUANTIFIERS = st.sampled_from(["", "", "", "*", "+", "?", "{1,2}", "{2}"])
-PCRE_EXTRAS = st.sampled_from(["\\d", "\\w", "(?:ab)", "(?=a)", "(?!b)", "x*?", "a+?", "\\b"])
+PCRE_EXTRAS = st.sampled_from(["\\d", "\\w", "(?:ab)", "(?=a)", "(?!b)", "x*?", "a+?", "\\b",
+                               "(?i)a", "(?-i)B", "(?s).", "\\A", "\\Z", "\\z", "(?<n>a|b)",
+                               "(?:a(*ACCEPT)b)", "(*NO_START_OPT)a"])
+REGEXP_EXTRAS = st.sampled_from(["\\d", "\\(a\\)", "[[:space:]]", "\\1", "a{0,1}", "\\<a",
+                                 "\\w", "[]a]", "(|a)"])
 
 
 def regex_body(extras: st.SearchStrategy[str] | None):
@@ -130,7 +134,9 @@ def pattern_text(body, flag_letters: str):
 
 def rule_file(rule_line, condition):
     """Lines with nested IF/ENDIF blocks, occasionally unbalanced, plus junk lines."""
-    junk = st.sampled_from(["bogus line", "/unclosed", "endif", "# comment", "if"])
+    junk = st.sampled_from(["bogus line", "/unclosed", "endif", "# comment", "if", "IF /a/ extra",
+                            "ENDIF extra", "EndIf", "/ab\\", " continued x", "!", "/a/\r",
+                            "  # indented comment", "ifx /a/ y"])
 
     def block(inner):
         return st.builds(lambda c, body, close: [f"if {c}", *body] + (["endif"] if close else []),
@@ -156,7 +162,7 @@ KEYS = st.lists(
 
 
 def regexp_rules():
-    body = regex_body(None)
+    body = regex_body(REGEXP_EXTRAS)
     first = pattern_text(body, "imxq")
     second = st.one_of(st.just(""), st.just(""), pattern_text(body, "imx").map(lambda p: "!" + p))
     line = st.builds(lambda a, b, sep, r: f"{a}{b}{sep}{r}", first, second,

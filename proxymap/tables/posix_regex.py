@@ -63,7 +63,9 @@ class _RegexT(ctypes.Structure):
     ]
 
 
-assert ctypes.sizeof(_RegexT) == 64 and _RegexT.re_nsub.offset == 48
+if ctypes.sizeof(_RegexT) != 64 or _RegexT.re_nsub.offset != 48:
+    # Not an LP64 glibc layout: refuse to load (regexp tables become unavailable).
+    raise ImportError("regex_t layout of this platform is not supported")
 
 
 class _RegmatchT(ctypes.Structure):
