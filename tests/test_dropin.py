@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.postfix import PrivatePostfix, ensure_postfix, proc_cmdline
+from tests.support.postfix import PrivatePostfix, ensure_postfix, proc_cmdline, settle_files
 
 pytestmark = pytest.mark.postfix
 
@@ -44,6 +44,7 @@ def ours():
     texthash.write_text(ALIASES)
     texthash.chmod(0o644)
     (instance.tables / "unapproved").write_text(ALIASES)
+    settle_files(instance.tables)
     instance.table_map = {name: spec.format(tables=instance.tables) for name, spec in TABLES.items()}
     instance.proxy_read_maps = " ".join(
         "proxy:" + spec for name, spec in instance.table_map.items() if name != "unapproved"
@@ -142,6 +143,7 @@ def test_reload_then_stop_leave_no_stray_worker():
     instance = PrivatePostfix(proxymap_program=OUR_PROXYMAP, name="harness-dropin-life")
     table = f"texthash:{instance.tables}/aliases"
     (instance.tables / "aliases").write_text(ALIASES)
+    settle_files(instance.tables)
     instance.proxy_read_maps = "proxy:" + table
     try:
         instance.start()
@@ -171,6 +173,7 @@ def test_documented_dropin_under_another_command_name():
     )
     table = f"texthash:{instance.tables}/aliases"
     (instance.tables / "aliases").write_text(ALIASES)
+    settle_files(instance.tables)
     instance.proxy_read_maps = "proxy:" + table
     with instance:
         assert instance.postmap_q("Bob", "proxy:" + table) == (0, "bob@example.com")

@@ -24,6 +24,7 @@ from tests.support.postfix import (
     proc_cmdline,
     run_postmap,
     service_name_of,
+    settle_files,
 )
 
 pytestmark = pytest.mark.postfix
@@ -38,6 +39,7 @@ def write_tables(directory) -> dict[str, str]:
     (directory / "unapproved").write_text(ALIASES)
     assert run_postmap([f"hash:{source}"]).exit == 0
     os.chmod(f"{source}.db", 0o644)
+    settle_files(directory)
     return {
         "texthash": f"texthash:{source}",
         "hash": f"hash:{source}",

@@ -58,6 +58,7 @@ from tests.support.postfix import (
     proc_cpu_ticks,
     proc_rss_kib,
     run_postmap,
+    settle_files,
     stop_system_postfix,
 )
 from tests.support.vectors import shared_dir
@@ -195,6 +196,7 @@ def build_tables(directory: Path, kinds: list[str]) -> dict[str, BenchTable]:
             raise SystemExit(f"unknown table kind {kind!r}; choose from {', '.join(ALL_TABLES)}")
     for path in directory.iterdir():
         path.chmod(0o644)
+    settle_files(directory)
     return tables
 
 

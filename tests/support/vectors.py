@@ -34,7 +34,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.support.postfix import postmap_path
+from tests.support.postfix import postmap_path, settle_files
 
 REPOSITORY = Path(__file__).resolve().parents[2]
 
@@ -205,6 +205,7 @@ def build_vector_tables(workdir: str | os.PathLike) -> Path:
         )
     for path in work.iterdir():
         path.chmod(0o644)
+    settle_files(work)
     return work
 
 
