@@ -26,7 +26,7 @@ from proxymap.tables.cidr import CidrTable
 from proxymap.tables.pcre import PcreTable
 from proxymap.tables.randmap import RandmapTable
 from proxymap.tables.regexp import RegexpTable
-from tests.support.postfix import ensure_postfix
+from tests.support.postfix import ensure_postfix, postmap_path
 from tests.support.vectors import absolute_map, build_vector_tables, load_vectors, vectors_dir
 
 TYPES = ("regexp", "pcre", "cidr", "pipemap", "unionmap", "randmap", "tcp", "socketmap")
@@ -106,6 +106,43 @@ def test_vector_row_like_direct_postmap(row, vector_dir, request):
 def test_vectors_cover_every_type():
     assert {row.map_type for row in ROWS} == set(TYPES)
     assert len(ROWS) >= 180
+
+
+# --- inline and composite forms, compared live with the real postmap --------------------
+
+LIVE_CASES = [
+    ("regexp:{}", "a"), ("regexp:{ }", "a"), ("regexp:{/a/ b}", "a"), ("regexp:{ {/a/ b} }x", "a"),
+    ("pcre:{{/a/ x}, {/b/}}", "b"), ("regexp:{{/(a)/ $1$1}}", "xa"),
+    ("cidr:{{1.2.3.4 x}, {if 10.0.0.0/8}, {10.1.1.1 y}, {endif}}", "10.1.1.1"),
+    ("cidr:{{!10.0.0.0/8 x}}", "11.0.0.1"), ("cidr:{{!10.0.0.0/8 x}}", "::1"),
+    ("regexp:{{ /a/ spaced }}", "a"), ("regexp:{{if /a/}, {/b/ ab}, {endif}}", "ab"),
+    ("regexp:{{/a/ {x} }}", "a"), ("pcre:{ {/a/ x } , {/b/ y} }", "b"),
+    ("randmap:{{a b}}", "k"), ("randmap:{ }", "k"), ("randmap:{a}x", "k"), ("unionmap:{}", "k"),
+    ("pipemap:{randmap:{x}}", "k"), ("unionmap:{regexp:{{/./ v}}, { randmap:{y} }}", "k"),
+    ("unionmap:{regexp:{{/./ v}}, regexp:{{/./ w}}}", "k"),
+    ("unionmap:{regexp:{{/./ v}}, regexp:{{/x/ w}}}", "k"),
+    ("pipemap:{regexp:{{/(.*)/ $1-x}}, regexp:{{/-x$/ ok}}}", "k"),
+    ("pipemap:{regexp:{{/(.*)/ $1-x}}, cidr:/nonexistent/file}", "k"),
+    ("unionmap:{regexp:{{/./ v}}, pcre:/nonexistent/file}", "k"),
+    ("unionmap:{cidr:{{0.0.0.0/0 any}}, regexp:{{/^1/ one}}}", "1.2.3.4"),
+    ("regexp:{{/a/ one},{/a/ two}}", "a"), ("regexp:{{/A/i upper}, {/a/ lower}}", "a"),
+]
+
+
+@pytest.mark.parametrize(("spec", "key"), LIVE_CASES)
+def test_inline_and_composite_forms_match_postmap(spec, key):
+    ensure_postfix()
+    done = subprocess.run([postmap_path(), "-q", key, spec], capture_output=True, text=True, check=False)
+    if done.returncode == 0:
+        expected = ("0", done.stdout[:-1] if done.stdout.endswith("\n") else done.stdout)
+    else:
+        expected = ("E", "") if "fatal:" in done.stderr else ("1", "")
+    assert lookup_like_postmap(spec, key) == expected
+
+
+def test_randmap_picks_every_value():
+    table = RandmapTable("{a, b, {c d}}", os.O_RDONLY, 0)
+    assert {table.lookup(b"k") for _ in range(200)} == {b"a", b"b", b"{c d}"}
 
 
 # --- details that the vectors do not show directly --------------------------------------

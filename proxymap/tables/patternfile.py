@@ -6,7 +6,8 @@ NAME
 DESCRIPTION
     ``rule_source`` reads a table's rules from its file, or from the name itself for the
     inline form ``type:{ {rule}, {rule} }`` (each element is one line; braces and the
-    blanks just inside them removed). ``rule_lines`` yields the logical lines
+    blanks just inside them removed; an element without braces makes the table
+    unavailable, as in Postfix). ``rule_lines`` yields the logical lines
     (``textsyntax.logical_lines``) with trailing blanks trimmed. A missing file is an
     open error (the table becomes unavailable); a bad rule is only a warning with the
     file name and line number, and the rule is dropped.
@@ -57,10 +58,10 @@ def rule_source(dict_type: str, name: str) -> bytes:
     """The rule text of ``type:name``: the file's bytes, or the inline rules one per line."""
     if name.startswith("{"):
         try:
-            elements = braced_elements(name)
+            # Every element must itself be braced: "{/a/ b}", never "/a/ b".
+            lines = [strip_braces(element) for element in braced_elements(name)]
         except BraceError as exc:
-            raise DictOpenError(f"{dict_type}:{name}: {exc}") from None
-        lines = [strip_braces(e) if e.startswith("{") else e for e in elements]
+            raise DictOpenError(f"{dict_type} map: {exc}") from None
         return "\n".join(lines).encode("utf-8", "surrogateescape")
     try:
         with open(name, "rb") as source:

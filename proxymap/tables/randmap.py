@@ -5,7 +5,8 @@ NAME
 
 DESCRIPTION
     Values are split with the brace rules of table names; a value containing blanks or
-    commas is written in braces, which are removed. Repeating a value weights it. An
+    commas is written in braces, which stay part of the value (observed with Postfix
+    3.7: ``randmap:{{a b}}`` answers ``{a b}``). Repeating a value weights it. An
     empty list makes the table unavailable. Any key is "found"
     (``../shared/spec/TABLES.md`` section 3.16).
 """
@@ -17,7 +18,7 @@ import random
 
 from proxymap import flags as F
 from proxymap.tables.base import DictOpenError, OpenContext, Table
-from proxymap.tables.textsyntax import BraceError, braced_elements, strip_braces
+from proxymap.tables.textsyntax import BraceError, braced_elements
 
 
 class RandmapTable(Table):
@@ -29,8 +30,7 @@ class RandmapTable(Table):
         if open_mode != os.O_RDONLY:
             raise DictOpenError(f"{self.spec} map requires O_RDONLY access mode")
         try:
-            elements = braced_elements(name)
-            values = [strip_braces(e) if e.startswith("{") else e for e in elements]
+            values = braced_elements(name)
         except BraceError as exc:
             raise DictOpenError(f"bad syntax: \"{self.spec}\"; {exc}") from None
         if not values:
