@@ -1,0 +1,574 @@
+"""main.cf reader with Postfix's ``$name`` expansion.
+
+NAME
+    mainconf -- Postfix main.cf parameters as a read-only mapping of expanded values
+
+SYNOPSIS
+    config = MainConfig.load()                       # $MAIL_CONFIG or /etc/postfix
+    config = MainConfig.load("/tmp/x", {"max_use": "3"})
+    config["proxy_read_maps"]      # fully expanded, like `postconf -xh proxy_read_maps`
+    config.raw("proxy_read_maps")  # as written (or the built-in default)
+    config.get_time("max_idle")    # 100 (seconds)
+
+DESCRIPTION
+    A parameter's raw value comes from, in order of precedence: ``-o name=value``
+    overrides, main.cf, run-time defaults computed on this host (``myhostname``,
+    ``mydomain``, ``mynetworks``, ``process_id``, ``process_name``, ``config_directory``)
+    and the built-in defaults of Postfix 3.7.11 (``master.postfix_defaults``).
+
+    main.cf is read in logical lines (``../shared/spec/PROTOCOLS.md`` section 5.2): a
+    line that starts with whitespace continues the previous one, ``#`` starts a comment
+    only as the first non-blank character, each logical line is ``name = value``.
+
+    Values are expanded on access, recursively, with the whole Postfix syntax:
+    ``$name ${name} $(name) $$ ${name?text} ${name?{text}} ${name:text}
+    ${name?{t1}:{t2}} ${name?{t1}:t2} ${{a} op {b} ? {t1} : {t2}}`` where op is one of
+    ``== != < <= >= >`` (numeric when both sides are all digits) or the same followed
+    by ``level`` (compatibility-level comparison, e.g. ``3.6 <level 3.10``). An
+    undefined parameter expands to the empty string. ``?`` and ``:`` test the *raw*
+    value of the parameter (``x = $undefined`` counts as set), as Postfix does.
+
+DIAGNOSTICS
+    Syntax errors in main.cf or in a value raise ``MainConfigError`` whose text reads
+    like the Postfix message; the caller decides whether that is fatal.
+
+BUGS
+    ``postconf -h`` strips leading and trailing blanks from what it prints; daemons do
+    not, and neither does this module.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import ipaddress
+import logging
+import os
+import re
+import socket
+from collections.abc import Iterator, Mapping
+
+from master.postfix_defaults import DEFAULTS
+from proxymap.tables.textsyntax import logical_lines
+
+log = logging.getLogger("master")
+
+DEFAULT_CONFIG_DIR = "/etc/postfix"
+MAIN_CF = "main.cf"
+
+# Postfix gives up after this many nested expansions ("unreasonable macro call nesting").
+MAX_EXPANSION_DEPTH = 100
+
+_BLANKS = " \t\r\n\v\f"
+_NAME_CHARS = re.compile(r"[A-Za-z0-9_]*")
+_ALL_DIGITS = re.compile(r"[0-9]+")
+_COMPAT_LEVEL = re.compile(r"([0-9]+)(?:\.([0-9]+)(?:\.([0-9]+))?)?")
+# Longest operators first, so that "<=" is not read as "<" followed by "=".
+_OPERATORS = ("==", "!=", "<=", ">=", "<", ">")
+
+_BOOLEAN_VALUES = {"yes": True, "true": True, "no": False, "false": False}
+_TIME_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+class MainConfigError(ValueError):
+    """A main.cf or parameter-value error; the text reads like Postfix's."""
+
+
+# ---------------------------------------------------------------------------
+# main.cf and -o syntax
+# ---------------------------------------------------------------------------
+
+
+def split_name_value(text: str) -> tuple[str, str]:
+    """``name = value`` -> (name, value); blanks around ``=`` and at the end removed.
+
+    Raises MainConfigError with Postfix's wording for a missing name or ``=``.
+    """
+    text = text.strip(_BLANKS)
+    end = 0
+    while end < len(text) and text[end] not in _BLANKS and text[end] != "=":
+        end += 1
+    name = text[:end]
+    rest = text[end:].lstrip(_BLANKS)
+    if not name:
+        raise MainConfigError("missing attribute name")
+    if not rest.startswith("="):
+        raise MainConfigError("missing '=' after attribute name")
+    return name, rest[1:].strip(_BLANKS)
+
+
+def parse_main_cf(data: bytes, origin: str) -> dict[str, str]:
+    """The ``name = value`` pairs of a main.cf text; later definitions win (with a warning)."""
+    params: dict[str, str] = {}
+    for number, line in logical_lines(data, origin):
+        text = line.decode("utf-8", "surrogateescape")
+        try:
+            name, value = split_name_value(text)
+        except MainConfigError as error:
+            raise MainConfigError(f'{origin}, line {number}: {error}: "{text}"') from None
+        if name in params:
+            log.warning("%s, line %d: overriding earlier entry: %s=%s",
+                        origin, number, name, params[name])
+        params[name] = value
+    return params
+
+
+def read_main_cf(config_dir: str) -> dict[str, str]:
+    """Read ``config_dir/main.cf``; an unreadable file is an error, as for a daemon."""
+    path = os.path.join(config_dir, MAIN_CF)
+    try:
+        with open(path, "rb") as stream:
+            data = stream.read()
+    except OSError as error:
+        raise MainConfigError(f"open {path}: {error.strerror}") from None
+    return parse_main_cf(data, path)
+
+
+def parse_override(text: str) -> tuple[str, str]:
+    """One ``-o name=value`` argument -> (name, value)."""
+    try:
+        return split_name_value(text)
+    except MainConfigError as error:
+        raise MainConfigError(f'invalid "-o {text}" option value: {error}') from None
+
+
+# ---------------------------------------------------------------------------
+# Value conversions (Postfix's get_mail_conf_bool/int/time)
+# ---------------------------------------------------------------------------
+
+
+def to_bool(name: str, value: str) -> bool:
+    try:
+        return _BOOLEAN_VALUES[value.lower()]
+    except KeyError:
+        raise MainConfigError(f"bad boolean configuration: {name} = {value}") from None
+
+
+def to_int(name: str, value: str) -> int:
+    if not re.fullmatch(r"[-+]?[0-9]+", value.strip(_BLANKS)):
+        raise MainConfigError(f"bad numerical configuration: {name} = {value}")
+    return int(value)
+
+
+def to_seconds(name: str, value: str, default_unit: str = "s") -> int:
+    """``10``/``10s``/``5m``/``1h``/``2d``/``1w`` -> seconds."""
+    match = re.fullmatch(r"([0-9]+)([a-zA-Z]?)", value.strip(_BLANKS))
+    unit = (match.group(2) or default_unit).lower() if match else ""
+    if not match or unit not in _TIME_UNITS:
+        raise MainConfigError(f"invalid time value or unit: {name} = {value}")
+    return int(match.group(1)) * _TIME_UNITS[unit]
+
+
+# ---------------------------------------------------------------------------
+# Expansion
+# ---------------------------------------------------------------------------
+
+
+def _split_braced(text: str, where: str) -> tuple[str, str]:
+    """``{inner}rest`` -> (inner, rest); braces nest. text starts with ``{``."""
+    depth = 0
+    for index, char in enumerate(text):
+        if char == "{":
+            depth += 1
+        elif char == "}":
+            depth -= 1
+            if depth == 0:
+                return text[1:index], text[index + 1:]
+    raise MainConfigError(f'missing \'}}\' at: "{where}"')
+
+
+def _compat_level(text: str) -> tuple[int, int, int]:
+    match = _COMPAT_LEVEL.fullmatch(text)
+    if not match:
+        raise MainConfigError(f'malformed compatibility level syntax: "{text}"')
+    major, minor, patch = (int(part) if part else 0 for part in match.groups())
+    return major, minor, patch
+
+
+def _compare(left: str, operator: str, right: str) -> bool:
+    """Postfix relational operators; ``<level`` etc. compare compatibility levels."""
+    if operator.endswith("level"):
+        operator = operator[: -len("level")]
+        a, b = _compat_level(left), _compat_level(right)
+    elif _ALL_DIGITS.fullmatch(left) and _ALL_DIGITS.fullmatch(right):
+        a, b = int(left), int(right)
+    else:
+        # strcmp() order: compare the UTF-8 bytes.
+        a, b = left.encode("utf-8", "surrogateescape"), right.encode("utf-8", "surrogateescape")
+    return {
+        "==": a == b, "!=": a != b, "<": a < b, "<=": a <= b, ">": a > b, ">=": a >= b,
+    }[operator]
+
+
+class Expander:
+    """Postfix's macro expansion over a name -> raw value lookup."""
+
+    def __init__(self, lookup) -> None:
+        self.lookup = lookup
+
+    def expand(self, text: str, depth: int = 0) -> str:
+        if depth > MAX_EXPANSION_DEPTH:
+            raise MainConfigError(f'unreasonable macro call nesting: "{text}"')
+        out: list[str] = []
+        index = 0
+        while index < len(text):
+            dollar = text.find("$", index)
+            if dollar < 0:
+                out.append(text[index:])
+                break
+            out.append(text[index:dollar])
+            index = dollar + 1
+            opener = text[index:index + 1]
+            if opener == "$":
+                out.append("$")
+                index += 1
+                continue
+            if opener in ("{", "("):
+                reference, index = self._parenthesized(text, index)
+            else:
+                name = _NAME_CHARS.match(text, index).group()
+                reference, index = name, index + len(name)
+            if not reference:
+                raise MainConfigError(f'empty macro name: "{text}"')
+            out.append(self._evaluate(reference, depth))
+        return "".join(out)
+
+    @staticmethod
+    def _parenthesized(text: str, start: int) -> tuple[str, int]:
+        """The text inside ``${...}``/``$(...)`` at start (only the same kind nests)."""
+        opener = text[start]
+        closer = "}" if opener == "{" else ")"
+        depth = 0
+        for index in range(start, len(text)):
+            if text[index] == opener:
+                depth += 1
+            elif text[index] == closer:
+                depth -= 1
+                if depth == 0:
+                    return text[start + 1:index], index + 1
+        raise MainConfigError(f'truncated macro reference: "{text}"')
+
+    def _evaluate(self, reference: str, depth: int) -> str:
+        body = reference.lstrip(_BLANKS)
+        if body.startswith("{"):
+            return self._relational(body, depth)
+        name = _NAME_CHARS.match(body).group()
+        rest = body[len(name):].lstrip(_BLANKS)
+        if not name or (rest and rest[0] not in "?:"):
+            raise MainConfigError(f'attribute name syntax error at: "...{name}>>>{rest}"')
+        raw = self.lookup(name)
+        if not rest:
+            return self.expand(raw, depth + 1) if raw else ""
+        is_set = bool(raw)
+        if rest[0] == "?":
+            chosen = self._choose(rest[1:], is_set, allow_else=True)
+        else:
+            chosen = self._choose(rest[1:], not is_set, allow_else=False)
+        return self.expand(chosen, depth + 1) if chosen else ""
+
+    @staticmethod
+    def _choose(text: str, condition: bool, allow_else: bool) -> str:
+        """The text of ``?text``, ``?{t1}``, ``?{t1}:{t2}``, ``?{t1}:t2`` to expand."""
+        stripped = text.lstrip(_BLANKS)
+        if not stripped.startswith("{"):
+            return text if condition else ""
+        when_true, rest = _split_braced(stripped, text)
+        rest = rest.lstrip(_BLANKS)
+        when_false = ""
+        if rest:
+            if not allow_else:
+                raise MainConfigError(f'unexpected input at: "...}}>>>{rest}"')
+            if rest[0] != ":":
+                raise MainConfigError(f'":" expected at: "...}}>>>{rest}"')
+            when_false = rest[1:]
+            if when_false.lstrip(_BLANKS).startswith("{"):
+                when_false, after = _split_braced(when_false.lstrip(_BLANKS), text)
+                if after.strip(_BLANKS):
+                    raise MainConfigError(f'unexpected input at: "...}}>>>{after.strip()}"')
+        return when_true if condition else when_false
+
+    def _relational(self, body: str, depth: int) -> str:
+        """``{a} op {b} [? {t1} [: {t2}]]``; without ``?`` the result is "true" or ""."""
+        left, rest = _split_braced(body, body)
+        rest = rest.lstrip(_BLANKS)
+        operator = next((op for op in _OPERATORS if rest.startswith(op)), None)
+        if operator is None:
+            raise MainConfigError(
+                f'"==" or "!="" or "<"" or "<="" or ">="" or ">" expected at: "...}}>>>{rest}"'
+            )
+        rest = rest[len(operator):]
+        if rest.startswith("level"):
+            operator += "level"
+            rest = rest[len("level"):]
+        rest = rest.lstrip(_BLANKS)
+        if not rest.startswith("{"):
+            raise MainConfigError(f'"{{expression}}" expected at: "...{operator}>>>{rest}"')
+        right, rest = _split_braced(rest, body)
+        rest = rest.lstrip(_BLANKS)
+        outcome = _compare(
+            self.expand(left, depth + 1), operator, self.expand(right, depth + 1)
+        )
+        if not rest:
+            return "true" if outcome else ""
+        if rest[0] != "?":
+            raise MainConfigError(f'unexpected input at: "...}}>>>{rest}"')
+        chosen = self._choose(rest[1:], outcome, allow_else=True)
+        return self.expand(chosen, depth + 1) if chosen else ""
+
+
+# ---------------------------------------------------------------------------
+# Defaults computed on this host
+# ---------------------------------------------------------------------------
+
+
+def _hostname_default(params: Mapping[str, str]) -> str:
+    name = socket.gethostname()
+    if "." not in name:
+        # Postfix completes a bare host name with $mydomain (raw), else "localdomain".
+        name = f"{name}.{params.get('mydomain') or 'localdomain'}"
+    return name
+
+
+def _domain_default(myhostname: str) -> str:
+    _, dot, domain = myhostname.partition(".")
+    return domain if dot and domain else "localdomain"
+
+
+class _Sockaddr(ctypes.Structure):
+    _fields_ = [("sa_family", ctypes.c_ushort), ("sa_data", ctypes.c_char * 14)]
+
+
+class _Ifaddrs(ctypes.Structure):
+    pass
+
+
+_Ifaddrs._fields_ = [
+    ("ifa_next", ctypes.POINTER(_Ifaddrs)),
+    ("ifa_name", ctypes.c_char_p),
+    ("ifa_flags", ctypes.c_uint),
+    ("ifa_addr", ctypes.POINTER(_Sockaddr)),
+    ("ifa_netmask", ctypes.POINTER(_Sockaddr)),
+    ("ifa_ifu", ctypes.POINTER(_Sockaddr)),
+    ("ifa_data", ctypes.c_void_p),
+]
+
+_IFF_UP = 0x1
+# Where the address bytes sit inside sockaddr_in / sockaddr_in6.
+_ADDRESS_SLICE = {socket.AF_INET: (4, 8), socket.AF_INET6: (8, 24)}
+
+
+def _sockaddr_bytes(pointer) -> bytes | None:
+    family = pointer.contents.sa_family
+    if family not in _ADDRESS_SLICE:
+        return None
+    start, end = _ADDRESS_SLICE[family]
+    return ctypes.string_at(ctypes.addressof(pointer.contents), end)[start:end]
+
+
+def local_interfaces() -> list[ipaddress.IPv4Interface | ipaddress.IPv6Interface]:
+    """Addresses (with netmask) of the interfaces that are up, in getifaddrs() order."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    head = ctypes.POINTER(_Ifaddrs)()
+    if libc.getifaddrs(ctypes.byref(head)) != 0:
+        return []
+    found = []
+    try:
+        entry = head
+        while entry:
+            item = entry.contents
+            if item.ifa_addr and item.ifa_netmask and item.ifa_flags & _IFF_UP:
+                address = _sockaddr_bytes(item.ifa_addr)
+                mask = _sockaddr_bytes(item.ifa_netmask)
+                if address is not None and mask is not None and len(address) == len(mask):
+                    prefix = bin(int.from_bytes(mask, "big")).count("1")
+                    found.append(ipaddress.ip_interface((address, prefix)))
+            entry = item.ifa_next
+    finally:
+        libc.freeifaddrs(head)
+    return found
+
+
+def _wanted_families(inet_protocols: str) -> set[int]:
+    words = set(re.split(r"[\s,]+", inet_protocols.strip().lower()))
+    if "all" in words:
+        return {4, 6} if socket.has_ipv6 else {4}
+    return {4 for w in words if w == "ipv4"} | {6 for w in words if w == "ipv6"}
+
+
+def _listen_interfaces(inet_interfaces: str, interfaces: list) -> list:
+    """The interfaces that inet_interfaces selects (``all``, ``loopback-only``, addresses)."""
+    words = [w for w in re.split(r"[\s,]+", inet_interfaces.strip().lower()) if w]
+    if not words or "all" in words:
+        return interfaces
+    if "loopback-only" in words:
+        return [i for i in interfaces if i.ip.is_loopback]
+    wanted = set()
+    for word in words:
+        try:
+            wanted.add(ipaddress.ip_address(word.strip("[]")))
+        except ValueError:
+            continue
+    return [i for i in interfaces if i.ip in wanted]
+
+
+def mynetworks_default(style: str, inet_interfaces: str, inet_protocols: str) -> str:
+    """The networks Postfix trusts by default: one entry per local address, by style."""
+    families = _wanted_families(inet_protocols)
+    selected = _listen_interfaces(inet_interfaces, local_interfaces())
+    entries: list[str] = []
+    for interface in selected:
+        if interface.version not in families:
+            continue
+        if style == "host":
+            network = ipaddress.ip_network(interface.ip)
+        elif style == "class" and interface.version == 4:
+            network = _classful_network(interface.ip)
+        else:
+            network = interface.network
+        entry = str(network) if network.version == 4 else \
+            f"[{network.network_address}]/{network.prefixlen}"
+        if entry not in entries:
+            entries.append(entry)
+    return " ".join(entries)
+
+
+def _classful_network(address: ipaddress.IPv4Address) -> ipaddress.IPv4Network:
+    first = int(address) >> 24
+    prefix = 8 if first < 128 else 16 if first < 192 else 24 if first < 224 else 32
+    return ipaddress.ip_network(f"{address}/{prefix}", strict=False)
+
+
+# ---------------------------------------------------------------------------
+# The mapping
+# ---------------------------------------------------------------------------
+
+
+class MainConfig(Mapping[str, str]):
+    """main.cf parameters; ``config[name]`` is the fully expanded value.
+
+    A name that is defined nowhere (not in -o, main.cf or the defaults) raises KeyError
+    for ``config[name]`` (use ``config.get(name, "")``); inside a value it expands to "".
+    """
+
+    def __init__(
+        self,
+        params: Mapping[str, str] | None = None,
+        *,
+        config_dir: str = DEFAULT_CONFIG_DIR,
+        overrides: Mapping[str, str] | None = None,
+        process_name: str | None = None,
+        defaults: Mapping[str, str] = DEFAULTS,
+    ) -> None:
+        self.config_dir = config_dir
+        self.main_cf: dict[str, str] = dict(params or {})
+        self.overrides: dict[str, str] = dict(overrides or {})
+        self._defaults = defaults
+        self._process_name = process_name
+        self._runtime: dict[str, str] = {}
+        self._expanded: dict[str, str] = {}
+        self._expander = Expander(self._raw_or_empty)
+
+    @classmethod
+    def load(
+        cls,
+        config_dir: str | None = None,
+        overrides: Mapping[str, str] | None = None,
+        *,
+        process_name: str | None = None,
+    ) -> MainConfig:
+        """Read ``config_dir/main.cf`` (default $MAIL_CONFIG, else /etc/postfix)."""
+        if config_dir is None:
+            config_dir = os.environ.get("MAIL_CONFIG") or DEFAULT_CONFIG_DIR
+        params = read_main_cf(config_dir)
+        return cls(params, config_dir=config_dir, overrides=overrides, process_name=process_name)
+
+    # -- raw values ----------------------------------------------------------
+
+    def raw(self, name: str) -> str | None:
+        """The unexpanded value (override, main.cf, run-time default, default), or None."""
+        for source in (self.overrides, self.main_cf):
+            if name in source:
+                return source[name]
+        runtime = self._runtime_default(name)
+        if runtime is not None:
+            return runtime
+        return self._defaults.get(name)
+
+    def _raw_or_empty(self, name: str) -> str:
+        return self.raw(name) or ""
+
+    def _runtime_default(self, name: str) -> str | None:
+        if name == "config_directory":
+            return self.config_dir
+        if name == "process_id":
+            return str(os.getpid())
+        if name == "process_name":
+            return self._process_name or _default_process_name()
+        if name not in ("myhostname", "mydomain", "mynetworks"):
+            return None
+        if name not in self._runtime:
+            self._runtime[name] = self._compute_host_default(name)
+        return self._runtime[name]
+
+    def _compute_host_default(self, name: str) -> str:
+        if name == "myhostname":
+            return _hostname_default({**self.main_cf, **self.overrides})
+        if name == "mydomain":
+            return _domain_default(self["myhostname"])
+        return mynetworks_default(
+            self["mynetworks_style"], self["inet_interfaces"], self["inet_protocols"]
+        )
+
+    # -- expanded values -----------------------------------------------------
+
+    def expand(self, text: str) -> str:
+        """Expand ``$`` references in any text against this configuration."""
+        return self._expander.expand(text)
+
+    def __getitem__(self, name: str) -> str:
+        if name in self._expanded:
+            return self._expanded[name]
+        raw = self.raw(name)
+        if raw is None:
+            raise KeyError(name)
+        value = self._expander.expand(raw)
+        self._expanded[name] = value
+        return value
+
+    def __iter__(self) -> Iterator[str]:
+        names = dict.fromkeys(self._defaults)
+        names.update(dict.fromkeys(("myhostname", "mydomain", "mynetworks", "process_id",
+                                    "process_name", "config_directory")))
+        names.update(dict.fromkeys(self.main_cf))
+        names.update(dict.fromkeys(self.overrides))
+        return iter(names)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and self.raw(name) is not None
+
+    # -- typed values --------------------------------------------------------
+
+    def _required(self, name: str) -> str:
+        try:
+            return self[name]
+        except KeyError:
+            raise MainConfigError(f"parameter {name} has no value") from None
+
+    def get_bool(self, name: str) -> bool:
+        return to_bool(name, self._required(name))
+
+    def get_int(self, name: str) -> int:
+        return to_int(name, self._required(name))
+
+    def get_time(self, name: str, default_unit: str = "s") -> int:
+        """A time parameter in seconds (``max_idle``, ``ipc_timeout``, ...)."""
+        return to_seconds(name, self._required(name), default_unit)
+
+
+def _default_process_name() -> str:
+    import sys
+
+    return os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "python"
