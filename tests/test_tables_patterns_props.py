@@ -250,3 +250,29 @@ def test_cidr_tables_match_postmap(tmp_path):
 
     check()
     assert sum(cases) >= MIN_CASES
+
+
+# --- byte semantics: UTF-8 keys (results without $n, so no value is cut inside a character)
+
+UTF8_KEYS = st.lists(
+    st.text(alphabet="aAé€ßxÉ1", min_size=1, max_size=5), min_size=25, max_size=30, unique=True)
+LITERAL_RESULT = st.sampled_from(["one", "two", "x y", "$$", "é"])
+UTF8_BODY = st.lists(st.sampled_from([".", "..", "...", "é", "É", "[^a]", "[[:alpha:]]", "\\w", "a",
+                                      "(.)", "ß", ".*", "x?"]), min_size=1, max_size=3).map(
+    lambda parts: "^" + "".join(parts) + "$")
+
+
+@pytest.mark.parametrize(("cls", "table_type", "flag_letters"),
+                         [(RegexpTable, "regexp", "i"), (PcreTable, "pcre", "is")])
+def test_utf8_keys_are_matched_byte_by_byte(tmp_path, cls, table_type, flag_letters):
+    cases = []
+    line = st.builds(lambda neg, body, flags, result: f"{neg}/{body}/{flags} {result}",
+                     NEGATION, UTF8_BODY, st.text(alphabet=flag_letters, max_size=1), LITERAL_RESULT)
+
+    @settings(SETTINGS, max_examples=40)
+    @given(lines=st.lists(line, min_size=1, max_size=6), keys=UTF8_KEYS)
+    def check(lines, keys):
+        cases.append(differential(tmp_path, cls, table_type, lines, keys))
+
+    check()
+    assert sum(cases) >= 1000
