@@ -1,0 +1,320 @@
+"""``proxymap-master``: start, stop, reload, inspect and check the pre-forking master.
+
+NAME
+    proxymap-master -- command-line front end of ``master.arbiter``
+
+SYNOPSIS
+    proxymap-master [-c DIR] [-v] start [--daemon]
+    proxymap-master [-c DIR] stop [--fast] [--timeout SECONDS]
+    proxymap-master [-c DIR] reload
+    proxymap-master [-c DIR] status [--json]
+    proxymap-master [-c DIR] check
+
+DESCRIPTION
+    ``-c DIR`` is the configuration directory with main.cf and master.cf (default
+    ``$MAIL_CONFIG``, else ``/etc/postfix``); it becomes ``$config_directory`` and the
+    children's ``MAIL_CONFIG``, so a main.cf may place everything relative to itself
+    (``queue_directory = $config_directory/../run/queue``) and still hand absolute paths
+    to every reader, the real ``postmap`` included.
+
+    start     run the master in the foreground (logs on stderr; children get ``-d``), or
+              detached with ``--daemon`` (python-daemon; the pid file stays locked and the
+              listen and status descriptors are preserved across the fork).
+    stop      SIGTERM (graceful: wait for the children) or, with ``--fast``, SIGQUIT;
+              waits until the pid-file lock is released.
+    reload    SIGHUP: re-read both files, new generation, old workers exit.
+    status    the live state from the master's control socket
+              (``$queue_directory/pid/master.ctl``): services, workers, generations,
+              idle/busy, use counts.
+    check     parse main.cf and master.cf (errors name file and line), check every
+              command exists in daemon_directory, and ask each proxymap/proxywrite worker
+              for its approved tables (``<command> -S -n export-proxy-<service>``).
+
+EXIT STATUS
+    0 success; 1 failure; 3 (status) no master running; 75 another master runs;
+    78 configuration error.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import click
+
+from master.arbiter import EX_CONFIG, Arbiter, ArbiterError, load_configuration
+from master.control import control_path, query
+from master.pidfile import running_pid
+
+log = logging.getLogger("master")
+
+PROGRAM = "proxymap-master"
+NOT_RUNNING = 3
+EXPORT_TIMEOUT = 30.0
+
+
+class PostfixStyleFormatter(logging.Formatter):
+    """``proxymap-master[pid]: warning: text`` -- the level as Postfix prints it."""
+
+    PREFIX = {logging.WARNING: "warning: ", logging.ERROR: "error: ",
+              logging.CRITICAL: "fatal: "}
+
+    def format(self, record: logging.LogRecord) -> str:
+        level = self.PREFIX.get(record.levelno, "")
+        return f"{PROGRAM}[{os.getpid()}]: {level}{record.getMessage()}"
+
+
+def setup_logging(verbose: int, *, to_stderr: bool, maillog_file: str = "") -> None:
+    """Foreground: stderr. Detached: maillog_file when set, else syslog when present."""
+    handler: logging.Handler
+    if to_stderr:
+        handler = logging.StreamHandler(sys.stderr)
+    elif maillog_file:
+        handler = logging.FileHandler(maillog_file)
+    elif os.path.exists("/dev/log"):
+        from logging.handlers import SysLogHandler
+
+        handler = SysLogHandler("/dev/log", facility=SysLogHandler.LOG_MAIL)
+    else:
+        handler = logging.NullHandler()
+    handler.setFormatter(PostfixStyleFormatter())
+    log.handlers[:] = [handler]
+    log.setLevel(logging.DEBUG if verbose else logging.INFO)
+    log.propagate = False
+
+
+def fail(message: str, status: int = 1) -> None:
+    click.echo(f"{PROGRAM}: fatal: {message}", err=True)
+    sys.exit(status)
+
+
+@click.group()
+@click.option("-c", "config_dir", envvar="MAIL_CONFIG", default="/etc/postfix",
+              show_default=True, type=click.Path(file_okay=False),
+              help="configuration directory (main.cf, master.cf)")
+@click.option("-v", "verbose", count=True, help="more logging; children get -v too")
+@click.pass_context
+def main(ctx: click.Context, config_dir: str, verbose: int) -> None:
+    """A pre-forking Postfix master(8) for proxymap."""
+    ctx.obj = {"config_dir": os.path.abspath(config_dir), "verbose": verbose}
+
+
+def _queue_directory(config_dir: str) -> str:
+    try:
+        main_cf, _ = load_configuration(config_dir)
+    except ArbiterError as err:
+        fail(str(err), err.exit_status)
+    return main_cf.get("queue_directory") or "/var/spool/postfix"
+
+
+def _pid_path(config_dir: str) -> str:
+    return os.path.join(_queue_directory(config_dir), "pid", "master.pid")
+
+
+# ---------------------------------------------------------------------------
+# start
+# ---------------------------------------------------------------------------
+
+
+def _usage_hint(arbiter: Arbiter) -> list[str]:
+    """Where the sockets are and one postmap command that should answer."""
+    lines = []
+    for service in arbiter.services.values():
+        if service.entry.transport == "unix":
+            where = service.entry.socket_path(arbiter.queue_directory)
+            lines.append(f"{service.entry.name}: {where} ({service.prefork} pre-forked,"
+                         f" maxproc {service.entry.maxproc})")
+    table = next((t for t in arbiter.main.get("proxy_read_maps", "").replace(",", " ").split()
+                  if t.startswith("proxy:texthash:")), None)
+    if table:
+        key = _first_key(table.removeprefix("proxy:texthash:")) or "KEY"
+        lines.append(f"try: postmap -c {arbiter.config_dir} -q {key} {table}")
+    return lines
+
+
+def _first_key(path: str) -> str | None:
+    try:
+        with open(path) as table:
+            for line in table:
+                if line.strip() and not line.lstrip().startswith("#") and line[0] not in " \t":
+                    return line.split()[0]
+    except OSError:
+        return None
+    return None
+
+
+@main.command()
+@click.option("--daemon", is_flag=True, help="detach (python-daemon) instead of foreground")
+@click.pass_context
+def start(ctx: click.Context, daemon: bool) -> None:
+    """Run the master (foreground unless --daemon)."""
+    config_dir, verbose = ctx.obj["config_dir"], ctx.obj["verbose"]
+    setup_logging(verbose, to_stderr=True)
+    arbiter = Arbiter(config_dir, foreground=not daemon, verbose=verbose)
+    try:
+        arbiter.setup()
+    except ArbiterError as err:
+        fail(str(err), err.exit_status)
+    for line in _usage_hint(arbiter):
+        click.echo(f"{PROGRAM}: {line}", err=True)
+    if not daemon:
+        sys.exit(arbiter.run())
+    import daemon as python_daemon
+
+    context = python_daemon.DaemonContext(
+        files_preserve=arbiter.preserved_fds(),
+        pidfile=arbiter.pidfile,
+        signal_map={},  # the arbiter installs its own, after the fork
+        umask=0o022,
+        working_directory="/",
+    )
+    with context:
+        setup_logging(verbose, to_stderr=False, maillog_file=arbiter.main.get("maillog_file", ""))
+        sys.exit(arbiter.run())
+
+
+# ---------------------------------------------------------------------------
+# stop / reload
+# ---------------------------------------------------------------------------
+
+
+def _running_master(config_dir: str) -> int:
+    pid = running_pid(_pid_path(config_dir))
+    if pid is None:
+        fail(f"the master is not running (configuration {config_dir})", NOT_RUNNING)
+    return pid
+
+
+@main.command()
+@click.option("--fast", is_flag=True, help="SIGQUIT: do not wait for the children")
+@click.option("--timeout", default=30.0, show_default=True, help="seconds to wait")
+@click.pass_context
+def stop(ctx: click.Context, fast: bool, timeout: float) -> None:
+    """Stop the master and its children."""
+    pid_path = _pid_path(ctx.obj["config_dir"])
+    pid = _running_master(ctx.obj["config_dir"])
+    os.kill(pid, signal.SIGQUIT if fast else signal.SIGTERM)
+    deadline = time.time() + timeout
+    while running_pid(pid_path) is not None:
+        if time.time() > deadline:
+            fail(f"master pid {pid} still running after {timeout:.0f}s")
+        time.sleep(0.05)
+    click.echo(f"{PROGRAM}: stopped master pid {pid}")
+
+
+@main.command()
+@click.pass_context
+def reload(ctx: click.Context) -> None:
+    """Re-read main.cf and master.cf (SIGHUP)."""
+    pid = _running_master(ctx.obj["config_dir"])
+    os.kill(pid, signal.SIGHUP)
+    click.echo(f"{PROGRAM}: reload signal sent to master pid {pid}")
+
+
+# ---------------------------------------------------------------------------
+# status
+# ---------------------------------------------------------------------------
+
+
+def format_status(state: dict) -> str:
+    lines = [
+        f"master pid {state['pid']}  generation {state['generation']}  "
+        f"up {_duration(state['uptime'])}  config {state['config_directory']}",
+    ]
+    for service in state["services"] + state.get("leaving", []):
+        throttle = (f"  THROTTLED {service['throttled_for']:.0f}s"
+                    if service["throttled_for"] else "")
+        maxproc = service["maxproc"] or "unlimited"
+        lines.append(
+            f"{service['service']} ({service['type']}, {service['command']}): "
+            f"{service['total']} procs, {service['avail']} idle, prefork {service['prefork']}, "
+            f"maxproc {maxproc}, spawned {service['spawned']}{throttle}")
+        if service["workers"]:
+            lines.append(f"    {'PID':>8} {'GEN':>4} {'STATE':<9} {'USES':>5} {'AGE':>8}")
+        for worker in service["workers"]:
+            lines.append(f"    {worker['pid']:>8} {worker['generation']:>4} "
+                         f"{worker['state']:<9} {worker['uses']:>5} "
+                         f"{_duration(worker['age']):>8}")
+    return "\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}:{minutes:02}:{secs:02}" if hours else f"{minutes}:{secs:02}"
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="the raw state document")
+@click.pass_context
+def status(ctx: click.Context, as_json: bool) -> None:
+    """Services, workers, generations, idle/busy and use counts."""
+    queue_directory = _queue_directory(ctx.obj["config_dir"])
+    _running_master(ctx.obj["config_dir"])
+    try:
+        state = query(control_path(queue_directory))
+    except (OSError, ValueError) as err:
+        fail(f"no answer on {control_path(queue_directory)}: {err}")
+    click.echo(json.dumps(state, indent=2) if as_json else format_status(state))
+
+
+# ---------------------------------------------------------------------------
+# check
+# ---------------------------------------------------------------------------
+
+
+def _export_tables(path: str, service: str, config_dir: str) -> tuple[bool, str]:
+    """Ask a worker which tables it would serve (3.12-style export mode)."""
+    env = {"MAIL_CONFIG": config_dir, "LANG": "C"}
+    try:
+        done = subprocess.run([path, "-S", "-n", f"export-proxy-{service}"],
+                              stdin=subprocess.DEVNULL, capture_output=True, env=env,
+                              timeout=EXPORT_TIMEOUT, check=False)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        return False, str(err)
+    if done.returncode != 0:
+        return False, (done.stderr.decode(errors="replace").strip().splitlines() or ["?"])[-1]
+    return True, done.stdout.decode(errors="replace")
+
+
+@main.command()
+@click.pass_context
+def check(ctx: click.Context) -> None:
+    """Validate main.cf, master.cf, commands and approved tables."""
+    config_dir = ctx.obj["config_dir"]
+    setup_logging(0, to_stderr=True)
+    try:
+        main_cf, entries = load_configuration(config_dir)
+    except ArbiterError as err:
+        fail(str(err), err.exit_status)
+    problems = 0
+    daemon_directory = main_cf.get("daemon_directory") or "/usr/lib/postfix/sbin"
+    for entry in entries:
+        path = entry.executable(daemon_directory)
+        if not os.access(path, os.X_OK):
+            click.echo(f"{entry.where}: service {entry.name}: {path}: not an executable",
+                       err=True)
+            problems += 1
+            continue
+        click.echo(f"{entry.where}: {entry.name}/{entry.transport}: {path} ok")
+        if entry.name not in ("proxymap", "proxywrite"):
+            continue
+        exported, text = _export_tables(path, entry.name, config_dir)
+        if not exported:
+            click.echo(f"  (cannot list approved tables: {text})")
+            continue
+        for table in text.splitlines():
+            click.echo(f"  approved: {table}")
+    if problems:
+        fail(f"{problems} problem(s) in {config_dir}", EX_CONFIG)
+    click.echo(f"{PROGRAM}: {config_dir}: configuration ok")
+
+
+if __name__ == "__main__":
+    main()
