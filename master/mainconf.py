@@ -155,7 +155,7 @@ def to_seconds(name: str, value: str, default_unit: str = "s") -> int:
     match = re.fullmatch(r"([0-9]+)([a-zA-Z]?)", value.strip(_BLANKS))
     unit = (match.group(2) or default_unit).lower() if match else ""
     if not match or unit not in _TIME_UNITS:
-        raise MainConfigError(f"invalid time value or unit: {name} = {value}")
+        raise MainConfigError(f"parameter {name}: bad time value or unit: {value}")
     return int(match.group(1)) * _TIME_UNITS[unit]
 
 

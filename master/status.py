@@ -1,0 +1,96 @@
+"""Child -> master status messages on file descriptor 5.
+
+NAME
+    status -- TAKEN/AVAIL notifications and the GENERATION variable
+
+SYNOPSIS
+    channel = StatusChannel(STATUS_FD, parse_generation(os.environ["GENERATION"]))
+    channel.taken()              # before serving a request
+    if not channel.available():  # after it; False: the master is gone
+        exit(0)
+
+DESCRIPTION
+    A message is 12 bytes in native byte order: pid (int32), generation (uint32) and
+    0 = TAKEN (busy) or 1 = AVAIL (``../shared/spec/PROTOCOLS.md`` section 4.4). The
+    generation is the master's spawn counter, passed as octal text in GENERATION and
+    echoed so that the master can ignore children of an older configuration.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from typing import NamedTuple
+
+STATUS_FD = 5            # the service's status socket, inherited from the master
+LISTEN_FD = 6            # first listen socket; -s N means fds 6 .. 6+N-1
+FLOW_READ_FD, FLOW_WRITE_FD = 3, 4   # master's flow-control pipe (unused here)
+
+STATUS_TAKEN = 0
+STATUS_AVAIL = 1
+
+_FORMAT = struct.Struct("=iIi")
+STATUS_SIZE = _FORMAT.size  # 12
+
+
+class GenerationError(ValueError):
+    """GENERATION is not all digits; str() is the Postfix fatal text."""
+
+
+class StatusMessage(NamedTuple):
+    pid: int
+    generation: int
+    avail: int
+
+    @property
+    def is_taken(self) -> bool:
+        return self.avail == STATUS_TAKEN
+
+
+def pack_status(pid: int, generation: int, avail: int) -> bytes:
+    return _FORMAT.pack(pid, generation, avail)
+
+
+def unpack_status(data: bytes) -> StatusMessage:
+    return StatusMessage(*_FORMAT.unpack(data))
+
+
+def parse_generation(text: str | None) -> int:
+    """Octal GENERATION text -> number (absent: 0).
+
+    Like Postfix, only "all digits" is checked; each digit then counts base 8, so a
+    stray 8 or 9 does not stop the child (it just yields an odd number).
+    """
+    if text is None:
+        return 0
+    if not text.isascii() or not text.isdigit():
+        raise GenerationError(f"bad generation: {text}")
+    value = 0
+    for digit in text:
+        value = (value * 8 + int(digit)) & 0xFFFFFFFF
+    return value
+
+
+class StatusChannel:
+    """Writes this process's status messages; a channel without fd is silent."""
+
+    def __init__(self, fd: int | None, generation: int) -> None:
+        self.fd = fd
+        self.generation = generation
+
+    def _send(self, avail: int) -> bool:
+        if self.fd is None:
+            return True
+        message = pack_status(os.getpid(), self.generation, avail)
+        try:
+            return os.write(self.fd, message) == len(message)
+        except OSError:
+            return False
+
+    def taken(self) -> bool:
+        """Tell the master this process is busy (a failure is for the caller to ignore)."""
+        return self._send(STATUS_TAKEN)
+
+    def available(self) -> bool:
+        """Tell the master this process is idle; False means the master is gone."""
+        return self._send(STATUS_AVAIL)
