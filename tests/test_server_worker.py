@@ -234,3 +234,68 @@ def test_program_standalone_mode(tmp_path, texthash):
     done = subprocess.run(proxymap_command() + ["-S", "-n", "nonsense"], input=b"",
                           capture_output=True, env=worker_env(cfg_dir), timeout=30)
     assert done.returncode == 1 and b'invalid service name: "nonsense"' in done.stderr + done.stdout
+
+
+# --- differential: -S against the installed Postfix 3.7 proxymap --------------------------------
+
+C_PROXYMAP = Path("/usr/lib/postfix/sbin/proxymap")
+
+DIFFERENTIAL_INPUTS = [
+    lookup("@T@", b"alice"),
+    lookup("@T@", b"ALICE", flags=b"16448"),
+    lookup("@T@", b"nobody"),
+    lookup("proxy:proxy:@T@", b"alice"),
+    lookup("foo", b"alice"),
+    lookup("texthash:/nope", b"alice"),
+    attr.encode([(b"request", b"open"), (b"table", b"@T@"), (b"flags", b"0")]),
+    attr.encode([(b"request", b"open"), (b"table", b"nocolon"), (b"flags", b"0")]),
+    attr.encode([(b"request", b"update"), (b"table", b"@T@"), (b"flags", b"0"), (b"key", b"k"), (b"value", b"v")]),
+    attr.encode([(b"request", b"delete"), (b"table", b"@T@"), (b"flags", b"0"), (b"key", b"k")]),
+    b"request\x00bogus\x00table\x00@T@\x00\x00",
+    attr.encode([(b"request", b"sequence"), (b"table", b"@T@"), (b"flags", b"64"), (b"function", b"2")]),
+    attr.encode([(b"request", b"lookup"), (b"table", b"@T@"), (b"flags", b"64")]),
+    lookup("@T@", b"alice") [:-1] + b"extra\x00x\x00\x00",
+    attr.encode([(b"request", b"lookup"), (b"flags", b"64"), (b"table", b"@T@"), (b"key", b"alice")]),
+    attr.encode([(b"request", b"lookup"), (b"table", b"@T@"), (b"flags", b"64"), (b"key", b"alice"), (b"key", b"bob")]),
+    *[lookup("@T@", b"alice", flags=text) for text in (b" 64", b"+64", b"\t64", b"00064", b"4294967360", b"0100", b"0x40", b"", b"64abc", b"64 ")],
+    b"\x00",
+    b"table\x00@T@\x00flags\x0064\x00\x00",
+    b"request\x00lookup\x00table",
+    b"request\x00lookup\x00",
+    b"request\x00lookup\x00table\x00@T@\x00flags\x0064\x00key\x00alice\x00",
+    b"",
+    lookup("@T@", b"k" * 200000),
+]
+
+
+@pytest.fixture(scope="module")
+def c_setup(tmp_path_factory):
+    """One tree for the C proxymap: table, queue directory, main.cf."""
+    if not C_PROXYMAP.exists():
+        pytest.skip("Postfix 3.7 proxymap is not installed")
+    root = tmp_path_factory.mktemp("c37")
+    source = root / "map"
+    source.write_text("alice alice@example.com\nbob bob@example.com\n")
+    table = f"texthash:{source}"
+    conf = root / "conf"
+    conf.mkdir()
+    (root / "queue").mkdir()
+    main_cf = conf / "main.cf"
+    # maillog_file: log through the (absent) postlog socket instead of waiting for syslog.
+    main_cf.write_text(f"queue_directory = {root / 'queue'}\nproxy_read_maps = proxy:{table}\n"
+                       "compatibility_level = 3.6\nmaillog_file = /dev/stdout\n")
+    # Postfix waits (0.3 s per try) while main.cf looks modified in the last seconds.
+    past = time.time() - 60
+    os.utime(main_cf, (past, past))
+    return table, conf
+
+
+@pytest.mark.parametrize("template", DIFFERENTIAL_INPUTS, ids=range(len(DIFFERENTIAL_INPUTS)))
+def test_standalone_same_bytes_as_postfix_37(tmp_path, template, c_setup):
+    table, conf = c_setup
+    data = template.replace(b"@T@", table.encode())
+    real = subprocess.run([str(C_PROXYMAP), "-S"], input=data, capture_output=True, timeout=30,
+                          env={"MAIL_CONFIG": str(conf), "PATH": "/usr/bin:/bin"})
+    assert real.returncode == 0, real.stderr
+    ours = standalone(tmp_path, table, data)
+    assert ours == real.stdout
