@@ -260,6 +260,8 @@ def test_pcre_thousand_rule_lookup_cost(tmp_path, capsys):
     miss = b"Subject: an ordinary message about nothing in particular"
     hit = b"X-Last: yes"
     assert table.lookup(miss) is None and table.lookup(hit) == b"DISCARD"
+    assert table.lookup(b"Subject: spamword70 and spamword7") == b"REJECT spam 7"  # file order
+    assert table.lookup(b"Received: from mx.example by x") == b"PREPEND X-Seen: mx.example"
     # Contains every byte the rules require: no rule is ruled out before pcre2_match runs.
     hard_miss = b"Subject: spamword 0123456789 " + bytes(range(0x21, 0x7F))
     assert table.lookup(hard_miss) is None

@@ -170,12 +170,14 @@ def regexp_rules():
     return rule_file(line, pattern_text(body, "imx"))
 
 
-def pcre_rules():
-    body = regex_body(PCRE_EXTRAS)
-    first = pattern_text(body, "imsxAEUXq")
-    line = st.builds(lambda a, sep, r: f"{a}{sep}{r}", first, st.sampled_from(["\t", " "]),
+def pcre_rule_line():
+    first = pattern_text(regex_body(PCRE_EXTRAS), "imsxAEUXq")
+    return st.builds(lambda a, sep, r: f"{a}{sep}{r}", first, st.sampled_from(["\t", " "]),
                      REPLACEMENT)
-    return rule_file(line, pattern_text(body, "imsxAEU"))
+
+
+def pcre_rules():
+    return rule_file(pcre_rule_line(), pattern_text(regex_body(PCRE_EXTRAS), "imsxAEU"))
 
 
 def test_regexp_tables_match_postmap(tmp_path):
@@ -195,6 +197,29 @@ def test_pcre_tables_match_postmap(tmp_path):
 
     @SETTINGS
     @given(lines=pcre_rules(), keys=KEYS)
+    def check(lines, keys):
+        cases.append(differential(tmp_path, PcreTable, "pcre", lines, keys))
+
+    check()
+    assert sum(cases) >= MIN_CASES
+
+
+def test_pcre_long_rule_runs_match_postmap(tmp_path):
+    """Long runs of match rules: the pcre table indexes them by required byte."""
+    cases = []
+
+    body = st.one_of(regex_body(PCRE_EXTRAS),
+                     st.builds(lambda a, b, c: a + b + c, st.sampled_from(["", "^", "^"]),
+                               st.text(alphabet="abAB1x@", min_size=1, max_size=3),
+                               st.sampled_from(["", ".*", "$", "(.)", "[ab]+"])))
+    literal_pattern = st.builds(lambda neg, body, flags: f"{neg}/{body}/{flags}", NEGATION,
+                                body, st.text(alphabet="imsxAEU", max_size=1))
+    line = st.builds(lambda p, r: f"{p} {r}", literal_pattern,
+                     st.sampled_from(["one", "two", "x y", "$$", "=", "z"]))
+
+    @settings(SETTINGS, max_examples=100)
+    @given(lines=st.lists(st.one_of(line, line, line, pcre_rule_line()), min_size=8, max_size=40),
+           keys=KEYS)
     def check(lines, keys):
         cases.append(differential(tmp_path, PcreTable, "pcre", lines, keys))
 

@@ -116,6 +116,7 @@ _jit_compile.restype = ctypes.c_int
 _fast_match = ctypes.CDLL("libpcre2-8.so.0").pcre2_match_8
 _fast_match.restype = ctypes.c_int
 _ZERO = ctypes.c_size_t(0)
+_MIN_RUN = 4  # shorter runs of match rules are not worth indexing
 _code_free = _lib.pcre2_code_free_8
 _code_free.argtypes = [_p]
 _code_free.restype = None
@@ -246,6 +247,36 @@ class PcreTable(Table):
         self._rules = rules.finish()
         # The lookup loop reads flat tuples: attribute look-ups cost more than the checks.
         self._steps = [self._step(rule) for rule in self._rules]
+        self._runs = self._index_runs(self._steps)
+
+    @staticmethod
+    def _index_runs(steps: list[tuple]) -> list[tuple | None]:
+        """Index long runs of consecutive match rules by the byte each one requires.
+
+        Large tables (header_checks) are mostly such runs. At lookup, only the rules
+        whose required byte occurs in the key (plus those without one, and negated
+        ones, which fire when their pattern cannot match) are tried, in file order;
+        the others cannot match, so skipping them changes no answer.
+        Entry i is (end, always-tried indexes, {byte: indexes}) when a run starts at i.
+        """
+        runs: list[tuple | None] = [None] * len(steps)
+        start = 0
+        while start < len(steps):
+            end = start
+            while end < len(steps) and steps[end][0] == MATCH:
+                end += 1
+            if end - start >= _MIN_RUN:
+                always: list[int] = []
+                by_byte: dict[int, list[int]] = {}
+                for index in range(start, end):
+                    _, positive, _, _, _, required, _, _ = steps[index]
+                    if required is None or not positive:
+                        always.append(index)
+                    else:
+                        by_byte.setdefault(required[0], []).append(index)
+                runs[start] = (end, always, by_byte)
+            start = max(end, start + 1)
+        return runs
 
     @staticmethod
     def _step(rule: Rule) -> tuple:
@@ -313,8 +344,26 @@ class PcreTable(Table):
         lowered = key.lower()
         match = _fast_match
         steps = self._steps
+        runs = self._runs
+        present: set[int] | None = None
         index, count = 0, len(steps)
         while index < count:
+            run = runs[index]
+            if run is not None:
+                end, always, by_byte = run
+                if present is None:
+                    present = set(lowered)
+                candidates = list(always)
+                for byte, indexes in by_byte.items():
+                    if byte in present:
+                        candidates += indexes
+                candidates.sort()
+                for candidate in candidates:
+                    value = self._try(steps[candidate], key, lowered, length)
+                    if value is not None:
+                        return value
+                index = end
+                continue
             kind, positive, code, data, min_length, required, first, rule = steps[index]
             index += 1
             if kind == ENDIF:
@@ -341,6 +390,23 @@ class PcreTable(Table):
                 index = rule.endif + 1
         return None
 
+    def _try(self, step: tuple, key: bytes, lowered: bytes, length) -> bytes | None:
+        """One match rule of an indexed run: its result, or None when it does not fire."""
+        _, positive, code, data, min_length, required, first, rule = step
+        if (len(key) < min_length or (required is not None and required not in lowered)
+                or (first is not None and lowered[:1] != first)):
+            status = PCRE2_ERROR_NOMATCH
+        else:
+            status = _fast_match(code, key, length, _ZERO, 0, data, None)
+            if status < PCRE2_ERROR_NOMATCH:
+                status = self._rematch(rule.matcher, key, status, rule.lineno)
+        if not (status > 0 if positive else status == PCRE2_ERROR_NOMATCH):
+            return None
+        replacement = rule.replacement
+        if replacement.literal is not None:
+            return replacement.literal
+        return replacement.expand(key, rule.matcher)
+
     def _rematch(self, compiled: PcrePattern, key: bytes, status: int, lineno: int) -> int:
         """A JIT failure (resource limit): run the interpreter, as Postfix does."""
         status = _match(compiled.code, key, len(key), 0, PCRE2_NO_JIT, compiled.match_data, None)
@@ -358,6 +424,7 @@ class PcreTable(Table):
                 rule.matcher.free()
         self._rules = []
         self._steps = []
+        self._runs = []
 
 
 def _show(text: bytes) -> str:
