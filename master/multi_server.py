@@ -1,0 +1,466 @@
+"""The child side of master(8): a multi-client server skeleton on asyncio.
+
+NAME
+    multi_server -- run a Service as a Postfix daemon (Postfix's multi_server)
+
+SYNOPSIS
+    from master.multi_server import ClientProtocol, run
+
+    class EchoProtocol(ClientProtocol):
+        def data_received(self, data):
+            self.server.request_started()
+            self.transport.write(data)
+            self.server.request_done()
+
+    run(my_service)             # argv defaults to sys.argv; never returns
+
+DESCRIPTION
+    ``run`` does what a Postfix multi-threaded daemon does between exec and exit
+    (``../shared/spec/PROTOCOLS.md`` section 4.6):
+
+    1.  Take note of the inherited descriptors (5: status socket, 6..: listen
+        sockets) before anything else can reuse those numbers; honour MAIL_VERBOSE;
+        ignore SIGPIPE and SIGXFSZ; log to syslog under $MAIL_LOGTAG.
+    2.  Parse the command line (``master.args``), read main.cf with the ``-o``,
+        ``-i``, ``-m`` overrides, and log as main.cf says (``master.log``).
+    3.  Refuse a terminal on stdin unless ``-d`` or ``-S``; parse GENERATION.
+    4.  chdir($queue_directory), ``service.pre_init``, privilege drop and chroot
+        (``-u``/``-c``), ``service.post_init``.
+    5.  ``-S``: ``service.serve_standalone(server, stdin, stdout)``, exit 0.
+    6.  Otherwise the event loop (asyncio, or uvloop when $PYPROXYMAP_EVENT_LOOP or
+        main.cf ``pyproxymap_event_loop`` says ``uvloop``): accept on the listen
+        sockets, exit 0 when fd 5 becomes readable (the master reloaded or died,
+        even with clients connected), after ``max_use`` closed connections once none
+        is open, or after ``max_idle`` seconds without any connection.
+
+    Accepting, in Postfix's order: cancel the idle timer if nothing is open,
+    ``service.pre_accept`` (which may call ``server.exit``: the connection then
+    stays in the kernel backlog for a sibling or successor), ``accept`` (EAGAIN is
+    silent: a sibling won the race), then the connection goes to the service's
+    protocol (a ``ClientProtocol``), whose ``connection_made`` is the post-accept hook.
+
+    Status: the service calls ``server.request_started()`` (TAKEN; a failure is
+    ignored) and ``server.request_done()`` (AVAIL; a failure means the master is
+    gone, so the process exits 0) around each request it serves. Each call writes
+    one message, so overlapping requests on several connections write
+    TAKEN, TAKEN, AVAIL, AVAIL; the master ignores a repeated state.
+
+    Without fd 5 (a test harness, or run by hand with ``-d``) no status is written
+    and nothing is watched; a missing listen socket is fatal.
+
+EXIT STATUS
+    0 in every normal case, including a master that went away. 1 only for fatal
+    configuration or command-line errors, as a Postfix daemon (which makes the
+    master throttle the service if it happens before the first request).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import stat
+import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING, NoReturn
+
+from master import log as postfix_log
+from master.args import ChildArgsError, ChildOptions, parse_child_args
+from master.mainconf import MainConfig, MainConfigError
+from master.privs import PrivilegeError, drop_privileges
+from master.status import LISTEN_FD, STATUS_FD, GenerationError, StatusChannel, parse_generation
+
+if TYPE_CHECKING:
+    from master.service import Service
+
+log = logging.getLogger("master")
+
+EVENT_LOOP_ENV = "PYPROXYMAP_EVENT_LOOP"
+EVENT_LOOP_PARAMETER = "pyproxymap_event_loop"
+
+
+def _fd_is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
+def _fd_is_socket(fd: int) -> bool:
+    try:
+        return stat.S_ISSOCK(os.fstat(fd).st_mode)
+    except OSError:
+        return False
+
+
+class ClientProtocol(asyncio.Protocol):
+    """Base class of a service's connection protocol: the skeleton's bookkeeping.
+
+    Subclasses that override ``connection_made``, ``connection_lost``,
+    ``pause_writing`` or ``resume_writing`` must call ``super()``.
+
+    ``connection_made`` counts the connection; ``connection_lost`` counts it closed
+    (max_use) and restarts the idle timer when it was the last one. Output that
+    cannot be delivered for ``ipc_timeout`` seconds (the client stopped reading)
+    aborts the connection, as Postfix's stream timeout would. A service that waits
+    for the rest of a partial request calls ``input_pending(True)`` and, once it has
+    the whole request, ``input_pending(False)``: a client that stalls in between
+    for ``ipc_timeout`` seconds is disconnected too. ``io_timeout(what)`` is called
+    on either timeout (what = "read" or "write"); the default aborts the connection.
+    """
+
+    def __init__(self, server: MultiServer) -> None:
+        self.server = server
+        self.transport: asyncio.Transport | None = None
+        self._write_timer: asyncio.TimerHandle | None = None
+        self._read_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        # Any data the kernel does not take at once counts as a possible stall.
+        transport.set_write_buffer_limits(high=0)  # type: ignore[attr-defined]
+        self.server._connection_made(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        for timer in (self._write_timer, self._read_timer):
+            if timer is not None:
+                timer.cancel()
+        self._write_timer = self._read_timer = None
+        self.server._connection_lost(self)
+
+    def pause_writing(self) -> None:
+        if self._write_timer is None:
+            self._write_timer = self.server.loop.call_later(
+                self.server.ipc_timeout, self._timed_out, "write")
+
+    def resume_writing(self) -> None:
+        if self._write_timer is not None:
+            self._write_timer.cancel()
+            self._write_timer = None
+
+    def input_pending(self, pending: bool) -> None:
+        """Start (True) or stop (False) the ipc_timeout clock for a partial request."""
+        if pending and self._read_timer is None:
+            self._read_timer = self.server.loop.call_later(
+                self.server.ipc_timeout, self._timed_out, "read")
+        elif not pending and self._read_timer is not None:
+            self._read_timer.cancel()
+            self._read_timer = None
+
+    def _timed_out(self, what: str) -> None:
+        if what == "write":
+            self._write_timer = None
+        else:
+            self._read_timer = None
+        self.io_timeout(what)
+
+    def io_timeout(self, what: str) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+
+class MultiServer:
+    """One child process: its options, configuration, descriptors and event loop.
+
+    Public attributes: ``config`` (MainConfig), ``options`` (ChildOptions),
+    ``service_name``, ``process_name``, ``transport_type``, ``verbose``,
+    ``standalone``, ``generation``, ``loop``, ``max_use``, ``max_idle``,
+    ``ipc_timeout``, ``open_connections``, ``connections_closed``,
+    ``listen_sockets``, ``status`` (StatusChannel).
+    """
+
+    def __init__(self, service: Service, argv: list[str]) -> None:
+        self.service = service
+        self.argv = list(argv)
+        # Inherited descriptors first, before logging or imports open new ones.
+        self.status_fd: int | None = STATUS_FD if _fd_is_socket(STATUS_FD) else None
+        self.options: ChildOptions = ChildOptions(argv0=argv[0] if argv else "")
+        self.process_name = self.options.process_name
+        self.config: MainConfig = MainConfig()
+        self.service_name: str = getattr(service, "name", "") or self.process_name
+        self.transport_type: str | None = None
+        self.verbose = 0
+        self.standalone = False
+        self.generation = 0
+        self.status = StatusChannel(self.status_fd, 0)
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.max_use = 0
+        self.max_idle = 0
+        self.ipc_timeout = 3600
+        self.daemon_timeout = 0
+        self.open_connections = 0
+        self.connections_closed = 0
+        self.listen_sockets: list[socket.socket] = []
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self._idle_remaining: float | None = None
+        self._exit_status: int | None = None
+        self._exit_callbacks: list[Callable[[], None]] = []
+
+    # -- start-up --------------------------------------------------------------
+
+    def initialize(self) -> None:
+        """Steps 1-4 of the life cycle; fatal errors exit 1."""
+        self.verbose = 1 if "MAIL_VERBOSE" in os.environ else 0
+        for name in ("SIGPIPE", "SIGXFSZ"):
+            if hasattr(signal, name):
+                signal.signal(getattr(signal, name), signal.SIG_IGN)
+        postfix_log.setup_early(self.process_name, verbose=self.verbose)
+        try:
+            self.options = parse_child_args(self.argv)
+        except ChildArgsError as error:
+            postfix_log.fatal("%s", error)
+        self.process_name = self.options.process_name
+        self.verbose += self.options.verbose
+        self.standalone = self.options.standalone
+        self.transport_type = self.options.transport
+        self.service_name = self.options.service_name or self.process_name
+        self._set_process_title()
+        try:
+            self.config = MainConfig.load(
+                overrides=self.options.overrides, process_name=self.process_name)
+            postfix_log.setup(self.process_name, self.config,
+                              stderr=self.options.log_to_stderr, verbose=self.verbose)
+            self._read_parameters()
+        except MainConfigError as error:
+            postfix_log.fatal("%s", error)
+        if not self.standalone and not self.options.foreground and _isatty(0):
+            postfix_log.fatal("do not run this command by hand")
+        try:
+            self.generation = parse_generation(os.environ.get("GENERATION"))
+        except GenerationError as error:
+            postfix_log.fatal("%s", error)
+        self.status = StatusChannel(self.status_fd, self.generation)
+        queue_directory = self.config["queue_directory"]
+        try:
+            os.chdir(queue_directory)
+        except OSError as error:
+            postfix_log.fatal('chdir("%s"): %s', queue_directory, error.strerror)
+
+    def _read_parameters(self) -> None:
+        self.max_use = self.config.get_int("max_use")
+        self.max_idle = self.config.get_time("max_idle")
+        self.ipc_timeout = self.config.get_time("ipc_timeout")
+        self.daemon_timeout = self.config.get_time("daemon_timeout")
+
+    def _set_process_title(self) -> None:
+        """What ps shows for a Postfix daemon: basename(argv[0]) and the arguments."""
+        try:
+            import setproctitle
+        except ImportError:
+            return
+        setproctitle.setproctitle(" ".join([self.process_name, *self.argv[1:]]))
+
+    def drop_privileges(self) -> None:
+        user = self.config["mail_owner"] if self.options.drop_privileges else None
+        root_dir = self.config["queue_directory"] if self.options.chroot else None
+        if user is None and root_dir is None:
+            return
+        try:
+            drop_privileges(user, root_dir)
+        except PrivilegeError as error:
+            postfix_log.fatal("%s", error)
+
+    # -- status notifications -----------------------------------------------------
+
+    def request_started(self) -> None:
+        """TAKEN: this process is busy with a request (failure ignored)."""
+        self.status.taken()
+
+    def request_done(self) -> None:
+        """AVAIL: this process is idle again; if the master is gone, exit 0."""
+        if not self.status.available():
+            self.exit(0)
+
+    # -- exit ------------------------------------------------------------------
+
+    def on_exit(self, callback: Callable[[], None]) -> None:
+        """Run callback (no arguments) when the process exits through ``exit``."""
+        self._exit_callbacks.append(callback)
+
+    def exit(self, status: int = 0) -> None:
+        """Leave the process with status. Inside the running loop, the loop stops
+        first (promptly, open connections are dropped) and ``run`` exits."""
+        if self.loop is not None and self.loop.is_running():
+            if self._exit_status is None:
+                self._exit_status = status
+            self.loop.stop()
+            return
+        self._finish(status)
+
+    def _finish(self, status: int) -> NoReturn:
+        callbacks, self._exit_callbacks = self._exit_callbacks, []
+        for callback in callbacks:
+            try:
+                callback()
+            except Exception:
+                log.exception("exit handler failed")
+        logging.shutdown()
+        sys.stdout.flush()
+        # Skip interpreter teardown of transports and the loop: the work is done.
+        os._exit(status)
+
+    @property
+    def exiting(self) -> bool:
+        return self._exit_status is not None
+
+    # -- the event loop --------------------------------------------------------------
+
+    def new_event_loop(self) -> asyncio.AbstractEventLoop:
+        wanted = os.environ.get(EVENT_LOOP_ENV) or self.config.get(EVENT_LOOP_PARAMETER, "")
+        if wanted.strip().lower() == "uvloop":
+            try:
+                import uvloop
+            except ImportError:
+                log.warning("%s=uvloop: uvloop is not installed, using asyncio", EVENT_LOOP_ENV)
+            else:
+                return uvloop.new_event_loop()
+        return asyncio.new_event_loop()
+
+    def open_listen_sockets(self) -> None:
+        for fd in range(LISTEN_FD, LISTEN_FD + self.options.socket_count):
+            if not _fd_is_socket(fd):
+                postfix_log.fatal("listen socket fd %d: %s", fd,
+                                  "not open" if not _fd_is_open(fd) else "not a socket")
+            sock = socket.socket(fileno=fd)
+            sock.setblocking(False)
+            os.set_inheritable(fd, False)
+            self.listen_sockets.append(sock)
+
+    def serve(self) -> NoReturn:
+        """Step 6: the event loop until a reason to exit."""
+        self.open_listen_sockets()
+        self.loop = self.new_event_loop()
+        asyncio.set_event_loop(self.loop)
+        self._protocol_factory = self.service.protocol_factory(self)
+        for sock in self.listen_sockets:
+            self.loop.add_reader(sock.fileno(), self._accept_ready, sock)
+        if self.status_fd is not None:
+            os.set_inheritable(self.status_fd, False)
+            self.loop.add_reader(self.status_fd, self._master_gone)
+        for fd in (3, 4):
+            if _fd_is_open(fd):
+                os.set_inheritable(fd, False)
+        self._start_idle_timer()
+        self._start_watchdog()
+        try:
+            self.loop.run_forever()
+        finally:
+            status = self._exit_status if self._exit_status is not None else 0
+        self._finish(status)
+
+    def _master_gone(self) -> None:
+        # Readable means EOF or junk: either way the master no longer wants us.
+        if self.verbose:
+            log.info("master disconnect -- exiting")
+        self.exit(0)
+
+    def _start_watchdog(self) -> None:
+        """Kill the process if the loop stops turning for daemon_timeout seconds."""
+        if self.daemon_timeout <= 0 or not hasattr(signal, "alarm"):
+            return
+        signal.signal(signal.SIGALRM, signal.SIG_DFL)
+        interval = max(1, self.daemon_timeout // 2)
+
+        def rearm() -> None:
+            signal.alarm(self.daemon_timeout)
+            self.loop.call_later(interval, rearm)
+
+        rearm()
+
+    # -- idle timer: runs only while no connection is open -----------------------------
+
+    def _start_idle_timer(self, delay: float | None = None) -> None:
+        if self.max_idle <= 0:
+            return
+        self._cancel_idle_timer()
+        self._idle_timer = self.loop.call_later(
+            self.max_idle if delay is None else max(0.0, delay), self._idle_expired)
+
+    def _cancel_idle_timer(self) -> None:
+        if self._idle_timer is not None:
+            self._idle_remaining = self._idle_timer.when() - self.loop.time()
+            self._idle_timer.cancel()
+            self._idle_timer = None
+
+    def _idle_expired(self) -> None:
+        self._idle_timer = None
+        if self.verbose:
+            log.info("idle timeout -- exiting")
+        self.exit(0)
+
+    # -- accepting -------------------------------------------------------------------
+
+    def _accept_ready(self, listen_socket: socket.socket) -> None:
+        if self.exiting:
+            return
+        was_idle = self.open_connections == 0
+        if was_idle:
+            self._cancel_idle_timer()
+        self.service.pre_accept(self)
+        if self.exiting:
+            return
+        try:
+            connection, _ = listen_socket.accept()
+        except (BlockingIOError, InterruptedError):
+            connection = None           # a sibling was faster: normal, silent
+        except OSError as error:
+            log.error("accept connection: %s", error.strerror)
+            connection = None
+        if connection is None:
+            if was_idle and self.open_connections == 0:
+                self._start_idle_timer(self._idle_remaining)
+            return
+        connection.setblocking(False)
+        # Counted now, not in connection_made: that runs one loop turn later.
+        self.open_connections += 1
+        task = self.loop.create_task(
+            self.loop.connect_accepted_socket(self._protocol_factory, connection))
+        task.add_done_callback(self._connection_setup_done)
+
+    def _connection_setup_done(self, task: asyncio.Task) -> None:
+        if task.cancelled() or task.exception() is not None:
+            if not task.cancelled():
+                log.warning("connection setup: %s", task.exception())
+            self._connection_closed()
+
+    def _connection_made(self, protocol: ClientProtocol) -> None:
+        if self.verbose > 1:
+            log.info("connection established")
+
+    def _connection_lost(self, protocol: ClientProtocol) -> None:
+        self._connection_closed()
+
+    def _connection_closed(self) -> None:
+        self.open_connections -= 1
+        self.connections_closed += 1
+        if self.open_connections > 0:
+            return
+        if self.max_use > 0 and self.connections_closed >= self.max_use:
+            if self.verbose:
+                log.info("use limit -- exiting")
+            self.exit(0)
+            return
+        self._start_idle_timer()
+
+
+def _isatty(fd: int) -> bool:
+    try:
+        return os.isatty(fd)
+    except OSError:
+        return False
+
+
+def run(service: Service, argv: list[str] | None = None) -> NoReturn:
+    """The whole life of a child process serving ``service``; never returns."""
+    server = MultiServer(service, list(sys.argv if argv is None else argv))
+    server.initialize()
+    service.pre_init(server)
+    server.drop_privileges()
+    service.post_init(server)
+    if server.standalone:
+        service.serve_standalone(server, sys.stdin.buffer, sys.stdout.buffer)
+        server.exit(0)
+    server.serve()

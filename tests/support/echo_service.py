@@ -1,0 +1,98 @@
+"""A trivial service for testing the multi-server skeleton.
+
+NAME
+    echo_service -- one line in, one line out, under master.multi_server
+
+SYNOPSIS
+    python -m tests.support.echo_service -t unix [-o name=value ...]
+    python -m tests.support.echo_service -S < requests
+
+DESCRIPTION
+    Every newline-terminated line a client sends is one request, answered with one
+    line, between ``request_started`` (TAKEN) and ``request_done`` (AVAIL):
+
+      ?<name>      the expanded main.cf parameter <name> as this process sees it
+      !<text>      logs <text> as a warning and answers "logged"
+      @service     the service name (-n, else the command name)
+      anything     echoed back
+
+    Parameters (``-o`` or main.cf):
+      echo_greeting = text        sent on every new connection (the post-accept hook)
+      echo_exit_before_accept = yes   the pre-accept hook asks the skeleton to exit
+                                  instead of accepting (the client stays in the backlog)
+
+    With ``-S`` the lines of stdin are answered on stdout, without greeting.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import BinaryIO
+
+from master.multi_server import ClientProtocol, MultiServer, run
+
+log = logging.getLogger("echo")
+
+
+def answer(server: MultiServer, line: bytes) -> bytes:
+    text = line.decode("utf-8", "surrogateescape")
+    if text.startswith("?"):
+        text = server.config.get(text[1:], "")
+    elif text.startswith("!"):
+        log.warning("%s", text[1:])
+        text = "logged"
+    elif text == "@service":
+        text = server.service_name
+    return text.encode("utf-8", "surrogateescape") + b"\n"
+
+
+class EchoProtocol(ClientProtocol):
+    def __init__(self, server: MultiServer) -> None:
+        super().__init__(server)
+        self.buffer = b""
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        greeting = self.server.config.get("echo_greeting", "")
+        if greeting:
+            transport.write(greeting.encode() + b"\n")
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        while b"\n" in self.buffer:
+            line, self.buffer = self.buffer.split(b"\n", 1)
+            self.server.request_started()
+            self.transport.write(answer(self.server, line))
+            self.server.request_done()
+        self.input_pending(bool(self.buffer))
+
+
+class EchoService:
+    name = "echo"
+
+    def pre_init(self, server: MultiServer) -> None:
+        pass
+
+    def post_init(self, server: MultiServer) -> None:
+        pass
+
+    def pre_accept(self, server: MultiServer) -> None:
+        if server.config.get("echo_exit_before_accept", "no") == "yes":
+            server.exit(0)
+
+    def protocol_factory(self, server: MultiServer) -> Callable[[], EchoProtocol]:
+        return lambda: EchoProtocol(server)
+
+    def serve_standalone(self, server: MultiServer, infile: BinaryIO, outfile: BinaryIO) -> None:
+        for line in infile:
+            outfile.write(answer(server, line.rstrip(b"\n")))
+        outfile.flush()
+
+
+def main() -> None:
+    run(EchoService())
+
+
+if __name__ == "__main__":
+    main()
