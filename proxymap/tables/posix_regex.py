@@ -34,7 +34,6 @@ BUGS
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -72,7 +71,10 @@ class _RegmatchT(ctypes.Structure):
     _fields_ = [("rm_so", ctypes.c_int), ("rm_eo", ctypes.c_int)]
 
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+# glibc's soname, named directly: ctypes.util.find_library would run ldconfig in a
+# subprocess, which a chrooted worker may not be able to do.
+_LIBC = "libc.so.6"
+_libc = ctypes.CDLL(_LIBC, use_errno=True)
 
 _regcomp = _libc.regcomp
 _regcomp.argtypes = [ctypes.POINTER(_RegexT), ctypes.c_char_p, ctypes.c_int]
@@ -85,7 +87,7 @@ _regexec.restype = ctypes.c_int
 
 # Hot path: regexec without argtypes on pre-converted arguments (ctypes then skips its
 # per-argument conversion, roughly halving the cost of a call).
-_fast_regexec = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").regexec
+_fast_regexec = ctypes.CDLL(_LIBC).regexec
 _fast_regexec.restype = ctypes.c_int
 _SIZE_ZERO = ctypes.c_size_t(0)
 
