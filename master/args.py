@@ -22,7 +22,6 @@ DIAGNOSTICS
 
 from __future__ import annotations
 
-import getopt
 import os
 from dataclasses import dataclass, field
 
@@ -36,6 +35,8 @@ SUPPORTED_TRANSPORTS = ("unix", "inet")
 
 class ChildArgsError(ValueError):
     """A command-line error; str() is the text after ``fatal: ``."""
+
+    options: ChildOptions | None = None
 
 
 @dataclass
@@ -70,20 +71,58 @@ def process_name_of(argv0: str) -> str:
 
 
 def parse_child_args(argv: list[str]) -> ChildOptions:
-    """Parse a full argv (argv[0] included). Raises ChildArgsError."""
+    """Parse a full argv (argv[0] included). Raises ChildArgsError.
+
+    Options take effect in order, as with getopt(3) in a loop: the error carries the
+    options seen before it (``error.options``), e.g. whether ``-V`` came first.
+    """
     options = ChildOptions(argv0=argv[0] if argv else "")
     try:
-        pairs, options.arguments = getopt.getopt(argv[1:], OPTION_STRING)
-    except getopt.GetoptError as error:
-        raise ChildArgsError(f"invalid option: {error.opt}") from None
-    for flag, value in pairs:
-        _apply(options, flag[1], value)
-    if not options.standalone:
-        if options.transport is None:
-            raise ChildArgsError("no transport type specified")
-        if options.transport not in SUPPORTED_TRANSPORTS:
-            raise ChildArgsError(f"unsupported transport type: {options.transport}")
+        for letter, value in _getopt(argv[1:], options):
+            _apply(options, letter, value)
+        if not options.standalone:
+            if options.transport is None:
+                raise ChildArgsError("no transport type specified")
+            if options.transport not in SUPPORTED_TRANSPORTS:
+                raise ChildArgsError(f"unsupported transport type: {options.transport}")
+    except ChildArgsError as error:
+        error.options = options
+        raise
     return options
+
+
+def _getopt(args: list[str], options: ChildOptions):
+    """Yield (letter, value) like POSIX getopt with a leading "+" in the option string:
+    stop at the first non-option or after "--"; leave the rest in options.arguments."""
+    index = 0
+    while index < len(args):
+        arg = args[index]
+        if arg == "--":
+            index += 1
+            break
+        if not arg.startswith("-") or arg == "-":
+            break
+        position = 1
+        while position < len(arg):
+            letter = arg[position]
+            spec = OPTION_STRING.find(letter)
+            if spec < 0 or letter == ":":
+                raise ChildArgsError(f"invalid option: {letter}")
+            if OPTION_STRING[spec + 1:spec + 2] != ":":
+                yield letter, ""
+                position += 1
+                continue
+            if position + 1 < len(arg):
+                value = arg[position + 1:]
+            elif index + 1 < len(args):
+                index += 1
+                value = args[index]
+            else:
+                raise ChildArgsError(f"invalid option: {letter}")
+            yield letter, value
+            break
+        index += 1
+    options.arguments = args[index:]
 
 
 _FLAGS = {

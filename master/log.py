@@ -205,12 +205,22 @@ def _install(handlers: list[logging.Handler], verbose: int) -> None:
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
-def setup_early(process_name: str, *, stderr: bool | None = None, verbose: int = 0) -> None:
-    """Logging before main.cf is read: syslog with tag $MAIL_LOGTAG/<process>."""
+def setup_early(
+    process_name: str,
+    *,
+    stderr: bool | None = None,
+    verbose: int = 0,
+    tag_with_logtag: bool = False,
+) -> None:
+    """Logging before main.cf is read: syslog with tag $MAIL_LOGTAG/<process>.
+
+    stderr (default: when it is a terminal) is tagged with the bare process name, or
+    with the syslog tag when tag_with_logtag (``-V`` seen).
+    """
     tag = make_tag(os.environ.get("MAIL_LOGTAG", "postfix"), process_name)
     handlers: list[logging.Handler] = [SyslogHandler(tag, _FACILITIES["mail"])]
     if stderr if stderr is not None else _stderr_is_terminal():
-        handlers.append(StderrHandler(process_name))
+        handlers.append(StderrHandler(tag if tag_with_logtag else process_name))
     _install(handlers, verbose)
 
 

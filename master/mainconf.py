@@ -13,7 +13,8 @@ SYNOPSIS
 DESCRIPTION
     A parameter's raw value comes from, in order of precedence: ``-o name=value``
     overrides, main.cf, run-time defaults computed on this host (``myhostname``,
-    ``mydomain``, ``mynetworks``, ``process_id``, ``process_name``, ``config_directory``)
+    ``mydomain``, ``mynetworks``, ``process_id``, ``process_name``, ``service_name``,
+    ``config_directory``)
     and the built-in defaults of Postfix 3.7.11 (``master.postfix_defaults``).
 
     main.cf is read in logical lines (``../shared/spec/PROTOCOLS.md`` section 5.2): a
@@ -457,6 +458,7 @@ class MainConfig(Mapping[str, str]):
         config_dir: str = DEFAULT_CONFIG_DIR,
         overrides: Mapping[str, str] | None = None,
         process_name: str | None = None,
+        service_name: str | None = None,
         defaults: Mapping[str, str] = DEFAULTS,
     ) -> None:
         self.config_dir = config_dir
@@ -464,6 +466,7 @@ class MainConfig(Mapping[str, str]):
         self.overrides: dict[str, str] = dict(overrides or {})
         self._defaults = defaults
         self._process_name = process_name
+        self._service_name = service_name
         self._runtime: dict[str, str] = {}
         self._expanded: dict[str, str] = {}
         self._expander = Expander(self._raw_or_empty)
@@ -475,12 +478,14 @@ class MainConfig(Mapping[str, str]):
         overrides: Mapping[str, str] | None = None,
         *,
         process_name: str | None = None,
+        service_name: str | None = None,
     ) -> MainConfig:
         """Read ``config_dir/main.cf`` (default $MAIL_CONFIG, else /etc/postfix)."""
         if config_dir is None:
             config_dir = os.environ.get("MAIL_CONFIG") or DEFAULT_CONFIG_DIR
         params = read_main_cf(config_dir)
-        return cls(params, config_dir=config_dir, overrides=overrides, process_name=process_name)
+        return cls(params, config_dir=config_dir, overrides=overrides,
+                   process_name=process_name, service_name=service_name)
 
     # -- raw values ----------------------------------------------------------
 
@@ -504,6 +509,8 @@ class MainConfig(Mapping[str, str]):
             return str(os.getpid())
         if name == "process_name":
             return self._process_name or _default_process_name()
+        if name == "service_name" and self._service_name is not None:
+            return self._service_name
         if name not in ("myhostname", "mydomain", "mynetworks"):
             return None
         if name not in self._runtime:

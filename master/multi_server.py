@@ -211,6 +211,9 @@ class MultiServer:
         try:
             self.options = parse_child_args(self.argv)
         except ChildArgsError as error:
+            if error.options is not None and error.options.log_to_stderr:
+                postfix_log.setup_early(self.process_name, stderr=True, verbose=self.verbose,
+                                        tag_with_logtag=True)
             postfix_log.fatal("%s", error)
         self.process_name = self.options.process_name
         self.verbose += self.options.verbose
@@ -220,7 +223,8 @@ class MultiServer:
         self._set_process_title()
         try:
             self.config = MainConfig.load(
-                overrides=self.options.overrides, process_name=self.process_name)
+                overrides=self.options.overrides, process_name=self.process_name,
+                service_name=self.service_name)
             postfix_log.setup(self.process_name, self.config,
                               stderr=self.options.log_to_stderr, verbose=self.verbose)
             self._read_parameters()

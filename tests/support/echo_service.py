@@ -14,6 +14,8 @@ DESCRIPTION
       ?<name>      the expanded main.cf parameter <name> as this process sees it
       !<text>      logs <text> as a warning and answers "logged"
       @service     the service name (-n, else the command name)
+      @loop        the module of the event loop class (asyncio... or uvloop)
+      @ids         "uid gid cwd" of the process
       anything     echoed back
 
     Parameters (``-o`` or main.cf):
@@ -27,6 +29,7 @@ DESCRIPTION
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from typing import BinaryIO
 
@@ -44,6 +47,10 @@ def answer(server: MultiServer, line: bytes) -> bytes:
         text = "logged"
     elif text == "@service":
         text = server.service_name
+    elif text == "@loop":
+        text = type(server.loop).__module__
+    elif text == "@ids":
+        text = f"{os.getuid()} {os.getgid()} {os.getcwd()}"
     return text.encode("utf-8", "surrogateescape") + b"\n"
 
 

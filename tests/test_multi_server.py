@@ -1,0 +1,335 @@
+"""The multi-server skeleton, as a child of a stand-in master.
+
+Each test starts ``tests.support.echo_service`` with the descriptors the real master
+passes (fd 5 status socket, fd 6 listen socket) and checks the behaviour of
+``../shared/spec/PROTOCOLS.md`` sections 4.1-4.8 from the outside: status bytes,
+exit conditions, timers, options, logging and the process title.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import re
+import socket
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from master.status import STATUS_AVAIL, STATUS_TAKEN, parse_generation
+from tests.support.standin_master import REPO_ROOT, StandinMaster, python_module
+
+ECHO = "tests.support.echo_service"
+
+
+@pytest.fixture
+def conf(tmp_path) -> Path:
+    """A config dir whose queue_directory is a private directory."""
+    config_dir = tmp_path / "conf"
+    queue_dir = tmp_path / "queue"
+    config_dir.mkdir()
+    queue_dir.mkdir()
+    (config_dir / "main.cf").write_text(
+        f"queue_directory = {queue_dir}\n"
+        "echo_from_main_cf = main.cf value\n"
+    )
+    return config_dir
+
+
+def echo(*args: str) -> list[str]:
+    return python_module(ECHO, *args)
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    # The child must find this repository; the real master passes no PATH either.
+    return {"PYTHONPATH": str(REPO_ROOT), **extra}
+
+
+def ask(client: socket.socket, line: str) -> str:
+    client.sendall(line.encode() + b"\n")
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = client.recv(4096)
+        if not chunk:
+            raise EOFError(f"connection closed after {data!r}")
+        data += chunk
+    return data[:-1].decode()
+
+
+def wait_gone(master: StandinMaster, timeout: float) -> float:
+    """Seconds until the child exited (asserting exit status 0)."""
+    started = time.monotonic()
+    assert master.wait(timeout) == 0, master.output()
+    return time.monotonic() - started
+
+
+def test_status_messages_per_request(conf):
+    generation = 0o123
+    with StandinMaster(echo("-t", "unix"), env=child_env(), config_dir=conf,
+                       generation=generation) as m:
+        client = m.connect()
+        assert ask(client, "hello") == "hello"
+        assert ask(client, "again") == "again"
+        pid = m.pid
+        expected = [struct.pack("<iIi", pid, 83, STATUS_TAKEN),
+                    struct.pack("<iIi", pid, 83, STATUS_AVAIL)] * 2
+        received = [struct.pack("=iIi", *m.read_status()) for _ in range(4)]
+        assert received == expected
+        # Nothing at accept or at disconnect: status is per request only.
+        m.connect().close()
+        client.close()
+        assert m.expect_no_status(0.3)
+
+
+def test_max_use_counts_closed_connections(conf):
+    with StandinMaster(echo("-t", "unix", "-o", "max_use=3"), env=child_env(),
+                       config_dir=conf) as m:
+        for number in range(1, 4):
+            client = m.connect()
+            assert ask(client, f"a{number}") == f"a{number}"
+            assert ask(client, f"b{number}") == f"b{number}"
+            if number < 3:
+                client.close()
+                time.sleep(0.2)
+                assert m.alive(), f"exited after connection {number}"
+        # Still serving while the third connection is open ...
+        time.sleep(0.2)
+        assert m.alive()
+        client.close()
+        # ... and gone right after it closed.
+        assert wait_gone(m, 5) < 1.0
+
+
+def test_max_use_waits_for_open_connections(conf):
+    with StandinMaster(echo("-t", "unix", "-m", "1"), env=child_env(), config_dir=conf) as m:
+        first, second = m.connect(), m.connect()
+        assert ask(first, "x") == "x" and ask(second, "y") == "y"
+        first.close()
+        time.sleep(0.3)
+        assert m.alive(), "exited with a connection still open"
+        second.close()
+        wait_gone(m, 5)
+
+
+def test_max_idle_without_clients(conf):
+    started = time.monotonic()
+    with StandinMaster(echo("-t", "unix", "-o", "max_idle=1"), env=child_env(),
+                       config_dir=conf) as m:
+        m.wait(10)
+        elapsed = time.monotonic() - started
+        assert m.child.returncode == 0
+        # Start-up of the interpreter counts too; the timer itself is 1 s.
+        assert 1.0 <= elapsed < 4.0
+
+
+def test_max_idle_does_not_run_while_a_client_is_connected(conf):
+    with StandinMaster(echo("-t", "unix", "-i", "1"), env=child_env(), config_dir=conf) as m:
+        client = m.connect()
+        assert ask(client, "ready") == "ready"
+        time.sleep(2.0)
+        assert m.alive(), "idle timer fired while a (silent) client was connected"
+        client.close()
+        assert 0.8 <= wait_gone(m, 5) < 2.0
+
+
+def test_master_end_closed_exits_with_client_connected(conf):
+    with StandinMaster(echo("-t", "unix"), env=child_env(), config_dir=conf) as m:
+        client = m.connect()
+        assert ask(client, "hi") == "hi"
+        m.close_status()
+        assert wait_gone(m, 5) < 0.5
+        assert client.recv(10) == b""
+
+
+def test_pre_accept_exit_leaves_connection_in_backlog(conf):
+    argv = echo("-t", "unix", "-o", "echo_exit_before_accept=yes")
+    with StandinMaster(argv, env=child_env(), config_dir=conf) as m:
+        time.sleep(0.5)  # let the child reach its event loop
+        client = m.connect()
+        client.sendall(b"pending\n")
+        wait_gone(m, 5)
+        pending = m.accept_pending()
+        assert pending is not None, "the child accepted the connection"
+        pending.settimeout(2)
+        assert pending.recv(100) == b"pending\n"
+        pending.close()
+
+
+def test_post_accept_hook_and_overrides(conf):
+    argv = echo("-t", "unix", "-n", "renamed", "-o", "echo_greeting=hello $service_name",
+                "-o", "max_use = 7", "-m", "9", "-o", "syslog_name=postfix/$service_name")
+    with StandinMaster(argv, env=child_env(), config_dir=conf) as m:
+        client = m.connect()
+        assert client.recv(100) == b"hello renamed\n"
+        assert ask(client, "?max_use") == "9"
+        assert ask(client, "?echo_from_main_cf") == "main.cf value"
+        assert ask(client, "?syslog_name") == "postfix/renamed"
+        assert ask(client, "?process_name") == "echo_service"
+        assert ask(client, "?config_directory") == str(conf)
+        assert ask(client, "@service") == "renamed"
+
+
+def test_process_title(conf):
+    argv = echo("-t", "unix", "-u", "-o", "max_idle=50") if os.geteuid() == 0 else \
+        echo("-t", "unix", "-o", "max_idle=50")
+    with StandinMaster(argv, env=child_env(), config_dir=conf) as m:
+        client = m.connect()
+        assert ask(client, "x") == "x"
+        title = Path(f"/proc/{m.pid}/cmdline").read_bytes().split(b"\0")[0].decode()
+        assert title == " ".join(["echo_service", *argv[3:]])
+
+
+def test_without_status_fd(conf):
+    with StandinMaster(echo("-t", "unix", "-o", "max_use=1"), env=child_env(),
+                       config_dir=conf, status_fd=False) as m:
+        client = m.connect()
+        assert ask(client, "works") == "works"
+        client.close()
+        wait_gone(m, 5)
+
+
+def test_uvloop_on_request(conf):
+    pytest.importorskip("uvloop")
+    env = child_env(PYPROXYMAP_EVENT_LOOP="uvloop")
+    with StandinMaster(echo("-t", "unix"), env=env, config_dir=conf) as m:
+        assert ask(m.connect(), "@loop") == "uvloop"
+    argv = echo("-t", "unix", "-o", "pyproxymap_event_loop=uvloop")
+    with StandinMaster(argv, env=child_env(), config_dir=conf) as m:
+        assert ask(m.connect(), "@loop") == "uvloop"
+    with StandinMaster(echo("-t", "unix"), env=child_env(), config_dir=conf) as m:
+        assert ask(m.connect(), "@loop").startswith("asyncio")
+
+
+def run_echo(args: list[str], conf: Path, stdin: bytes = b"", **env: str):
+    return subprocess.run(echo(*args), input=stdin, capture_output=True, timeout=20,
+                          env={"MAIL_CONFIG": str(conf), **child_env(**env)},
+                          cwd=REPO_ROOT)
+
+
+def test_standalone_mode(conf):
+    done = run_echo(["-S", "-o", "echo_greeting=never sent"], conf,
+                    stdin=b"one\n?echo_greeting\n")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == b"one\nnever sent\n"
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["-V", "-x"], "fatal: invalid option: x"),
+    (["-V", "-t"], "fatal: invalid option: t"),
+    (["-V", "-t", "foo"], "fatal: unsupported transport type: foo"),
+    (["-V"], "fatal: no transport type specified"),
+    (["-V", "-s", "0", "-t", "unix"], "fatal: invalid socket_count: 0"),
+    (["-V", "-o", "bad", "-t", "unix"],
+     "fatal: invalid \"-o bad\" option value: missing '=' after attribute name"),
+    (["-V", "-t", "unix", "-i", "5x"], "fatal: parameter max_idle: bad time value or unit: 5x"),
+    (["-V", "-t", "unix", "-m", "x"], "fatal: bad numerical configuration: max_use = x"),
+])
+def test_command_line_errors(conf, args, message):
+    done = run_echo(args, conf)
+    assert done.returncode == 1
+    assert done.stderr.decode().splitlines() == [f"postfix/echo_service: {message}"]
+
+
+def test_error_without_V_is_not_on_stderr(conf):
+    done = run_echo(["-x"], conf)
+    assert done.returncode == 1 and done.stderr == b""
+
+
+def test_bad_generation(conf):
+    done = run_echo(["-V", "-t", "unix"], conf, GENERATION="9x")
+    assert done.returncode == 1
+    assert done.stderr.decode().strip() == "postfix/echo_service: fatal: bad generation: 9x"
+    assert parse_generation("31") == 25 and parse_generation(None) == 0
+
+
+def test_refuses_a_terminal_on_stdin_unless_d(conf):
+    terminal, peer = os.openpty()
+    try:
+        done = subprocess.run(echo("-V", "-t", "unix"), stdin=peer, capture_output=True,
+                              timeout=20, env={"MAIL_CONFIG": str(conf), **child_env()},
+                              cwd=REPO_ROOT)
+        assert done.returncode == 1
+        assert b"fatal: do not run this command by hand" in done.stderr
+        # With -d it gets past the check (and then needs a listen socket).
+        done = subprocess.run(echo("-V", "-d", "-t", "unix"), stdin=peer, capture_output=True,
+                              timeout=20, env={"MAIL_CONFIG": str(conf), **child_env()},
+                              cwd=REPO_ROOT)
+        assert b"do not run this command by hand" not in done.stderr
+        assert b"listen socket fd 6" in done.stderr
+    finally:
+        os.close(terminal)
+        os.close(peer)
+
+
+def test_logs_to_postlog_socket(conf, tmp_path):
+    postlog = tmp_path / "postlog"
+    receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    receiver.bind(str(postlog))
+    receiver.settimeout(5)
+    env = child_env(POSTLOG_SERVICE=str(postlog), POSTLOG_HOSTNAME="vm.example.org")
+    argv = echo("-t", "unix", "-o", f"maillog_file={tmp_path}/maillog",
+                "-o", "syslog_name=pm37")
+    try:
+        with StandinMaster(argv, env=env, config_dir=conf) as m:
+            assert ask(m.connect(), "!request for unapproved table") == "logged"
+            record = receiver.recv(4096).decode()
+            pid = m.pid
+    finally:
+        receiver.close()
+    pattern = (r"[A-Z][a-z]{2} \d\d \d\d:\d\d:\d\d vm "
+               rf"pm37/echo_service\[{pid}\]: warning: request for unapproved table")
+    assert re.fullmatch(pattern, record), record
+
+
+def test_logs_to_stderr_with_V(conf):
+    argv = echo("-V", "-t", "unix", "-o", "syslog_name=pm37")
+    with StandinMaster(argv, env=child_env(), config_dir=conf) as m:
+        assert ask(m.connect(), "!careful") == "logged"
+        m.close_status()
+        m.wait(5)
+        assert m.output()[1].decode().splitlines() == ["pm37/echo_service: warning: careful"]
+
+
+def _postfix_user() -> pwd.struct_passwd | None:
+    try:
+        return pwd.getpwnam("postfix")
+    except KeyError:
+        return None
+
+
+@pytest.mark.parametrize("chroot", [False, True], ids=["-u", "-u -c"])
+def test_privilege_drop(conf, tmp_path, chroot):
+    if os.geteuid() != 0:
+        pytest.skip("privilege drop needs root")
+    user = _postfix_user()
+    if user is None:
+        from tests.support.postfix import ensure_postfix
+
+        ensure_postfix()
+        user = _postfix_user()
+    queue_dir = tmp_path / "queue"
+    os.chmod(tmp_path, 0o755)
+    args = ["-t", "unix", "-u", "-o", "mail_owner=postfix"] + (["-c"] if chroot else [])
+    with StandinMaster(echo(*args), env=child_env(), config_dir=conf) as m:
+        client = m.connect()
+        uid, gid, cwd = ask(client, "@ids").split()
+        assert (int(uid), int(gid)) == (user.pw_uid, user.pw_gid)
+        assert cwd == ("/" if chroot else str(queue_dir))
+        assert os.readlink(f"/proc/{m.pid}/root") == (str(queue_dir) if chroot else "/")
+        assert ask(client, "still serving") == "still serving"
+
+
+def test_generation_is_octal_in_status(conf):
+    with StandinMaster(echo("-t", "unix"), env=child_env(), config_dir=conf,
+                       generation=0o31) as m:
+        assert ask(m.connect(), "x") == "x"
+        message = m.read_status()
+        assert (message.pid, message.generation, message.avail) == (m.pid, 25, STATUS_TAKEN)
+
+
+if sys.platform != "linux":  # /proc, SO_PEERCRED-free UNIX sockets, setproctitle
+    pytestmark = pytest.mark.skip("Linux only")
