@@ -49,6 +49,7 @@ import click
 
 from master.arbiter import EX_CONFIG, Arbiter, ArbiterError, load_configuration
 from master.control import control_path, query
+from master.mainconf import MainConfig, MainConfigError
 from master.pidfile import running_pid
 
 log = logging.getLogger("master")
@@ -105,11 +106,12 @@ def main(ctx: click.Context, config_dir: str, verbose: int) -> None:
 
 
 def _queue_directory(config_dir: str) -> str:
+    """Only main.cf: stop/reload/status must work while master.cf is being edited."""
     try:
-        main_cf, _ = load_configuration(config_dir)
-    except ArbiterError as err:
-        fail(str(err), err.exit_status)
-    return main_cf.get("queue_directory") or "/var/spool/postfix"
+        main_cf = MainConfig.load(config_dir)
+        return main_cf.get("queue_directory") or "/var/spool/postfix"
+    except MainConfigError as err:
+        fail(str(err), EX_CONFIG)
 
 
 def _pid_path(config_dir: str) -> str:
@@ -200,11 +202,20 @@ def stop(ctx: click.Context, fast: bool, timeout: float) -> None:
     pid = _running_master(ctx.obj["config_dir"])
     os.kill(pid, signal.SIGQUIT if fast else signal.SIGTERM)
     deadline = time.time() + timeout
-    while running_pid(pid_path) is not None:
+    while running_pid(pid_path) is not None or _process_exists(pid):
         if time.time() > deadline:
             fail(f"master pid {pid} still running after {timeout:.0f}s")
         time.sleep(0.05)
     click.echo(f"{PROGRAM}: stopped master pid {pid}")
+
+
+def _process_exists(pid: int) -> bool:
+    """True while pid runs (a zombie waiting for its parent counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 @main.command()
