@@ -11,11 +11,14 @@ from __future__ import annotations
 import os
 import pwd
 import re
+import shutil
 import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -333,3 +336,52 @@ def test_generation_is_octal_in_status(conf):
 
 if sys.platform != "linux":  # /proc, SO_PEERCRED-free UNIX sockets, setproctitle
     pytestmark = pytest.mark.skip("Linux only")
+
+
+@pytest.mark.postfix
+@pytest.mark.slow
+def test_under_the_real_postfix_master():
+    """Spawned by Postfix's own master(8): served, logged, replaced after a reload."""
+    from tests.support.postfix import PrivatePostfix, ensure_postfix, proc_cmdline
+
+    ensure_postfix()
+    # Not below pytest's tmp_path: that is private to root, and the workers run as postfix.
+    wrapper_dir = Path(tempfile.mkdtemp(prefix="skel-echo-"))
+    wrapper_dir.chmod(0o755)
+    wrapper = wrapper_dir / "echo_service"
+    wrapper.write_text(f"#!{sys.executable}\nimport sys\nsys.path.insert(0, {str(REPO_ROOT)!r})\n"
+                       "from tests.support.echo_service import main\nmain()\n")
+    wrapper.chmod(0o755)
+    try:
+        with warnings.catch_warnings():
+            # About an unreadable interpreter: harmless, the echo imports all up front.
+            warnings.simplefilter("ignore", UserWarning)
+            with PrivatePostfix(proxymap_program=wrapper) as pf:
+                worker, maillog = _serve_reload_and_serve(pf, proc_cmdline)
+    finally:
+        shutil.rmtree(wrapper_dir, ignore_errors=True)
+    assert re.search(rf"postfix/proxymap\[{worker}\]: warning: from the child$", maillog, re.M)
+    problems = [line for line in maillog.splitlines()
+                if "postfix/master" in line and "warning" in line]
+    assert problems == []
+
+
+def _serve_reload_and_serve(pf, proc_cmdline) -> tuple[int, str]:
+    path = str(pf.socket_path("proxymap"))
+    old = socket.socket(socket.AF_UNIX)
+    old.settimeout(5)
+    old.connect(path)
+    assert ask(old, "@service") == "proxymap"
+    assert ask(old, "!from the child") == "logged"
+    [worker] = pf.worker_pids("proxymap")
+    assert proc_cmdline(worker) == ["proxymap", "-t", "unix", "-d", "-u"]
+    pf.reload()
+    # The reload closes the old status socket: the old child exits, dropping its client.
+    assert old.recv(10) == b""
+    new = socket.socket(socket.AF_UNIX)
+    new.settimeout(5)
+    new.connect(path)
+    assert ask(new, "after reload") == "after reload"
+    assert worker not in pf.worker_pids("proxymap")
+    time.sleep(0.3)  # let postlogd write the last records
+    return worker, pf.maillog()
