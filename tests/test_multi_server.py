@@ -385,3 +385,36 @@ def _serve_reload_and_serve(pf, proc_cmdline) -> tuple[int, str]:
     assert worker not in pf.worker_pids("proxymap")
     time.sleep(0.3)  # let postlogd write the last records
     return worker, pf.maillog()
+
+
+def test_ipc_timeout_drops_a_client_that_stops_reading(conf):
+    argv = echo("-t", "unix", "-o", "ipc_timeout=1", "-o", "max_use=1")
+    with StandinMaster(argv, env=child_env(), config_dir=conf) as m:
+        client = m.connect()
+        assert ask(client, "ready") == "ready"
+        # Far more answers than the socket buffers hold, and never read them.
+        client.setblocking(False)
+        payload = b"x" * 1000 + b"\n"
+        deadline = time.monotonic() + 5
+        sent = 0
+        while sent < 8_000_000 and time.monotonic() < deadline:
+            try:
+                sent += client.send(payload)
+            except BlockingIOError:
+                time.sleep(0.01)
+            except OSError:
+                break
+        # The stalled connection is aborted after ipc_timeout; max_use=1 then ends it.
+        assert m.wait(10) == 0
+        client.close()
+
+
+def test_ipc_timeout_drops_a_client_stalled_in_a_request(conf):
+    argv = echo("-t", "unix", "-o", "ipc_timeout=1", "-o", "max_use=1")
+    with StandinMaster(argv, env=child_env(), config_dir=conf) as m:
+        client = m.connect()
+        client.sendall(b"no end of line")
+        started = time.monotonic()
+        assert m.wait(10) == 0
+        assert 0.8 < time.monotonic() - started < 3.0
+        assert client.recv(10) == b""

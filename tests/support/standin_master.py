@@ -21,7 +21,8 @@ DESCRIPTION
 
       fd 3, 4   both ends of a pipe (the master's flow-control pipe)
       fd 5      one end of a socketpair(AF_UNIX, SOCK_STREAM); the stand-in keeps the
-                other end and decodes the 12-byte status messages read from it
+                other end, and a thread reads and decodes the 12-byte status messages
+                as they come (``read_status`` takes them in order)
       fd 6      a listening, non-blocking AF_UNIX stream socket at ``socket_path``
                 (the stand-in keeps it open too, like the master, so connections the
                 child did not accept stay in the backlog: see ``accept_pending``)
@@ -51,13 +52,13 @@ from __future__ import annotations
 
 import fcntl
 import os
-import select
+import queue
 import shutil
 import socket
 import subprocess
 import sys
 import tempfile
-import time
+import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -167,6 +168,8 @@ class StandinMaster:
                 os.close(fd)
             if child_status is not None:
                 child_status.close()
+        if self.status is not None:
+            self._start_status_reader()
         return self
 
     def stop(self) -> None:
@@ -174,10 +177,10 @@ class StandinMaster:
             self.child.kill()
         if self.child is not None:
             self._collect_output(timeout=5)
-        for sock in (self.status, self.listener):
-            if sock is not None:
-                sock.close()
-        self.status = self.listener = None
+        self.close_status()
+        if self.listener is not None:
+            self.listener.close()
+        self.listener = None
         if self._tempdir is not None:
             shutil.rmtree(self._tempdir, ignore_errors=True)
             self._tempdir = None
@@ -225,38 +228,62 @@ class StandinMaster:
 
     # -- status socket ---------------------------------------------------------------
 
+    def _start_status_reader(self) -> None:
+        """Read status messages as they come, like the master: a child whose status
+        writes are not read would block once the socket buffer is full."""
+        self._messages: queue.Queue[StatusMessage | None] = queue.Queue()
+
+        def reader(sock: socket.socket, messages: queue.Queue) -> None:
+            data = b""
+            while True:
+                try:
+                    chunk = sock.recv(4096)
+                except OSError:
+                    chunk = b""
+                if not chunk:
+                    messages.put(None)
+                    return
+                data += chunk
+                while len(data) >= STATUS_SIZE:
+                    messages.put(unpack_status(data[:STATUS_SIZE]))
+                    data = data[STATUS_SIZE:]
+
+        self._reader = threading.Thread(target=reader, args=(self.status, self._messages),
+                                        daemon=True)
+        self._reader.start()
+
     def read_status(self, timeout: float = 5.0) -> StatusMessage:
         """The next 12-byte status message (TimeoutError / EOFError otherwise)."""
-        assert self.status is not None, "child has no status fd"
-        data = b""
-        deadline = time.monotonic() + timeout
-        while len(data) < STATUS_SIZE:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or not select.select([self.status], [], [], remaining)[0]:
-                raise TimeoutError(f"no status message within {timeout}s (got {data!r})")
-            chunk = self.status.recv(STATUS_SIZE - len(data))
-            if not chunk:
-                raise EOFError(f"status socket closed (got {data!r})")
-            data += chunk
-        return unpack_status(data)
+        assert self.with_status_fd, "child has no status fd"
+        try:
+            message = self._messages.get(timeout=timeout)
+        except queue.Empty:
+            raise TimeoutError(f"no status message within {timeout}s") from None
+        if message is None:
+            self._messages.put(None)  # stays at end of stream
+            raise EOFError("status socket closed")
+        return message
 
     def expect_no_status(self, timeout: float = 0.3) -> bool:
-        """True when nothing arrives on the status socket within timeout."""
-        assert self.status is not None, "child has no status fd"
-        readable = select.select([self.status], [], [], timeout)[0]
-        if not readable:
-            return True
-        self.status.setblocking(False)
+        """True when no status message arrives within timeout (end of stream counts)."""
+        assert self.with_status_fd, "child has no status fd"
         try:
-            return self.status.recv(1, socket.MSG_PEEK) == b""
-        except BlockingIOError:
+            message = self._messages.get(timeout=timeout)
+        except queue.Empty:
             return True
-        finally:
-            self.status.setblocking(True)
+        if message is None:
+            self._messages.put(None)
+            return True
+        return False
 
     def close_status(self) -> None:
         """Close the master end of fd 5, as a reload or a dying master does."""
         if self.status is not None:
+            try:
+                self.status.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            self._reader.join(timeout=5)
             self.status.close()
             self.status = None
 
