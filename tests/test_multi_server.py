@@ -27,6 +27,8 @@ from master.status import STATUS_AVAIL, STATUS_TAKEN, parse_generation
 from tests.support.standin_master import REPO_ROOT, StandinMaster, python_module
 
 ECHO = "tests.support.echo_service"
+# The core behaviour is checked with both event loops the skeleton can use.
+EVENT_LOOPS = pytest.mark.parametrize("event_loop", ["asyncio", "uvloop"])
 
 
 @pytest.fixture
@@ -70,9 +72,10 @@ def wait_gone(master: StandinMaster, timeout: float) -> float:
     return time.monotonic() - started
 
 
-def test_status_messages_per_request(conf):
+@EVENT_LOOPS
+def test_status_messages_per_request(conf, event_loop):
     generation = 0o123
-    with StandinMaster(echo("-t", "unix"), env=child_env(), config_dir=conf,
+    with StandinMaster(echo("-t", "unix"), env=child_env(PYPROXYMAP_EVENT_LOOP=event_loop), config_dir=conf,
                        generation=generation) as m:
         client = m.connect()
         assert ask(client, "hello") == "hello"
@@ -88,8 +91,9 @@ def test_status_messages_per_request(conf):
         assert m.expect_no_status(0.3)
 
 
-def test_max_use_counts_closed_connections(conf):
-    with StandinMaster(echo("-t", "unix", "-o", "max_use=3"), env=child_env(),
+@EVENT_LOOPS
+def test_max_use_counts_closed_connections(conf, event_loop):
+    with StandinMaster(echo("-t", "unix", "-o", "max_use=3"), env=child_env(PYPROXYMAP_EVENT_LOOP=event_loop),
                        config_dir=conf) as m:
         for number in range(1, 4):
             client = m.connect()
@@ -129,8 +133,9 @@ def test_max_idle_without_clients(conf):
         assert 1.0 <= elapsed < 4.0
 
 
-def test_max_idle_does_not_run_while_a_client_is_connected(conf):
-    with StandinMaster(echo("-t", "unix", "-i", "1"), env=child_env(), config_dir=conf) as m:
+@EVENT_LOOPS
+def test_max_idle_does_not_run_while_a_client_is_connected(conf, event_loop):
+    with StandinMaster(echo("-t", "unix", "-i", "1"), env=child_env(PYPROXYMAP_EVENT_LOOP=event_loop), config_dir=conf) as m:
         client = m.connect()
         assert ask(client, "ready") == "ready"
         time.sleep(2.0)
@@ -139,8 +144,9 @@ def test_max_idle_does_not_run_while_a_client_is_connected(conf):
         assert 0.8 <= wait_gone(m, 5) < 2.0
 
 
-def test_master_end_closed_exits_with_client_connected(conf):
-    with StandinMaster(echo("-t", "unix"), env=child_env(), config_dir=conf) as m:
+@EVENT_LOOPS
+def test_master_end_closed_exits_with_client_connected(conf, event_loop):
+    with StandinMaster(echo("-t", "unix"), env=child_env(PYPROXYMAP_EVENT_LOOP=event_loop), config_dir=conf) as m:
         client = m.connect()
         assert ask(client, "hi") == "hi"
         m.close_status()
@@ -148,9 +154,10 @@ def test_master_end_closed_exits_with_client_connected(conf):
         assert client.recv(10) == b""
 
 
-def test_pre_accept_exit_leaves_connection_in_backlog(conf):
+@EVENT_LOOPS
+def test_pre_accept_exit_leaves_connection_in_backlog(conf, event_loop):
     argv = echo("-t", "unix", "-o", "echo_exit_before_accept=yes")
-    with StandinMaster(argv, env=child_env(), config_dir=conf) as m:
+    with StandinMaster(argv, env=child_env(PYPROXYMAP_EVENT_LOOP=event_loop), config_dir=conf) as m:
         time.sleep(0.5)  # let the child reach its event loop
         client = m.connect()
         client.sendall(b"pending\n")
@@ -387,9 +394,11 @@ def _serve_reload_and_serve(pf, proc_cmdline) -> tuple[int, str]:
     return worker, pf.maillog()
 
 
-def test_ipc_timeout_drops_a_client_that_stops_reading(conf):
+@EVENT_LOOPS
+def test_ipc_timeout_drops_a_client_that_stops_reading(conf, event_loop):
     argv = echo("-t", "unix", "-o", "ipc_timeout=1", "-o", "max_use=1")
-    with StandinMaster(argv, env=child_env(), config_dir=conf) as m:
+    env = child_env(PYPROXYMAP_EVENT_LOOP=event_loop)
+    with StandinMaster(argv, env=env, config_dir=conf) as m:
         client = m.connect()
         assert ask(client, "ready") == "ready"
         # Far more answers than the socket buffers hold, and never read them.
@@ -409,9 +418,11 @@ def test_ipc_timeout_drops_a_client_that_stops_reading(conf):
         client.close()
 
 
-def test_ipc_timeout_drops_a_client_stalled_in_a_request(conf):
+@EVENT_LOOPS
+def test_ipc_timeout_drops_a_client_stalled_in_a_request(conf, event_loop):
     argv = echo("-t", "unix", "-o", "ipc_timeout=1", "-o", "max_use=1")
-    with StandinMaster(argv, env=child_env(), config_dir=conf) as m:
+    env = child_env(PYPROXYMAP_EVENT_LOOP=event_loop)
+    with StandinMaster(argv, env=env, config_dir=conf) as m:
         client = m.connect()
         client.sendall(b"no end of line")
         started = time.monotonic()
