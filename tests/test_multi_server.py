@@ -8,6 +8,7 @@ exit conditions, timers, options, logging and the process title.
 
 from __future__ import annotations
 
+import logging
 import os
 import pwd
 import re
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from master import log as postfix_log
 from master.status import STATUS_AVAIL, STATUS_TAKEN, parse_generation
 from tests.support.standin_master import REPO_ROOT, StandinMaster, python_module
 
@@ -429,3 +431,72 @@ def test_ipc_timeout_drops_a_client_stalled_in_a_request(conf, event_loop):
         assert m.wait(10) == 0
         assert 0.8 < time.monotonic() - started < 3.0
         assert client.recv(10) == b""
+
+
+# -- logging, in process -------------------------------------------------------
+
+
+@pytest.fixture
+def datagram_receiver(tmp_path):
+    path = tmp_path / "log-socket"
+    receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    receiver.bind(str(path))
+    receiver.settimeout(2)
+    yield path, receiver
+    receiver.close()
+
+
+def _record(level: int, message: str) -> logging.LogRecord:
+    return logging.LogRecord("proxymap", level, __file__, 1, message, (), None)
+
+
+def test_postlog_record_format_and_limit(datagram_receiver):
+    path, receiver = datagram_receiver
+    handler = postfix_log.PostlogHandler(str(path), "pm37/proxymap", "vm.example.org")
+    handler.setFormatter(postfix_log.PostfixFormatter())
+    try:
+        for level, text in [(logging.INFO, "table x has changed -- restarting"),
+                            (logging.WARNING, "w"), (logging.ERROR, "e"),
+                            (postfix_log.FATAL, "f"), (postfix_log.PANIC, "p"),
+                            (logging.WARNING, "y" * 3000)]:
+            handler.emit(_record(level, text))
+        records = [receiver.recv(8192).decode() for _ in range(6)]
+    finally:
+        handler.close()
+    head = rf"[A-Z][a-z]{{2}} \d\d \d\d:\d\d:\d\d vm pm37/proxymap\[{os.getpid()}\]: "
+    tails = ["table x has changed -- restarting", "warning: w", "error: e", "fatal: f",
+             "panic: p", "warning: " + "y" * (2000 - len("warning: "))]
+    for record, tail in zip(records, tails, strict=True):
+        assert re.fullmatch(head + re.escape(tail), record), record
+
+
+def test_syslog_record_format(datagram_receiver):
+    path, receiver = datagram_receiver
+    handler = postfix_log.SyslogHandler("postfix/proxymap", facility=2, path=str(path))
+    handler.setFormatter(postfix_log.PostfixFormatter())
+    try:
+        handler.emit(_record(logging.WARNING, "careful"))
+        handler.emit(_record(logging.INFO, "fyi"))
+        warning, info = receiver.recv(4096).decode(), receiver.recv(4096).decode()
+    finally:
+        handler.close()
+    stamp = r"[A-Z][a-z]{2} [ \d]\d \d\d:\d\d:\d\d"
+    assert re.fullmatch(rf"<20>{stamp} postfix/proxymap\[{os.getpid()}\]: warning: careful",
+                        warning), warning
+    assert re.fullmatch(rf"<22>{stamp} postfix/proxymap\[{os.getpid()}\]: fyi", info), info
+
+
+def test_postlog_socket_missing_then_appearing(tmp_path):
+    path = tmp_path / "late"
+    handler = postfix_log.PostlogHandler(str(path), "postfix/x", "h")
+    handler.setFormatter(postfix_log.PostfixFormatter())
+    handler.emit(_record(logging.WARNING, "dropped"))   # nobody listens: no error
+    receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    receiver.bind(str(path))
+    receiver.settimeout(2)
+    try:
+        handler.emit(_record(logging.WARNING, "delivered"))
+        assert receiver.recv(4096).endswith(b"postfix/x[%d]: warning: delivered" % os.getpid())
+    finally:
+        handler.close()
+        receiver.close()
