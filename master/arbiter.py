@@ -66,7 +66,6 @@ import os
 import selectors
 import signal
 import socket
-import struct
 import time
 from collections.abc import Iterable
 
@@ -86,6 +85,7 @@ from master.masterconf import (
 from master.pidfile import AlreadyRunning, PidFile
 from master.sdnotify import Notifier
 from master.spawn import ChildFds, spawn_child
+from master.status import STATUS_SIZE, unpack_status
 
 log = logging.getLogger("master")
 
@@ -96,8 +96,6 @@ DEFAULT_STOP_TIMEOUT = 10.0
 # A pre-forked worker that exits 0 sooner than this, unused, is replaced only later.
 QUICK_EXIT = 1.0
 RESPAWN_DELAY = 1.0
-# 12-byte status record (PROTOCOLS.md 4.4): pid, generation, avail, native order.
-STATUS_RECORD = struct.Struct("=iIi")
 MASTER_VERSION = "pyproxymap master"
 
 
@@ -160,7 +158,8 @@ class Arbiter:
                                EX_CONFIG)
         try:
             self.owner = owner_ids(main.get("mail_owner") or "postfix")
-            prepare_queue_directory(self.queue_directory, self.owner)
+            prepare_queue_directory(self.queue_directory, self.owner,
+                                    main.get("data_directory"))
         except OSError as err:
             raise ArbiterError(f"queue directory {self.queue_directory}: {err}") from None
         self.pidfile = PidFile(os.path.join(self.queue_directory, "pid", "master.pid"))
@@ -358,18 +357,17 @@ class Arbiter:
 
     def _read_status(self, service: ServiceState) -> None:
         try:
-            data = service.status_master.recv(STATUS_RECORD.size * 64)
+            data = service.status_master.recv(STATUS_SIZE * 64)
         except BlockingIOError:
             return
         except OSError as err:
             log.warning("service %s: read status: %s", service.entry.name, err.strerror)
             return
         buffer = service.status_buffer + data
-        size = STATUS_RECORD.size
-        whole = len(buffer) - len(buffer) % size
-        for offset in range(0, whole, size):
-            pid, generation, avail = STATUS_RECORD.unpack_from(buffer, offset)
-            problem = service.status_update(pid, generation, avail)
+        whole = len(buffer) - len(buffer) % STATUS_SIZE
+        for offset in range(0, whole, STATUS_SIZE):
+            message = unpack_status(buffer[offset : offset + STATUS_SIZE])
+            problem = service.status_update(*message)
             if problem:
                 log.info("%s", problem)
         service.status_buffer = buffer[whole:]

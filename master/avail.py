@@ -37,9 +37,7 @@ import time
 from dataclasses import dataclass, field
 
 from master.masterconf import ServiceEntry
-
-STATUS_TAKEN = 0
-STATUS_AVAIL = 1
+from master.status import STATUS_AVAIL, STATUS_TAKEN
 
 
 @dataclass

@@ -26,9 +26,12 @@ DESCRIPTION
     status    the live state from the master's control socket
               (``$queue_directory/pid/master.ctl``): services, workers, generations,
               idle/busy, use counts.
-    check     parse main.cf and master.cf (errors name file and line), check every
-              command exists in daemon_directory, and ask each proxymap/proxywrite worker
-              for its approved tables (``<command> -S -n export-proxy-<service>``).
+    check     parse main.cf and master.cf (errors name file and line), create missing
+              queue directories (as ``postfix check`` does), check every command exists
+              in daemon_directory, ask each proxymap/proxywrite worker for its approved
+              tables (``<command> -S -n export-proxy-<service>``; without export mode,
+              as in Postfix 3.7, the proxy: entries of main.cf) and have the worker open
+              each one (a lookup in stand-alone mode, ``-S``).
 
 EXIT STATUS
     0 success; 1 failure; 3 (status) no master running; 75 another master runs;
@@ -47,46 +50,29 @@ import time
 
 import click
 
+from master import log as postfix_log
 from master.arbiter import EX_CONFIG, Arbiter, ArbiterError, load_configuration
 from master.control import control_path, query
+from master.listen import owner_ids, prepare_queue_directory
 from master.mainconf import MainConfig, MainConfigError
 from master.pidfile import running_pid
 
 log = logging.getLogger("master")
 
 PROGRAM = "proxymap-master"
+# The tag is <syslog_name>/master, as for Postfix's master: log watchers know it.
+PROCESS_NAME = "master"
 NOT_RUNNING = 3
 EXPORT_TIMEOUT = 30.0
 
 
-class PostfixStyleFormatter(logging.Formatter):
-    """``proxymap-master[pid]: warning: text`` -- the level as Postfix prints it."""
-
-    PREFIX = {logging.WARNING: "warning: ", logging.ERROR: "error: ",
-              logging.CRITICAL: "fatal: "}
-
-    def format(self, record: logging.LogRecord) -> str:
-        level = self.PREFIX.get(record.levelno, "")
-        return f"{PROGRAM}[{os.getpid()}]: {level}{record.getMessage()}"
-
-
-def setup_logging(verbose: int, *, to_stderr: bool, maillog_file: str = "") -> None:
-    """Foreground: stderr. Detached: maillog_file when set, else syslog when present."""
-    handler: logging.Handler
-    if to_stderr:
-        handler = logging.StreamHandler(sys.stderr)
-    elif maillog_file:
-        handler = logging.FileHandler(maillog_file)
-    elif os.path.exists("/dev/log"):
-        from logging.handlers import SysLogHandler
-
-        handler = SysLogHandler("/dev/log", facility=SysLogHandler.LOG_MAIL)
+def setup_logging(config: MainConfig | None, verbose: int, *, to_stderr: bool) -> None:
+    """Postfix-style records (``master.log``): syslog or postlog, plus stderr in front."""
+    if config is None:
+        postfix_log.setup_early(PROCESS_NAME, stderr=to_stderr, verbose=verbose,
+                                tag_with_logtag=True)
     else:
-        handler = logging.NullHandler()
-    handler.setFormatter(PostfixStyleFormatter())
-    log.handlers[:] = [handler]
-    log.setLevel(logging.DEBUG if verbose else logging.INFO)
-    log.propagate = False
+        postfix_log.setup(PROCESS_NAME, config, stderr=to_stderr, verbose=verbose)
 
 
 def fail(message: str, status: int = 1) -> None:
@@ -156,12 +142,13 @@ def _first_key(path: str) -> str | None:
 def start(ctx: click.Context, daemon: bool) -> None:
     """Run the master (foreground unless --daemon)."""
     config_dir, verbose = ctx.obj["config_dir"], ctx.obj["verbose"]
-    setup_logging(verbose, to_stderr=True)
+    setup_logging(None, verbose, to_stderr=True)
     arbiter = Arbiter(config_dir, foreground=not daemon, verbose=verbose)
     try:
         arbiter.setup()
     except ArbiterError as err:
         fail(str(err), err.exit_status)
+    setup_logging(arbiter.main, verbose, to_stderr=not daemon)
     for line in _usage_hint(arbiter):
         click.echo(f"{PROGRAM}: {line}", err=True)
     if not daemon:
@@ -176,7 +163,7 @@ def start(ctx: click.Context, daemon: bool) -> None:
         working_directory="/",
     )
     with context:
-        setup_logging(verbose, to_stderr=False, maillog_file=arbiter.main.get("maillog_file", ""))
+        setup_logging(arbiter.main, verbose, to_stderr=False)
         sys.exit(arbiter.run())
 
 
@@ -294,17 +281,70 @@ def _export_tables(path: str, service: str, config_dir: str) -> tuple[bool, str]
     return True, done.stdout.decode(errors="replace")
 
 
+# proxymap reply status codes (PROTOCOLS.md 2.4), for readable check output.
+_STATUS_NAMES = {"0": "ok", "1": "no such key", "2": "try again", "3": "bad request",
+                 "4": "not approved", "5": "table configuration error"}
+
+
+# What postmap -q sends as lookup flags: UTF8_REQUEST | LOCK | DUP_WARN.
+_LOOKUP_FLAGS = b"524353"
+_PROBE_KEY = b"pyproxymap-check-probe"
+
+
+def _open_table(path: str, service: str, table: str, config_dir: str) -> str:
+    """One lookup by the worker in stand-alone mode (-S); the status, in words.
+
+    A lookup rather than an ``open``: Postfix opens a broken table as a surrogate that
+    fails only when used. The request is the null-terminated attribute list of a 3.7
+    client (``request lookup table <name> flags <f> key <probe>``); the first reply
+    attribute is the status; "ok" or "no such key" both mean the table works.
+    """
+    request = b"".join(part + b"\0" for part in (
+        b"request", b"lookup", b"table", table.encode(), b"flags", _LOOKUP_FLAGS,
+        b"key", _PROBE_KEY)) + b"\0"
+    env = {"MAIL_CONFIG": config_dir, "LANG": "C"}
+    try:
+        done = subprocess.run([path, "-S", "-n", service], input=request, capture_output=True,
+                              env=env, timeout=EXPORT_TIMEOUT, check=False)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        return f"cannot run {path}: {err}"
+    fields = done.stdout.split(b"\0")
+    if len(fields) >= 2 and fields[0] == b"status":
+        code = fields[1].decode(errors="replace").strip()
+        return _STATUS_NAMES.get(code, f"status {code}")
+    return f"no reply (exit {done.returncode})"
+
+
+def _approved_from_main_cf(main_cf: MainConfig, service: str) -> list[str]:
+    """The proxy:-prefixed elements of proxy_read_maps/proxy_write_maps, prefix removed."""
+    parameter = "proxy_write_maps" if service == "proxywrite" else "proxy_read_maps"
+    tables = []
+    for element in main_cf.get(parameter, "").replace(",", " ").split():
+        if element.startswith("proxy:"):
+            while element.startswith("proxy:"):
+                element = element[len("proxy:"):]
+            tables.append(element)
+    return sorted(set(tables))
+
+
 @main.command()
 @click.pass_context
 def check(ctx: click.Context) -> None:
     """Validate main.cf, master.cf, commands and approved tables."""
     config_dir = ctx.obj["config_dir"]
-    setup_logging(0, to_stderr=True)
+    setup_logging(None, 0, to_stderr=True)
     try:
         main_cf, entries = load_configuration(config_dir)
     except ArbiterError as err:
         fail(str(err), err.exit_status)
     problems = 0
+    # Like `postfix check`, create what is missing: workers chdir to queue_directory.
+    try:
+        queue_directory = main_cf.get("queue_directory") or "/var/spool/postfix"
+        owner = owner_ids(main_cf.get("mail_owner") or "postfix")
+        prepare_queue_directory(queue_directory, owner, main_cf.get("data_directory"))
+    except OSError as err:
+        fail(f"queue directory: {err}")
     daemon_directory = main_cf.get("daemon_directory") or "/usr/lib/postfix/sbin"
     for entry in entries:
         path = entry.executable(daemon_directory)
@@ -317,11 +357,18 @@ def check(ctx: click.Context) -> None:
         if entry.name not in ("proxymap", "proxywrite"):
             continue
         exported, text = _export_tables(path, entry.name, config_dir)
-        if not exported:
-            click.echo(f"  (cannot list approved tables: {text})")
-            continue
-        for table in text.splitlines():
-            click.echo(f"  approved: {table}")
+        if exported:
+            tables = text.splitlines()
+        else:
+            # e.g. a Postfix 3.7 proxymap: no export mode; approximate from main.cf
+            click.echo(f"  (worker cannot list its approved tables: {text};"
+                       " using the proxy: entries of main.cf)")
+            tables = _approved_from_main_cf(main_cf, entry.name)
+        for table in tables:
+            outcome = _open_table(path, entry.name, table, config_dir)
+            click.echo(f"  approved: {table}: {outcome}")
+            if outcome not in ("ok", "no such key"):
+                problems += 1
     if problems:
         fail(f"{problems} problem(s) in {config_dir}", EX_CONFIG)
     click.echo(f"{PROGRAM}: {config_dir}: configuration ok")

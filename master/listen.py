@@ -4,7 +4,7 @@ NAME
     listen -- create the unix-domain and inet listen sockets of master.cf services
 
 SYNOPSIS
-    prepare_queue_directory(queue_directory, mail_owner)
+    prepare_queue_directory(queue_directory, owner_ids(mail_owner), data_directory)
     sock = open_listener(entry, queue_directory, backlog, owner)
 
 DESCRIPTION
@@ -56,8 +56,14 @@ def _make_directory(path: str, mode: int, owner: tuple[int, int] | None) -> None
         os.chown(path, *owner)
 
 
-def prepare_queue_directory(queue_directory: str, owner: tuple[int, int] | None) -> None:
-    """Create queue_directory, private/, public/ and pid/ when missing (fresh checkout)."""
+def prepare_queue_directory(queue_directory: str, owner: tuple[int, int] | None,
+                            data_directory: str | None = None) -> None:
+    """Create queue_directory, private/, public/, pid/ (and data_directory, mail_owner's,
+    mode 0700, where proxywrite keeps its tables) when missing: a fresh checkout works."""
+    if data_directory:
+        os.makedirs(data_directory, mode=0o700, exist_ok=True)
+        if owner is not None:
+            os.chown(data_directory, *owner)
     os.makedirs(queue_directory, mode=0o755, exist_ok=True)
     _make_directory(os.path.join(queue_directory, "private"), 0o700, owner)
     _make_directory(os.path.join(queue_directory, "public"), 0o755, owner)

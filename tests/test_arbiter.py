@@ -537,3 +537,16 @@ def test_second_master_refused_and_daemon_mode(instance_factory):
     assert echo(connect(pf, "holder")) == b"ping"
     assert pf.cli("stop").returncode == 0
     assert not alive(master_pid)
+
+
+def test_check_opens_every_approved_table_through_the_worker(instance_factory):
+    """`check` with the C 3.7 proxymap (no export mode): tables from main.cf, opened by -S."""
+    pf = instance_factory("proxymap unix - - n - - proxymap\n")
+    good = pf.cli("check")
+    assert good.returncode == 0, good.stdout + good.stderr
+    assert f"approved: {pf.table}: no such key" in good.stdout
+    pf.write_main_cf(f"proxy_read_maps = proxy:{pf.table} proxy:texthash:{pf.tables}/absent\n")
+    bad = pf.cli("check")
+    assert bad.returncode == 78
+    assert f"approved: {pf.table}: no such key" in bad.stdout
+    assert f"approved: texthash:{pf.tables}/absent: try again" in bad.stdout
