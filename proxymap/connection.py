@@ -41,7 +41,9 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
+from typing import TYPE_CHECKING
 
+from master.multi_server import ClientProtocol
 from proxymap import attr
 from proxymap.protocol import (
     ANNOUNCEMENT,
@@ -53,14 +55,9 @@ from proxymap.protocol import (
     reply_to_truncated,
 )
 
-try:
-    from master.multi_server import ClientProtocol
-except ImportError:  # the skeleton is being written; a bare protocol until it lands
-
-    class ClientProtocol(asyncio.Protocol):  # type: ignore[no-redef]
-        def __init__(self, server) -> None:
-            self.server = server
-
+if TYPE_CHECKING:
+    from master.multi_server import MultiServer
+    from proxymap.handler import RequestHandler
 
 log = logging.getLogger("proxymap")
 
@@ -71,13 +68,11 @@ REQUEST_DEADLINE = 1.0
 class ProxymapProtocol(ClientProtocol):
     """Serves one client: strictly one reply per request, in request order."""
 
-    def __init__(self, server, handler, stream: str) -> None:
+    def __init__(self, server: MultiServer, handler: RequestHandler, stream: str) -> None:
         super().__init__(server)
-        self.server = server
         self.handler = handler
         self.stream = stream
         self.decoder = attr.AttrDecoder()
-        self.transport: asyncio.Transport | None = None
         self._queue: deque[attr.Pairs] = deque()  # received, waiting behind a slow request
         self._slow: asyncio.Future | None = None
         self._deadline: asyncio.TimerHandle | None = None
@@ -86,10 +81,9 @@ class ProxymapProtocol(ClientProtocol):
         self._closed = False
 
     # --- asyncio.Protocol ----------------------------------------------------------------
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
-        self.transport = transport
-        transport.write(ANNOUNCEMENT)
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)  # sets self.transport, counts the connection
+        transport.write(ANNOUNCEMENT)  # type: ignore[attr-defined]
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True

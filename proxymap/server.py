@@ -47,6 +47,7 @@ import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, BinaryIO
 
+from master.log import fatal
 from proxymap import attr
 from proxymap.approval import approved_tables
 from proxymap.connection import ProxymapProtocol
@@ -109,8 +110,7 @@ class ProxymapService:
         try:
             self.service_name, export = parse_service_name(server.service_name)
         except ServiceNameError as exc:
-            fatal(server, str(exc))
-            return
+            fatal("%s", exc, logger="proxymap")
         approved = approved_tables(server.config, self.service_name, export_all=bool(export))
         if export is not None:
             out = sys.stdout
@@ -214,13 +214,6 @@ def _await_privately(awaitable) -> Reply:
         return loop.run_until_complete(wait())
     finally:
         loop.close()
-
-
-def fatal(server: MultiServer, text: str) -> None:
-    """Log at fatal level and exit 1, through the skeleton's logging."""
-    log.critical(text)
-    server.exit(1)
-    raise SystemExit(1)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -42,11 +42,21 @@ class SlowTable(Table):
 
 
 class RecordingServer:
-    """What the skeleton gives a protocol: TAKEN/AVAIL bookkeeping (recorded)."""
+    """What MultiServer gives a protocol: TAKEN/AVAIL and connection bookkeeping (recorded)."""
+
+    ipc_timeout = 3600
 
     def __init__(self):
         self.events: list[str] = []
         self.busy = 0
+        self.connections = 0
+        self.loop = asyncio.get_event_loop()
+
+    def _connection_made(self, protocol):
+        self.connections += 1
+
+    def _connection_lost(self, protocol):
+        self.connections -= 1
 
     def request_started(self):
         self.busy += 1

@@ -20,14 +20,7 @@ from proxymap.connection import ProxymapProtocol
 from proxymap.handler import RequestHandler
 from proxymap.protocol import stream_name
 from proxymap.query import main
-
-
-class NullServer:
-    def request_started(self):
-        pass
-
-    def request_done(self):
-        pass
+from tests.test_connection import RecordingServer
 
 
 class LiveServer:
@@ -43,7 +36,7 @@ class LiveServer:
         self.thread = threading.Thread(target=self._run, daemon=True)
 
     def _factory(self):
-        protocol = ProxymapProtocol(NullServer(), self.handler, self.stream)
+        protocol = ProxymapProtocol(RecordingServer(), self.handler, self.stream)
         feed = protocol.data_received
 
         def recording(data: bytes) -> None:
