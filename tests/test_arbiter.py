@@ -12,6 +12,7 @@ readable (master gone or reloaded). ``holder crash`` exits 1 at once.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -550,3 +551,131 @@ def test_check_opens_every_approved_table_through_the_worker(instance_factory):
     assert bad.returncode == 78
     assert f"approved: {pf.table}: no such key" in bad.stdout
     assert f"approved: texthash:{pf.tables}/absent: try again" in bad.stdout
+
+
+# ---------------------------------------------------------------------------
+# 4. Differential: what a child gets from the real master and from ours
+# ---------------------------------------------------------------------------
+
+RECORDER_C = r"""
+#include <limits.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+extern char **environ;
+int main(int argc, char **argv) {
+    char dir[PATH_MAX], path[PATH_MAX + 32], byte;
+    ssize_t n = readlink("/proc/self/exe", dir, sizeof dir - 16);
+    dir[n] = 0;
+    strcpy(strrchr(dir, '/'), "/records");
+    snprintf(path, sizeof path, "%s/%d", dir, (int) getpid());
+    FILE *out = fopen(path, "w");
+    for (int i = 0; i < argc; i++) fprintf(out, "argv %s\n", argv[i]);
+    for (char **e = environ; *e; e++) fprintf(out, "env %s\n", *e);
+    for (int fd = 0; fd < 12; fd++) {
+        struct stat st;
+        if (fstat(fd, &st) == 0) fprintf(out, "fd %d %o\n", fd, (unsigned) (st.st_mode & S_IFMT));
+    }
+    fclose(out);
+    (void) read(5, &byte, 1);   /* until the master goes away or reloads */
+    return 0;
+}
+"""
+
+DIFFERENTIAL_MASTER_CF = """\
+proxymap   unix  -  -  n  -  -  recorder
+proxywrite unix  -  -  n  -  1  recorder
+pubsvc     unix  n  n  y  -  0  recorder -o { name = two words } plain
+lim        unix  -  n  n  -  3  recorder -v
+{inet}     inet  n  n  n  -  2  recorder
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def read_records(directory: Path) -> dict[str, dict]:
+    """One record per service, keyed by the -n value (or argv[0])."""
+    records = {}
+    for path in directory.iterdir():
+        lines = path.read_text().splitlines()
+        argv = [line[5:] for line in lines if line.startswith("argv ")]
+        env = dict(line[4:].split("=", 1) for line in lines if line.startswith("env "))
+        fds = dict(line[3:].split() for line in lines if line.startswith("fd "))
+        name = argv[argv.index("-n") + 1] if "-n" in argv else argv[0]
+        records[name] = {"argv": argv, "env": env, "fds": fds}
+    return records
+
+
+def poke_every_service(root: Path, port: int) -> None:
+    """A waiting client makes the real master spawn (it never pre-forks)."""
+    for path in (root / "queue" / "private").iterdir():
+        with contextlib.suppress(OSError):
+            socket.socket(socket.AF_UNIX).connect(str(path))
+    for path in (root / "queue" / "public").iterdir():
+        with contextlib.suppress(OSError):
+            socket.socket(socket.AF_UNIX).connect(str(path))
+    with contextlib.suppress(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=2)
+
+
+def test_children_get_the_same_argv_env_and_fds_as_from_the_real_master(instance_factory):
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        pytest.skip("no C compiler for the recorder child")
+    port = free_port()
+    master_cf = DIFFERENTIAL_MASTER_CF.replace("{inet}", f"127.0.0.1:{port}")
+    pf = instance_factory(master_cf, "pyproxymap_prefork = 1\n")
+    source = pf.root / "recorder.c"
+    source.write_text(RECORDER_C)
+    subprocess.run([compiler, "-o", str(pf.daemon / "recorder"), str(source)], check=True)
+    (pf.daemon / "records").mkdir()
+    for name in ("queue/private", "queue/public", "queue/pid", "data"):
+        (pf.root / name).mkdir(parents=True, exist_ok=True)
+    for name in ("queue/private", "queue/public", "data"):
+        shutil.chown(pf.root / name, "postfix")
+    (pf.root / "queue" / "private").chmod(0o700)
+    with open(pf.conf / "main.cf", "a") as main_cf:
+        main_cf.write(f"data_directory = {pf.root}/data\nmail_owner = postfix\n")
+
+    # The real Postfix master, foreground, own session.
+    real = subprocess.Popen(["/usr/lib/postfix/sbin/master", "-c", str(pf.conf), "-d"],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_until(lambda: (pf.queue / "private" / "lim").exists(), 10)
+        poke_every_service(pf.root, port)
+        wait_until(lambda: len(list((pf.daemon / "records").iterdir())) == 5, 10)
+        time.sleep(0.2)
+        theirs = read_records(pf.daemon / "records")
+    finally:
+        real.send_signal(signal.SIGTERM)
+        real.wait(10)
+    wait_until(lambda: not (pf.daemon / "records").exists() or all(
+        not alive(int(p.name)) for p in (pf.daemon / "records").iterdir()), 10)
+    shutil.rmtree(pf.daemon / "records")
+    (pf.daemon / "records").mkdir()
+
+    pf.start()
+    wait_until(lambda: len(list((pf.daemon / "records").iterdir())) == 5, 10)
+    time.sleep(0.2)
+    ours = read_records(pf.daemon / "records")
+
+    assert sorted(ours) == sorted(theirs) == sorted(
+        ["proxymap", "proxywrite", "pubsvc", "lim", f"127.0.0.1:{port}"])
+    for name in theirs:
+        assert ours[name]["argv"] == theirs[name]["argv"], name
+        their_env = dict(theirs[name]["env"])
+        our_env = dict(ours[name]["env"])
+        # The generation counter is each master's own; both are octal digits.
+        assert their_env.pop("GENERATION").isdigit() and our_env.pop("GENERATION").isdigit()
+        assert our_env == their_env, name
+        # 3, 4: the flow pipe (FIFO), 5: status socket, 6: listen socket
+        for fd in ("3", "4", "5", "6"):
+            assert ours[name]["fds"][fd] == theirs[name]["fds"][fd], (name, fd)
+        # Nothing else leaks in (the recorder's own output file is the next fd in both).
+        assert len(ours[name]["fds"]) == len(theirs[name]["fds"]), (ours, theirs)
