@@ -344,6 +344,9 @@ class MultiServer:
         if self.status_fd is not None:
             os.set_inheritable(self.status_fd, False)
             self.loop.add_reader(self.status_fd, self._master_gone)
+            # libuv (uvloop) makes a polled descriptor non-blocking. Postfix writes
+            # status messages blocking: a busy master must delay us, not lose AVAIL.
+            os.set_blocking(self.status_fd, True)
         for fd in (3, 4):
             if _fd_is_open(fd):
                 os.set_inheritable(fd, False)

@@ -19,6 +19,7 @@ DESCRIPTION
 from __future__ import annotations
 
 import os
+import select
 import struct
 from typing import NamedTuple
 
@@ -83,9 +84,30 @@ class StatusChannel:
             return True
         message = pack_status(os.getpid(), self.generation, avail)
         try:
-            return os.write(self.fd, message) == len(message)
+            written = os.write(self.fd, message)
+            while written < len(message):
+                written += os.write(self.fd, message[written:])
+        except BlockingIOError:
+            # Someone made the descriptor non-blocking (libuv does when it polls a
+            # descriptor) and the master is behind: wait for it like a blocking write.
+            return self._send_slowly(message)
         except OSError:
             return False
+        return True
+
+    def _send_slowly(self, message: bytes) -> bool:
+        # Restart the message from its first byte only if nothing of it went out: a
+        # partial message followed by a restart would desynchronise the master.
+        written = 0
+        while written < len(message):
+            try:
+                select.select([], [self.fd], [])
+                written += os.write(self.fd, message[written:])
+            except (BlockingIOError, InterruptedError):
+                continue
+            except OSError:
+                return False
+        return True
 
     def taken(self) -> bool:
         """Tell the master this process is busy (a failure is for the caller to ignore)."""

@@ -18,6 +18,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -25,7 +26,15 @@ from pathlib import Path
 import pytest
 
 from master import log as postfix_log
-from master.status import STATUS_AVAIL, STATUS_TAKEN, parse_generation
+from master.status import (
+    STATUS_AVAIL,
+    STATUS_SIZE,
+    STATUS_TAKEN,
+    StatusChannel,
+    pack_status,
+    parse_generation,
+    unpack_status,
+)
 from tests.support.standin_master import REPO_ROOT, StandinMaster, python_module
 
 ECHO = "tests.support.echo_service"
@@ -500,3 +509,47 @@ def test_postlog_socket_missing_then_appearing(tmp_path):
     finally:
         handler.close()
         receiver.close()
+
+
+# -- status channel ---------------------------------------------------------------
+
+
+@EVENT_LOOPS
+def test_status_fd_stays_blocking(conf, event_loop):
+    env = child_env(PYPROXYMAP_EVENT_LOOP=event_loop)
+    with StandinMaster(echo("-t", "unix"), env=env, config_dir=conf) as m:
+        assert ask(m.connect(), "x") == "x"
+        flags = Path(f"/proc/{m.pid}/fdinfo/5").read_text().split("flags:")[1].split()[0]
+        assert int(flags, 8) & os.O_NONBLOCK == 0
+
+
+def test_status_write_waits_for_a_slow_master():
+    master_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        child_end.setblocking(False)
+        channel = StatusChannel(child_end.fileno(), 7)
+        sent = 0
+        while True:  # fill the socket buffer, as a master that stopped reading would
+            try:
+                os.write(child_end.fileno(), pack_status(1, 7, STATUS_TAKEN))
+                sent += 1
+            except BlockingIOError:
+                break
+        drained: list[bytes] = []
+
+        def drain_later() -> None:
+            time.sleep(0.2)
+            while len(b"".join(drained)) < (sent + 1) * STATUS_SIZE:
+                drained.append(master_end.recv(65536))
+
+        reader = threading.Thread(target=drain_later)
+        reader.start()
+        assert channel.available() is True
+        reader.join(5)
+        data = b"".join(drained)
+        assert unpack_status(data[-STATUS_SIZE:]) == (os.getpid(), 7, STATUS_AVAIL)
+        master_end.close()
+        assert channel.available() is False   # master gone: the caller exits 0
+    finally:
+        child_end.close()
+        master_end.close()
