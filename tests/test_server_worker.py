@@ -13,6 +13,7 @@ import io
 import logging
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -22,6 +23,7 @@ import pytest
 
 from master.mainconf import MainConfig
 from proxymap import attr
+from proxymap.protocol import ANNOUNCEMENT
 from proxymap.server import (
     ProxymapService,
     ServiceNameError,
@@ -299,3 +301,144 @@ def test_standalone_same_bytes_as_postfix_37(tmp_path, template, c_setup):
     assert real.returncode == 0, real.stderr
     ours = standalone(tmp_path, table, data)
     assert ours == real.stdout
+
+
+# --- the real worker under the stand-in master ---------------------------------------------------
+
+def worker_tree(tmp_path: Path, maps: str, extra: str = "") -> Path:
+    conf = tmp_path / "wconf"
+    conf.mkdir()
+    queue = tmp_path / "wqueue"
+    queue.mkdir()
+    # compatibility_level 3.6: smtputf8_enable = yes, as on the machines of PROTOCOLS.md 6.
+    (conf / "main.cf").write_text(f"queue_directory = {queue}\nproxy_read_maps = {maps}\n"
+                                  f"compatibility_level = 3.6\n{extra}")
+    return conf
+
+
+def start_worker(tmp_path: Path, conf: Path, *args: str):
+    from tests.support.standin_master import StandinMaster
+
+    argv = [*proxymap_command(), "-t", "unix", "-V", *args]
+    return StandinMaster(argv, config_dir=conf, socket_path=tmp_path / "proxymap.sock")
+
+
+def handshake(master) -> socket.socket:
+    client = master.connect()
+    assert recv_exactly(client, 28) == ANNOUNCEMENT
+    return client
+
+
+def recv_exactly(sock: socket.socket, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def test_worker_taken_avail_around_each_request(tmp_path, texthash):
+    conf = worker_tree(tmp_path, f"proxy:{texthash}")
+    with start_worker(tmp_path, conf) as master:
+        client = handshake(master)
+        assert master.expect_no_status(0.3)  # nothing at accept
+        for key, reply in ((b"alice", ALICE_REPLY), (b"nobody", b"status\x001\x00value\x00\x00\x00")):
+            client.sendall(lookup(texthash, key))
+            assert recv_exactly(client, len(reply)) == reply
+            taken, avail = master.read_status(), master.read_status()
+            assert (taken.pid, taken.generation, taken.avail) == (master.pid, 0o123, 0)
+            assert (avail.pid, avail.avail) == (master.pid, 1)
+        client.close()
+        assert master.expect_no_status(0.3)  # nothing at disconnect
+        master.close_status()
+        assert master.wait(5) == 0
+
+
+def test_worker_g2_client_and_malformed_input_on_one_connection(tmp_path, texthash):
+    conf = worker_tree(tmp_path, f"proxy:{texthash}")
+    with start_worker(tmp_path, conf) as master:
+        client = handshake(master)
+        client.sendall(b"request\x00open\x00table\x00" + texthash.encode() + b"\x00instance_flags\x00540737\x00\x00")
+        assert recv_exactly(client, 24) == b"status\x000\x00flags\x001589329\x00\x00"  # as 3.12 (6.5)
+        client.sendall(lookup(texthash, b"alice", flags=b"-1"))  # aborts the C server
+        assert recv_exactly(client, len(ALICE_REPLY)) == ALICE_REPLY
+        client.sendall(b"request\x00bogus\x00\x00")
+        assert recv_exactly(client, 10) == b"status\x003\x00\x00"
+        master.close_status()
+        assert master.wait(5) == 0
+        assert b'unrecognized request: "bogus", ignored' in master.output()[1]
+
+
+def test_worker_max_use_counts_connections(tmp_path, texthash):
+    conf = worker_tree(tmp_path, f"proxy:{texthash}")
+    with start_worker(tmp_path, conf, "-o", "max_use=2") as master:
+        for _ in range(2):
+            client = handshake(master)
+            for _ in range(2):
+                client.sendall(lookup(texthash, b"alice"))
+                assert recv_exactly(client, len(ALICE_REPLY)) == ALICE_REPLY
+            client.close()
+        assert master.wait(5) == 0
+
+
+def test_worker_max_idle(tmp_path, texthash):
+    conf = worker_tree(tmp_path, f"proxy:{texthash}")
+    with start_worker(tmp_path, conf, "-o", "max_idle=1") as master:
+        started = time.monotonic()
+        assert master.wait(10) == 0
+        assert time.monotonic() - started < 5
+
+
+def test_worker_exits_when_master_goes_even_with_a_client(tmp_path, texthash):
+    conf = worker_tree(tmp_path, f"proxy:{texthash}")
+    with start_worker(tmp_path, conf) as master:
+        client = handshake(master)
+        client.sendall(lookup(texthash, b"alice"))
+        assert recv_exactly(client, len(ALICE_REPLY)) == ALICE_REPLY
+        master.close_status()
+        assert master.wait(5) == 0
+        assert client.recv(10) == b""
+
+
+def test_worker_restarts_when_a_hash_table_changed(tmp_path):
+    source = tmp_path / "map"
+    source.write_text("alice alice@example.com\n")
+    postmap(f"hash:{source}")
+    table = f"hash:{source}"
+    conf = worker_tree(tmp_path, f"proxy:{table}")
+    with start_worker(tmp_path, conf) as master:
+        client = handshake(master)
+        client.sendall(lookup(table, b"alice"))
+        assert recv_exactly(client, len(ALICE_REPLY)) == ALICE_REPLY
+        time.sleep(0.01)
+        source.write_text("alice changed@example.com\n")
+        postmap(f"hash:{source}")
+        # The open connection is still served (the check runs before accept only).
+        client.sendall(lookup(table, b"alice"))
+        assert recv_exactly(client, 2)[:2] == b"st"
+        waiting = master.connect()
+        assert master.wait(5) == 0
+        assert master.accept_pending() is not None  # left in the backlog for a successor
+        waiting.close()
+        assert f"table {table}: has changed -- restarting".encode() in master.output()[1]
+
+
+def test_worker_serves_proxymap_query(tmp_path, texthash):
+    conf = worker_tree(tmp_path, f"proxy:{texthash}")
+    query_script = Path(sys.executable).with_name("proxymap-query")
+    with start_worker(tmp_path, conf) as master:
+        for args, expected in ((["alice"], (0, b"alice@example.com\n")),
+                               (["--v311", "ALICE"], (0, b"alice@example.com\n")),
+                               (["nobody"], (1, b"")),
+                               (["--sequence"], (0, b"alice\talice@example.com\n"))):
+            done = subprocess.run([str(query_script), "-s", master.socket_path, *args, f"proxy:{texthash}"],
+                                  capture_output=True, timeout=30)
+            assert (done.returncode, done.stdout) == expected, done.stderr
+        done = subprocess.run([str(query_script), "-s", master.socket_path, "x", "proxy:texthash:/unapproved"],
+                              capture_output=True, timeout=30)
+        assert done.returncode == 4
+        master.close_status()
+        assert master.wait(5) == 0
+        assert b'request for unapproved table: "texthash:/unapproved"' in master.output()[1]
