@@ -70,7 +70,14 @@ from master import log as postfix_log
 from master.args import ChildArgsError, ChildOptions, parse_child_args
 from master.mainconf import MainConfig, MainConfigError
 from master.privs import PrivilegeError, drop_privileges
-from master.status import LISTEN_FD, STATUS_FD, GenerationError, StatusChannel, parse_generation
+from master.status import (
+    FLOW_READ_FD,
+    LISTEN_FD,
+    STATUS_FD,
+    GenerationError,
+    StatusChannel,
+    parse_generation,
+)
 
 if TYPE_CHECKING:
     from master.service import Service
@@ -237,11 +244,19 @@ class MultiServer:
         except GenerationError as error:
             postfix_log.fatal("%s", error)
         self.status = StatusChannel(self.status_fd, self.generation)
+        self._protect_inherited_descriptors()
         queue_directory = self.config["queue_directory"]
         try:
             os.chdir(queue_directory)
         except OSError as error:
             postfix_log.fatal('chdir("%s"): %s', queue_directory, error.strerror)
+
+    def _protect_inherited_descriptors(self) -> None:
+        """The master's descriptors must not leak into programs a service may run."""
+        last_listen = LISTEN_FD + self.options.socket_count
+        for fd in (*range(FLOW_READ_FD, STATUS_FD + 1), *range(LISTEN_FD, last_listen)):
+            if _fd_is_open(fd):
+                os.set_inheritable(fd, False)
 
     def _read_parameters(self) -> None:
         self.max_use = self.config.get_int("max_use")
@@ -330,7 +345,6 @@ class MultiServer:
                                   "not open" if not _fd_is_open(fd) else "not a socket")
             sock = socket.socket(fileno=fd)
             sock.setblocking(False)
-            os.set_inheritable(fd, False)
             self.listen_sockets.append(sock)
 
     def serve(self) -> NoReturn:
@@ -342,14 +356,10 @@ class MultiServer:
         for sock in self.listen_sockets:
             self.loop.add_reader(sock.fileno(), self._accept_ready, sock)
         if self.status_fd is not None:
-            os.set_inheritable(self.status_fd, False)
             self.loop.add_reader(self.status_fd, self._master_gone)
             # libuv (uvloop) makes a polled descriptor non-blocking. Postfix writes
             # status messages blocking: a busy master must delay us, not lose AVAIL.
             os.set_blocking(self.status_fd, True)
-        for fd in (3, 4):
-            if _fd_is_open(fd):
-                os.set_inheritable(fd, False)
         self._start_idle_timer()
         self._start_watchdog()
         try:
