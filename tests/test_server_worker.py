@@ -442,3 +442,25 @@ def test_worker_serves_proxymap_query(tmp_path, texthash):
         master.close_status()
         assert master.wait(5) == 0
         assert b'request for unapproved table: "texthash:/unapproved"' in master.output()[1]
+
+
+def test_worker_request_deadline_and_half_close(tmp_path, texthash):
+    conf = worker_tree(tmp_path, f"proxy:{texthash}")
+    with start_worker(tmp_path, conf) as master:
+        stalled = handshake(master)
+        stalled.sendall(lookup(texthash, b"alice")[:25])
+        started = time.monotonic()
+        assert stalled.recv(100) == b""  # closed by the server, no reply
+        assert 0.9 <= time.monotonic() - started < 3
+        half = handshake(master)
+        half.sendall(b"request\x00lookup\x00table")
+        half.shutdown(socket.SHUT_WR)
+        assert recv_exactly(half, 100) == b"status\x003\x00value\x00\x00\x00"
+        fine = handshake(master)  # the process still serves
+        fine.sendall(lookup(texthash, b"alice"))
+        assert recv_exactly(fine, len(ALICE_REPLY)) == ALICE_REPLY
+        master.close_status()
+        assert master.wait(5) == 0
+        log = master.output()[1]
+        assert b"timeout on proxymap socket while reading input attribute value" in log
+        assert b"unexpected end-of-input from proxymap socket while reading input attribute name" in log
