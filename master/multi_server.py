@@ -174,9 +174,17 @@ class MultiServer:
 
     Public attributes: ``config`` (MainConfig), ``options`` (ChildOptions),
     ``service_name``, ``process_name``, ``transport_type``, ``verbose``,
-    ``standalone``, ``generation``, ``loop``, ``max_use``, ``max_idle``,
-    ``ipc_timeout``, ``open_connections``, ``connections_closed``,
-    ``listen_sockets``, ``status`` (StatusChannel).
+    ``standalone``, ``generation``, ``loop`` (None before ``serve``), ``max_use``,
+    ``max_idle``, ``ipc_timeout`` (seconds), ``open_connections``,
+    ``connections_closed``, ``listen_sockets``, ``status_fd`` (None without fd 5),
+    ``status`` (StatusChannel), ``exiting``.
+    Methods for the service: ``request_started()``, ``request_done()``,
+    ``exit(status=0)``, ``on_exit(callback)``.
+
+    ``exit`` ends the process with ``os._exit`` after the ``on_exit`` callbacks and a
+    logging flush: interpreter teardown (atexit, garbage collection of transports) is
+    skipped, so a service that must close something (a database it writes) registers
+    that with ``on_exit``.
     """
 
     def __init__(self, service: Service, argv: list[str]) -> None:
