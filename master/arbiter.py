@@ -54,7 +54,7 @@ EXIT STATUS
 
 BUGS
     The ``wakeup`` column is parsed but no wake-up events are sent (proxymap needs none).
-    Only ``unix`` and ``inet`` services can run.
+    Only ``unix``, ``unix-dgram`` and ``inet`` services can run.
 """
 
 from __future__ import annotations

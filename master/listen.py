@@ -19,8 +19,9 @@ DESCRIPTION
     Postfix does (observed with master 3.7: ``private/proxymap`` survives ``postfix stop``
     and a reload that drops the service); a stale file is replaced at the next start.
 
-    Only ``unix`` and ``inet`` transports are implemented; ``unix-dgram``, ``fifo`` and
-    ``pass`` are refused with a clear message (proxymap uses none of them).
+    ``unix``, ``unix-dgram`` (for postlogd, when ``maillog_file`` is used) and ``inet``
+    are implemented; ``fifo`` and ``pass`` are refused with a clear message (proxymap
+    uses neither).
 """
 
 from __future__ import annotations
@@ -90,6 +91,25 @@ def open_unix_listener(path: str, backlog: int, owner: tuple[int, int] | None) -
     return sock
 
 
+def open_unix_dgram_listener(path: str, owner: tuple[int, int] | None) -> socket.socket:
+    """A datagram endpoint (postlogd's ``public/postlog``): bound, mode 0666, no listen()."""
+    with contextlib.suppress(FileNotFoundError):
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            raise ListenError(f"{path}: exists and is not a socket")
+        os.unlink(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        sock.bind(path)
+        os.chmod(path, 0o666)
+        if owner is not None:
+            os.chown(path, *owner)
+    except OSError as err:
+        sock.close()
+        raise ListenError(f"bind {path}: {err.strerror}") from None
+    sock.setblocking(False)
+    return sock
+
+
 def open_inet_listener(endpoint: str, backlog: int) -> socket.socket:
     """Bind ``[host:]port`` (all addresses when no host), with SO_REUSEADDR."""
     host, port = split_inet_endpoint(endpoint)
@@ -116,6 +136,8 @@ def open_listener(entry: ServiceEntry, queue_directory: str, backlog: int,
     """The one listen socket of a service (the child finds it on fd 6)."""
     if entry.transport == "unix":
         return open_unix_listener(entry.socket_path(queue_directory), backlog, owner)
+    if entry.transport == "unix-dgram":
+        return open_unix_dgram_listener(entry.socket_path(queue_directory), owner)
     if entry.transport == "inet":
         return open_inet_listener(entry.name, backlog)
     raise ListenError(f"{entry.where}: transport {entry.transport!r} is not supported"

@@ -40,7 +40,7 @@ log = logging.getLogger("master")
 
 TRANSPORTS = ("inet", "unix", "unix-dgram", "fifo", "pass")
 #: what this master can actually run (the others parse, then are refused by ``check``)
-SUPPORTED_TRANSPORTS = ("inet", "unix")
+SUPPORTED_TRANSPORTS = ("inet", "unix", "unix-dgram")
 PREFORK_PARAMETER = "pyproxymap_prefork"
 
 # Postfix 3.7 default, used when the main.cf reader has no value for it.

@@ -679,3 +679,46 @@ def test_children_get_the_same_argv_env_and_fds_as_from_the_real_master(instance
             assert ours[name]["fds"][fd] == theirs[name]["fds"][fd], (name, fd)
         # Nothing else leaks in (the recorder's own output file is the next fd in both).
         assert len(ours[name]["fds"]) == len(theirs[name]["fds"]), (ours, theirs)
+
+
+def test_maillog_file_through_postlogd_run_by_our_master(instance_factory):
+    """unix-dgram service: the C postlogd, fed by our master and by the C proxymap."""
+    pf = instance_factory(
+        "proxymap unix - - n - - proxymap\n"
+        "postlog unix-dgram n - n - 1 postlogd\n",
+        "pyproxymap_prefork = 1\nmaillog_file_prefixes = /tmp\n")
+    (pf.daemon / "postlogd").symlink_to(C_PROXYMAP.parent / "postlogd")
+    maillog = pf.root / "maillog"
+    with open(pf.conf / "main.cf", "a") as main_cf:
+        main_cf.write(f"maillog_file = {maillog}\n")
+    pf.start()
+    wait_until(lambda: pf.service("postlog")["total"] == 1)
+    assert (pf.queue / "public" / "postlog").is_socket()
+    reader = pf.workers("proxymap")[0]["pid"]
+    wait_until(lambda: proc_cmdline(reader)[:1] == [b"proxymap"])
+    env = proc_environ(reader)
+    assert env["POSTLOG_SERVICE"] == f"{pf.conf}/../queue/public/postlog"
+    unapproved = run_postmap(["-q", "alice", f"proxy:texthash:{pf.tables}/nope"],
+                             conf_dir=pf.conf)
+    assert unapproved.exit != 0
+    text = wait_until(lambda: maillog.exists() and "unapproved table" in maillog.read_text()
+                      and maillog.read_text())
+    assert f"postfix/proxymap[{reader}]: warning: request for unapproved table" in text
+    assert "postfix/master[" in text and "daemon started" in text
+    assert pf.postmap("alice").outcome() == ("0", "alice@example.com")
+
+
+def test_workers_leaving_at_max_use_are_replaced_up_to_prefork(instance_factory):
+    """max_use exits are normal (exit 0, no warning); the pre-fork minimum comes back."""
+    pf = instance_factory("proxymap unix - - n - - proxymap -o max_use=1\n",
+                          "pyproxymap_prefork = 2\n")
+    pf.start()
+    wait_until(lambda: pf.service("proxymap")["total"] == 2)
+    first = {w["pid"] for w in pf.workers("proxymap")}
+    for key in ("alice", "bob", "alice"):
+        assert pf.postmap(key).outcome()[0] == "0"
+    service = wait_until(lambda: (s := pf.service("proxymap"))["spawned"] >= 5
+                         and s["total"] == 2 and s)
+    assert len(first - {w["pid"] for w in service["workers"]}) >= 1
+    assert service["avail"] == 2 and service["throttled_for"] == 0
+    assert "warning" not in pf.log()
