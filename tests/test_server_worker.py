@@ -2,8 +2,9 @@
 
 Hook tests drive ``ProxymapService`` with a real ``MainConfig`` and a small recorder
 for the skeleton calls (service name, exit). Worker tests start the ``proxymap``
-program itself: under ``-S``, and under the stand-in master of
-tests/support/standin_master.py (fds 3-6, GENERATION, status messages) when present.
+program itself: under ``-S`` (also compared byte for byte with the installed Postfix
+3.7 proxymap), and under the stand-in master of tests/support/standin_master.py
+(fds 3-6, GENERATION, status messages).
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import asyncio
 import io
 import logging
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -32,6 +32,7 @@ from proxymap.server import (
     sorted_bytewise,
 )
 from proxymap.tables import TABLE_TYPES
+from tests.support.postfix import ensure_postfix, postmap_path
 from tests.test_connection import SlowTable  # noqa: F401 - registered by name below
 
 REPOSITORY = Path(__file__).resolve().parents[1]
@@ -103,9 +104,8 @@ def test_export_mode_prints_sorted_bytewise(tmp_path, capsys):
 # --- changed table (pre-accept) ---------------------------------------------------------------
 
 def postmap(*args: str) -> None:
-    if shutil.which("postmap") is None:
-        pytest.skip("postmap (Postfix) is not installed")
-    subprocess.run(["postmap", *args], check=True)
+    ensure_postfix()  # installs Postfix when root, else skips
+    subprocess.run([postmap_path(), *args], check=True)
 
 
 def test_changed_hash_table_restarts_the_reader(tmp_path, caplog):
@@ -223,10 +223,6 @@ def test_program_standalone_mode(tmp_path, texthash):
     cfg_dir = tmp_path / "conf"
     cfg_dir.mkdir()
     (cfg_dir / "main.cf").write_text(f"proxy_read_maps = proxy:{texthash}\nmaillog_file = /dev/stderr\n")
-    try:
-        import master.multi_server  # noqa: F401
-    except ImportError:
-        pytest.skip("master.multi_server (the skeleton) is not there yet")
     done = subprocess.run(proxymap_command() + ["-S"], input=lookup(texthash, b"alice"),
                           capture_output=True, env=worker_env(cfg_dir), timeout=30)
     assert (done.returncode, done.stdout) == (0, ALICE_REPLY), done.stderr
@@ -273,8 +269,7 @@ DIFFERENTIAL_INPUTS = [
 @pytest.fixture(scope="module")
 def c_setup(tmp_path_factory):
     """One tree for the C proxymap: table, queue directory, main.cf."""
-    if not C_PROXYMAP.exists():
-        pytest.skip("Postfix 3.7 proxymap is not installed")
+    ensure_postfix()
     root = tmp_path_factory.mktemp("c37")
     source = root / "map"
     source.write_text("alice alice@example.com\nbob bob@example.com\n")
