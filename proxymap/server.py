@@ -12,7 +12,8 @@ DESCRIPTION
     The service name (``-n``, else the program's basename) selects the mode:
     ``proxymap`` serves read-only requests for tables listed with ``proxy:`` in
     ``proxy_read_maps``; ``proxywrite`` also accepts updates and deletes, for tables
-    in ``proxy_write_maps``. Any other name is fatal. With the 3.11+ prefixes
+    in ``proxy_write_maps``. Any other name is fatal, as is any argument after the
+    options. With the 3.11+ prefixes
     ``export-proxy-`` or ``export-all-`` the approved tables are printed, sorted
     bytewise, and the process exits 0 without serving.
 
@@ -111,6 +112,9 @@ class ProxymapService:
             self.service_name, export = parse_service_name(server.service_name)
         except ServiceNameError as exc:
             fatal("%s", exc, logger="proxymap")
+        arguments = getattr(getattr(server, "options", None), "arguments", None)
+        if arguments:
+            fatal("unexpected command-line argument: %s", arguments[0], logger="proxymap")
         approved = approved_tables(server.config, self.service_name, export_all=bool(export))
         if export is not None:
             out = sys.stdout

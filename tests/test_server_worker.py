@@ -232,6 +232,9 @@ def test_program_standalone_mode(tmp_path, texthash):
     done = subprocess.run(proxymap_command() + ["-V", "-S", "-n", "nonsense"], input=b"",
                           capture_output=True, env=worker_env(cfg_dir), timeout=30)
     assert done.returncode == 1 and b'invalid service name: "nonsense"' in done.stderr + done.stdout
+    done = subprocess.run(proxymap_command() + ["-V", "-S", "extra"], input=b"",
+                          capture_output=True, env=worker_env(cfg_dir), timeout=30)
+    assert done.returncode == 1 and b"unexpected command-line argument: extra" in done.stderr
 
 
 # --- differential: -S against the installed Postfix 3.7 proxymap --------------------------------
