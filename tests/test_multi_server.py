@@ -53,6 +53,9 @@ def conf(tmp_path) -> Path:
         f"queue_directory = {queue_dir}\n"
         "echo_from_main_cf = main.cf value\n"
     )
+    # Postfix daemons re-read (after a 1 s pause) a main.cf modified within the last second.
+    past = time.time() - 10
+    os.utime(config_dir / "main.cf", (past, past))
     return config_dir
 
 
@@ -553,3 +556,58 @@ def test_status_write_waits_for_a_slow_master():
     finally:
         child_end.close()
         master_end.close()
+
+
+# -- the stand-in master with the real Postfix daemon ----------------------------------
+
+C_PROXYMAP = Path("/usr/lib/postfix/sbin/proxymap")
+# A G1 (3.7) lookup for a table nobody approved: answered at once with a status.
+UNAPPROVED_LOOKUP = (b"request\0lookup\0table\0hash:/nowhere/x\0flags\0" b"524353\0"
+                     b"key\0alice\0\0")
+
+
+def _c_proxymap() -> str:
+    if not C_PROXYMAP.exists():
+        from tests.support.postfix import ensure_postfix
+
+        ensure_postfix()
+    return str(C_PROXYMAP)
+
+
+def _read_reply(client: socket.socket) -> bytes:
+    data = b""
+    while not data.endswith(b"\0\0"):
+        chunk = client.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+@pytest.mark.postfix
+def test_standin_master_drives_the_c_proxymap_like_the_echo(conf):
+    """The same life cycle from Postfix's own multi_server: the stand-in is faithful."""
+    program = _c_proxymap()
+    with StandinMaster([program, "-t", "unix"], config_dir=conf, generation=0o31) as m:
+        client = m.connect()
+        announcement = _read_reply(client)
+        assert announcement.startswith(b"protocol\0")
+        client.sendall(UNAPPROVED_LOOKUP)
+        assert _read_reply(client).startswith(b"status\0")
+        assert [tuple(m.read_status()) for _ in range(2)] == [(m.pid, 25, STATUS_TAKEN),
+                                                               (m.pid, 25, STATUS_AVAIL)]
+        m.close_status()
+        assert wait_gone(m, 5) < 0.5
+    with StandinMaster([program, "-t", "unix", "-o", "max_idle=1"], config_dir=conf) as m:
+        client = m.connect()
+        _read_reply(client)
+        time.sleep(1.5)
+        assert m.alive(), "the C daemon ran its idle timer with a client connected"
+        client.close()
+        assert 0.8 <= wait_gone(m, 5) < 2.0
+    with StandinMaster([program, "-t", "unix", "-o", "max_use=2"], config_dir=conf) as m:
+        for _ in range(2):
+            client = m.connect()
+            _read_reply(client)
+            client.close()
+        wait_gone(m, 5)
