@@ -72,7 +72,7 @@ from collections.abc import Iterable
 from master.avail import ServiceState
 from master.control import answer_one, control_path, open_control_socket
 from master.listen import ListenError, open_listener, owner_ids, prepare_queue_directory
-from master.mainconf import MainConfig, MainConfigError
+from master.mainconf import MainConfig, MainConfigError, to_seconds
 from master.masterconf import (
     PREFORK_PARAMETER,
     SUPPORTED_TRANSPORTS,
@@ -92,7 +92,7 @@ log = logging.getLogger("master")
 EX_TEMPFAIL = 75
 EX_CONFIG = 78
 STOP_TIMEOUT_PARAMETER = "pyproxymap_stop_timeout"
-DEFAULT_STOP_TIMEOUT = 10.0
+DEFAULT_STOP_TIMEOUT = "10s"
 # A pre-forked worker that exits 0 sooner than this, unused, is replaced only later.
 QUICK_EXIT = 1.0
 RESPAWN_DELAY = 1.0
@@ -174,15 +174,24 @@ class Arbiter:
             self._add_service(entry)
 
     def _apply_main(self, main: MainConfig) -> None:
-        """Settings derived from main.cf, (re)computed at start and at every reload."""
-        self.main = main
+        """Settings derived from main.cf, (re)computed at start and at every reload.
+
+        Everything is computed before anything is assigned, so that a bad value leaves
+        the running settings untouched.
+        """
         try:
-            self.throttle_time = main.get_time("service_throttle_time")
-            self.stop_timeout = float(main.get(STOP_TIMEOUT_PARAMETER) or DEFAULT_STOP_TIMEOUT)
-            self.default_process_limit = main.get_int("default_process_limit")
+            throttle_time = main.get_time("service_throttle_time")
+            stop_timeout = to_seconds(STOP_TIMEOUT_PARAMETER,
+                                      main.get(STOP_TIMEOUT_PARAMETER) or DEFAULT_STOP_TIMEOUT)
+            default_process_limit = main.get_int("default_process_limit")
         except (MainConfigError, ValueError) as err:
             raise ArbiterError(str(err), EX_CONFIG) from None
-        self.prefork_default = default_prefork(main)
+        prefork_default = default_prefork(main)
+        self.main = main
+        self.throttle_time = throttle_time
+        self.stop_timeout = float(stop_timeout)
+        self.default_process_limit = default_process_limit
+        self.prefork_default = prefork_default
         self.daemon_directory = main.get("daemon_directory") or "/usr/lib/postfix/sbin"
         self.child_env = child_environment(main, self.generation, self.config_dir)
 
@@ -418,11 +427,13 @@ class Arbiter:
     # ------------------------------------------------------------------
 
     def reload(self) -> None:
+        previous_generation = self.generation
         try:
             main, entries = load_configuration(self.config_dir)
             self.generation += 1
             self._apply_main(main)
         except ArbiterError as err:
+            self.generation = previous_generation
             log.error("reload failed, keeping the running configuration: %s", err)
             return
         self.notifier.reloading()

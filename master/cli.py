@@ -122,6 +122,9 @@ def _usage_hint(arbiter: Arbiter) -> list[str]:
     if table:
         key = _first_key(table.removeprefix("proxy:texthash:")) or "KEY"
         lines.append(f"try: postmap -c {arbiter.config_dir} -q {key} {table}")
+        query_tool = os.path.join(os.path.dirname(os.path.abspath(sys.argv[0])), "proxymap-query")
+        if os.path.exists(query_tool):
+            lines.append(f"  or: {query_tool} -c {arbiter.config_dir} {key} {table}")
     return lines
 
 

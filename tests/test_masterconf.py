@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import pytest
 from click.testing import CliRunner
@@ -209,3 +210,14 @@ def test_check_reports_missing_command(tmp_path):
     result = CliRunner().invoke(cli_main, ["-c", str(conf), "check"])
     assert result.exit_code == 78
     assert "absent: not an executable" in result.output
+
+
+def test_prefork_default_is_the_cpu_count():
+    from master.arbiter import ArbiterError, default_prefork
+    from master.mainconf import MainConfig
+
+    assert default_prefork(MainConfig({})) == (os.cpu_count() or 1)
+    assert default_prefork(MainConfig({"pyproxymap_prefork": "5"})) == 5
+    with pytest.raises(ArbiterError) as caught:
+        default_prefork(MainConfig({"pyproxymap_prefork": "many"}))
+    assert caught.value.exit_status == 78
