@@ -21,7 +21,8 @@ DESCRIPTION
 
     pre_init
         checks the service name, computes the approved set (before the privilege
-        drop, so that root-only ``/file/name`` lists are readable, as in 3.11+), and
+        drop, so that root-only ``/file/name`` lists are readable, as in 3.11+),
+        imports the modules of the approved table types while still root, and
         for proxywrite leaves the master's process group (``setsid``) so that
         ``postfix stop`` cannot interrupt an update half-way.
     post_init
@@ -44,6 +45,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, BinaryIO
@@ -64,6 +66,8 @@ from proxymap.protocol import (
     reply_to_truncated,
     stream_name,
 )
+from proxymap.tables import TABLE_TYPES, table_class
+from proxymap.tables.base import DictOpenError
 
 if TYPE_CHECKING:
     from master.multi_server import MultiServer
@@ -124,6 +128,7 @@ class ProxymapService:
             server.exit(0)
             raise SystemExit(0)
         self.approved = frozenset(approved)
+        preload_table_modules(self.approved)
         if self.service_name == WRITER:
             # Leave the master's process group: "postfix stop" signals that group, and a
             # writer must only ever stop between requests (on the status-fd EOF).
@@ -157,6 +162,27 @@ class ProxymapService:
         if reply is not None:
             outfile.write(reply)
             outfile.flush()
+
+
+_TYPE_REFERENCE = re.compile(r"([A-Za-z0-9_]+):")
+
+
+def preload_table_modules(approved) -> None:
+    """Import the modules of every table type the approved names mention, now.
+
+    Tables are opened after the privilege drop (and chroot); a Python installation
+    that mail_owner cannot read -- or that is outside the chroot -- would then fail
+    to import a driver or its standard-library dependencies (``grp``, ``sqlite3`` ...),
+    and the table would be a surrogate answering RETRY. Importing while still root,
+    in pre-init, avoids that. A module that cannot load is left to the first open,
+    which reports it the Postfix way.
+    """
+    wanted = {match.group(1) for name in approved for match in _TYPE_REFERENCE.finditer(name)}
+    for dict_type in sorted(wanted & TABLE_TYPES.keys()):
+        try:
+            table_class(dict_type)
+        except DictOpenError:
+            pass
 
 
 # --- stand-alone mode (-S) -------------------------------------------------------------------

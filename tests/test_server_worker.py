@@ -462,3 +462,13 @@ def test_worker_request_deadline_and_half_close(tmp_path, texthash):
         log = master.output()[1]
         assert b"timeout on proxymap socket while reading input attribute value" in log
         assert b"unexpected end-of-input from proxymap socket while reading input attribute name" in log
+
+
+def test_pre_init_imports_approved_table_modules_while_root(tmp_path, monkeypatch):
+    # After the privilege drop an unreadable Python installation could not import them.
+    for module in ("proxymap.tables.unix", "proxymap.tables.inline"):
+        monkeypatch.delitem(sys.modules, module, raising=False)
+    cfg = config(tmp_path, "proxy_read_maps = proxy:unix:passwd.byname pipemap:{proxy:inline:{a=b}} proxy:nosuchtype:x\n")
+    ProxymapService().pre_init(RecordingServer("proxymap", cfg))
+    assert "proxymap.tables.unix" in sys.modules
+    assert "proxymap.tables.inline" in sys.modules
