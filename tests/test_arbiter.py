@@ -722,3 +722,25 @@ def test_workers_leaving_at_max_use_are_replaced_up_to_prefork(instance_factory)
     assert len(first - {w["pid"] for w in service["workers"]}) >= 1
     assert service["avail"] == 2 and service["throttled_for"] == 0
     assert "warning" not in pf.log()
+
+
+def test_our_worker_under_our_master(instance_factory):
+    """The Python proxymap (the console script) as the command: make run, in small."""
+    worker = VENV_BIN / "proxymap"
+    if not worker.exists():
+        pytest.skip("the proxymap console script is not installed in this venv")
+    pf = instance_factory("proxymap unix - - n - - pyproxymap\n"
+                          "proxywrite unix - n n - 1 pyproxymap\n",
+                          "pyproxymap_prefork = 2\n")
+    (pf.daemon / "pyproxymap").symlink_to(worker)
+    pf.start()
+    readers = wait_until(lambda: len(w := pf.workers("proxymap")) == 2 and w)
+    assert pf.postmap("alice").outcome() == ("0", "alice@example.com")
+    assert pf.postmap("nobody").outcome() == ("1", "")
+    assert sum(w["uses"] for w in pf.workers("proxymap")) == 4
+    assert pf.cli("reload").returncode == 0
+    wait_until(lambda: not any(alive(w["pid"]) for w in readers))
+    wait_until(lambda: {w["generation"] for w in pf.workers("proxymap")} == {2}
+               and len(pf.workers("proxymap")) == 2)
+    assert pf.postmap("bob").outcome() == ("0", "bob@example.com")
+    assert "warning" not in pf.log(), pf.log()
