@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import shutil
 import subprocess
 import time
@@ -272,3 +273,39 @@ def test_mapping_behaviour():
     assert "mine" in names and "other" in names and "max_idle" in names
     assert len(names) == len(set(names)) == len(config)
     assert config.expand("<$mine>") == f"<{config['mail_version']}>"
+
+
+# Pieces of the expansion syntax, glued at random: most results are syntax errors,
+# the rest exercise odd but valid combinations. Both sides must agree on which is which.
+FUZZ_TOKENS = [
+    "$", "$", "$", "{", "{", "}", "}", "(", ")", "?", ":", "p_a", "p_e", "p_u", " ", "==",
+    "<", "<level", "!=", "1", "3.6", "10", "x", "{1}", "{p}", "$p_a", "${p_a}", "${p_e?",
+    "${{", ",", "$$", "?{a}", ":{b}", "${p_u:", "${p_a?{", ">=level", "{3.10}", " ? ", " : ",
+    "{ y }",
+]
+FUZZ_CASES = 300
+
+
+def test_random_expressions_match_postconf(postconf, tmp_path):
+    rng = random.Random(20261125)
+    expressions = ["".join(rng.choice(FUZZ_TOKENS) for _ in range(rng.randint(1, 16)))
+                   for _ in range(FUZZ_CASES)]
+
+    def postconf_result(index: int) -> str:
+        params = {"p_a": "A", "p_e": "", "p_x": expressions[index]}
+        config_dir = write_config(tmp_path / f"fuzz{index}", params)
+        values = postconf_values(postconf, config_dir, ["p_x"])
+        return "ERROR" if values is None else values[0]
+
+    with ThreadPoolExecutor(max_workers=48) as pool:
+        expected = list(pool.map(postconf_result, range(FUZZ_CASES)))
+    mismatches = []
+    for index, want in enumerate(expected):
+        try:
+            got = as_postconf_prints(MainConfig.load(str(tmp_path / f"fuzz{index}"))["p_x"])
+        except MainConfigError:
+            got = "ERROR"
+        if got != want:
+            mismatches.append((expressions[index], want, got))
+    assert mismatches == []
+    assert 20 < sum(value != "ERROR" for value in expected) < FUZZ_CASES - 20
