@@ -11,6 +11,21 @@ DESCRIPTION
 
     The handler receives a well-formed ``Request`` and returns a ``Reply``; everything
     malformed is answered here (status BAD) or not at all, as Postfix does.
+
+    ``parse_request(pairs, stream)`` applies Postfix's STRICT scanner rules to one
+    decoded list (PROTOCOLS.md 1.3): missing, out-of-order or unknown attributes
+    before the expected set is complete, or a malformed number, give BAD in the
+    request's generation; attributes after a complete set are reported once and
+    ignored (so a repeated last attribute keeps its first value); an unknown request
+    name gives ``status 3`` alone; a list that is empty or does not start with
+    ``request`` gets no reply. Warnings use Postfix's words, with ``<service> socket``
+    as the stream name. ``encode_reply(op, generation, reply)`` builds the reply
+    shape of 2.5 (G1) or 2.6 (G2); key and value are sent only with status OK.
+    ``reply_to_truncated`` answers a request cut short by end of input.
+
+    What stays with the handler: the DENY of update/delete on the read-only service
+    (logged with the raw table name), ``proxy:`` stripping, the no-colon BAD and the
+    approval check -- in Postfix's order, which puts the DENY first.
 """
 
 from __future__ import annotations
