@@ -309,3 +309,33 @@ def test_random_expressions_match_postconf(postconf, tmp_path):
             mismatches.append((expressions[index], want, got))
     assert mismatches == []
     assert 20 < sum(value != "ERROR" for value in expected) < FUZZ_CASES - 20
+
+
+def test_logical_lines_match_postconf(postconf, tmp_path):
+    text = (
+        "# comment\n"
+        "smtpd_banner = $p_one $p_two $p_three $p_four $p_five\n"
+        "p_one = first\n"
+        "  continued\n"
+        "# a comment inside the logical line\n"
+        "\tand tab-continued\n"
+        "\n"
+        "p_two=no blanks # stays\n"
+        "p_three   =   \"quoted\"   \n"
+        "p_four = early\n"
+        "p_four = late\n"
+        "p_five =\n"
+        "   only continuation\n"
+    )
+    directory = tmp_path / "lines"
+    write_config(directory, {})
+    (directory / "main.cf").write_text(text)
+    past = time.time() - 10
+    os.utime(directory / "main.cf", (past, past))
+    names = ["p_one", "p_two", "p_three", "p_four", "p_five"]
+    done = subprocess.run([postconf, "-c", str(directory), "-h", *names],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    config = MainConfig.load(str(directory))
+    assert [as_postconf_prints(config.raw(name)) for name in names] == \
+        done.stdout.split("\n")[: len(names)]
