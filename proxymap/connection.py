@@ -31,6 +31,11 @@ DESCRIPTION
     (when its ``request`` attribute was complete), then the connection closes. An
     attribute list larger than ``attr.MAX_LIST_BYTES`` is handled the same way.
 
+    A client that stops reading its replies is not read from either until the
+    kernel takes the output again (the skeleton aborts it after ``ipc_timeout``).
+    The skeleton's ``input_pending`` clock (ipc_timeout for a partial request) is
+    not used: the 1-second deadline is stricter.
+
     Nothing a client sends raises out of this class: every failure is logged and
     turned into a reply or a closed connection, so a worker never dies of input (the
     master would throttle the whole service).
@@ -79,6 +84,7 @@ class ProxymapProtocol(ClientProtocol):
         self._closing = False  # end of input, or oversized list: close once drained
         self._final_reply: bytes | None = None  # answer to a cut-short request, if any
         self._closed = False
+        self._write_blocked = False  # the transport holds output the kernel did not take
 
     # --- asyncio.Protocol ----------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -90,6 +96,20 @@ class ProxymapProtocol(ClientProtocol):
         self._cancel_deadline()
         self._queue.clear()
         super().connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        # The client does not read its replies: stop reading its requests (so that
+        # replies cannot pile up in memory) until the kernel takes them again.
+        super().pause_writing()
+        self._write_blocked = True
+        if not self._closed:
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self._write_blocked = False
+        if not self._closed and self._slow is None and not self._closing:
+            self.transport.resume_reading()
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -202,7 +222,8 @@ class ProxymapProtocol(ClientProtocol):
             self._finish()
             self.transport.close()
             return
-        self.transport.resume_reading()
+        if not self._write_blocked:
+            self.transport.resume_reading()
         self._after_input()
 
     # --- end of a request / connection ----------------------------------------------------

@@ -311,3 +311,31 @@ def test_client_gone_while_slow_request_runs(table):
         await asyncio.sleep(0.4)
         assert server.events == ["TAKEN", "AVAIL"] and server.busy == 0
     run(main())
+
+
+def test_client_that_does_not_read_is_not_read_from(table):
+    async def main():
+        handler = RequestHandler("proxymap", {table}, {})
+        client, protocol = await connect(handler, RecordingServer())
+        request = lookup(table, b"alice")
+        count = 60000  # ~4 MB of requests, ~2 MB of replies: more than the socket buffers
+
+        async def flood():
+            for _ in range(count // 1000):
+                await client.send(request * 1000)
+
+        sender = asyncio.ensure_future(flood())
+        for _ in range(100):
+            await asyncio.sleep(0.02)
+            if not protocol.transport.is_reading():
+                break
+        assert not protocol.transport.is_reading()  # backpressure instead of buffering
+        assert protocol.transport.get_write_buffer_size() < 1 << 20
+        decoder = attr.AttrDecoder()
+        replies = 0
+        while replies < count:
+            data = await asyncio.wait_for(client.reader.read(1 << 20), 5)
+            replies += len(decoder.feed(data))
+        await sender
+        assert replies == count and protocol.transport.is_reading()
+    run(main())
