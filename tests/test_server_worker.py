@@ -472,3 +472,47 @@ def test_pre_init_imports_approved_table_modules_while_root(tmp_path, monkeypatc
     ProxymapService().pre_init(RecordingServer("proxymap", cfg))
     assert "proxymap.tables.unix" in sys.modules
     assert "proxymap.tables.inline" in sys.modules
+
+
+def test_worker_replays_the_37_and_312_postmap_conversations(tmp_path):
+    """PROTOCOLS.md 6.1 (3.7 postmap -q, hash table) and 6.5 (3.12 postmap -q/-s, texthash)."""
+    source = tmp_path / "testmap"
+    source.write_text("alice alice@example.com\nbob bob@example.com\n")
+    postmap(f"hash:{source}")
+    hashed, texthash = f"hash:{source}".encode(), f"texthash:{source}".encode()
+    conf = worker_tree(tmp_path, f"proxy:{hashed.decode()} proxy:{texthash.decode()}")
+    conversation = [
+        (b"request\x00open\x00table\x00" + hashed + b"\x00flags\x000\x00\x00",
+         b"status\x000\x00flags\x0028\x00\x00"),
+        (b"request\x00lookup\x00table\x00" + hashed + b"\x00flags\x00524353\x00key\x00alice\x00\x00",
+         b"status\x000\x00value\x00alice@example.com\x00\x00"),
+        (b"request\x00open\x00table\x00" + texthash + b"\x00instance_flags\x00540737\x00\x00",
+         b"status\x000\x00flags\x001589329\x00\x00"),
+        (b"request\x00lookup\x00table\x00" + texthash + b"\x00instance_flags\x00540737\x00flags\x001589329\x00key\x00alice\x00\x00",
+         b"status\x000\x00flags\x001589329\x00value\x00alice@example.com\x00\x00"),
+        (b"request\x00sequence\x00table\x00" + texthash + b"\x00instance_flags\x00540737\x00flags\x001589329\x00function\x000\x00\x00",
+         None),
+        (b"request\x00sequence\x00table\x00" + texthash + b"\x00instance_flags\x00540737\x00flags\x001589329\x00function\x001\x00\x00",
+         None),
+        (b"request\x00sequence\x00table\x00" + texthash + b"\x00instance_flags\x00540737\x00flags\x001589329\x00function\x001\x00\x00",
+         b"status\x001\x00flags\x001589329\x00key\x00\x00value\x00\x00\x00"),
+    ]
+    with start_worker(tmp_path, conf) as master:
+        client = handshake(master)
+        entries = set()
+        for request, expected in conversation:
+            client.sendall(request)
+            reply = b""
+            decoder = attr.AttrDecoder()
+            while not decoder.feed(chunk := client.recv(4096)):
+                reply += chunk
+            reply += chunk
+            if expected is None:  # a sequence entry; the order is the table's
+                pairs = attr.AttrDecoder().feed(reply)[0]
+                assert pairs[:2] == [(b"status", b"0"), (b"flags", b"1589329")]
+                entries.add((pairs[2][1], pairs[3][1]))
+            else:
+                assert reply == expected
+        assert entries == {(b"alice", b"alice@example.com"), (b"bob", b"bob@example.com")}
+        master.close_status()
+        assert master.wait(5) == 0
