@@ -314,11 +314,12 @@ def worker_tree(tmp_path: Path, maps: str, extra: str = "") -> Path:
     return conf
 
 
-def start_worker(tmp_path: Path, conf: Path, *args: str):
+def start_worker(tmp_path: Path, conf: Path, *args: str, event_loop: str = "asyncio"):
     from tests.support.standin_master import StandinMaster
 
     argv = [*proxymap_command(), "-t", "unix", "-V", *args]
-    return StandinMaster(argv, config_dir=conf, socket_path=tmp_path / "proxymap.sock")
+    return StandinMaster(argv, config_dir=conf, socket_path=tmp_path / "proxymap.sock",
+                         env={"PYPROXYMAP_EVENT_LOOP": event_loop})
 
 
 def handshake(master) -> socket.socket:
@@ -337,9 +338,10 @@ def recv_exactly(sock: socket.socket, size: int) -> bytes:
     return data
 
 
-def test_worker_taken_avail_around_each_request(tmp_path, texthash):
+@pytest.mark.parametrize("event_loop", ["asyncio", "uvloop"])
+def test_worker_taken_avail_around_each_request(tmp_path, texthash, event_loop):
     conf = worker_tree(tmp_path, f"proxy:{texthash}")
-    with start_worker(tmp_path, conf) as master:
+    with start_worker(tmp_path, conf, event_loop=event_loop) as master:
         client = handshake(master)
         assert master.expect_no_status(0.3)  # nothing at accept
         for key, reply in ((b"alice", ALICE_REPLY), (b"nobody", b"status\x001\x00value\x00\x00\x00")):
@@ -442,9 +444,10 @@ def test_worker_serves_proxymap_query(tmp_path, texthash):
         assert b'request for unapproved table: "texthash:/unapproved"' in master.output()[1]
 
 
-def test_worker_request_deadline_and_half_close(tmp_path, texthash):
+@pytest.mark.parametrize("event_loop", ["asyncio", "uvloop"])
+def test_worker_request_deadline_and_half_close(tmp_path, texthash, event_loop):
     conf = worker_tree(tmp_path, f"proxy:{texthash}")
-    with start_worker(tmp_path, conf) as master:
+    with start_worker(tmp_path, conf, event_loop=event_loop) as master:
         stalled = handshake(master)
         stalled.sendall(lookup(texthash, b"alice")[:25])
         started = time.monotonic()
