@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from proxymap import attr
 from proxymap.attr import AttrDecoder, AttrTooLarge, encode, parse_u32, parse_ulong
@@ -170,3 +172,38 @@ def test_ulong_no_truncation_and_saturation():
 def test_encode_uint():
     assert attr.encode_uint(-1) == b"4294967295"
     assert attr.encode_uint(28) == b"28"
+
+
+# --- properties ---------------------------------------------------------------------------------
+
+
+_field = st.binary(max_size=40).map(lambda b: b.replace(b"\x00", b"\x01"))
+_name = _field.filter(bool)
+_lists = st.lists(st.lists(st.tuples(_name, _field), max_size=6), min_size=1, max_size=4)
+
+
+@settings(max_examples=300, deadline=None)
+@given(lists=_lists, cuts=st.lists(st.integers(min_value=0, max_value=400), max_size=8))
+def test_any_lists_in_any_chunking(lists, cuts):
+    wire = b"".join(encode(pairs) for pairs in lists)
+    points = sorted({min(c, len(wire)) for c in cuts})
+    decoder = AttrDecoder()
+    out = []
+    previous = 0
+    for point in [*points, len(wire)]:
+        out += decoder.feed(wire[previous:point])
+        previous = point
+    assert out == lists
+    assert not decoder.pending
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.binary(max_size=300))
+def test_arbitrary_bytes_never_raise(data):
+    decoder = AttrDecoder(limit=100)
+    try:
+        lists = decoder.feed(data)
+    except AttrTooLarge:
+        return
+    for pairs in lists:
+        assert all(name and b"\x00" not in name + value for name, value in pairs)

@@ -12,6 +12,8 @@ from __future__ import annotations
 import logging
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from proxymap import attr
 from proxymap import flags as F
@@ -341,3 +343,27 @@ def test_value_with_nul_is_cut_like_a_c_string():
 
 def test_negative_flags_sent_unsigned():
     assert encode_reply("open", G2, Reply(OK, flags=-1)) == b"status\x000\x00flags\x004294967295\x00\x00"
+
+
+# --- properties ---------------------------------------------------------------------------------
+
+
+_names = st.sampled_from([b"request", b"table", b"flags", b"instance_flags", b"key", b"value", b"function", b"x"])
+_values = st.one_of(st.sampled_from([b"open", b"lookup", b"update", b"delete", b"sequence", b"0", b"1", b"-1", b" 7", b"x:y", b""]),
+                    st.binary(max_size=12).map(lambda b: b.replace(b"\x00", b"")))
+
+
+@settings(max_examples=1000, deadline=None)
+@given(pairs=st.lists(st.tuples(_names, _values), max_size=8))
+def test_any_list_gets_a_request_a_wellformed_reply_or_nothing(pairs):
+    parsed = parse_request(pairs, STREAM)
+    if parsed is None:
+        assert not pairs or pairs[0][0] != b"request"
+    elif isinstance(parsed, bytes):
+        reply = attr.AttrDecoder().feed(parsed)
+        assert len(reply) == 1 and reply[0][0] == (b"status", b"3")
+    else:
+        assert parsed.op in ("open", "lookup", "update", "delete", "sequence")
+        assert parsed.generation in (G1, G2)
+        wire = encode_reply(parsed.op, parsed.generation, Reply(OK, flags=parsed.flags, key=b"k", value=b"v"))
+        assert len(attr.AttrDecoder().feed(wire)) == 1
