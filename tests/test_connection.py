@@ -14,6 +14,8 @@ import socket
 import time
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from proxymap import attr
 from proxymap import flags as F
@@ -360,3 +362,57 @@ def test_client_that_does_not_read_is_not_read_from(table):
         await sender
         assert replies == count and protocol.transport.is_reading()
     run(main())
+
+
+class MemoryTransport:
+    """Records what the protocol writes; enough of a transport for feeding bytes directly."""
+
+    def __init__(self):
+        self.output = bytearray()
+        self.closed = False
+        self.reading = True
+
+    def write(self, data):
+        self.output += data
+
+    def close(self):
+        self.closed = True
+
+    def set_write_buffer_limits(self, high=None, low=None):
+        pass
+
+    def pause_reading(self):
+        self.reading = False
+
+    def resume_reading(self):
+        self.reading = True
+
+    def is_closing(self):
+        return self.closed
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(chunks=st.lists(st.one_of(
+    st.binary(max_size=40),
+    st.sampled_from([b"request\x00lookup\x00", b"table\x00x:y\x00", b"flags\x00-1\x00", b"key\x00k\x00", b"\x00",
+                     b"instance_flags\x000\x00", b"request\x00bogus\x00\x00"])), max_size=10),
+    eof=st.booleans())
+def test_arbitrary_input_never_breaks_the_protocol(chunks, eof, event_loop_kind):
+    async def main():
+        server = RecordingServer()
+        protocol = ProxymapProtocol(server, RequestHandler("proxymap", {"inline:{k=v}"}, {}), "proxymap socket")
+        transport = MemoryTransport()
+        protocol.connection_made(transport)
+        for chunk in chunks:
+            if transport.closed:
+                break
+            protocol.data_received(chunk)
+        if eof and not transport.closed and not protocol.eof_received():
+            transport.closed = True
+        protocol.connection_lost(None)
+        assert server.busy == 0
+        # Whatever was written is a sequence of complete attribute lists.
+        decoder = attr.AttrDecoder()
+        decoder.feed(bytes(transport.output))
+        assert not decoder.pending
+    asyncio.run(main())
