@@ -592,6 +592,17 @@ lim        unix  -  n  n  -  3  recorder -v
 """
 
 
+def prepare_for_real_master(pf: Instance) -> None:
+    """The directories the real master expects to find (PRIVATE-POSTFIX.md step 2)."""
+    for name in ("queue/private", "queue/public", "queue/pid", "data"):
+        (pf.root / name).mkdir(parents=True, exist_ok=True)
+    for name in ("queue/private", "queue/public", "data"):
+        shutil.chown(pf.root / name, "postfix")
+    (pf.root / "queue" / "private").chmod(0o700)
+    with open(pf.conf / "main.cf", "a") as main_cf:
+        main_cf.write(f"data_directory = {pf.root}/data\nmail_owner = postfix\n")
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -634,13 +645,7 @@ def test_children_get_the_same_argv_env_and_fds_as_from_the_real_master(instance
     source.write_text(RECORDER_C)
     subprocess.run([compiler, "-o", str(pf.daemon / "recorder"), str(source)], check=True)
     (pf.daemon / "records").mkdir()
-    for name in ("queue/private", "queue/public", "queue/pid", "data"):
-        (pf.root / name).mkdir(parents=True, exist_ok=True)
-    for name in ("queue/private", "queue/public", "data"):
-        shutil.chown(pf.root / name, "postfix")
-    (pf.root / "queue" / "private").chmod(0o700)
-    with open(pf.conf / "main.cf", "a") as main_cf:
-        main_cf.write(f"data_directory = {pf.root}/data\nmail_owner = postfix\n")
+    prepare_for_real_master(pf)
 
     # The real Postfix master, foreground, own session.
     real = subprocess.Popen(["/usr/lib/postfix/sbin/master", "-c", str(pf.conf), "-d"],
@@ -744,3 +749,26 @@ def test_our_worker_under_our_master(instance_factory):
                and len(pf.workers("proxymap")) == 2)
     assert pf.postmap("bob").outcome() == ("0", "bob@example.com")
     assert "warning" not in pf.log(), pf.log()
+
+
+def test_pid_file_lock_excludes_the_real_master_both_ways(instance_factory):
+    """Same lock as Postfix on pid/master.pid: never two masters on one queue directory."""
+    pf = instance_factory("proxymap unix - - n - - proxymap\n", "pyproxymap_prefork = 1\n")
+    prepare_for_real_master(pf)
+    real_command = ["/usr/lib/postfix/sbin/master", "-c", str(pf.conf), "-d"]
+    real = subprocess.Popen(real_command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        wait_until(lambda: (pf.queue / "private" / "proxymap").exists(), 10)
+        refused = pf.cli("start")
+        assert refused.returncode == 75 and f"already running (pid {real.pid})" in refused.stderr
+    finally:
+        real.send_signal(signal.SIGTERM)
+        real.wait(10)
+    pf.start()
+    second = subprocess.run(real_command, capture_output=True, text=True, timeout=10,
+                            start_new_session=True, check=False)
+    # Postfix says "the Postfix mail system is already running" (to syslog) and exits 1.
+    assert second.returncode == 1
+    assert pf.process.poll() is None
+    assert pf.postmap("alice").outcome() == ("0", "alice@example.com")
