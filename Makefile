@@ -1,5 +1,7 @@
 # pyproxymap -- the two commands a newcomer needs are `make run` and `make test`.
-PYTHON ?= python3
+# Debian's own Python by preference: the worker drops privileges to mail_owner, which must
+# be able to read the interpreter and its standard library (a Python under /root is not).
+PYTHON ?= $(shell test -x /usr/bin/python3 && echo /usr/bin/python3 || echo python3)
 VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
@@ -7,7 +9,7 @@ CONF   ?= $(CURDIR)/conf
 
 # Debian packages the Python bindings compile against (Berkeley DB 5.3 for hash:/btree:,
 # PCRE2 for pcre:). Installed only when missing and only when running as root.
-SYSTEM_BUILD_DEPS := libdb5.3-dev libpcre2-dev python3-venv gcc
+SYSTEM_BUILD_DEPS := libdb5.3-dev libpcre2-dev python3-venv python3-dev gcc
 
 .PHONY: all deps venv install run test lint bench clean
 
