@@ -117,6 +117,7 @@ class Instance:
         holder.write_text(HOLDER)
         holder.chmod(0o755)
         (self.tables / "aliases").write_text(ALIASES)
+        self.backdate(self.tables / "aliases")
         self.table = f"texthash:{self.tables}/aliases"
         self.write_main_cf(main_cf)
         self.write_master_cf(master_cf)
@@ -133,7 +134,17 @@ class Instance:
     def queue(self) -> Path:
         return self.root / "queue"
 
+    @staticmethod
+    def backdate(path: Path) -> None:
+        """Postfix waits for files modified in the last seconds to settle: age them."""
+        then = time.time() - 60
+        os.utime(path, (then, then))
+
     def write_main_cf(self, extra: str) -> None:
+        self._write_main_cf(extra)
+        self.backdate(self.conf / "main.cf")
+
+    def _write_main_cf(self, extra: str) -> None:
         (self.conf / "main.cf").write_text(
             "compatibility_level = 3.6\n"
             "queue_directory = $config_directory/../queue\n"
@@ -601,6 +612,7 @@ def prepare_for_real_master(pf: Instance) -> None:
     (pf.root / "queue" / "private").chmod(0o700)
     with open(pf.conf / "main.cf", "a") as main_cf:
         main_cf.write(f"data_directory = {pf.root}/data\nmail_owner = postfix\n")
+    pf.backdate(pf.conf / "main.cf")
 
 
 def free_port() -> int:
@@ -696,6 +708,7 @@ def test_maillog_file_through_postlogd_run_by_our_master(instance_factory):
     maillog = pf.root / "maillog"
     with open(pf.conf / "main.cf", "a") as main_cf:
         main_cf.write(f"maillog_file = {maillog}\n")
+    pf.backdate(pf.conf / "main.cf")
     pf.start()
     wait_until(lambda: pf.service("postlog")["total"] == 1)
     assert (pf.queue / "public" / "postlog").is_socket()
