@@ -279,7 +279,8 @@ def test_c_proxymap_serves_postmap_through_our_master(instance_factory):
     assert pf.postmap("bob").outcome() == ("0", "bob@example.com")
     assert pf.postmap("nobody").outcome() == ("1", "")
     # Each postmap -q makes two requests (open, lookup): six uses reported over fd 5.
-    assert sum(w["uses"] for w in pf.workers("proxymap")) == 6
+    # AVAIL is written after the reply, so it may trail postmap's exit a little.
+    wait_until(lambda: sum(w["uses"] for w in pf.workers("proxymap")) == 6)
     assert all(w["state"] == "idle" for w in pf.workers("proxymap"))
     assert "warning" not in pf.log()
 
@@ -755,7 +756,7 @@ def test_our_worker_under_our_master(instance_factory):
     readers = wait_until(lambda: len(w := pf.workers("proxymap")) == 2 and w)
     assert pf.postmap("alice").outcome() == ("0", "alice@example.com")
     assert pf.postmap("nobody").outcome() == ("1", "")
-    assert sum(w["uses"] for w in pf.workers("proxymap")) == 4
+    wait_until(lambda: sum(w["uses"] for w in pf.workers("proxymap")) == 4)
     assert pf.cli("reload").returncode == 0
     wait_until(lambda: not any(alive(w["pid"]) for w in readers))
     wait_until(lambda: {w["generation"] for w in pf.workers("proxymap")} == {2}
