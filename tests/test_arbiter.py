@@ -786,3 +786,18 @@ def test_pid_file_lock_excludes_the_real_master_both_ways(instance_factory):
     assert second.returncode == 1
     assert pf.process.poll() is None
     assert pf.postmap("alice").outcome() == ("0", "alice@example.com")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGQUIT, signal.SIGINT])
+def test_fast_stop_leaves_no_children(instance_factory, signum):
+    pf = instance_factory("holder unix - n n - 3 holder\n", "pyproxymap_prefork = 3\n")
+    pf.start()
+    wait_until(lambda: pf.service("holder")["total"] == 3)
+    workers = children_of(pf.master_pid())
+    busy = connect(pf, "holder")
+    assert echo(busy) == b"ping"
+    pf.process.send_signal(signum)
+    assert pf.process.wait(5) == 0
+    wait_until(lambda: not any(alive(pid) for pid in workers), 5)
+    assert busy.recv(10) == b""  # the client sees the connection close
+    assert pf.cli("status").returncode == 3
