@@ -50,7 +50,7 @@ import socket
 from collections.abc import Iterator, Mapping
 
 from master.postfix_defaults import DEFAULTS
-from proxymap.tables.textsyntax import logical_lines
+from master.readlline import logical_lines
 
 log = logging.getLogger("master")
 

@@ -32,9 +32,11 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from master.readlline import logical_lines
 
 log = logging.getLogger("master")
 
@@ -101,27 +103,6 @@ class ServiceEntry:
 # ---------------------------------------------------------------------------
 # Lexical layer
 # ---------------------------------------------------------------------------
-
-
-def logical_lines(text: str, filename: str = "master.cf") -> Iterator[tuple[int, str]]:
-    """Yield (first line number, joined text) for each entry; continuations keep blanks."""
-    start = 0
-    parts: list[str] = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        stripped = line.strip()
-        if not stripped or stripped.startswith("#"):
-            continue
-        if line[0] in " \t":
-            if not parts:
-                log.warning("%s: line %d: entry has no preceding line -- ignored", filename, lineno)
-                continue
-            parts.append(line)
-            continue
-        if parts:
-            yield start, " ".join(parts)
-        start, parts = lineno, [line]
-    if parts:
-        yield start, " ".join(parts)
 
 
 def split_fields(text: str, where: str) -> list[str]:
@@ -246,7 +227,9 @@ def parse_master_cf(text: str, filename: str = "master.cf",
                     default_process_limit: int = 100) -> list[ServiceEntry]:
     """All entries of a master.cf text, in file order, duplicates resolved (last wins)."""
     by_identity: dict[tuple[str, str], ServiceEntry] = {}
-    for lineno, line in logical_lines(text, filename):
+    data = text.encode("utf-8", "surrogateescape")
+    for lineno, raw in logical_lines(data, filename):
+        line = raw.decode("utf-8", "surrogateescape")
         where = f"{filename}: line {lineno}"
         entry = parse_entry(split_fields(line, where), where, filename, lineno,
                             default_process_limit)

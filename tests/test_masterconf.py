@@ -107,7 +107,7 @@ def test_leading_continuation_is_warned_and_skipped(caplog):
     with caplog.at_level(logging.WARNING, logger="master"):
         entries = parse_master_cf("  orphan line\nproxymap unix - - n - - proxymap\n", "m.cf")
     assert len(entries) == 1
-    assert "m.cf: line 1: entry has no preceding line" in caplog.text
+    assert "m.cf, line 1: logical line must not start with whitespace" in caplog.text
 
 
 @pytest.mark.parametrize(

@@ -4,11 +4,8 @@ NAME
     textsyntax -- logical lines, postmap "key value" lines, and ``{ ... }`` names
 
 DESCRIPTION
-    ``logical_lines`` joins continuation lines the way every Postfix text table reader
-    does (``../shared/spec/TABLES.md`` section 2.6): a line whose first non-blank byte is
-    ``#`` is a comment, blank lines are ignored, a line that starts with whitespace
-    continues the previous logical line (newline dropped, its leading whitespace kept),
-    and comments or blank lines between a line and its continuation do not end it.
+    ``logical_lines`` (from ``master.readlline``) joins continuation lines the way every
+    Postfix text table reader does (``../shared/spec/TABLES.md`` section 2.6).
 
     ``split_postmap_line`` splits one logical line into key and value as postmap(1)
     does: the key ends at the first blank that is neither inside double quotes nor
@@ -23,7 +20,13 @@ DESCRIPTION
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+
+from master.readlline import logical_lines
+
+__all__ = [
+    "BraceError", "braced_elements", "logical_lines", "split_braced", "split_postmap_line",
+    "strip_braces",
+]
 
 log = logging.getLogger("proxymap")
 
@@ -33,33 +36,6 @@ _NAME_SEPARATORS = " \t\r\n,"
 
 class BraceError(ValueError):
     """A ``{ ... }`` syntax error; the message reads like Postfix's."""
-
-
-def logical_lines(data: bytes, origin: str = "") -> Iterator[tuple[int, bytes]]:
-    """Yield (line number of the first physical line, logical line) pairs.
-
-    A continuation line at the top of the input has nothing to continue: it is dropped
-    with a warning naming ``origin``.
-    """
-    current: list[bytes] = []
-    start = 0
-    for number, raw in enumerate(data.split(b"\n"), start=1):
-        stripped = raw.lstrip(_BLANKS)
-        if not stripped or stripped.startswith(b"#"):
-            continue
-        if raw[:1] in (b" ", b"\t", b"\r", b"\v", b"\f"):
-            if current:
-                current.append(raw)
-            else:
-                log.warning("%s, line %d: logical line must not start with whitespace: \"%s\"",
-                            origin, number, raw.decode("utf-8", "replace"))
-            continue
-        if current:
-            yield start, b"".join(current)
-        current = [raw]
-        start = number
-    if current:
-        yield start, b"".join(current)
 
 
 def split_postmap_line(line: bytes) -> tuple[bytes, bytes] | None:
