@@ -15,7 +15,7 @@ DESCRIPTION
     Beyond the original: Postfix shares one connection per endpoint and so serializes
     every lookup behind the slowest one. Here each endpoint has a pool
     (``tcp.StreamPool``, shared by every socketmap table naming that endpoint) of up to
-    ``pyproxymap_socketmap_connections`` (default 8) connections, one request at a time
+    ``pyproxymap_socketmap_connections`` (default 16) connections, one request at a time
     on each, so concurrent slow lookups proceed in parallel on the worker's event loop.
     Idle connections are dropped after 10 s, any connection after 100 s (Postfix's
     limits). I/O timeout: ``pyproxymap_socketmap_timeout`` (100 s).
@@ -117,7 +117,7 @@ class SocketmapTable(Table):
         self.endpoint = endpoint
         self.map_name = map_name.encode("utf-8", "surrogateescape")
         self.timeout = param_number(ctx, "pyproxymap_socketmap_timeout", 100.0)
-        size = int(param_number(ctx, "pyproxymap_socketmap_connections", 8))
+        size = int(param_number(ctx, "pyproxymap_socketmap_connections", 16))
         self.pool = _POOLS.get(endpoint)
         if self.pool is None:
             opener = self._opener(endpoint)

@@ -13,7 +13,7 @@ DESCRIPTION
     Never blocking the worker: ``asynchronous = True``; ``alookup`` uses asyncio
     streams. Each table keeps a pool of connections (``StreamPool``) so that a slow
     answer does not hold up other lookups of the same table: a lookup takes an idle
-    connection or opens a new one, up to ``pyproxymap_tcp_connections`` (default 8);
+    connection or opens a new one, up to ``pyproxymap_tcp_connections`` (default 16);
     one connection never carries two requests at once.
 
     Transport failures (connect, write, read, timeout, EOF before a full line) close
@@ -217,7 +217,7 @@ class TcpTable(Table):
         self.timeout = param_number(ctx, "pyproxymap_tcp_timeout", 100.0)
         self.max_tries = max(1, int(param_number(ctx, "pyproxymap_tcp_max_tries", 10)))
         self.retry_delay = param_number(ctx, "pyproxymap_tcp_retry_delay", 1.0)
-        size = int(param_number(ctx, "pyproxymap_tcp_connections", 8))
+        size = int(param_number(ctx, "pyproxymap_tcp_connections", 16))
         self.pool = StreamPool(self._connect, size)
 
     async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:

@@ -6,7 +6,8 @@ NAME
 SYNOPSIS
     python -m tests.bench.run [--quick] [--tables hash,lmdb,...] [--conns 1,16,256]
                               [--seconds S] [--repeat N] [--v311] [--only c|ours]
-                              [--ours PATH] [--results DIR]
+                              [--ours PATH] [--results DIR] [--slow-ms MS]
+                              [--slow-conns N] [--scale IDLE]
 
 DESCRIPTION
     Two private Postfix instances (tests.support.postfix.PrivatePostfix) serve the same
@@ -28,6 +29,13 @@ DESCRIPTION
     no worker is recycled during a run. A table type our worker cannot serve yet (the
     probe lookup does not answer OK) is reported as n/a.
 
+    Table kind ``socketmap`` is a remote backend (../shared/bench/slow_socketmap.py)
+    that answers after --slow-ms milliseconds, measured at --slow-conns connections: the
+    C proxymap serialises lookups in each process, ours overlaps them.
+
+    --scale IDLE holds IDLE connections open to our server (raising RLIMIT_NOFILE, which
+    the workers inherit) and compares 256 active connections' p99 with and without them.
+
     --v311 makes pmload send the Postfix 3.11+ request form to OUR server; the C 3.7
     server does not speak it, so its column keeps the 3.7 form as the baseline.
 
@@ -41,7 +49,9 @@ import argparse
 import hashlib
 import json
 import os
+import resource
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -64,7 +74,8 @@ from tests.support.postfix import (
 from tests.support.vectors import shared_dir
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-ALL_TABLES = ("hash", "lmdb", "texthash", "pcre", "cidr", "unix")
+ALL_TABLES = ("hash", "lmdb", "texthash", "pcre", "cidr", "unix", "socketmap")
+SLOW_BACKEND = shared_dir() / "bench" / "slow_socketmap.py"
 TICKS_PER_SECOND = os.sysconf("SC_CLK_TCK")
 IMPLEMENTATIONS = ("c", "ours")
 
@@ -146,7 +157,7 @@ class BenchTable:
     probe_key: str
 
 
-def build_tables(directory: Path, kinds: list[str]) -> dict[str, BenchTable]:
+def build_tables(directory: Path, kinds: list[str], slow_port: int = 0) -> dict[str, BenchTable]:
     """Write sources and key files, build indexed files with the real postmap."""
     directory.mkdir(parents=True, exist_ok=True)
     directory.chmod(0o755)
@@ -191,6 +202,13 @@ def build_tables(directory: Path, kinds: list[str]) -> dict[str, BenchTable]:
             keys = ["root", "postfix", "nobody", "daemon", "no-such-user"] * 200
             tables[kind] = BenchTable(
                 kind, "unix:passwd.byname", write_keys(directory / "keys-unix", keys), "root"
+            )
+        elif kind == "socketmap":
+            # A remote backend answering after a fixed delay (started by run_benchmark).
+            keys = [f"user{i}" for i in range(KEYS_PER_TABLE)]
+            tables[kind] = BenchTable(
+                kind, f"socketmap:inet:127.0.0.1:{slow_port}:slow",
+                write_keys(directory / "keys-slow", keys), "user1",
             )
         else:
             raise SystemExit(f"unknown table kind {kind!r}; choose from {', '.join(ALL_TABLES)}")
@@ -269,6 +287,7 @@ class Report:
     not_available: dict = field(default_factory=dict)
     samples: list = field(default_factory=list)
     summary: list = field(default_factory=list)
+    scale: dict = field(default_factory=dict)
 
 
 def make_instance(program: Path, tables: dict[str, BenchTable], base: Path, tag: str):
@@ -328,8 +347,12 @@ def run_benchmark(options: argparse.Namespace) -> Report:
     if not programs["ours"].exists() and "ours" in implementations:
         report.not_available["ours"] = f"{programs['ours']} does not exist"
         implementations.remove("ours")
+    backend = start_slow_backend(options) if "socketmap" in options.tables else None
+    if options.scale:
+        raise_open_file_limit(options.scale + 4096)
     try:
-        tables = build_tables(base / "tables", options.tables)
+        tables = build_tables(base / "tables", options.tables,
+                              backend.port if backend else 0)
         for impl in implementations:
             times = measure_cold_start(programs[impl], tables, base, f"cold-{impl}", options.repeat)
             report.cold_start_ms[impl] = statistics.median(times) if times else None
@@ -340,6 +363,8 @@ def run_benchmark(options: argparse.Namespace) -> Report:
             instance.start()
         try:
             measure_all(options, pmload, tables, instances, report)
+            if options.scale and "ours" in instances:
+                measure_scale(options, pmload, instances["ours"], tables, report)
         finally:
             for impl, instance in instances.items():
                 leftovers = instance.stop()
@@ -347,6 +372,8 @@ def run_benchmark(options: argparse.Namespace) -> Report:
                     log(f"warning: {impl} instance left processes behind: {leftovers}")
                 instance.cleanup()
     finally:
+        if backend:
+            backend.stop()
         shutil.rmtree(base, ignore_errors=True)
     report.summary = summarize(report)
     return report
@@ -366,7 +393,7 @@ def measure_all(options, pmload, tables, instances, report) -> None:
             if available[(impl, kind)]:  # warm-up: open the table, spawn workers
                 run_pmload(pmload, instance.socket_path(), table.spec, 16, 0.5, table.keyfile,
                            options.v311 and impl == "ours")
-        for conns in options.conns:
+        for conns in conns_for(kind, options):
             for repeat in range(options.repeat):
                 order = list(instances) if repeat % 2 == 0 else list(reversed(instances))
                 for impl in order:
@@ -376,6 +403,96 @@ def measure_all(options, pmload, tables, instances, report) -> None:
                     sample.repeat = repeat
                     report.samples.append(sample)
                     log(describe(sample))
+
+
+def conns_for(kind: str, options: argparse.Namespace) -> list[int]:
+    """The slow backend is measured at its own connection count (a latency workload)."""
+    return options.slow_conns if kind == "socketmap" else options.conns
+
+
+class SlowBackend:
+    """../shared/bench/slow_socketmap.py on a free loopback port."""
+
+    def __init__(self, delay_ms: float) -> None:
+        with socket.socket() as probe_socket:
+            probe_socket.bind(("127.0.0.1", 0))
+            self.port = probe_socket.getsockname()[1]
+        self.process = subprocess.Popen(
+            [sys.executable, str(SLOW_BACKEND), str(self.port), str(delay_ms)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        self.stop()
+        raise SystemExit("the slow socketmap backend did not start")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=10)
+
+
+def start_slow_backend(options: argparse.Namespace) -> SlowBackend:
+    return SlowBackend(options.slow_ms)
+
+
+def raise_open_file_limit(wanted: int) -> None:
+    """Idle connections need descriptors here and in the workers (they inherit it)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, max(hard, wanted)))
+
+
+def open_idle_connections(path: Path, count: int) -> list[socket.socket]:
+    """Connect COUNT clients that never send anything (they keep their worker slots)."""
+    idle = []
+    for _ in range(count):
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        client.connect(str(path))
+        idle.append(client)
+    return idle
+
+
+def measure_scale(options, pmload, instance, tables, report) -> None:
+    """256 active connections with and without SCALE idle ones held open (ours only)."""
+    table = tables.get("hash") or tables.get("texthash") or next(iter(tables.values()))
+    active = 256
+    baseline = run_pmload(pmload, instance.socket_path(), table.spec, active,
+                          options.seconds, table.keyfile, False)
+    idle = open_idle_connections(instance.socket_path(), options.scale)
+    try:
+        time.sleep(1.0)  # let the workers accept them all
+        loaded = run_pmload(pmload, instance.socket_path(), table.spec, active,
+                            options.seconds, table.keyfile, False)
+        alive = sum(1 for client in idle if _still_open(client))
+    finally:
+        for client in idle:
+            client.close()
+    report.scale = {
+        "table": table.kind, "idle": options.scale, "active": active,
+        "idle_still_open": alive,
+        "baseline": asdict(baseline), "with_idle": asdict(loaded),
+        "workers": len(instance.worker_pids()),
+    }
+    log(f"scale: {options.scale} idle + {active} active: p99 {loaded.p99_us:.0f} us "
+        f"(without idle {baseline.p99_us:.0f} us), errors {loaded.other}, "
+        f"idle still open {alive}")
+
+
+def _still_open(client: socket.socket) -> bool:
+    """An idle connection the server closed reads EOF; one still open would block."""
+    client.setblocking(False)
+    try:
+        data = client.recv(4096)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    return bool(data)  # the unread announcement: still open
 
 
 def measure_one(options, pmload, instance, impl, table, conns) -> Sample:
@@ -499,6 +616,16 @@ def markdown(report: Report) -> str:
     for impl in IMPLEMENTATIONS:
         cold = report.cold_start_ms.get(impl)
         lines.append(f"- {impl}: " + (f"{cold:.1f} ms" if cold is not None else "n/a"))
+    if report.scale:
+        scale = report.scale
+        base, loaded = scale["baseline"], scale["with_idle"]
+        ratio = _ratio(loaded["p99_us"], base["p99_us"])
+        lines += ["", f"Scale (ours): {scale['idle']:,} idle + {scale['active']} active "
+                  f"connections on {scale['table']}, {scale['workers']} workers: "
+                  f"{loaded['rps']:,.0f} lookups/s, p99 {loaded['p99_us']:,.0f} µs vs "
+                  f"{base['p99_us']:,.0f} µs without the idle ones (ratio {ratio}); "
+                  f"errors {loaded['other']}, pmload exit {loaded['exit']}, "
+                  f"idle connections still open {scale['idle_still_open']:,}."]
     failed = [r for r in report.summary if r["failed_runs"]]
     if failed:
         lines += ["", "Runs with errors (pmload exit != 0 or no requests):", ""]
@@ -537,6 +664,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ours", default=str(Path(sys.executable).parent / "proxymap"),
                         help="our worker executable (default: the venv's proxymap script)")
     parser.add_argument("--results", default=str(RESULTS_DIR), help="where to write results")
+    parser.add_argument("--slow-ms", type=float, default=5.0,
+                        help="delay of the socketmap backend (table kind socketmap)")
+    parser.add_argument("--slow-conns", default="32",
+                        help="connection counts for the socketmap workload")
+    parser.add_argument("--scale", type=int, default=0, metavar="IDLE",
+                        help="also run 256 active connections next to IDLE idle ones (ours)")
     options = parser.parse_args(argv)
     if options.quick:
         options.seconds = min(options.seconds, 1.5)
@@ -545,6 +678,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             options.conns = "1,16"
     options.tables = [t for t in options.tables.split(",") if t]
     options.conns = [int(c) for c in options.conns.split(",") if c]
+    options.slow_conns = [int(c) for c in options.slow_conns.split(",") if c]
     return options
 
 
