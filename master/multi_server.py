@@ -27,8 +27,9 @@ DESCRIPTION
     4.  chdir($queue_directory), ``service.pre_init``, privilege drop and chroot
         (``-u``/``-c``), ``service.post_init``.
     5.  ``-S``: ``service.serve_standalone(server, stdin, stdout)``, exit 0.
-    6.  Otherwise the event loop (asyncio, or uvloop when $PYPROXYMAP_EVENT_LOOP or
-        main.cf ``pyproxymap_event_loop`` says ``uvloop``): accept on the listen
+    6.  Otherwise the event loop (uvloop when it is installed, else asyncio;
+        $PYPROXYMAP_EVENT_LOOP or main.cf ``pyproxymap_event_loop`` = ``asyncio`` or
+        ``uvloop`` chooses): accept on the listen
         sockets, exit 0 when fd 5 becomes readable (the master reloaded or died,
         even with clients connected), after ``max_use`` closed connections once none
         is open, or after ``max_idle`` seconds without any connection.
@@ -39,11 +40,15 @@ DESCRIPTION
     silent: a sibling won the race), then the connection goes to the service's
     protocol (a ``ClientProtocol``), whose ``connection_made`` is the post-accept hook.
 
-    Status: the service calls ``server.request_started()`` (TAKEN; a failure is
-    ignored) and ``server.request_done()`` (AVAIL; a failure means the master is
-    gone, so the process exits 0) around each request it serves. Each call writes
-    one message, so overlapping requests on several connections write
-    TAKEN, TAKEN, AVAIL, AVAIL; the master ignores a repeated state.
+    Status: the service calls ``server.request_started()`` and
+    ``server.request_done()`` around each request it serves. The master hears TAKEN
+    when the process goes from idle to busy (a failure is ignored) and AVAIL once no
+    request is in progress any more, at the start of the next event-loop iteration
+    (a failure means the master is gone, so the process exits 0). A client that
+    waits for each reply still sees TAKEN and AVAIL around every request, as from
+    Postfix; the requests of many clients handled in one loop iteration cost two
+    messages, not two each. See ``MultiServer.request_done`` for why this is what
+    the master needs.
 
     Without fd 5 (a test harness, or run by hand with ``-d``) no status is written
     and nothing is watched; a missing listen socket is fatal.
@@ -213,6 +218,9 @@ class MultiServer:
         self._idle_remaining: float | None = None
         self._exit_status: int | None = None
         self._exit_callbacks: list[Callable[[], None]] = []
+        self._requests_in_progress = 0
+        self._reported_busy = False  # the last status message sent was TAKEN
+        self._avail_pending = False  # an AVAIL is scheduled for the next loop turn
 
     # -- start-up --------------------------------------------------------------
 
@@ -291,15 +299,56 @@ class MultiServer:
             postfix_log.fatal("%s", error)
 
     # -- status notifications -----------------------------------------------------
+    #
+    # The master keeps one bit per child, busy or idle, and acts on it in one place:
+    # while no child is idle it watches the listen socket itself, and a connection
+    # left waiting there makes it spawn another child (up to the process limit).
+    # So "idle" must mean "will call accept() promptly", and "busy" "a new client
+    # would wait for us". Postfix reports around every request because its daemons
+    # serve one request at a time. We report the same transitions without the
+    # per-request cost:
+    #
+    # * TAKEN when the first request starts in an idle process: from then on the
+    #   master may bring up a sibling for a new client, as it should for a process
+    #   that is working (the CPU it runs on is taken).
+    # * AVAIL when the last request in progress is done -- not at once, but at the
+    #   next turn of the event loop (``call_soon``). Requests of other clients that
+    #   arrived meanwhile are handled in the same turn without further messages;
+    #   the turn that follows comes immediately (the loop does not sleep with a
+    #   callback ready), so the process is never reported busy while it waits.
+    # * A slow (asynchronous) request keeps the process busy until it completes,
+    #   like a slow table in Postfix: the master may add processes meanwhile.
+    #
+    # Under load a busy process therefore stays TAKEN for most of the time and the
+    # master spreads new clients over more processes (more CPUs); with one client
+    # that waits for each reply the messages are exactly Postfix's.
 
     def request_started(self) -> None:
-        """TAKEN: this process is busy with a request (failure ignored)."""
-        self.status.taken()
+        """A request starts: tell the master TAKEN if the process was idle."""
+        self._requests_in_progress += 1
+        if not self._reported_busy:
+            self._reported_busy = True
+            self.status.taken()  # a failure is ignored, as in Postfix
 
     def request_done(self) -> None:
-        """AVAIL: this process is idle again; if the master is gone, exit 0."""
+        """A request is done: AVAIL at the next loop turn if nothing else is running."""
+        self._requests_in_progress -= 1
+        if self._requests_in_progress or self._avail_pending or not self._reported_busy:
+            return
+        loop = self.loop
+        if loop is None or not loop.is_running():
+            self._report_available()  # no loop turn to wait for (-S, tests)
+            return
+        self._avail_pending = True
+        loop.call_soon(self._report_available)
+
+    def _report_available(self) -> None:
+        self._avail_pending = False
+        if self._requests_in_progress or not self._reported_busy:
+            return  # busy again already: the master keeps seeing TAKEN
+        self._reported_busy = False
         if not self.status.available():
-            self.exit(0)
+            self.exit(0)  # the master is gone
 
     # -- exit ------------------------------------------------------------------
 
@@ -336,12 +385,17 @@ class MultiServer:
     # -- the event loop --------------------------------------------------------------
 
     def new_event_loop(self) -> asyncio.AbstractEventLoop:
+        """uvloop when installed (about twice asyncio's speed on our hot path), unless
+        $PYPROXYMAP_EVENT_LOOP or main.cf says ``asyncio``."""
         wanted = os.environ.get(EVENT_LOOP_ENV) or self.config.get(EVENT_LOOP_PARAMETER, "")
-        if wanted.strip().lower() == "uvloop":
+        wanted = wanted.strip().lower()
+        if wanted != "asyncio":
             try:
                 import uvloop
             except ImportError:
-                log.warning("%s=uvloop: uvloop is not installed, using asyncio", EVENT_LOOP_ENV)
+                if wanted == "uvloop":
+                    log.warning("%s=uvloop: uvloop is not installed, using asyncio",
+                                EVENT_LOOP_ENV)
             else:
                 return uvloop.new_event_loop()
         return asyncio.new_event_loop()

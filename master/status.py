@@ -78,11 +78,15 @@ class StatusChannel:
     def __init__(self, fd: int | None, generation: int) -> None:
         self.fd = fd
         self.generation = generation
+        # Both messages are fixed for the life of the process: build them once.
+        pid = os.getpid()
+        self._messages = {avail: pack_status(pid, generation, avail)
+                          for avail in (STATUS_TAKEN, STATUS_AVAIL)}
 
     def _send(self, avail: int) -> bool:
         if self.fd is None:
             return True
-        message = pack_status(os.getpid(), self.generation, avail)
+        message = self._messages[avail]
         try:
             written = os.write(self.fd, message)
             while written < len(message):

@@ -216,15 +216,18 @@ def test_without_status_fd(conf):
         wait_gone(m, 5)
 
 
-def test_uvloop_on_request(conf):
+def test_uvloop_by_default_asyncio_on_request(conf):
     pytest.importorskip("uvloop")
     env = child_env(PYPROXYMAP_EVENT_LOOP="uvloop")
     with StandinMaster(echo("-t", "unix"), env=env, config_dir=conf) as m:
         assert ask(m.connect(), "@loop") == "uvloop"
-    argv = echo("-t", "unix", "-o", "pyproxymap_event_loop=uvloop")
-    with StandinMaster(argv, env=child_env(), config_dir=conf) as m:
-        assert ask(m.connect(), "@loop") == "uvloop"
     with StandinMaster(echo("-t", "unix"), env=child_env(), config_dir=conf) as m:
+        assert ask(m.connect(), "@loop") == "uvloop"
+    env = child_env(PYPROXYMAP_EVENT_LOOP="asyncio")
+    with StandinMaster(echo("-t", "unix"), env=env, config_dir=conf) as m:
+        assert ask(m.connect(), "@loop").startswith("asyncio")
+    argv = echo("-t", "unix", "-o", "pyproxymap_event_loop=asyncio")
+    with StandinMaster(argv, env=child_env(), config_dir=conf) as m:
         assert ask(m.connect(), "@loop").startswith("asyncio")
 
 
