@@ -301,3 +301,55 @@ def test_utf8_keys_are_matched_byte_by_byte(tmp_path, cls, table_type, flag_lett
 
     check()
     assert sum(cases) >= 1000
+
+
+# --- runs of anchored rules with literal prefixes (the ruleindex fast path) -------------
+
+LITERAL_ATOMS = ["a", "b", "A", "B", "a", "b", "\\."]
+TRICKY_ATOMS = ["a?", "b*", "A+", "a{2}", "b{0}", "a{0,1}", "\\.?", "(a|b)", "|", "|b",
+                "|^b", ".", "[ab]", "[a|]", "\\d", " ", "#"]
+PCRE_PREFIX_ATOMS = TRICKY_ATOMS + ["(?i)", "(?-i)a", "\\Qa|\\E", "\\x41", "(?#|)", "\\c(|"]
+REGEXP_PREFIX_ATOMS = TRICKY_ATOMS + ["\\<", "\\'", "\\(", "\\|", "\\{"]
+PREFIX_KEYS = st.lists(
+    st.text(alphabet="abAB.", min_size=1, max_size=4), min_size=KEYS_PER_FILE[0],
+    max_size=KEYS_PER_FILE[1], unique=True)
+
+
+def prefix_rule_lines(atoms: list[str], flag_letters: list[str]):
+    """A run of mostly ``^literal...`` rules (indexed by prefix), maybe partly inside IF."""
+    atom = st.sampled_from(LITERAL_ATOMS * 3 + atoms)
+    body = st.builds(lambda anchor, parts, end: anchor + "".join(parts) + end,
+                     st.sampled_from(["^"] * 9 + [""]),
+                     st.lists(atom, min_size=1, max_size=4),
+                     st.sampled_from(["$", "$", "$", "", ".*", "(.)"]))
+    # Rarely negated: a negated rule fires for most keys and ends the lookup.
+    negation = st.sampled_from([""] * 9 + ["!"])
+    rule = st.builds(lambda neg, b, f, r: f"{neg}/{b}/{f} {r}", negation, body,
+                     st.sampled_from(flag_letters), st.sampled_from(["one", "two", "x y", "z"]))
+
+    def wrap(lines, condition, start, length):
+        if condition:
+            start %= len(lines)
+            lines = [*lines[:start], condition, *lines[start:start + length], "ENDIF",
+                     *lines[start + length:]]
+        return lines
+
+    return st.builds(wrap, st.lists(rule, min_size=8, max_size=30),
+                     st.sampled_from(["", "", "IF /^a/", "IF !/^b/", "IF /^/"]),
+                     st.integers(0, 30), st.integers(4, 12))
+
+
+@pytest.mark.parametrize(("cls", "table_type", "atoms", "flag_letters"), [
+    (PcreTable, "pcre", PCRE_PREFIX_ATOMS, ["", "", "", "i", "m", "x", "A", "im", "iA"]),
+    (RegexpTable, "regexp", REGEXP_PREFIX_ATOMS, ["", "", "", "i", "m", "x", "im"]),
+])
+def test_prefix_indexed_runs_match_postmap(tmp_path, cls, table_type, atoms, flag_letters):
+    cases = []
+
+    @settings(SETTINGS, max_examples=100)
+    @given(lines=prefix_rule_lines(atoms, flag_letters), keys=PREFIX_KEYS)
+    def check(lines, keys):
+        cases.append(differential(tmp_path, cls, table_type, lines, keys))
+
+    check()
+    assert sum(cases) >= MIN_CASES

@@ -44,6 +44,7 @@ from proxymap.tables.patternfile import (
     take_pattern,
     warn,
 )
+from proxymap.tables.ruleindex import RunIndex, pcre_literal_prefix
 
 log = logging.getLogger("proxymap")
 
@@ -144,7 +145,8 @@ class PcrePattern:
     """A compiled pattern with its own match data (offsets of the last match)."""
 
     __slots__ = ("code", "match_data", "ovector", "capture_count", "code_arg", "match_data_arg",
-                 "min_length", "anchored_first", "required")
+                 "min_length", "anchored_first", "required", "prefix",
+                 "caseless")
 
     def __init__(self, pattern: bytes, options: int) -> None:
         self.code = self.match_data = None
@@ -159,6 +161,8 @@ class PcrePattern:
         self.code = code
         self.capture_count = _info(code, PCRE2_INFO_CAPTURECOUNT)
         self._learn_prefilter(code)
+        self.prefix = self._learn_prefix(pattern, options, code)
+        self.caseless = bool(options & PCRE2_CASELESS)
         _jit_compile(code, PCRE2_JIT_COMPLETE)  # failure is fine: the interpreter runs
         self.match_data = _match_data_create(code, None)
         if not self.match_data:
@@ -187,6 +191,23 @@ class PcrePattern:
             self.required = bytes([_info(code, PCRE2_INFO_LASTCODEUNIT)]).lower()
         if options & PCRE2_ANCHORED and _info(code, PCRE2_INFO_FIRSTCODETYPE) == 1:
             self.anchored_first = bytes([_info(code, PCRE2_INFO_FIRSTCODEUNIT)]).lower()
+
+    def _learn_prefix(self, pattern: bytes, options: int, code: int) -> bytes:
+        """Literal text every match starts with (``ruleindex``), checked against PCRE2.
+
+        PCRE2 must agree that the pattern is anchored, and on its first byte when it
+        knows one; otherwise (which our parser should never cause) no prefix is used.
+        """
+        prefix = pcre_literal_prefix(pattern, bool(options & PCRE2_ANCHORED),
+                                     bool(options & PCRE2_MULTILINE),
+                                     bool(options & PCRE2_EXTENDED))
+        if not prefix or not _info(code, PCRE2_INFO_ALLOPTIONS) & PCRE2_ANCHORED:
+            return b""
+        if _info(code, PCRE2_INFO_FIRSTCODETYPE) == 1:
+            first = bytes([_info(code, PCRE2_INFO_FIRSTCODEUNIT)])
+            if first.lower() != prefix[:1].lower():
+                return b""
+        return prefix
 
     def cannot_match(self, key: bytes, lowered: bytes) -> bool:
         if len(key) < self.min_length:
@@ -247,34 +268,34 @@ class PcreTable(Table):
         self._rules = rules.finish()
         # The lookup loop reads flat tuples: attribute look-ups cost more than the checks.
         self._steps = [self._step(rule) for rule in self._rules]
-        self._runs = self._index_runs(self._steps)
+        self._runs = self._index_runs(self._steps, self._rules)
 
     @staticmethod
-    def _index_runs(steps: list[tuple]) -> list[tuple | None]:
-        """Index long runs of consecutive match rules by the byte each one requires.
+    def _index_runs(steps: list[tuple], rules: list[Rule]) -> list[RunIndex | None]:
+        """Index long runs of consecutive match rules (``ruleindex.RunIndex``).
 
-        Large tables (header_checks) are mostly such runs. At lookup, only the rules
-        whose required byte occurs in the key (plus those without one, and negated
-        ones, which fire when their pattern cannot match) are tried, in file order;
-        the others cannot match, so skipping them changes no answer.
-        Entry i is (end, always-tried indexes, {byte: indexes}) when a run starts at i.
+        Large tables (header_checks, address maps) are mostly such runs. A rule is
+        filed by its literal prefix or by the byte PCRE2 says it requires; negated
+        rules and rules with neither are always tried. Entry i is the index of the run
+        that starts at rule i.
         """
-        runs: list[tuple | None] = [None] * len(steps)
+        runs: list[RunIndex | None] = [None] * len(steps)
         start = 0
         while start < len(steps):
             end = start
             while end < len(steps) and steps[end][0] == MATCH:
                 end += 1
             if end - start >= _MIN_RUN:
-                always: list[int] = []
-                by_byte: dict[int, list[int]] = {}
+                filing = []
                 for index in range(start, end):
-                    _, positive, _, _, _, required, _, _ = steps[index]
-                    if required is None or not positive:
-                        always.append(index)
+                    compiled = rules[index].matcher
+                    if rules[index].positive:
+                        byte = None if compiled.required is None else compiled.required[0]
+                        filing.append((index, compiled.prefix, compiled.caseless, byte))
                     else:
-                        by_byte.setdefault(required[0], []).append(index)
-                runs[start] = (end, always, by_byte)
+                        filing.append((index, b"", False, None))
+                run = RunIndex(end, filing)
+                runs[start] = run
             start = max(end, start + 1)
         return runs
 
@@ -345,24 +366,15 @@ class PcreTable(Table):
         match = _fast_match
         steps = self._steps
         runs = self._runs
-        present: set[int] | None = None
         index, count = 0, len(steps)
         while index < count:
             run = runs[index]
             if run is not None:
-                end, always, by_byte = run
-                if present is None:
-                    present = set(lowered)
-                candidates = list(always)
-                for byte, indexes in by_byte.items():
-                    if byte in present:
-                        candidates += indexes
-                candidates.sort()
-                for candidate in candidates:
+                for candidate in run.candidates(key, lowered):
                     value = self._try(steps[candidate], key, lowered, length)
                     if value is not None:
                         return value
-                index = end
+                index = run.end
                 continue
             kind, positive, code, data, min_length, required, first, rule = steps[index]
             index += 1

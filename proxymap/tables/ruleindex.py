@@ -1,0 +1,188 @@
+"""Exact candidate indexes for long runs of pattern rules (pcre, regexp).
+
+NAME
+    ruleindex -- literal prefixes of anchored patterns, and the run index built on them
+
+DESCRIPTION
+    A table of a thousand rules like ``/^user42@example\\.com$/`` spends its time calling
+    the regex library once per rule. Most rules of such a file cannot match a given key
+    for a reason visible without the library: the pattern is anchored at the start and
+    begins with literal text the key does not start with.
+
+    ``pcre_literal_prefix`` and ``ere_literal_prefix`` extract that text, but only when
+    it is certain: the pattern must start with ``^`` (or, pcre, be compiled ANCHORED),
+    ``^`` must not match after newlines (no multiline flag), the syntax must be the
+    plain one (no pcre ``x``; regexp only in extended syntax), and there must be no
+    alternation at the top level. The prefix is the run of literal atoms (plain
+    characters and backslash-escaped punctuation) up to the first metacharacter; an
+    atom followed by a quantifier (``? * + {``) is dropped, since it may be optional.
+    Anything unusual gives no prefix, which only costs speed.
+
+    ``RunIndex`` holds one run of consecutive match rules. Rules with a prefix are
+    filed under its first 1, 2, 4, 8 or 16 bytes (the largest that fits), lowercased
+    when the rule is caseless (the libraries fold ASCII only, in the C locale / without
+    UTF, as ``bytes.lower`` does). ``candidates`` returns, in file order, every rule of
+    the run that is not ruled out: the unindexed ones, and the indexed ones whose
+    filed bytes start the key. Skipping a rule that cannot match changes no answer,
+    and the candidates are tried in file order, so the first match is still the first.
+    Negated rules are never filed: they fire precisely when their pattern fails.
+"""
+
+from __future__ import annotations
+
+_BACKSLASH = 0x5C
+_CARET = 0x5E
+_PUNCTUATION = frozenset(b"!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~ ")
+_QUANTIFIERS = frozenset(b"?*+{")
+_PCRE_META = frozenset(b"\\^$.[|()?*+{}]")
+# glibc gives \< \> \` \' (and \w etc., letters anyway) special meanings.
+_ERE_SPECIAL_ESCAPES = frozenset(b"<>`'")
+_BUCKETS = (16, 8, 4, 2, 1)
+
+
+def _literal_run(body: bytes, meta: frozenset[int], special_escapes: frozenset[int]) -> bytes:
+    """The literal atoms at the start of ``body``, minus one that a quantifier follows."""
+    prefix = bytearray()
+    pos, end = 0, len(body)
+    while pos < end:
+        byte = body[pos]
+        if byte == _BACKSLASH:
+            if pos + 1 >= end:
+                break
+            escaped = body[pos + 1]
+            if escaped not in _PUNCTUATION or escaped in special_escapes:
+                break
+            atom, size = escaped, 2
+        elif 0x20 <= byte < 0x7F and byte not in meta:
+            atom, size = byte, 1
+        else:
+            break
+        if pos + size < end and body[pos + size] in _QUANTIFIERS:
+            break  # this atom may repeat zero times
+        prefix.append(atom)
+        pos += size
+    return bytes(prefix)
+
+
+def _top_level_alternation(pattern: bytes, give_up_on: tuple[bytes, ...]) -> bool:
+    """True if ``|`` may separate top-level alternatives (or we cannot tell)."""
+    if b"|" not in pattern:
+        return False
+    if any(marker in pattern for marker in give_up_on):
+        return True  # classes, quoting, comments, verb names can hide ( ) |
+    depth = 0
+    pos, end = 0, len(pattern)
+    while pos < end:
+        byte = pattern[pos]
+        if byte == _BACKSLASH:
+            pos += 2
+            continue
+        if byte == 0x28:  # (
+            depth += 1
+        elif byte == 0x29:  # )
+            depth -= 1
+            if depth < 0:
+                return True
+        elif byte == 0x7C and depth == 0:  # |
+            return True
+        pos += 1
+    return False
+
+
+def pcre_literal_prefix(pattern: bytes, anchored: bool, multiline: bool,
+                        extended: bool) -> bytes:
+    """Bytes every subject matching this PCRE2 pattern starts with (b"" = none known).
+
+    ``anchored`` is the ANCHORED compile option (flag ``A``), not PCRE2's own
+    auto-anchoring: a caller should also require PCRE2_INFO_ALLOPTIONS to say anchored.
+    """
+    pattern = pattern.split(b"\0", 1)[0]
+    if extended:
+        return b""
+    if pattern[:1] == b"^" and not multiline:
+        body = pattern[1:]
+    elif anchored:
+        body = pattern
+    else:
+        return b""
+    if _top_level_alternation(pattern, (b"[", b"\\Q", b"\\c", b"(?#", b"(?C", b"(*")):
+        return b""
+    return _literal_run(body, _PCRE_META, frozenset())
+
+
+def ere_literal_prefix(pattern: bytes, extended: bool, newline: bool) -> bytes:
+    """Bytes every subject matching this POSIX ERE starts with (glibc, C locale)."""
+    pattern = pattern.split(b"\0", 1)[0]
+    if not extended or newline or pattern[:1] != b"^":
+        return b""
+    if _top_level_alternation(pattern, (b"[",)):
+        return b""
+    return _literal_run(pattern[1:], _PCRE_META, _ERE_SPECIAL_ESCAPES)
+
+
+class RunIndex:
+    """Candidate rules of one run of match rules, by literal prefix or required byte.
+
+    ``end`` is the index after the run. ``always`` are rules that must always be
+    tried; ``by_prefix`` is (length, caseless, {filed bytes: rule indexes});
+    ``by_byte`` maps a byte that rules require anywhere in the (lowercased) key.
+    A rule that has both a prefix and a required byte is filed under the one fewer
+    rules share (``/^Subject:.*word1/`` ... ``/^Subject:.*word9/`` go by their digit).
+    """
+
+    __slots__ = ("end", "always", "by_prefix", "by_byte")
+
+    def __init__(self, end: int, rules: list[tuple[int, bytes, bool, int | None]]) -> None:
+        """``rules``: (index, prefix or b"", caseless, required byte or None), ascending."""
+        self.end = end
+        self.always: list[int] = []
+        self.by_prefix: list[tuple[int, bool, dict[bytes, list[int]]]] = []
+        self.by_byte: dict[int, list[int]] = {}
+        slots = [(_prefix_slot(prefix, caseless) if prefix else None, byte)
+                 for _, prefix, caseless, byte in rules]
+        sharing: dict[object, int] = {}
+        for prefix_slot, byte in slots:
+            for slot in (prefix_slot, byte):
+                if slot is not None:
+                    sharing[slot] = sharing.get(slot, 0) + 1
+        for (index, _, _, _), (prefix_slot, byte) in zip(rules, slots, strict=True):
+            if prefix_slot is not None and (byte is None
+                                            or sharing[prefix_slot] <= sharing[byte]):
+                self._file_prefix(index, prefix_slot)
+            elif byte is not None:
+                self.by_byte.setdefault(byte, []).append(index)
+            else:
+                self.always.append(index)
+
+    def _file_prefix(self, index: int, slot: tuple[int, bool, bytes]) -> None:
+        size, caseless, filed = slot
+        for length, folded, table in self.by_prefix:
+            if length == size and folded == caseless:
+                table.setdefault(filed, []).append(index)
+                return
+        self.by_prefix.append((size, caseless, {filed: [index]}))
+
+    def candidates(self, key: bytes, lowered: bytes) -> list[int]:
+        """Rule indexes to try, ascending; every other rule of the run cannot match."""
+        found = self.always
+        lists = 0
+        for length, caseless, table in self.by_prefix:
+            hit = table.get(lowered[:length] if caseless else key[:length])
+            if hit is not None:
+                found = found + hit if lists or found else hit
+                lists += 1
+        if self.by_byte:
+            for byte in set(lowered):
+                hit = self.by_byte.get(byte)
+                if hit is not None:
+                    found = found + hit if lists or found else hit
+                    lists += 1
+        if lists > 1 or (lists == 1 and self.always):
+            return sorted(found)
+        return found
+
+
+def _prefix_slot(prefix: bytes, caseless: bool) -> tuple[int, bool, bytes]:
+    """(bucket length, caseless, filed bytes) of a literal prefix."""
+    size = next(size for size in _BUCKETS if size <= len(prefix))
+    return size, caseless, prefix[:size].lower() if caseless else prefix[:size]
