@@ -14,7 +14,12 @@ DESCRIPTION
     the process TAKEN and AVAIL around every request, as from a Postfix daemon.
 
     Fast path: a table that answers inline returns a ``Reply``; it is encoded and written
-    at once -- no task, no future. A slow (asynchronous) table returns an awaitable: it
+    at once -- no task, no future. Faster still, the common case -- one whole lookup
+    in one chunk, between requests -- skips decoding and parsing: the bytes before the
+    key name the table, the flags and the generation, so once such a request has been
+    through the general path, its prefix maps to the handler's compiled lookup
+    (``RequestHandler.compile_lookup``) and the next ones are a dictionary hit, a
+    slice and a call. A slow (asynchronous) table returns an awaitable: it
     runs as a task, reading from this client pauses, and requests this client had
     already sent wait in order behind it, so its replies keep their order while other
     clients of the process are served meanwhile.
@@ -56,6 +61,7 @@ from proxymap.protocol import (
     Reply,
     Request,
     encode_reply,
+    lookup_prefix,
     parse_request,
     reply_to_truncated,
 )
@@ -69,6 +75,14 @@ log = logging.getLogger("proxymap")
 #: Postfix's per-request read budget (proxymap puts the stream in deadline mode).
 REQUEST_DEADLINE = 1.0
 
+#: Every lookup ends with ``key NUL <key> NUL`` and the list terminator NUL.
+_KEY_NAME = b"\x00key\x00"
+_LIST_END = b"\x00\x00"
+#: Bound on remembered request prefixes (a client cycling through flag words or table
+#: names must not grow the cache without limit).
+MAX_SHORTCUTS = 4096
+
+
 
 class ProxymapProtocol(ClientProtocol):
     """Serves one client: strictly one reply per request, in request order."""
@@ -78,6 +92,10 @@ class ProxymapProtocol(ClientProtocol):
         self.handler = handler
         self.stream = stream
         self.decoder = attr.AttrDecoder()
+        self._shortcuts = handler.lookup_shortcuts
+        # Between requests: nothing buffered, nothing slow, not closing -- the only
+        # state in which a chunk may take the shortcut.
+        self._between_requests = True
         self._queue: deque[attr.Pairs] = deque()  # received, waiting behind a slow request
         self._slow: asyncio.Future | None = None
         self._deadline: asyncio.TimerHandle | None = None
@@ -93,6 +111,7 @@ class ProxymapProtocol(ClientProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
+        self._between_requests = False
         self._cancel_deadline()
         self._queue.clear()
         super().connection_lost(exc)
@@ -112,6 +131,22 @@ class ProxymapProtocol(ClientProtocol):
             self.transport.resume_reading()
 
     def data_received(self, data: bytes) -> None:
+        if self._between_requests and data[-2:] == _LIST_END:
+            # One whole lookup whose prefix was seen before? The key is what follows
+            # the last "key" name; a NUL in it means more than one list: general path.
+            cut = data.rfind(_KEY_NAME) + 5
+            answer = self._shortcuts.get(data[:cut])
+            if answer is not None:
+                key = data[cut:-2]
+                if b"\x00" not in key:
+                    server = self.server
+                    server.request_started()
+                    self.transport.write(answer(key))
+                    server.request_done()
+                    return
+        self._decode_and_serve(data)
+
+    def _decode_and_serve(self, data: bytes) -> None:
         try:
             lists = self.decoder.feed(data)
         except attr.AttrTooLarge as exc:
@@ -141,6 +176,7 @@ class ProxymapProtocol(ClientProtocol):
                                                    self.decoder.pending_name)
             self.decoder.reset()
         self._closing = True
+        self._between_requests = False
         if self._slow is not None:
             return True  # keep the transport: the pending replies still go out
         self._finish()
@@ -175,6 +211,8 @@ class ProxymapProtocol(ClientProtocol):
                     self._start_slow(parsed, result)
                     return
                 reply = encode_reply(parsed.op, parsed.generation, result)
+                if parsed.op == "lookup":
+                    self._learn_shortcut(pairs, parsed)
             if index < last:
                 out.append(reply)
                 server.request_done()
@@ -186,6 +224,14 @@ class ProxymapProtocol(ClientProtocol):
         if out:
             self.transport.write(b"".join(out))
 
+    def _learn_shortcut(self, pairs: attr.Pairs, request: Request) -> None:
+        prefix = lookup_prefix(pairs, request.generation)
+        if prefix is None or prefix in self._shortcuts:
+            return
+        if len(self._shortcuts) >= MAX_SHORTCUTS:
+            self._shortcuts.clear()
+        self._shortcuts[prefix] = self.handler.compile_lookup(request)
+
     def _start_slow(self, request: Request, awaitable) -> None:
         try:
             future = asyncio.ensure_future(awaitable)
@@ -194,6 +240,7 @@ class ProxymapProtocol(ClientProtocol):
             future = asyncio.get_running_loop().create_future()
             future.set_result(Reply(RETRY))
         self._slow = future
+        self._between_requests = False
         if not self._closed:
             self.transport.pause_reading()
         future.add_done_callback(lambda done: self._slow_done(request, done))
@@ -229,15 +276,20 @@ class ProxymapProtocol(ClientProtocol):
     # --- end of a request / connection ----------------------------------------------------
     def _after_input(self) -> None:
         if self._closing:
+            self._between_requests = False
             if not self._closed and self.transport is not None:
                 self._finish()
                 self.transport.close()
             return
+        # The deadline runs only while a request is incomplete: a client that sends
+        # whole requests never arms a timer.
         if self.decoder.pending:
+            self._between_requests = False
             if self._deadline is None:
                 loop = asyncio.get_running_loop()
                 self._deadline = loop.call_later(REQUEST_DEADLINE, self._deadline_expired)
         else:
+            self._between_requests = not self._closed
             self._cancel_deadline()
 
     def _finish(self) -> None:

@@ -47,6 +47,12 @@ DESCRIPTION
     A sequence "next" with no "first" before it on that instance is answered as
     "first".
 
+    Fast path: ``compile_lookup(request)`` returns a function key -> encoded reply
+    for every lookup that differs from ``request`` only in its key; it does what
+    ``handle`` and ``encode_reply`` do, minus the per-request routing, flag
+    arithmetic and ``Reply`` objects. The connection keeps these functions in
+    ``lookup_shortcuts`` under the request bytes that precede the key.
+
     G1 and G2 instances of one table are never shared. Member tables of
     pipemap/unionmap are opened through ``open_nested``, which adds the UTF-8 layer
     whenever their flags ask for it, as Postfix's dict_open does, in both generations.
@@ -66,11 +72,23 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
 from proxymap import flags as F
-from proxymap.protocol import BAD, CONFIG, DENY, G2, NOKEY, OK, RETRY, Reply, Request
+from proxymap.protocol import (
+    BAD,
+    CONFIG,
+    DENY,
+    G1,
+    G2,
+    NOKEY,
+    OK,
+    RETRY,
+    Reply,
+    Request,
+    encode_reply,
+)
 from proxymap.tables import open_table
 from proxymap.tables.base import (
     DictConfig,
@@ -96,6 +114,12 @@ _G1_OPEN_EXTRA = F.FOLD_FIX | F.DUP_WARN | F.UTF8_REQUEST
 # Routes are cheap to rebuild; the bound only stops a client that cycles through
 # endless flag words from growing the cache without limit.
 _MAX_ROUTES = 4096
+# G1 lookup replies carry no flags (PROTOCOLS.md 2.5): a constant head before the value
+# of a hit, a constant reply for a miss.
+_G1_FOUND = encode_reply("lookup", G1, Reply(OK))[:-2]
+_G1_NOT_FOUND = encode_reply("lookup", G1, Reply(NOKEY))
+
+LookupFunction = Callable[[bytes], bytes]
 
 
 @dataclass(slots=True, eq=False)
@@ -147,6 +171,9 @@ class RequestHandler:
         self.context = OpenContext(params=params, open_table=self.open_nested,
                                    utf8_enabled=self.utf8_enabled)
         self._routes: dict[tuple[str, int, int], Instance | Refusal] = {}
+        #: Filled by the connection: request bytes before the key -> compiled lookup
+        #: (None: that request shape takes the general path).
+        self.lookup_shortcuts: dict[bytes, LookupFunction | None] = {}
         self._instances: dict[tuple[str, int, int, int], Instance] = {}
         access = "read-write" if self.writer else "read-only"
         parameter = "proxy_write_maps" if self.writer else "proxy_read_maps"
@@ -193,6 +220,17 @@ class RequestHandler:
             return Refusal(DENY, canonical)
         return self._instance(canonical, generation, instance_flags)
 
+    def _routed(self, req: Request) -> Instance | Refusal:
+        selector = req.instance_flags if req.generation == G2 else req.flags & F.INST_MASK
+        route_key = (req.table, req.generation, selector)
+        instance = self._routes.get(route_key)
+        if instance is None:
+            instance = self._route(req.table, req.generation, selector)
+            if len(self._routes) >= _MAX_ROUTES:
+                self._routes.clear()
+            self._routes[route_key] = instance
+        return instance
+
     def _refuse(self, refusal: Refusal) -> Reply:
         if refusal.status == DENY:
             log.warning('request for unapproved table: "%s"', refusal.canonical)
@@ -206,14 +244,7 @@ class RequestHandler:
             log.warning("refusing %s %s request on non-proxywrite service", req.table, op)
             return Reply(DENY)
         g2 = req.generation == G2
-        selector = req.instance_flags if g2 else req.flags & F.INST_MASK
-        route_key = (req.table, req.generation, selector)
-        instance = self._routes.get(route_key)
-        if instance is None:
-            instance = self._route(req.table, req.generation, selector)
-            if len(self._routes) >= _MAX_ROUTES:
-                self._routes.clear()
-            self._routes[route_key] = instance
+        instance = self._routed(req)
         if instance.__class__ is Refusal:
             return self._refuse(instance)
         if op == "open":
@@ -256,6 +287,67 @@ class RequestHandler:
         except Exception as exc:  # noqa: BLE001 - every failure becomes a status
             return Reply(self._error_status(exc, instance, op), table.flags | echo)
         return Reply(BAD)
+
+    # --- the fast path ------------------------------------------------------------------
+    def compile_lookup(self, req: Request) -> LookupFunction | None:
+        """A function answering, already encoded, every lookup like ``req`` but its key.
+
+        ``compile_lookup(req)(key)`` equals ``encode_reply("lookup", generation,
+        handle(req with key))``: same table instance, same flags before and after,
+        same status mapping. None when such a request needs more than a
+        synchronous lookup: a refusal (logged per request) or an asynchronous table.
+        """
+        if req.op != "lookup":
+            return None
+        instance = self._routed(req)
+        if instance.__class__ is Refusal or instance.table.asynchronous:
+            return None
+        table = instance.table
+        echo = req.flags & _SANITISED
+        error_status = self._error_status
+
+        def failed(exc: Exception, generation: int) -> bytes:
+            status = error_status(exc, instance, "lookup")
+            return encode_reply("lookup", generation, Reply(status, table.flags | echo))
+
+        if req.generation == G2:
+            flags = req.flags
+            if not flags & F.TRY_ANY:
+                flags |= instance.fresh_flags & F.TRY_ANY
+            flags &= ~_SANITISED
+
+            def lookup_g2(key: bytes) -> bytes:
+                table.flags = flags
+                try:
+                    value = table.lookup(key)
+                except Exception as exc:  # noqa: BLE001 - every failure becomes a status
+                    return failed(exc, G2)
+                reply_flags = (table.flags | echo) & 0xFFFFFFFF
+                if value is None:
+                    return b"status\x001\x00flags\x00%d\x00value\x00\x00\x00" % reply_flags
+                if b"\x00" in value:
+                    value = value[:value.index(b"\x00")]
+                return b"status\x000\x00flags\x00%d\x00value\x00%s\x00\x00" % (reply_flags, value)
+
+            return lookup_g2
+
+        # G1: the instance keeps its own bits (TRY learning), the client sets the others.
+        kept_bits = ~F.RQST_MASK & ~_SANITISED
+        request_bits = req.flags & F.RQST_MASK & ~_SANITISED
+
+        def lookup_g1(key: bytes) -> bytes:
+            table.flags = (table.flags & kept_bits) | request_bits
+            try:
+                value = table.lookup(key)
+            except Exception as exc:  # noqa: BLE001 - every failure becomes a status
+                return failed(exc, G1)
+            if value is None:
+                return _G1_NOT_FOUND
+            if b"\x00" in value:
+                value = value[:value.index(b"\x00")]
+            return _G1_FOUND + value + b"\x00\x00"
+
+        return lookup_g1
 
     async def _run_async(self, instance: Instance, req: Request, flags: int,
                          echo: int) -> Reply:

@@ -221,6 +221,17 @@ def _scan(pairs: attr.Pairs, wanted: tuple[bytes, ...], stream: str) -> dict | N
     return values
 
 
+def lookup_prefix(pairs: attr.Pairs, generation: int) -> bytes | None:
+    """The wire bytes of a lookup up to its key value: ``request NUL lookup NUL ...
+    key NUL``, when ``pairs`` are exactly the attributes of a lookup of
+    ``generation``, in order. Any two lookups with this prefix differ only in the key."""
+    if pairs[0] != (b"request", b"lookup"):
+        return None
+    if tuple([name for name, _ in pairs[1:]]) != EXPECTED["lookup", generation]:
+        return None
+    return b"".join([name + b"\x00" + value + b"\x00" for name, value in pairs[:-1]]) + b"key\x00"
+
+
 # ---------------------------------------------------------------------------------------------
 # Reply encoding, PROTOCOLS.md 2.5 (G1) and 2.6 (G2).
 # ---------------------------------------------------------------------------------------------

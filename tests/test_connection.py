@@ -311,6 +311,49 @@ def test_pipelined_requests_all_answered_in_order_in_one_write(table):
     run(main())
 
 
+def test_repeated_lookups_take_the_shortcut_with_the_same_answers(table, caplog):
+    async def main():
+        server = RecordingServer()
+        handler = RequestHandler("proxymap", {table}, {})
+        client, _ = await connect(handler, server)
+
+        async def ask(request: bytes) -> list:
+            await client.send(request)
+            return await client.read_lists(1)
+
+        first = await ask(lookup(table, b"alice"))
+        (prefix,) = handler.lookup_shortcuts  # learnt from the general path
+        assert lookup(table, b"alice").startswith(prefix)
+        assert await ask(lookup(table, b"alice")) == first
+        assert dict((await ask(lookup(table, b"bob")))[0])[b"value"] == b"bob@example.com"
+        assert await ask(lookup(table, b"nobody")) == [[(b"status", b"1"), (b"value", b"")]]
+        assert await ask(lookup(table, b"")) == [[(b"status", b"1"), (b"value", b"")]]
+        # Same prefix, but a second key attribute: the general path keeps the first value.
+        repeated = lookup(table, b"alice")[:-1] + b"key\x00bob\x00\x00"
+        with caplog.at_level(logging.WARNING, logger="proxymap"):
+            assert await ask(repeated) == first
+        assert "unexpected attribute key" in caplog.text
+        # Two lookups in one chunk: both answered.
+        await client.send(lookup(table, b"bob") + lookup(table, b"alice"))
+        lists = await client.read_lists(2)
+        assert [dict(p)[b"value"] for p in lists] == [b"bob@example.com", b"alice@example.com"]
+        assert server.events == ["TAKEN", "AVAIL"] * 8 and server.busy == 0
+    run(main())
+
+
+def test_refused_lookups_never_take_the_shortcut(table, caplog):
+    async def main():
+        handler = RequestHandler("proxymap", {table}, {})
+        client, _ = await connect(handler, RecordingServer())
+        for _ in range(3):
+            await client.send(lookup("texthash:/unapproved", b"alice"))
+            assert await client.read_lists(1) == [[(b"status", b"4"), (b"value", b"")]]
+        assert list(handler.lookup_shortcuts.values()) == [None]
+    with caplog.at_level(logging.WARNING, logger="proxymap"):
+        run(main())
+    assert caplog.text.count("request for unapproved table") == 3
+
+
 def test_oversized_list_answered_bad_and_closed(table, monkeypatch):
     monkeypatch.setattr(attr, "MAX_LIST_BYTES", 4096)
 

@@ -20,7 +20,19 @@ from master.mainconf import MainConfig
 from proxymap import flags as F
 from proxymap.approval import approved_tables
 from proxymap.handler import RequestHandler
-from proxymap.protocol import BAD, CONFIG, DENY, G1, G2, NOKEY, OK, RETRY, Reply, Request
+from proxymap.protocol import (
+    BAD,
+    CONFIG,
+    DENY,
+    G1,
+    G2,
+    NOKEY,
+    OK,
+    RETRY,
+    Reply,
+    Request,
+    encode_reply,
+)
 from proxymap.tables import TABLE_TYPES, table_class
 from proxymap.tables.base import DictOpenError
 from proxymap.tables.internal import InternalTable
@@ -468,3 +480,76 @@ def r312_static(tmp_path_factory):
     path.write_text("alice alice@example.com\n")
     spec = f"texthash:{path}"
     return reader(spec), spec
+
+
+# --- the compiled lookup (fast path) gives what handle + encode_reply give --------------------
+
+def _fast_and_general(specs: list[str]) -> tuple[RequestHandler, RequestHandler]:
+    return reader(*specs), reader(*specs)
+
+
+def _both_ways(fast: RequestHandler, general: RequestHandler, request: Request) -> tuple:
+    """(fast reply, general reply, fast table flags, general table flags) for one request."""
+    compiled = fast.compile_lookup(request)
+    assert compiled is not None
+    fast_reply = compiled(request.key)
+    general_reply = encode_reply("lookup", request.generation, general.handle(request))
+    flags = [[i.table.flags for i in h._instances.values()] for h in (fast, general)]
+    return fast_reply, general_reply, *flags
+
+
+def test_compiled_lookup_learns_the_null_convention_like_handle(hash_table):
+    spec = f"hash:{hash_table}"
+    fast, general = _fast_and_general([spec])
+    for request in (g1("lookup", spec, 524353, key=b"ALICE"),
+                    g1("lookup", spec, 524353, key=b"nobody"),
+                    g1("lookup", spec, 524353 | F.OPEN_LOCK, key=b"alice"),
+                    g2("lookup", spec, POSTMAP_Q, POSTMAP_Q | 28, key=b"alice"),
+                    g2("lookup", spec, POSTMAP_Q, POSTMAP_Q & ~F.TRY_ANY, key=b"alice"),
+                    g2("lookup", spec, POSTMAP_Q, POSTMAP_Q | F.BULK_UPDATE, key=b"x")):
+        fast_reply, general_reply, fast_flags, general_flags = _both_ways(fast, general, request)
+        assert fast_reply == general_reply
+        assert fast_flags == general_flags
+
+
+def test_compiled_lookup_maps_failures_like_handle(caplog):
+    fast, general = _fast_and_general(["fail:x", "hash:/nonexistent/x"])
+    for request in (g1("lookup", "fail:x", 524353, key=b"k"),
+                    g2("lookup", "fail:x", POSTMAP_Q, 32, key=b"k"),
+                    g1("lookup", "hash:/nonexistent/x", 524353, key=b"k"),
+                    g2("lookup", "hash:/nonexistent/x", POSTMAP_Q, POSTMAP_Q, key=b"k")):
+        fast_reply, general_reply, *_ = _both_ways(fast, general, request)
+        assert fast_reply == general_reply
+        assert fast_reply.startswith(b"status\x002\x00")
+
+
+def test_no_compiled_lookup_for_refusals_async_tables_and_other_ops(monkeypatch, r312):
+    monkeypatch.setitem(TABLE_TYPES, "amem", "tests.test_handler:AsyncMemoryTable")
+    handler = reader(r312, "amem:t")
+    assert handler.compile_lookup(g1("lookup", "texthash:/unapproved", 524353)) is None
+    assert handler.compile_lookup(g1("lookup", "nocolon", 524353)) is None
+    assert handler.compile_lookup(g2("lookup", "amem:t", 0, 16)) is None
+    assert handler.compile_lookup(g1("open", r312)) is None
+    assert handler.compile_lookup(g1("lookup", r312, 524353)) is not None
+
+
+@settings(max_examples=200, deadline=None)
+@given(flags=st.integers(min_value=0, max_value=0xFFFFFFFF), generation=st.sampled_from([G1, G2]),
+       key=st.sampled_from([b"alice", b"ALICE", b"bob", b"", b"a\x00b", "Straße".encode()]))
+def test_compiled_lookup_equals_handle_for_any_flags_and_key(r312_pair, flags, generation, key):
+    fast, general, spec = r312_pair
+    if generation == G2:
+        request = g2("lookup", spec, POSTMAP_Q, flags, key=key)
+    else:
+        request = g1("lookup", spec, flags, key=key)
+    fast_reply, general_reply, fast_flags, general_flags = _both_ways(fast, general, request)
+    assert fast_reply == general_reply
+    assert fast_flags == general_flags
+
+
+@pytest.fixture(scope="module")
+def r312_pair(tmp_path_factory):
+    path = tmp_path_factory.mktemp("r312pair") / "r312"
+    path.write_text("alice alice@example.com\nstraße s\x01z\n")
+    spec = f"texthash:{path}"
+    return reader(spec), reader(spec), spec
