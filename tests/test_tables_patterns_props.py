@@ -353,3 +353,38 @@ def test_prefix_indexed_runs_match_postmap(tmp_path, cls, table_type, atoms, fla
 
     check()
     assert sum(cases) >= MIN_CASES
+
+
+def cidr_run_lines():
+    """Long runs of mostly plain rules (the per-length network index), maybe inside IF."""
+    length = st.sampled_from(["", "/0", "/8", "/16", "/16", "/24", "/24", "/31", "/64", "/120"])
+    negation = st.sampled_from([""] * 9 + ["!"])
+    line = st.builds(lambda n, address, suffix, v: f"{n}{address}{suffix} {v}", negation,
+                     st.one_of(V4, V4, V4, V6), length,
+                     st.sampled_from(["v1", "v2", "v3", "x", "y", "z"]))
+
+    def wrap(lines, condition, start, size):
+        if condition:
+            start %= len(lines)
+            lines = [*lines[:start], condition, *lines[start:start + size], "ENDIF",
+                     *lines[start + size:]]
+        return lines
+
+    return st.builds(wrap, st.lists(line, min_size=8, max_size=40),
+                     st.sampled_from(["", "", "IF 10.0.0.0/8", "IF !10.0.0.0/16",
+                                      "IF 2001:db8::/32"]),
+                     st.integers(0, 40), st.integers(4, 12))
+
+
+def test_cidr_indexed_runs_match_postmap(tmp_path):
+    cases = []
+
+    @settings(SETTINGS, max_examples=100)
+    @given(lines=cidr_run_lines(),
+           keys=st.lists(st.one_of(V4_KEYS, V4_KEYS, V6_KEYS), min_size=20, max_size=30,
+                         unique=True))
+    def check(lines, keys):
+        cases.append(differential(tmp_path, CidrTable, "cidr", lines, keys))
+
+    check()
+    assert sum(cases) >= MIN_CASES

@@ -15,6 +15,11 @@ DESCRIPTION
     Lookup: the first matching rule in file order wins (not the longest prefix). A rule
     only ever matches keys of its own address family: IPv4 rules never see an
     IPv4-mapped IPv6 key. A key that does not parse is simply not found.
+
+    Speed: a run of consecutive non-negated rules is indexed per family and prefix
+    length as {network: index of its first rule}. A lookup masks the key once per
+    length present and takes the smallest index found, which is the rule a scan in
+    file order would stop at.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from proxymap.tables.patternfile import (
 )
 
 _BITS = {socket.AF_INET: 32, socket.AF_INET6: 128}
+_MIN_RUN = 4  # shorter runs are scanned
 
 
 def parse_address(text: bytes) -> tuple[int, int] | None:
@@ -103,6 +109,7 @@ class CidrTable(Table):
             except RuleError as exc:
                 warn(self.dict_type, name, lineno, f"{exc}: skipping this rule")
         self._rules = rules.finish()
+        self._runs = _index_runs(self._rules)
 
     @staticmethod
     def _parse_rule(line: bytes, lineno: int, nesting: int) -> Rule:
@@ -138,8 +145,16 @@ class CidrTable(Table):
             return None
         family, address = parsed
         rules = self._rules
+        runs = self._runs
         index, count = 0, len(rules)
         while index < count:
+            run = runs[index]
+            if run is not None:
+                first = run.first_match(family, address)
+                if first is not None:
+                    return rules[first].value
+                index = run.end
+                continue
             rule = rules[index]
             index += 1
             kind = rule.kind
@@ -158,6 +173,43 @@ class CidrTable(Table):
 
     def sequence(self, function: int) -> tuple[bytes, bytes] | None:
         raise DictUnsupported(f"table {self.spec}: sequence operation is not supported")
+
+
+class NetworkRun:
+    """Consecutive non-negated match rules, as {network: first rule} per family and mask."""
+
+    __slots__ = ("end", "by_family")
+
+    def __init__(self, rules: list[Rule], start: int, end: int) -> None:
+        self.end = end
+        tables: dict[int, dict[int, dict[int, int]]] = {}
+        for index in range(start, end):
+            family, network, mask = rules[index].matcher
+            tables.setdefault(family, {}).setdefault(mask, {}).setdefault(network, index)
+        self.by_family = {family: tuple(by_mask.items()) for family, by_mask in tables.items()}
+
+    def first_match(self, family: int, address: int) -> int | None:
+        """Index of the first rule of the run that matches, or None."""
+        first = None
+        for mask, networks in self.by_family.get(family, ()):
+            index = networks.get(address & mask)
+            if index is not None and (first is None or index < first):
+                first = index
+        return first
+
+
+def _index_runs(rules: list[Rule]) -> list[NetworkRun | None]:
+    """Entry i is the index of the run of plain match rules that starts at rule i."""
+    runs: list[NetworkRun | None] = [None] * len(rules)
+    start = 0
+    while start < len(rules):
+        end = start
+        while end < len(rules) and rules[end].kind == MATCH and rules[end].positive:
+            end += 1
+        if end - start >= _MIN_RUN:
+            runs[start] = NetworkRun(rules, start, end)
+        start = max(end, start + 1)
+    return runs
 
 
 def _show(text: bytes) -> str:
