@@ -218,6 +218,7 @@ class MultiServer:
         self._idle_remaining: float | None = None
         self._exit_status: int | None = None
         self._exit_callbacks: list[Callable[[], None]] = []
+        self._loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None
         self._requests_in_progress = 0
         self._reported_busy = False  # the last status message sent was TAKEN
         self._avail_pending = False  # an AVAIL is scheduled for the next loop turn
@@ -289,6 +290,8 @@ class MultiServer:
         setproctitle.setproctitle(" ".join([self.process_name, *self.argv[1:]]))
 
     def drop_privileges(self) -> None:
+        if not self.standalone:
+            self.choose_event_loop()  # imports while still root (see there)
         user = self.config["mail_owner"] if self.options.drop_privileges else None
         root_dir = self.config["queue_directory"] if self.options.chroot else None
         if user is None and root_dir is None:
@@ -384,21 +387,31 @@ class MultiServer:
 
     # -- the event loop --------------------------------------------------------------
 
-    def new_event_loop(self) -> asyncio.AbstractEventLoop:
-        """uvloop when installed (about twice asyncio's speed on our hot path), unless
-        $PYPROXYMAP_EVENT_LOOP or main.cf says ``asyncio``."""
+    def choose_event_loop(self) -> None:
+        """uvloop when installed (much faster than asyncio on our hot path), unless
+        $PYPROXYMAP_EVENT_LOOP or main.cf says ``asyncio``.
+
+        Called before the privilege drop: once running as mail_owner, a Python
+        installation only root can read would make the import fail (silently
+        giving asyncio), as it would outside a chroot.
+        """
         wanted = os.environ.get(EVENT_LOOP_ENV) or self.config.get(EVENT_LOOP_PARAMETER, "")
         wanted = wanted.strip().lower()
-        if wanted != "asyncio":
-            try:
-                import uvloop
-            except ImportError:
-                if wanted == "uvloop":
-                    log.warning("%s=uvloop: uvloop is not installed, using asyncio",
-                                EVENT_LOOP_ENV)
-            else:
-                return uvloop.new_event_loop()
-        return asyncio.new_event_loop()
+        self._loop_factory = asyncio.new_event_loop
+        if wanted == "asyncio":
+            return
+        try:
+            import uvloop
+        except ImportError:
+            if wanted == "uvloop":
+                log.warning("%s=uvloop: uvloop is not installed, using asyncio", EVENT_LOOP_ENV)
+        else:
+            self._loop_factory = uvloop.new_event_loop
+
+    def new_event_loop(self) -> asyncio.AbstractEventLoop:
+        if self._loop_factory is None:
+            self.choose_event_loop()
+        return self._loop_factory()
 
     def open_listen_sockets(self) -> None:
         for fd in range(LISTEN_FD, LISTEN_FD + self.options.socket_count):

@@ -128,6 +128,17 @@ def test_worker_title_and_identity(ours):
         assert os.stat(f"/proc/{pid}").st_uid == postfix_uid
 
 
+def test_worker_runs_uvloop_after_the_privilege_drop(ours):
+    """uvloop is chosen (imported) while still root: mail_owner may not read the venv."""
+    pytest.importorskip("uvloop")
+    ours.lookup("alice", "proxy:" + ours.table_map["texthash"])
+    workers = ours.wait_for_workers()
+    assert workers
+    for pid in workers:
+        maps = Path(f"/proc/{pid}/maps").read_text()
+        assert "/uvloop/loop." in maps, f"worker {pid} does not run uvloop"
+
+
 def test_proxywrite_worker_title(ours):
     with ours.client("proxywrite") as client:
         assert client.announcement == {"protocol": b"proxymap_protocol"}
