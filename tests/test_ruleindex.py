@@ -82,6 +82,9 @@ def test_pcre_prefix_respects_options():
     (rb"^ab\<c", True, False, b"ab"),     # glibc word boundary
     (rb"^ab\'", True, False, b"ab"),      # glibc end of buffer
     (rb"^ab|c", True, False, b""),
+    (rb"^ab[(]|c", True, False, b""),     # a class may hide a parenthesis
+    (rb"^ab\(|c", True, False, b""),      # so may an escape
+    (rb"^ab(c|d)", True, False, b"ab"),
     (rb"^abc", False, False, b""),        # basic syntax: not handled
     (rb"^abc", True, True, b""),          # ^ after every newline
     (rb"abc", True, False, b""),
@@ -203,8 +206,10 @@ def test_regexp_index_skips_only_rules_that_cannot_match(postmap, tmp_path):
     lines = [line.replace("/A ", "/ ").replace("$/x", "$/") for line in PCRE_TRICKY
              if not line.startswith("!")]
     lines.insert(3, r"/^user3@example\.com$/m!/^zz/ multiline3")
+    lines.insert(4, r"/^zz[(]|^user4/ class-hides-paren4")
     answers = compare_with_postmap(postmap, tmp_path, RegexpTable, "regexp", lines, KEYS)
     assert answers["USER1@EXAMPLE.COM"] == "plain1"
+    assert answers["user4@example.com"] == "class-hides-paren4"
 
 
 def test_cidr_buckets_keep_first_match_across_families_and_blocks(postmap, tmp_path):

@@ -307,7 +307,7 @@ def test_utf8_keys_are_matched_byte_by_byte(tmp_path, cls, table_type, flag_lett
 
 LITERAL_ATOMS = ["a", "b", "A", "B", "a", "b", "\\."]
 TRICKY_ATOMS = ["a?", "b*", "A+", "a{2}", "b{0}", "a{0,1}", "\\.?", "(a|b)", "|", "|b",
-                "|^b", ".", "[ab]", "[a|]", "\\d", " ", "#"]
+                "|^b", ".", "[ab]", "[a|]", "[(]", "\\d", " ", "#"]
 PCRE_PREFIX_ATOMS = TRICKY_ATOMS + ["(?i)", "(?-i)a", "\\Qa|\\E", "\\x41", "(?#|)", "\\c(|"]
 REGEXP_PREFIX_ATOMS = TRICKY_ATOMS + ["\\<", "\\'", "\\(", "\\|", "\\{"]
 PREFIX_KEYS = st.lists(

@@ -265,7 +265,7 @@ class Rule:
     """One compiled rule. ``kind`` is MATCH, IF or ENDIF; the table fills the rest."""
 
     __slots__ = ("kind", "lineno", "positive", "matcher", "second", "second_positive",
-                 "replacement", "endif", "value")
+                 "replacement", "endif", "value", "prefix", "caseless")
 
     def __init__(self, kind: int, lineno: int, positive: bool = True, matcher=None) -> None:
         self.kind = kind
@@ -277,6 +277,8 @@ class Rule:
         self.replacement: Replacement | None = None
         self.endif = -1  # IF: index of its ENDIF, -1 when it has none
         self.value = b""
+        self.prefix = b""  # literal text every match starts with (ruleindex), if known
+        self.caseless = False  # the prefix compares without regard to ASCII case
 
 
 class RuleList:

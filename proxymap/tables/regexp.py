@@ -17,6 +17,10 @@ DESCRIPTION
     Bad rules are dropped with a warning naming the file and line; a missing file makes
     the table unavailable. NO_REGSUB in the open flags drops every rule whose result
     uses ``$n``. FOLD_MUL in a request lowercases the key (ASCII) before matching.
+
+    Long runs of match rules are indexed by the literal prefix of their anchored
+    patterns (``ruleindex``): a lookup only runs regexec for rules whose prefix starts
+    the key, and for the rules without one, in file order.
 """
 
 from __future__ import annotations
@@ -42,8 +46,11 @@ from proxymap.tables.patternfile import (
     take_pattern,
     warn,
 )
+from proxymap.tables.ruleindex import RunIndex, ere_literal_prefix
 
 log = logging.getLogger("proxymap")
+
+_MIN_RUN = 4  # shorter runs of match rules are scanned
 
 _FLAG_BITS = {ord("i"): rx.REG_ICASE, ord("m"): rx.REG_NEWLINE, ord("x"): rx.REG_EXTENDED}
 
@@ -74,6 +81,7 @@ class RegexpTable(Table):
                 except RuleError as exc:
                     warn(self.dict_type, name, lineno, str(exc))
         self._rules = rules.finish()
+        self._runs = _index_runs(self._rules)
 
     # --- loading ------------------------------------------------------------------------
     def _parse_rule(self, line: bytes, lineno: int, nesting: int) -> Rule:
@@ -117,6 +125,11 @@ class RegexpTable(Table):
             raise RuleError("$number found in negative match replacement text: skipping this rule")
         if max_sub and self._no_regsub:
             raise RuleError("regular expression substitution is not allowed: skipping this rule")
+        if positive:
+            rule_prefix = ere_literal_prefix(pattern, bool(options & rx.REG_EXTENDED),
+                                             bool(options & rx.REG_NEWLINE))
+        else:
+            rule_prefix = b""  # a negated rule fires exactly when the pattern fails
         if max_sub == 0:
             options |= rx.REG_NOSUB
         rule = Rule(MATCH, lineno, positive,
@@ -133,6 +146,8 @@ class RegexpTable(Table):
                 raise
             rule.second_positive = second_positive
         rule.replacement = replacement
+        rule.prefix = rule_prefix
+        rule.caseless = bool(options & rx.REG_ICASE)
         return rule
 
     @staticmethod
@@ -165,32 +180,51 @@ class RegexpTable(Table):
 
     def _first_match(self, key: bytes) -> bytes | None:
         rules = self._rules
+        runs = self._runs
+        lowered = None
         index, count = 0, len(rules)
         while index < count:
+            run = runs[index]
+            if run is not None:
+                if lowered is None:
+                    lowered = key.lower()
+                for candidate in run.candidates(key, lowered):
+                    value = self._match_value(rules[candidate], key)
+                    if value is not None:
+                        return value
+                index = run.end
+                continue
             rule = rules[index]
             index += 1
             kind = rule.kind
             if kind == MATCH:
-                replacement = rule.replacement
-                if replacement.max_sub:
-                    spans = rule.matcher.search(key)
-                    if spans.__class__ is int:
-                        if spans != rx.REG_NOMATCH:
-                            self._warn(rule.lineno, rule.matcher.error_text(spans))
-                        continue
-                elif not self._holds(rule.matcher, rule.positive, key, rule.lineno):
-                    continue
-                if rule.second is not None and not self._holds(
-                        rule.second, rule.second_positive, key, rule.lineno):
-                    continue
-                if replacement.literal is not None:
-                    return replacement.literal
-                return replacement.expand(key, spans)
-            if kind == IF and not self._holds(rule.matcher, rule.positive, key, rule.lineno):
+                value = self._match_value(rule, key)
+                if value is not None:
+                    return value
+            elif kind == IF and not self._holds(rule.matcher, rule.positive, key, rule.lineno):
                 if rule.endif < 0:
                     return None
                 index = rule.endif + 1
         return None
+
+    def _match_value(self, rule: Rule, key: bytes) -> bytes | None:
+        """The result of a match rule for this key, or None when the rule does not fire."""
+        replacement = rule.replacement
+        spans = None
+        if replacement.max_sub:
+            spans = rule.matcher.search(key)
+            if spans.__class__ is int:
+                if spans != rx.REG_NOMATCH:
+                    self._warn(rule.lineno, rule.matcher.error_text(spans))
+                return None
+        elif not self._holds(rule.matcher, rule.positive, key, rule.lineno):
+            return None
+        if rule.second is not None and not self._holds(
+                rule.second, rule.second_positive, key, rule.lineno):
+            return None
+        if replacement.literal is not None:
+            return replacement.literal
+        return replacement.expand(key, spans)
 
     def sequence(self, function: int) -> tuple[bytes, bytes] | None:
         raise DictUnsupported(f"table {self.spec}: sequence operation is not supported")
@@ -201,6 +235,21 @@ class RegexpTable(Table):
                 if regex is not None:
                     regex.free()
         self._rules = []
+
+
+def _index_runs(rules: list[Rule]) -> list[RunIndex | None]:
+    """Entry i is the index of the run of match rules that starts at rule i."""
+    runs: list[RunIndex | None] = [None] * len(rules)
+    start = 0
+    while start < len(rules):
+        end = start
+        while end < len(rules) and rules[end].kind == MATCH:
+            end += 1
+        if end - start >= _MIN_RUN:
+            runs[start] = RunIndex(end, [(index, rules[index].prefix, rules[index].caseless, None)
+                                         for index in range(start, end)])
+        start = max(end, start + 1)
+    return runs
 
 
 def _show(text: bytes) -> str:
