@@ -43,12 +43,12 @@ DESCRIPTION
     Status: the service calls ``server.request_started()`` and
     ``server.request_done()`` around each request it serves. The master hears TAKEN
     when the process goes from idle to busy (a failure is ignored) and AVAIL once no
-    request is in progress any more, at the start of the next event-loop iteration
-    (a failure means the master is gone, so the process exits 0). A client that
+    request is in progress and a whole turn of the event loop found no new one (a
+    failure means the master is gone, so the process exits 0). A client that
     waits for each reply still sees TAKEN and AVAIL around every request, as from
-    Postfix; the requests of many clients handled in one loop iteration cost two
-    messages, not two each. See ``MultiServer.request_done`` for why this is what
-    the master needs.
+    Postfix; clients that keep the process busy cost no messages at all. See the
+    comment above ``MultiServer.request_started`` for why this is what the
+    master needs.
 
     Without fd 5 (a test harness, or run by hand with ``-d``) no status is written
     and nothing is watched; a missing listen socket is fatal.
@@ -221,7 +221,8 @@ class MultiServer:
         self._loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None
         self._requests_in_progress = 0
         self._reported_busy = False  # the last status message sent was TAKEN
-        self._avail_pending = False  # an AVAIL is scheduled for the next loop turn
+        self._idle_check_pending = False  # _check_idle is scheduled
+        self._started_this_turn = False  # a request started since the last _check_idle
 
     # -- start-up --------------------------------------------------------------
 
@@ -314,41 +315,55 @@ class MultiServer:
     # * TAKEN when the first request starts in an idle process: from then on the
     #   master may bring up a sibling for a new client, as it should for a process
     #   that is working (the CPU it runs on is taken).
-    # * AVAIL when the last request in progress is done -- not at once, but at the
-    #   next turn of the event loop (``call_soon``). Requests of other clients that
-    #   arrived meanwhile are handled in the same turn without further messages;
-    #   the turn that follows comes immediately (the loop does not sleep with a
-    #   callback ready), so the process is never reported busy while it waits.
+    # * AVAIL when the loop runs out of work: once no request is in progress and
+    #   one whole turn of the event loop (its poll for input and the callbacks that
+    #   follow) started no new request. While clients keep the loop busy -- every
+    #   poll finds requests -- no message is sent at all; the turn that finds
+    #   nothing comes immediately (the loop polls without waiting while a callback
+    #   is ready), so AVAIL goes out before the process goes to sleep: it is never
+    #   reported busy while it waits.
     # * A slow (asynchronous) request keeps the process busy until it completes,
     #   like a slow table in Postfix: the master may add processes meanwhile.
     #
-    # Under load a busy process therefore stays TAKEN for most of the time and the
-    # master spreads new clients over more processes (more CPUs); with one client
-    # that waits for each reply the messages are exactly Postfix's.
+    # Under load a busy process therefore stays TAKEN and the master spreads new
+    # clients over more processes (more CPUs); with one client that waits for each
+    # reply the messages are Postfix's: TAKEN and AVAIL around every request.
 
     def request_started(self) -> None:
         """A request starts: tell the master TAKEN if the process was idle."""
         self._requests_in_progress += 1
+        self._started_this_turn = True
         if not self._reported_busy:
             self._reported_busy = True
             self.status.taken()  # a failure is ignored, as in Postfix
 
     def request_done(self) -> None:
-        """A request is done: AVAIL at the next loop turn if nothing else is running."""
+        """A request is done: AVAIL once the loop has a turn without work (see above)."""
         self._requests_in_progress -= 1
-        if self._requests_in_progress or self._avail_pending or not self._reported_busy:
+        if self._requests_in_progress or self._idle_check_pending or not self._reported_busy:
             return
         loop = self.loop
         if loop is None or not loop.is_running():
             self._report_available()  # no loop turn to wait for (-S, tests)
             return
-        self._avail_pending = True
-        loop.call_soon(self._report_available)
+        self._idle_check_pending = True
+        loop.call_soon(self._check_idle)
+
+    def _check_idle(self) -> None:
+        """Runs once per loop turn until a turn started no request, then AVAIL."""
+        if self._requests_in_progress:
+            self._idle_check_pending = False  # request_done will schedule it again
+            return
+        if self._started_this_turn:
+            self._started_this_turn = False
+            self.loop.call_soon(self._check_idle)  # runs after the next turn's poll
+            return
+        self._idle_check_pending = False
+        self._report_available()
 
     def _report_available(self) -> None:
-        self._avail_pending = False
-        if self._requests_in_progress or not self._reported_busy:
-            return  # busy again already: the master keeps seeing TAKEN
+        if not self._reported_busy:
+            return
         self._reported_busy = False
         if not self.status.available():
             self.exit(0)  # the master is gone

@@ -92,17 +92,45 @@ def test_status_messages_per_request(conf, event_loop):
     with StandinMaster(echo("-t", "unix"), env=child_env(PYPROXYMAP_EVENT_LOOP=event_loop), config_dir=conf,
                        generation=generation) as m:
         client = m.connect()
-        assert ask(client, "hello") == "hello"
-        assert ask(client, "again") == "again"
         pid = m.pid
         expected = [struct.pack("<iIi", pid, 83, STATUS_TAKEN),
-                    struct.pack("<iIi", pid, 83, STATUS_AVAIL)] * 2
-        received = [struct.pack("=iIi", *m.read_status()) for _ in range(4)]
-        assert received == expected
+                    struct.pack("<iIi", pid, 83, STATUS_AVAIL)]
+        # A request that finds the process idle: TAKEN, then AVAIL once it is idle again.
+        for line in ("hello", "again"):
+            assert ask(client, line) == line
+            assert [struct.pack("=iIi", *m.read_status()) for _ in range(2)] == expected
         # Nothing at accept or at disconnect: status is per request only.
         m.connect().close()
         client.close()
         assert m.expect_no_status(0.3)
+
+
+@EVENT_LOOPS
+def test_busy_process_stays_taken_and_ends_avail(conf, event_loop):
+    """Clients that keep the loop busy cost fewer messages than requests; once the
+    work stops the master hears AVAIL (never left believing an idle process busy)."""
+    with StandinMaster(echo("-t", "unix"), env=child_env(PYPROXYMAP_EVENT_LOOP=event_loop),
+                       config_dir=conf) as m:
+        clients = [m.connect() for _ in range(8)]
+        rounds = 200
+        for _ in range(rounds):
+            for client in clients:
+                client.sendall(b"x\n")
+            for client in clients:
+                data = b""
+                while not data.endswith(b"\n"):
+                    data += client.recv(4096)
+        messages = []
+        while True:
+            try:
+                messages.append(m.read_status(timeout=0.5).avail)
+            except TimeoutError:
+                break
+        assert messages and messages[-1] == STATUS_AVAIL
+        assert messages == [STATUS_TAKEN, STATUS_AVAIL] * (len(messages) // 2)
+        assert len(messages) < 2 * rounds * len(clients)
+        for client in clients:
+            client.close()
 
 
 @EVENT_LOOPS
