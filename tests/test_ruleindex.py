@@ -18,7 +18,13 @@ from proxymap import flags as F
 from proxymap.tables.cidr import CidrTable
 from proxymap.tables.pcre import PcreTable
 from proxymap.tables.regexp import RegexpTable
-from proxymap.tables.ruleindex import RunIndex, ere_literal_prefix, pcre_literal_prefix
+from proxymap.tables.ruleindex import (
+    RunIndex,
+    ere_literal_prefix,
+    ere_literal_suffix,
+    pcre_literal_prefix,
+    pcre_literal_suffix,
+)
 from tests.support.postfix import ensure_postfix, postmap_path
 
 REQUEST_FLAGS = 524353
@@ -95,26 +101,72 @@ def test_ere_prefix(pattern, extended, newline, prefix):
 
 def test_run_index_keeps_file_order_and_unindexed_rules():
     rules = [
-        (10, b"abc", True, None),
-        (11, b"", False, None),           # always tried
-        (12, b"ABx", False, None),        # case-sensitive
-        (13, b"abcdefgh", True, None),
-        (14, b"", False, ord("z")),
+        (10, b"abc", True, None, b""),
+        (11, b"", False, None, b""),           # always tried
+        (12, b"ABx", False, None, b""),        # case-sensitive
+        (13, b"abcdefgh", True, None, b""),
+        (14, b"", False, ord("z"), b""),
+        (15, b"", False, None, b".Com"),       # suffixes compare caseless
     ]
-    run = RunIndex(15, rules)
+    run = RunIndex(16, rules)
     # Prefixes are filed by their first 1, 2, 4, 8 or 16 bytes: "abc" under "ab".
     assert run.candidates(b"ABCDEFGHz", b"abcdefghz") == [10, 11, 12, 13, 14]
     assert run.candidates(b"ABx", b"abx") == [10, 11, 12]
     assert run.candidates(b"abx", b"abx") == [10, 11]
     assert run.candidates(b"zz", b"zz") == [11, 14]
-    assert run.end == 15
+    assert run.candidates(b"x.COM", b"x.com") == [11, 15]
+    assert run.candidates(b"x.COM\n", b"x.com\n") == [11, 15]  # pcre: $ before a final \n
+    assert run.end == 16
 
 
 def test_run_index_prefers_the_less_shared_filter():
-    rules = [(i, b"Subject:", True, ord(str(i))) for i in range(10)]
-    run = RunIndex(10, rules)
+    rules = [(i, b"Subject:", True, ord(str(i)), b"") for i in range(10)]
+    rules += [(10 + i, b"Subject:", True, None, f"word{i}".encode()) for i in range(10)]
+    run = RunIndex(20, rules)
     assert run.candidates(b"Subject: 7", b"subject: 7") == [7]
     assert run.candidates(b"Subject: 17", b"subject: 17") == [1, 7]
+    assert run.candidates(b"Subject: 1 word3", b"subject: 1 word3") == [1, 3, 13]
+
+
+@pytest.mark.parametrize(("pattern", "suffix"), [
+    (rb"\.example\.com$", b".example.com"),
+    (rb"^(.*)@example\.com$", b"@example.com"),
+    (rb"ab\\$", b"ab\\"),        # an escaped backslash, then the anchor
+    (rb"abc\$", b""),              # an escaped dollar is no anchor
+    (rb"a+b$", b"b"),
+    (rb"ab*$", b""),
+    (rb"ab{2}$", b""),
+    (rb"(a|b)c$", b"c"),
+    (rb"a|bc$", b""),
+    (rb"\w\.com$", b".com"),
+    (rb"\x41$", b""),              # read backwards, 41 would look literal
+    (rb"\k<ab>c$", b""),
+    (rb"\cb$", b""),
+    (rb"\101$", b""),
+    (rb"\Qab$", b""),              # the $ is quoted
+    (rb"(?x)a b$", b""),            # blanks do not count in extended syntax
+    (rb"(*CR)ab$", b""),            # another newline convention
+    (rb"abc$)", b""),
+])
+def test_pcre_suffix(pattern, suffix):
+    assert pcre_literal_suffix(pattern, False, False) == suffix
+
+
+def test_pcre_suffix_respects_options():
+    assert pcre_literal_suffix(rb"abc$", True, False) == b""
+    assert pcre_literal_suffix(rb"abc$", False, True) == b""
+
+
+@pytest.mark.parametrize(("pattern", "extended", "newline", "suffix"), [
+    (rb"\.example\.com$", True, False, b".example.com"),
+    (rb"\x41$", True, False, b"41"),       # glibc: \x is a plain x
+    (rb"ab\'$", True, False, b""),
+    (rb"ab[(]|c$", True, False, b""),
+    (rb"abc$", False, False, b""),
+    (rb"abc$", True, True, b""),
+])
+def test_ere_suffix(pattern, extended, newline, suffix):
+    assert ere_literal_suffix(pattern, extended, newline) == suffix
 
 
 # --- whole tables against postmap -------------------------------------------------------
@@ -173,13 +225,19 @@ PCRE_TRICKY = [
     r"/^user13@example\.com$/ inside-if13",
     r"ENDIF",
     r"/^user1/ late-user1",
+    r"/\.example\.org$/ suffix-org",
+    r"/\.example\.net$/E suffix-net-endonly",
+    r"/(?i)\.Example\.EDU$/i suffix-edu-inline-caseless",
+    r"/\.example\.gov$/m suffix-gov-multiline",
     r"/^u/ u",
     r"/^/ anything",
 ]
 KEYS = ["user1@example.com", "USER1@EXAMPLE.COM", "User2@Example.com", "user2@example.com",
         "a\nuser3@example.com", "user4@example.com", "user5", "user6@example.com",
         "uuser6@example.com", "user7@example.com", "user8@example.com", "user9@example.com",
-        "user10@example.com", "user13@example.com", "user14@example.com", "x"]
+        "user10@example.com", "user13@example.com", "user14@example.com", "x",
+        "a.example.org", "a.EXAMPLE.ORG\n", "a.example.org\n\n", "a.example.net",
+        "a.example.net\n", "a.example.edu", "a.example.gov\nx"]
 
 
 def test_pcre_index_skips_only_rules_that_cannot_match(postmap, tmp_path):
@@ -200,6 +258,9 @@ def test_pcre_index_without_negation(postmap, tmp_path):
     assert answers["a\nuser3@example.com"] == "multiline3"
     assert answers["user4@example.com"] == "extended4"
     assert answers["uuser6@example.com"] == "optional6"
+    assert answers["a.EXAMPLE.ORG\n"] == "suffix-org"
+    assert answers["a.example.edu"] == "suffix-edu-inline-caseless"
+    assert answers["a.example.gov\nx"] == "suffix-gov-multiline"
 
 
 def test_regexp_index_skips_only_rules_that_cannot_match(postmap, tmp_path):

@@ -303,23 +303,25 @@ def test_utf8_keys_are_matched_byte_by_byte(tmp_path, cls, table_type, flag_lett
     assert sum(cases) >= 1000
 
 
-# --- runs of anchored rules with literal prefixes (the ruleindex fast path) -------------
+# --- runs of anchored rules with literal prefixes/suffixes (the ruleindex fast path) ----
 
 LITERAL_ATOMS = ["a", "b", "A", "B", "a", "b", "\\."]
 TRICKY_ATOMS = ["a?", "b*", "A+", "a{2}", "b{0}", "a{0,1}", "\\.?", "(a|b)", "|", "|b",
                 "|^b", ".", "[ab]", "[a|]", "[(]", "\\d", " ", "#"]
-PCRE_PREFIX_ATOMS = TRICKY_ATOMS + ["(?i)", "(?-i)a", "\\Qa|\\E", "\\x41", "(?#|)", "\\c(|"]
-REGEXP_PREFIX_ATOMS = TRICKY_ATOMS + ["\\<", "\\'", "\\(", "\\|", "\\{"]
+PCRE_PREFIX_ATOMS = TRICKY_ATOMS + ["(?i)", "(?-i)a", "\\Qa|\\E", "\\x41", "(?#|)", "\\c(|",
+                                    "\\Q", "(?x)", "\\x4", "\\\\", "\\$"]
+REGEXP_PREFIX_ATOMS = TRICKY_ATOMS + ["\\<", "\\'", "\\(", "\\|", "\\{", "\\\\", "\\$"]
 PREFIX_KEYS = st.lists(
     st.text(alphabet="abAB.", min_size=1, max_size=4), min_size=KEYS_PER_FILE[0],
     max_size=KEYS_PER_FILE[1], unique=True)
 
 
 def prefix_rule_lines(atoms: list[str], flag_letters: list[str]):
-    """A run of mostly ``^literal...`` rules (indexed by prefix), maybe partly inside IF."""
+    """A run of mostly ``^literal...`` / ``...literal$`` rules (indexed by prefix or
+    suffix), maybe partly inside IF."""
     atom = st.sampled_from(LITERAL_ATOMS * 3 + atoms)
     body = st.builds(lambda anchor, parts, end: anchor + "".join(parts) + end,
-                     st.sampled_from(["^"] * 9 + [""]),
+                     st.sampled_from(["^", "^", ""]),
                      st.lists(atom, min_size=1, max_size=4),
                      st.sampled_from(["$", "$", "$", "", ".*", "(.)"]))
     # Rarely negated: a negated rule fires for most keys and ends the lookup.
@@ -340,7 +342,7 @@ def prefix_rule_lines(atoms: list[str], flag_letters: list[str]):
 
 
 @pytest.mark.parametrize(("cls", "table_type", "atoms", "flag_letters"), [
-    (PcreTable, "pcre", PCRE_PREFIX_ATOMS, ["", "", "", "i", "m", "x", "A", "im", "iA"]),
+    (PcreTable, "pcre", PCRE_PREFIX_ATOMS, ["", "", "", "i", "m", "x", "A", "E", "im", "iA"]),
     (RegexpTable, "regexp", REGEXP_PREFIX_ATOMS, ["", "", "", "i", "m", "x", "im"]),
 ])
 def test_prefix_indexed_runs_match_postmap(tmp_path, cls, table_type, atoms, flag_letters):

@@ -265,7 +265,7 @@ class Rule:
     """One compiled rule. ``kind`` is MATCH, IF or ENDIF; the table fills the rest."""
 
     __slots__ = ("kind", "lineno", "positive", "matcher", "second", "second_positive",
-                 "replacement", "endif", "value", "prefix", "caseless")
+                 "replacement", "endif", "value", "prefix", "caseless", "suffix")
 
     def __init__(self, kind: int, lineno: int, positive: bool = True, matcher=None) -> None:
         self.kind = kind
@@ -279,6 +279,7 @@ class Rule:
         self.value = b""
         self.prefix = b""  # literal text every match starts with (ruleindex), if known
         self.caseless = False  # the prefix compares without regard to ASCII case
+        self.suffix = b""  # literal text every match ends with (ruleindex), if known
 
 
 class RuleList:

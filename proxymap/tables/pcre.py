@@ -44,7 +44,7 @@ from proxymap.tables.patternfile import (
     take_pattern,
     warn,
 )
-from proxymap.tables.ruleindex import RunIndex, pcre_literal_prefix
+from proxymap.tables.ruleindex import RunIndex, pcre_literal_prefix, pcre_literal_suffix
 
 log = logging.getLogger("proxymap")
 
@@ -146,7 +146,7 @@ class PcrePattern:
 
     __slots__ = ("code", "match_data", "ovector", "capture_count", "code_arg", "match_data_arg",
                  "min_length", "anchored_first", "required", "prefix",
-                 "caseless")
+                 "caseless", "suffix")
 
     def __init__(self, pattern: bytes, options: int) -> None:
         self.code = self.match_data = None
@@ -163,6 +163,10 @@ class PcrePattern:
         self._learn_prefilter(code)
         self.prefix = self._learn_prefix(pattern, options, code)
         self.caseless = bool(options & PCRE2_CASELESS)
+        self.suffix = pcre_literal_suffix(pattern, bool(options & PCRE2_MULTILINE),
+                                          bool(options & PCRE2_EXTENDED))
+        if self.required is not None and self.suffix[-1:].lower() not in (b"", self.required):
+            self.suffix = b""  # PCRE2 disagrees on the last literal: do not trust our parse
         _jit_compile(code, PCRE2_JIT_COMPLETE)  # failure is fine: the interpreter runs
         self.match_data = _match_data_create(code, None)
         if not self.match_data:
@@ -275,8 +279,8 @@ class PcreTable(Table):
         """Index long runs of consecutive match rules (``ruleindex.RunIndex``).
 
         Large tables (header_checks, address maps) are mostly such runs. A rule is
-        filed by its literal prefix or by the byte PCRE2 says it requires; negated
-        rules and rules with neither are always tried. Entry i is the index of the run
+        filed by its literal prefix or suffix or by the byte PCRE2 says it requires;
+        negated rules and rules with none of these are always tried. Entry i is the index of the run
         that starts at rule i.
         """
         runs: list[RunIndex | None] = [None] * len(steps)
@@ -291,9 +295,10 @@ class PcreTable(Table):
                     compiled = rules[index].matcher
                     if rules[index].positive:
                         byte = None if compiled.required is None else compiled.required[0]
-                        filing.append((index, compiled.prefix, compiled.caseless, byte))
+                        filing.append((index, compiled.prefix, compiled.caseless, byte,
+                                       compiled.suffix))
                     else:
-                        filing.append((index, b"", False, None))
+                        filing.append((index, b"", False, None, b""))
                 run = RunIndex(end, filing)
                 runs[start] = run
             start = max(end, start + 1)

@@ -18,9 +18,10 @@ DESCRIPTION
     the table unavailable. NO_REGSUB in the open flags drops every rule whose result
     uses ``$n``. FOLD_MUL in a request lowercases the key (ASCII) before matching.
 
-    Long runs of match rules are indexed by the literal prefix of their anchored
-    patterns (``ruleindex``): a lookup only runs regexec for rules whose prefix starts
-    the key, and for the rules without one, in file order.
+    Long runs of match rules are indexed by the literal prefix (``^text``) or suffix
+    (``text$``) of their patterns (``ruleindex``): a lookup only runs regexec for
+    rules whose text starts (ends) the key, and for the rules without one, in file
+    order.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ from proxymap.tables.patternfile import (
     take_pattern,
     warn,
 )
-from proxymap.tables.ruleindex import RunIndex, ere_literal_prefix
+from proxymap.tables.ruleindex import RunIndex, ere_literal_prefix, ere_literal_suffix
 
 log = logging.getLogger("proxymap")
 
@@ -125,11 +126,11 @@ class RegexpTable(Table):
             raise RuleError("$number found in negative match replacement text: skipping this rule")
         if max_sub and self._no_regsub:
             raise RuleError("regular expression substitution is not allowed: skipping this rule")
+        rule_prefix = rule_suffix = b""  # a negated rule fires when the pattern fails
         if positive:
-            rule_prefix = ere_literal_prefix(pattern, bool(options & rx.REG_EXTENDED),
-                                             bool(options & rx.REG_NEWLINE))
-        else:
-            rule_prefix = b""  # a negated rule fires exactly when the pattern fails
+            extended, newline = bool(options & rx.REG_EXTENDED), bool(options & rx.REG_NEWLINE)
+            rule_prefix = ere_literal_prefix(pattern, extended, newline)
+            rule_suffix = ere_literal_suffix(pattern, extended, newline)
         if max_sub == 0:
             options |= rx.REG_NOSUB
         rule = Rule(MATCH, lineno, positive,
@@ -147,6 +148,7 @@ class RegexpTable(Table):
             rule.second_positive = second_positive
         rule.replacement = replacement
         rule.prefix = rule_prefix
+        rule.suffix = rule_suffix
         rule.caseless = bool(options & rx.REG_ICASE)
         return rule
 
@@ -246,8 +248,8 @@ def _index_runs(rules: list[Rule]) -> list[RunIndex | None]:
         while end < len(rules) and rules[end].kind == MATCH:
             end += 1
         if end - start >= _MIN_RUN:
-            runs[start] = RunIndex(end, [(index, rules[index].prefix, rules[index].caseless, None)
-                                         for index in range(start, end)])
+            runs[start] = RunIndex(end, [(index, rules[index].prefix, rules[index].caseless, None,
+                                          rules[index].suffix) for index in range(start, end)])
         start = max(end, start + 1)
     return runs
 

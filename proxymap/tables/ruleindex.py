@@ -38,6 +38,8 @@ _PCRE_META = frozenset(b"\\^$.[|()?*+{}]")
 # glibc gives \< \> \` \' (and \w etc., letters anyway) special meanings.
 _ERE_SPECIAL_ESCAPES = frozenset(b"<>`'")
 _BUCKETS = (16, 8, 4, 2, 1)
+_SUFFIX = "$"  # marks a suffix slot among the filing choices of a rule
+_SHORT_PCRE_ESCAPES = frozenset(b"dDwWsSbBhHvVRXAzZGK")
 
 
 def _literal_run(body: bytes, meta: frozenset[int], special_escapes: frozenset[int]) -> bytes:
@@ -120,47 +122,132 @@ def ere_literal_prefix(pattern: bytes, extended: bool, newline: bool) -> bytes:
     return _literal_run(pattern[1:], _PCRE_META, _ERE_SPECIAL_ESCAPES)
 
 
+def _literal_tail(body: bytes, meta: frozenset[int], special_escapes: frozenset[int]) -> bytes:
+    """The literal atoms at the end of ``body`` (what a final ``$`` follows)."""
+    tail = bytearray()
+    pos = len(body) - 1
+    while pos >= 0:
+        byte = body[pos]
+        slashes = 0
+        while pos - slashes - 1 >= 0 and body[pos - slashes - 1] == _BACKSLASH:
+            slashes += 1
+        if slashes % 2:
+            if byte not in _PUNCTUATION or byte in special_escapes:
+                break
+            pos -= 2
+        elif 0x20 <= byte < 0x7F and byte not in meta:
+            pos -= 1
+        else:
+            break  # a quantifier, group, class... ends the literal tail
+        tail.append(byte)
+    tail.reverse()
+    return bytes(tail)
+
+
+def _ends_with_anchor(pattern: bytes) -> bool:
+    """True if the last byte is an unescaped ``$``."""
+    if pattern[-1:] != b"$":
+        return False
+    slashes = len(pattern) - 1 - len(pattern[:-1].rstrip(b"\\"))
+    return slashes % 2 == 0
+
+
+def _only_short_escapes(pattern: bytes) -> bool:
+    """True if every backslash escape is two bytes long and cannot quote what follows.
+
+    Read backwards, ``\\x41`` or ``\\k<name>`` would look like literal text; ``\\Q``
+    quotes the rest. Patterns with such escapes get no suffix.
+    """
+    pos, end = 0, len(pattern)
+    while pos < end:
+        if pattern[pos] == _BACKSLASH:
+            escaped = pattern[pos + 1:pos + 2]
+            if escaped.isalnum() and escaped[0] not in _SHORT_PCRE_ESCAPES:
+                return False
+            pos += 2
+        else:
+            pos += 1
+    return True
+
+
+def pcre_literal_suffix(pattern: bytes, multiline: bool, extended: bool) -> bytes:
+    """Bytes every subject matching this PCRE2 pattern ends with, maybe before a final
+    newline (b"" = none known). Compare it without regard to case: inline ``(?i)``
+    may make it caseless.
+    """
+    pattern = pattern.split(b"\0", 1)[0]
+    if extended or multiline or not _ends_with_anchor(pattern):
+        return b""
+    if b"(*" in pattern or (b"(?" in pattern and b"x" in pattern):
+        return b""  # newline conventions, inline extended syntax
+    if not _only_short_escapes(pattern):
+        return b""
+    if _top_level_alternation(pattern, (b"[", b"\\c", b"(?#", b"(?C")):
+        return b""
+    return _literal_tail(pattern[:-1], _PCRE_META, frozenset())
+
+
+def ere_literal_suffix(pattern: bytes, extended: bool, newline: bool) -> bytes:
+    """Bytes every subject matching this POSIX ERE ends with (glibc, C locale)."""
+    pattern = pattern.split(b"\0", 1)[0]
+    if not extended or newline or not _ends_with_anchor(pattern):
+        return b""
+    if _top_level_alternation(pattern, (b"[",)):
+        return b""
+    return _literal_tail(pattern[:-1], _PCRE_META, _ERE_SPECIAL_ESCAPES)
+
+
 class RunIndex:
-    """Candidate rules of one run of match rules, by literal prefix or required byte.
+    """Candidate rules of one run of match rules, by literal prefix, suffix or byte.
 
     ``end`` is the index after the run. ``always`` are rules that must always be
     tried; ``by_prefix`` is (length, caseless, {filed bytes: rule indexes});
-    ``by_byte`` maps a byte that rules require anywhere in the (lowercased) key.
-    A rule that has both a prefix and a required byte is filed under the one fewer
-    rules share (``/^Subject:.*word1/`` ... ``/^Subject:.*word9/`` go by their digit).
+    ``by_suffix`` is (length, {last bytes, lowercased: rule indexes}); ``by_byte``
+    maps a byte that rules require anywhere in the (lowercased) key. A rule is filed
+    once, under whichever of its keys the fewest rules share
+    (``/^Subject:.*word1/`` ... ``/^Subject:.*word9/`` go by their digit).
     """
 
-    __slots__ = ("end", "always", "by_prefix", "by_byte")
+    __slots__ = ("end", "always", "by_prefix", "by_suffix", "by_byte")
 
-    def __init__(self, end: int, rules: list[tuple[int, bytes, bool, int | None]]) -> None:
-        """``rules``: (index, prefix or b"", caseless, required byte or None), ascending."""
+    def __init__(self, end: int, rules: list[tuple[int, bytes, bool, int | None, bytes]]) -> None:
+        """``rules``: (index, prefix, caseless, required byte or None, suffix), ascending.
+
+        An empty prefix or suffix means none is known.
+        """
         self.end = end
         self.always: list[int] = []
         self.by_prefix: list[tuple[int, bool, dict[bytes, list[int]]]] = []
+        self.by_suffix: list[tuple[int, dict[bytes, list[int]]]] = []
         self.by_byte: dict[int, list[int]] = {}
-        slots = [(_prefix_slot(prefix, caseless) if prefix else None, byte)
-                 for _, prefix, caseless, byte in rules]
+        choices = []
         sharing: dict[object, int] = {}
-        for prefix_slot, byte in slots:
-            for slot in (prefix_slot, byte):
-                if slot is not None:
-                    sharing[slot] = sharing.get(slot, 0) + 1
-        for (index, _, _, _), (prefix_slot, byte) in zip(rules, slots, strict=True):
-            if prefix_slot is not None and (byte is None
-                                            or sharing[prefix_slot] <= sharing[byte]):
-                self._file_prefix(index, prefix_slot)
-            elif byte is not None:
-                self.by_byte.setdefault(byte, []).append(index)
-            else:
+        for _, prefix, caseless, byte, suffix in rules:
+            slots = [slot for slot in (_prefix_slot(prefix, caseless) if prefix else None,
+                                       _suffix_slot(suffix) if suffix else None, byte)
+                     if slot is not None]
+            for slot in slots:
+                sharing[slot] = sharing.get(slot, 0) + 1
+            choices.append(slots)
+        for (index, *_), slots in zip(rules, choices, strict=True):
+            if not slots:
                 self.always.append(index)
+                continue
+            best = min(slots, key=sharing.__getitem__)  # ties: prefix, then suffix
+            if best.__class__ is int:
+                self.by_byte.setdefault(best, []).append(index)
+            elif best[0] == _SUFFIX:
+                self._file(self.by_suffix, (best[1],), best[2], index)
+            else:
+                self._file(self.by_prefix, best[:2], best[2], index)
 
-    def _file_prefix(self, index: int, slot: tuple[int, bool, bytes]) -> None:
-        size, caseless, filed = slot
-        for length, folded, table in self.by_prefix:
-            if length == size and folded == caseless:
-                table.setdefault(filed, []).append(index)
+    @staticmethod
+    def _file(tables: list, head: tuple, filed: bytes, index: int) -> None:
+        for entry in tables:
+            if entry[:-1] == head:
+                entry[-1].setdefault(filed, []).append(index)
                 return
-        self.by_prefix.append((size, caseless, {filed: [index]}))
+        tables.append((*head, {filed: [index]}))
 
     def candidates(self, key: bytes, lowered: bytes) -> list[int]:
         """Rule indexes to try, ascending; every other rule of the run cannot match."""
@@ -171,6 +258,15 @@ class RunIndex:
             if hit is not None:
                 found = found + hit if lists or found else hit
                 lists += 1
+        if self.by_suffix:
+            # pcre's $ also matches before a final newline (unless E): try both ends.
+            ends = (lowered, lowered[:-1]) if lowered[-1:] == b"\n" else (lowered,)
+            for length, table in self.by_suffix:
+                for text in ends:
+                    hit = table.get(text[-length:])
+                    if hit is not None:
+                        found = found + hit if lists or found else hit
+                        lists += 1
         if self.by_byte:
             for byte in set(lowered):
                 hit = self.by_byte.get(byte)
@@ -180,6 +276,12 @@ class RunIndex:
         if lists > 1 or (lists == 1 and self.always):
             return sorted(found)
         return found
+
+
+def _suffix_slot(suffix: bytes) -> tuple[str, int, bytes]:
+    """(marker, bucket length, lowercased last bytes) of a literal suffix."""
+    size = next(size for size in _BUCKETS if size <= len(suffix))
+    return _SUFFIX, size, suffix[-size:].lower()
 
 
 def _prefix_slot(prefix: bytes, caseless: bool) -> tuple[int, bool, bytes]:
