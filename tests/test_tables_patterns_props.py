@@ -309,7 +309,7 @@ LITERAL_ATOMS = ["a", "b", "A", "B", "a", "b", "\\."]
 TRICKY_ATOMS = ["a?", "b*", "A+", "a{2}", "b{0}", "a{0,1}", "\\.?", "(a|b)", "|", "|b",
                 "|^b", ".", "[ab]", "[a|]", "[(]", "\\d", " ", "#"]
 PCRE_PREFIX_ATOMS = TRICKY_ATOMS + ["(?i)", "(?-i)a", "\\Qa|\\E", "\\x41", "(?#|)", "\\c(|",
-                                    "\\Q", "(?x)", "\\x4", "\\\\", "\\$"]
+                                    "\\Q", "(?x)", "(?m)", "\\x4", "\\\\", "\\$"]
 REGEXP_PREFIX_ATOMS = TRICKY_ATOMS + ["\\<", "\\'", "\\(", "\\|", "\\{", "\\\\", "\\$"]
 PREFIX_KEYS = st.lists(
     st.text(alphabet="abAB.", min_size=1, max_size=4), min_size=KEYS_PER_FILE[0],

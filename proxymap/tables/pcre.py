@@ -66,6 +66,8 @@ PCRE2_INFO_LASTCODEUNIT = 11
 PCRE2_INFO_LASTCODETYPE = 12
 PCRE2_INFO_MINLENGTH = 16
 PCRE2_ERROR_NOMATCH = -1
+PCRE2_CONFIG_NEWLINE = 5
+PCRE2_NEWLINE_LF = 2
 PCRE2_UNSET = ctypes.c_size_t(-1).value
 
 _FLAG_BITS = {
@@ -126,6 +128,18 @@ _match_data_free.argtypes = [_p]
 _match_data_free.restype = None
 
 
+def _default_newline() -> int:
+    value = ctypes.c_uint32()
+    if _lib.pcre2_config_8(PCRE2_CONFIG_NEWLINE, ctypes.byref(value)) < 0:
+        return 0
+    return value.value
+
+
+# A literal suffix before $ is checked against the key's end or the end before a final
+# LF (ruleindex); another newline convention would let $ match before other bytes.
+_SUFFIX_INDEX = _default_newline() == PCRE2_NEWLINE_LF
+
+
 def _info(code: int, what: int) -> int:
     value = ctypes.c_uint32()
     if _pattern_info(code, what, ctypes.byref(value)) != 0:
@@ -165,8 +179,9 @@ class PcrePattern:
         self.caseless = bool(options & PCRE2_CASELESS)
         self.suffix = pcre_literal_suffix(pattern, bool(options & PCRE2_MULTILINE),
                                           bool(options & PCRE2_EXTENDED))
-        if self.required is not None and self.suffix[-1:].lower() not in (b"", self.required):
-            self.suffix = b""  # PCRE2 disagrees on the last literal: do not trust our parse
+        if not _SUFFIX_INDEX or (self.required is not None
+                                 and self.suffix[-1:].lower() not in (b"", self.required)):
+            self.suffix = b""  # odd newlines, or PCRE2 disagrees on the last literal
         _jit_compile(code, PCRE2_JIT_COMPLETE)  # failure is fine: the interpreter runs
         self.match_data = _match_data_create(code, None)
         if not self.match_data:

@@ -152,6 +152,17 @@ def _ends_with_anchor(pattern: bytes) -> bool:
     return slashes % 2 == 0
 
 
+def _inline_options(pattern: bytes) -> bool:
+    """True if some ``(?`` may set options (a letter, ``^`` or ``-`` follows it)."""
+    start = pattern.find(b"(?")
+    while start >= 0:
+        after = pattern[start + 2:start + 3]
+        if after.isalpha() or after in (b"^", b"-"):
+            return True
+        start = pattern.find(b"(?", start + 2)
+    return False
+
+
 def _only_short_escapes(pattern: bytes) -> bool:
     """True if every backslash escape is two bytes long and cannot quote what follows.
 
@@ -178,8 +189,8 @@ def pcre_literal_suffix(pattern: bytes, multiline: bool, extended: bool) -> byte
     pattern = pattern.split(b"\0", 1)[0]
     if extended or multiline or not _ends_with_anchor(pattern):
         return b""
-    if b"(*" in pattern or (b"(?" in pattern and b"x" in pattern):
-        return b""  # newline conventions, inline extended syntax
+    if b"(*" in pattern or _inline_options(pattern):
+        return b""  # newline conventions; (?m) or (?x) would change what $ or blanks mean
     if not _only_short_escapes(pattern):
         return b""
     if _top_level_alternation(pattern, (b"[", b"\\c", b"(?#", b"(?C")):
