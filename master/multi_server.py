@@ -39,6 +39,8 @@ DESCRIPTION
     stays in the kernel backlog for a sibling or successor), ``accept`` (EAGAIN is
     silent: a sibling won the race), then the connection goes to the service's
     protocol (a ``ClientProtocol``), whose ``connection_made`` is the post-accept hook.
+    A worker that already has N clients waits N x 0.2 ms (at most 5 ms) before it
+    accepts, so that a new client goes to the least loaded worker awake.
 
     Status: the service calls ``server.request_started()`` and
     ``server.request_done()`` around each request it serves. The master hears TAKEN
@@ -500,9 +502,37 @@ class MultiServer:
 
     # -- accepting -------------------------------------------------------------------
 
+    # A new client wakes every worker that polls the listen socket, and the first
+    # to call accept() gets it. Left at that, one worker can collect all the
+    # clients of a burst (the others woke a moment later) and use one CPU while
+    # its siblings idle. So a worker that already has clients lets the others go
+    # first, longer the more clients it has: new clients go to the least loaded
+    # worker that is awake. The wait is short and bounded; a client nobody else
+    # takes is accepted after it.
+    ACCEPT_DELAY_PER_CLIENT = 0.0002
+    ACCEPT_DELAY_MAX = 0.005
+
+    def _accept_delay(self) -> float:
+        return min(self.open_connections * self.ACCEPT_DELAY_PER_CLIENT, self.ACCEPT_DELAY_MAX)
+
     def _accept_ready(self, listen_socket: socket.socket) -> None:
         if self.exiting:
             return
+        delay = self._accept_delay()
+        if delay:
+            # Stop polling meanwhile: the socket stays readable until someone accepts.
+            self.loop.remove_reader(listen_socket.fileno())
+            self.loop.call_later(delay, self._accept_after_delay, listen_socket)
+            return
+        self._accept(listen_socket)
+
+    def _accept_after_delay(self, listen_socket: socket.socket) -> None:
+        if self.exiting:
+            return
+        self.loop.add_reader(listen_socket.fileno(), self._accept_ready, listen_socket)
+        self._accept(listen_socket)  # EAGAIN (silent) when a sibling was faster
+
+    def _accept(self, listen_socket: socket.socket) -> None:
         was_idle = self.open_connections == 0
         if was_idle:
             self._cancel_idle_timer()

@@ -134,6 +134,21 @@ def test_busy_process_stays_taken_and_ends_avail(conf, event_loop):
 
 
 @EVENT_LOOPS
+def test_worker_with_clients_still_accepts_alone(conf, event_loop):
+    """A worker with clients lets idle siblings accept first, but without siblings
+    every client of a burst is still accepted (after a few milliseconds at most)."""
+    with StandinMaster(echo("-t", "unix"), env=child_env(PYPROXYMAP_EVENT_LOOP=event_loop),
+                       config_dir=conf) as m:
+        started = time.monotonic()
+        clients = [m.connect() for _ in range(40)]
+        for number, client in enumerate(clients):
+            assert ask(client, f"client {number}") == f"client {number}"
+        assert time.monotonic() - started < 2
+        for client in clients:
+            client.close()
+
+
+@EVENT_LOOPS
 def test_max_use_counts_closed_connections(conf, event_loop):
     with StandinMaster(echo("-t", "unix", "-o", "max_use=3"), env=child_env(PYPROXYMAP_EVENT_LOOP=event_loop),
                        config_dir=conf) as m:
