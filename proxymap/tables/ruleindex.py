@@ -1,7 +1,7 @@
 """Exact candidate indexes for long runs of pattern rules (pcre, regexp).
 
 NAME
-    ruleindex -- literal prefixes of anchored patterns, and the run index built on them
+    ruleindex -- literal prefixes/suffixes of anchored patterns, and the run index on them
 
 DESCRIPTION
     A table of a thousand rules like ``/^user42@example\\.com$/`` spends its time calling
@@ -18,20 +18,27 @@ DESCRIPTION
     atom followed by a quantifier (``? * + {``) is dropped, since it may be optional.
     Anything unusual gives no prefix, which only costs speed.
 
+    ``pcre_literal_suffix`` and ``ere_literal_suffix`` do the same for the literal
+    atoms before a final unescaped ``$`` (no multiline; pcre: no inline option group,
+    no ``(*`` verb, only two-byte escapes, since a backward reading would take the end
+    of ``\\x41`` for literal text). pcre's ``$`` also matches before a final newline.
+
     ``RunIndex`` holds one run of consecutive match rules. Rules with a prefix are
     filed under its first 1, 2, 4, 8 or 16 bytes (the largest that fits), lowercased
     when the rule is caseless (the libraries fold ASCII only, in the C locale / without
-    UTF, as ``bytes.lower`` does). ``candidates`` returns, in file order, every rule of
-    the run that is not ruled out: the unindexed ones, and the indexed ones whose
-    filed bytes start the key. Skipping a rule that cannot match changes no answer,
+    UTF, as ``bytes.lower`` does); suffixes likewise under their last bytes, always
+    lowercased. ``candidates`` returns, in file order, every rule of the run that is
+    not ruled out: the unindexed ones, and the indexed ones whose filed bytes start
+    (end) the key. Skipping a rule that cannot match changes no answer,
     and the candidates are tried in file order, so the first match is still the first.
     Negated rules are never filed: they fire precisely when their pattern fails.
+    pcre also offers the byte PCRE2 says a match requires; each rule is filed once,
+    under whichever of its prefix, suffix and byte the fewest rules of the run share.
 """
 
 from __future__ import annotations
 
 _BACKSLASH = 0x5C
-_CARET = 0x5E
 _PUNCTUATION = frozenset(b"!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~ ")
 _QUANTIFIERS = frozenset(b"?*+{")
 _PCRE_META = frozenset(b"\\^$.[|()?*+{}]")
