@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -27,12 +25,16 @@ from proxymap.tables.pcre import PcreTable
 from proxymap.tables.randmap import RandmapTable
 from proxymap.tables.regexp import RegexpTable
 from tests.support.postfix import ensure_postfix, postmap_path
-from tests.support.vectors import absolute_map, build_vector_tables, load_vectors, vectors_dir
+from tests.support.vectors import (
+    absolute_map,
+    build_vector_tables,
+    load_vectors,
+)
+from tests.support.vectors import fake_servers as running_fake_servers
 
 TYPES = ("regexp", "pcre", "cidr", "pipemap", "unionmap", "randmap", "tcp", "socketmap")
 REQUEST_FLAGS = 524353  # what postmap -q sends: utf8_request | lock | warn_dup
 OPEN_FLAGS = REQUEST_FLAGS | F.FOLD_FIX
-FAKE_PORTS = (19601, 19602)
 
 ROWS = [row for row in load_vectors() if not row.proxied and row.map_type in TYPES]
 
@@ -64,12 +66,6 @@ def lookup_like_postmap(spec: str, key: str) -> tuple[str, str]:
     return "0", value.decode("utf-8", "surrogateescape")
 
 
-def _port_open(port: int) -> bool:
-    with socket.socket() as probe:
-        probe.settimeout(0.5)
-        return probe.connect_ex(("127.0.0.1", port)) == 0
-
-
 @pytest.fixture(scope="module")
 def vector_dir(tmp_path_factory) -> Path:
     ensure_postfix()  # the indexed members (hash:fixed.src) are built by the real postmap
@@ -79,20 +75,8 @@ def vector_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def fake_servers(tmp_path_factory):
     """The shared tcp/socketmap fake servers; started unless someone already runs them."""
-    process = None
-    if not all(_port_open(port) for port in FAKE_PORTS):
-        env = dict(os.environ, WIRE_LOG=str(tmp_path_factory.mktemp("wire") / "wire.log"))
-        process = subprocess.Popen([sys.executable, str(vectors_dir() / "fakeservers.py")],
-                                   env=env, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while not all(_port_open(port) for port in FAKE_PORTS):
-            if time.monotonic() > deadline or process.poll() is not None:
-                pytest.fail("fakeservers.py did not start")
-            time.sleep(0.05)
-    yield
-    if process is not None:
-        process.terminate()
-        process.wait(5)
+    with running_fake_servers(tmp_path_factory.mktemp("wire")):
+        yield
 
 
 @pytest.mark.parametrize("row", ROWS, ids=[f"{r.line}:{r.map[:40]}:{r.key[:20]}" for r in ROWS])

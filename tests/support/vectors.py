@@ -25,12 +25,15 @@ ENVIRONMENT
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
-from collections.abc import Iterable
+import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -287,3 +290,37 @@ def known_differences_markdown(rows: Iterable[VectorRow]) -> str:
 if __name__ == "__main__":
     # python -m tests.support.vectors  -> the known-differences table for docs/DROPIN.md
     print(known_differences_markdown(load_vectors()), end="")
+
+
+# ---------------------------------------------------------------------------
+# The vectors' fake network servers (tcp :19601, socketmap :19602, memcache :19603)
+# ---------------------------------------------------------------------------
+
+FAKE_SERVER_PORTS = (19601, 19602)
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as probe:
+        probe.settimeout(0.5)
+        return probe.connect_ex(("127.0.0.1", port)) == 0
+
+
+@contextlib.contextmanager
+def fake_servers(log_dir: str | os.PathLike) -> Iterator[None]:
+    """Run the shared ``fakeservers.py`` unless something already listens on its ports."""
+    if all(_port_open(port) for port in FAKE_SERVER_PORTS):
+        yield
+        return
+    env = dict(os.environ, WIRE_LOG=str(Path(log_dir) / "wire.log"))
+    process = subprocess.Popen([sys.executable, str(vectors_dir() / "fakeservers.py")],
+                               env=env, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while not all(_port_open(port) for port in FAKE_SERVER_PORTS):
+            if time.monotonic() > deadline or process.poll() is not None:
+                raise RuntimeError("fakeservers.py did not start")
+            time.sleep(0.05)
+        yield
+    finally:
+        process.terminate()
+        process.wait(5)
