@@ -39,7 +39,7 @@ DESCRIPTION
     stays in the kernel backlog for a sibling or successor), ``accept`` (EAGAIN is
     silent: a sibling won the race), then the connection goes to the service's
     protocol (a ``ClientProtocol``), whose ``connection_made`` is the post-accept hook.
-    A worker that already has N clients waits N x 0.2 ms (at most 5 ms) before it
+    A worker that already has N clients waits N x 50 us (at most 1 ms) before it
     accepts, so that a new client goes to the least loaded worker awake.
 
     Status: the service calls ``server.request_started()`` and
@@ -508,9 +508,10 @@ class MultiServer:
     # its siblings idle. So a worker that already has clients lets the others go
     # first, longer the more clients it has: new clients go to the least loaded
     # worker that is awake. The wait is short and bounded; a client nobody else
-    # takes is accepted after it.
-    ACCEPT_DELAY_PER_CLIENT = 0.0002
-    ACCEPT_DELAY_MAX = 0.005
+    # takes is accepted after it. Short also because while it lasts the master may
+    # see a waiting client and every worker busy, and spawn one more process.
+    ACCEPT_DELAY_PER_CLIENT = 0.00005
+    ACCEPT_DELAY_MAX = 0.001
 
     def _accept_delay(self) -> float:
         return min(self.open_connections * self.ACCEPT_DELAY_PER_CLIENT, self.ACCEPT_DELAY_MAX)
