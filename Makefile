@@ -7,9 +7,10 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 CONF   ?= $(CURDIR)/conf
 
-# Debian packages the Python bindings compile against (Berkeley DB 5.3 for hash:/btree:,
-# PCRE2 for pcre:). Installed only when missing and only when running as root.
-SYSTEM_BUILD_DEPS := libdb5.3-dev libpcre2-dev python3-venv python3-dev gcc
+# Debian packages the Python bindings compile against (Berkeley DB 5.3 for hash:/btree:), and
+# the C libraries loaded at run time (PCRE2 for pcre:, glibc's regcomp for regexp:).
+# Installed only when missing and only when running as root.
+SYSTEM_BUILD_DEPS := libdb5.3-dev libpcre2-8-0 python3-venv python3-dev gcc
 
 .PHONY: all deps venv install run test lint bench clean
 
