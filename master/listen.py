@@ -71,43 +71,36 @@ def prepare_queue_directory(queue_directory: str, owner: tuple[int, int] | None,
     os.makedirs(os.path.join(queue_directory, "pid"), mode=0o755, exist_ok=True)
 
 
-def open_unix_listener(path: str, backlog: int, owner: tuple[int, int] | None) -> socket.socket:
-    """Bind a fresh unix stream socket at path (replacing a stale one), mode 0666."""
+def _bind_unix(path: str, kind: int, owner: tuple[int, int] | None,
+               backlog: int | None) -> socket.socket:
+    """Bind a fresh unix socket at path (replacing a stale one), mode 0666, non-blocking."""
     with contextlib.suppress(FileNotFoundError):
         if not stat.S_ISSOCK(os.lstat(path).st_mode):
             raise ListenError(f"{path}: exists and is not a socket")
         os.unlink(path)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock = socket.socket(socket.AF_UNIX, kind)
     try:
         sock.bind(path)
         os.chmod(path, 0o666)
         if owner is not None:
             os.chown(path, *owner)
-        sock.listen(backlog)
+        if backlog is not None:
+            sock.listen(backlog)
     except OSError as err:
         sock.close()
         raise ListenError(f"bind {path}: {err.strerror}") from None
     sock.setblocking(False)
     return sock
+
+
+def open_unix_listener(path: str, backlog: int, owner: tuple[int, int] | None) -> socket.socket:
+    """A listening unix stream socket (a ``unix`` service)."""
+    return _bind_unix(path, socket.SOCK_STREAM, owner, backlog)
 
 
 def open_unix_dgram_listener(path: str, owner: tuple[int, int] | None) -> socket.socket:
     """A datagram endpoint (postlogd's ``public/postlog``): bound, mode 0666, no listen()."""
-    with contextlib.suppress(FileNotFoundError):
-        if not stat.S_ISSOCK(os.lstat(path).st_mode):
-            raise ListenError(f"{path}: exists and is not a socket")
-        os.unlink(path)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    try:
-        sock.bind(path)
-        os.chmod(path, 0o666)
-        if owner is not None:
-            os.chown(path, *owner)
-    except OSError as err:
-        sock.close()
-        raise ListenError(f"bind {path}: {err.strerror}") from None
-    sock.setblocking(False)
-    return sock
+    return _bind_unix(path, socket.SOCK_DGRAM, owner, None)
 
 
 def open_inet_listener(endpoint: str, backlog: int) -> socket.socket:

@@ -165,6 +165,15 @@ class Table:
         return key.lower() if self.flags & want else key
 
 
+def require_network_open(spec: str, open_mode: int, flags: int) -> None:
+    """Network clients (tcp, socketmap) are read-only and never serve security-sensitive
+    lookups (NO_UNAUTH): either makes the table unavailable, as in Postfix."""
+    if open_mode != os.O_RDONLY:
+        raise DictOpenError(f"{spec} map requires O_RDONLY access mode")
+    if flags & F.NO_UNAUTH:
+        raise DictOpenError(f"{spec} map is not allowed for security-sensitive data")
+
+
 class SurrogateTable(Table):
     """Stand-in for a table that could not be opened (Postfix's dict_surrogate).
 

@@ -28,10 +28,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 
 from proxymap import flags as F
-from proxymap.tables.base import DictConfig, DictOpenError, DictRetry, OpenContext, Table
+from proxymap.tables.base import (
+    DictConfig,
+    DictOpenError,
+    DictRetry,
+    OpenContext,
+    Table,
+    require_network_open,
+)
 from proxymap.tables.tcp import StreamPool, param_number, split_host_port
 
 log = logging.getLogger("proxymap")
@@ -107,10 +113,7 @@ class SocketmapTable(Table):
     def __init__(self, name: str, open_mode: int, flags: int,
                  ctx: OpenContext | None = None) -> None:
         super().__init__(name, open_mode, (flags & ~F.FIXED) | F.PATTERN)
-        if open_mode != os.O_RDONLY:
-            raise DictOpenError(f"{self.spec} map requires O_RDONLY access mode")
-        if flags & F.NO_UNAUTH:
-            raise DictOpenError(f"{self.spec} map is not allowed for security-sensitive data")
+        require_network_open(self.spec, open_mode, flags)
         endpoint, sep, map_name = name.rpartition(":")
         if not sep or not endpoint or not map_name:
             raise DictOpenError(f"{self.spec}: expected \"transport:endpoint:mapname\"")

@@ -30,12 +30,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from collections.abc import Awaitable, Callable
 
 from proxymap import flags as F
-from proxymap.tables.base import DictOpenError, DictRetry, OpenContext, Table
+from proxymap.tables.base import (
+    DictOpenError,
+    DictRetry,
+    OpenContext,
+    Table,
+    require_network_open,
+)
 
 log = logging.getLogger("proxymap")
 
@@ -206,10 +211,7 @@ class TcpTable(Table):
     def __init__(self, name: str, open_mode: int, flags: int,
                  ctx: OpenContext | None = None) -> None:
         super().__init__(name, open_mode, (flags & ~F.FIXED) | F.PATTERN)
-        if open_mode != os.O_RDONLY:
-            raise DictOpenError(f"{self.spec} map requires O_RDONLY access mode")
-        if flags & F.NO_UNAUTH:
-            raise DictOpenError(f"{self.spec} map is not allowed for security-sensitive data")
+        require_network_open(self.spec, open_mode, flags)
         try:
             self.host, self.port = split_host_port(name)
         except ValueError as exc:
