@@ -40,8 +40,6 @@ BUGS
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import ipaddress
 import logging
 import os
@@ -335,60 +333,6 @@ def _domain_default(myhostname: str) -> str:
     return domain if dot and domain else "localdomain"
 
 
-class _Sockaddr(ctypes.Structure):
-    _fields_ = [("sa_family", ctypes.c_ushort), ("sa_data", ctypes.c_char * 14)]
-
-
-class _Ifaddrs(ctypes.Structure):
-    pass
-
-
-_Ifaddrs._fields_ = [
-    ("ifa_next", ctypes.POINTER(_Ifaddrs)),
-    ("ifa_name", ctypes.c_char_p),
-    ("ifa_flags", ctypes.c_uint),
-    ("ifa_addr", ctypes.POINTER(_Sockaddr)),
-    ("ifa_netmask", ctypes.POINTER(_Sockaddr)),
-    ("ifa_ifu", ctypes.POINTER(_Sockaddr)),
-    ("ifa_data", ctypes.c_void_p),
-]
-
-_IFF_UP = 0x1
-# Where the address bytes sit inside sockaddr_in / sockaddr_in6.
-_ADDRESS_SLICE = {socket.AF_INET: (4, 8), socket.AF_INET6: (8, 24)}
-
-
-def _sockaddr_bytes(pointer) -> bytes | None:
-    family = pointer.contents.sa_family
-    if family not in _ADDRESS_SLICE:
-        return None
-    start, end = _ADDRESS_SLICE[family]
-    return ctypes.string_at(ctypes.addressof(pointer.contents), end)[start:end]
-
-
-def local_interfaces() -> list[ipaddress.IPv4Interface | ipaddress.IPv6Interface]:
-    """Addresses (with netmask) of the interfaces that are up, in getifaddrs() order."""
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-    head = ctypes.POINTER(_Ifaddrs)()
-    if libc.getifaddrs(ctypes.byref(head)) != 0:
-        return []
-    found = []
-    try:
-        entry = head
-        while entry:
-            item = entry.contents
-            if item.ifa_addr and item.ifa_netmask and item.ifa_flags & _IFF_UP:
-                address = _sockaddr_bytes(item.ifa_addr)
-                mask = _sockaddr_bytes(item.ifa_netmask)
-                if address is not None and mask is not None and len(address) == len(mask):
-                    prefix = bin(int.from_bytes(mask, "big")).count("1")
-                    found.append(ipaddress.ip_interface((address, prefix)))
-            entry = item.ifa_next
-    finally:
-        libc.freeifaddrs(head)
-    return found
-
-
 def _wanted_families(inet_protocols: str) -> set[int]:
     words = set(re.split(r"[\s,]+", inet_protocols.strip().lower()))
     if "all" in words:
@@ -415,6 +359,8 @@ def _listen_interfaces(inet_interfaces: str, interfaces: list) -> list:
 def mynetworks_default(style: str, inet_interfaces: str, inet_protocols: str) -> str:
     """The networks Postfix trusts by default: one entry per local address, by style."""
     families = _wanted_families(inet_protocols)
+    from master.ifaddrs import local_interfaces  # ctypes costs memory; only needed here
+
     selected = _listen_interfaces(inet_interfaces, local_interfaces())
     entries: list[str] = []
     for interface in selected:
