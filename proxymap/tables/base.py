@@ -174,7 +174,26 @@ def require_network_open(spec: str, open_mode: int, flags: int) -> None:
         raise DictOpenError(f"{spec} map is not allowed for security-sensitive data")
 
 
-class SurrogateTable(Table):
+class FailingTable(Table):
+    """A table whose every operation fails with the error that ``_fail`` builds."""
+
+    def _fail(self) -> DictRetry:
+        raise NotImplementedError
+
+    def lookup(self, key: bytes) -> bytes | None:
+        raise self._fail()
+
+    def update(self, key: bytes, value: bytes) -> int:
+        raise self._fail()
+
+    def delete(self, key: bytes) -> int:
+        raise self._fail()
+
+    def sequence(self, function: int) -> tuple[bytes, bytes] | None:
+        raise self._fail()
+
+
+class SurrogateTable(FailingTable):
     """Stand-in for a table that could not be opened (Postfix's dict_surrogate).
 
     Open succeeds (flags = requested | PATTERN, plus SURROGATE for 3.11+ replies); every
@@ -191,15 +210,3 @@ class SurrogateTable(Table):
     def _fail(self) -> DictRetry:
         log.warning("%s is unavailable. %s", self.spec, self.reason)
         return DictRetry(self.reason)
-
-    def lookup(self, key: bytes) -> bytes | None:
-        raise self._fail()
-
-    def update(self, key: bytes, value: bytes) -> int:
-        raise self._fail()
-
-    def delete(self, key: bytes) -> int:
-        raise self._fail()
-
-    def sequence(self, function: int) -> tuple[bytes, bytes] | None:
-        raise self._fail()

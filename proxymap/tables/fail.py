@@ -12,10 +12,10 @@ DESCRIPTION
 from __future__ import annotations
 
 from proxymap import flags as F
-from proxymap.tables.base import DictRetry, OpenContext, Table
+from proxymap.tables.base import DictRetry, FailingTable, OpenContext
 
 
-class FailTable(Table):
+class FailTable(FailingTable):
     dict_type = "fail"
 
     def __init__(self, name: str, open_mode: int, flags: int, ctx: OpenContext) -> None:
@@ -23,15 +23,3 @@ class FailTable(Table):
 
     def _fail(self) -> DictRetry:
         return DictRetry(f"{self.spec}: table lookup failed on purpose")
-
-    def lookup(self, key: bytes) -> bytes | None:
-        raise self._fail()
-
-    def update(self, key: bytes, value: bytes) -> int:
-        raise self._fail()
-
-    def delete(self, key: bytes) -> int:
-        raise self._fail()
-
-    def sequence(self, function: int) -> tuple[bytes, bytes] | None:
-        raise self._fail()
