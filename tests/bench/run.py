@@ -16,12 +16,21 @@ DESCRIPTION
     closed loop of CONNS connections, one request outstanding per connection, with the
     flags `postmap -q` sends.
 
-    For every table and connection count the two implementations run alternately
-    (C first, then ours first, ...), REPEAT times each; the report gives medians of:
+    Each table gets a fresh pair of instances (started before its first run, stopped
+    after its last), so that no table inherits the worker processes an earlier table's
+    256-connection runs made the masters spawn: with them the figures depended on the
+    order of the tables (ours spreads 16 clients over all the workers it has, and fewer
+    requests per wake-up cost more CPU per request; the C proxymap gained from the extra
+    processes). Within a table the connection counts run in the order given (ascending
+    by default), each after the last. For every table and connection count the two
+    implementations run alternately (C first, then ours first, ...), REPEAT times each;
+    the report gives medians of:
       lookups/s, p50 and p99 latency (from pmload),
       server CPU per lookup (utime+stime of the instance's proxymap processes, from
       /proc, before and after the run, divided by the lookups served),
       RSS per worker (VmRSS after the run, mean over the instance's proxymap processes),
+      and PSS per worker (proportional set size: shared library pages divided among
+      the processes mapping them; for context, the target is stated in RSS),
     and, per implementation, the cold start: time from starting the master to the first
     successful lookup on a fresh connection.
 
@@ -46,6 +55,7 @@ FILES
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -66,6 +76,7 @@ from tests.support.postfix import (
     install_postfix,
     missing_postfix_parts,
     proc_cpu_ticks,
+    proc_pss_kib,
     proc_rss_kib,
     run_postmap,
     settle_files,
@@ -250,6 +261,12 @@ def mean_rss_mib(instance: PrivatePostfix) -> float | None:
     return statistics.mean(sizes) / 1024 if sizes else None
 
 
+def mean_pss_mib(instance: PrivatePostfix) -> float | None:
+    sizes = [proc_pss_kib(pid) for pid in instance.worker_pids("proxymap")]
+    sizes = [size for size in sizes if size]
+    return statistics.mean(sizes) / 1024 if sizes else None
+
+
 def probe(instance: PrivatePostfix, table: BenchTable) -> str:
     """'' when the table answers OK, else why not (for the n/a column)."""
     try:
@@ -276,6 +293,7 @@ class Sample:
     cpu_us_per_lookup: float | None
     rss_mib: float | None
     workers: int
+    pss_mib: float | None = None
 
 
 @dataclass
@@ -357,20 +375,15 @@ def run_benchmark(options: argparse.Namespace) -> Report:
             times = measure_cold_start(programs[impl], tables, base, f"cold-{impl}", options.repeat)
             report.cold_start_ms[impl] = statistics.median(times) if times else None
             log(f"cold start {impl}: {_fmt(report.cold_start_ms[impl], 1)} ms ({len(times)} runs)")
-        instances = {impl: make_instance(programs[impl], tables, base, impl)
-                     for impl in implementations}
-        for instance in instances.values():
-            instance.start()
-        try:
-            measure_all(options, pmload, tables, instances, report)
-            if options.scale and "ours" in instances:
+        for kind, table in tables.items():
+            instances = {impl: make_instance(programs[impl], tables, base, f"{impl}-{kind}")
+                         for impl in implementations}
+            with running(instances):
+                measure_table(options, pmload, table, instances, report)
+        if options.scale and "ours" in implementations:
+            instances = {"ours": make_instance(programs["ours"], tables, base, "ours-scale")}
+            with running(instances):
                 measure_scale(options, pmload, instances["ours"], tables, report)
-        finally:
-            for impl, instance in instances.items():
-                leftovers = instance.stop()
-                if leftovers:
-                    log(f"warning: {impl} instance left processes behind: {leftovers}")
-                instance.cleanup()
     finally:
         if backend:
             backend.stop()
@@ -379,30 +392,44 @@ def run_benchmark(options: argparse.Namespace) -> Report:
     return report
 
 
-def measure_all(options, pmload, tables, instances, report) -> None:
+@contextlib.contextmanager
+def running(instances: dict[str, PrivatePostfix]):
+    """Start the instances; stop them (and check for leftovers) afterwards."""
+    try:
+        for instance in instances.values():
+            instance.start()
+        yield instances
+    finally:
+        for impl, instance in instances.items():
+            leftovers = instance.stop()
+            if leftovers:
+                log(f"warning: {impl} instance left processes behind: {leftovers}")
+            instance.cleanup()
+
+
+def measure_table(options, pmload, table, instances, report) -> None:
+    """Every connection count on one table, C and ours alternating, on fresh instances."""
     available = {}
     for impl, instance in instances.items():
-        for kind, table in tables.items():
-            why_not = probe(instance, table)
-            available[(impl, kind)] = not why_not
-            if why_not:
-                report.not_available[f"{impl}/{kind}"] = why_not
-                log(f"{impl} {kind}: n/a ({why_not})")
-    for kind, table in tables.items():
-        for impl, instance in instances.items():
-            if available[(impl, kind)]:  # warm-up: open the table, spawn workers
-                run_pmload(pmload, instance.socket_path(), table.spec, 16, 0.5, table.keyfile,
-                           options.v311 and impl == "ours")
-        for conns in conns_for(kind, options):
-            for repeat in range(options.repeat):
-                order = list(instances) if repeat % 2 == 0 else list(reversed(instances))
-                for impl in order:
-                    if not available[(impl, kind)]:
-                        continue
-                    sample = measure_one(options, pmload, instances[impl], impl, table, conns)
-                    sample.repeat = repeat
-                    report.samples.append(sample)
-                    log(describe(sample))
+        why_not = probe(instance, table)
+        available[impl] = not why_not
+        if why_not:
+            report.not_available[f"{impl}/{table.kind}"] = why_not
+            log(f"{impl} {table.kind}: n/a ({why_not})")
+            continue
+        # Warm-up: open the table, spawn workers.
+        run_pmload(pmload, instance.socket_path(), table.spec, 16, 0.5, table.keyfile,
+                   options.v311 and impl == "ours")
+    for conns in conns_for(table.kind, options):
+        for repeat in range(options.repeat):
+            order = list(instances) if repeat % 2 == 0 else list(reversed(instances))
+            for impl in order:
+                if not available[impl]:
+                    continue
+                sample = measure_one(options, pmload, instances[impl], impl, table, conns)
+                sample.repeat = repeat
+                report.samples.append(sample)
+                log(describe(sample))
 
 
 def conns_for(kind: str, options: argparse.Namespace) -> list[int]:
@@ -511,6 +538,7 @@ def measure_one(options, pmload, instance, impl, table, conns) -> Sample:
         cpu_us_per_lookup=cpu / served * 1e6 if served else None,
         rss_mib=mean_rss_mib(instance),
         workers=len(after),
+        pss_mib=mean_pss_mib(instance),
     )
 
 
@@ -561,6 +589,7 @@ def summarize(report: Report) -> list[dict]:
             "p99_us": _median([s.load.p99_us for s in good]),
             "cpu_us_per_lookup": _median([s.cpu_us_per_lookup for s in good]),
             "rss_mib": _median([s.rss_mib for s in good]),
+            "pss_mib": _median([s.pss_mib for s in good]),
             "workers": max((s.workers for s in samples), default=0),
         })
     return rows
@@ -592,8 +621,9 @@ def markdown(report: Report) -> str:
         + ". Ratios are ours/C (throughput: higher is better; the rest: lower is better).",
         "",
         "| table | conns | lookups/s C | ours | ratio | p50 µs C | ours | p99 µs C | ours "
-        "| CPU µs/lookup C | ours | ratio | RSS MiB/worker C | ours | workers C | ours |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| CPU µs/lookup C | ours | ratio | RSS MiB/worker C | ours | PSS MiB/worker C | ours "
+        "| workers C | ours |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     empty: dict = {}
     for table in tables:
@@ -610,6 +640,7 @@ def markdown(report: Report) -> str:
                 f"| {_fmt(c.get('cpu_us_per_lookup'), 1)} | {_fmt(o.get('cpu_us_per_lookup'), 1)} "
                 f"| {_ratio(o.get('cpu_us_per_lookup'), c.get('cpu_us_per_lookup'))} "
                 f"| {_fmt(c.get('rss_mib'), 1)} | {_fmt(o.get('rss_mib'), 1)} "
+                f"| {_fmt(c.get('pss_mib'), 1)} | {_fmt(o.get('pss_mib'), 1)} "
                 f"| {c.get('workers', 'n/a')} | {o.get('workers', 'n/a')} |"
             )
     lines += ["", "Cold start (master start to first answer on a fresh connection, median):", ""]

@@ -304,6 +304,17 @@ def proc_rss_kib(pid: int) -> int | None:
     return None
 
 
+def proc_pss_kib(pid: int) -> int | None:
+    """Proportional set size (shared pages divided among their users); None if gone."""
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
 def all_pids() -> list[int]:
     return [int(entry) for entry in os.listdir("/proc") if entry.isdigit()]
 
