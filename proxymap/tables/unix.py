@@ -13,15 +13,20 @@ DESCRIPTION
     "unknown", the first miss in a process checks that uid/gid 0 resolves; if even
     that fails, the lookup is a temporary failure instead. Read-only, fixed table.
 
-BUGS
-    getpwnam(3) may block on a remote name service; it runs on the event loop
-    thread like the C implementation runs in its single thread.
+    Where the lookups run: when every source nsswitch.conf(5) lists for the database is
+    local (files, compat, db, systemd, altfiles) a lookup takes microseconds and runs
+    inline, like any file table. With any other source (ldap, sss, nis, winbind, ...)
+    getpwnam(3) may wait on the network, so the table is asynchronous: each lookup runs
+    in an executor thread and the worker's other clients are served meanwhile (the C
+    proxymap stops serving everyone until the name service answers).
 """
 
 from __future__ import annotations
 
+import asyncio
 import grp
 import pwd
+import re
 from collections.abc import Callable
 
 from proxymap import flags as F
@@ -57,6 +62,29 @@ _MAPS: dict[str, tuple[Callable[[str], str], Callable[[], object]]] = {
 }
 
 
+NSSWITCH_CONF = "/etc/nsswitch.conf"
+
+# Name-service sources that answer from local files or a local daemon without the
+# network: lookups through them are fast enough to run inline.
+LOCAL_SOURCES = frozenset({"files", "compat", "db", "systemd", "altfiles"})
+
+_ACTION = re.compile(r"\[[^\]]*\]")  # "[NOTFOUND=return]" items between sources
+
+
+def nss_sources(database: str, path: str | None = None) -> list[str]:
+    """The sources nsswitch.conf lists for ``database`` (glibc's default: files)."""
+    try:
+        with open(path or NSSWITCH_CONF, encoding="utf-8", errors="replace") as conf:
+            lines = conf.read().splitlines()
+    except OSError:
+        return ["files"]
+    for line in lines:
+        name, colon, rest = line.split("#", 1)[0].partition(":")
+        if colon and name.strip() == database:
+            return _ACTION.sub(" ", rest).split() or ["files"]
+    return ["files"]
+
+
 class UnixTable(Table):
     dict_type = "unix"
 
@@ -66,9 +94,19 @@ class UnixTable(Table):
             raise DictOpenError(f"unknown table: unix:{name}")
         super().__init__(name, open_mode, flags | F.FIXED)
         self._entry, self._root = _MAPS[name]
+        database = name.split(".", 1)[0]  # passwd or group
+        self.asynchronous = not set(nss_sources(database)) <= LOCAL_SOURCES
 
     def lookup(self, key: bytes) -> bytes | None:
+        return self._resolve(self.fold(key).decode("utf-8", "surrogateescape"))
+
+    async def alookup(self, key: bytes) -> bytes | None:
+        # The key is folded here, with the flags of this request; only the name-service
+        # call goes to the thread.
         name = self.fold(key).decode("utf-8", "surrogateescape")
+        return await asyncio.get_running_loop().run_in_executor(None, self._resolve, name)
+
+    def _resolve(self, name: str) -> bytes | None:
         try:
             return self._entry(name).encode("utf-8", "surrogateescape")
         except (KeyError, ValueError):
