@@ -464,6 +464,30 @@ def test_changed_after_rebuild_and_replacement(tmp_path, dict_type, monkeypatch)
     assert fresh.lookup(b"k") == b"three"  # an unlinked file is still served
 
 
+@pytest.mark.postfix
+@pytest.mark.parametrize("dict_type", INDEXED_TYPES)
+def test_replacement_of_a_hard_linked_file_waits_for_changed(tmp_path, dict_type, monkeypatch):
+    """Per access only the open file is checked (fstat): a name renamed over shows as a
+    link count of 0. A file that keeps another name does not; its ctime still moves
+    (the link count changed), which hash, btree and cdb take as a rewrite. lmdb ignores
+    stamps (its own commits move them), so it serves the old file until the worker's
+    ``changed()`` check before the next accept restarts it."""
+    require_postmap()
+    monkeypatch.setattr(nullterm, "RACY_WINDOW_NS", 0)
+    source = tmp_path / "t"
+    spec = build_table(dict_type, source, [("k", "one")])
+    table = open_indexed(spec)
+    os.link(table_file(spec), tmp_path / "backup-link")
+    other = build_table(dict_type, tmp_path / "new", [("k", "two")])
+    shutil.move(table_file(other), table_file(spec))
+    set_request(table, CLIENT_LOOKUP_FLAGS)
+    assert table.lookup(b"k") == (b"one" if dict_type == "lmdb" else b"two")
+    assert table.changed()
+    fresh = open_indexed(spec)
+    set_request(fresh, CLIENT_LOOKUP_FLAGS)
+    assert fresh.lookup(b"k") == b"two"
+
+
 def _version_of(value: bytes | None, key: bytes) -> int:
     """The build number in a value ``N-key``; -1 for anything else (a wrong answer)."""
     if value is None or not value.endswith(b"-" + key):

@@ -117,13 +117,12 @@ def cut_at_nul(data: bytes) -> bytes:
 # --- file identity --------------------------------------------------------------------------
 
 class FileStamp:
-    """What a handle was opened on: file identity, content stamps, and their reliability."""
+    """What a handle was opened on: content stamps, and whether they can be trusted."""
 
-    __slots__ = ("identity", "content", "racy")
+    __slots__ = ("content", "racy")
 
     def __init__(self, st: os.stat_result, taken_ns: int) -> None:
-        self.identity = (st.st_dev, st.st_ino)
-        self.content = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        self.content = (st.st_size, st.st_mtime_ns, st.st_ctime_ns)
         # A later change within the same timestamp tick could leave every stamp equal.
         self.racy = taken_ns - max(st.st_mtime_ns, st.st_ctime_ns) < RACY_WINDOW_NS
 
@@ -258,19 +257,28 @@ class IndexedFileTable(Table):
         self._new_fd_locked = lock_new and held_fd is not None
 
     def _outdated(self) -> bool:
-        """True when the handle no longer shows what the file name refers to."""
-        try:
-            st = os.stat(self.path)
-        except OSError:
-            return False  # unlinked: keep serving the old file, as Postfix does
+        """True when the handle no longer shows what the file name refers to.
+
+        One ``fstat`` of the open file per access (half the cost of a ``stat`` of its
+        path): its stamps show a rewrite in place, and a link count of zero shows that
+        the name was removed or renamed over (``mv new old``, cdb rebuilds) -- only then
+        is the path looked up. A replaced file that keeps another hard link still has
+        links, but its ctime moved: tables that check stamps reopen; lmdb, which does
+        not, serves it until ``changed`` (before the next accept) restarts the worker.
+        """
         stamp = self._stamp
         if stamp is None:
             return False
-        if (st.st_dev, st.st_ino) != stamp.identity:
-            return True
+        st = os.fstat(self._fd)
+        if st.st_nlink == 0:
+            try:
+                os.stat(self.path)
+            except OSError:
+                return False  # unlinked, nothing in its place: keep serving, as Postfix does
+            return True  # another file has the name now
         if not self.reopen_on_rewrite:
             return False
-        if (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns) != stamp.content:
+        if (st.st_size, st.st_mtime_ns, st.st_ctime_ns) != stamp.content:
             return True
         return stamp.racy and self.distrust_recent_stamps and not self.writable
 
@@ -285,7 +293,7 @@ class IndexedFileTable(Table):
     def _enter(self, exclusive: bool) -> tuple[int, ...]:
         """Start one access: a handle on the current file, locked as the request asks.
 
-        Returns the descriptors ``_leave`` must unlock. One ``stat`` per access.
+        Returns the descriptors ``_leave`` must unlock. One ``fstat`` per access.
         """
         if not (self.flags & F.LOCK or self.always_lock):
             if self._outdated():
