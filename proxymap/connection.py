@@ -141,9 +141,12 @@ class ProxymapProtocol(ClientProtocol):
                 if b"\x00" not in key:
                     server = self.server
                     server.request_started()
-                    self.transport.write(answer(key))
-                    server.request_done()
-                    return
+                    reply = answer(key)
+                    if reply is not None:
+                        self.transport.write(reply)
+                        server.request_done()
+                        return
+                    server.request_done()  # the table is busy: the general path waits
         self._decode_and_serve(data)
 
     def _decode_and_serve(self, data: bytes) -> None:

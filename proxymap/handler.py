@@ -70,6 +70,7 @@ BUGS
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from collections.abc import Awaitable, Callable, Mapping
@@ -91,6 +92,7 @@ from proxymap.protocol import (
 )
 from proxymap.tables import open_table
 from proxymap.tables.base import (
+    DictBusy,
     DictConfig,
     DictError,
     DictRetry,
@@ -119,7 +121,13 @@ _MAX_ROUTES = 4096
 _G1_FOUND = encode_reply("lookup", G1, Reply(OK))[:-2]
 _G1_NOT_FOUND = encode_reply("lookup", G1, Reply(NOKEY))
 
-LookupFunction = Callable[[bytes], bytes]
+# A compiled lookup answers with the encoded reply, or None when the request must take
+# the general path after all (the table is locked by a writer: see DictBusy).
+LookupFunction = Callable[[bytes], bytes | None]
+
+# Pauses between attempts on a table a writer holds locked (postmap rebuilding it).
+BUSY_PAUSE_MIN = 0.001
+BUSY_PAUSE_MAX = 0.05
 
 
 @dataclass(slots=True, eq=False)
@@ -267,7 +275,17 @@ class RequestHandler:
         flags &= ~_SANITISED
         if table.asynchronous:
             return self._run_async(instance, req, flags, echo)
+        function = self._sequence_function(instance, req.function) if op == "sequence" else 0
         table.flags = flags
+        try:
+            return self._run_sync(instance, req, echo, function)
+        except DictBusy:
+            return self._when_unlocked(instance, req, flags, echo, function)
+
+    def _run_sync(self, instance: Instance, req: Request, echo: int, function: int) -> Reply:
+        """One operation on a synchronous table; DictBusy passes through."""
+        table = instance.table
+        op = req.op
         try:
             if op == "lookup":
                 value = table.lookup(req.key)
@@ -280,13 +298,31 @@ class RequestHandler:
             if op == "delete":
                 return Reply(OK if table.delete(req.key) == 0 else NOKEY, table.flags | echo)
             if op == "sequence":
-                entry = table.sequence(self._sequence_function(instance, req.function))
+                entry = table.sequence(function)
                 if entry is None:
                     return Reply(NOKEY, table.flags | echo)
                 return Reply(OK, table.flags | echo, key=entry[0], value=entry[1])
+        except DictBusy:
+            raise
         except Exception as exc:  # noqa: BLE001 - every failure becomes a status
             return Reply(self._error_status(exc, instance, op), table.flags | echo)
         return Reply(BAD)
+
+    async def _when_unlocked(self, instance: Instance, req: Request, flags: int, echo: int,
+                             function: int) -> Reply:
+        """Try again, pausing in between, until the writer's lock is gone.
+
+        As long as Postfix would wait in flock(), but on the event loop: this client's
+        later requests wait behind this one, the other clients are served meanwhile.
+        """
+        pause = BUSY_PAUSE_MIN
+        while True:
+            await asyncio.sleep(pause)
+            instance.table.flags = flags  # other requests may have run in between
+            try:
+                return self._run_sync(instance, req, echo, function)
+            except DictBusy:
+                pause = min(pause * 2, BUSY_PAUSE_MAX)
 
     # --- the fast path ------------------------------------------------------------------
     def compile_lookup(self, req: Request) -> LookupFunction | None:
@@ -316,10 +352,12 @@ class RequestHandler:
                 flags |= instance.fresh_flags & F.TRY_ANY
             flags &= ~_SANITISED
 
-            def lookup_g2(key: bytes) -> bytes:
+            def lookup_g2(key: bytes) -> bytes | None:
                 table.flags = flags
                 try:
                     value = table.lookup(key)
+                except DictBusy:
+                    return None
                 except Exception as exc:  # noqa: BLE001 - every failure becomes a status
                     return failed(exc, G2)
                 reply_flags = (table.flags | echo) & 0xFFFFFFFF
@@ -335,10 +373,12 @@ class RequestHandler:
         kept_bits = ~F.RQST_MASK & ~_SANITISED
         request_bits = req.flags & F.RQST_MASK & ~_SANITISED
 
-        def lookup_g1(key: bytes) -> bytes:
+        def lookup_g1(key: bytes) -> bytes | None:
             table.flags = (table.flags & kept_bits) | request_bits
             try:
                 value = table.lookup(key)
+            except DictBusy:
+                return None
             except Exception as exc:  # noqa: BLE001 - every failure becomes a status
                 return failed(exc, G1)
             if value is None:

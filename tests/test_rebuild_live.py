@@ -86,3 +86,44 @@ def test_rebuild_while_serving(table_type):
             assert f"table {table}: has changed -- restarting" in instance.maillog()
             assert not first_workers & set(instance.worker_pids("proxymap")), (
                 "the worker that had the old file open is still serving")
+
+
+def test_a_locked_table_does_not_hold_up_the_other_clients():
+    """While a writer holds the hash file's exclusive lock (postmap rebuilding it), a
+    lookup on it waits -- and so does that client's next request -- but the worker's
+    other clients are answered. The C proxymap blocks in flock(), and with it every
+    client of that process. One worker (maxproc 1), so that all clients share it."""
+    import fcntl
+    import select
+
+    ensure_postfix()
+    instance = PrivatePostfix(proxymap_program=OUR_PROXYMAP, name="locked-hash",
+                              proxymap_maxproc="1")
+    source = instance.tables / "users"
+    hashed, text = f"hash:{source}", f"texthash:{source}"
+    instance.proxy_read_maps = f"proxy:{hashed} proxy:{text}"
+    write_source(source, "v1")
+    build(hashed)
+    settle_files(instance.tables)
+    with instance:
+        instance.wait_until_serving(KEYS[0], hashed)
+        with instance.client() as waiting, instance.client() as other, \
+                open(f"{source}.db", "rb") as db_file:
+            waiting.lookup(hashed, "key1")  # the table is open in the worker
+            fcntl.flock(db_file, fcntl.LOCK_EX)  # what postmap holds while it rebuilds
+            try:
+                waiting.send(("request", "lookup"), ("table", hashed), ("flags", 0x80041),
+                             ("key", "key2"))
+                started = time.monotonic()
+                for n in range(20):
+                    reply = other.lookup(text, f"key{n}")
+                    assert reply["value"] == f"v1-key{n}".encode()
+                assert time.monotonic() - started < 1.0
+                readable, _, _ = select.select([waiting.sock], [], [], 0.3)
+                assert not readable, "answered although the writer still holds the lock"
+            finally:
+                fcntl.flock(db_file, fcntl.LOCK_UN)
+            reply = waiting.read_reply()
+            assert (reply["status"], reply["value"]) == (b"0", b"v1-key2")
+            assert waiting.lookup(hashed, "key3")["value"] == b"v1-key3"
+        assert len(instance.worker_pids("proxymap")) == 1

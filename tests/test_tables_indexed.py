@@ -20,7 +20,13 @@ import pytest
 
 from proxymap import flags as F
 from proxymap.tables import nullterm, open_table
-from proxymap.tables.base import DictOpenError, OpenContext, SurrogateTable
+from proxymap.tables.base import (
+    DictBusy,
+    DictOpenError,
+    DictRetry,
+    OpenContext,
+    SurrogateTable,
+)
 from proxymap.tables.cdb import CdbReader, cdb_hash, write_cdb
 from tests.support.postmap import (
     CLIENT_LOOKUP_FLAGS,
@@ -486,6 +492,43 @@ def test_replacement_of_a_hard_linked_file_waits_for_changed(tmp_path, dict_type
     fresh = open_indexed(spec)
     set_request(fresh, CLIENT_LOOKUP_FLAGS)
     assert fresh.lookup(b"k") == b"two"
+
+
+LOCK_HOLDER = """import fcntl, sys
+lock = fcntl.flock if sys.argv[2] == "flock" else fcntl.lockf
+with open(sys.argv[1], "rb+") as table_file:
+    lock(table_file, fcntl.LOCK_EX)
+    print("locked", flush=True)
+    sys.stdin.read()
+"""
+
+
+@pytest.mark.postfix
+@pytest.mark.parametrize("dict_type", ["hash", "btree", "lmdb"])
+def test_a_writer_lock_makes_an_access_busy_not_blocked(tmp_path, dict_type):
+    """Another process holds the exclusive lock postmap takes while rebuilding: an access
+    raises DictBusy at once (the handler tries again later) instead of waiting."""
+    require_postmap()
+    spec = build_table(dict_type, tmp_path / "t", [("k", "one")])
+    table = open_indexed(spec)
+    set_request(table, CLIENT_LOOKUP_FLAGS)
+    assert table.lookup(b"k") == b"one"
+    style = "lockf" if dict_type == "lmdb" else "flock"
+    holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(table_file(spec)), style],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        set_request(table, CLIENT_LOOKUP_FLAGS)
+        started = time.monotonic()
+        with pytest.raises(DictBusy):
+            table.lookup(b"k")
+        assert time.monotonic() - started < 0.5
+        assert isinstance(DictBusy("x"), DictRetry)  # unhandled, it is a temporary failure
+    finally:
+        holder.stdin.close()
+        holder.wait(10)
+    set_request(table, CLIENT_LOOKUP_FLAGS)
+    assert table.lookup(b"k") == b"one"
 
 
 def _version_of(value: bytes | None, key: bytes) -> int:

@@ -48,6 +48,15 @@ class DictRetry(DictError):
     """Temporary failure (DICT_ERR_RETRY): backend down, timeout, unavailable table."""
 
 
+class DictBusy(DictRetry):
+    """The table file is locked by a writer (postmap rebuilding it): try again soon.
+
+    Raised instead of waiting for the lock, so that the worker's other clients are
+    served meanwhile; the request handler retries the operation after a pause. Where
+    it is not handled it is a temporary failure like any ``DictRetry``.
+    """
+
+
 class DictConfig(DictError):
     """Configuration error (DICT_ERR_CONFIG): e.g. socketmap PERM, non-UTF-8 value."""
 

@@ -57,8 +57,9 @@ class _BerkeleyTable(IndexedFileTable):
         super().__init__(name, open_mode, flags)
 
     # --- locking: flock on the .db file, like postmap -----------------------------------------
-    def _lock(self, fd: int, exclusive: bool) -> None:
-        fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+    def _lock(self, fd: int, exclusive: bool, wait: bool = True) -> None:
+        mode = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
+        fcntl.flock(fd, mode if wait else mode | fcntl.LOCK_NB)
 
     def _unlock(self, fd: int) -> None:
         fcntl.flock(fd, fcntl.LOCK_UN)

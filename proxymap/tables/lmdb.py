@@ -64,8 +64,9 @@ class LmdbTable(IndexedFileTable):
         return super().changed()
 
     # --- locking: fcntl on the .lmdb file, like postmap ------------------------------------
-    def _lock(self, fd: int, exclusive: bool) -> None:
-        fcntl.lockf(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+    def _lock(self, fd: int, exclusive: bool, wait: bool = True) -> None:
+        mode = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
+        fcntl.lockf(fd, mode if wait else mode | fcntl.LOCK_NB)
 
     def _unlock(self, fd: int) -> None:
         fcntl.lockf(fd, fcntl.LOCK_UN)

@@ -36,7 +36,10 @@ LOCKING
     With the LOCK request flag each access holds a shared lock (exclusive for writes)
     on the table file; ``postmap`` holds an exclusive lock while it rebuilds a file in
     place, so a locked reader never sees a half-written table. The lock style is the
-    subclass's (flock for Berkeley DB, fcntl for LMDB, none for cdb). Berkeley DB
+    subclass's (flock for Berkeley DB, fcntl for LMDB, none for cdb). An access does
+    not wait for a lock a writer holds: it raises ``DictBusy`` and the request handler
+    tries again a little later, serving other requests meanwhile (Postfix waits, and
+    with it every client of the process, for as long as the rebuild takes). Berkeley DB
     tables lock even without the flag (``always_lock``): the library maps small
     read-only files, and a rebuild truncating the file under a lookup killed the
     process with SIGBUS in our tests.
@@ -47,6 +50,7 @@ SEE ALSO
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import time
@@ -54,7 +58,14 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from proxymap import flags as F
-from proxymap.tables.base import DictConfig, DictOpenError, DictRetry, DictUnsupported, Table
+from proxymap.tables.base import (
+    DictBusy,
+    DictConfig,
+    DictOpenError,
+    DictRetry,
+    DictUnsupported,
+    Table,
+)
 
 log = logging.getLogger("proxymap")
 
@@ -65,6 +76,10 @@ SEQUENCE_NEXT = 1
 # A file stamp taken less than this long after the file's last change cannot tell two
 # changes in the same timestamp tick apart. Covers 1-second timestamp filesystems.
 RACY_WINDOW_NS = 2_000_000_000
+
+# errno values of a non-blocking lock attempt that met a conflicting lock (flock and
+# fcntl say EWOULDBLOCK/EAGAIN; POSIX allows fcntl to say EACCES).
+_LOCK_BUSY = frozenset({errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES})
 
 T = TypeVar("T")
 
@@ -205,8 +220,8 @@ class IndexedFileTable(Table):
     def _backend_sync(self) -> None:
         pass
 
-    def _lock(self, fd: int, exclusive: bool) -> None:
-        pass
+    def _lock(self, fd: int, exclusive: bool, wait: bool = True) -> None:
+        """Lock ``fd``; without ``wait`` a conflicting lock raises OSError (EAGAIN...)."""
 
     def _unlock(self, fd: int) -> None:
         pass
@@ -302,8 +317,11 @@ class IndexedFileTable(Table):
         fd = self._fd
         assert fd is not None
         try:
-            self._lock(fd, exclusive)
-        except OSError as exc:  # e.g. ENOLCK on a network filesystem; Postfix: fatal
+            self._lock(fd, exclusive, wait=False)
+        except OSError as exc:
+            if exc.errno in _LOCK_BUSY:
+                raise DictBusy(f"{self.path} is locked by a writer")
+            # e.g. ENOLCK on a network filesystem; Postfix: fatal
             raise DictRetry(f"lock {self.path}: {os.strerror(exc.errno or 0)}")
         try:
             if not self._outdated():
