@@ -203,6 +203,18 @@ def our_lookup(table: Table, key: str, flags: int = CLIENT_LOOKUP_FLAGS) -> str 
     return None if value is None else _decode(value)
 
 
+def lookup_when_unlocked(table: Table, key: bytes) -> bytes | None:
+    """``table.lookup``, tried again while a writer holds the file locked (DictBusy),
+    as the request handler does (it pauses on the event loop instead of sleeping)."""
+    from proxymap.tables.base import DictBusy
+
+    while True:
+        try:
+            return table.lookup(key)
+        except DictBusy:
+            time.sleep(0.001)
+
+
 def our_dump(table: Table) -> list[tuple[str, str]]:
     """Every entry through our ``sequence`` (first, then next until the end)."""
     entries = []
