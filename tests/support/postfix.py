@@ -294,25 +294,24 @@ def proc_cpu_ticks(pid: int) -> int:
     return int(fields[11]) + int(fields[12])
 
 
-def proc_rss_kib(pid: int) -> int | None:
+def _proc_kib(path: str, field: str) -> int | None:
+    """The kB figure of the line starting with FIELD in a /proc file; None if gone."""
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+        for line in Path(path).read_text().splitlines():
+            if line.startswith(field):
                 return int(line.split()[1])
     except OSError:
         return None
     return None
+
+
+def proc_rss_kib(pid: int) -> int | None:
+    return _proc_kib(f"/proc/{pid}/status", "VmRSS:")
 
 
 def proc_pss_kib(pid: int) -> int | None:
     """Proportional set size (shared pages divided among their users); None if gone."""
-    try:
-        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-            if line.startswith("Pss:"):
-                return int(line.split()[1])
-    except OSError:
-        return None
-    return None
+    return _proc_kib(f"/proc/{pid}/smaps_rollup", "Pss:")
 
 
 def all_pids() -> list[int]:
