@@ -59,7 +59,11 @@ DESCRIPTION
 
     Synchronous tables are answered inline (the hot path: one dict hit finds the
     instance for a repeated (table, generation, instance flags)); asynchronous
-    tables get a coroutine that the caller awaits.
+    tables get a coroutine that the caller awaits. So does a synchronous operation
+    that raised DictBusy (a writer holds the table file locked): the coroutine tries
+    it again after 1, 2, 4 ... 50 ms until the lock is gone, where Postfix would wait
+    in flock() with all its clients; a compiled lookup then answers None and the
+    connection takes the general path.
 
 BUGS
     An asynchronous table shares one flag word between concurrent requests on the
