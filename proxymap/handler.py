@@ -96,6 +96,8 @@ from proxymap.protocol import (
 )
 from proxymap.tables import open_table
 from proxymap.tables.base import (
+    BUSY_PAUSE_MAX,
+    BUSY_PAUSE_MIN,
     DictBusy,
     DictConfig,
     DictError,
@@ -128,10 +130,6 @@ _G1_NOT_FOUND = encode_reply("lookup", G1, Reply(NOKEY))
 # A compiled lookup answers with the encoded reply, or None when the request must take
 # the general path after all (the table is locked by a writer: see DictBusy).
 LookupFunction = Callable[[bytes], bytes | None]
-
-# Pauses between attempts on a table a writer holds locked (postmap rebuilding it).
-BUSY_PAUSE_MIN = 0.001
-BUSY_PAUSE_MAX = 0.05
 
 
 @dataclass(slots=True, eq=False)

@@ -238,8 +238,14 @@ def proc_environ(pid: int) -> dict[str, str]:
 
 
 def open_fds(pid: int) -> dict[int, str]:
-    fd_dir = Path(f"/proc/{pid}/fd")
-    return {int(fd.name): os.readlink(fd) for fd in fd_dir.iterdir()}
+    """The process's descriptors; one closed while they are listed is left out."""
+    fds = {}
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            fds[int(fd.name)] = os.readlink(fd)
+        except FileNotFoundError:
+            continue
+    return fds
 
 
 # ---------------------------------------------------------------------------

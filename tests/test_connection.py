@@ -23,16 +23,15 @@ from proxymap.connection import ProxymapProtocol
 from proxymap.handler import RequestHandler
 from proxymap.protocol import ANNOUNCEMENT, stream_name
 from proxymap.tables import TABLE_TYPES
-from proxymap.tables.base import Table
+from proxymap.tables.base import AsyncTable
 
 ALICE_REPLY = b"status\x000\x00value\x00alice@example.com\x00\x00"
 
 
-class SlowTable(Table):
+class SlowTable(AsyncTable):
     """An asynchronous table: ``slow:0.3`` answers every key after 0.3 s."""
 
     dict_type = "slow"
-    asynchronous = True
 
     def __init__(self, name, open_mode, flags, ctx):
         super().__init__(name, open_mode, flags | F.FIXED)

@@ -34,7 +34,7 @@ from proxymap.protocol import (
     encode_reply,
 )
 from proxymap.tables import TABLE_TYPES, table_class
-from proxymap.tables.base import DictOpenError
+from proxymap.tables.base import AsyncTable, DictOpenError
 from proxymap.tables.internal import InternalTable
 from tests.support.postfix import ensure_postfix, postmap_path
 from tests.support.vectors import vectors_dir
@@ -303,17 +303,25 @@ def test_repeated_lookup_reuses_the_route_and_instance(r312):
 
 # --- asynchronous tables --------------------------------------------------------------------
 
-class AsyncMemoryTable(InternalTable):
+class AsyncMemoryTable(AsyncTable):
     """An in-memory table answering through the asynchronous interface."""
 
     dict_type = "amem"
-    asynchronous = True
+
+    def __init__(self, name, open_mode, flags, ctx):
+        self.memory = InternalTable(name, open_mode, flags, ctx)
+        super().__init__(name, open_mode, self.memory.flags)
 
     async def alookup(self, key: bytes) -> bytes | None:
         await asyncio.sleep(0)
         if key == b"boom":
             raise RuntimeError("driver bug")
-        return self.lookup(key)
+        self.memory.flags = self.flags
+        return self.memory.lookup(key)
+
+    async def aupdate(self, key: bytes, value: bytes) -> int:
+        self.memory.flags = self.flags
+        return self.memory.update(key, value)
 
 
 def test_asynchronous_table_gets_a_coroutine(monkeypatch, caplog):

@@ -57,8 +57,18 @@ def vector_rows() -> list[tuple[str, str, str, str]]:
             continue
         spec, key, exit_code, value = (unescape_tsv(f) for f in line.split("\t"))
         if spec.partition(":")[0] in OUR_TYPES:
+            if spec.startswith("unix:") and exit_code == "0":
+                value = this_host_entry(spec, key)
             rows.append((absolute_map(spec), key, exit_code, value))
     return rows
+
+
+def this_host_entry(spec: str, key: str) -> str:
+    """A unix: row's answer on this machine (ids differ between hosts), from getent(1)."""
+    database = spec.partition(":")[2].split(".")[0]  # passwd or group
+    result = subprocess.run(["getent", database, key.lower()], capture_output=True,
+                            text=True, check=False)
+    return result.stdout.strip()
 
 
 ROWS = vector_rows() if VECTORS.is_dir() else []

@@ -15,11 +15,11 @@ import pytest
 
 from proxymap import flags as F
 from proxymap.tables import open_table
-from proxymap.tables.base import DictConfig, DictRetry, OpenContext, SurrogateTable
-from proxymap.tables.pipemap import PipemapTable
+from proxymap.tables.base import AsyncTable, DictConfig, DictRetry, OpenContext, SurrogateTable
+from proxymap.tables.pipemap import open_pipemap
 from proxymap.tables.socketmap import SocketmapTable
 from proxymap.tables.tcp import TcpTable
-from proxymap.tables.unionmap import UnionmapTable
+from proxymap.tables.unionmap import open_unionmap
 
 SHORT = {"pyproxymap_tcp_timeout": "0.3", "pyproxymap_tcp_max_tries": "2",
          "pyproxymap_tcp_retry_delay": "0.05", "pyproxymap_socketmap_timeout": "0.3"}
@@ -249,14 +249,14 @@ def test_composite_with_network_member_is_asynchronous():
     async def scenario():
         server, port = await start(SocketmapServer().handle)
         ctx = context()
-        union = UnionmapTable(f"{{socketmap:inet:127.0.0.1:{port}:u, randmap:{{r}}}}",
+        union = open_unionmap(f"{{socketmap:inet:127.0.0.1:{port}:u, randmap:{{r}}}}",
                               os.O_RDONLY, 0, ctx)
-        assert union.asynchronous and union.flags & F.PATTERN
+        assert isinstance(union, AsyncTable) and union.flags & F.PATTERN
         assert await union.alookup(b"k") == b"u/k,r"
-        pipe = PipemapTable(f"{{randmap:{{mid}}, socketmap:inet:127.0.0.1:{port}:p}}",
+        pipe = open_pipemap(f"{{randmap:{{mid}}, socketmap:inet:127.0.0.1:{port}:p}}",
                             os.O_RDONLY, 0, ctx)
         assert await pipe.alookup(b"any") == b"p/mid"
-        failing = PipemapTable(f"{{randmap:{{temp}}, socketmap:inet:127.0.0.1:{port}:p}}",
+        failing = open_pipemap(f"{{randmap:{{temp}}, socketmap:inet:127.0.0.1:{port}:p}}",
                                os.O_RDONLY, 0, ctx)
         with pytest.raises(DictRetry):
             await failing.alookup(b"any")

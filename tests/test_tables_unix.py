@@ -74,7 +74,9 @@ def test_asynchronous_lookup_answers_like_the_inline_one(tmp_path, monkeypatch):
         return (await table.alookup(b"ROOT"), await table.alookup(b"no-such-user-x"))
 
     assert asyncio.run(both()) == (ROOT_ENTRY, None)
-    assert table.lookup(b"root") == ROOT_ENTRY
+    monkeypatch.setattr(unix, "NSSWITCH_CONF", str(tmp_path / "absent"))
+    inline = open_unix()
+    assert not inline.asynchronous and inline.lookup(b"root") == ROOT_ENTRY
 
 
 def test_a_slow_name_service_does_not_stop_the_loop(tmp_path, monkeypatch):

@@ -4,7 +4,9 @@ Each type lives in its own small module, imported only when first used, so a mis
 optional binding (Berkeley DB, LMDB, PCRE2, a database driver) affects only its own
 type: such a table becomes an unavailable (surrogate) table answering RETRY.
 
-A table class is constructed as ``cls(name, open_mode, flags, ctx)`` and raises
+An entry names a table class, constructed as ``cls(name, open_mode, flags, ctx)``, or
+an opening function with the same arguments for types whose class depends on what
+they open (composites: synchronous or asynchronous as their members). Either raises
 ``DictOpenError`` when the table cannot be opened.
 """
 
@@ -13,6 +15,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+from collections.abc import Callable
 
 from proxymap.tables.base import (
     DictOpenError,
@@ -31,7 +34,7 @@ TABLE_TYPES: dict[str, str] = {
     "fail": "proxymap.tables.fail:FailTable",
     "environ": "proxymap.tables.environ:EnvironTable",
     "internal": "proxymap.tables.internal:InternalTable",
-    "unix": "proxymap.tables.unix:UnixTable",
+    "unix": "proxymap.tables.unix:open_unix",
     "hash": "proxymap.tables.bdb:HashTable",
     "btree": "proxymap.tables.bdb:BtreeTable",
     "lmdb": "proxymap.tables.lmdb:LmdbTable",
@@ -39,16 +42,20 @@ TABLE_TYPES: dict[str, str] = {
     "regexp": "proxymap.tables.regexp:RegexpTable",
     "pcre": "proxymap.tables.pcre:PcreTable",
     "cidr": "proxymap.tables.cidr:CidrTable",
-    "pipemap": "proxymap.tables.pipemap:PipemapTable",
-    "unionmap": "proxymap.tables.unionmap:UnionmapTable",
+    "pipemap": "proxymap.tables.pipemap:open_pipemap",
+    "unionmap": "proxymap.tables.unionmap:open_unionmap",
     "randmap": "proxymap.tables.randmap:RandmapTable",
     "tcp": "proxymap.tables.tcp:TcpTable",
     "socketmap": "proxymap.tables.socketmap:SocketmapTable",
 }
 
 
-def table_class(dict_type: str) -> type[Table]:
-    """The class for a type; ``DictOpenError`` if unknown or its module cannot load."""
+TableOpener = Callable[[str, int, int, OpenContext], Table]
+
+
+def table_class(dict_type: str) -> TableOpener:
+    """The class (or opening function) for a type; ``DictOpenError`` if unknown or its
+    module cannot load."""
     target = TABLE_TYPES.get(dict_type)
     if target is None:
         raise DictOpenError(f"unsupported dictionary type: {dict_type}")

@@ -17,12 +17,16 @@ DESCRIPTION
     ``DictRetry`` (temporary: status RETRY) and ``DictConfig`` (status CONFIG). A backend
     failure must never become "not found": that would bounce mail.
 
-    Synchronous vs asynchronous tables: local tables (files, memory) answer inline on the
-    worker's event-loop thread -- the short, allocation-light path. Tables whose lookups
-    may block (network, databases) set ``asynchronous = True`` and implement the ``a*``
-    coroutine methods instead; the handler awaits them so that other clients of the
-    same worker are served meanwhile. A blocking driver runs its calls in an executor
-    thread (``loop.run_in_executor``); a socket protocol may use asyncio streams.
+    Synchronous vs asynchronous tables: local tables (files, memory) derive from
+    ``SyncTable`` and answer inline on the worker's event-loop thread -- the short,
+    allocation-light path. Tables whose operations may wait (network, databases) derive
+    from ``AsyncTable`` and implement the ``a*`` coroutines; the handler awaits them so
+    that other clients of the same worker are served meanwhile. Native asyncio drivers
+    and socket protocols use ``proxymap.tables.pool`` for their connections; a driver
+    that blocks derives from ``proxymap.tables.blocking.BlockingTable``, whose calls run
+    in a bounded executor of its own. Tables built on other tables (the UTF-8 layer,
+    pipemap, unionmap) write their logic once, as plans (``proxymap.tables.composite``),
+    and are synchronous or asynchronous as their members are.
 
 SECURITY
     Tables are opened only after the handler has approved the name.
@@ -55,6 +59,11 @@ class DictBusy(DictRetry):
     served meanwhile; the request handler retries the operation after a pause. Where
     it is not handled it is a temporary failure like any ``DictRetry``.
     """
+
+
+# Pauses between attempts on a table whose file a writer holds locked (DictBusy).
+BUSY_PAUSE_MIN = 0.001
+BUSY_PAUSE_MAX = 0.05
 
 
 class DictConfig(DictError):
@@ -93,7 +102,15 @@ class OpenContext:
 
 
 class Table:
-    """A lookup table. Subclasses set ``dict_type`` and override what they support."""
+    """What every table has: name, open mode, flag word, change detection, close.
+
+    Operations live in the two subclasses, one per way of answering: ``SyncTable``
+    (``lookup`` ...) and ``AsyncTable`` (``alookup`` ...). ``asynchronous`` says which;
+    it is a property of the class, decided once when the table is opened.
+
+    Constructor contract (the registry's): ``cls(name, open_mode, flags, ctx)``;
+    ``DictOpenError`` when the table cannot be opened.
+    """
 
     dict_type = "?"
     asynchronous = False
@@ -110,35 +127,6 @@ class Table:
     @property
     def spec(self) -> str:
         return f"{self.dict_type}:{self.name}"
-
-    # --- operations (synchronous tables) -------------------------------------------------
-    def lookup(self, key: bytes) -> bytes | None:
-        raise DictUnsupported(f"{self.spec}: lookup is not supported")
-
-    def update(self, key: bytes, value: bytes) -> int:
-        """Store; 0 = stored, 1 = not stored (e.g. duplicate kept, value too large)."""
-        raise DictUnsupported(f"table {self.spec}: update operation is not supported")
-
-    def delete(self, key: bytes) -> int:
-        """Remove; 0 = removed, 1 = not found."""
-        raise DictUnsupported(f"table {self.spec}: delete operation is not supported")
-
-    def sequence(self, function: int) -> tuple[bytes, bytes] | None:
-        """function 0 = first, 1 = next; ``None`` at the end."""
-        raise DictUnsupported(f"table {self.spec}: sequence operation is not supported")
-
-    # --- operations (asynchronous tables override these instead) -------------------------
-    async def alookup(self, key: bytes) -> bytes | None:
-        return self.lookup(key)
-
-    async def aupdate(self, key: bytes, value: bytes) -> int:
-        return self.update(key, value)
-
-    async def adelete(self, key: bytes) -> int:
-        return self.delete(key)
-
-    async def asequence(self, function: int) -> tuple[bytes, bytes] | None:
-        return self.sequence(function)
 
     # --- life cycle ----------------------------------------------------------------------
     def watch(self, path: str) -> None:
@@ -164,14 +152,66 @@ class Table:
         pass
 
     # --- helpers for drivers -------------------------------------------------------------
-    def fold(self, key: bytes) -> bytes:
+    def fold(self, key: bytes, flags: int | None = None) -> bytes:
         """Driver-level folding: ASCII lower-case when the request asks for it.
 
         FOLD_FIX applies to fixed tables, FOLD_MUL to the others (Postfix drivers fold
-        only ASCII; full Unicode folding is the UTF-8 layer's job).
+        only ASCII; full Unicode folding is the UTF-8 layer's job). ``flags`` defaults to
+        the table's own word; code running outside the event-loop thread passes the word
+        it captured there.
         """
-        want = F.FOLD_FIX if self.flags & F.FIXED else F.FOLD_MUL
-        return key.lower() if self.flags & want else key
+        if flags is None:
+            flags = self.flags
+        want = F.FOLD_FIX if flags & F.FIXED else F.FOLD_MUL
+        return key.lower() if flags & want else key
+
+
+class SyncTable(Table):
+    """A table answered inline on the worker's event-loop thread (files, memory).
+
+    Subclasses override what they support; the rest is ``DictUnsupported``.
+    """
+
+    asynchronous = False
+
+    def lookup(self, key: bytes) -> bytes | None:
+        raise DictUnsupported(f"{self.spec}: lookup is not supported")
+
+    def update(self, key: bytes, value: bytes) -> int:
+        """Store; 0 = stored, 1 = not stored (e.g. duplicate kept, value too large)."""
+        raise DictUnsupported(f"table {self.spec}: update operation is not supported")
+
+    def delete(self, key: bytes) -> int:
+        """Remove; 0 = removed, 1 = not found."""
+        raise DictUnsupported(f"table {self.spec}: delete operation is not supported")
+
+    def sequence(self, function: int) -> tuple[bytes, bytes] | None:
+        """function 0 = first, 1 = next; ``None`` at the end."""
+        raise DictUnsupported(f"table {self.spec}: sequence operation is not supported")
+
+
+class AsyncTable(Table):
+    """A table whose operations may wait (network, database): coroutines, awaited by the
+    handler while the worker serves its other clients.
+
+    A driver must read what it needs from ``flags`` before its first ``await``: the
+    handler sets the word right before the call, and a concurrent request may set it
+    again while this one waits.
+    """
+
+    asynchronous = True
+
+    async def alookup(self, key: bytes) -> bytes | None:
+        raise DictUnsupported(f"{self.spec}: lookup is not supported")
+
+    async def aupdate(self, key: bytes, value: bytes) -> int:
+        raise DictUnsupported(f"table {self.spec}: update operation is not supported")
+
+    async def adelete(self, key: bytes) -> int:
+        raise DictUnsupported(f"table {self.spec}: delete operation is not supported")
+
+    async def asequence(self, function: int) -> tuple[bytes, bytes] | None:
+        raise DictUnsupported(f"table {self.spec}: sequence operation is not supported")
 
 
 def require_network_open(spec: str, open_mode: int, flags: int) -> None:
@@ -183,7 +223,7 @@ def require_network_open(spec: str, open_mode: int, flags: int) -> None:
         raise DictOpenError(f"{spec} map is not allowed for security-sensitive data")
 
 
-class FailingTable(Table):
+class FailingTable(SyncTable):
     """A table whose every operation fails with the error that ``_fail`` builds."""
 
     def _fail(self) -> DictRetry:

@@ -27,7 +27,7 @@ from __future__ import annotations
 import socket
 
 from proxymap import flags as F
-from proxymap.tables.base import DictUnsupported, OpenContext, Table
+from proxymap.tables.base import DictUnsupported, OpenContext, SyncTable
 from proxymap.tables.patternfile import (
     C_SPACE,
     ENDIF,
@@ -95,7 +95,7 @@ def parse_network(pattern: bytes) -> tuple[int, int, int]:
     return family, network, mask
 
 
-class CidrTable(Table):
+class CidrTable(SyncTable):
     dict_type = "cidr"
 
     def __init__(self, name: str, open_mode: int, flags: int, ctx: OpenContext | None = None):

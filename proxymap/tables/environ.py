@@ -17,10 +17,10 @@ from __future__ import annotations
 import os
 
 from proxymap import flags as F
-from proxymap.tables.base import OpenContext, Table
+from proxymap.tables.base import OpenContext, SyncTable
 
 
-class EnvironTable(Table):
+class EnvironTable(SyncTable):
     dict_type = "environ"
 
     def __init__(self, name: str, open_mode: int, flags: int, ctx: OpenContext) -> None:

@@ -22,7 +22,7 @@ SEE ALSO
 from __future__ import annotations
 
 from proxymap import flags as F
-from proxymap.tables.base import DictOpenError, OpenContext, Table
+from proxymap.tables.base import DictOpenError, OpenContext, SyncTable
 from proxymap.tables.texthash import SequenceCursor, require_read_only
 from proxymap.tables.textsyntax import BraceError, braced_elements, strip_braces
 from proxymap.tables.utf8 import fold_key, is_valid_utf8, utf8_wanted
@@ -83,7 +83,7 @@ def parse_inline(name: str) -> list[tuple[str, str]]:
     return pairs
 
 
-class InlineTable(Table):
+class InlineTable(SyncTable):
     dict_type = "inline"
 
     def __init__(self, name: str, open_mode: int, flags: int, ctx: OpenContext) -> None:

@@ -14,11 +14,11 @@ DESCRIPTION
 from __future__ import annotations
 
 from proxymap import flags as F
-from proxymap.tables.base import OpenContext, Table
+from proxymap.tables.base import OpenContext, SyncTable
 from proxymap.tables.texthash import SequenceCursor
 
 
-class InternalTable(Table):
+class InternalTable(SyncTable):
     dict_type = "internal"
 
     def __init__(self, name: str, open_mode: int, flags: int, ctx: OpenContext) -> None:

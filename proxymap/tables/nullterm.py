@@ -64,7 +64,7 @@ from proxymap.tables.base import (
     DictOpenError,
     DictRetry,
     DictUnsupported,
-    Table,
+    SyncTable,
 )
 
 log = logging.getLogger("proxymap")
@@ -160,7 +160,7 @@ def open_error(path: str, exc: BaseException) -> DictOpenError:
 
 # --- the table skeleton ---------------------------------------------------------------------
 
-class IndexedFileTable(Table):
+class IndexedFileTable(SyncTable):
     """A table kept in one file ``NAME + suffix`` with NUL-convention probing.
 
     Subclasses provide the backend primitives (all called with the file locked as the

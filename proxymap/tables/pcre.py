@@ -27,7 +27,7 @@ import ctypes
 import logging
 
 from proxymap import flags as F
-from proxymap.tables.base import DictUnsupported, OpenContext, Table
+from proxymap.tables.base import DictUnsupported, OpenContext, SyncTable
 from proxymap.tables.patternfile import (
     ENDIF,
     IF,
@@ -270,7 +270,7 @@ def _options(flag_letters: bytes, warn_line) -> int:
     return options
 
 
-class PcreTable(Table):
+class PcreTable(SyncTable):
     dict_type = "pcre"
 
     def __init__(self, name: str, open_mode: int, flags: int, ctx: OpenContext | None = None):

@@ -12,7 +12,7 @@ DESCRIPTION
     every member of the form ``type:name`` (kept verbatim, braces included); members are
     opened through ``ctx.open_table`` with the composite's open mode and flags, and
     the composite takes the fixed/pattern kind of its first member. A composite with an
-    asynchronous member is itself asynchronous.
+    asynchronous member is itself asynchronous (``composite.choose``).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import os
 
 from proxymap import flags as F
 from proxymap.tables.base import DictOpenError, OpenContext, Table
+from proxymap.tables.composite import AsyncComposite, Call, Composite, Plan, SyncComposite, choose
 from proxymap.tables.textsyntax import BraceError, braced_elements
 
 _KIND = F.FIXED | F.PATTERN
@@ -48,26 +49,17 @@ def open_members(dict_type: str, name: str, open_mode: int, flags: int,
     return members, (flags & ~_KIND) | kind
 
 
-class PipemapTable(Table):
+class PipemapPlans(Composite):
     dict_type = "pipemap"
 
-    def __init__(self, name: str, open_mode: int, flags: int, ctx: OpenContext) -> None:
-        super().__init__(name, open_mode, flags)
-        self.members, self.flags = open_members(self.dict_type, name, open_mode, flags, ctx)
-        self.asynchronous = any(member.asynchronous for member in self.members)
+    def __init__(self, name: str, open_mode: int, flags: int, members: list[Table]) -> None:
+        super().__init__(name, open_mode, flags)  # type: ignore[call-arg]  # Table's
+        self.members = members
 
-    def lookup(self, key: bytes) -> bytes | None:
+    def lookup_plan(self, key: bytes) -> Plan[bytes | None]:
         value: bytes | None = key
         for member in self.members:
-            value = member.lookup(value)
-            if value is None:
-                return None
-        return value
-
-    async def alookup(self, key: bytes) -> bytes | None:
-        value: bytes | None = key
-        for member in self.members:
-            value = await member.alookup(value)
+            value = yield Call(member, "lookup", value)
             if value is None:
                 return None
         return value
@@ -75,3 +67,16 @@ class PipemapTable(Table):
     def close(self) -> None:
         for member in self.members:
             member.close()
+
+
+class PipemapTable(PipemapPlans, SyncComposite):
+    pass
+
+
+class AsyncPipemapTable(PipemapPlans, AsyncComposite):
+    pass
+
+
+def open_pipemap(name: str, open_mode: int, flags: int, ctx: OpenContext) -> Table:
+    members, flags = open_members(PipemapPlans.dict_type, name, open_mode, flags, ctx)
+    return choose(members, PipemapTable, AsyncPipemapTable)(name, open_mode, flags, members)

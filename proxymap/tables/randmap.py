@@ -17,11 +17,11 @@ import os
 import random
 
 from proxymap import flags as F
-from proxymap.tables.base import DictOpenError, OpenContext, Table
+from proxymap.tables.base import DictOpenError, OpenContext, SyncTable
 from proxymap.tables.textsyntax import BraceError, braced_elements
 
 
-class RandmapTable(Table):
+class RandmapTable(SyncTable):
     dict_type = "randmap"
 
     def __init__(self, name: str, open_mode: int, flags: int,

@@ -30,7 +30,7 @@ import logging
 
 from proxymap import flags as F
 from proxymap.tables import posix_regex as rx
-from proxymap.tables.base import DictUnsupported, OpenContext, Table
+from proxymap.tables.base import DictUnsupported, OpenContext, SyncTable
 from proxymap.tables.patternfile import (
     ENDIF,
     IF,
@@ -66,7 +66,7 @@ def _options(flag_letters: bytes) -> int:
     return options
 
 
-class RegexpTable(Table):
+class RegexpTable(SyncTable):
     dict_type = "regexp"
 
     def __init__(self, name: str, open_mode: int, flags: int, ctx: OpenContext | None = None):

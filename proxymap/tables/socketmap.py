@@ -14,7 +14,7 @@ DESCRIPTION
 
     Beyond the original: Postfix shares one connection per endpoint and so serializes
     every lookup behind the slowest one. Here each endpoint has a pool
-    (``tcp.StreamPool``, shared by every socketmap table naming that endpoint) of up to
+    (``pool.ConnectionPool``, shared by every socketmap table naming that endpoint) of up to
     ``pyproxymap_socketmap_connections`` (default 16) connections, one request at a time
     on each, so concurrent slow lookups proceed in parallel on the worker's event loop.
     Idle connections are dropped after 10 s, any connection after 100 s (Postfix's
@@ -31,14 +31,21 @@ import logging
 
 from proxymap import flags as F
 from proxymap.tables.base import (
+    AsyncTable,
     DictConfig,
     DictOpenError,
     DictRetry,
     OpenContext,
-    Table,
     require_network_open,
 )
-from proxymap.tables.tcp import StreamPool, param_number, split_host_port
+from proxymap.tables.pool import ConnectionPool
+from proxymap.tables.streams import (
+    Stream,
+    check_endpoint,
+    close_stream,
+    param_number,
+    stream_opener,
+)
 
 log = logging.getLogger("proxymap")
 
@@ -48,7 +55,7 @@ IDLE_LIMIT = 10.0
 AGE_LIMIT = 100.0
 
 # Pools are per endpoint: every socketmap table naming the same server shares one.
-_POOLS: dict[str, StreamPool] = {}
+_POOLS: dict[str, ConnectionPool[Stream, str]] = {}
 
 
 class NetstringError(Exception):
@@ -106,9 +113,8 @@ def interpret_reply(spec: str, payload: bytes) -> bytes | None:
     raise DictRetry(f"{spec}: unknown reply status: {word[:50]!r}")
 
 
-class SocketmapTable(Table):
+class SocketmapTable(AsyncTable):
     dict_type = "socketmap"
-    asynchronous = True
 
     def __init__(self, name: str, open_mode: int, flags: int,
                  ctx: OpenContext | None = None) -> None:
@@ -117,34 +123,24 @@ class SocketmapTable(Table):
         endpoint, sep, map_name = name.rpartition(":")
         if not sep or not endpoint or not map_name:
             raise DictOpenError(f"{self.spec}: expected \"transport:endpoint:mapname\"")
+        transport = endpoint.partition(":")[0]
+        try:
+            if transport not in ("inet", "unix", "local"):
+                raise ValueError(f"invalid endpoint \"{endpoint}\"")
+            check_endpoint(endpoint)
+        except ValueError as exc:
+            raise DictOpenError(f"{self.spec}: {exc}") from None
         self.endpoint = endpoint
         self.map_name = map_name.encode("utf-8", "surrogateescape")
         self.timeout = param_number(ctx, "pyproxymap_socketmap_timeout", 100.0)
         size = int(param_number(ctx, "pyproxymap_socketmap_connections", 16))
-        self.pool = _POOLS.get(endpoint)
-        if self.pool is None:
-            opener = self._opener(endpoint)
-            self.pool = _POOLS[endpoint] = StreamPool(opener, size, IDLE_LIMIT, AGE_LIMIT)
-
-    def _opener(self, endpoint: str):
-        transport, _, address = endpoint.partition(":")
-        if transport == "inet":
-            try:
-                host, port = split_host_port(address)
-            except ValueError as exc:
-                raise DictOpenError(f"{self.spec}: {exc}") from None
-
-            async def connect_inet():
-                return await asyncio.open_connection(host, port)
-            return connect_inet
-        if transport in ("unix", "local") and address:
-            async def connect_unix():
-                return await asyncio.open_unix_connection(address)
-            return connect_unix
-        raise DictOpenError(f"{self.spec}: invalid endpoint \"{endpoint}\"")
-
-    def lookup(self, key: bytes) -> bytes | None:
-        raise DictRetry(f"{self.spec}: asynchronous table looked up synchronously")
+        pool = _POOLS.get(endpoint)
+        if pool is None:
+            pool = _POOLS[endpoint] = ConnectionPool(
+                f"socketmap:{endpoint}", [endpoint], stream_opener(), close_stream,
+                size=size, connect_timeout=self.timeout, idle_limit=IDLE_LIMIT,
+                age_limit=AGE_LIMIT)
+        self.pool = pool
 
     async def alookup(self, key: bytes) -> bytes | None:
         request = netstring(self.map_name + b" " + self.fold(key))
@@ -159,23 +155,21 @@ class SocketmapTable(Table):
         raise AssertionError("not reached")
 
     async def _exchange(self, request: bytes) -> bytes:
+        lease = await self.pool.acquire(self.timeout)  # PoolUnavailable is a DictRetry
+        stream = lease.connection
         try:
-            connection = await self.pool.acquire(self.timeout)
-        except (TimeoutError, OSError) as exc:
-            raise DictRetry(f"{self.spec}: connect {self.endpoint}: {_reason(exc)}") from None
-        try:
-            connection.writer.write(request)
-            payload = await asyncio.wait_for(read_netstring(connection.reader), self.timeout)
+            stream.writer.write(request)
+            payload = await asyncio.wait_for(read_netstring(stream.reader), self.timeout)
         except (BrokenPipeError, ConnectionResetError):
-            self.pool.release(connection, False)
+            self.pool.release(lease, False)
             raise _EarlyEOF() from None
         except (TimeoutError, OSError, NetstringError) as exc:
-            self.pool.release(connection, False)
+            self.pool.release(lease, False)
             raise DictRetry(f"{self.spec}: {_reason(exc)}") from None
         except BaseException:
-            self.pool.release(connection, False)
+            self.pool.release(lease, False)
             raise
-        self.pool.release(connection, True)
+        self.pool.release(lease, True)
         return payload
 
     def close(self) -> None:

@@ -17,11 +17,11 @@ SEE ALSO
 from __future__ import annotations
 
 from proxymap import flags as F
-from proxymap.tables.base import DictOpenError, OpenContext, Table
+from proxymap.tables.base import DictOpenError, OpenContext, SyncTable
 from proxymap.tables.textsyntax import BraceError, strip_braces
 
 
-class StaticTable(Table):
+class StaticTable(SyncTable):
     dict_type = "static"
 
     def __init__(self, name: str, open_mode: int, flags: int, ctx: OpenContext) -> None:

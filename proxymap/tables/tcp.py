@@ -10,11 +10,11 @@ DESCRIPTION
     not found, 4xx = RETRY (connection closed), anything else or a malformed line =
     RETRY and disconnect (``../shared/spec/TABLES.md`` section 4.8).
 
-    Never blocking the worker: ``asynchronous = True``; ``alookup`` uses asyncio
-    streams. Each table keeps a pool of connections (``StreamPool``) so that a slow
-    answer does not hold up other lookups of the same table: a lookup takes an idle
-    connection or opens a new one, up to ``pyproxymap_tcp_connections`` (default 16);
-    one connection never carries two requests at once.
+    Never blocking the worker: an ``AsyncTable`` on asyncio streams. Each table keeps
+    a ``pool.ConnectionPool`` so that a slow answer does not hold up other lookups of
+    the same table: a lookup takes an idle connection or opens a new one, up to
+    ``pyproxymap_tcp_connections`` (default 16); one connection never carries two
+    requests at once.
 
     Transport failures (connect, write, read, timeout, EOF before a full line) close
     the connection and are retried on a new one, up to ``pyproxymap_tcp_max_tries``
@@ -30,16 +30,22 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
-from collections.abc import Awaitable, Callable
 
 from proxymap import flags as F
 from proxymap.tables.base import (
+    AsyncTable,
     DictOpenError,
     DictRetry,
     OpenContext,
-    Table,
     require_network_open,
+)
+from proxymap.tables.pool import ConnectionPool, PoolUnavailable
+from proxymap.tables.streams import (
+    Stream,
+    close_stream,
+    param_number,
+    split_host_port,
+    stream_opener,
 )
 
 log = logging.getLogger("proxymap")
@@ -57,114 +63,6 @@ _TRANSPORT_FAILED = object()  # marker: the exchange failed below the protocol; 
 
 class ProtocolError(Exception):
     """The server's reply does not follow the protocol."""
-
-
-# ---------------------------------------------------------------------------------------
-# Connection pool (also used by socketmap)
-# ---------------------------------------------------------------------------------------
-
-Opener = Callable[[], Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]]
-
-
-class Connection:
-    __slots__ = ("reader", "writer", "created", "last_used")
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader = reader
-        self.writer = writer
-        self.created = self.last_used = time.monotonic()
-
-    def close(self) -> None:
-        try:
-            self.writer.close()
-        except Exception:  # already closed, or its event loop is gone
-            pass
-
-
-class StreamPool:
-    """At most ``size`` connections to one server; one request at a time per connection.
-
-    Streams belong to the event loop that created them: the pool starts afresh when it
-    is used from another loop (tests run one loop per test; a worker has one loop).
-    """
-
-    def __init__(self, opener: Opener, size: int, idle_limit: float | None = None,
-                 age_limit: float | None = None) -> None:
-        self._opener = opener
-        self.size = max(1, size)
-        self.idle_limit = idle_limit
-        self.age_limit = age_limit
-        self._idle: list[Connection] = []
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._slots: asyncio.Semaphore | None = None
-
-    def _bind(self) -> asyncio.Semaphore:
-        loop = asyncio.get_running_loop()
-        if loop is not self._loop or self._slots is None:
-            self.discard_idle()
-            self._loop = loop
-            self._slots = asyncio.Semaphore(self.size)
-        return self._slots
-
-    async def acquire(self, connect_timeout: float) -> Connection:
-        slots = self._bind()
-        await slots.acquire()
-        try:
-            now = time.monotonic()
-            while self._idle:
-                connection = self._idle.pop()
-                if self._fresh(connection, now):
-                    return connection
-                connection.close()
-            reader, writer = await asyncio.wait_for(self._opener(), connect_timeout)
-            return Connection(reader, writer)
-        except BaseException:
-            slots.release()
-            raise
-
-    def _fresh(self, connection: Connection, now: float) -> bool:
-        if connection.reader.at_eof():
-            return False
-        if self.idle_limit is not None and now - connection.last_used > self.idle_limit:
-            return False
-        return self.age_limit is None or now - connection.created <= self.age_limit
-
-    def release(self, connection: Connection, reusable: bool) -> None:
-        if reusable:
-            connection.last_used = time.monotonic()
-            self._idle.append(connection)
-        else:
-            connection.close()
-        if self._slots is not None and asyncio.get_running_loop() is self._loop:
-            self._slots.release()
-
-    def discard_idle(self) -> None:
-        for connection in self._idle:
-            connection.close()
-        self._idle.clear()
-
-
-def param_number(ctx: OpenContext | None, name: str, default: float) -> float:
-    """A numeric main.cf parameter of ours; a bad value falls back with a warning."""
-    if ctx is None or name not in ctx.params:
-        return default
-    try:
-        return float(ctx.params[name])
-    except (TypeError, ValueError):
-        log.warning("%s: bad numerical value \"%s\", using %s", name, ctx.params[name], default)
-        return default
-
-
-def split_host_port(text: str) -> tuple[str, int]:
-    """``host:port`` or ``[v6addr]:port`` -> (host, port); ValueError when malformed."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port:
-        raise ValueError(f"need host:port, not \"{text}\"")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    if not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"bad port in \"{text}\"")
-    return host, int(port)
 
 
 # ---------------------------------------------------------------------------------------
@@ -204,29 +102,26 @@ def parse_reply(line: bytes) -> tuple[int, bytes]:
     return line[0] - 0x30, unquote_text(line[4:])
 
 
-class TcpTable(Table):
+class TcpTable(AsyncTable):
     dict_type = "tcp"
-    asynchronous = True
 
     def __init__(self, name: str, open_mode: int, flags: int,
                  ctx: OpenContext | None = None) -> None:
         super().__init__(name, open_mode, (flags & ~F.FIXED) | F.PATTERN)
         require_network_open(self.spec, open_mode, flags)
         try:
-            self.host, self.port = split_host_port(name)
+            split_host_port(name)
         except ValueError as exc:
             raise DictOpenError(f"{self.spec}: {exc}") from None
         self.timeout = param_number(ctx, "pyproxymap_tcp_timeout", 100.0)
         self.max_tries = max(1, int(param_number(ctx, "pyproxymap_tcp_max_tries", 10)))
         self.retry_delay = param_number(ctx, "pyproxymap_tcp_retry_delay", 1.0)
         size = int(param_number(ctx, "pyproxymap_tcp_connections", 16))
-        self.pool = StreamPool(self._connect, size)
-
-    async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        return await asyncio.open_connection(self.host, self.port, limit=_STREAM_LIMIT)
-
-    def lookup(self, key: bytes) -> bytes | None:
-        raise DictRetry(f"{self.spec}: asynchronous table looked up synchronously")
+        # Postfix sleeps retry_delay between attempts: the pool's back-off is no longer.
+        self.pool: ConnectionPool[Stream, str] = ConnectionPool(
+            self.spec, [name], stream_opener(_STREAM_LIMIT), close_stream, size=size,
+            connect_timeout=self.timeout, backoff_min=min(self.retry_delay, 0.25),
+            backoff_max=self.retry_delay)
 
     async def alookup(self, key: bytes) -> bytes | None:
         request = b"get " + quote_key(self.fold(key)) + b"\n"
@@ -235,31 +130,32 @@ class TcpTable(Table):
                 await asyncio.sleep(self.retry_delay)
             outcome = await self._exchange(request)
             if outcome is not _TRANSPORT_FAILED:
-                return outcome
+                return outcome  # type: ignore[return-value]
         raise DictRetry(f"{self.spec}: giving up after {self.max_tries} attempts")
 
-    async def _exchange(self, request: bytes):
+    async def _exchange(self, request: bytes) -> bytes | None | object:
         """One request on one connection: the answer, or _TRANSPORT_FAILED (try again)."""
         try:
-            connection = await self.pool.acquire(self.timeout)
-        except (TimeoutError, OSError) as exc:
-            log.warning("connect to %s:%d: %s", self.host, self.port, _reason(exc))
-            return _TRANSPORT_FAILED
+            lease = await self.pool.acquire(self.timeout)
+        except PoolUnavailable:
+            return _TRANSPORT_FAILED  # logged by the pool, once per outage
+        stream = lease.connection
         try:
-            connection.writer.write(request)
-            line = await asyncio.wait_for(connection.reader.readuntil(b"\n"), self.timeout)
+            stream.writer.write(request)
+            line = await asyncio.wait_for(stream.reader.readuntil(b"\n"), self.timeout)
             answer = self._answer(line[:-1])
         except asyncio.LimitOverrunError:
-            self.pool.release(connection, False)
+            self.pool.release(lease, False)
             raise DictRetry(f"{self.spec}: reply too long") from None
         except (TimeoutError, OSError, asyncio.IncompleteReadError) as exc:
-            self.pool.release(connection, False)
-            log.warning("read %s:%d: %s", self.host, self.port, _reason(exc))
+            self.pool.release(lease, False)
+            self.pool.suspect(lease)
+            log.warning("read %s: %s", self.name, _reason(exc))
             return _TRANSPORT_FAILED
         except BaseException:  # protocol errors (RETRY), cancellation: never reuse it
-            self.pool.release(connection, False)
+            self.pool.release(lease, False)
             raise
-        self.pool.release(connection, True)
+        self.pool.release(lease, True)
         return answer
 
     def _answer(self, line: bytes) -> bytes | None:
@@ -276,7 +172,7 @@ class TcpTable(Table):
         raise DictRetry(f"{self.spec}: unexpected reply: {line[:100]!r}")
 
     def close(self) -> None:
-        self.pool.discard_idle()
+        self.pool.close()
 
 
 def _reason(exc: BaseException) -> str:

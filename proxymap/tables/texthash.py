@@ -33,7 +33,7 @@ import os
 from collections.abc import Iterator
 
 from proxymap import flags as F
-from proxymap.tables.base import DictOpenError, OpenContext, Table
+from proxymap.tables.base import DictOpenError, OpenContext, SyncTable
 from proxymap.tables.textsyntax import logical_lines, split_postmap_line
 from proxymap.tables.utf8 import fold_key, is_valid_utf8, utf8_wanted
 
@@ -62,7 +62,7 @@ class SequenceCursor:
         return next(self._walk, None)
 
 
-class TexthashTable(Table):
+class TexthashTable(SyncTable):
     dict_type = "texthash"
 
     def __init__(self, name: str, open_mode: int, flags: int, ctx: OpenContext) -> None:

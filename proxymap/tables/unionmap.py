@@ -15,43 +15,47 @@ DESCRIPTION
     the lookup at once with that error.
 
     The union is fixed or pattern like its first member, and asynchronous when any
-    member is (then ``alookup`` awaits the members in order).
+    member is (then the members are awaited in order).
 """
 
 from __future__ import annotations
 
 from proxymap.tables.base import OpenContext, Table
+from proxymap.tables.composite import AsyncComposite, Call, Composite, Plan, SyncComposite, choose
 from proxymap.tables.pipemap import open_members
 
 
-class UnionmapTable(Table):
+class UnionmapPlans(Composite):
     dict_type = "unionmap"
 
-    def __init__(self, name: str, open_mode: int, flags: int, ctx: OpenContext) -> None:
-        super().__init__(name, open_mode, flags)
-        self.members, self.flags = open_members(self.dict_type, name, open_mode, flags, ctx)
-        self.asynchronous = any(member.asynchronous for member in self.members)
+    def __init__(self, name: str, open_mode: int, flags: int, members: list[Table]) -> None:
+        super().__init__(name, open_mode, flags)  # type: ignore[call-arg]  # Table's
+        self.members = members
 
-    def lookup(self, key: bytes) -> bytes | None:
-        return _joined(member.lookup(key) for member in self.members)
-
-    async def alookup(self, key: bytes) -> bytes | None:
-        results = []
-        for member in self.members:
-            results.append(await member.alookup(key))
-        return _joined(results)
+    def lookup_plan(self, key: bytes) -> Plan[bytes | None]:
+        collected = bytearray()
+        for member in self.members:  # a member error ends the lookup with that error
+            value = yield Call(member, "lookup", key)
+            if value is None:
+                continue
+            if collected:
+                collected += b","
+            collected += value
+        return bytes(collected) if collected else None
 
     def close(self) -> None:
         for member in self.members:
             member.close()
 
 
-def _joined(results) -> bytes | None:
-    collected = bytearray()
-    for value in results:  # a generator: a member error stops the remaining lookups
-        if value is None:
-            continue
-        if collected:
-            collected += b","
-        collected += value
-    return bytes(collected) if collected else None
+class UnionmapTable(UnionmapPlans, SyncComposite):
+    pass
+
+
+class AsyncUnionmapTable(UnionmapPlans, AsyncComposite):
+    pass
+
+
+def open_unionmap(name: str, open_mode: int, flags: int, ctx: OpenContext) -> Table:
+    members, flags = open_members(UnionmapPlans.dict_type, name, open_mode, flags, ctx)
+    return choose(members, UnionmapTable, AsyncUnionmapTable)(name, open_mode, flags, members)

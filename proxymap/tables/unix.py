@@ -23,14 +23,14 @@ DESCRIPTION
 
 from __future__ import annotations
 
-import asyncio
 import grp
 import pwd
 import re
 from collections.abc import Callable
 
 from proxymap import flags as F
-from proxymap.tables.base import DictOpenError, DictRetry, OpenContext, Table
+from proxymap.tables.base import DictOpenError, DictRetry, OpenContext, SyncTable, Table
+from proxymap.tables.blocking import BlockingTable, configure
 from proxymap.tables.texthash import require_read_only
 
 
@@ -85,26 +85,17 @@ def nss_sources(database: str, path: str | None = None) -> list[str]:
     return ["files"]
 
 
-class UnixTable(Table):
-    dict_type = "unix"
+class UnixResolver:
+    """The lookup itself, shared by the inline and the executor variant."""
 
-    def __init__(self, name: str, open_mode: int, flags: int, ctx: OpenContext) -> None:
-        require_read_only(self.dict_type, name, open_mode)
-        if name not in _MAPS:
-            raise DictOpenError(f"unknown table: unix:{name}")
-        super().__init__(name, open_mode, flags | F.FIXED)
+    spec: str
+    fold: Callable[..., bytes]
+
+    def _setup(self, name: str) -> None:
         self._entry, self._root = _MAPS[name]
-        database = name.split(".", 1)[0]  # passwd or group
-        self.asynchronous = not set(nss_sources(database)) <= LOCAL_SOURCES
 
-    def lookup(self, key: bytes) -> bytes | None:
-        return self._resolve(self.fold(key).decode("utf-8", "surrogateescape"))
-
-    async def alookup(self, key: bytes) -> bytes | None:
-        # The key is folded here, with the flags of this request; only the name-service
-        # call goes to the thread.
-        name = self.fold(key).decode("utf-8", "surrogateescape")
-        return await asyncio.get_running_loop().run_in_executor(None, self._resolve, name)
+    def _lookup(self, key: bytes, flags: int) -> bytes | None:
+        return self._resolve(self.fold(key, flags).decode("utf-8", "surrogateescape"))
 
     def _resolve(self, name: str) -> bytes | None:
         try:
@@ -115,7 +106,44 @@ class UnixTable(Table):
             try:
                 self._root()
             except (KeyError, OSError):
-                raise DictRetry(f"unix:{self.name}: cannot look up id 0 either: "
+                raise DictRetry(f"{self.spec}: cannot look up id 0 either: "
                                 "the name service seems unavailable")
             _SANE.add(self._root)
         return None
+
+
+class UnixTable(UnixResolver, SyncTable):
+    """Local name-service sources: answered inline."""
+
+    dict_type = "unix"
+
+    def __init__(self, name: str, open_mode: int, flags: int) -> None:
+        super().__init__(name, open_mode, flags | F.FIXED)
+        self._setup(name)
+
+    def lookup(self, key: bytes) -> bytes | None:
+        return self._lookup(key, self.flags)
+
+
+class RemoteUnixTable(UnixResolver, BlockingTable):
+    """A name service that may wait on the network: each lookup in an executor thread."""
+
+    dict_type = "unix"
+
+    def __init__(self, name: str, open_mode: int, flags: int) -> None:
+        super().__init__(name, open_mode, flags | F.FIXED)
+        self._setup(name)
+
+    def blocking_lookup(self, key: bytes, flags: int) -> bytes | None:
+        return self._lookup(key, flags)
+
+
+def open_unix(name: str, open_mode: int, flags: int, ctx: OpenContext) -> Table:
+    require_read_only("unix", name, open_mode)
+    if name not in _MAPS:
+        raise DictOpenError(f"unknown table: unix:{name}")
+    database = name.split(".", 1)[0]  # passwd or group
+    if set(nss_sources(database)) <= LOCAL_SOURCES:
+        return UnixTable(name, open_mode, flags)
+    configure(ctx.params)
+    return RemoteUnixTable(name, open_mode, flags)

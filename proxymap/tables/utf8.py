@@ -33,9 +33,11 @@ SEE ALSO
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from proxymap import flags as F
 from proxymap.tables.base import DictConfig, SurrogateTable, Table
+from proxymap.tables.composite import AsyncComposite, Call, Composite, Plan, SyncComposite, choose
 
 log = logging.getLogger("proxymap")
 
@@ -79,16 +81,17 @@ def activate(table: Table) -> Table:
     Surrogates stay bare: every operation on them is a temporary failure anyway,
     and a stand-in should not turn a malformed key into "not found".
     """
-    if isinstance(table, (Utf8Table, SurrogateTable)) or table.flags & F.UTF8_ACTIVE:
+    if isinstance(table, (Utf8Plans, SurrogateTable)) or table.flags & F.UTF8_ACTIVE:
         return table
-    return Utf8Table(table)
+    layer = choose([table], Utf8Table, AsyncUtf8Table)
+    return layer(table)
 
 
 def _printable(data: bytes) -> str:
     return data.decode("utf-8", "backslashreplace")
 
 
-class Utf8Table(Table):
+class Utf8Plans(Composite):
     """A table seen through the UTF-8 layer; the flag word is the wrapped table's."""
 
     def __init__(self, inner: Table) -> None:
@@ -97,11 +100,14 @@ class Utf8Table(Table):
         self.name = inner.name
         self.open_mode = inner.open_mode
         self.dict_type = inner.dict_type
-        self.asynchronous = inner.asynchronous
         inner.flags |= F.UTF8_ACTIVE
 
     @property
-    def flags(self) -> int:  # type: ignore[override]
+    def spec(self) -> str:  # type: ignore[override]
+        return self.inner.spec
+
+    @property
+    def flags(self) -> int:
         return self.inner.flags
 
     @flags.setter
@@ -109,7 +115,7 @@ class Utf8Table(Table):
         self.inner.flags = value
 
     @property
-    def watched_files(self) -> tuple[str, ...]:  # type: ignore[override]
+    def watched_files(self) -> tuple[str, ...]:
         return self.inner.watched_files
 
     # --- checks ---------------------------------------------------------------------------
@@ -128,15 +134,6 @@ class Utf8Table(Table):
             raise DictConfig(f"{self.spec}: non-UTF-8 lookup result")
         return value
 
-    def _hide_fold(self) -> int:
-        saved = self.inner.flags & F.FOLD_ANY
-        self.inner.flags &= ~F.FOLD_ANY
-        return saved
-
-    def _restore_fold(self, saved: int) -> None:
-        # OR back in: the driver may have changed other bits (TRY0NULL/TRY1NULL learning).
-        self.inner.flags |= saved
-
     def _update_args(self, key: bytes, value: bytes) -> bytes | None:
         folded = self._checked_key(key)
         if folded is not None and not is_valid_utf8(value):
@@ -144,75 +141,38 @@ class Utf8Table(Table):
             return None
         return folded
 
-    # --- synchronous operations --------------------------------------------------------------
-    def lookup(self, key: bytes) -> bytes | None:
+    def _without_fold(self, call: Call) -> Plan[Any]:
+        """The inner operation with both FOLD bits hidden: the key is folded already."""
+        saved = self.inner.flags & F.FOLD_ANY
+        self.inner.flags &= ~F.FOLD_ANY
+        try:
+            return (yield call)
+        finally:
+            # OR back in: the driver may have changed other bits (TRY0NULL/TRY1NULL).
+            self.inner.flags |= saved
+
+    # --- plans ------------------------------------------------------------------------------
+    def lookup_plan(self, key: bytes) -> Plan[bytes | None]:
         folded = self._checked_key(key)
         if folded is None:
             return None
-        saved = self._hide_fold()
-        try:
-            value = self.inner.lookup(folded)
-        finally:
-            self._restore_fold(saved)
+        value = yield from self._without_fold(Call(self.inner, "lookup", folded))
         return self._checked_value(value)
 
-    def update(self, key: bytes, value: bytes) -> int:
+    def update_plan(self, key: bytes, value: bytes) -> Plan[int]:
         folded = self._update_args(key, value)
         if folded is None:
             return 0
-        saved = self._hide_fold()
-        try:
-            return self.inner.update(folded, value)
-        finally:
-            self._restore_fold(saved)
+        return (yield from self._without_fold(Call(self.inner, "update", folded, value)))
 
-    def delete(self, key: bytes) -> int:
+    def delete_plan(self, key: bytes) -> Plan[int]:
         folded = self._checked_key(key)
         if folded is None:
             return 0
-        saved = self._hide_fold()
-        try:
-            return self.inner.delete(folded)
-        finally:
-            self._restore_fold(saved)
+        return (yield from self._without_fold(Call(self.inner, "delete", folded)))
 
-    def sequence(self, function: int) -> tuple[bytes, bytes] | None:
-        return self.inner.sequence(function)
-
-    # --- asynchronous operations -------------------------------------------------------------
-    async def alookup(self, key: bytes) -> bytes | None:
-        folded = self._checked_key(key)
-        if folded is None:
-            return None
-        saved = self._hide_fold()
-        try:
-            value = await self.inner.alookup(folded)
-        finally:
-            self._restore_fold(saved)
-        return self._checked_value(value)
-
-    async def aupdate(self, key: bytes, value: bytes) -> int:
-        folded = self._update_args(key, value)
-        if folded is None:
-            return 0
-        saved = self._hide_fold()
-        try:
-            return await self.inner.aupdate(folded, value)
-        finally:
-            self._restore_fold(saved)
-
-    async def adelete(self, key: bytes) -> int:
-        folded = self._checked_key(key)
-        if folded is None:
-            return 0
-        saved = self._hide_fold()
-        try:
-            return await self.inner.adelete(folded)
-        finally:
-            self._restore_fold(saved)
-
-    async def asequence(self, function: int) -> tuple[bytes, bytes] | None:
-        return await self.inner.asequence(function)
+    def sequence_plan(self, function: int) -> Plan[tuple[bytes, bytes] | None]:
+        return (yield Call(self.inner, "sequence", function))
 
     # --- life cycle ----------------------------------------------------------------------------
     def changed(self) -> bool:
@@ -220,3 +180,11 @@ class Utf8Table(Table):
 
     def close(self) -> None:
         self.inner.close()
+
+
+class Utf8Table(Utf8Plans, SyncComposite):
+    """The UTF-8 layer over a synchronous table."""
+
+
+class AsyncUtf8Table(Utf8Plans, AsyncComposite):
+    """The UTF-8 layer over an asynchronous table."""

@@ -1,0 +1,320 @@
+"""One connection pool for every network table: bounded, failing over, recovering.
+
+NAME
+    pool -- connections to an ordered list of servers, shared by concurrent lookups
+
+SYNOPSIS
+    pool = ConnectionPool("mysql:/etc/postfix/aliases.cf", endpoints, connect, close,
+                          size=8, idle_limit=60, health_check=ping)
+    async with pool.connection(timeout=10) as lease:
+        rows = await query(lease.connection, sql)     # an exception discards it
+
+DESCRIPTION
+    A pool belongs to one table (or, for socketmap, to one endpoint) in one worker
+    process, and holds at most ``size`` connections, in use or idle, across all its
+    endpoints: the number a site opens is bounded by workers x size. A lookup that
+    finds every connection in use waits for one, at most ``timeout`` seconds, and then
+    fails (RETRY); it never opens one more. One connection carries one request at a
+    time.
+
+    Reuse: the most recently released idle connection first (so that a quiet period
+    lets the others expire). A connection idle longer than ``idle_limit`` or older
+    than ``age_limit`` is closed instead of reused; one idle longer than
+    ``check_after`` seconds is first passed to ``health_check`` (e.g. a ping), and
+    closed if that fails.
+
+    New connections go to the endpoints in order (``order`` may shuffle them per
+    attempt, as Postfix's mysql and pgsql clients do, UNIX sockets first). An
+    endpoint whose connect failed is *down*: it is passed over for a back-off that
+    starts at ``backoff_min`` and doubles up to ``backoff_max``, and the next endpoint
+    is tried (a *failover*). When every endpoint is down, a lookup fails at once
+    rather than wait; once a back-off has passed, one lookup at a time probes that
+    endpoint again, so a restarted server is used again within ``backoff_max``
+    seconds. The warning that an endpoint is down is logged once per outage, and its
+    return once.
+
+    A connection that failed in use (lost, timed out) is discarded by the caller;
+    ``suspect`` also closes the idle connections to that endpoint, which a restarted
+    server has broken too.
+
+    Figures for the live statistics: ``open``, ``in_use``, ``waiting``, ``size``,
+    ``connects``, ``failovers``.
+
+    Pools are bound to the event loop that first uses them; used from another loop
+    (tests run one loop per test) they start afresh.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+from proxymap.tables.base import DictRetry
+
+log = logging.getLogger("proxymap")
+
+C = TypeVar("C")  # a driver's connection object
+E = TypeVar("E")  # a driver's description of one server
+
+BACKOFF_MIN = 0.25
+BACKOFF_MAX = 2.0
+
+
+class PoolUnavailable(DictRetry):
+    """No connection could be had: every server down, or every connection busy."""
+
+
+@dataclass(eq=False)
+class EndpointState(Generic[E]):
+    """One server of the list and what the pool knows about it."""
+
+    endpoint: E
+    label: str
+    down_until: float = 0.0
+    backoff: float = 0.0
+    probing: bool = False
+    reason: str = ""
+
+    @property
+    def down(self) -> bool:
+        return self.backoff > 0
+
+
+@dataclass(eq=False)
+class Lease(Generic[C, E]):
+    """A connection lent to one request."""
+
+    connection: C
+    endpoint: EndpointState[E]
+    created: float = field(default_factory=time.monotonic)
+    last_used: float = field(default_factory=time.monotonic)
+
+
+class ConnectionPool(Generic[C, E]):
+    def __init__(
+        self,
+        name: str,
+        endpoints: Sequence[E],
+        connect: Callable[[E], Awaitable[C]],
+        close: Callable[[C], object],
+        *,
+        size: int = 8,
+        connect_timeout: float = 10.0,
+        idle_limit: float | None = None,
+        age_limit: float | None = None,
+        health_check: Callable[[C], Awaitable[bool]] | None = None,
+        check_after: float = 5.0,
+        backoff_min: float = BACKOFF_MIN,
+        backoff_max: float = BACKOFF_MAX,
+        order: Callable[[list[EndpointState[E]]], list[EndpointState[E]]] | None = None,
+        label: Callable[[E], str] = str,
+    ) -> None:
+        if not endpoints:
+            raise ValueError(f"{name}: no server to connect to")
+        self.name = name
+        self._states = [EndpointState(endpoint, label(endpoint)) for endpoint in endpoints]
+        self._connect = connect
+        self._close = close
+        self.size = max(1, size)
+        self.connect_timeout = connect_timeout
+        self.idle_limit = idle_limit
+        self.age_limit = age_limit
+        self.health_check = health_check
+        self.check_after = check_after
+        self.backoff_min = backoff_min
+        self.backoff_max = max(backoff_min, backoff_max)
+        self._order = order
+        self._idle: list[Lease[C, E]] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._slots: asyncio.Semaphore | None = None
+        self.in_use = 0
+        self.waiting = 0
+        self.connects = 0
+        self.failovers = 0
+
+    @property
+    def open(self) -> int:
+        return self.in_use + len(self._idle)
+
+    @property
+    def endpoints(self) -> list[EndpointState[E]]:
+        return list(self._states)
+
+    # --- lending ------------------------------------------------------------------------
+    @asynccontextmanager
+    async def connection(self, timeout: float | None = None) -> AsyncIterator[Lease[C, E]]:
+        """A connection for one request; discarded when the block raises."""
+        lease = await self.acquire(timeout)
+        try:
+            yield lease
+        except BaseException:
+            self.release(lease, reusable=False)
+            raise
+        self.release(lease, reusable=True)
+
+    async def acquire(self, timeout: float | None = None) -> Lease[C, E]:
+        slots = self._bind()
+        if slots.locked():
+            self.waiting += 1
+            try:
+                await asyncio.wait_for(slots.acquire(), timeout)
+            except TimeoutError:
+                raise PoolUnavailable(f"{self.name}: all {self.size} connections busy "
+                                      f"for {timeout:g}s") from None
+            finally:
+                self.waiting -= 1
+        else:
+            await slots.acquire()
+        try:
+            lease = await self._reuse() or await self._open()
+        except BaseException:
+            slots.release()
+            raise
+        self.in_use += 1
+        return lease
+
+    def release(self, lease: Lease[C, E], reusable: bool = True) -> None:
+        """Give a connection back; ``reusable=False`` closes it (it failed in use)."""
+        self.in_use -= 1
+        if reusable and self._slots is not None:
+            lease.last_used = time.monotonic()
+            self._idle.append(lease)
+        else:
+            self._dispose(lease)
+        if self._slots is not None and _running_loop() is self._loop:
+            self._slots.release()
+
+    def suspect(self, lease: Lease[C, E]) -> None:
+        """The connection failed in use: its idle siblings to that server go too."""
+        stale = [idle for idle in self._idle if idle.endpoint is lease.endpoint]
+        for idle in stale:
+            self._idle.remove(idle)
+            self._dispose(idle)
+
+    def discard_idle(self) -> None:
+        idle, self._idle = self._idle, []
+        for lease in idle:
+            self._dispose(lease)
+
+    close = discard_idle
+
+    # --- reuse --------------------------------------------------------------------------
+    async def _reuse(self) -> Lease[C, E] | None:
+        while self._idle:
+            lease = self._idle.pop()
+            now = time.monotonic()
+            if self._expired(lease, now):
+                self._dispose(lease)
+                continue
+            if (self.health_check is not None and now - lease.last_used > self.check_after
+                    and not await self._healthy(lease)):
+                self._dispose(lease)
+                continue
+            return lease
+        return None
+
+    def _expired(self, lease: Lease[C, E], now: float) -> bool:
+        if self.idle_limit is not None and now - lease.last_used > self.idle_limit:
+            return True
+        return self.age_limit is not None and now - lease.created > self.age_limit
+
+    async def _healthy(self, lease: Lease[C, E]) -> bool:
+        assert self.health_check is not None
+        try:
+            return bool(await asyncio.wait_for(self.health_check(lease.connection),
+                                               self.connect_timeout))
+        except Exception:  # noqa: BLE001 - any failure of the check means "not healthy"
+            return False
+
+    # --- new connections ----------------------------------------------------------------
+    async def _open(self) -> Lease[C, E]:
+        reasons = []
+        for attempt, state in enumerate(self._candidates()):
+            if attempt:
+                self.failovers += 1
+            state.probing = state.down
+            try:
+                connection = await asyncio.wait_for(self._connect(state.endpoint),
+                                                    self.connect_timeout)
+            except Exception as exc:  # noqa: BLE001 - OSError, timeout, a driver's own type
+                self._mark_down(state, _reason(exc))
+                reasons.append(f"{state.label}: {state.reason}")
+                continue
+            finally:
+                state.probing = False
+            self._mark_up(state)
+            self.connects += 1
+            return Lease(connection, state)
+        if not reasons:
+            reasons = [f"{s.label}: {s.reason}" for s in self._states]
+            raise PoolUnavailable(f"{self.name}: no server available ({'; '.join(reasons)})")
+        raise PoolUnavailable(f"{self.name}: cannot connect ({'; '.join(reasons)})")
+
+    def _candidates(self) -> list[EndpointState[E]]:
+        """Servers worth a connect now: up ones, and down ones whose back-off is over
+        and that no other lookup is probing."""
+        now = time.monotonic()
+        states = self._order(list(self._states)) if self._order else list(self._states)
+        return [s for s in states if not s.down or (now >= s.down_until and not s.probing)]
+
+    def _mark_down(self, state: EndpointState[E], reason: str) -> None:
+        if not state.down:
+            log.warning("%s: cannot connect to %s: %s", self.name, state.label, reason)
+        state.backoff = min(self.backoff_max, max(self.backoff_min, state.backoff * 2))
+        state.down_until = time.monotonic() + state.backoff
+        state.reason = reason
+
+    def _mark_up(self, state: EndpointState[E]) -> None:
+        if state.down:
+            log.info("%s: connected to %s again", self.name, state.label)
+        state.backoff = 0.0
+        state.down_until = 0.0
+        state.reason = ""
+
+    # --- plumbing -------------------------------------------------------------------------
+    def _bind(self) -> asyncio.Semaphore:
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop or self._slots is None:
+            idle, self._idle = self._idle, []
+            for lease in idle:  # they belong to a loop that is gone: close what closes
+                self._dispose(lease, schedule=False)
+            self.in_use = 0
+            self._loop = loop
+            self._slots = asyncio.Semaphore(self.size)
+        return self._slots
+
+    def _dispose(self, lease: Lease[C, E], schedule: bool = True) -> None:
+        try:
+            outcome = self._close(lease.connection)
+        except Exception:  # noqa: BLE001 - closing a broken connection may fail too
+            return
+        if not inspect.isawaitable(outcome):
+            return
+        if schedule and _running_loop() is not None:
+            asyncio.ensure_future(outcome).add_done_callback(_ignore_failure)
+        elif inspect.iscoroutine(outcome):
+            outcome.close()
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
+def _ignore_failure(task: asyncio.Future[object]) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):
+        return "timeout"
+    return str(exc) or exc.__class__.__name__

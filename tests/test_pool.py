@@ -1,0 +1,230 @@
+"""The connection pool against real loopback servers started by each test.
+
+Bound (never more than ``size`` connections, a full pool waits then fails), reuse,
+idle/age limits, the health check, failover in order, back-off and recovery of a
+restarted server, and one log line per outage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+
+import pytest
+
+from proxymap.tables.pool import ConnectionPool, PoolUnavailable
+from proxymap.tables.streams import Stream, close_stream, stream_opener
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class EchoServer:
+    """Answers each line with itself; counts the connections it accepted."""
+
+    def __init__(self, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.accepted = 0
+        self.open = 0
+        self.server: asyncio.base_events.Server | None = None
+        self.writers: set[asyncio.StreamWriter] = set()
+
+    @property
+    def endpoint(self) -> str:
+        return f"inet:127.0.0.1:{self.port}"
+
+    async def start(self) -> EchoServer:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
+        return self
+
+    async def stop(self) -> None:
+        assert self.server is not None
+        self.server.close()
+        for writer in self.writers:  # as a stopped server does (Python 3.11 keeps them)
+            writer.close()
+        await self.server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        self.accepted += 1
+        self.open += 1
+        self.writers.add(writer)
+        try:
+            while line := await reader.readline():
+                if line.startswith(b"sleep"):
+                    await asyncio.sleep(float(line.split()[1]))
+                writer.write(line)
+                await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            self.open -= 1
+            self.writers.discard(writer)
+            writer.close()
+
+
+def make_pool(endpoints: list[str], **options) -> ConnectionPool[Stream, str]:
+    options.setdefault("connect_timeout", 1.0)
+    return ConnectionPool("test:pool", endpoints, stream_opener(), close_stream, **options)
+
+
+async def ask(pool: ConnectionPool[Stream, str], line: bytes, timeout: float = 2.0) -> bytes:
+    async with pool.connection(timeout) as lease:
+        lease.connection.writer.write(line + b"\n")
+        return (await lease.connection.reader.readline()).rstrip(b"\n")
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 30))
+
+
+def test_connections_are_reused_and_never_more_than_size():
+    async def scenario():
+        server = await EchoServer().start()
+        pool = make_pool([server.endpoint], size=3)
+        peak = 0
+
+        async def one(n: int) -> bytes:
+            nonlocal peak
+            answer = await ask(pool, b"sleep 0.02 %d" % n)
+            peak = max(peak, pool.open)
+            return answer
+
+        answers = await asyncio.gather(*(one(n) for n in range(30)))
+        assert answers == [b"sleep 0.02 %d" % n for n in range(30)]
+        assert server.accepted == 3 and peak == 3 and pool.open == 3 and pool.in_use == 0
+        assert pool.connects == 3
+        pool.close()
+        await server.stop()
+
+    run(scenario())
+
+
+def test_a_full_pool_waits_then_fails_with_retry():
+    async def scenario():
+        server = await EchoServer().start()
+        pool = make_pool([server.endpoint], size=1)
+        slow = asyncio.create_task(ask(pool, b"sleep 0.5"))
+        await asyncio.sleep(0.05)
+        assert pool.in_use == 1
+        with pytest.raises(PoolUnavailable, match="busy"):
+            await ask(pool, b"quick", timeout=0.1)
+        assert await slow == b"sleep 0.5"
+        assert await ask(pool, b"after") == b"after"  # the waiter left no slot behind
+        assert server.accepted == 1
+        pool.close()
+        await server.stop()
+
+    run(scenario())
+
+
+def test_idle_and_age_limits_and_the_health_check():
+    async def scenario():
+        server = await EchoServer().start()
+        checks: list[Stream] = []
+
+        async def healthy(stream: Stream) -> bool:
+            checks.append(stream)
+            return not stream.reader.at_eof()
+
+        pool = make_pool([server.endpoint], idle_limit=0.2, health_check=healthy,
+                         check_after=0.05)
+        await ask(pool, b"a")
+        await ask(pool, b"b")  # reused at once: no check
+        assert server.accepted == 1 and not checks
+        await asyncio.sleep(0.1)
+        await ask(pool, b"c")  # idle past check_after: checked, reused
+        assert server.accepted == 1 and len(checks) == 1
+        await asyncio.sleep(0.3)
+        await ask(pool, b"d")  # idle past idle_limit: replaced
+        assert server.accepted == 2
+
+        aged = make_pool([server.endpoint], age_limit=0.1)
+        await ask(aged, b"x")
+        await asyncio.sleep(0.15)
+        await ask(aged, b"y")
+        assert server.accepted == 4
+        pool.close()
+        aged.close()
+        await server.stop()
+
+    run(scenario())
+
+
+def test_failover_in_order_and_one_warning_per_outage(caplog):
+    async def scenario():
+        dead = free_port()
+        second = await EchoServer().start()
+        pool = make_pool([f"inet:127.0.0.1:{dead}", second.endpoint], size=2)
+        with caplog.at_level(logging.WARNING, "proxymap"):
+            assert await ask(pool, b"one") == b"one"
+            pool.close()  # force new connections: the dead one stays in back-off
+            for n in range(5):
+                assert await ask(pool, b"%d" % n) == b"%d" % n
+                pool.close()
+        warnings = [r for r in caplog.records if f"127.0.0.1:{dead}" in r.getMessage()]
+        assert len(warnings) == 1 and "cannot connect" in warnings[0].getMessage()
+        assert pool.failovers >= 1
+        await second.stop()
+
+    run(scenario())
+
+
+def test_all_down_fails_fast_then_a_restarted_server_is_used_again():
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        server = await EchoServer().start()
+        pool = make_pool([server.endpoint], backoff_min=0.1, backoff_max=0.4)
+        assert await ask(pool, b"up") == b"up"
+        await server.stop()
+        pool.close()  # the idle connection died with the server
+        started = loop.time()
+        with pytest.raises(PoolUnavailable, match="cannot connect"):
+            await ask(pool, b"down")  # connect refused: the endpoint is down
+        with pytest.raises(PoolUnavailable, match="no server available"):
+            await ask(pool, b"backoff")  # inside the back-off: no connect at all
+        assert loop.time() - started < 0.1
+        restarted = await EchoServer(server.port).start()
+        while True:
+            try:
+                assert await ask(pool, b"again") == b"again"
+                break
+            except PoolUnavailable:
+                await asyncio.sleep(0.05)
+        assert loop.time() - started < 1.0  # within backoff_max of the restart
+        pool.close()
+        await restarted.stop()
+
+    run(scenario())
+
+
+def test_suspect_drops_the_idle_siblings():
+    async def scenario():
+        server = await EchoServer().start()
+        pool = make_pool([server.endpoint], size=3)
+        await asyncio.gather(*(ask(pool, b"sleep 0.05") for _ in range(3)))
+        assert pool.open == 3
+        lease = await pool.acquire()
+        pool.release(lease, reusable=False)
+        pool.suspect(lease)
+        assert pool.open == 0
+        pool.close()
+        await server.stop()
+
+    run(scenario())
+
+
+def test_a_new_event_loop_starts_the_pool_afresh():
+    server_port = free_port()
+    pool = make_pool([f"inet:127.0.0.1:{server_port}"], size=1)
+
+    async def once():
+        server = await EchoServer(server_port).start()
+        assert await ask(pool, b"x") == b"x"
+        await server.stop()
+
+    run(once())
+    run(once())  # the first loop's idle connection is not handed to the second
