@@ -7,10 +7,11 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 CONF   ?= $(CURDIR)/conf
 
-# Debian packages the Python bindings compile against (Berkeley DB 5.3 for hash:/btree:), and
-# the C libraries loaded at run time (PCRE2 for pcre:, glibc's regcomp for regexp:).
+# Debian packages the Python bindings compile against (Berkeley DB 5.3 for hash:/btree:,
+# OpenLDAP and SASL for python-ldap), and the C libraries loaded at run time (PCRE2 for
+# pcre:, glibc's regcomp for regexp:).
 # Installed only when missing and only when running as root.
-SYSTEM_BUILD_DEPS := libdb5.3-dev libpcre2-8-0 python3-venv python3-dev gcc
+SYSTEM_BUILD_DEPS := libdb5.3-dev libldap-dev libsasl2-dev libpcre2-8-0 python3-venv python3-dev gcc
 
 .PHONY: all deps venv install run test lint bench clean
 
@@ -34,7 +35,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	# compat: the checkout goes on sys.path through a plain .pth line. The default editable
 	# mode installs an import hook that every worker would load at start (pathlib, re,
 	# urllib...): 13 ms and 2 MB per process for nothing.
-	$(PIP) install -q -e '.[tables,fast,test]' --config-settings editable_mode=compat
+	$(PIP) install -q -e '.[tables,databases,fast,test]' --config-settings editable_mode=compat
 	touch $@
 
 venv install: $(VENV)/.installed

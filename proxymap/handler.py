@@ -78,7 +78,7 @@ import asyncio
 import logging
 import os
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from proxymap import flags as F
 from proxymap.protocol import (
@@ -180,6 +180,7 @@ class RequestHandler:
         self.utf8_enabled = parse_bool(params, "smtputf8_enable", True)
         self.context = OpenContext(params=params, open_table=self.open_nested,
                                    utf8_enabled=self.utf8_enabled)
+        self.legacy_context = replace(self.context, legacy_client=True)
         self._routes: dict[tuple[str, int, int], Instance | Refusal] = {}
         #: Filled by the connection: request bytes before the key -> compiled lookup
         #: (None: that request shape takes the general path).
@@ -215,7 +216,7 @@ class RequestHandler:
             registered = f"{canonical}({self.open_mode:o},{F.flag_names(instance_flags)})"
         else:
             flags = (instance_flags | _G1_OPEN_EXTRA) & ~_SANITISED
-            table = open_table(canonical, self.open_mode, flags, self.context)
+            table = open_table(canonical, self.open_mode, flags, self.legacy_context)
             fresh = table.flags
             open_reply = fresh & ~F.RQST_MASK & ~F.SURROGATE
             registered = f"{canonical}:{F.flag_names(instance_flags)}"

@@ -47,6 +47,11 @@ TABLE_TYPES: dict[str, str] = {
     "randmap": "proxymap.tables.randmap:RandmapTable",
     "tcp": "proxymap.tables.tcp:TcpTable",
     "socketmap": "proxymap.tables.socketmap:SocketmapTable",
+    "mysql": "proxymap.tables.mysql:MysqlTable",
+    "pgsql": "proxymap.tables.pgsql:PgsqlTable",
+    "sqlite": "proxymap.tables.sqlite:SqliteTable",
+    "ldap": "proxymap.tables.ldap:LdapTable",
+    "memcache": "proxymap.tables.memcache:MemcacheTable",
 }
 
 

@@ -99,6 +99,10 @@ class OpenContext:
     params: Mapping[str, str] = field(default_factory=dict)
     open_table: Callable[[str, int, int], Table] | None = None
     utf8_enabled: bool = True
+    # The instance serves a 3.7-3.10 client (G1). Where Postfix's defaults changed
+    # after 3.7 (pgsql's client encoding), a table follows the direct lookup of the
+    # client generation it serves: the 3.7 default for these, the current one else.
+    legacy_client: bool = False
 
 
 class Table:

@@ -318,3 +318,30 @@ def _reason(exc: BaseException) -> str:
     if isinstance(exc, TimeoutError):
         return "timeout"
     return str(exc) or exc.__class__.__name__
+
+
+class OutageLog:
+    """One warning when something starts failing, one line when it works again.
+
+    For failures the pool does not see (a query error on a good connection, a server
+    that answers with errors): a table calls ``failed`` on every failure and ``ok`` on
+    every success; only the transitions are logged, so an outage is one line, not one
+    per lookup.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.failing = False
+        self.failures = 0
+
+    def failed(self, reason: str) -> None:
+        self.failures += 1
+        if not self.failing:
+            self.failing = True
+            log.warning("%s: %s", self.name, reason)
+
+    def ok(self) -> None:
+        if self.failing:
+            self.failing = False
+            log.info("%s: lookups succeed again after %d failed", self.name, self.failures)
+            self.failures = 0
