@@ -241,7 +241,58 @@ def format_status(state: dict) -> str:
             lines.append(f"    {worker['pid']:>8} {worker['generation']:>4} "
                          f"{worker['state']:<9} {worker['uses']:>5} "
                          f"{_duration(worker['age']):>8}")
+        lines += _format_bounds(service)
     return "\n".join(lines)
+
+
+def _format_bounds(service: dict) -> list[str]:
+    bounds = service.get("connection_bounds")
+    if not bounds:
+        return []
+    per_worker = sum(bound["per_worker"] for bound in bounds)
+    maxproc = service["maxproc"]
+    most = f"{maxproc} x {per_worker} = {maxproc * per_worker}" if maxproc else "unlimited"
+    lines = [f"    backend connections: at most {per_worker} per worker, {most} in all; "
+             f"now at most {service['total']} x {per_worker} = {service['total'] * per_worker}"]
+    lines += [f"      {bound['per_worker']:>4}  {bound['table']}" for bound in bounds]
+    return lines
+
+
+def _connection_bounds(path: str, service: str, config_dir: str) -> list[dict]:
+    """What one worker of the service may open per table (its ``connections-`` report).
+
+    The worker knows its table types; the master only prints what it says. A program
+    without that report (the C proxymap) gives none.
+    """
+    env = {"MAIL_CONFIG": config_dir, "LANG": "C"}
+    try:
+        done = subprocess.run([path, "-S", "-n", f"connections-{service}"],
+                              stdin=subprocess.DEVNULL, capture_output=True, env=env,
+                              timeout=EXPORT_TIMEOUT, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    if done.returncode != 0:
+        return []
+    bounds = []
+    for line in done.stdout.decode(errors="replace").splitlines():
+        table, _, limit = line.rpartition("\t")
+        if table and limit.isdigit():
+            bounds.append({"table": table, "per_worker": int(limit)})
+    return bounds
+
+
+def _add_connection_bounds(state: dict) -> None:
+    config_dir = state["config_directory"]
+    try:
+        main_cf, entries = load_configuration(config_dir)
+    except ArbiterError:
+        return
+    daemon_directory = main_cf.get("daemon_directory") or "/usr/lib/postfix/sbin"
+    paths = {entry.name: entry.executable(daemon_directory) for entry in entries}
+    for service in state["services"]:
+        name = service["service"]
+        if name in ("proxymap", "proxywrite") and name in paths:
+            service["connection_bounds"] = _connection_bounds(paths[name], name, config_dir)
 
 
 def _duration(seconds: float) -> str:
@@ -262,6 +313,7 @@ def status(ctx: click.Context, as_json: bool) -> None:
         state = query(control_path(queue_directory))
     except (OSError, ValueError) as err:
         fail(f"no answer on {control_path(queue_directory)}: {err}")
+    _add_connection_bounds(state)
     click.echo(json.dumps(state, indent=2) if as_json else format_status(state))
 
 

@@ -7,6 +7,7 @@ SYNOPSIS
     proxymap [generic Postfix daemon options]          (started by master(8))
     proxymap -S [-n proxymap|proxywrite]  < request   (one request on stdin/stdout)
     proxymap -S -n export-proxy-proxymap < /dev/null  (list the approved tables)
+    proxymap -S -n connections-proxymap < /dev/null   (their connection bounds)
 
 DESCRIPTION
     The service name (``-n``, else the program's basename) selects the mode:
@@ -15,7 +16,10 @@ DESCRIPTION
     in ``proxy_write_maps``. Any other name is fatal, as is any argument after the
     options. With the 3.11+ prefixes
     ``export-proxy-`` or ``export-all-`` the approved tables are printed, sorted
-    bytewise, and the process exits 0 without serving.
+    bytewise, and the process exits 0 without serving. With ``connections-`` each
+    approved table that opens network connections is printed with the most one worker
+    opens for it (``TABLE<TAB>LIMIT``; a composite counts its members): what
+    ``proxymap-master status`` multiplies by the process limit.
 
     Hooks, in the skeleton's order (``master.service``):
 
@@ -68,6 +72,7 @@ from proxymap.protocol import (
 )
 from proxymap.tables import TABLE_TYPES, table_class
 from proxymap.tables.base import DictOpenError
+from proxymap.tables.pool import connection_limit
 
 if TYPE_CHECKING:
     from master.multi_server import MultiServer
@@ -76,6 +81,7 @@ log = logging.getLogger("proxymap")
 
 READER, WRITER = "proxymap", "proxywrite"
 EXPORT_PREFIXES = (("export-proxy-", False), ("export-all-", True))
+CONNECTIONS_PREFIX = "connections-"
 
 
 class ServiceNameError(ValueError):
@@ -112,14 +118,22 @@ class ProxymapService:
 
     # --- skeleton hooks ----------------------------------------------------------------------
     def pre_init(self, server: MultiServer) -> None:
+        report_connections = server.service_name.startswith(CONNECTIONS_PREFIX)
+        service_name = server.service_name.removeprefix(CONNECTIONS_PREFIX)
         try:
-            self.service_name, export = parse_service_name(server.service_name)
+            self.service_name, export = parse_service_name(service_name)
         except ServiceNameError as exc:
             fatal("%s", exc, logger="proxymap")
         arguments = getattr(getattr(server, "options", None), "arguments", None)
         if arguments:
             fatal("unexpected command-line argument: %s", arguments[0], logger="proxymap")
         approved = approved_tables(server.config, self.service_name, export_all=bool(export))
+        if report_connections:
+            for name, limit in connection_bounds(approved, server.config):
+                sys.stdout.write(f"{name}\t{limit}\n")
+            sys.stdout.flush()
+            server.exit(0)
+            raise SystemExit(0)
         if export is not None:
             out = sys.stdout
             for name in sorted_bytewise(set(approved)):
@@ -165,6 +179,18 @@ class ProxymapService:
 
 
 _TYPE_REFERENCE = re.compile(r"([A-Za-z0-9_]+):")
+
+
+def connection_bounds(approved, params) -> list[tuple[str, int]]:
+    """(table, most connections one worker opens for it), for tables that open any."""
+    bounds = []
+    for name in sorted_bytewise(set(approved)):
+        limits = [connection_limit(match.group(1), params)
+                  for match in _TYPE_REFERENCE.finditer(name)]
+        total = sum(limit for limit in limits if limit)
+        if total:
+            bounds.append((name, total))
+    return bounds
 
 
 def preload_table_modules(approved) -> None:

@@ -773,6 +773,26 @@ def test_our_worker_under_our_master(instance_factory):
     assert "warning" not in pf.log(), pf.log()
 
 
+def test_status_prints_the_backend_connection_bound(instance_factory):
+    """The most database connections the site can open: workers x the per-table limit."""
+    worker = VENV_BIN / "proxymap"
+    pf = instance_factory("proxymap unix - - n - 5 pyproxymap\n",
+                          "pyproxymap_prefork = 1\n"
+                          "pyproxymap_mysql_connections = 3\n")
+    pf.write_main_cf("pyproxymap_prefork = 1\npyproxymap_mysql_connections = 3\n"
+                     f"proxy_read_maps = proxy:{pf.table} proxy:mysql:/etc/none.cf"
+                     " proxy:pgsql:/etc/none.cf\n")
+    (pf.daemon / "pyproxymap").symlink_to(worker)
+    pf.start()
+    wait_until(lambda: len(pf.workers("proxymap")) == 1)
+    shown = pf.cli("status").stdout
+    assert "backend connections: at most 11 per worker, 5 x 11 = 55 in all" in shown, shown
+    assert "   3  mysql:/etc/none.cf" in shown and "   8  pgsql:/etc/none.cf" in shown
+    bounds = json.loads(pf.cli("status", "--json").stdout)["services"][0]["connection_bounds"]
+    assert bounds == [{"table": "mysql:/etc/none.cf", "per_worker": 3},
+                      {"table": "pgsql:/etc/none.cf", "per_worker": 8}]
+
+
 def test_pid_file_lock_excludes_the_real_master_both_ways(instance_factory):
     """Same lock as Postfix on pid/master.pid: never two masters on one queue directory."""
     pf = instance_factory("proxymap unix - - n - - proxymap\n", "pyproxymap_prefork = 1\n")

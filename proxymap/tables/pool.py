@@ -47,10 +47,9 @@ DESCRIPTION
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
@@ -64,6 +63,34 @@ E = TypeVar("E")  # a driver's description of one server
 
 BACKOFF_MIN = 0.25
 BACKOFF_MAX = 2.0
+
+# Per type: the main.cf setting that bounds one table's connections in one worker, and
+# its default. The drivers read their limit through connection_limit(); the worker's
+# "connections-" report (proxymap -S) and so `proxymap-master status` use the same.
+CONNECTION_SETTINGS: dict[str, tuple[str, int]] = {
+    "mysql": ("pyproxymap_mysql_connections", 8),
+    "pgsql": ("pyproxymap_pgsql_connections", 8),
+    "ldap": ("pyproxymap_ldap_connections", 2),
+    "memcache": ("pyproxymap_memcache_connections", 8),
+    "tcp": ("pyproxymap_tcp_connections", 16),
+    "socketmap": ("pyproxymap_socketmap_connections", 16),
+}
+
+
+def connection_limit(dict_type: str, params: Mapping[str, str] | None) -> int | None:
+    """The per-table, per-worker connection bound of a type (None: it opens none)."""
+    setting = CONNECTION_SETTINGS.get(dict_type)
+    if setting is None:
+        return None
+    name, default = setting
+    text = params.get(name) if params else None
+    if text is None:
+        return default
+    try:
+        return max(1, int(text))
+    except ValueError:
+        log.warning('%s: bad numerical value "%s", using %d', name, text, default)
+        return default
 
 
 class PoolUnavailable(DictRetry):
@@ -294,11 +321,11 @@ class ConnectionPool(Generic[C, E]):
             outcome = self._close(lease.connection)
         except Exception:  # noqa: BLE001 - closing a broken connection may fail too
             return
-        if not inspect.isawaitable(outcome):
+        if not hasattr(outcome, "__await__"):  # a driver whose close() is a coroutine
             return
         if schedule and _running_loop() is not None:
             asyncio.ensure_future(outcome).add_done_callback(_ignore_failure)
-        elif inspect.iscoroutine(outcome):
+        elif asyncio.iscoroutine(outcome):
             outcome.close()
 
 

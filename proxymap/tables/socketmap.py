@@ -38,7 +38,7 @@ from proxymap.tables.base import (
     OpenContext,
     require_network_open,
 )
-from proxymap.tables.pool import ConnectionPool
+from proxymap.tables.pool import ConnectionPool, connection_limit
 from proxymap.tables.streams import (
     Stream,
     check_endpoint,
@@ -133,7 +133,7 @@ class SocketmapTable(AsyncTable):
         self.endpoint = endpoint
         self.map_name = map_name.encode("utf-8", "surrogateescape")
         self.timeout = param_number(ctx, "pyproxymap_socketmap_timeout", 100.0)
-        size = int(param_number(ctx, "pyproxymap_socketmap_connections", 16))
+        size = connection_limit("socketmap", ctx.params if ctx else None) or 16
         pool = _POOLS.get(endpoint)
         if pool is None:
             pool = _POOLS[endpoint] = ConnectionPool(

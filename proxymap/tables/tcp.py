@@ -39,7 +39,7 @@ from proxymap.tables.base import (
     OpenContext,
     require_network_open,
 )
-from proxymap.tables.pool import ConnectionPool, PoolUnavailable
+from proxymap.tables.pool import ConnectionPool, PoolUnavailable, connection_limit
 from proxymap.tables.streams import (
     Stream,
     close_stream,
@@ -116,7 +116,7 @@ class TcpTable(AsyncTable):
         self.timeout = param_number(ctx, "pyproxymap_tcp_timeout", 100.0)
         self.max_tries = max(1, int(param_number(ctx, "pyproxymap_tcp_max_tries", 10)))
         self.retry_delay = param_number(ctx, "pyproxymap_tcp_retry_delay", 1.0)
-        size = int(param_number(ctx, "pyproxymap_tcp_connections", 16))
+        size = connection_limit("tcp", ctx.params if ctx else None) or 16
         # Postfix sleeps retry_delay between attempts: the pool's back-off is no longer.
         self.pool: ConnectionPool[Stream, str] = ConnectionPool(
             self.spec, [name], stream_opener(_STREAM_LIMIT), close_stream, size=size,
