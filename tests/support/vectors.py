@@ -1,7 +1,7 @@
-"""The shared differential test vectors, loaded and made usable on this machine.
+"""The differential test vectors, loaded and made usable on this machine.
 
 NAME
-    vectors -- read ../shared/spec/vectors/*.tsv and build their tables with the real postmap
+    vectors -- read tests/vectors/*.tsv and build their tables with the real postmap
 
 SYNOPSIS
     rows = load_vectors()
@@ -10,17 +10,16 @@ SYNOPSIS
     maps = proxy_read_maps_for(rows, workdir)
 
 DESCRIPTION
-    The vectors were recorded with Postfix 3.7.11 (see TABLES.md section 8): every row is
-    the outcome of ``postmap -q KEY MAP`` directly, and of ``postmap -q KEY proxy:MAP``
-    through the C proxymap. Map specs name their files relative to the vectors
-    directory; ``build_vector_tables`` copies that directory, fills ``@VECTORS@`` in the
-    ``*.cf`` files, and builds the indexed files (hash, btree, lmdb, cdb) with the real
-    postmap, so lookups here see byte-identical tables.
-
-    Only data files are taken from the shared directory; no shared code is imported.
-
-ENVIRONMENT
-    PYPROXYMAP_SHARED   the shared/ directory (default: <repository>/../shared)
+    The vectors were recorded with the real Postfix 3.7.11 (see TABLES.md section 8 of
+    the project's spec): every row is the outcome of ``postmap -q KEY MAP`` directly, and
+    of ``postmap -q KEY proxy:MAP`` through the C proxymap. The recorded data files were
+    copied from the project's spec into ``tests/vectors/`` (see its README.md); the tests
+    read only that copy. Map specs name their files relative to the vectors directory;
+    ``build_vector_tables`` copies that directory, fills ``@VECTORS@`` in the ``*.cf``
+    files, writes ``test.sqlite`` for the ``sqlite-*.cf`` configurations, and builds the
+    indexed files (hash, btree, lmdb, cdb) with the real postmap, so lookups here see
+    byte-identical tables. ``fake_servers`` runs the fake tcp/socketmap/memcache backends
+    the network rows talk to (tests/support/fake_vector_servers.py).
 """
 
 from __future__ import annotations
@@ -30,16 +29,18 @@ import os
 import re
 import shutil
 import socket
+import sqlite3
 import subprocess
-import sys
-import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from tests.support.fake_vector_servers import PORTS as FAKE_SERVER_PORTS
+from tests.support.fake_vector_servers import FakeVectorServers
 from tests.support.postfix import postmap_path, settle_files
 
 REPOSITORY = Path(__file__).resolve().parents[2]
+VECTORS_DIR = REPOSITORY / "tests" / "vectors"
 
 # Types whose name part is a file; relative names are relative to the vectors dir.
 FILE_TYPES = "hash|btree|lmdb|cdb|dbm|sdbm|texthash|regexp|pcre|cidr|sqlite|memcache|mysql|pgsql|ldap"
@@ -63,13 +64,20 @@ NETWORK_TYPES = frozenset({"tcp", "socketmap", "memcache", "mysql", "pgsql", "ld
 _ESCAPES = {"\\": "\\", "t": "\t", "n": "\n", "r": "\r"}
 
 
+def vectors_dir() -> Path:
+    """The recorded vectors, in the repository (tests/vectors)."""
+    return VECTORS_DIR
+
+
 def shared_dir() -> Path:
+    """The project's shared/ directory beside the repository, for tests/bench/run.py ONLY.
+
+    The benchmark still compiles pmload.c and runs slow_socketmap.py from
+    ../shared/bench (override: PYPROXYMAP_SHARED). No test calls this: tests read only
+    what is in the repository. Remove it once the bench no longer imports it.
+    """
     override = os.environ.get("PYPROXYMAP_SHARED")
     return Path(override) if override else REPOSITORY.parent / "shared"
-
-
-def vectors_dir() -> Path:
-    return shared_dir() / "spec" / "vectors"
 
 
 def unescape(field: str) -> str:
@@ -193,12 +201,7 @@ def build_vector_tables(workdir: str | os.PathLike) -> Path:
         path.chmod(0o755 if path.is_dir() else 0o644)
     for cf in work.glob("*.cf"):
         cf.write_text(cf.read_text().replace("@VECTORS@", str(work)))
-    # test.sqlite: the data generator ships with the vectors; run the copy, not import it.
-    subprocess.run(
-        [sys.executable, str(work / "make_sqlite.py"), str(work)],
-        check=True,
-        stdout=subprocess.DEVNULL,
-    )
+    build_sqlite(work / "test.sqlite")
     for spec in INDEXED_TABLES:
         table_type, name = spec.split(":")
         subprocess.run(
@@ -210,6 +213,37 @@ def build_vector_tables(workdir: str | os.PathLike) -> Path:
         path.chmod(0o644)
     settle_files(work)
     return work
+
+
+# test.sqlite, which the sqlite-*.cf vectors query: one table, the rows the recording had.
+SQLITE_SCHEMA = "CREATE TABLE aliases (addr TEXT, dest TEXT, extra TEXT)"
+SQLITE_ALIASES = (
+    # addr                      dest                        extra
+    ("alice@example.com",        "alice@mail.example.com",  "x1"),
+    ("multi@example.com",        "first@example.net",       "x2"),
+    ("multi@example.com",        "second@example.net",      "x3"),
+    ("multi@example.com",        "third@example.net",       "x4"),
+    ("nullval@example.com",      None,                      "x5"),   # SQL NULL
+    ("emptyval@example.com",     "",                        "x6"),
+    ("o'brien@example.com",      "quote-ok@example.com",    "x7"),
+    ("Mixed@Example.com",        "mixed-case-row",          "x8"),
+    ("mixed@example.com",        "lower-case-row",          "x9"),
+    ("nodomain",                 "bare-user",               "x10"),
+    ("bob",                      "unqualified-result",      "x11"),
+    ("%",                        "percent-row",             "x12"),
+    ("\u00fcn\u00ef@example.com", "utf8-row",                "x13"),  # ünï
+)
+
+
+def build_sqlite(path: str | os.PathLike) -> Path:
+    """Write the vectors' sqlite database at PATH (replacing any old one)."""
+    database = Path(path)
+    database.unlink(missing_ok=True)
+    with contextlib.closing(sqlite3.connect(database)) as connection, connection:
+        connection.execute(SQLITE_SCHEMA)
+        connection.executemany("INSERT INTO aliases VALUES (?, ?, ?)", SQLITE_ALIASES)
+    database.chmod(0o644)
+    return database
 
 
 def proxy_read_maps_for(maps_or_rows: Iterable[VectorRow | str], workdir: str | os.PathLike) -> str:
@@ -296,8 +330,6 @@ if __name__ == "__main__":
 # The vectors' fake network servers (tcp :19601, socketmap :19602, memcache :19603)
 # ---------------------------------------------------------------------------
 
-FAKE_SERVER_PORTS = (19601, 19602)
-
 
 def _port_open(port: int) -> bool:
     with socket.socket() as probe:
@@ -307,20 +339,12 @@ def _port_open(port: int) -> bool:
 
 @contextlib.contextmanager
 def fake_servers(log_dir: str | os.PathLike) -> Iterator[None]:
-    """Run the shared ``fakeservers.py`` unless something already listens on its ports."""
+    """Run our fake tcp/socketmap/memcache servers unless something already listens there.
+
+    Requests are logged to LOG_DIR/wire.log. The fakes live in this process (a thread).
+    """
     if all(_port_open(port) for port in FAKE_SERVER_PORTS):
         yield
         return
-    env = dict(os.environ, WIRE_LOG=str(Path(log_dir) / "wire.log"))
-    process = subprocess.Popen([sys.executable, str(vectors_dir() / "fakeservers.py")],
-                               env=env, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 10
-        while not all(_port_open(port) for port in FAKE_SERVER_PORTS):
-            if time.monotonic() > deadline or process.poll() is not None:
-                raise RuntimeError("fakeservers.py did not start")
-            time.sleep(0.05)
+    with FakeVectorServers(wire_log=Path(log_dir) / "wire.log"):
         yield
-    finally:
-        process.terminate()
-        process.wait(5)
