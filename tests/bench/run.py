@@ -7,14 +7,16 @@ SYNOPSIS
     python -m tests.bench.run [--quick] [--tables hash,lmdb,...] [--conns 1,16,256]
                               [--seconds S] [--repeat N] [--v311] [--only c|ours]
                               [--ours PATH] [--results DIR] [--slow-ms MS]
-                              [--slow-conns N] [--scale IDLE]
+                              [--slow-conns N] [--db-conns 1,16] [--db-pool N]
+                              [--scale IDLE]
 
 DESCRIPTION
     Two private Postfix instances (tests.support.postfix.PrivatePostfix) serve the same
     tables: one spawns the installed C proxymap, the other our worker. The load
-    generator is ../shared/bench/pmload.c (compiled once into a cache directory): a
-    closed loop of CONNS connections, one request outstanding per connection, with the
-    flags `postmap -q` sends.
+    generator is pmload.c (a copy of ../shared/bench/pmload.c beside this file,
+    compiled once into a cache directory): a closed loop of CONNS connections, one
+    request outstanding per connection, with the flags `postmap -q` sends. Nothing
+    outside the repository is read at run time.
 
     Each table gets a fresh pair of instances (started before its first run, stopped
     after its last), so that no table inherits the worker processes an earlier table's
@@ -38,9 +40,22 @@ DESCRIPTION
     no worker is recycled during a run. A table type our worker cannot serve yet (the
     probe lookup does not answer OK) is reported as n/a.
 
-    Table kind ``socketmap`` is a remote backend (../shared/bench/slow_socketmap.py)
+    Table kind ``socketmap`` is a remote backend (slow_socketmap.py beside this file)
     that answers after --slow-ms milliseconds, measured at --slow-conns connections: the
     C proxymap serialises lookups in each process, ours overlaps them.
+
+    Database table kinds (databases.py): ``mysql-5ms`` and ``pgsql-5ms`` (a query that
+    takes 5 ms, hit or miss, measured at --slow-conns connections), ``mysql``, ``pgsql``
+    and ``ldap`` (the server's own cost, at --db-conns connections), on a private
+    MariaDB, PostgreSQL and slapd each holding 10 000 entries; one key in five misses.
+    Each side uses its own database user (one slapd per side), and during every run
+    the server is asked four times how many connections that side holds: the report
+    gives the most it saw, per side, beside our bound (our workers at that moment x
+    pyproxymap_<type>_connections, the type's default unless --db-pool N sets it in
+    our main.cf) and whether the issue's targets are met (5 ms @ 32: ours >= 5x the C
+    lookups/s with p99 <= 15 ms; without the sleep: ours not slower than C). The warm-up
+    of a database table runs at its largest connection count, so that both sides have
+    their connections and workers before the first measured run.
 
     --scale IDLE holds IDLE connections open to our server (raising RLIMIT_NOFILE, which
     the workers inherit) and compares 256 active connections' p99 with and without them.
@@ -67,9 +82,18 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from proxymap.tables.pool import connection_limit
+from tests.bench.databases import (
+    DATABASE_KINDS,
+    ConnectionWatch,
+    DatabaseBackends,
+    dict_type,
+    is_database_kind,
+)
 from tests.support.postfix import (
     C_PROXYMAP,
     PrivatePostfix,
@@ -82,11 +106,15 @@ from tests.support.postfix import (
     settle_files,
     stop_system_postfix,
 )
-from tests.support.vectors import shared_dir
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-ALL_TABLES = ("hash", "lmdb", "texthash", "pcre", "cidr", "unix", "socketmap")
-SLOW_BACKEND = shared_dir() / "bench" / "slow_socketmap.py"
+LOCAL_TABLES = ("hash", "lmdb", "texthash", "pcre", "cidr", "unix", "socketmap")
+ALL_TABLES = LOCAL_TABLES + DATABASE_KINDS
+BENCH_DIR = Path(__file__).resolve().parent
+# The load generator and the slow backend live here (copies of ../shared/bench): the
+# benchmark reads nothing outside the repository at run time.
+PMLOAD_SOURCE = BENCH_DIR / "pmload.c"
+SLOW_BACKEND = BENCH_DIR / "slow_socketmap.py"
 TICKS_PER_SECOND = os.sysconf("SC_CLK_TCK")
 IMPLEMENTATIONS = ("c", "ours")
 
@@ -109,7 +137,7 @@ def cache_dir() -> Path:
 
 def build_pmload() -> Path:
     """Compile pmload.c with gcc -O2 once per source version."""
-    source = shared_dir() / "bench" / "pmload.c"
+    source = PMLOAD_SOURCE
     digest = hashlib.sha256(source.read_bytes()).hexdigest()[:12]
     binary = cache_dir() / f"pmload-{digest}"
     if not binary.exists():
@@ -136,17 +164,26 @@ class LoadResult:
 
 def run_pmload(
     pmload: Path, socket_path: Path, table: str, conns: int, seconds: float, keyfile: Path,
-    v311: bool,
+    v311: bool, watch: ConnectionWatch | None = None,
 ) -> LoadResult:
+    """One closed-loop run; WATCH (if any) samples the database server meanwhile."""
     command = [str(pmload), str(socket_path), table, str(conns), str(seconds), str(keyfile)]
     if v311:
         command.append("--v311")
+    began = time.monotonic()
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 30)
+        if watch is not None:
+            watch.during(began, seconds)
+        stdout, stderr = process.communicate(timeout=max(1.0, began + seconds + 30
+                                                         - time.monotonic()))
     except subprocess.TimeoutExpired:
+        process.kill()
+        process.communicate()
         return LoadResult(exit=-1, error="pmload timed out (server hung)")
-    result = LoadResult(exit=done.returncode, error=done.stderr.strip())
-    for item in done.stdout.split():
+    result = LoadResult(exit=process.returncode, error=stderr.strip())
+    for item in stdout.split():
         name, _, value = item.partition("=")
         if name in ("requests", "ok", "nokey", "other"):
             setattr(result, name, int(value))
@@ -166,9 +203,19 @@ class BenchTable:
     spec: str  # table name as the client sends it (without proxy:)
     keyfile: Path
     probe_key: str
+    # Database tables: a .cf per implementation (each its own database user) and the
+    # server-side connection count of an implementation.
+    specs: dict[str, str] = field(default_factory=dict)
+    count_connections: Callable[[str], int] | None = None
+
+    def spec_for(self, impl: str) -> str:
+        return self.specs.get(impl, self.spec)
 
 
-def build_tables(directory: Path, kinds: list[str], slow_port: int = 0) -> dict[str, BenchTable]:
+def build_tables(
+    directory: Path, kinds: list[str], slow_port: int = 0,
+    backends: DatabaseBackends | None = None,
+) -> dict[str, BenchTable]:
     """Write sources and key files, build indexed files with the real postmap."""
     directory.mkdir(parents=True, exist_ok=True)
     directory.chmod(0o755)
@@ -221,6 +268,10 @@ def build_tables(directory: Path, kinds: list[str], slow_port: int = 0) -> dict[
                 kind, f"socketmap:inet:127.0.0.1:{slow_port}:slow",
                 write_keys(directory / "keys-slow", keys), "user1",
             )
+        elif is_database_kind(kind) and backends is not None:
+            made = backends.table(kind, directory)
+            tables[kind] = BenchTable(kind, made.specs["c"], made.keyfile, made.probe_key,
+                                      made.specs, made.count_connections)
         else:
             raise SystemExit(f"unknown table kind {kind!r}; choose from {', '.join(ALL_TABLES)}")
     for path in directory.iterdir():
@@ -267,11 +318,11 @@ def mean_pss_mib(instance: PrivatePostfix) -> float | None:
     return statistics.mean(sizes) / 1024 if sizes else None
 
 
-def probe(instance: PrivatePostfix, table: BenchTable) -> str:
+def probe(instance: PrivatePostfix, table: BenchTable, impl: str) -> str:
     """'' when the table answers OK, else why not (for the n/a column)."""
     try:
         with instance.client(timeout=10) as client:
-            reply = client.lookup(table.spec, table.probe_key)
+            reply = client.lookup(table.spec_for(impl), table.probe_key)
     except (OSError, EOFError) as error:
         return f"no answer ({error})"
     status = reply.get("status", b"?").decode()
@@ -294,6 +345,13 @@ class Sample:
     rss_mib: float | None
     workers: int
     pss_mib: float | None = None
+    # Database tables: the most connections the server saw from this side during the
+    # run, the bound (workers x pyproxymap_<type>_connections; ours only), how many
+    # samples were taken and how many exceeded the bound.
+    db_connections: int | None = None
+    db_bound: int | None = None
+    db_samples: int = 0
+    db_over_bound: int = 0
 
 
 @dataclass
@@ -306,36 +364,48 @@ class Report:
     samples: list = field(default_factory=list)
     summary: list = field(default_factory=list)
     scale: dict = field(default_factory=dict)
+    # Our per-worker connection limit per database type (pyproxymap_<type>_connections).
+    db_limits: dict = field(default_factory=dict)
 
 
-def make_instance(program: Path, tables: dict[str, BenchTable], base: Path, tag: str):
+def make_instance(program: Path, tables: dict[str, BenchTable], base: Path, tag: str,
+                  impl: str, db_pool: int = 0):
+    main_cf = {
+        # No recycling during a run, the same process limit for both.
+        "max_use": "1000000",
+        "max_idle": "3600",
+        "default_process_limit": "100",
+    }
+    if impl == "ours" and db_pool:
+        main_cf.update(pool_settings(tables, db_pool))
     return PrivatePostfix(
         proxymap_program=program,
-        proxy_read_maps=" ".join(f"proxy:{t.spec}" for t in tables.values()),
-        main_cf={
-            # No recycling during a run, the same process limit for both.
-            "max_use": "1000000",
-            "max_idle": "3600",
-            "default_process_limit": "100",
-        },
+        proxy_read_maps=" ".join(f"proxy:{t.spec_for(impl)}" for t in tables.values()),
+        main_cf=main_cf,
         readable_paths=[t.keyfile.parent for t in tables.values()],
         base_dir=base,
         name=tag,
     )
 
 
-def measure_cold_start(program: Path, tables, base: Path, tag: str, repeat: int) -> list[float]:
+def pool_settings(tables: dict[str, BenchTable], db_pool: int) -> dict[str, str]:
+    """pyproxymap_<type>_connections for every database type among TABLES."""
+    types = {dict_type(kind) for kind in tables if is_database_kind(kind)}
+    return {f"pyproxymap_{kind}_connections": str(db_pool) for kind in sorted(types)}
+
+
+def measure_cold_start(program: Path, tables, base: Path, tag: str, repeat: int,
+                       impl: str, db_pool: int) -> list[float]:
     """Milliseconds from master start to the first OK answer; empty if none came."""
     # The simplest table type, so that the figure is about starting, not about loading.
     table = tables.get("texthash") or tables.get("unix") or next(iter(tables.values()))
     times = []
     for _ in range(repeat):
-        instance = make_instance(program, tables, base, tag)
+        instance = make_instance(program, tables, base, tag, impl, db_pool)
         try:
             instance.start()
-            times.append(
-                instance.time_to_first_answer(table.probe_key, table.spec, timeout=10) * 1000
-            )
+            times.append(instance.time_to_first_answer(
+                table.probe_key, table.spec_for(impl), timeout=10) * 1000)
         except (TimeoutError, RuntimeError) as error:
             log(f"cold start {tag}: {error}")
             return []
@@ -366,27 +436,34 @@ def run_benchmark(options: argparse.Namespace) -> Report:
         report.not_available["ours"] = f"{programs['ours']} does not exist"
         implementations.remove("ours")
     backend = start_slow_backend(options) if "socketmap" in options.tables else None
+    backends = DatabaseBackends(base / "servers")
     if options.scale:
         raise_open_file_limit(options.scale + 4096)
     try:
         tables = build_tables(base / "tables", options.tables,
-                              backend.port if backend else 0)
+                              backend.port if backend else 0, backends)
+        report.db_limits = {dict_type(kind): our_connection_limit(kind, options.db_pool)
+                            for kind in tables if is_database_kind(kind)}
         for impl in implementations:
-            times = measure_cold_start(programs[impl], tables, base, f"cold-{impl}", options.repeat)
+            times = measure_cold_start(programs[impl], tables, base, f"cold-{impl}",
+                                       options.repeat, impl, options.db_pool)
             report.cold_start_ms[impl] = statistics.median(times) if times else None
             log(f"cold start {impl}: {_fmt(report.cold_start_ms[impl], 1)} ms ({len(times)} runs)")
         for kind, table in tables.items():
-            instances = {impl: make_instance(programs[impl], tables, base, f"{impl}-{kind}")
+            instances = {impl: make_instance(programs[impl], tables, base, f"{impl}-{kind}",
+                                             impl, options.db_pool)
                          for impl in implementations}
             with running(instances):
                 measure_table(options, pmload, table, instances, report)
         if options.scale and "ours" in implementations:
-            instances = {"ours": make_instance(programs["ours"], tables, base, "ours-scale")}
+            instances = {"ours": make_instance(programs["ours"], tables, base, "ours-scale",
+                                               "ours", options.db_pool)}
             with running(instances):
                 measure_scale(options, pmload, instances["ours"], tables, report)
     finally:
         if backend:
             backend.stop()
+        backends.close()
         shutil.rmtree(base, ignore_errors=True)
     report.summary = summarize(report)
     return report
@@ -411,15 +488,20 @@ def measure_table(options, pmload, table, instances, report) -> None:
     """Every connection count on one table, C and ours alternating, on fresh instances."""
     available = {}
     for impl, instance in instances.items():
-        why_not = probe(instance, table)
+        why_not = probe(instance, table, impl)
         available[impl] = not why_not
         if why_not:
             report.not_available[f"{impl}/{table.kind}"] = why_not
             log(f"{impl} {table.kind}: n/a ({why_not})")
             continue
-        # Warm-up: open the table, spawn workers.
-        run_pmload(pmload, instance.socket_path(), table.spec, 16, 0.5, table.keyfile,
-                   options.v311 and impl == "ours")
+        # Warm-up: open the table, spawn workers (database tables: as many as their
+        # largest connection count makes the master spawn, so that the first run does
+        # not pay for the connections to the server).
+        warm_conns = 16
+        if is_database_kind(table.kind):
+            warm_conns = max(warm_conns, *conns_for(table.kind, options))
+        run_pmload(pmload, instance.socket_path(), table.spec_for(impl), warm_conns, 0.5,
+                   table.keyfile, options.v311 and impl == "ours")
     for conns in conns_for(table.kind, options):
         for repeat in range(options.repeat):
             order = list(instances) if repeat % 2 == 0 else list(reversed(instances))
@@ -433,12 +515,15 @@ def measure_table(options, pmload, table, instances, report) -> None:
 
 
 def conns_for(kind: str, options: argparse.Namespace) -> list[int]:
-    """The slow backend is measured at its own connection count (a latency workload)."""
-    return options.slow_conns if kind == "socketmap" else options.conns
+    """The slow backends (socketmap, the 5-ms queries) are measured at their own
+    connection counts (latency workloads), the other database tables at theirs."""
+    if kind == "socketmap" or kind.endswith("-5ms"):
+        return options.slow_conns
+    return options.db_conns if is_database_kind(kind) else options.conns
 
 
 class SlowBackend:
-    """../shared/bench/slow_socketmap.py on a free loopback port."""
+    """slow_socketmap.py on a free loopback port."""
 
     def __init__(self, delay_ms: float) -> None:
         with socket.socket() as probe_socket:
@@ -522,13 +607,35 @@ def _still_open(client: socket.socket) -> bool:
     return bool(data)  # the unread announcement: still open
 
 
+def our_connection_limit(kind: str, db_pool: int) -> int | None:
+    """Our per-worker limit for a database table: --db-pool, else the type's default."""
+    settings = pool_settings({kind: None}, db_pool) if db_pool else {}
+    return connection_limit(dict_type(kind), settings)
+
+
+def connection_watch(options, instance, impl, table) -> ConnectionWatch | None:
+    """For a database table: count IMPL's connections on the server during the run."""
+    count = table.count_connections
+    if count is None:
+        return None
+    return ConnectionWatch(
+        count=lambda: count(impl),
+        workers=lambda: len(instance.worker_pids("proxymap")),
+        per_worker=our_connection_limit(table.kind, options.db_pool) if impl == "ours"
+        else None,
+    )
+
+
 def measure_one(options, pmload, instance, impl, table, conns) -> Sample:
+    watch = connection_watch(options, instance, impl, table)
     before = worker_ticks(instance)
-    load = run_pmload(pmload, instance.socket_path(), table.spec, conns, options.seconds,
-                      table.keyfile, options.v311 and impl == "ours")
+    load = run_pmload(pmload, instance.socket_path(), table.spec_for(impl), conns,
+                      options.seconds, table.keyfile, options.v311 and impl == "ours", watch)
     after = worker_ticks(instance)
     served = load.requests
     cpu = cpu_seconds_between(before, after)
+    if watch is not None and watch.errors:
+        log(f"{impl} {table.kind}: connection count failed: {watch.errors[0]}")
     return Sample(
         implementation=impl,
         table=table.kind,
@@ -539,6 +646,10 @@ def measure_one(options, pmload, instance, impl, table, conns) -> Sample:
         rss_mib=mean_rss_mib(instance),
         workers=len(after),
         pss_mib=mean_pss_mib(instance),
+        db_connections=watch.max_connections if watch and watch.samples else None,
+        db_bound=watch.bound if watch and watch.samples else None,
+        db_samples=watch.samples if watch else 0,
+        db_over_bound=watch.over_bound if watch else 0,
     )
 
 
@@ -546,9 +657,14 @@ def describe(sample: Sample) -> str:
     load = sample.load
     cpu = f"{sample.cpu_us_per_lookup:.1f}" if sample.cpu_us_per_lookup else "?"
     problem = f" ERROR exit={load.exit} {load.error}" if load.exit else ""
-    return (f"{sample.implementation:4} {sample.table:8} conns={sample.conns:<3} "
+    database = ""
+    if sample.db_samples:
+        bound = f"/{sample.db_bound}" if sample.db_bound is not None else ""
+        over = f" OVER BOUND in {sample.db_over_bound} samples" if sample.db_over_bound else ""
+        database = f" db_conns={sample.db_connections}{bound}{over}"
+    return (f"{sample.implementation:4} {sample.table:9} conns={sample.conns:<3} "
             f"rps={load.rps:8.0f} p50={load.p50_us:8.1f}us p99={load.p99_us:8.1f}us "
-            f"cpu={cpu}us/lookup workers={sample.workers}{problem}")
+            f"cpu={cpu}us/lookup workers={sample.workers}{database}{problem}")
 
 
 def postfix_version() -> str:
@@ -591,8 +707,17 @@ def summarize(report: Report) -> list[dict]:
             "rss_mib": _median([s.rss_mib for s in good]),
             "pss_mib": _median([s.pss_mib for s in good]),
             "workers": max((s.workers for s in samples), default=0),
+            "db_connections": _max([s.db_connections for s in samples]),
+            "db_bound": _max([s.db_bound for s in samples]),
+            "db_over_bound": sum(s.db_over_bound for s in samples),
+            "errors": sum(s.load.other for s in samples),
         })
     return rows
+
+
+def _max(values):
+    values = [v for v in values if v is not None]
+    return max(values) if values else None
 
 
 def _fmt(value, digits=0) -> str:
@@ -609,7 +734,8 @@ def _ratio(ours, c) -> str:
 
 def markdown(report: Report) -> str:
     by_key = {(r["table"], r["conns"], r["implementation"]): r for r in report.summary}
-    tables = list(dict.fromkeys(r["table"] for r in report.summary))
+    tables = list(dict.fromkeys(r["table"] for r in report.summary
+                                if not is_database_kind(r["table"])))
     conns = sorted({r["conns"] for r in report.summary})
     lines = [
         f"# proxymap benchmark, {report.started}",
@@ -643,6 +769,7 @@ def markdown(report: Report) -> str:
                 f"| {_fmt(c.get('pss_mib'), 1)} | {_fmt(o.get('pss_mib'), 1)} "
                 f"| {c.get('workers', 'n/a')} | {o.get('workers', 'n/a')} |"
             )
+    lines += database_markdown(report, by_key, conns)
     lines += ["", "Cold start (master start to first answer on a fresh connection, median):", ""]
     for impl in IMPLEMENTATIONS:
         cold = report.cold_start_ms.get(impl)
@@ -666,6 +793,71 @@ def markdown(report: Report) -> str:
         lines += ["", "Not available:", ""]
         lines += [f"- {what}: {why}" for what, why in sorted(report.not_available.items())]
     return "\n".join(lines) + "\n"
+
+
+# The targets of the database workloads: (throughput ratio ours/C at least, p99 at most).
+TARGETS = {"mysql-5ms": (5.0, 15_000.0), "pgsql-5ms": (5.0, 15_000.0),
+           "mysql": (1.0, None), "pgsql": (1.0, None)}
+
+
+def target_verdict(kind: str, c: dict, ours: dict) -> str:
+    """Whether a database row meets its target ('-' for a table without one)."""
+    if kind not in TARGETS:
+        return "-"
+    ratio, p99_max = TARGETS[kind]
+    wanted = f"≥ {ratio:g}x C" + (f", p99 ≤ {p99_max / 1000:g} ms" if p99_max else "")
+    if not c.get("rps") or ours.get("rps") is None:
+        return f"{wanted}: n/a"
+    met = ours["rps"] >= ratio * c["rps"] and (
+        p99_max is None or (ours.get("p99_us") or 0) <= p99_max)
+    met = met and not ours.get("failed_runs") and not ours.get("db_over_bound")
+    return f"{wanted}: {'met' if met else 'NOT met'}"
+
+
+def database_markdown(report: Report, by_key: dict, conns: list[int]) -> list[str]:
+    """The database rows: throughput, latency, and the connections each side held."""
+    kinds = list(dict.fromkeys(r["table"] for r in report.summary
+                               if is_database_kind(r["table"])))
+    if not kinds:
+        return []
+    limits = ", ".join(f"{kind} {limit}" for kind, limit in report.db_limits.items())
+    source = "--db-pool" if report.options.get("db_pool") else "the defaults"
+    lines = [
+        "", "Database tables (private MariaDB / PostgreSQL / slapd, 10 000 rows, 20 % misses). "
+        "DB conns: the most connections the server listed for each side during its runs "
+        "(sampled 4 times per run: MariaDB PROCESSLIST and pg_stat_activity by user, "
+        "slapd's established TCP connections, one slapd per side); bound: our workers x "
+        f"pyproxymap_<type>_connections ({limits}: {source}). Ratios ours/C.",
+        "",
+        "| table | conns | lookups/s C | ours | ratio | p50 ms C | ours | p99 ms C | ours "
+        "| CPU µs/lookup C | ours | DB conns C | ours | bound ours | workers C | ours "
+        "| target |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    empty: dict = {}
+    for kind in kinds:
+        for conn in conns:
+            c = by_key.get((kind, conn, "c"), empty)
+            o = by_key.get((kind, conn, "ours"), empty)
+            if not c and not o:
+                continue
+            over = f" ({o['db_over_bound']} samples over)" if o.get("db_over_bound") else ""
+            lines.append(
+                f"| {kind} | {conn} | {_fmt(c.get('rps'))} | {_fmt(o.get('rps'))} "
+                f"| {_ratio(o.get('rps'), c.get('rps'))} "
+                f"| {_ms(c.get('p50_us'))} | {_ms(o.get('p50_us'))} "
+                f"| {_ms(c.get('p99_us'))} | {_ms(o.get('p99_us'))} "
+                f"| {_fmt(c.get('cpu_us_per_lookup'), 1)} | {_fmt(o.get('cpu_us_per_lookup'), 1)} "
+                f"| {_fmt(c.get('db_connections'))} | {_fmt(o.get('db_connections'))}{over} "
+                f"| {_fmt(o.get('db_bound'))} "
+                f"| {c.get('workers', 'n/a')} | {o.get('workers', 'n/a')} "
+                f"| {target_verdict(kind, c, o)} |"
+            )
+    return lines
+
+
+def _ms(value_us) -> str:
+    return "n/a" if value_us is None else f"{value_us / 1000:,.2f}"
 
 
 def write_results(report: Report, directory: Path) -> Path:
@@ -699,6 +891,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="delay of the socketmap backend (table kind socketmap)")
     parser.add_argument("--slow-conns", default="32",
                         help="connection counts for the socketmap workload")
+    parser.add_argument("--db-conns", default="1,16",
+                        help="connection counts for the mysql, pgsql and ldap workloads "
+                             "(the -5ms ones use --slow-conns)")
+    parser.add_argument("--db-pool", type=int, default=0, metavar="N",
+                        help="pyproxymap_<type>_connections in our main.cf for the database "
+                             "tables (default: unset, the types' defaults)")
     parser.add_argument("--scale", type=int, default=0, metavar="IDLE",
                         help="also run 256 active connections next to IDLE idle ones (ours)")
     options = parser.parse_args(argv)
@@ -710,6 +908,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     options.tables = [t for t in options.tables.split(",") if t]
     options.conns = [int(c) for c in options.conns.split(",") if c]
     options.slow_conns = [int(c) for c in options.slow_conns.split(",") if c]
+    options.db_conns = [int(c) for c in options.db_conns.split(",") if c]
     return options
 
 
