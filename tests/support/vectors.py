@@ -69,17 +69,6 @@ def vectors_dir() -> Path:
     return VECTORS_DIR
 
 
-def shared_dir() -> Path:
-    """The project's shared/ directory beside the repository, for tests/bench/run.py ONLY.
-
-    The benchmark still compiles pmload.c and runs slow_socketmap.py from
-    ../shared/bench (override: PYPROXYMAP_SHARED). No test calls this: tests read only
-    what is in the repository. Remove it once the bench no longer imports it.
-    """
-    override = os.environ.get("PYPROXYMAP_SHARED")
-    return Path(override) if override else REPOSITORY.parent / "shared"
-
-
 def unescape(field: str) -> str:
     """Undo the TSV escaping: \\\\ backslash, \\t TAB, \\n LF, \\r CR (others kept)."""
     out = []
