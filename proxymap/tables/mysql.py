@@ -1,0 +1,653 @@
+"""mysql_table(5) client: ``mysql:/etc/postfix/file.cf`` or ``mysql:prefix`` (main.cf).
+
+NAME
+    mysql -- MySQL/MariaDB lookups on asyncmy, a bounded pool per table, failover
+
+SYNOPSIS
+    table = MysqlTable("/etc/postfix/aliases.cf", os.O_RDONLY, flags, ctx)
+    value = await table.alookup(b"alice@example.com")   # bytes, None, or DictRetry
+
+DESCRIPTION
+    Parameters (mysql_table(5), Postfix 3.7; a name not starting with ``/`` or ``.``
+    is a main.cf prefix): ``hosts``, ``user``, ``password``, ``dbname`` (required),
+    ``query`` or the legacy ``select_field``/``table``/``where_field``/
+    ``additional_conditions``, ``result_format``, ``domain``, ``expansion_limit``
+    (``db_common``), ``option_file``, ``option_group`` (default ``client``),
+    ``require_result_set`` (default yes), ``tls_cert_file``, ``tls_key_file``,
+    ``tls_CAfile``, ``tls_CApath``, ``tls_ciphers``, ``tls_verify_cert``, and from
+    Postfix 3.9 ``charset``, ``idle_interval`` and ``retry_interval``.
+
+    Hosts: ``unix:/path``, ``inet:host[:port]`` or ``host[:port]`` (the port may be a
+    service name; the text after the last ``:`` is the port, for ``unix:`` too, as in
+    Postfix); ``localhost`` in any form is the default UNIX socket (the option
+    files' ``socket``, else ``$MYSQL_UNIX_PORT``, else /run/mysqld/mysqld.sock), as
+    the C client does; no hosts means ``localhost``. New connections go to the hosts
+    in random order, UNIX sockets first.
+
+    Option files are read as the MariaDB C client reads them: ``option_file`` alone
+    when set, else (when ``option_group`` is not empty) /etc/my.cnf,
+    /etc/mysql/my.cnf, ``$MARIADB_HOME``/my.cnf (or ``$MYSQL_HOME``) and ~/.my.cnf;
+    the groups [client], [client-server], [client-mariadb] and ``option_group``;
+    ``!include FILE`` and ``!includedir DIR`` (which reads DIR/my.cnf only, like
+    that client). Used from them: ``socket``, ``port``, ``user`` (when ``user`` is
+    empty), ``default-character-set`` and the ``ssl-*`` settings (they override the
+    ``tls_*`` ones, read later by the C client too).
+
+    Character set: ``charset`` if set, else the option files' choice, else utf8mb4
+    (the default of this C client and of Postfix 3.9+). Keys are escaped as
+    mysql_real_escape_string does for that character set (NUL, LF, CR, ``\\``, ``'``,
+    ``"`` and ^Z get a backslash; only ``'`` is doubled when the server runs with
+    NO_BACKSLASH_ESCAPES; multi-byte characters of big5, cp932, gbk, sjis and
+    gb18030 are kept whole); the server is never asked to quote.
+
+    Results: every column of every row of the one result set, in row order; NULL is
+    skipped; each value is the bytes the server sent (up to a NUL, as a C string),
+    through ``result_format``, joined with ``,``. More than one result set, an
+    error in any, or none at all with ``require_result_set = yes`` is RETRY; with
+    ``no`` a statement without a result set is "not found". Multi-statement
+    queries are refused by the server, as for Postfix (CLIENT_MULTI_STATEMENTS is
+    not sent; CLIENT_MULTI_RESULTS is, for stored procedures).
+
+    Connections: a ``pool.ConnectionPool`` per table and worker of at most
+    ``pyproxymap_mysql_connections`` (main.cf, default 8) connections, one query at
+    a time on each; a lookup that finds them all busy waits, within its timeout.
+    Idle connections are closed after ``idle_interval`` seconds (default 60, as
+    Postfix); one idle for more than 5 s is pinged before reuse. Every lookup is
+    bounded by ``pyproxymap_mysql_timeout`` (default 10 s): waiting for a
+    connection, connecting and the query; past it the connection is dropped and
+    the answer is RETRY. A connection lost during a query (server restarted,
+    killed, gone away) is dropped with its idle siblings to that server, and the
+    query is tried once more on another connection before answering RETRY.
+
+    Failover: a server whose connect fails is passed over for a back-off of 0.25 s
+    doubling to ``retry_interval`` but at most 2 s (Postfix: ``retry_interval``,
+    60 s), so a restarted server is used again within seconds. A failure is never
+    "not found". One warning per outage: the pool logs a server that cannot be
+    reached once, and query failures are logged once until a lookup succeeds.
+
+SECURITY
+    Keys are escaped locally (above); LOAD DATA LOCAL is refused. TLS as the C
+    client: ``tls_*`` settings turn it on and make it required; a CA file or
+    directory makes the certificate chain checked; ``tls_verify_cert = yes`` also
+    checks the server name.
+
+BUGS
+    A timed-out query is abandoned, not killed: the server finishes it on a
+    connection nobody reads (its thread counts against max_connections until then).
+    Postfix marks a server down for ``retry_interval`` after ANY query error (even
+    a syntax error); here a query error fails only its own lookup. ``charset``
+    is honoured for 3.7 clients too (Postfix 3.7 ignores it).
+
+SEE ALSO
+    mysql_table(5), ``db_common`` (templates, domain, result joining), ``pool``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import re
+import socket
+import ssl
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from asyncmy import errors as mysql_errors
+from asyncmy.charset import charset_by_name
+from asyncmy.connection import Connection
+from asyncmy.constants.CLIENT import MULTI_STATEMENTS
+
+from proxymap import flags as F
+from proxymap.tables.base import (
+    AsyncTable,
+    DictOpenError,
+    DictRetry,
+    OpenContext,
+)
+from proxymap.tables.cfg_parser import CfgParser
+from proxymap.tables.db_common import QueryContext
+from proxymap.tables.pool import BACKOFF_MAX, ConnectionPool, EndpointState, Lease, OutageLog
+from proxymap.tables.streams import param_number
+
+__all__ = ["Endpoint", "MysqlTable", "mysql_escape", "parse_host", "read_option_files"]
+
+log = logging.getLogger("proxymap")
+
+DEFAULT_SOCKET = "/run/mysqld/mysqld.sock"  # this MariaDB client's compiled default
+DEFAULT_PORT = 3306
+DEFAULT_CHARSET = "utf8mb4"
+DEFAULT_CONNECTIONS = 8
+DEFAULT_TIMEOUT = 10.0
+DEFAULT_INTERVAL = 60  # idle_interval and retry_interval, seconds
+CHECK_AFTER = 5.0  # ping a connection idle longer than this before reusing it
+SERVER_STATUS_NO_BACKSLASH_ESCAPES = 0x200
+_QUIT_PACKET = b"\x01\x00\x00\x00\x01"  # length 1, sequence 0, COM_QUIT
+_HOST_SEPARATORS = re.compile(r"[, \t\r\n]+")
+_DEFAULT_OPTION_FILES = ("/etc/my.cnf", "/etc/mysql/my.cnf")
+_OPTION_GROUPS = ("client", "client-server", "client-mariadb")
+# Client errors and server errors that mean "this connection is gone".
+_LOST_CODES = frozenset({
+    2006,  # CR_SERVER_GONE_ERROR
+    2013,  # CR_SERVER_LOST
+    2055,  # CR_SERVER_LOST_EXTENDED
+    1053,  # ER_SERVER_SHUTDOWN
+    1927,  # ER_CONNECTION_KILLED
+    4031,  # ER_CLIENT_INTERACTION_TIMEOUT (MySQL 8)
+})
+
+
+# ---------------------------------------------------------------------------------------
+# Escaping (mysql_real_escape_string)
+# ---------------------------------------------------------------------------------------
+
+_BACKSLASHED = {0x00: b"\\0", 0x0A: b"\\n", 0x0D: b"\\r", 0x5C: b"\\\\", 0x27: b"\\'",
+                0x22: b'\\"', 0x1A: b"\\Z"}
+_SPECIAL = re.compile(rb"[\x00\n\r\\'\"\x1a]")
+
+
+def _in(byte: int, *ranges: tuple[int, int]) -> bool:
+    return any(low <= byte <= high for low, high in ranges)
+
+
+def _mb_big5(data: bytes, pos: int) -> int:
+    if len(data) - pos >= 2 and _in(data[pos], (0xA1, 0xF9)) and _in(
+            data[pos + 1], (0x40, 0x7E), (0xA1, 0xFE)):
+        return 2
+    return 0
+
+
+def _mb_sjis(data: bytes, pos: int) -> int:
+    if len(data) - pos >= 2 and _in(data[pos], (0x81, 0x9F), (0xE0, 0xFC)) and _in(
+            data[pos + 1], (0x40, 0x7E), (0x80, 0xFC)):
+        return 2
+    return 0
+
+
+def _mb_gbk(data: bytes, pos: int) -> int:
+    if len(data) - pos >= 2 and _in(data[pos], (0x81, 0xFE)) and _in(
+            data[pos + 1], (0x40, 0x7E), (0x80, 0xFE)):
+        return 2
+    return 0
+
+
+def _mb_gb18030(data: bytes, pos: int) -> int:
+    if (len(data) - pos >= 4 and _in(data[pos], (0x81, 0xFE))
+            and _in(data[pos + 1], (0x30, 0x39)) and _in(data[pos + 2], (0x81, 0xFE))
+            and _in(data[pos + 3], (0x30, 0x39))):
+        return 4
+    return _mb_gbk(data, pos)
+
+
+# Character sets whose multi-byte characters may contain the byte of "\" or "'": a
+# byte-wise escape would split them (and open an injection), so they are kept whole.
+_MULTIBYTE: dict[str, Callable[[bytes, int], int]] = {
+    "big5": _mb_big5, "cp932": _mb_sjis, "sjis": _mb_sjis, "gbk": _mb_gbk,
+    "gb18030": _mb_gb18030,
+}
+# Not usable as a client character set (the server would refuse or misread queries).
+_NOT_CLIENT_CHARSETS = frozenset({"ucs2", "utf16", "utf16le", "utf32"})
+
+
+def mysql_escape(data: bytes, charset: str = DEFAULT_CHARSET,
+                 no_backslash_escapes: bool = False) -> bytes:
+    """``data`` as mysql_real_escape_string writes it for a connection in ``charset``."""
+    mb_length = _MULTIBYTE.get(charset)
+    if mb_length is None:
+        if no_backslash_escapes:
+            return data.replace(b"'", b"''")
+        return _SPECIAL.sub(lambda match: _BACKSLASHED[match.group()[0]], data)
+    out = bytearray()
+    pos = 0
+    while pos < len(data):
+        length = mb_length(data, pos)
+        if length:
+            out += data[pos:pos + length]
+            pos += length
+            continue
+        byte = data[pos]
+        if no_backslash_escapes:
+            out += b"''" if byte == 0x27 else bytes((byte,))
+        else:
+            out += _BACKSLASHED.get(byte) or bytes((byte,))
+        pos += 1
+    return bytes(out)
+
+
+# ---------------------------------------------------------------------------------------
+# Option files (my.cnf)
+# ---------------------------------------------------------------------------------------
+
+_MAX_INCLUDE_DEPTH = 64
+_VALUE_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "b": "\b", "s": " ", '"': '"', "'": "'",
+                  "\\": "\\"}
+
+
+def _option_value(text: str) -> str:
+    """Blanks and one pair of quotes removed, backslash escapes applied."""
+    value = text.strip()
+    if value[:1] in ("'", '"'):
+        value = value[1:]
+        if value[-1:] in ("'", '"'):
+            value = value[:-1]
+    out: list[str] = []
+    pos = 0
+    while pos < len(value):
+        char = value[pos]
+        if char == "\\" and pos + 1 < len(value):
+            pos += 1
+            out.append(_VALUE_ESCAPES.get(value[pos], "\\" + value[pos]))
+        else:
+            out.append(char)
+        pos += 1
+    return "".join(out)
+
+
+def _read_option_file(path: str, groups: frozenset[str], options: dict[str, str],
+                      depth: int) -> None:
+    try:
+        with open(path, encoding="utf-8", errors="surrogateescape") as source:
+            lines = source.read().splitlines()
+    except OSError:
+        return
+    reading = False
+    for raw in lines:
+        line = raw.strip()
+        if line.startswith("!"):
+            directive, _, argument = line[1:].partition(" ")
+            argument = argument.strip()
+            if depth < _MAX_INCLUDE_DEPTH and argument and directive == "include":
+                _read_option_file(argument, groups, options, depth + 1)
+            elif depth < _MAX_INCLUDE_DEPTH and argument and directive == "includedir":
+                _read_option_file(os.path.join(argument, "my.cnf"), groups, options, depth + 1)
+            continue
+        if not line or line[0] in "#;":
+            continue
+        if line.startswith("["):
+            reading = line[1:].partition("]")[0].strip() in groups
+            continue
+        if reading:
+            name, sep, value = line.partition("=")
+            key = name.strip().replace("_", "-")
+            options[key] = _option_value(value) if sep else ""
+
+
+def read_option_files(option_file: str | None, option_group: str | None,
+                      environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The client settings the MariaDB C client would read (later ones win)."""
+    if not option_file and not option_group:
+        return {}
+    environ = os.environ if environ is None else environ
+    groups = frozenset(_OPTION_GROUPS + ((option_group,) if option_group else ()))
+    options: dict[str, str] = {}
+    if option_file:
+        _read_option_file(option_file, groups, options, 0)
+        return options
+    files = list(_DEFAULT_OPTION_FILES)
+    home = environ.get("MARIADB_HOME") or environ.get("MYSQL_HOME")
+    if home:
+        files.append(os.path.join(home, "my.cnf"))
+    if environ.get("HOME"):
+        files.append(os.path.join(environ["HOME"], ".my.cnf"))
+    for path in files:
+        _read_option_file(path, groups, options, 0)
+    return options
+
+
+# ---------------------------------------------------------------------------------------
+# Hosts
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """One entry of ``hosts``: a UNIX socket path, or a TCP host and port."""
+
+    label: str
+    unix_socket: str | None = None
+    host: str | None = None
+    port: int = DEFAULT_PORT
+
+
+def _port_number(text: str) -> int:
+    if text.isdigit():
+        return int(text)
+    try:
+        return socket.getservbyname(text, "tcp")
+    except OSError:
+        raise DictOpenError(f"unknown service: {text}/tcp") from None
+
+
+def parse_host(text: str, options: Mapping[str, str],
+               environ: Mapping[str, str] | None = None) -> Endpoint:
+    """One ``hosts`` entry, read as Postfix does; ``localhost`` is the default socket."""
+    environ = os.environ if environ is None else environ
+    unix = text.startswith("unix:")
+    name = text[5:] if unix or text.startswith("inet:") else text
+    port = 0
+    name, colon, service = name.rpartition(":") if ":" in name else (name, "", "")
+    if colon and service:
+        port = _port_number(service)
+    if name.lower() == "localhost":
+        path = options.get("socket") or environ.get("MYSQL_UNIX_PORT") or DEFAULT_SOCKET
+        return Endpoint(text, unix_socket=path)
+    if unix:
+        return Endpoint(text, unix_socket=name)
+    if name.startswith("[") and name.endswith("]"):
+        name = name[1:-1]
+    if not port:
+        port = _port_number(options["port"]) if options.get("port") else DEFAULT_PORT
+    return Endpoint(text, host=name, port=port)
+
+
+def unix_first_random(states: list[EndpointState[Endpoint]]) -> list[EndpointState[Endpoint]]:
+    """Random order, UNIX sockets before TCP (mysql_table(5))."""
+    unix = [s for s in states if s.endpoint.unix_socket is not None]
+    inet = [s for s in states if s.endpoint.unix_socket is None]
+    random.shuffle(unix)
+    random.shuffle(inet)
+    return unix + inet
+
+
+# ---------------------------------------------------------------------------------------
+# Settings
+# ---------------------------------------------------------------------------------------
+
+
+def _tls_context(cfg: CfgParser, options: Mapping[str, str]) -> ssl.SSLContext | None:
+    """TLS as the C client does it: any tls_* (or ssl-*) setting makes it required."""
+    files = {
+        "cert": options.get("ssl-cert") or cfg.get_optional("tls_cert_file"),
+        "key": options.get("ssl-key") or cfg.get_optional("tls_key_file"),
+        "ca": options.get("ssl-ca") or cfg.get_optional("tls_CAfile"),
+        "capath": options.get("ssl-capath") or cfg.get_optional("tls_CApath"),
+        "cipher": options.get("ssl-cipher") or cfg.get_optional("tls_ciphers"),
+    }
+    verify = cfg.get_bool("tls_verify_cert", False) if cfg.has("tls_verify_cert") else False
+    if "ssl-verify-server-cert" in options:
+        verify = options["ssl-verify-server-cert"].lower() not in ("0", "off", "false", "no")
+    if not any(files.values()) and not verify:
+        return None
+    try:
+        if files["ca"] or files["capath"] or verify:
+            context = ssl.create_default_context(cafile=files["ca"], capath=files["capath"])
+        else:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            context.verify_mode = ssl.CERT_NONE
+        context.check_hostname = verify
+        if not verify and not (files["ca"] or files["capath"]):
+            context.verify_mode = ssl.CERT_NONE
+        if files["cert"]:
+            context.load_cert_chain(files["cert"], keyfile=files["key"])
+        if files["cipher"]:
+            context.set_ciphers(files["cipher"])
+    except (OSError, ssl.SSLError) as exc:
+        raise DictOpenError(f"mysql:{cfg.name}: TLS settings: {exc}") from None
+    return context
+
+
+def _as_bytes(text: str) -> bytes:
+    return text.encode("utf-8", "surrogateescape")
+
+
+@dataclass(slots=True)
+class _Login:
+    """What every new connection is made with."""
+
+    user: bytes
+    password: bytes
+    dbname: bytes
+    charset: str
+    tls: ssl.SSLContext | None
+    connect_timeout: float
+
+
+# ---------------------------------------------------------------------------------------
+# Connections
+# ---------------------------------------------------------------------------------------
+
+
+class _LostConnection(Exception):
+    """The connection broke during the query; another connection may succeed."""
+
+
+class _QueryFailed(Exception):
+    """The server refused or failed the query, or its results break the rules."""
+
+
+async def _connect(login: _Login, endpoint: Endpoint) -> Connection:
+    connection = Connection(
+        user=login.user, password=login.password, database=login.dbname,
+        host=endpoint.host, port=endpoint.port, unix_socket=endpoint.unix_socket,
+        charset=login.charset, conv={}, use_unicode=False, autocommit=None,
+        connect_timeout=login.connect_timeout, ssl=login.tls, program_name="pyproxymap")
+    # Postfix sends CLIENT_MULTI_RESULTS only: "SELECT 1; SELECT 2" is a syntax error.
+    connection._client_flag &= ~MULTI_STATEMENTS
+    await connection.connect()
+    return connection
+
+
+def _close_connection(connection: Connection) -> None:
+    """Say QUIT when the connection still works (else the server logs an aborted
+    connection), without waiting for anything."""
+    transport = connection._transport
+    if connection._connected and transport is not None and not transport.is_closing():
+        try:
+            transport.write(_QUIT_PACKET)
+        except Exception:  # noqa: BLE001 - its event loop may be gone; close anyway
+            pass
+    connection.close()
+
+
+async def _ping(connection: Connection) -> bool:
+    await connection.ping(reconnect=False)
+    return True
+
+
+def _error_text(exc: BaseException) -> str:
+    if isinstance(exc, mysql_errors.MySQLError) and len(exc.args) >= 2:
+        return f"{exc.args[1]} ({exc.args[0]})"
+    return str(exc) or exc.__class__.__name__
+
+
+def _is_lost(exc: BaseException) -> bool:
+    if isinstance(exc, (OSError, EOFError, mysql_errors.InterfaceError)):
+        return True
+    if isinstance(exc, mysql_errors.InternalError) and "sequence" in str(exc):
+        return True
+    code = exc.args[0] if isinstance(exc, mysql_errors.MySQLError) and exc.args else None
+    return code in _LOST_CODES
+
+
+async def _result_sets(connection: Connection, query: bytes) -> list[tuple]:
+    """The rows of every result set the query returns (statements without one add
+    nothing); the protocol is read to its end so that the connection stays usable."""
+    try:
+        await connection.query(query)
+        sets = []
+        while True:
+            result = connection._result
+            if result is not None and result.field_count:
+                sets.append(result.rows or ())
+            if result is None or not result.has_next:
+                return sets
+            await connection.next_result()
+    except (mysql_errors.MySQLError, OSError, EOFError) as exc:
+        if _is_lost(exc):
+            raise _LostConnection(_error_text(exc)) from None
+        raise _QueryFailed(f"query failed: {_error_text(exc)}") from None
+
+
+# ---------------------------------------------------------------------------------------
+# The table
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _IdleReaper:
+    """Closes the pool's idle connections once a table has been quiet for
+    ``idle_interval`` (Postfix closes them after a minute without a query)."""
+
+    interval: float
+    last_use: float = 0.0
+    handle: asyncio.TimerHandle | None = None
+    loop: asyncio.AbstractEventLoop | None = field(default=None)
+
+    def touch(self, pool: ConnectionPool) -> None:
+        self.last_use = time.monotonic()
+        loop = asyncio.get_running_loop()
+        if self.handle is None or self.loop is not loop or self.handle.cancelled():
+            self.loop = loop
+            self.handle = loop.call_later(self.interval, self._fire, pool)
+
+    def _fire(self, pool: ConnectionPool) -> None:
+        quiet = time.monotonic() - self.last_use
+        assert self.loop is not None
+        if quiet >= self.interval:
+            pool.discard_idle()
+            self.handle = None
+        else:
+            self.handle = self.loop.call_later(self.interval - quiet, self._fire, pool)
+
+    def cancel(self) -> None:
+        if self.handle is not None:
+            self.handle.cancel()
+            self.handle = None
+
+
+class MysqlTable(AsyncTable):
+    dict_type = "mysql"
+
+    def __init__(self, name: str, open_mode: int, flags: int,
+                 ctx: OpenContext | None = None) -> None:
+        super().__init__(name, open_mode, flags)
+        if open_mode != os.O_RDONLY:
+            raise DictOpenError(f"{self.spec} map requires O_RDONLY access mode")
+        ctx = ctx or OpenContext()
+        cfg = CfgParser(name, ctx.params)
+        self.timeout = param_number(ctx, "pyproxymap_mysql_timeout", DEFAULT_TIMEOUT)
+        self.login = self._read_login(cfg)
+        retry_interval = cfg.get_int("retry_interval", DEFAULT_INTERVAL, 1)
+        idle_interval = cfg.get_int("idle_interval", DEFAULT_INTERVAL, 1)
+        self.require_result_set = cfg.get_bool("require_result_set", True)
+        self.queries = QueryContext.for_sql(cfg, ctx, "mysql", table=self.spec)
+        # Always fixed, as in Postfix (its "partial key" test is disabled: it broke
+        # recipient_delimiter lookups), even when the query uses %u, %d or %1-%9.
+        self.flags = (flags & ~F.PATTERN) | F.FIXED
+        self.endpoints = self._read_hosts(cfg)
+        size = int(param_number(ctx, "pyproxymap_mysql_connections", DEFAULT_CONNECTIONS))
+        self.pool: ConnectionPool[Connection, Endpoint] = ConnectionPool(
+            self.spec, self.endpoints, self._connect, _close_connection, size=size,
+            connect_timeout=self.timeout, idle_limit=idle_interval, health_check=_ping,
+            check_after=CHECK_AFTER, backoff_max=min(float(retry_interval), BACKOFF_MAX),
+            order=unix_first_random, label=lambda endpoint: endpoint.label)
+        self.outage = OutageLog(self.spec)
+        self.reaper = _IdleReaper(float(idle_interval))
+
+    # --- configuration -----------------------------------------------------------------
+    def _read_login(self, cfg: CfgParser) -> _Login:
+        user = cfg.get_str("user", "")
+        password = cfg.get_str("password", "")
+        dbname = cfg.get_str("dbname", "", 1)
+        option_file = cfg.get_optional("option_file")
+        option_group = cfg.get_str("option_group", "client")
+        self.options = read_option_files(option_file, option_group)
+        charset = (cfg.get_optional("charset") or self.options.get("default-character-set")
+                   or DEFAULT_CHARSET)
+        if charset_by_name(charset) is None or charset in _NOT_CLIENT_CHARSETS:
+            raise DictOpenError(f"{self.spec}: unsupported character set: {charset}")
+        return _Login(
+            user=_as_bytes(user or self.options.get("user", "")),
+            password=_as_bytes(password), dbname=_as_bytes(dbname), charset=charset,
+            tls=_tls_context(cfg, self.options), connect_timeout=max(1.0, self.timeout))
+
+    def _read_hosts(self, cfg: CfgParser) -> list[Endpoint]:
+        names = [name for name in _HOST_SEPARATORS.split(cfg.get_str("hosts", "")) if name]
+        return [parse_host(name, self.options) for name in names or ["localhost"]]
+
+    async def _connect(self, endpoint: Endpoint) -> Connection:
+        return await _connect(self.login, endpoint)
+
+    # --- lookups ---------------------------------------------------------------------------
+    def _escape(self, data: bytes) -> bytes:
+        return mysql_escape(data, self.login.charset)
+
+    def _escape_quotes(self, data: bytes) -> bytes:
+        return mysql_escape(data, self.login.charset, no_backslash_escapes=True)
+
+    async def alookup(self, key: bytes) -> bytes | None:
+        key = self.fold(key)  # reads the flags: before the first await
+        query = await self.queries.aquery_for(key, self._escape)
+        if query is None:
+            return None
+        rows = await self._rows(key, query)
+        if rows is None:
+            return None
+        joined = self.queries.results(key)
+        for row in rows:
+            for value in row:
+                # Postfix reads values as C strings: a NUL ends them.
+                joined.add(None if value is None else value.partition(b"\0")[0])
+        return joined.value()
+
+    async def _rows(self, key: bytes, query: bytes) -> tuple | None:
+        """The rows of the query's one result set; None when it has none (allowed)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout
+        for attempt in range(2):
+            lease = await self.pool.acquire(max(0.0, deadline - loop.time()))
+            try:
+                sets = await self._query(lease, key, query, deadline - loop.time())
+            except _LostConnection as exc:
+                self.pool.release(lease, reusable=False)
+                self.pool.suspect(lease)
+                if attempt == 0:
+                    continue  # the server may have restarted: once more, on a new connection
+                raise self._failed(f"lost connection to {lease.endpoint.label}: {exc}")
+            except TimeoutError:
+                self.pool.release(lease, reusable=False)
+                raise self._failed(f"no answer from {lease.endpoint.label} within "
+                                   f"{self.timeout:g}s") from None
+            except _QueryFailed as exc:
+                self.pool.release(lease, reusable=False)
+                raise self._failed(str(exc)) from None
+            except BaseException:
+                self.pool.release(lease, reusable=False)
+                raise
+            self.pool.release(lease, reusable=True)
+            self.reaper.touch(self.pool)
+            return self._check_sets(sets)
+        raise AssertionError("not reached")
+
+    async def _query(self, lease: Lease[Connection, Endpoint], key: bytes, query: bytes,
+                     remaining: float) -> list[tuple]:
+        connection = lease.connection
+        if connection.server_status & SERVER_STATUS_NO_BACKSLASH_ESCAPES:
+            query = self.queries.expand_query(self.queries.query, key, self._escape_quotes) \
+                or query
+        if remaining <= 0:
+            raise TimeoutError
+        return await asyncio.wait_for(_result_sets(connection, query), remaining)
+
+    def _check_sets(self, sets: list[tuple]) -> tuple | None:
+        if len(sets) > 1:
+            raise self._failed("query failed: multiple result sets returning data are "
+                               "not supported")
+        if not sets:
+            if self.require_result_set:
+                raise self._failed("query failed: query returned no result set "
+                                   "(require_result_set = yes)")
+            self.outage.ok()
+            return None
+        self.outage.ok()
+        return sets[0]
+
+    def _failed(self, reason: str) -> DictRetry:
+        self.outage.failed(reason)
+        return DictRetry(f"{self.spec}: {reason}")
+
+    def close(self) -> None:
+        self.reaper.cancel()
+        self.pool.close()
