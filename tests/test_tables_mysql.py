@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -43,6 +44,7 @@ from tests.support.postfix import (
     POSTMAP_LOOKUP_FLAGS,
     PrivatePostfix,
     ensure_postfix,
+    postmap_lookup,
     settle_files,
 )
 from tests.support.servers import (  # noqa: F401 - fixtures, used by name
@@ -325,6 +327,105 @@ class TestLookups:
                     await table.alookup(b"bob")
             assert await allowed.alookup(b"bob") is None
         run(main())
+
+
+class TestConnections:
+    def test_health_check_and_idle_close(self, db: PrivateMariaDB, cfdir: Path,
+                                         caplog: pytest.LogCaptureFixture) -> None:
+        db.create_user("idler", "pw", DBNAME)
+        path = cfdir / "idle.cf"
+        path.write_text(cf_text(db, {"user": "idler", "password": "pw", "query": QUERY,
+                                     "idle_interval": "1"}))
+        table = MysqlTable(str(path), os.O_RDONLY, 0, context())
+        table.pool.check_after = 0.05  # (5 s in service)
+        caplog.set_level(logging.INFO, "proxymap")
+
+        async def main() -> None:
+            assert await table.alookup(b"alice") == b"alice@example.com"
+            # The server drops the idle connection (wait_timeout, a restart...): the
+            # ping before reuse notices, and the lookup gets a new connection.
+            await asyncio.to_thread(db.execute, "SELECT GROUP_CONCAT(CONCAT('KILL ', ID)) "
+                                    "FROM information_schema.PROCESSLIST WHERE USER='idler' "
+                                    "INTO @k; EXECUTE IMMEDIATE @k")
+            await asyncio.sleep(0.1)
+            assert await table.alookup(b"alice") == b"alice@example.com"
+            assert table.pool.connects == 2
+            assert await asyncio.to_thread(db.connection_count, "idler") == 1
+            # Quiet for idle_interval: the connection is closed, as Postfix does.
+            await asyncio.sleep(1.3)
+            assert table.pool.open == 0
+            assert await asyncio.to_thread(db.connection_count, "idler") == 0
+        run(main())
+        assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+TLS_QUERY = ("SELECT GROUP_CONCAT(VARIABLE_VALUE ORDER BY VARIABLE_NAME SEPARATOR ' ') "
+             "FROM information_schema.SESSION_STATUS "
+             "WHERE VARIABLE_NAME IN ('Ssl_version', 'Ssl_cipher') AND '%s' <> ''")
+
+
+def make_certificates(directory: Path) -> None:
+    """A CA and a server certificate for 127.0.0.1 and localhost (openssl CLI)."""
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=directory, check=True, capture_output=True)
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out",
+            "ca.pem", "-days", "2", "-subj", "/CN=pyproxymap test CA")
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out",
+            "server.csr", "-subj", "/CN=127.0.0.1")
+    (directory / "ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+            "-CAcreateserial", "-out", "server.pem", "-days", "2", "-extfile", "ext")
+    for item in directory.iterdir():
+        item.chmod(0o644)  # the server runs as mysql
+
+
+@pytest.fixture(scope="module")
+def tls_db() -> Iterator[tuple[PrivateMariaDB, Path]]:
+    ensure_server_packages("mariadb-server")
+    with tempfile.TemporaryDirectory(prefix="pyproxymap-tls-") as name:
+        certs = Path(name)
+        certs.chmod(0o755)
+        make_certificates(certs)
+        with PrivateMariaDB(extra_args=[f"--ssl-ca={certs}/ca.pem",
+                                        f"--ssl-cert={certs}/server.pem",
+                                        f"--ssl-key={certs}/server.key"]) as server:
+            server.create_user(USER, PASSWORD, DBNAME)
+            yield server, certs
+
+
+class TestTls:
+    """tls_* settings, ours against the direct postmap (TLS version and cipher seen by
+    the server, or the failure)."""
+
+    @pytest.mark.parametrize("settings, unix", [
+        (settings, unix) for unix in (False, True) for settings in (
+            "", "tls_CAfile = {c}/ca.pem", "tls_CAfile = {c}/ca.pem\ntls_verify_cert = yes",
+            "tls_cert_file = {c}/server.pem\ntls_key_file = {c}/server.key",
+            "tls_ciphers = ECDHE-RSA-AES128-GCM-SHA256\ntls_CAfile = {c}/ca.pem")
+    ] + [
+        ("tls_CApath = /etc/ssl/certs", False),  # the test CA is not there: refused
+        ("tls_CAfile = {c}/server.pem", True),  # not the CA: refused
+    ])
+    def test_against_postmap(self, tls_db: tuple[PrivateMariaDB, Path], cfdir: Path,
+                             settings: str, unix: bool) -> None:
+        ensure_postfix()
+        server, certs = tls_db
+        hosts = f"unix:{server.socket}" if unix else f"inet:127.0.0.1:{server.port}"
+        path = cfdir / "tls.cf"
+        path.write_text(cf_text(server, {"query": TLS_QUERY}, hosts)
+                        + settings.format(c=certs) + "\n")
+        settle_files(path)
+        direct = postmap_lookup("x", f"mysql:{path}")
+        table = MysqlTable(str(path), os.O_RDONLY, 0, context())
+
+        async def ours() -> tuple[str, str]:
+            try:
+                value = await table.alookup(b"x")
+            except DictRetry:
+                return ("E", "")
+            return ("1", "") if value is None else ("0", value.decode())
+        assert run(ours()) == direct.outcome(), direct.stderr
+        assert ("TLSv1" in direct.stdout) == bool(settings) or direct.exit != 0
 
 
 class TestFailover:
@@ -615,3 +716,25 @@ def test_expected_values_spot_check(postfixes: dict) -> None:
     assert _batch(ours, ["pair@dom.example"], "proxy:" + specs["format"]) == (0, {
         "pair@dom.example": "smtp:[h.example] p1 <p1@h.example> pair@dom.example pair "
                             "dom.example example %"})
+
+
+def test_server_restart_through_our_worker(postfixes: dict, db: PrivateMariaDB) -> None:
+    """Last in the file (it restarts the shared server): the worker is not restarted,
+    its broken connection is replaced at once, and nothing is logged."""
+    ours, theirs, spec = postfixes["ours"], postfixes["c"], postfixes["specs"]["basic"]
+    found = ("0", "alice@example.com")
+    assert _raw(ours, spec, "alice") == found and _raw(theirs, spec, "alice") == found
+    log_offset = len(ours.maillog())
+    db.restart()
+    began = time.monotonic()
+    while _raw(ours, spec, "alice") != found:
+        assert time.monotonic() - began < 5.0, ours.log_tail()
+        time.sleep(0.05)
+    assert time.monotonic() - began < 5.0
+    assert ours.lookup("alice", "proxy:" + spec).outcome() == ("0", "alice@example.com")
+    logged = ours.maillog()[log_offset:]
+    assert len([line for line in logged.splitlines() if "warning:" in line]) <= 1, logged
+    # The C proxymap marks the host down for retry_interval (60 s) after the failed
+    # query: RETRY meanwhile, where a direct lookup (a new process) finds the key.
+    assert _raw(theirs, spec, "alice")[0] == RETRY
+    assert postmap_lookup("alice", spec, conf_dir=theirs.conf_dir).outcome() == found

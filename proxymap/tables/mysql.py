@@ -375,10 +375,9 @@ def _tls_context(cfg: CfgParser, options: Mapping[str, str]) -> ssl.SSLContext |
             context = ssl.create_default_context(cafile=files["ca"], capath=files["capath"])
         else:
             context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-            context.verify_mode = ssl.CERT_NONE
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE  # encrypted, but any server will do
         context.check_hostname = verify
-        if not verify and not (files["ca"] or files["capath"]):
-            context.verify_mode = ssl.CERT_NONE
         if files["cert"]:
             context.load_cert_chain(files["cert"], keyfile=files["key"])
         if files["cipher"]:
