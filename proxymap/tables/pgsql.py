@@ -1,0 +1,466 @@
+"""pgsql_table(5) client: ``pgsql:/etc/postfix/file.cf`` or ``pgsql:prefix``, asynchronous.
+
+NAME
+    pgsql -- PostgreSQL lookups with psycopg 3's asyncio API on a bounded pool
+
+SYNOPSIS
+    table = PgsqlTable("/etc/postfix/pgsql-aliases.cf", os.O_RDONLY, flags, ctx)
+    value = await table.alookup(b"alice@example.com")   # bytes, None, or DictRetry
+
+DESCRIPTION
+    Settings (a ``.cf`` file, or main.cf parameters ``<prefix>_<name>``, see
+    ``cfg_parser``): ``hosts``, ``user``, ``password``, ``dbname``, ``query`` (or the
+    legacy ``select_function``, or ``table``/``select_field``/``where_field``/
+    ``additional_conditions``), ``result_format``, ``domain``, ``expansion_limit``
+    (``db_common``), ``encoding``, ``idle_interval`` and ``retry_interval``. Postfix
+    has no ``connect_timeout`` setting; a connection URI may carry libpq's own.
+
+    Hosts: ``unix:/dir`` or ``/dir`` (the directory of the server's socket),
+    ``inet:host[:port]`` or ``host[:port]`` (the port is what follows the last
+    ``:``), and connection URIs: names starting with ``postgresql:`` (3.7) or any
+    ``scheme://`` (3.12). A URI carries its own user, password and database; the
+    other forms use ``user``, ``password`` and ``dbname``, and ``dbname`` is then
+    required (else the table is unavailable: every lookup RETRY). No hosts means
+    ``localhost``.
+
+    A lookup: the key is folded (FOLD_FIX), checked against ``domain`` and against
+    what the templates need of it (a key that cannot fill them is "not found"
+    without a query). The query is then expanded on the connection that will run
+    it, each substituted piece escaped with libpq's PQescapeStringConn for that
+    connection's client encoding (with standard_conforming_strings, a ``'`` is
+    doubled and a backslash stays as it is), and sent as one simple query, as
+    Postfix's PQexec does: several statements are allowed and the last result
+    counts. Success is a result that returned rows or a completed command; every
+    column of every row, as the server's bytes, goes through ``result_format``
+    and is joined with ``,``. SQL NULL is the empty string, which is skipped with
+    Postfix's "empty lookup result" warning.
+
+    Client encoding: ``encoding`` when set; else LATIN1 for an instance serving a
+    3.7-3.10 client (``OpenContext.legacy_client``: Postfix 3.7 hard-codes LATIN1,
+    so a UTF-8 key does not match and a value that LATIN1 cannot hold is a query
+    error) and UTF8 for a 3.11+ client (the 3.8+ default). 3.7 ignores
+    ``encoding``; here an explicit setting counts for every client, so that a 3.7
+    site can choose UTF8 (and a 3.8-3.10 client gets what its own direct lookup
+    does).
+
+    Connections: one ``pool.ConnectionPool`` per table configuration in a worker
+    (instances of one table opened with different flags share it), at most
+    ``pyproxymap_pgsql_connections`` (8) connections, in autocommit mode, one query
+    at a time on each. New connections go to the hosts in Postfix's order: UNIX
+    sockets, then TCP hosts, then URIs, in random order within each kind. An
+    unreachable host is skipped for the pool's back-off (0.25 s doubling to 2 s,
+    logged once per outage); Postfix's ``retry_interval`` (60 s) only moves a host
+    whose query failed to the end of that order, so a restarted server is used
+    again within seconds. Idle connections close after ``idle_interval`` (60 s);
+    one idle for more than 5 s is first checked for a pending server message or a
+    closed socket (a restarted server), without a round trip.
+
+    Failures, never "not found": a query error, an escaping error or an unexpected
+    result status moves on to a connection to another host (the failing host's idle
+    connections are dropped), as Postfix marks the host down; a connection lost
+    during the query is replaced and the query tried once more; with no host left,
+    RETRY. ``pyproxymap_pgsql_timeout`` (10 s) bounds a whole lookup (waiting for a
+    connection, connecting, the query): then RETRY at once, while the query is
+    cancelled on the server in the background and its connection discarded. Query
+    failures are logged once per outage of a host (``pool.OutageLog``); a connection
+    lost once (a restarted server) is not logged.
+
+BUGS
+    Deliberate differences from Postfix 3.7: an explicit ``encoding`` is honoured;
+    URIs of any scheme and ``dbname``-less URI-only configurations are accepted
+    (3.10/3.12 rules; 3.7 treats a missing ``dbname`` as fatal); a failed host is
+    not refused for ``retry_interval`` but tried last; a slow query times out.
+
+SEE ALSO
+    pgsql_table(5), ``db_common``, ``cfg_parser``, ``pool``,
+    ../shared/spec/TABLES.md section 4.4.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import re
+import select
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from psycopg import pq
+from psycopg.conninfo import make_conninfo
+
+from proxymap import flags as F
+from proxymap.tables.base import (
+    AsyncTable,
+    DictOpenError,
+    DictRetry,
+    OpenContext,
+)
+from proxymap.tables.cfg_parser import CfgParser
+from proxymap.tables.db_common import Escape, QueryContext
+from proxymap.tables.pool import (
+    ConnectionPool,
+    EndpointState,
+    Lease,
+    OutageLog,
+    connection_limit,
+)
+from proxymap.tables.streams import param_number
+
+log = logging.getLogger("proxymap")
+
+DEFAULT_TIMEOUT = 10.0
+DEFAULT_INTERVAL = 60  # Postfix's idle_interval and retry_interval
+CHECK_AFTER = 5.0  # idle seconds after which a connection is checked before reuse
+_HOST_SEPARATORS = re.compile(r"[, \t\r\n]+")
+# Postfix 3.12 valid_uri_scheme(): an ASCII letter, then letters, digits, + or -, then ://
+_URI_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+-]*://", re.ASCII)
+_URI_PASSWORD = re.compile(r"^([^/]*//[^:@/]*:)[^@/]*@")
+_OK_STATUSES = frozenset({pq.ExecStatus.TUPLES_OK, pq.ExecStatus.COMMAND_OK})
+
+Connection = psycopg.AsyncConnection[Any]
+
+
+# ---------------------------------------------------------------------------------------
+# Settings
+# ---------------------------------------------------------------------------------------
+
+UNIX, INET, URI = 0, 1, 2  # host kinds, in Postfix's order of preference
+
+
+@dataclass(frozen=True, slots=True)
+class Host:
+    """One entry of ``hosts``: what libpq is given, and how logs show it."""
+
+    text: str
+    kind: int
+    name: str  # socket directory, host name, or the whole URI
+    port: str = ""
+
+    @property
+    def label(self) -> str:
+        """The entry as written, a URI's password hidden."""
+        return _URI_PASSWORD.sub(r"\1***@", self.text) if self.kind == URI else self.text
+
+
+def is_uri(text: str) -> bool:
+    return text.startswith("postgresql:") or _URI_SCHEME.match(text) is not None
+
+
+def parse_host(text: str) -> Host:
+    """Postfix's host_init(): a URI, else strip ``unix:``/``inet:``; a name that is
+    empty or starts with ``/`` is a socket directory, else ``host[:port]``."""
+    if is_uri(text):
+        return Host(text, URI, text)
+    name = text[5:] if text.startswith(("unix:", "inet:")) else text
+    if not name or name.startswith("/"):
+        return Host(text, UNIX, name)
+    host, colon, port = name.rpartition(":")
+    return Host(text, INET, host, port) if colon else Host(text, INET, name)
+
+
+def parse_hosts(value: str) -> tuple[Host, ...]:
+    names = [name for name in _HOST_SEPARATORS.split(value) if name]
+    return tuple(parse_host(name) for name in names or ["localhost"])
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """What the connections of a table depend on (the key of its shared pool)."""
+
+    hosts: tuple[Host, ...]
+    user: str
+    password: str
+    dbname: str
+    encoding: str
+    idle_interval: int
+    retry_interval: int
+
+    def conninfo(self, host: Host) -> str:
+        """libpq's connection string for one host (built when connecting, so that a
+        malformed URI is a connect failure, as in Postfix)."""
+        if host.kind == URI:
+            return make_conninfo(host.name, client_encoding=self.encoding)
+        params = {"host": host.name, "port": host.port, "dbname": self.dbname,
+                  "user": self.user, "password": self.password,
+                  "client_encoding": self.encoding}
+        return make_conninfo("", **{name: value for name, value in params.items() if value})
+
+
+def read_settings(cfg: CfgParser, legacy_client: bool) -> Settings:
+    """The connection settings, checked as Postfix 3.12 checks them (``check_dbname``
+    comes after the templates are read, as in Postfix)."""
+    user = cfg.get_str("user", "")
+    password = cfg.get_str("password", "")
+    dbname = cfg.get_str("dbname", "")
+    if legacy_client:
+        encoding = cfg.get_optional("encoding") or "LATIN1"
+    else:
+        encoding = cfg.get_str("encoding", "UTF8", 1)
+    retry_interval = cfg.get_int("retry_interval", DEFAULT_INTERVAL, 1)
+    idle_interval = cfg.get_int("idle_interval", DEFAULT_INTERVAL, 1)
+    hosts = parse_hosts(cfg.get_str("hosts", ""))
+    return Settings(hosts, user, password, dbname, encoding, idle_interval, retry_interval)
+
+
+def check_dbname(settings: Settings, spec: str) -> None:
+    """``dbname`` is required unless every host is a URI (3.10+; 3.7 always needs it)."""
+    if not settings.dbname:
+        for host in settings.hosts:
+            if host.kind != URI:
+                raise DictOpenError(f"{spec} host target '{host.name}' requires dbname setting")
+
+
+# ---------------------------------------------------------------------------------------
+# Connections
+# ---------------------------------------------------------------------------------------
+
+
+def close_connection(connection: Connection) -> None:
+    """Close at once (libpq's PQfinish; no await): also for a pool whose loop is gone."""
+    try:
+        connection.pgconn.finish()
+    except Exception:  # noqa: BLE001 - already finished
+        pass
+
+
+async def connection_is_idle(connection: Connection) -> bool:
+    """A reusable idle connection has nothing to read: a readable socket means a
+    message from the server (a shutdown notice) or a closed connection."""
+    if connection.closed or connection.broken:
+        return False
+    try:
+        readable, _, _ = select.select([connection.pgconn.socket], [], [], 0)
+    except (OSError, ValueError, psycopg.Error):
+        return False
+    return not readable
+
+
+async def run_query(connection: Connection, query: bytes) -> pq.abc.PGresult | None:
+    """Send ``query`` as one simple query; the last result (PQexec's)."""
+    cursor = connection.cursor()
+    await cursor.execute(query)
+    result = cursor.pgresult
+    while cursor.nextset():
+        result = cursor.pgresult
+    return result
+
+
+class _Lost(Exception):
+    """The connection broke during the query."""
+
+
+class _Failed(Exception):
+    """The server answered the query with an error (or it could not be escaped)."""
+
+
+PgLease = Lease[Connection, Host]
+
+
+class Backend:
+    """The pool of one table configuration, and what its lookups learn about hosts."""
+
+    def __init__(self, spec: str, settings: Settings, size: int, timeout: float) -> None:
+        self.spec = spec
+        self.settings = settings
+        self.timeout = timeout
+        self._outages: dict[str, OutageLog] = {}  # host label -> its query failures
+        self._penalties: dict[str, float] = {}  # host label -> end of its retry_interval
+        self.pool: ConnectionPool[Connection, Host] = ConnectionPool(
+            spec, settings.hosts, self._connect, close_connection, size=size,
+            connect_timeout=timeout, idle_limit=settings.idle_interval,
+            health_check=connection_is_idle, check_after=CHECK_AFTER,
+            order=self._order, label=lambda host: host.label)
+
+    async def _connect(self, host: Host) -> Connection:
+        return await psycopg.AsyncConnection.connect(
+            self.settings.conninfo(host), autocommit=True, prepare_threshold=None)
+
+    def _order(self, states: list[EndpointState[Host]]) -> list[EndpointState[Host]]:
+        """Random within each kind, UNIX first; hosts whose query failed lately last."""
+        now = time.monotonic()
+        random.shuffle(states)
+        return sorted(states, key=lambda state: (
+            self._penalties.get(state.label, 0.0) > now, state.endpoint.kind))
+
+    def outage(self, host: EndpointState[Host]) -> OutageLog:
+        """Query failures of one host, logged once per outage (the pool logs the
+        connect failures)."""
+        outage = self._outages.get(host.label)
+        if outage is None:
+            outage = self._outages[host.label] = OutageLog(f"{self.spec}: {host.label}")
+        return outage
+
+    def _penalize(self, host: EndpointState[Host]) -> None:
+        self._penalties[host.label] = time.monotonic() + self.settings.retry_interval
+
+    # --- one lookup ------------------------------------------------------------------
+    async def query(self, build: Callable[[Escape], bytes]) -> pq.abc.PGresult:
+        """Run the query that ``build`` expands with a connection's escaping; the
+        result, or DictRetry. See the module description for the failover rules."""
+        deadline = time.monotonic() + self.timeout
+        failed: set[str] = set()
+        losses = 0
+        reason = "no host answered"
+        for _ in range(len(self.settings.hosts) + 1):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            lease = await self.pool.acquire(remaining)  # PoolUnavailable: a DictRetry
+            host = lease.endpoint
+            if host.label in failed:
+                self.pool.release(lease)  # no other host to fail over to
+                break
+            try:
+                result = await self._attempt(lease, build, deadline)
+            except _Lost as lost:
+                # Once is a connection the server dropped (a restart): not logged.
+                reason = f"{host.label}: connection lost: {lost}"
+                self._discard(lease)
+                losses += 1
+                if losses > 1:
+                    self.outage(host).failed(f"connection lost: {lost}")
+                    failed.add(host.label)
+                continue
+            except _Failed as error:
+                reason = f"{host.label}: {error}"
+                self.outage(host).failed(f"query failed: {error}")
+                self._penalize(host)
+                failed.add(host.label)
+                if all(state.label in failed for state in self.pool.endpoints):
+                    self.pool.release(lease)  # the connection itself is fine
+                    break
+                self._discard(lease)
+                continue
+            self.pool.release(lease)
+            self.outage(host).ok()
+            return result
+        raise DictRetry(f"{self.spec}: {reason}")
+
+    def _discard(self, lease: PgLease) -> None:
+        """Close the connection and its idle siblings to that host, so that the next
+        attempt takes another host (or a new connection)."""
+        self._penalize(lease.endpoint)
+        self.pool.release(lease, reusable=False)
+        self.pool.suspect(lease)
+
+    async def _attempt(self, lease: PgLease, build: Callable[[Escape], bytes],
+                       deadline: float) -> pq.abc.PGresult:
+        connection = lease.connection
+        try:
+            query = build(pq.Escaping(connection.pgconn).escape_string)
+        except psycopg.Error as exc:
+            if connection.broken or connection.closed:
+                raise _Lost(str(exc)) from None
+            raise _Failed(f"cannot escape the key: {exc}") from None
+        try:
+            result = await self._execute(lease, query, deadline)
+        except psycopg.Error as exc:
+            if connection.broken or connection.closed:
+                raise _Lost(_reason(exc)) from None
+            raise _Failed(_reason(exc)) from None
+        except OSError as exc:  # below the driver: treat the connection as lost
+            raise _Lost(str(exc) or exc.__class__.__name__) from None
+        if result is None or result.status not in _OK_STATUSES:
+            status = "none" if result is None else pq.ExecStatus(result.status).name
+            raise _Failed(f"unexpected result status {status}")
+        return result
+
+    async def _execute(self, lease: PgLease, query: bytes,
+                       deadline: float) -> pq.abc.PGresult | None:
+        """The query, bounded by the deadline; on a timeout (or when the lookup is
+        cancelled) answer at once and let psycopg cancel it on the server in the
+        background; the connection stays counted until that is over."""
+        task = asyncio.ensure_future(run_query(lease.connection, query))
+        try:
+            done, _ = await asyncio.wait((task,), timeout=max(0.0, deadline - time.monotonic()))
+        except asyncio.CancelledError:
+            self._abandon(lease, task)
+            raise
+        if not done:
+            self._abandon(lease, task)
+            self.outage(lease.endpoint).failed(f"query timed out after {self.timeout:g}s")
+            raise DictRetry(f"{self.spec}: query timed out after {self.timeout:g}s")
+        return task.result()
+
+    def _abandon(self, lease: PgLease, task: asyncio.Future[Any]) -> None:
+        def settled(done: asyncio.Future[Any]) -> None:
+            if not done.cancelled():
+                done.exception()  # retrieved: no "never retrieved" warning
+            self.pool.release(lease, reusable=False)
+
+        task.cancel()
+        task.add_done_callback(settled)
+
+
+def _reason(exc: psycopg.Error) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+
+
+# Backends are shared by the instances of one table configuration in a worker.
+_BACKENDS: dict[tuple[str, Settings, int, float], Backend] = {}
+
+
+def backend_for(spec: str, settings: Settings, ctx: OpenContext | None) -> Backend:
+    params = ctx.params if ctx else None
+    size = connection_limit("pgsql", params) or 8
+    timeout = param_number(ctx, "pyproxymap_pgsql_timeout", DEFAULT_TIMEOUT)
+    key = (spec, settings, size, timeout)
+    backend = _BACKENDS.get(key)
+    if backend is None:
+        backend = _BACKENDS[key] = Backend(spec, settings, size, timeout)
+    return backend
+
+
+# ---------------------------------------------------------------------------------------
+# The table
+# ---------------------------------------------------------------------------------------
+
+
+class PgsqlTable(AsyncTable):
+    dict_type = "pgsql"
+
+    def __init__(self, name: str, open_mode: int, flags: int,
+                 ctx: OpenContext | None = None) -> None:
+        super().__init__(name, open_mode, flags | F.FIXED)
+        if open_mode != os.O_RDONLY:
+            raise DictOpenError(f"{self.spec} map requires O_RDONLY access mode")
+        context = ctx or OpenContext()
+        cfg = CfgParser(name, context.params)
+        # Postfix's order, so that the first error reported is the same one.
+        settings = read_settings(cfg, context.legacy_client)
+        self.query_context = QueryContext.for_sql(cfg, context, "pgsql", table=self.spec)
+        check_dbname(settings, self.spec)
+        self.backend = backend_for(self.spec, settings, ctx)
+
+    @property
+    def pool(self) -> ConnectionPool[Connection, Host]:
+        return self.backend.pool
+
+    async def alookup(self, key: bytes) -> bytes | None:
+        key = self.fold(key)  # before any await: the flag word is shared
+        context = self.query_context
+        if not await context.acheck_domain(key):
+            return None
+        if context.expand_query(context.query, key, None) is None:
+            return None  # the key cannot fill the templates: no query
+
+        def build(escape: Escape) -> bytes:
+            query = context.expand_query(context.query, key, escape)
+            assert query is not None  # the same key filled the templates above
+            return query
+
+        result = await self.backend.query(build)
+        joined = context.results(key)
+        for row in range(result.ntuples):
+            for column in range(result.nfields):
+                # libpq gives NULL as "": Postfix skips it with a warning, like "".
+                joined.add(result.get_value(row, column) or b"")
+        return joined.value()
+
+    def close(self) -> None:
+        self.backend.pool.discard_idle()
