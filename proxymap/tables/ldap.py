@@ -412,10 +412,8 @@ def _templates(cfg: CfgParser) -> tuple[Template, Template, Template]:
     if not query.dynamic:
         log.warning("dict_ldap_open: %s: Fixed query_filter %s is probably useless",
                     cfg.name, query.text.decode("utf-8", "backslashreplace"))
-    if cfg.has("result_format"):
-        result_text = cfg.get_str("result_format", "")
-    else:
-        result_text = cfg.get_str("result_filter", "%s", 1)
+    # An empty result_format counts as unset, as in Postfix (its default is NULL).
+    result_text = cfg.get_optional("result_format") or cfg.get_str("result_filter", "%s", 1)
     return base, query, Template.parse(result_text, "result_format", table=cfg.name)
 
 

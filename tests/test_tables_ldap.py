@@ -1,0 +1,517 @@
+"""ldap: tables against a private slapd, differential against the real Postfix.
+
+``TestDifferential``: for every configuration of ``CASES`` and its keys, the direct
+``postmap -q KEY ldap:file.cf`` (the oracle), ``proxy:ldap:file.cf`` through OUR
+worker under the real Postfix master, and the same through the C proxymap. Ours
+must equal the direct lookup (status and value; the raw proxymap status for
+errors), and the direct lookup must equal the value pinned here (what Postfix
+3.7.11 answered when the case was written). Keys are batched per ``postmap -q -``
+process; a key whose lookup fails ends such a batch, so failing keys run alone.
+
+The other tests: failover and recovery through our worker, a hung directory
+(SIGSTOP) that must not hold up other tables of the same worker, and many
+concurrent lookups sharing a connection.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from proxymap import flags as F
+from tests.support.postfix import (
+    PrivatePostfix,
+    ensure_postfix,
+    run_postmap,
+    settle_files,
+)
+from tests.support.servers import (
+    PrivateSlapd,
+    ensure_server_packages,
+    free_port,
+    slapd,  # noqa: F401  (fixture)
+)
+
+pytestmark = pytest.mark.postfix
+
+OUR_PROXYMAP = Path(os.environ.get("PYPROXYMAP_WORKER") or Path(sys.executable).parent / "proxymap")
+SUFFIX = "dc=example,dc=com"
+PEOPLE = f"ou=people,{SUFFIX}"
+ERROR = "E"  # the lookup fails (RETRY): postmap says "fatal: ... query error"
+
+
+def b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode()
+
+
+def directory_ldif(port: int) -> str:
+    """The test directory; PORT (its own) is where the referral entry points."""
+    return f"""
+dn: ou=people,{SUFFIX}
+objectClass: organizationalUnit
+ou: people
+
+dn: ou=groups,{SUFFIX}
+objectClass: organizationalUnit
+ou: groups
+
+dn: uid=alice,{PEOPLE}
+objectClass: account
+objectClass: mailUser
+objectClass: simpleSecurityObject
+uid: alice
+userPassword: alicepw
+mailacceptinggeneralid: alice@example.com
+maildrop: alice@mail.example.com
+
+dn: uid=bob,{PEOPLE}
+objectClass: account
+objectClass: mailUser
+uid: bob
+mailacceptinggeneralid: bob@example.com
+maildrop: bob1@mail.example.com
+maildrop: bob2@mail.example.com
+mail: bob-leaf@example.com
+
+dn: uid=term,{PEOPLE}
+objectClass: account
+objectClass: mailUser
+uid: term
+mailacceptinggeneralid: term@example.com
+mailacceptinggeneralid: shared@example.com
+maildrop: term-drop@example.com
+mailForwardingAddress: term-fwd@example.com
+
+dn: uid=plain,{PEOPLE}
+objectClass: account
+objectClass: mailUser
+uid: plain
+mailacceptinggeneralid: shared@example.com
+maildrop: plain-drop@example.com
+mail: plain-leaf@example.com
+
+dn: uid=meta,{PEOPLE}
+objectClass: account
+objectClass: mailUser
+uid: meta
+mailacceptinggeneralid: st*r(x)\\y@example.com
+maildrop: meta-ok@example.com
+
+dn: uid=unicode,{PEOPLE}
+objectClass: account
+objectClass: mailUser
+uid: unicode
+mailacceptinggeneralid:: {b64("ünï@example.com")}
+maildrop:: {b64("ünï@mail.example.com")}
+
+dn: uid=tagged,{PEOPLE}
+objectClass: account
+objectClass: mailUser
+uid: tagged
+mailacceptinggeneralid: tagged@example.com
+maildrop: tagged-plain@example.com
+maildrop;lang-de: tagged-de@example.com
+
+dn: uid=valueparts,{PEOPLE}
+objectClass: account
+objectClass: mailUser
+uid: valueparts
+mailacceptinggeneralid: parts@example.com
+maildrop: first@one.example
+maildrop: nodomain
+maildrop: last@two.example
+
+dn: cn=staff,ou=groups,{SUFFIX}
+objectClass: groupOfNames
+objectClass: mailUser
+cn: staff
+mailacceptinggeneralid: staff@example.com
+mailacceptinggeneralid: leafy@example.com
+maildrop: staff-owner@example.com
+mail: staff-leaf@example.com
+member: uid=alice,{PEOPLE}
+member: uid=bob,{PEOPLE}
+member: uid=ghost,{PEOPLE}
+
+dn: uid=plain2,{PEOPLE}
+objectClass: account
+objectClass: mailUser
+uid: plain2
+mailacceptinggeneralid: leafy@example.com
+maildrop: plain2-drop@example.com
+mail: plain2-leaf@example.com
+
+dn: cn=loop1,ou=groups,{SUFFIX}
+objectClass: groupOfNames
+objectClass: mailUser
+cn: loop1
+mailacceptinggeneralid: loop@example.com
+maildrop: loop1@example.com
+member: cn=loop2,ou=groups,{SUFFIX}
+
+dn: cn=loop2,ou=groups,{SUFFIX}
+objectClass: groupOfNames
+objectClass: mailUser
+cn: loop2
+maildrop: loop2@example.com
+member: cn=loop1,ou=groups,{SUFFIX}
+
+dn: uid=dyn,ou=groups,{SUFFIX}
+objectClass: account
+objectClass: mailUser
+objectClass: labeledURIObject
+uid: dyn
+mailacceptinggeneralid: dyn@example.com
+labeledURI: ldap:///{PEOPLE}??one?(uid=alice)
+labeledURI: ldap:///{PEOPLE}?maildrop?one?(uid=bob)
+labeledURI: ldap:///{PEOPLE}?cn?one?(uid=bob)
+labeledURI: ldap:///ou=nowhere,{SUFFIX}??sub?(uid=bob)
+
+dn: uid=badurl,ou=groups,{SUFFIX}
+objectClass: account
+objectClass: mailUser
+objectClass: labeledURIObject
+uid: badurl
+mailacceptinggeneralid: badurl@example.com
+labeledURI: ldap:///{PEOPLE}??bogus?(uid=bob)
+
+dn: uid=baddn,{PEOPLE}
+objectClass: account
+objectClass: mailUser
+uid: baddn
+mailacceptinggeneralid: baddn@example.com
+description: this is not a DN
+
+dn: ou=domains,{SUFFIX}
+objectClass: organizationalUnit
+ou: domains
+
+dn: ou=example.com,ou=domains,{SUFFIX}
+objectClass: organizationalUnit
+ou: example.com
+
+dn: uid=alice,ou=example.com,ou=domains,{SUFFIX}
+objectClass: account
+objectClass: mailUser
+uid: alice
+maildrop: alice@domains.example
+
+dn: ou=a\\2Cb\\2Bc,ou=domains,{SUFFIX}
+objectClass: organizationalUnit
+ou: a,b+c
+
+dn: uid=quoted,ou=a\\2Cb\\2Bc,ou=domains,{SUFFIX}
+objectClass: account
+objectClass: mailUser
+uid: quoted
+maildrop: quoted-ok@example.com
+
+dn: ou=aliases,{SUFFIX}
+objectClass: organizationalUnit
+ou: aliases
+
+dn: uid=ally,ou=aliases,{SUFFIX}
+objectClass: alias
+objectClass: extensibleObject
+uid: ally
+aliasedObjectName: uid=alice,{PEOPLE}
+
+dn: ou=elsewhere,{SUFFIX}
+objectClass: referral
+objectClass: extensibleObject
+ou: elsewhere
+ref: ldap://127.0.0.1:{port}/{PEOPLE}
+"""
+
+
+BASIC = """\
+server_host = {url}
+search_base = dc=example,dc=com
+bind = no
+"""
+
+# name -> .cf text ({url} ldap URL, {port}, {ldapi} URL, {dead}/{dead2} closed ports)
+CONFIGS: dict[str, str] = {
+    "basic": BASIC,
+    "simplebind": "server_host = {url}\nsearch_base = dc=example,dc=com\n"
+                  "bind_dn = uid=alice,ou=people,dc=example,dc=com\nbind_pw = alicepw\n",
+    "badbind": "server_host = {url}\nsearch_base = dc=example,dc=com\n"
+               "bind_dn = uid=alice,ou=people,dc=example,dc=com\nbind_pw = wrong\n",
+    "anonbind": "server_host = {url}\nsearch_base = dc=example,dc=com\n",
+    "version2": "server_host = {url}\nsearch_base = dc=example,dc=com\nversion = 2\n",
+    "version2nobind": BASIC + "version = 2\n",
+    "hostport": "server_host = 127.0.0.1:{port}\nsearch_base = dc=example,dc=com\nbind = no\n",
+    "serverport": "server_host = 127.0.0.1\nserver_port = {port}\n"
+                  "search_base = dc=example,dc=com\nbind = no\n",
+    "ldapi": "server_host = {ldapi}\nsearch_base = dc=example,dc=com\nbind = no\n",
+    "sasl": "server_host = {ldapi}\nsearch_base = dc=example,dc=com\nbind = sasl\n"
+            "sasl_mechs = EXTERNAL\nversion = 3\n",
+    "failover": "server_host = ldap://127.0.0.1:{dead}, ldap://127.0.0.1:{port}\n"
+                "search_base = dc=example,dc=com\nbind = no\n",
+    "alldead": "server_host = ldap://127.0.0.1:{dead} ldap://127.0.0.1:{dead2}\n"
+               "search_base = dc=example,dc=com\nbind = no\ntimeout = 2\n",
+    "special": BASIC + "terminal_result_attribute = mailForwardingAddress\n"
+                       "leaf_result_attribute = mail\nresult_attribute = maildrop\n"
+                       "special_result_attribute = member, labeledURI\n",
+    "recursion": BASIC + "special_result_attribute = member\nrecursion_limit = 5\n",
+    "recursion1": BASIC + "special_result_attribute = member\nrecursion_limit = 1\n",
+    "baddn": BASIC + "special_result_attribute = description\n",
+    "domain": BASIC + "domain = example.com, example.net\n",
+    "expansion1": BASIC + "expansion_limit = 1\n",
+    "expansion2": BASIC + "expansion_limit = 2\nsize_limit = 0\n"
+                          "special_result_attribute = member\n",
+    "size1": BASIC + "size_limit = 1\n",
+    "dynbase": "server_host = {url}\nsearch_base = ou=%d, ou=domains, dc=example, dc=com\n"
+               "query_filter = (uid=%u)\nbind = no\n",
+    "userbase": "server_host = {url}\nsearch_base = uid=%u,ou=people,dc=example,dc=com\n"
+                "scope = base\nbind = no\n",
+    "staticmissing": "server_host = {url}\nsearch_base = ou=missing,dc=example,dc=com\n"
+                     "bind = no\n",
+    "scopeone": "server_host = {url}\nsearch_base = dc=example,dc=com\nscope = one\nbind = no\n",
+    "scopeonepeople": "server_host = {url}\nsearch_base = ou=people,dc=example,dc=com\n"
+                      "scope = ONE\nbind = no\n",
+    "scopebogus": BASIC + "scope = bogus\n",
+    "format": BASIC + "result_format = smtp:[%s]\n",
+    "formatparts": BASIC + "result_format = %u at %d\n",
+    "formatkey": BASIC + "result_filter = %s key=%S user=%U dom=%D tld=%1\n",
+    "formatempty": BASIC + "result_format =\n",
+    "filterparts": "server_host = {url}\nsearch_base = dc=example,dc=com\nbind = no\n"
+                   "query_filter = (&(objectClass=mailUser)(mailacceptinggeneralid=%u@%2.%1))\n",
+    "multiattr": BASIC + "result_attribute = maildrop mail, mailacceptinggeneralid\n",
+    "deref0": "server_host = {url}\nsearch_base = uid=%u,ou=aliases,dc=example,dc=com\n"
+              "scope = base\nquery_filter = (objectClass=*)\nbind = no\n",
+    "deref3": "server_host = {url}\nsearch_base = uid=%u,ou=aliases,dc=example,dc=com\n"
+              "scope = base\nquery_filter = (objectClass=*)\nbind = no\ndereference = 3\n",
+    "referral": "server_host = {url}\nsearch_base = ou=elsewhere,dc=example,dc=com\n"
+                "bind = no\n",
+    "chase": "server_host = {url}\nsearch_base = ou=elsewhere,dc=example,dc=com\n"
+             "bind = no\nchase_referrals = yes\n",
+    "chaseroot": BASIC + "chase_referrals = yes\n",
+    "badfilter": BASIC + "query_filter = (&(mailacceptinggeneralid=%s)\n",
+    "timeout0": BASIC + "timeout = 0\n",
+    "cache": BASIC + "cache = yes\ncache_expiry = 30\ncache_size = 100\n",
+}
+
+ALICE = "alice@mail.example.com"
+BOB = "bob1@mail.example.com,bob2@mail.example.com"
+
+# name -> [(key, expected direct answer: value, None = not found, or ERROR)]
+CASES: dict[str, list[tuple[str, str | None]]] = {
+    "basic": [
+        ("alice@example.com", ALICE), ("ALICE@Example.COM", ALICE), ("bob@example.com", BOB),
+        ("nobody@example.com", None), ("alice", None),
+        ("shared@example.com", "term-drop@example.com,plain-drop@example.com"),
+        ("st*r(x)\\y@example.com", "meta-ok@example.com"),
+        ("st*", None), ("*", None), ("*@example.com", None), ("(x)", None), ("\\", None),
+        ("ünï@example.com", "ünï@mail.example.com"),
+        ("ÜNÏ@EXAMPLE.COM", "ünï@mail.example.com"),
+        ("tagged@example.com", "tagged-plain@example.com,tagged-de@example.com"),
+        ("staff@example.com", "staff-owner@example.com"),
+    ],
+    "simplebind": [("alice@example.com", ALICE), ("bob@example.com", BOB)],
+    "badbind": [("alice@example.com", ERROR)],
+    "anonbind": [("alice@example.com", ALICE)],
+    "version2": [("alice@example.com", ERROR)],
+    "version2nobind": [("alice@example.com", ALICE)],
+    "hostport": [("alice@example.com", ALICE)],
+    "serverport": [("alice@example.com", ALICE)],
+    "ldapi": [("bob@example.com", BOB)],
+    "sasl": [("bob@example.com", BOB), ("nobody@example.com", None)],
+    "failover": [("alice@example.com", ALICE)],
+    "alldead": [("alice@example.com", ERROR), ("alice", ERROR)],
+    "special": [
+        ("alice@example.com", ALICE),
+        ("bob@example.com", BOB + ",bob-leaf@example.com"),
+        ("term@example.com", "term-fwd@example.com"),
+        # Postfix carries "terminal" over to the next entry, which then adds nothing.
+        ("shared@example.com", "term-fwd@example.com"),
+        ("staff@example.com", f"staff-owner@example.com,{ALICE},{BOB},bob-leaf@example.com"),
+        # ... and "not a leaf": plain2's leaf attribute is skipped after staff.
+        ("leafy@example.com", f"staff-owner@example.com,{ALICE},{BOB},bob-leaf@example.com,"
+                              "plain2-drop@example.com"),
+        ("dyn@example.com", f"{ALICE},{BOB}"),
+        ("badurl@example.com", ERROR),
+    ],
+    "recursion": [("loop@example.com", ERROR), ("staff@example.com",
+                                                  f"staff-owner@example.com,{ALICE},{BOB}")],
+    "recursion1": [("staff@example.com", ERROR), ("bob@example.com", BOB)],
+    "baddn": [("baddn@example.com", ERROR), ("alice@example.com", ALICE)],
+    "domain": [("alice@example.com", ALICE), ("alice@other.org", None), ("alice", None),
+               ("@example.com", None), ("alice@EXAMPLE.com", ALICE)],
+    "expansion1": [("alice@example.com", ALICE), ("bob@example.com", ERROR),
+                   ("shared@example.com", ERROR)],
+    "expansion2": [("bob@example.com", BOB),
+                   ("shared@example.com", "term-drop@example.com,plain-drop@example.com"),
+                   ("staff@example.com", ERROR)],
+    "size1": [("bob@example.com", BOB), ("shared@example.com", ERROR)],
+    "dynbase": [("alice@example.com", "alice@domains.example"), ("bob@example.com", None),
+                ("alice@nodomain.org", None), ("alice", None), ("@example.com", None),
+                ("quoted@a,b+c", "quoted-ok@example.com")],
+    "userbase": [("alice@example.com", ALICE), ("alice@anything", None), ("bob@example.com", BOB),
+                 ("ghost@example.com", None), ("alice", None)],
+    "staticmissing": [("alice@example.com", ERROR)],
+    "scopeone": [("alice@example.com", None)],
+    "scopeonepeople": [("alice@example.com", ALICE)],
+    "scopebogus": [("alice@example.com", ALICE)],
+    "format": [("bob@example.com", "smtp:[bob1@mail.example.com],smtp:[bob2@mail.example.com]")],
+    "formatparts": [("parts@example.com", "first at one.example,last at two.example"),
+                    ("alice@example.com", "alice at mail.example.com")],
+    "formatkey": [
+        ("alice@example.com", f"{ALICE} key=alice@example.com user=alice dom=example.com tld=com"),
+        ("alice", None),
+    ],
+    "formatempty": [("alice@example.com", ALICE), ("bob@example.com", BOB)],  # = unset
+    "filterparts": [("alice@example.com", ALICE), ("alice@com", None), ("alice", None)],
+    "multiattr": [
+        ("bob@example.com", f"bob@example.com,{BOB},bob-leaf@example.com"),
+    ],
+    "deref0": [("ally@x", None)],
+    "deref3": [("ally@x", ALICE)],
+    "referral": [("alice@example.com", ERROR)],
+    "chase": [("alice@example.com", ALICE)],
+    "chaseroot": [("alice@example.com", f"{ALICE},{ALICE}")],
+    "badfilter": [("alice@example.com", ERROR)],
+    "timeout0": [("alice@example.com", ERROR)],
+    "cache": [("alice@example.com", ALICE)],
+}
+
+# Where the C proxymap answers otherwise than the direct lookup: (config, key) -> answer.
+C_PROXYMAP_DIFFERS: dict[tuple[str, str], str | None] = {}
+
+
+# ---------------------------------------------------------------------------------------
+# Fixtures
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Stack:
+    directory: PrivateSlapd
+    spare: PrivateSlapd
+    ours: PrivatePostfix
+    theirs: PrivatePostfix
+    cf: dict[str, Path]
+
+    def map(self, name: str) -> str:
+        return f"ldap:{self.cf[name]}"
+
+
+def write_configs(target: Path, directory: PrivateSlapd, spare: PrivateSlapd) -> dict[str, Path]:
+    values = {"url": directory.url, "port": directory.port, "ldapi": directory.ldapi_url,
+              "dead": free_port(), "dead2": free_port()}
+    files = {}
+    for name, text in CONFIGS.items():
+        files[name] = target / f"{name}.cf"
+        files[name].write_text(text.format(**values))
+    spare_url = spare.url
+    files["spare"] = target / "spare.cf"
+    files["spare"].write_text(f"server_host = {spare_url}\nsearch_base = {SUFFIX}\nbind = no\n"
+                              "timeout = 2\n")
+    files["hung"] = target / "hung.cf"
+    files["hung"].write_text(f"server_host = {spare_url}\nsearch_base = {SUFFIX}\nbind = no\n"
+                             "timeout = 2\n")
+    for path in files.values():
+        path.chmod(0o644)
+    settle_files(*files.values())
+    return files
+
+
+@pytest.fixture(scope="module")
+def stack() -> Iterator[Stack]:
+    ensure_server_packages("slapd", "ldap-utils")
+    ensure_postfix()
+    assert OUR_PROXYMAP.exists(), f"our worker is not installed: {OUR_PROXYMAP}"
+    directory = PrivateSlapd()
+    directory.ldif = directory_ldif(directory.port)
+    spare = PrivateSlapd(f"dn: uid=spare,{SUFFIX}\nobjectClass: account\nobjectClass: mailUser\n"
+                         "uid: spare\nmailacceptinggeneralid: spare@example.com\n"
+                         "maildrop: spare-ok@example.com\n")
+    ours = PrivatePostfix(proxymap_program=OUR_PROXYMAP, proxymap_maxproc="1",
+                          name="ldap-ours")
+    theirs = PrivatePostfix(name="ldap-c")
+    try:
+        directory.start()
+        spare.start()
+        cf = write_configs(ours.tables, directory, spare)
+        allowed = " ".join(f"proxy:ldap:{path}" for path in cf.values())
+        ours.proxy_read_maps = theirs.proxy_read_maps = allowed
+        ours.start()
+        theirs.start()
+        result = Stack(directory, spare, ours, theirs, cf)
+        ours.wait_until_serving("alice@example.com", result.map("basic"))
+        theirs.wait_until_serving("alice@example.com", result.map("basic"))
+        yield result
+    finally:
+        for instance in (ours, theirs):
+            instance.stop()
+            instance.cleanup()
+        spare.close()
+        directory.close()
+
+
+# ---------------------------------------------------------------------------------------
+# Differential
+# ---------------------------------------------------------------------------------------
+
+
+def batch(instance: PrivatePostfix, keys: list[str], table: str) -> dict[str, str | None]:
+    """Answers of one ``postmap -q -`` run over KEYS (which must not fail)."""
+    data = "".join(f"{key}\n" for key in keys).encode()
+    result = run_postmap(["-q", "-", table], conf_dir=instance.conf_dir, stdin=data)
+    assert result.exit in (0, 1) and "fatal" not in result.stderr, f"{table}: {result.stderr}"
+    found = dict(line.split("\t", 1) for line in result.stdout.split("\n") if line)
+    return {key: found.get(key) for key in keys}
+
+
+def single(instance: PrivatePostfix, key: str, table: str) -> str | None:
+    result = run_postmap(["-q", key, table], conf_dir=instance.conf_dir)
+    if result.exit == 0:
+        return result.stdout
+    return ERROR if "fatal:" in result.stderr else None
+
+
+def raw_status(instance: PrivatePostfix, table: str, key: str) -> bytes:
+    with instance.client(timeout=15) as client:
+        return client.lookup(table, key)["status"]
+
+
+def answers(instance: PrivatePostfix, name: str, table: str) -> dict[str, str | None]:
+    """Every key of CASES[name]: a batch for those expected to work, failing ones alone."""
+    keys = [key for key, want in CASES[name] if want != ERROR]
+    got = batch(instance, keys, table) if keys else {}
+    for key, want in CASES[name]:
+        if want == ERROR:
+            got[key] = single(instance, key, table)
+    return got
+
+
+class TestDifferential:
+    @pytest.mark.parametrize("name", list(CASES))
+    def test_ours_equals_direct(self, stack: Stack, name: str) -> None:
+        expected = dict(CASES[name])
+        direct = answers(stack.ours, name, stack.map(name))
+        assert direct == expected, "the direct Postfix lookup disagrees with the pinned answers"
+        ours = answers(stack.ours, name, "proxy:" + stack.map(name))
+        assert ours == direct, stack.ours.log_tail(30)
+        for key, want in CASES[name]:
+            if want == ERROR:
+                assert raw_status(stack.ours, stack.map(name), key) == b"2"
+
+    @pytest.mark.parametrize("name", list(CASES))
+    def test_c_proxymap(self, stack: Stack, name: str) -> None:
+        theirs = answers(stack.theirs, name, "proxy:" + stack.map(name))
+        expected = {key: C_PROXYMAP_DIFFERS.get((name, key), want) for key, want in CASES[name]}
+        assert theirs == expected
+
+    def test_open_reply_is_fixed(self, stack: Stack) -> None:
+        for instance in (stack.ours, stack.theirs):
+            with instance.client() as client:
+                reply = client.open(stack.map("dynbase"), F.LOCK | F.FOLD_FIX)
+            assert reply["status"] == b"0"
+            assert int(reply["flags"]) & F.IMPL_MASK == F.FIXED
