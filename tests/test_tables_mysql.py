@@ -298,6 +298,18 @@ class TestLookups:
             assert await table.alookup(b"back\\slash") == b"backslash@example.com"
         run(main())
 
+    def test_charset_setting(self, db: PrivateMariaDB, cfdir: Path) -> None:
+        table = table_for(cfdir, db, {"query": "SELECT l, v2 FROM aliases WHERE k='%s'",
+                                      "charset": "latin1"})
+
+        async def main() -> None:
+            # The server converts to the connection's character set: é is one byte,
+            # and "€" (not in latin1 proper) is cp1252's 0x80, as MariaDB's latin1 is.
+            assert await table.alookup(b"alice") == b"caf\xe9"
+            assert await table.alookup("\xfcber".encode("latin1")) == \
+                "ünïcödé €".encode("cp1252")
+        run(main())
+
     def test_no_backslash_escapes_server_mode(self, db: PrivateMariaDB, cfdir: Path) -> None:
         db.execute("SET GLOBAL sql_mode = CONCAT(@@sql_mode, ',NO_BACKSLASH_ESCAPES')")
         try:
