@@ -432,6 +432,22 @@ def test_memcached_down_then_back(rig: Rig) -> None:
     assert len(warnings) == 1, warnings
 
 
+def test_restart_with_idle_connections(rig: Rig) -> None:
+    """Connections a restarted memcached closed are replaced at once: no failed try,
+    no retry_pause (the C proxymap's event loop notices the close likewise)."""
+    victim = rig.victim
+    reset(victim, {"carol": b"C"})
+    with rig.ours.client() as client:
+        assert client.lookup(rig.table("hung"), "carol")["status"] == b"0"
+        victim.restart()
+        reset(victim, {"carol": b"again"})
+        began = time.monotonic()
+        reply = client.lookup(rig.table("hung"), "carol")
+        elapsed = time.monotonic() - began
+    assert reply == {"status": b"0", "value": b"again"}
+    assert elapsed < 0.5, elapsed
+
+
 def test_hung_memcached(rig: Rig) -> None:
     """SIGSTOP: other tables of the same worker answer at once; the hung lookups answer
     RETRY after max_try tries (timeout 1 + pause 1 + timeout 1), as Postfix does."""
@@ -470,6 +486,9 @@ def test_hung_memcached(rig: Rig) -> None:
     finally:
         os.kill(pid, signal.SIGCONT)
     assert statuses == [RETRY] * 3
+    failures = [line for line in rig.ours.maillog().splitlines()
+                if f"{rig.table('hung')}: lookup failed" in line]
+    assert len(failures) == 1, failures  # one line for the outage, not one per lookup
     assert direct.returncode != 0 and b"fatal" in stderr
     print(f"hung lookups answered after {ours_elapsed:.2f} s, direct after {direct_elapsed:.2f} s")
     assert 2.5 < ours_elapsed < 4.5 and 2.5 < direct_elapsed < 5.0, (ours_elapsed, direct_elapsed)

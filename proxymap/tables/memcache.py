@@ -18,13 +18,14 @@ DESCRIPTION
 
     The key sent to memcached. An empty key, a key outside ``domain``, a
     ``key_format`` expansion that is suppressed or empty, and a memcache key with
-    an ASCII blank (space, tab, newline, VT, FF, CR) are "not found" without any
-    I/O (an update of such a key is skipped with a warning and answers "not
-    stored"; a delete answers "not found"). ``domain`` is checked on the key as
-    given, then the key is lower-cased (ASCII) when the request asks FOLD_FIX,
-    then expanded through ``key_format`` with the ``%`` codes of db_common and no
-    quoting. The table is FIXED and MULTI_WRITER, whatever ``key_format`` uses of
-    the key (as in Postfix 3.7, where a partial-key format does not make it PATTERN).
+    an ASCII blank (space, tab, newline, VT, FF, CR; other control characters
+    are sent, as by 3.7) are "not found" without any I/O (an update of such a
+    key is skipped with a warning and answers "not stored"; a delete answers "not
+    found"). ``domain`` is checked on the key as given, then the key is
+    lower-cased (ASCII) when the request asks FOLD_FIX, then expanded through
+    ``key_format`` with the ``%`` codes of db_common and no quoting. The table is
+    FIXED and MULTI_WRITER whatever ``key_format`` uses of the key (in Postfix
+    3.7 a partial-key format does not make it PATTERN).
 
     The text protocol. ``get KEY`` is answered ``END`` (not found) or ``VALUE x y
     LEN``, LEN bytes, ``END``; the value is cut at its first NUL (Postfix returns
@@ -38,15 +39,21 @@ DESCRIPTION
     than ``data_size_limit`` is not sent: a warning, "not stored" (1), no error.
 
     The backup. ``backup`` is a type:name table opened with this table's access
-    mode (O_RDONLY or O_RDWR) and open flags; it sees the key as given, never the
-    ``key_format`` form. A lookup asks memcached first; on a miss, or when
-    memcached fails, it asks the backup, whose answer (or error) is the lookup's,
-    and writes a found value back to memcached with ``flags`` and ``ttl`` (errors
-    of that write are ignored). Updates and deletes go to memcached, then to the
-    backup, whose status and error are the operation's; without a backup they are
-    memcached's. ``first``/``next`` is the backup's; without one it is "not
-    found" with a warning. So with a backup a memcached outage is invisible:
-    Postfix's rule, followed here because the backup is the authoritative store.
+    mode (O_RDONLY or O_RDWR, without O_CREAT) and open flags; it sees the key as
+    given, never the ``key_format`` form. A lookup asks memcached first; on a
+    miss, or when memcached fails, it asks the backup, whose answer (or error) is
+    the lookup's, and writes a found value back to memcached with ``flags`` and
+    ``ttl`` (errors of that write are ignored). Updates and deletes go to
+    memcached, then to the backup, whose status and error are the operation's;
+    without a backup they are memcached's. ``first``/``next`` is the backup's;
+    without one it is "not found" with a warning. So with a backup a memcached
+    outage is invisible: Postfix's rule, followed because the backup is the
+    authoritative store. Each backup operation runs with the request bits of the
+    request (proxywrite's DUP_REPLACE and SYNC_UPDATE on updates), as when the
+    client opens the table itself; the C proxymap leaves the backup with the flags
+    of the request that opened the instance (a backup opened by ``postmap -d``
+    lacks SYNC_UPDATE there, and one opened without a DUP_* flag makes the C
+    proxymap exit on the first update of an existing key).
 
     Concurrency: an ``AsyncTable`` on asyncio streams, with a ``pool.ConnectionPool``
     of at most ``pyproxymap_memcache_connections`` (main.cf, default 8)
@@ -56,8 +63,11 @@ DESCRIPTION
     for one (then RETRY). A connection that memcached closed while idle is
     replaced at once, not counted as a failed try (the C proxymap's event loop
     notices the close likewise). After a refused connect the server is asked
-    again after a back-off of 0.25 s doubling up to 2 s: a restarted memcached
-    answers within 2 s. Failures are logged once per outage.
+    again after a back-off of 0.25 s doubling up to 2 s (lookups meanwhile answer
+    RETRY, or the backup's answer, without a connect; Postfix tries a connect
+    each time): a restarted memcached is used again within 2 s. Failures are
+    logged once per outage (the pool's connect warning, or one line for failed
+    commands), and once when it is over.
 
 SECURITY
     Refused (table unavailable) when the open flags carry NO_UNAUTH: anybody who
@@ -441,6 +451,9 @@ class MemcacheTable(AsyncTable):
                 self._discard(lease)
                 if reused:
                     continue
+                raise
+            except _Failure:
+                self.pool.release(lease, False)  # a reply we cannot use: this one only
                 raise
             except (OSError, TimeoutError) as exc:
                 self._discard(lease)
