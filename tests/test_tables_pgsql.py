@@ -413,6 +413,27 @@ class TestFailover:
             'relation "aliases" does not exist']
 
 
+    def test_lost_connection_is_retried_once(self, database: PrivatePostgres, tmp_path: Path,
+                                             caplog: pytest.LogCaptureFixture) -> None:
+        # The key "die" makes the backend terminate itself during the query.
+        cf = write_cf(tmp_path / "t.cf", tcp_settings(database, query=(
+            "SELECT CASE WHEN '%s' = 'die' THEN pg_terminate_backend(pg_backend_pid())::text "
+            "ELSE v END FROM aliases WHERE k = 'bob'")))
+        table = make_table(cf)
+
+        async def main() -> list[object]:
+            try:
+                return [await answer(table, b"die"), table.pool.connects,
+                        await answer(table, b"bob"), table.pool.connects]
+            finally:
+                table.close()
+
+        with caplog.at_level(logging.WARNING, logger="proxymap"):
+            assert run(main()) == ["RETRY", 2, b"bob-bare", 3]
+        warnings = [r.getMessage() for r in caplog.records]
+        assert len(warnings) == 1 and "connection lost" in warnings[0], warnings
+
+
 class TestRecovery:
     def test_restart_and_outage(self, postgres: PrivatePostgres,  # noqa: F811
                                 tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -445,6 +466,7 @@ class TestRecovery:
         warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
         assert len(warnings) == 1, warnings  # one line for the outage
         assert "cannot connect to inet:127.0.0.1" in warnings[0]
+        assert "\n" not in warnings[0]  # libpq's hint lines left out
         assert "connected to inet:127.0.0.1" in caplog.text  # and one when it is back
 
 

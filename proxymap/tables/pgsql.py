@@ -46,14 +46,15 @@ DESCRIPTION
     Connections: one ``pool.ConnectionPool`` per table configuration in a worker
     (instances of one table opened with different flags share it), at most
     ``pyproxymap_pgsql_connections`` (8) connections, in autocommit mode, one query
-    at a time on each. New connections go to the hosts in Postfix's order: UNIX
-    sockets, then TCP hosts, then URIs, in random order within each kind. An
-    unreachable host is skipped for the pool's back-off (0.25 s doubling to 2 s,
-    logged once per outage); Postfix's ``retry_interval`` (60 s) only moves a host
-    whose query failed to the end of that order, so a restarted server is used
-    again within seconds. Idle connections close after ``idle_interval`` (60 s);
-    one idle for more than 5 s is first checked for a pending server message or a
-    closed socket (a restarted server), without a round trip.
+    at a time on each; a lookup that finds them all busy waits for one. New
+    connections go to the hosts in Postfix's order: UNIX sockets, then TCP hosts,
+    then URIs, in random order within each kind. An unreachable host is skipped for
+    the pool's back-off (0.25 s doubling to 2 s, logged once per outage); Postfix's
+    ``retry_interval`` (60 s) only moves a host whose query failed or whose
+    connection broke to the end of that order, so a restarted server is used again
+    within seconds. Idle connections close after ``idle_interval`` (60 s); one idle
+    for more than 5 s is first checked for a pending server message or a closed
+    socket (a restarted server), without a round trip.
 
     Failures, never "not found": a query error, an escaping error or an unexpected
     result status moves on to a connection to another host (the failing host's idle
@@ -65,11 +66,19 @@ DESCRIPTION
     failures are logged once per outage of a host (``pool.OutageLog``); a connection
     lost once (a restarted server) is not logged.
 
+SECURITY
+    A key reaches the SQL text only through PQescapeStringConn, for the encoding of
+    the connection that runs it. Logs show a URI host with its password hidden.
+
 BUGS
     Deliberate differences from Postfix 3.7: an explicit ``encoding`` is honoured;
     URIs of any scheme and ``dbname``-less URI-only configurations are accepted
     (3.10/3.12 rules; 3.7 treats a missing ``dbname`` as fatal); a failed host is
     not refused for ``retry_interval`` but tried last; a slow query times out.
+
+    Instances that differ in client encoding (a worker serving 3.7 and 3.11+
+    clients of one table, without ``encoding``) cannot share connections: each
+    has a pool, and that table may then have twice the bound.
 
 SEE ALSO
     pgsql_table(5), ``db_common``, ``cfg_parser``, ``pool``,
@@ -250,12 +259,20 @@ async def run_query(connection: Connection, query: bytes) -> pq.abc.PGresult | N
     return result
 
 
+class ConnectError(Exception):
+    """A connection could not be made (the pool logs it once per outage)."""
+
+
 class _Lost(Exception):
     """The connection broke during the query."""
 
 
 class _Failed(Exception):
     """The server answered the query with an error (or it could not be escaped)."""
+
+
+class _Abandoned(DictRetry):
+    """The query timed out: it is being cancelled, and its connection is not ours."""
 
 
 PgLease = Lease[Connection, Host]
@@ -277,8 +294,11 @@ class Backend:
             order=self._order, label=lambda host: host.label)
 
     async def _connect(self, host: Host) -> Connection:
-        return await psycopg.AsyncConnection.connect(
-            self.settings.conninfo(host), autocommit=True, prepare_threshold=None)
+        try:
+            return await psycopg.AsyncConnection.connect(
+                self.settings.conninfo(host), autocommit=True, prepare_threshold=None)
+        except psycopg.Error as exc:  # libpq's message has hint lines: keep a log line one
+            raise ConnectError(_reason(exc)) from None
 
     def _order(self, states: list[EndpointState[Host]]) -> list[EndpointState[Host]]:
         """Random within each kind, UNIX first; hosts whose query failed lately last."""
@@ -318,28 +338,44 @@ class Backend:
             try:
                 result = await self._attempt(lease, build, deadline)
             except _Lost as lost:
-                # Once is a connection the server dropped (a restart): not logged.
-                reason = f"{host.label}: connection lost: {lost}"
-                self._discard(lease)
                 losses += 1
-                if losses > 1:
-                    self.outage(host).failed(f"connection lost: {lost}")
-                    failed.add(host.label)
+                reason = self._after_loss(lease, str(lost), losses, failed)
                 continue
             except _Failed as error:
                 reason = f"{host.label}: {error}"
-                self.outage(host).failed(f"query failed: {error}")
-                self._penalize(host)
-                failed.add(host.label)
-                if all(state.label in failed for state in self.pool.endpoints):
-                    self.pool.release(lease)  # the connection itself is fine
+                if self._after_failure(lease, str(error), failed):
                     break
-                self._discard(lease)
                 continue
+            except (_Abandoned, asyncio.CancelledError):
+                raise  # the cancelled query's task gives the connection back
+            except BaseException:
+                self.pool.release(lease, reusable=False)
+                raise
             self.pool.release(lease)
             self.outage(host).ok()
             return result
         raise DictRetry(f"{self.spec}: {reason}")
+
+    def _after_loss(self, lease: PgLease, lost: str, losses: int, failed: set[str]) -> str:
+        """A connection broke: replace it. Once is a connection the server dropped
+        (a restart) and is not logged; twice, the host counts as failed."""
+        self._discard(lease)
+        if losses > 1:
+            self.outage(lease.endpoint).failed(f"connection lost: {lost}")
+            failed.add(lease.endpoint.label)
+        return f"{lease.endpoint.label}: connection lost: {lost}"
+
+    def _after_failure(self, lease: PgLease, error: str, failed: set[str]) -> bool:
+        """The host answered with an error: whether no other host is left to try."""
+        host = lease.endpoint
+        self.outage(host).failed(f"query failed: {error}")
+        self._penalize(host)
+        failed.add(host.label)
+        if all(state.label in failed for state in self.pool.endpoints):
+            self.pool.release(lease)  # the connection itself is fine
+            return True
+        self._discard(lease)
+        return False
 
     def _discard(self, lease: PgLease) -> None:
         """Close the connection and its idle siblings to that host, so that the next
@@ -384,7 +420,7 @@ class Backend:
         if not done:
             self._abandon(lease, task)
             self.outage(lease.endpoint).failed(f"query timed out after {self.timeout:g}s")
-            raise DictRetry(f"{self.spec}: query timed out after {self.timeout:g}s")
+            raise _Abandoned(f"{self.spec}: query timed out after {self.timeout:g}s")
         return task.result()
 
     def _abandon(self, lease: PgLease, task: asyncio.Future[Any]) -> None:
