@@ -262,6 +262,14 @@ class TestOpen:
         assert table.flags & (F.FIXED | F.PATTERN) == F.FIXED
         assert table.flags & F.LOCK
 
+    def test_tls_from_the_option_file(self, cfdir: Path) -> None:
+        (cfdir / "my.cnf").write_text("[client]\nssl\n")
+        path = cfdir / "t.cf"
+        path.write_text(f"dbname = d\nquery = SELECT 1\noption_file = {cfdir}/my.cnf\n")
+        assert MysqlTable(str(path), os.O_RDONLY, 0, context()).login.tls is not None
+        path.write_text("dbname = d\nquery = SELECT 1\noption_group =\n")
+        assert MysqlTable(str(path), os.O_RDONLY, 0, context()).login.tls is None
+
     def test_main_cf_prefix_and_defaults(self) -> None:
         ctx = context(src_dbname="d", src_query="SELECT 1", src_hosts="a , unix:/s\tb:3307")
         table = MysqlTable("src", os.O_RDONLY, 0, ctx)
@@ -526,10 +534,13 @@ class TestConcurrency:
             stalled = asyncio.ensure_future(slow.alookup(b"5"))
             await asyncio.sleep(0.2)  # the query is running on the server now
             assert not stalled.done()
+            times = []
             for _ in range(20):
                 start = time.monotonic()
                 assert await fast.alookup(b"bob") == b"bob@example.com"
-                assert time.monotonic() - start < 0.010
+                times.append(time.monotonic() - start)
+            # Within 10 ms (a loaded test machine may pause once or twice).
+            assert sorted(times)[17] < 0.010 and max(times) < 0.050, times
             with pytest.raises(DictRetry):
                 await stalled
             assert 0.9 < time.monotonic() - began < 2.0

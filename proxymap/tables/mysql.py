@@ -30,8 +30,8 @@ DESCRIPTION
     the groups [client], [client-server], [client-mariadb] and ``option_group``;
     ``!include FILE`` and ``!includedir DIR`` (which reads DIR/my.cnf only, like
     that client). Used from them: ``socket``, ``port``, ``user`` (when ``user`` is
-    empty), ``default-character-set`` and the ``ssl-*`` settings (they override the
-    ``tls_*`` ones, read later by the C client too).
+    empty), ``default-character-set``, ``ssl`` and the ``ssl-*`` settings (they
+    override the ``tls_*`` ones, read later by the C client too).
 
     Character set: ``charset`` if set, else the option files' choice, else utf8mb4
     (the default of this C client and of Postfix 3.9+). Keys are escaped as
@@ -368,7 +368,8 @@ def _tls_context(cfg: CfgParser, options: Mapping[str, str]) -> ssl.SSLContext |
     verify = cfg.get_bool("tls_verify_cert", False) if cfg.has("tls_verify_cert") else False
     if "ssl-verify-server-cert" in options:
         verify = options["ssl-verify-server-cert"].lower() not in ("0", "off", "false", "no")
-    if not any(files.values()) and not verify:
+    wanted = options.get("ssl", "0").lower() not in ("0", "off", "false", "no")
+    if not any(files.values()) and not verify and not wanted:
         return None
     try:
         if files["ca"] or files["capath"] or verify:
