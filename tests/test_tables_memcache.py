@@ -79,10 +79,12 @@ WATCHED = ["bk:carol", "bk:big", "bk:nobody", "th:carol", "th:dave", "w:carol", 
            "w:huge", "w:dave", "wp:p1", "wp:huge", "fb:alice"]
 
 
-def cf_texts(live: str, sock: str, victim: str, refused: str, data: Path) -> dict[str, str]:
+def cf_texts(live: str, sock: str, v6: str, victim: str, refused: str,
+             data: Path) -> dict[str, str]:
     return {
         "plain": f"memcache = {live}\n",
         "unix": f"memcache = {sock}\n",
+        "ipv6": f"memcache = {v6}\n",
         "fast": f"memcache = {live}\nmax_try = 1\n",
         "format": f"memcache = {live}\nkey_format = fmt-%s\n",
         "partial": f"memcache = {live}\nkey_format = %d/%u\n",
@@ -110,10 +112,27 @@ def cf_texts(live: str, sock: str, victim: str, refused: str, data: Path) -> dic
 WRITABLE = ("writer", "writer_plain")
 
 
+class V6Memcached(PrivateMemcached):
+    """A private memcached on [::1]:port."""
+
+    @property
+    def postfix_server(self) -> str:
+        return f"inet:[::1]:{self.port}"
+
+    def _launch(self) -> None:
+        memcached = shutil.which("memcached") or "/usr/bin/memcached"
+        self._popen([memcached, "-u", "nobody", "-U", "0", "-m", "16", "-l", "::1",
+                     "-p", str(self.port)])
+
+    def _address(self) -> tuple[int, tuple[str, int]]:
+        return socket.AF_INET6, ("::1", self.port)
+
+
 @dataclass
 class Rig:
     live: PrivateMemcached
     sock: PrivateMemcached
+    v6: PrivateMemcached
     victim: PrivateMemcached
     data: Path
     ours: PrivatePostfix
@@ -186,10 +205,10 @@ def rig() -> Iterator[Rig]:
     data = Path(tempfile.mkdtemp(prefix="pyproxymap-mc-"))
     data.chmod(0o755)
     with (PrivateMemcached() as live, PrivateMemcached(unix_socket=True) as sock,
-          PrivateMemcached() as victim):
+          V6Memcached() as v6, PrivateMemcached() as victim):
         refused = f"inet:127.0.0.1:{free_port()}"
-        texts = cf_texts(live.postfix_server, sock.postfix_server, victim.postfix_server,
-                         refused, data)
+        texts = cf_texts(live.postfix_server, sock.postfix_server, v6.postfix_server,
+                         victim.postfix_server, refused, data)
         for name, text in texts.items():
             (data / f"{name}.cf").write_text(text)
             (data / f"{name}.cf").chmod(0o644)
@@ -205,7 +224,7 @@ def rig() -> Iterator[Rig]:
                            proxy_read_maps=maps, proxy_write_maps=writable)
         try:
             with ours, c:
-                rig = Rig(live, sock, victim, data, ours, c)
+                rig = Rig(live, sock, v6, victim, data, ours, c)
                 ours.wait_until_serving("alice", rig.table("plain"))
                 c.wait_until_serving("alice", rig.table("plain"))
                 yield rig
@@ -222,7 +241,7 @@ LOOKUPS = [
     ("plain", "missing"), ("plain", ""), ("plain", "a b"), ("plain", "a\tb"),
     ("plain", "\x01ctl"), ("plain", "é"), ("plain", "\udcff"),
     ("fast", "k" * 251),
-    ("unix", "alice"), ("unix", "missing"),
+    ("unix", "alice"), ("unix", "missing"), ("ipv6", "alice"), ("ipv6", "missing"),
     ("format", "bob"), ("format", "BOB"), ("format", "alice"),
     ("partial", "carol@example.com"), ("partial", "CAROL@Example.COM"), ("partial", "carol"),
     ("partial", "@example.com"), ("partial", "carol@"),
@@ -240,9 +259,24 @@ LOOKUPS = [
 ]
 
 
+# Anchors: the differential must not pass by everything failing alike.
+EXPECTED = {
+    ("plain", "ALICE"): ("0", "alice@example.com"), ("plain", "nul"): ("0", "x"),
+    ("plain", "empty"): ("0", ""), ("plain", "a b"): ("1", ""),
+    ("unix", "alice"): ("0", "sock-alice"), ("ipv6", "alice"): ("0", "v6-alice"),
+    ("partial", "CAROL@Example.COM"): ("0", "C"), ("labels", "dave@mail.example.com"): ("0", "D"),
+    ("domain", "user@bad.example.com"): ("1", ""), ("limits", "v8"): ("0", "8" * 8),
+    ("limits", "v9"): ("E", ""), ("limits", "h" * 13): ("0", "1"), ("limits", "h" * 14): ("E", ""),
+    ("backup", "alice"): ("0", "cached"), ("backup", "CAROL"): ("0", "C3"),
+    ("failbackup", "hit"): ("0", "from-memcache"), ("failbackup", "alice"): ("E", ""),
+    ("refused", "alice"): ("E", ""), ("fast", "k" * 251): ("E", ""),
+}
+
+
 def lookup_run(rig: Rig, path: str, cf: str, key: str) -> tuple[tuple[str, str], dict]:
     reset(rig.live)
     reset(rig.sock, {"alice": b"sock-alice"})
+    reset(rig.v6, {"alice": b"v6-alice"})
     table = rig.table(cf)
     if path == "direct":
         result = rig.ours.lookup(key, table)
@@ -264,6 +298,7 @@ def test_lookup_as_postfix(rig: Rig, cf: str, key: str) -> None:
     c_proxymap = lookup_run(rig, "c", cf, key)
     assert ours == direct, rig.ours.log_tail()
     assert c_proxymap == direct
+    assert direct[0] == EXPECTED.get((cf, key), direct[0])
     if direct[0][0] == "E":  # compare the raw error status too
         assert raw_status(rig, "ours", cf, key) == raw_status(rig, "c", cf, key) == RETRY
 
@@ -302,6 +337,21 @@ def test_no_unauth_makes_the_table_unavailable(rig: Rig) -> None:
         looked = client.lookup(rig.table("plain"), "alice", flags, instance_flags=flags)
     assert opened["status"] == b"0" and int(opened["flags"]) & F.PATTERN
     assert int(looked["status"]) == RETRY
+
+
+def test_g2_client_folds_on_the_server(rig: Rig) -> None:
+    """A 3.11+ client sends its whole flag word (FIXED from the open reply, FOLD_FIX,
+    UTF8_REQUEST): the server-side UTF-8 layer folds, as a 3.11 direct lookup would."""
+    reset(rig.live)
+    wanted = OPEN_FLAGS | F.FOLD_FIX
+    with rig.ours.client() as client:
+        for cf, key, value in (("plain", "ALICE", b"alice@example.com"),
+                               ("format", "BoB", b"B")):
+            opened = client.open(rig.table(cf), instance_flags=wanted)
+            flags = int(opened["flags"])
+            assert flags & F.FIXED and flags & F.UTF8_ACTIVE
+            reply = client.lookup(rig.table(cf), key, flags, instance_flags=wanted)
+            assert reply == {"status": b"0", "flags": reply["flags"], "value": value}
 
 
 # ---------------------------------------------------------------------------
