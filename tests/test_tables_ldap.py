@@ -15,16 +15,30 @@ concurrent lookups sharing a connection.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import os
 import sys
+import threading
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from proxymap import flags as F
+from proxymap.tables.base import DictOpenError, DictRetry, OpenContext
+from proxymap.tables.ldap import (
+    LdapTable,
+    attrdesc_subtype,
+    c_string,
+    libldap,
+    quote_dn_value,
+    quote_filter_value,
+    split_list,
+)
 from tests.support.postfix import (
     PrivatePostfix,
     ensure_postfix,
@@ -481,33 +495,62 @@ def raw_status(instance: PrivatePostfix, table: str, key: str) -> bytes:
         return client.lookup(table, key)["status"]
 
 
-def answers(instance: PrivatePostfix, name: str, table: str) -> dict[str, str | None]:
-    """Every key of CASES[name]: a batch for those expected to work, failing ones alone."""
+KINDS = ("direct", "ours", "c")
+
+
+def table_for(stack: Stack, kind: str, name: str) -> tuple[PrivatePostfix, str]:
+    """Which instance's configuration, and which table name, a kind of lookup uses."""
+    if kind == "direct":
+        return stack.ours, stack.map(name)
+    return (stack.ours if kind == "ours" else stack.theirs), "proxy:" + stack.map(name)
+
+
+@pytest.fixture(scope="module")
+def failing(stack: Stack) -> dict[tuple[str, str, str], str | None]:
+    """Every lookup expected to fail, each in a postmap of its own, all at once: a
+    failing postmap pauses a second before it exits."""
+    jobs = {}
+    with ThreadPoolExecutor(24) as pool:
+        for name, cases in CASES.items():
+            for key in (key for key, want in cases if want == ERROR):
+                for kind in KINDS:
+                    instance, table = table_for(stack, kind, name)
+                    jobs[kind, name, key] = pool.submit(single, instance, key, table)
+    return {job: future.result() for job, future in jobs.items()}
+
+
+def answers(stack: Stack, failing: dict[tuple[str, str, str], str | None], kind: str,
+            name: str) -> dict[str, str | None]:
+    """Every key of CASES[name]: one batch for those expected to work."""
+    instance, table = table_for(stack, kind, name)
     keys = [key for key, want in CASES[name] if want != ERROR]
     got = batch(instance, keys, table) if keys else {}
     for key, want in CASES[name]:
         if want == ERROR:
-            got[key] = single(instance, key, table)
+            got[key] = failing[kind, name, key]
     return got
 
 
 class TestDifferential:
     @pytest.mark.parametrize("name", list(CASES))
-    def test_ours_equals_direct(self, stack: Stack, name: str) -> None:
+    def test_ours_equals_direct(self, stack: Stack, failing: dict, name: str) -> None:
         expected = dict(CASES[name])
-        direct = answers(stack.ours, name, stack.map(name))
+        direct = answers(stack, failing, "direct", name)
         assert direct == expected, "the direct Postfix lookup disagrees with the pinned answers"
-        ours = answers(stack.ours, name, "proxy:" + stack.map(name))
+        ours = answers(stack, failing, "ours", name)
         assert ours == direct, stack.ours.log_tail(30)
         for key, want in CASES[name]:
             if want == ERROR:
                 assert raw_status(stack.ours, stack.map(name), key) == b"2"
 
     @pytest.mark.parametrize("name", list(CASES))
-    def test_c_proxymap(self, stack: Stack, name: str) -> None:
-        theirs = answers(stack.theirs, name, "proxy:" + stack.map(name))
+    def test_c_proxymap(self, stack: Stack, failing: dict, name: str) -> None:
+        theirs = answers(stack, failing, "c", name)
         expected = {key: C_PROXYMAP_DIFFERS.get((name, key), want) for key, want in CASES[name]}
         assert theirs == expected
+        for key, want in CASES[name]:
+            if want == ERROR:
+                assert raw_status(stack.theirs, stack.map(name), key) == b"2"
 
     def test_open_reply_is_fixed(self, stack: Stack) -> None:
         for instance in (stack.ours, stack.theirs):
@@ -515,3 +558,234 @@ class TestDifferential:
                 reply = client.open(stack.map("dynbase"), F.LOCK | F.FOLD_FIX)
             assert reply["status"] == b"0"
             assert int(reply["flags"]) & F.IMPL_MASK == F.FIXED
+
+# ---------------------------------------------------------------------------------------
+# Failover, recovery, a hung directory (through our worker under the real master)
+# ---------------------------------------------------------------------------------------
+
+
+def wire_lookup(instance: PrivatePostfix, table: str, key: str,
+                timeout: float = 15) -> tuple[bytes, bytes | None]:
+    with instance.client(timeout=timeout) as client:
+        reply = client.lookup(table, key)
+    return reply["status"], reply.get("value")
+
+
+SPARE_OK = (b"0", b"spare-ok@example.com")
+
+
+class TestOutages:
+    def test_restarted_directory_answers_within_5s(self, stack: Stack) -> None:
+        table = stack.map("spare")
+        assert wire_lookup(stack.ours, table, "spare@example.com") == SPARE_OK
+        stack.spare.restart()
+        # The connection the restart broke is replaced within the same lookup.
+        assert wire_lookup(stack.ours, table, "spare@example.com") == SPARE_OK
+        stack.spare.stop()
+        assert wire_lookup(stack.ours, table, "spare@example.com")[0] == b"2"
+        stack.spare.start()
+        began = time.monotonic()
+        while wire_lookup(stack.ours, table, "spare@example.com") != SPARE_OK:
+            assert time.monotonic() - began < 5, stack.ours.log_tail()
+            time.sleep(0.05)
+
+    def test_hung_directory_holds_up_no_other_table(self, stack: Stack) -> None:
+        """slapd stopped (SIGSTOP): the worker's other tables answer at once; the hung
+        lookups answer RETRY at the table's timeout (2 s)."""
+        hung, other = stack.map("hung"), stack.map("basic")
+        assert wire_lookup(stack.ours, hung, "spare@example.com") == SPARE_OK
+        assert wire_lookup(stack.ours, other, "alice@example.com") == (b"0", ALICE.encode())
+        outcomes: list[tuple[bytes, float]] = []
+
+        def hung_lookup() -> None:
+            began = time.monotonic()
+            status = wire_lookup(stack.ours, hung, "spare@example.com")[0]
+            outcomes.append((status, time.monotonic() - began))
+
+        stack.spare.stop_signal()
+        try:
+            threads = [threading.Thread(target=hung_lookup) for _ in range(5)]
+            for thread in threads:
+                thread.start()
+            time.sleep(0.2)
+            latencies = []
+            with stack.ours.client() as client:
+                for _ in range(50):
+                    began = time.monotonic()
+                    reply = client.lookup(other, "alice@example.com")
+                    latencies.append(time.monotonic() - began)
+                    assert reply["status"] == b"0"
+            for thread in threads:
+                thread.join(15)
+        finally:
+            stack.spare.cont_signal()
+        latencies.sort()
+        assert latencies[-3] < 0.010, f"slowest: {latencies[-5:]}"
+        assert [status for status, _ in outcomes] == [b"2"] * 5
+        assert all(1.9 < elapsed < 4 for _, elapsed in outcomes), outcomes
+        assert wire_lookup(stack.ours, hung, "spare@example.com") == SPARE_OK
+
+
+# ---------------------------------------------------------------------------------------
+# In the worker's event loop: connections shared by concurrent lookups
+# ---------------------------------------------------------------------------------------
+
+ONE_ENTRY = f"""
+dn: uid=one,{SUFFIX}
+objectClass: account
+objectClass: mailUser
+uid: one
+mailacceptinggeneralid: one@example.com
+maildrop: one-ok@example.com
+"""
+
+
+def open_table(path: Path, **params: str) -> LdapTable:
+    return LdapTable(str(path), os.O_RDONLY, F.FOLD_FIX, OpenContext(params=params))
+
+
+def write_cf(path: Path, server: PrivateSlapd, extra: str = "") -> Path:
+    path.write_text(f"server_host = {server.url}\nsearch_base = {SUFFIX}\nbind = no\n{extra}")
+    return path
+
+
+@dataclass
+class Burst:
+    connections: int  # server side, while the lookups were in flight
+    pool_open: int
+    results: list[object]
+
+
+async def burst(table: LdapTable, server: PrivateSlapd, count: int) -> Burst:
+    """COUNT lookups against a stopped directory, then SIGCONT: what was open meanwhile."""
+    assert await table.alookup(b"one@example.com") == b"one-ok@example.com"
+    server.stop_signal()
+    try:
+        tasks = [asyncio.ensure_future(table.alookup(b"one@example.com")) for _ in range(count)]
+        await asyncio.sleep(0.5)
+        seen = Burst(server.connection_count(), table.pool.open, [])
+    finally:
+        server.cont_signal()
+    seen.results = list(await asyncio.gather(*tasks, return_exceptions=True))
+    table.close()
+    return seen
+
+
+class TestSharedConnections:
+    @pytest.mark.parametrize("limit, count, connections", [(2, 50, 1), (1, 100, 1), (2, 150, 2)])
+    def test_concurrent_lookups_share_connections(
+            self, slapd: PrivateSlapd, tmp_path: Path,  # noqa: F811
+            limit: int, count: int, connections: int) -> None:
+        slapd.add(ONE_ENTRY)
+        table = open_table(write_cf(tmp_path / "c.cf", slapd),
+                           pyproxymap_ldap_connections=str(limit))
+        seen = asyncio.run(burst(table, slapd, count))
+        # 64 lookups per connection: 150 need two, and the 22 beyond 128 wait for one.
+        assert seen.connections == connections <= limit
+        assert seen.pool_open == connections
+        assert seen.results == [b"one-ok@example.com"] * count
+
+    def test_hung_lookups_leave_the_loop_free(
+            self, slapd: PrivateSlapd, tmp_path: Path) -> None:  # noqa: F811
+        slapd.add(ONE_ENTRY)
+        table = open_table(write_cf(tmp_path / "h.cf", slapd, "timeout = 1\n"))
+
+        async def scenario() -> tuple[float, list[object], float]:
+            assert await table.alookup(b"one@example.com") == b"one-ok@example.com"
+            slapd.stop_signal()
+            try:
+                began = time.monotonic()
+                tasks = [asyncio.ensure_future(table.alookup(b"one@example.com"))
+                         for _ in range(20)]
+                worst = 0.0
+                while not all(task.done() for task in tasks):
+                    tick = time.monotonic()
+                    await asyncio.sleep(0.002)
+                    worst = max(worst, time.monotonic() - tick - 0.002)
+                results = await asyncio.gather(*tasks, return_exceptions=True)
+                elapsed = time.monotonic() - began
+            finally:
+                slapd.cont_signal()
+            after = await table.alookup(b"one@example.com")
+            assert after == b"one-ok@example.com"
+            table.close()
+            return worst, results, elapsed
+
+        worst, results, elapsed = asyncio.run(scenario())
+        assert worst < 0.010
+        assert all(isinstance(result, DictRetry) for result in results), results
+        assert 0.9 < elapsed < 2.5
+
+
+# ---------------------------------------------------------------------------------------
+# Pieces
+# ---------------------------------------------------------------------------------------
+
+
+class TestPieces:
+    def test_quoting(self) -> None:
+        assert quote_filter_value(b"a*(b)\\c") == b"a\\2A\\28b\\29\\5Cc"
+        assert quote_filter_value("ü@x".encode()) == "ü@x".encode()
+        assert quote_dn_value(b' a#b+c,d;e<f>g"h\\i\t') == (
+            b"\\20a\\23b\\2Bc\\2Cd\\3Be\\3Cf\\3Eg\\22h\\5Ci\\09")
+        assert quote_dn_value(b"plain=ok") == b"plain=ok"
+
+    @pytest.mark.parametrize("a1, a2, relation", [
+        ("maildrop", "maildrop", 1), ("MailDrop", "maildrop;lang-de", 1),
+        ("maildrop;lang-de", "maildrop", -1), ("mail", "maildrop", 0), ("maildrop", "mail", 0),
+        ("mail;x", "mail;y", 0),
+    ])
+    def test_attribute_subtypes(self, a1: str, a2: str, relation: int) -> None:
+        assert attrdesc_subtype(a1, a2) == relation
+
+    def test_lists_and_c_strings(self) -> None:
+        assert split_list(" a, b\tc,,d\n") == ["a", "b", "c", "d"]
+        assert c_string(b"cut\0tail") == b"cut"
+
+    def test_urls_parsed_by_libldap(self) -> None:
+        lib = libldap()
+        assert lib.is_url(b"ldap:///dc=x") and lib.is_url(b"LDAPI://%2Fsock")
+        assert not lib.is_url(b"uid=a,dc=x")
+        url = lib.parse_url(b"ldap://h:1/ou=a,dc=x?mail,cn?one?(uid=a%20b)")
+        assert (url.dn, url.attrs, url.scope, url.filter) == (
+            "ou=a,dc=x", ("mail", "cn"), 1, "(uid=a b)")
+        bare = lib.parse_url(b"ldap:///dc=x")
+        assert (bare.scope, bare.filter, bare.attrs) == (0, None, ())
+        assert isinstance(lib.parse_url(b"ldap:///dc=x??bogus?"), int)
+
+    @pytest.mark.parametrize("text", [
+        "bind = bogus\n", "version = 1\n", "recursion_limit = 0\n", "timeout = ten\n",
+        "result_filter =\n", "sasl_minssf = 5000\nbind = sasl\n", "query_filter = %x\n",
+    ])
+    def test_bad_configuration(self, tmp_path: Path, text: str) -> None:
+        path = tmp_path / "bad.cf"
+        path.write_text("search_base = dc=x\n" + text)
+        with pytest.raises(DictOpenError):
+            open_table(path)
+
+    def test_open_checks(self, tmp_path: Path) -> None:
+        path = tmp_path / "ok.cf"
+        path.write_text("server_host = ldap.example.com:1389 ldapi://%2Fsock, other\n"
+                        "version = 9\nscope = Base\nsearch_base = dc=x\n")
+        table = open_table(path)
+        assert table.flags & F.FIXED
+        assert table.settings.urls == ["ldap://ldap.example.com:1389", "ldapi://%2Fsock",
+                                       "ldap://other:389"]
+        assert table.settings.version == 3
+        with pytest.raises(DictOpenError, match="requires O_RDONLY"):
+            LdapTable(str(path), os.O_RDWR, 0, OpenContext())
+        with pytest.raises(DictOpenError):
+            open_table(tmp_path / "missing.cf")
+
+    def test_main_cf_prefix(self, stack: Stack) -> None:
+        params = {"src_server_host": stack.directory.url, "src_search_base": SUFFIX,
+                  "src_bind": "no", "src_result_format": "<%s>"}
+        table = LdapTable("src", os.O_RDONLY, F.FOLD_FIX, OpenContext(params=params))
+
+        async def lookups() -> list[bytes | None]:
+            found = [await table.alookup(key) for key in (b"BOB@example.com", b"x@y")]
+            table.close()
+            return found
+
+        assert asyncio.run(lookups()) == [
+            b"<bob1@mail.example.com>,<bob2@mail.example.com>", None]
