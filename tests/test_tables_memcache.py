@@ -476,6 +476,7 @@ def test_memcached_down_then_back(rig: Rig) -> None:
         while int(client.lookup(rig.table("down"), "carol")["status"]) != OK:
             assert time.monotonic() - restarted < 5.0, "not answering 5 s after the restart"
             time.sleep(0.05)
+    print(f"answering {time.monotonic() - restarted:.2f} s after the restart")
     # One warning for the outage, however many lookups failed.
     warnings = [line for line in rig.ours.maillog().splitlines()
                 if f"{rig.table('down')}: cannot connect" in line]

@@ -251,8 +251,9 @@ class _Wire:
 
     async def send(self, data: bytes) -> None:
         self.writer.write(data)
-        async with asyncio.timeout(self.timeout):
-            await self.writer.drain()
+        if self.writer.transport.get_write_buffer_size():  # else nothing to wait for
+            async with asyncio.timeout(self.timeout):
+                await self.writer.drain()
 
     async def line(self) -> bytes:
         """One reply line without CRLF (or bare LF); at most line_size_limit bytes."""
