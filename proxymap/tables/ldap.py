@@ -62,15 +62,17 @@ DESCRIPTION
     a table opens at most ``pyproxymap_ldap_connections`` (main.cf, default 2)
     connections per worker (``pool.ConnectionPool``; the ``server_host`` URLs are its
     endpoints, tried in the order listed). Connecting, STARTTLS and binding block and
-    run in the blocking-driver executor. A connection that fails in use is dropped
-    (with its idle siblings) and the lookup is tried once more on a new connection;
-    one that times out takes no new lookups and is closed once its last search ends.
-    A server that was down is tried again at most 2 s after it failed.
+    run in the blocking-driver executor. Open connections stay open and are read
+    even while idle, so a server that closes one is noticed at once. A connection
+    that fails in use is dropped and the lookup is tried once more on a new
+    connection; one that times out takes no new lookups and is closed once its last
+    search ends. A server that was down is tried again at most 2 s after it failed.
+    Lookups that find every connection full wait in line, at most ``timeout``.
 
 BUGS
     Postfix shares one connection among all LDAP tables with the same connection
-    settings and keeps it for ever; here each table has its own few connections and
-    returns idle ones to its pool. A bind that fails on one server moves on to the
+    settings; here each table has its own few connections. A bind that fails on one
+    server moves on to the
     next URL (Postfix's library fails over only when a connect fails). A lookup that
     loses its connection halfway, also while following references, is run again from
     the start once; Postfix retries only the first search. ``timeout`` bounds each
@@ -98,6 +100,7 @@ import ctypes.util
 import fcntl
 import logging
 import os
+from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -111,8 +114,13 @@ from proxymap.tables.base import AsyncTable, DictOpenError, DictRetry, OpenConte
 from proxymap.tables.blocking import run_blocking
 from proxymap.tables.cfg_parser import CfgParser
 from proxymap.tables.db_common import DomainFilter, QueryContext, ResultJoiner, Template
-from proxymap.tables.pool import ConnectionPool, Lease, OutageLog, PoolUnavailable
-from proxymap.tables.streams import param_number
+from proxymap.tables.pool import (
+    ConnectionPool,
+    Lease,
+    OutageLog,
+    PoolUnavailable,
+    connection_limit,
+)
 from proxymap.tables.utf8 import is_valid_utf8
 
 log = logging.getLogger("proxymap")
@@ -612,6 +620,11 @@ class _Pending:
     entries: list[Entry] = field(default_factory=list)
 
 
+def _expire(pending: _Pending, timeout: int) -> None:
+    if not pending.future.done():
+        pending.future.set_exception(SearchTimeout(f"no answer within {timeout}s"))
+
+
 _CONNECTION_ERRORS = (ldap.SERVER_DOWN, ldap.CONNECT_ERROR)
 OPEN, RETIRED, CLOSED = "open", "retired", "closed"
 
@@ -649,17 +662,20 @@ class Channel:
         except ldap.LDAPError as exc:
             raise SearchFailed(_info(exc).get("result", -1), _describe(exc)) from None
         pending = self.pending[msgid] = _Pending(self.loop.create_future())
+        timer = self.loop.call_later(timeout, _expire, pending, timeout) if timeout > 0 else None
         self._start_ticking()
         try:
-            return await asyncio.wait_for(pending.future, timeout if timeout > 0 else None)
-        except TimeoutError:
+            return await pending.future
+        except SearchTimeout:
             self._abandon(msgid)
             self.retire()
-            raise SearchTimeout(f"no answer within {timeout}s") from None
+            raise
         except asyncio.CancelledError:
             self._abandon(msgid)
             raise
         finally:
+            if timer is not None:
+                timer.cancel()
             self.pending.pop(msgid, None)
 
     # --- reading ------------------------------------------------------------------------
@@ -736,7 +752,7 @@ class Channel:
         self.close(reusable=False)
 
     def close(self, reusable: bool) -> None:
-        """Stop reading and give the connection back (``reusable``) or close it."""
+        """Stop reading; give the connection back to the pool (``reusable``) or close it."""
         if self.state == CLOSED:
             return
         self.state = CLOSED
@@ -748,7 +764,13 @@ class Channel:
 
 
 class Channels:
-    """A table's connections: lookups share them, up to ``per_connection`` each."""
+    """A table's connections: lookups share them, up to ``per_connection`` each.
+
+    A connection stays open while it works (an idle one is still read, so a server
+    that closes it is noticed at once); one that timed out is closed when its last
+    lookup leaves, one that failed at once. Lookups that find every connection full
+    and no room for another wait in line, woken one per freed place.
+    """
 
     def __init__(self, pool: ConnectionPool[Link, str],
                  per_connection: int = LOOKUPS_PER_CONNECTION) -> None:
@@ -757,7 +779,7 @@ class Channels:
         self.active: list[Channel] = []
         self.connecting = False
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._waiters: list[asyncio.Future[None]] = []
+        self._waiters: deque[asyncio.Future[None]] = deque()
 
     @asynccontextmanager
     async def use(self, timeout: float | None) -> AsyncIterator[Channel]:
@@ -767,9 +789,9 @@ class Channels:
             yield channel
         finally:
             channel.users -= 1
-            if channel.users == 0 and channel.state != CLOSED:
-                channel.close(reusable=channel.state == OPEN)
-            self._wake()
+            if channel.users == 0 and channel.state == RETIRED:
+                channel.close(reusable=False)
+            self._wake(1)
 
     async def _take(self, timeout: float | None) -> Channel:
         loop = self._bind()
@@ -789,16 +811,20 @@ class Channels:
         self.connecting = True
         try:
             lease = await self.pool.acquire(timeout)
-        finally:
+        except BaseException:
             self.connecting = False
-            self._wake()
+            self._wake(1)  # the next in line tries (and fails fast if all are down)
+            raise
+        self.connecting = False
         try:
             channel = Channel(self, lease)
         except BaseException:
             self.pool.release(lease, reusable=False)
+            self._wake(1)
             raise
         self.active.append(channel)
         channel.users += 1
+        self._wake(self.per_connection - 1)
         return channel
 
     async def _wait(self, timeout: float | None) -> None:
@@ -809,21 +835,26 @@ class Channels:
         except TimeoutError:
             raise PoolUnavailable(f"{self.pool.name}: all {self.pool.size} connections "
                                   f"busy for {timeout:g}s") from None
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self._wake(1)  # woken, but gone: pass the place on
+            raise
         finally:
             if waiter in self._waiters:
                 self._waiters.remove(waiter)
 
-    def _wake(self) -> None:
-        waiters, self._waiters = self._waiters, []
-        for waiter in waiters:
+    def _wake(self, count: int) -> None:
+        while count > 0 and self._waiters:
+            waiter = self._waiters.popleft()
             if not waiter.done():
                 waiter.set_result(None)
+                count -= 1
 
     def forget(self, channel: Channel, reusable: bool) -> None:
         if channel in self.active:
             self.active.remove(channel)
         self.pool.release(channel.lease, reusable)
-        self._wake()
+        self._wake(1)
 
     def _bind(self) -> asyncio.AbstractEventLoop:
         loop = asyncio.get_running_loop()
@@ -832,7 +863,7 @@ class Channels:
             for channel in self.active:
                 channel.state = CLOSED
                 channel.link.close()
-            self.active, self._waiters, self.connecting = [], [], False
+            self.active, self._waiters, self.connecting = [], deque(), False
             self._loop = loop
         return loop
 
@@ -879,7 +910,7 @@ class LdapTable(AsyncTable):
         async def connect(url: str) -> Link:
             return await run_blocking(connector.open, url)
 
-        size = max(1, int(param_number(ctx, "pyproxymap_ldap_connections", DEFAULT_CONNECTIONS)))
+        size = connection_limit(self.dict_type, ctx.params) or DEFAULT_CONNECTIONS
         self.pool: ConnectionPool[Link, str] = ConnectionPool(
             self.spec, s.urls, connect, Link.close, size=size,
             connect_timeout=2.0 * (s.timeout if s.timeout > 0 else 10) + 1.0,
@@ -975,6 +1006,8 @@ class LdapTable(AsyncTable):
 
 def _present(attrs: dict[str, list[bytes]], names: list[str]) -> list[list[bytes] | None]:
     """The values of each named attribute (exact name, any case); None when absent."""
+    if not names:
+        return []
     folded = {name.lower(): values for name, values in reversed(list(attrs.items()))}
     return [folded.get(name.lower()) for name in names]
 
