@@ -18,6 +18,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
+import pwd
+import shutil
 import sys
 import threading
 import time
@@ -49,6 +51,7 @@ from tests.support.servers import (
     PrivateSlapd,
     ensure_server_packages,
     free_port,
+    run_client,
     slapd,  # noqa: F401  (fixture)
 )
 
@@ -244,6 +247,62 @@ ref: ldap://127.0.0.1:{port}/{PEOPLE}
 """
 
 
+class TlsSlapd(PrivateSlapd):
+    """PrivateSlapd with a certificate (a private CA, IP 127.0.0.1), STARTTLS and ldaps."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tls_port = free_port()
+        self.ca_path = self.directory / "ca.pem"
+        self.cert_path = self.directory / "server.pem"
+        self.key_path = self.directory / "server.key"
+
+    @property
+    def ldaps_url(self) -> str:
+        return f"ldaps://127.0.0.1:{self.tls_port}/"
+
+    def config_text(self) -> str:
+        text = super().config_text()
+        tls = (f'TLSCACertificateFile "{self.ca_path}"\n'
+               f'TLSCertificateFile "{self.cert_path}"\n'
+               f'TLSCertificateKeyFile "{self.key_path}"\n')
+        return text.replace("moduleload back_mdb\n", "moduleload back_mdb\n" + tls, 1)
+
+    def _prepare(self) -> None:
+        make_certificates(self.directory, self.ca_path, self.cert_path, self.key_path)
+        super()._prepare()
+
+    def _launch(self) -> None:
+        self._popen([slapd_program(), "-d", self.debug, "-f", str(self.conf_path),
+                     "-h", f"{self.url} {self.ldaps_url} {self.ldapi_url}",
+                     "-u", "openldap", "-g", "openldap"])
+
+
+def slapd_program() -> str:
+    return shutil.which("slapd", path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin") or "slapd"
+
+
+def make_certificates(directory: Path, ca: Path, cert: Path, key: Path) -> None:
+    """A throw-away CA and a server certificate for IP 127.0.0.1 (openssl)."""
+    ca_key = directory / "ca.key"
+    request = directory / "server.csr"
+    extensions = directory / "server.ext"
+    extensions.write_text("subjectAltName = IP:127.0.0.1\n")
+    for command in (
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+         "-subj", "/CN=pyproxymap test CA", "-keyout", str(ca_key), "-out", str(ca)],
+        ["openssl", "req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1",
+         "-keyout", str(key), "-out", str(request)],
+        ["openssl", "x509", "-req", "-in", str(request), "-CA", str(ca), "-CAkey", str(ca_key),
+         "-CAcreateserial", "-days", "2", "-extfile", str(extensions), "-out", str(cert)],
+    ):
+        run_client(command, cwd=directory)
+    openldap = pwd.getpwnam("openldap")
+    for path in (ca, cert, key):
+        os.chown(path, openldap.pw_uid, openldap.pw_gid)
+        path.chmod(0o644 if path != key else 0o600)
+
+
 BASIC = """\
 server_host = {url}
 search_base = dc=example,dc=com
@@ -310,6 +369,14 @@ CONFIGS: dict[str, str] = {
     "badfilter": BASIC + "query_filter = (&(mailacceptinggeneralid=%s)\n",
     "timeout0": BASIC + "timeout = 0\n",
     "cache": BASIC + "cache = yes\ncache_expiry = 30\ncache_size = 100\n",
+    "starttls": BASIC + "start_tls = yes\ntls_ca_cert_file = {ca}\ntls_require_cert = yes\n",
+    "starttlsv2": BASIC + "start_tls = yes\nversion = 2\ntls_ca_cert_file = {ca}\n",
+    "starttlsunknownca": BASIC + "start_tls = yes\ntls_require_cert = yes\n"
+                                 "tls_ca_cert_file = {otherca}\n",
+    "ldaps": "server_host = {ldaps}\nsearch_base = dc=example,dc=com\nbind = no\n"
+             "tls_ca_cert_file = {ca}\ntls_require_cert = yes\nversion = 2\n",
+    "ldapsnoverify": "server_host = {ldaps}\nsearch_base = dc=example,dc=com\n"
+                     "special_result_attribute = member\n",
 }
 
 ALICE = "alice@mail.example.com"
@@ -393,6 +460,11 @@ CASES: dict[str, list[tuple[str, str | None]]] = {
     "badfilter": [("alice@example.com", ERROR)],
     "timeout0": [("alice@example.com", ERROR)],
     "cache": [("alice@example.com", ALICE)],
+    "starttls": [("alice@example.com", ALICE), ("bob@example.com", BOB), ("x@y", None)],
+    "starttlsv2": [("alice@example.com", ALICE)],  # STARTTLS forces version 3
+    "starttlsunknownca": [("alice@example.com", ERROR)],
+    "ldaps": [("bob@example.com", BOB)],  # ldaps forces version 3
+    "ldapsnoverify": [("staff@example.com", f"staff-owner@example.com,{ALICE},{BOB}")],
 }
 
 # Where the C proxymap answers otherwise than the direct lookup: (config, key) -> answer.
@@ -416,10 +488,14 @@ class Stack:
         return f"ldap:{self.cf[name]}"
 
 
-def write_configs(target: Path, directory: PrivateSlapd, spare: PrivateSlapd) -> dict[str, Path]:
+def write_configs(target: Path, directory: TlsSlapd, spare: PrivateSlapd) -> dict[str, Path]:
+    ca, other_ca = target / "ca.pem", target / "other-ca.pem"
+    shutil.copy(directory.ca_path, ca)
+    make_certificates(target, other_ca, target / "other.pem", target / "other.key")
     values = {"url": directory.url, "port": directory.port, "ldapi": directory.ldapi_url,
+              "ldaps": directory.ldaps_url, "ca": ca, "otherca": other_ca,
               "dead": free_port(), "dead2": free_port()}
-    files = {}
+    files = {"ca": ca, "otherca": other_ca}
     for name, text in CONFIGS.items():
         files[name] = target / f"{name}.cf"
         files[name].write_text(text.format(**values))
@@ -441,7 +517,7 @@ def stack() -> Iterator[Stack]:
     ensure_server_packages("slapd", "ldap-utils")
     ensure_postfix()
     assert OUR_PROXYMAP.exists(), f"our worker is not installed: {OUR_PROXYMAP}"
-    directory = PrivateSlapd()
+    directory = TlsSlapd()
     directory.ldif = directory_ldif(directory.port)
     spare = PrivateSlapd(f"dn: uid=spare,{SUFFIX}\nobjectClass: account\nobjectClass: mailUser\n"
                          "uid: spare\nmailacceptinggeneralid: spare@example.com\n"
@@ -453,7 +529,8 @@ def stack() -> Iterator[Stack]:
         directory.start()
         spare.start()
         cf = write_configs(ours.tables, directory, spare)
-        allowed = " ".join(f"proxy:ldap:{path}" for path in cf.values())
+        allowed = " ".join(f"proxy:ldap:{path}" for name, path in cf.items()
+                           if name not in ("ca", "otherca"))
         ours.proxy_read_maps = theirs.proxy_read_maps = allowed
         ours.start()
         theirs.start()
