@@ -109,6 +109,7 @@ def make_databases(directory: Path) -> None:
         db.executemany("INSERT INTO doms VALUES (?)", [(name,) for name in DOMAINS])
     db.close()
     shutil.copy(main, directory / "write.sqlite")
+    shutil.copy(main, directory / "locked.sqlite")
     for path in directory.iterdir():
         path.chmod(0o644)
 
@@ -224,7 +225,9 @@ def write_configs(directory: Path) -> list[Path]:
     (directory / "domains").chmod(0o644)
     write_cf(directory / "domainlist.cf",
              {"dbpath": str(directory / "test.sqlite"), **DOMAIN_LIST_CF})
-    paths = []
+    write_cf(directory / "locked.cf",
+             {"dbpath": str(directory / "locked.sqlite"), "query": ALIAS_QUERY})
+    paths = [directory / "locked.cf"]
     for config, (settings, _) in CONFIGS.items():
         for target in TARGETS if config == "nodb" else ("direct",):
             values = {"dbpath": str(directory / "test.sqlite"), **settings}
@@ -478,6 +481,27 @@ def test_open_reply_flags_are_fixed(sites: Sites) -> None:
             [(b"0", F.FIXED)] * 2, (config, replies)
 
 
+@pytest.mark.postfix
+def test_locked_database(sites: Sites) -> None:
+    """A writer's lock: Postfix exits at once; ours waits for it (up to the timeout)."""
+    spec = f"sqlite:{sites.data / 'locked.cf'}"
+    writer = Writer(sites.data / "locked.sqlite")
+    writer.lock()
+    try:
+        direct = single(sites.ours.conf_dir, spec, "alice@example.com", 15.0)
+        release = threading.Timer(0.5, writer.unlock)
+        release.start()
+        started = time.monotonic()
+        ours = single(sites.ours.conf_dir, "proxy:" + spec, "alice@example.com", 15.0)
+        took = time.monotonic() - started
+    finally:
+        writer.unlock()
+    assert direct.outcome() == E
+    assert "SQL prepare failed: database is locked" in direct.stderr
+    assert ours.outcome() == ("0", "alice@mail.example.com"), ours.stderr
+    assert 0.4 < took < 5.0
+
+
 PLAIN_KEYS = ["ALICE@EXAMPLE.COM", "\u00fcn\u00ef@example.com", "\u00dcN\u00cf@EXAMPLE.COM",
               LATIN1_KEY.decode("utf-8", "surrogateescape"), "Mixed@Example.com", "o'brien@example.com"]
 
@@ -545,6 +569,16 @@ def test_open(data: Path, caplog: pytest.LogCaptureFixture) -> None:
     settings = {"pyproxymap_sqlite_connections": "2", "pyproxymap_sqlite_timeout": "0.5"}
     tuned = open_sqlite(data, {"query": ALIAS_QUERY}, settings, name="tuned.cf")
     assert (tuned.concurrency, tuned.query_timeout) == (2, 0.5)
+
+
+def test_main_cf_prefix(data: Path) -> None:
+    """A name that is not a file path names main.cf parameters <name>_<parameter>."""
+    params = {"aliasdb_dbpath": str(data / "test.sqlite"),
+              "aliasdb_query": "SELECT dest FROM aliases WHERE addr='%u@%d'",
+              "aliasdb_domain": "example.com"}
+    table = SqliteTable("aliasdb", os.O_RDONLY, F.FOLD_FIX, OpenContext(params=params))
+    assert run(table.alookup(b"Alice@Example.com")) == b"alice@mail.example.com"
+    assert run(table.alookup(b"alice@example.org")) is None
 
 
 def test_keys_and_flags(data: Path) -> None:

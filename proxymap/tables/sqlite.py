@@ -50,10 +50,13 @@ DESCRIPTION
       prepare and the process exits. Here a missing or unreadable database answers
       RETRY, and the table recovers by itself once the file is there (3.12 opens
       read-only too, but makes the table unavailable until the process restarts).
-    * An SQL prepare failure (``no such table``, a syntax error) makes Postfix exit
-      (fatal: the proxymap client then hangs until its timeout); here it is RETRY and
-      a logged cause. A locked database, which Postfix answers with RETRY at once
-      (or a fatal prepare error), is waited for up to the timeout.
+    * An SQL error makes Postfix exit, and a client of the C proxymap then hangs: a
+      prepare failure (``no such table``, a syntax error) directly, a step failure
+      (``malformed JSON``, ``integer overflow``) through sqlite3_finalize, which
+      reports the step's error again (observed with 3.7.11). Here both are RETRY,
+      with the cause logged. (The expansion limit is RETRY in both.)
+    * A database locked by a writer is waited for, up to the timeout; Postfix fails
+      at once, fatally (``SQL prepare failed: database is locked``, observed).
     * A database file replaced by another (rename, rebuild) is noticed before the
       next lookup (one stat(2) of ``dbpath`` per lookup, in the driver thread) and
       the connections are reopened. Postfix keeps reading the replaced file until
