@@ -99,7 +99,7 @@ from proxymap.tables.streams import param_number
 from proxymap.tables.texthash import require_read_only
 from proxymap.tables.utf8 import is_valid_utf8
 
-__all__ = ["SqliteTable", "first_statement", "sqlite_quote"]
+__all__ = ["SqliteTable", "first_statement", "sqlite_quote", "unquoted_codes"]
 
 log = logging.getLogger("proxymap")
 
