@@ -72,11 +72,12 @@ DESCRIPTION
 BUGS
     Postfix shares one connection among all LDAP tables with the same connection
     settings; here each table has its own few connections. A bind that fails on one
-    server moves on to the
-    next URL (Postfix's library fails over only when a connect fails). A lookup that
-    loses its connection halfway, also while following references, is run again from
-    the start once; Postfix retries only the first search. ``timeout`` bounds each
-    connect, bind and search, as in Postfix, not the lookup as a whole.
+    server moves on to the next URL (Postfix's library fails over only when a
+    connect fails). A lookup that loses its connection halfway, also while following
+    references, is run again from the start once; Postfix retries only the first
+    search. ``timeout`` bounds each connect, bind and search, as in Postfix, not the
+    lookup as a whole. Postfix closes its connection after any search error; here
+    only a lost or timed-out connection is replaced.
 
     With ``bind = no`` the connection is opened by a base search of the root DSE
     that is abandoned at once (Postfix connects on its first search).
@@ -690,6 +691,9 @@ class Channel:
                 if not self._failed(exc):
                     return
                 continue
+            except Exception as exc:  # noqa: BLE001 - a reply python-ldap cannot decode
+                self.lose(exc)
+                return
             if kind is None:
                 return
             pending = self.pending.get(msgid)
