@@ -105,8 +105,8 @@ from proxymap.tables.base import (
 from proxymap.tables.cfg_parser import CfgParser
 from proxymap.tables.composite import Call, run_async
 from proxymap.tables.db_common import DomainFilter, Template, expand
-from proxymap.tables.pool import ConnectionPool, OutageLog, PoolUnavailable
-from proxymap.tables.streams import Stream, param_number, stream_opener
+from proxymap.tables.pool import ConnectionPool, OutageLog, PoolUnavailable, connection_limit
+from proxymap.tables.streams import Stream, stream_opener
 
 log = logging.getLogger("proxymap")
 
@@ -377,7 +377,7 @@ class MemcacheTable(AsyncTable):
         # key_format (a PATTERN table would break recipient_delimiter lookups).
         self.flags |= F.FIXED | F.MULTI_WRITER
         self.outage = OutageLog(self.spec)
-        size = int(param_number(ctx, "pyproxymap_memcache_connections", DEFAULT_CONNECTIONS))
+        size = connection_limit("memcache", ctx.params) or DEFAULT_CONNECTIONS
         opener = stream_opener(settings.line_limit + 2)
 
         async def connect(target: str) -> _Connection:

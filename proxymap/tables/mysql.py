@@ -109,7 +109,14 @@ from proxymap.tables.base import (
 )
 from proxymap.tables.cfg_parser import CfgParser
 from proxymap.tables.db_common import QueryContext
-from proxymap.tables.pool import BACKOFF_MAX, ConnectionPool, EndpointState, Lease, OutageLog
+from proxymap.tables.pool import (
+    BACKOFF_MAX,
+    ConnectionPool,
+    EndpointState,
+    Lease,
+    OutageLog,
+    connection_limit,
+)
 from proxymap.tables.streams import param_number
 
 __all__ = ["Endpoint", "MysqlTable", "mysql_escape", "parse_host", "read_option_files"]
@@ -537,7 +544,7 @@ class MysqlTable(AsyncTable):
         # recipient_delimiter lookups), even when the query uses %u, %d or %1-%9.
         self.flags = (flags & ~F.PATTERN) | F.FIXED
         self.endpoints = self._read_hosts(cfg)
-        size = int(param_number(ctx, "pyproxymap_mysql_connections", DEFAULT_CONNECTIONS))
+        size = connection_limit("mysql", ctx.params) or DEFAULT_CONNECTIONS
         self.pool: ConnectionPool[Connection, Endpoint] = ConnectionPool(
             self.spec, self.endpoints, self._connect, _close_connection, size=size,
             connect_timeout=self.timeout, idle_limit=idle_interval, health_check=_ping,

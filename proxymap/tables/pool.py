@@ -72,6 +72,7 @@ CONNECTION_SETTINGS: dict[str, tuple[str, int]] = {
     "pgsql": ("pyproxymap_pgsql_connections", 8),
     "ldap": ("pyproxymap_ldap_connections", 2),
     "memcache": ("pyproxymap_memcache_connections", 8),
+    "sqlite": ("pyproxymap_sqlite_connections", 4),
     "tcp": ("pyproxymap_tcp_connections", 16),
     "socketmap": ("pyproxymap_socketmap_connections", 16),
 }

@@ -182,9 +182,7 @@ class SqliteTable(BlockingTable):
                 "utf-8", "surrogateescape"))):
             log.warning("%s: %s is used outside '...' quotes in the query: the key is "
                         "quoted for string literals only", self.spec, code)
-        self.concurrency = (connection_limit(self.dict_type, ctx.params)
-                            or max(1, int(param_number(ctx, "pyproxymap_sqlite_connections",
-                                                       DEFAULT_CONNECTIONS))))
+        self.concurrency = connection_limit(self.dict_type, ctx.params) or DEFAULT_CONNECTIONS
         self.query_timeout = param_number(ctx, "pyproxymap_sqlite_timeout", DEFAULT_TIMEOUT)
         # A backstop only: the driver thread itself gives up after query_timeout.
         self.timeout = self.query_timeout + 1.0
