@@ -11,11 +11,12 @@ DESCRIPTION
     Every parameter of ldap_table(5) (Postfix 3.7) is read with Postfix's types,
     defaults and checks: ``server_host`` (hosts, ``host:port`` or LDAP URLs, also
     ``ldapi://`` and ``ldaps://``; blanks or commas between them), ``server_port``
-    (389), ``timeout`` (10), ``search_base`` (``%`` expansions quoted per RFC 2253),
-    ``query_filter`` (``(mailacceptinggeneralid=%s)``; expansions quoted per RFC
-    2254: ``*``, ``(``, ``)`` and ``\\`` become ``\\2A``, ``\\28``, ``\\29``, ``\\5C``),
-    ``result_format`` (``result_filter``), ``domain``, ``result_attribute``
-    (``maildrop``), ``special_result_attribute``, ``terminal_result_attribute``,
+    (389), ``timeout`` (10), ``search_base`` (empty; ``%`` expansions quoted per
+    RFC 2253), ``query_filter`` (``(mailacceptinggeneralid=%s)``; expansions quoted
+    per RFC 2254: ``*``, ``(``, ``)`` and ``\\`` become ``\\2A``, ``\\28``, ``\\29``,
+    ``\\5C``), ``result_format`` (empty means unset; then ``result_filter``, default
+    ``%s``), ``domain``, ``result_attribute`` (``maildrop``),
+    ``special_result_attribute``, ``terminal_result_attribute``,
     ``leaf_result_attribute``, ``scope`` (sub, base, one), ``bind`` (yes/simple,
     no/none, sasl), ``bind_dn``, ``bind_pw``, ``recursion_limit`` (1000),
     ``expansion_limit`` (0), ``size_limit`` (= expansion_limit), ``dereference``
