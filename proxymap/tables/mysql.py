@@ -552,6 +552,7 @@ class MysqlTable(AsyncTable):
             order=unix_first_random, label=lambda endpoint: endpoint.label)
         self.outage = OutageLog(self.spec)
         self.reaper = _IdleReaper(float(idle_interval))
+        self._abandoned: set[asyncio.Future[None]] = set()
 
     # --- configuration -----------------------------------------------------------------
     def _read_login(self, cfg: CfgParser) -> _Login:
@@ -614,7 +615,7 @@ class MysqlTable(AsyncTable):
                     continue  # the server may have restarted: once more, on a new connection
                 raise self._failed(f"lost connection to {lease.endpoint.label}: {exc}")
             except TimeoutError:
-                self.pool.release(lease, reusable=False)
+                self._abandon(lease)
                 raise self._failed(f"no answer from {lease.endpoint.label} within "
                                    f"{self.timeout:g}s") from None
             except _QueryFailed as exc:
@@ -640,6 +641,24 @@ class MysqlTable(AsyncTable):
         async with asyncio.timeout(remaining):
             return await _result_sets(connection, query)
 
+    def _abandon(self, lease: Lease[Connection, Endpoint]) -> None:
+        """A query that timed out still runs on the server, on a connection the server
+        still counts: it keeps its pool slot until a pooled connection has killed it
+        (``KILL QUERY``) and it is closed. So the bound holds on the server's side too."""
+        task = asyncio.ensure_future(self._kill_query(lease))
+        self._abandoned.add(task)
+        task.add_done_callback(self._abandoned.discard)
+
+    async def _kill_query(self, lease: Lease[Connection, Endpoint]) -> None:
+        try:
+            thread_id = lease.connection.thread_id()
+            async with self.pool.connection(self.timeout) as killer:
+                await _result_sets(killer.connection, b"KILL QUERY %d" % thread_id)
+        except Exception as exc:  # noqa: BLE001 - the server ends it at the query's end
+            log.info("%s: could not stop a query that timed out: %s", self.spec, exc)
+        finally:
+            self.pool.release(lease, reusable=False)
+
     def _check_sets(self, sets: list[tuple]) -> tuple | None:
         if len(sets) > 1:
             raise self._failed("query failed: multiple result sets returning data are "
@@ -658,5 +677,7 @@ class MysqlTable(AsyncTable):
         return DictRetry(f"{self.spec}: {reason}")
 
     def close(self) -> None:
+        for task in self._abandoned:
+            task.cancel()
         self.reaper.cancel()
         self.pool.close()
