@@ -25,7 +25,7 @@ from tests.bench.databases import (
     bench_keys,
     ldif_entries,
 )
-from tests.bench.run import parse_args, target_verdict
+from tests.bench.run import BenchTable, listed_tables, parse_args, target_verdict
 from tests.support.postfix import ensure_postfix, run_postmap, settle_files
 from tests.support.servers import ensure_server_packages
 
@@ -148,3 +148,12 @@ def test_options() -> None:
     options = parse_args(["--tables", "mysql-5ms,ldap", "--db-conns", "1,32", "--db-pool", "4"])
     assert options.tables == ["mysql-5ms", "ldap"]
     assert (options.db_conns, options.db_pool, options.slow_conns) == ([1, 32], 4, [32])
+
+
+def test_instances_list_local_tables_and_only_their_own_database_table(tmp_path: Path) -> None:
+    tables = {kind: BenchTable(kind, f"{kind}:x", tmp_path, "k")
+              for kind in ("hash", "mysql", "ldap")}
+    assert list(listed_tables(tables, "ldap")) == ["hash", "ldap"]
+    assert list(listed_tables(tables, None)) == ["hash"]
+    only_databases = {kind: tables[kind] for kind in ("mysql", "ldap")}
+    assert list(listed_tables(only_databases, None)) == ["mysql"]
