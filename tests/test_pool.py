@@ -228,3 +228,13 @@ def test_a_new_event_loop_starts_the_pool_afresh():
 
     run(once())
     run(once())  # the first loop's idle connection is not handed to the second
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("10", 10.0), ("10s", 10.0), ("2m", 120.0), ("1h", 3600.0), ("1.5", 1.5),
+    ("0.25S", 0.25), ("x", 7.0), ("", 7.0), ("5q", 7.0)])
+def test_our_numeric_settings_take_postfix_time_units(text, expected):
+    from proxymap.tables.base import OpenContext
+    from proxymap.tables.streams import param_number
+
+    assert param_number(OpenContext(params={"pyproxymap_x": text}), "pyproxymap_x", 7) == expected

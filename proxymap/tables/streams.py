@@ -80,12 +80,19 @@ def close_stream(stream: Stream) -> None:
     stream.close()
 
 
+# Postfix time units (main.cf "10s", "5m"): a bare number is seconds.
+_TIME_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
 def param_number(ctx: OpenContext | None, name: str, default: float) -> float:
-    """A numeric main.cf parameter of ours; a bad value falls back with a warning."""
+    """A numeric main.cf parameter of ours (times may carry a Postfix unit: 10s, 2m);
+    a bad value falls back with a warning."""
     if ctx is None or name not in ctx.params:
         return default
+    text = str(ctx.params[name]).strip()
+    scale = _TIME_UNITS.get(text[-1:].lower(), 0) if text else 0
     try:
-        return float(ctx.params[name])
-    except (TypeError, ValueError):
-        log.warning("%s: bad numerical value \"%s\", using %s", name, ctx.params[name], default)
+        return float(text[:-1] if scale else text) * (scale or 1)
+    except ValueError:
+        log.warning("%s: bad numerical value \"%s\", using %s", name, text, default)
         return default
