@@ -65,6 +65,15 @@ DESCRIPTION
     in flock() with all its clients; a compiled lookup then answers None and the
     connection takes the general path.
 
+    Result cache (``proxymap.cache``, off by default): an asynchronous instance of a
+    table named in ``pyproxymap_cache_maps`` gets its table's cache when it is
+    opened. A lookup with a fresh entry is answered inline, as a local table's (the
+    connection then learns a compiled lookup for it that answers hits and hands
+    anything else to the general path); a miss awaits ``TableCache.fill`` (one query
+    per key, stale entries when the backend fails temporarily). An update or delete
+    invalidates the key. Synchronous tables never see the cache: their paths are
+    unchanged.
+
 BUGS
     An asynchronous table shares one flag word between concurrent requests on the
     same instance; the handler sets it right before each call, so a driver must
@@ -81,6 +90,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
 
 from proxymap import flags as F
+from proxymap.cache import ANSWER_BITS, MAPS, CacheKey, CacheSettings, TableCache
 from proxymap.protocol import (
     BAD,
     CONFIG,
@@ -98,6 +108,7 @@ from proxymap.tables import open_table
 from proxymap.tables.base import (
     BUSY_PAUSE_MAX,
     BUSY_PAUSE_MIN,
+    AsyncTable,
     DictBusy,
     DictConfig,
     DictError,
@@ -141,6 +152,8 @@ class Instance:
     open_reply: int  # what an ``open`` request is answered with
     registered_name: str  # for "table <name> has changed -- restarting"
     sequence_started: bool = False
+    cache: TableCache | None = None  # pyproxymap_cache_maps names it (asynchronous only)
+    cache_token: int = 0  # this instance in its table's cache keys
 
 
 @dataclass(slots=True, frozen=True)
@@ -186,6 +199,9 @@ class RequestHandler:
         #: (None: that request shape takes the general path).
         self.lookup_shortcuts: dict[bytes, LookupFunction | None] = {}
         self._instances: dict[tuple[str, int, int, int], Instance] = {}
+        self.cache_settings = CacheSettings.from_params(params)
+        #: canonical table name -> the result cache of its instances (pyproxymap_cache_*)
+        self.caches: dict[str, TableCache] = {}
         access = "read-write" if self.writer else "read-only"
         parameter = "proxy_write_maps" if self.writer else "proxy_read_maps"
         self._approve_hint = (f"to approve this table for {access} access, list "
@@ -204,8 +220,24 @@ class RequestHandler:
         instance = self._instances.get(key)
         if instance is None:
             instance = self._open_instance(canonical, generation, instance_flags)
+            if self.cache_settings.wants(canonical):
+                self._attach_cache(canonical, instance)
             self._instances[key] = instance
         return instance
+
+    def _attach_cache(self, canonical: str, instance: Instance) -> None:
+        """Give the instance its table's cache; local tables are never cached."""
+        table = instance.table
+        if not table.asynchronous:
+            if not table.flags & F.SURROGATE:  # an open failure is logged already
+                log.warning("%s: %s is a local table, it is not cached", MAPS, canonical)
+            return
+        cache = self.caches.get(canonical)
+        if cache is None:
+            cache = self.caches[canonical] = TableCache(canonical, self.cache_settings,
+                                                        track_writes=self.writer)
+        instance.cache = cache
+        instance.cache_token = len(self._instances)
 
     def _open_instance(self, canonical: str, generation: int, instance_flags: int) -> Instance:
         echo = instance_flags & _SANITISED
@@ -277,6 +309,13 @@ class RequestHandler:
         echo = req.flags & _SANITISED
         flags &= ~_SANITISED
         if table.asynchronous:
+            if op == "lookup" and instance.cache is not None:
+                entry = instance.cache.fresh((instance.cache_token, flags & ANSWER_BITS,
+                                              req.key))
+                if entry is not None:  # a hit: answered inline, like a local table
+                    if entry.value is None:
+                        return Reply(NOKEY, flags | echo)
+                    return Reply(OK, flags | echo, value=entry.value)
             return self._run_async(instance, req, flags, echo)
         function = self._sequence_function(instance, req.function) if op == "sequence" else 0
         table.flags = flags
@@ -339,8 +378,10 @@ class RequestHandler:
         if req.op != "lookup":
             return None
         instance = self._routed(req)
-        if instance.__class__ is Refusal or instance.table.asynchronous:
+        if instance.__class__ is Refusal:
             return None
+        if instance.table.asynchronous:
+            return None if instance.cache is None else self._compile_cached(req, instance)
         table = instance.table
         echo = req.flags & _SANITISED
         error_status = self._error_status
@@ -392,6 +433,56 @@ class RequestHandler:
 
         return lookup_g1
 
+    def _compile_cached(self, req: Request, instance: Instance) -> LookupFunction:
+        """The fast path of a cached asynchronous table: a fresh entry is answered
+        inline (as ``handle`` would), anything else (None) takes the general path."""
+        table = instance.table
+        cache = instance.cache
+        assert cache is not None
+        fresh = cache.fresh
+        token = instance.cache_token
+        echo = req.flags & _SANITISED
+        if req.generation == G2:
+            flags = req.flags
+            if not flags & F.TRY_ANY:
+                flags |= instance.fresh_flags & F.TRY_ANY
+            flags &= ~_SANITISED
+            answer_bits = flags & ANSWER_BITS
+            reply_flags = (flags | echo) & 0xFFFFFFFF
+            found = b"status\x000\x00flags\x00%d\x00value\x00" % reply_flags
+            not_found = b"status\x001\x00flags\x00%d\x00value\x00\x00\x00" % reply_flags
+
+            def cached_g2(key: bytes) -> bytes | None:
+                entry = fresh((token, answer_bits, key))
+                if entry is None:
+                    return None
+                value = entry.value
+                if value is None:
+                    return not_found
+                if b"\x00" in value:
+                    value = value[:value.index(b"\x00")]
+                return found + value + b"\x00\x00"
+
+            return cached_g2
+
+        kept_bits = ~F.RQST_MASK & ~_SANITISED
+        request_bits = req.flags & F.RQST_MASK & ~_SANITISED
+
+        def cached_g1(key: bytes) -> bytes | None:
+            # As handle(): the instance's own bits from the (shared) flag word.
+            answer_bits = ((table.flags & kept_bits) | request_bits) & ANSWER_BITS
+            entry = fresh((token, answer_bits, key))
+            if entry is None:
+                return None
+            value = entry.value
+            if value is None:
+                return _G1_NOT_FOUND
+            if b"\x00" in value:
+                value = value[:value.index(b"\x00")]
+            return _G1_FOUND + value + b"\x00\x00"
+
+        return cached_g1
+
     async def _run_async(self, instance: Instance, req: Request, flags: int,
                          echo: int) -> Reply:
         # Flags are set here, not in handle(): other requests may run in between.
@@ -401,17 +492,30 @@ class RequestHandler:
         op = req.op
         table.flags = flags
         reply_flags = flags | echo
+        cache = instance.cache
         try:
             if op == "lookup":
-                value = await table.alookup(req.key)
+                if cache is None:
+                    value = await table.alookup(req.key)
+                else:
+                    value = await cache.fill(self._cache_key(instance, flags, req.key),
+                                             lambda: _flagged_lookup(table, flags, req.key))
                 if value is None:
                     return Reply(NOKEY, reply_flags)
                 return Reply(OK, reply_flags, value=value)
             if op == "update":
-                status = await table.aupdate(req.key, req.value)
+                try:
+                    status = await table.aupdate(req.key, req.value)
+                finally:
+                    if cache is not None:  # even a failed write may have been done
+                        cache.invalidate(req.key)
                 return Reply(OK if status == 0 else NOKEY, reply_flags)
             if op == "delete":
-                status = await table.adelete(req.key)
+                try:
+                    status = await table.adelete(req.key)
+                finally:
+                    if cache is not None:
+                        cache.invalidate(req.key)
                 return Reply(OK if status == 0 else NOKEY, reply_flags)
             if op == "sequence":
                 entry = await table.asequence(self._sequence_function(instance, req.function))
@@ -421,6 +525,20 @@ class RequestHandler:
         except Exception as exc:  # noqa: BLE001 - every failure becomes a status
             return Reply(self._error_status(exc, instance, op), reply_flags)
         return Reply(BAD)
+
+    @staticmethod
+    def _cache_key(instance: Instance, flags: int, key: bytes) -> CacheKey:
+        return (instance.cache_token, flags & ANSWER_BITS, key)
+
+    # --- cache figures -------------------------------------------------------------------
+    def cache_figures(self) -> dict[str, dict[str, int]]:
+        """Per cached table: hits, misses, coalesced, stale, evictions, ... size."""
+        return {name: cache.figures.as_dict() for name, cache in self.caches.items()}
+
+    def close(self) -> None:
+        """At worker exit: each cache logs its figures (and an outage still going on)."""
+        for cache in self.caches.values():
+            cache.close()
 
     @staticmethod
     def _sequence_function(instance: Instance, function: int) -> int:
@@ -452,3 +570,10 @@ class RequestHandler:
             if table.watched_files and table.changed():
                 return instance.registered_name
         return None
+
+
+async def _flagged_lookup(table: AsyncTable, flags: int, key: bytes) -> bytes | None:
+    """A cache miss's query: it runs as a task of its own, so the flag word is set
+    here, right before the driver reads it."""
+    table.flags = flags
+    return await table.alookup(key)
