@@ -83,6 +83,7 @@ from master.masterconf import (
     read_master_cf,
 )
 from master.pidfile import AlreadyRunning, PidFile
+from master.preflight import configuration_problems
 from master.sdnotify import Notifier
 from master.spawn import ChildFds, spawn_child
 from master.status import STATUS_SIZE, unpack_status
@@ -108,12 +109,19 @@ class ArbiterError(RuntimeError):
 
 
 def load_configuration(config_dir: str) -> tuple[MainConfig, list[ServiceEntry]]:
-    """main.cf and master.cf, or ArbiterError(EX_CONFIG) naming file and line."""
+    """main.cf and master.cf, or ArbiterError(EX_CONFIG) naming file and line.
+
+    Values every child would die of (``preflight``) are errors here already: start
+    and reload refuse them instead of starting children that crash-loop.
+    """
     try:
         main = MainConfig.load(config_dir)
         entries = read_master_cf(config_dir, main)
     except (MainConfigError, MasterConfigError) as err:
         raise ArbiterError(str(err), EX_CONFIG) from None
+    problems = configuration_problems(main, entries)
+    if problems:
+        raise ArbiterError("\n".join(problems), EX_CONFIG)
     return main, entries
 
 

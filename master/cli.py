@@ -17,21 +17,28 @@ DESCRIPTION
     (``queue_directory = $config_directory/../run/queue``) and still hand absolute paths
     to every reader, the real ``postmap`` included.
 
-    start     run the master in the foreground (logs on stderr; children get ``-d``), or
-              detached with ``--daemon`` (python-daemon; the pid file stays locked and the
-              listen and status descriptors are preserved across the fork).
+    start     check the configuration (``master.preflight``: every main.cf value must
+              expand, the numbers every daemon reads must parse; an error stops the
+              start with file and line), then run the master in the foreground (logs on
+              stderr; children get ``-d``), or detached with ``--daemon`` (python-daemon;
+              the pid file stays locked and the listen and status descriptors are
+              preserved across the fork). Everything the master process writes carries
+              one tag, ``<syslog_name>/master``.
     stop      SIGTERM (graceful: wait for the children) or, with ``--fast``, SIGQUIT;
               waits until the pid-file lock is released.
-    reload    SIGHUP: re-read both files, new generation, old workers exit.
+    reload    SIGHUP: re-read both files, new generation, old workers exit (a
+              configuration that start would refuse is refused, the running one kept).
     status    the live state from the master's control socket
               (``$queue_directory/pid/master.ctl``): services, workers, generations,
               idle/busy, use counts.
-    check     parse main.cf and master.cf (errors name file and line), create missing
-              queue directories (as ``postfix check`` does), check every command exists
-              in daemon_directory, ask each proxymap/proxywrite worker for its approved
-              tables (``<command> -S -n export-proxy-<service>``; without export mode,
-              as in Postfix 3.7, the proxy: entries of main.cf) and have the worker open
-              each one (a lookup in stand-alone mode, ``-S``).
+    check     the checks of start, plus: create missing queue directories (as
+              ``postfix check`` does), check every command exists in daemon_directory,
+              and have each proxymap/proxywrite worker open its approved tables itself
+              (``<command> -S -V -n check-<service>``, with the service's privileges,
+              chroot and ``-o`` overrides): ``ok`` or the cause of the failure. A worker
+              without that mode (Postfix's proxymap) gets its tables from its export mode
+              (3.11+) or ours, each opened by Postfix's ``postmap -q`` as the service's
+              user; the answer is ``ok``, ``no such key`` or postmap's error.
 
 EXIT STATUS
     0 success; 1 failure; 3 (status) no master running; 75 another master runs;
@@ -43,10 +50,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pwd
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator, Mapping
+from typing import NoReturn
 
 import click
 
@@ -55,32 +66,65 @@ from master.arbiter import EX_CONFIG, Arbiter, ArbiterError, load_configuration
 from master.control import control_path, query
 from master.listen import owner_ids, prepare_queue_directory
 from master.mainconf import MainConfig, MainConfigError
+from master.masterconf import ServiceEntry, child_environment
 from master.pidfile import running_pid
 
 log = logging.getLogger("master")
 
 PROGRAM = "proxymap-master"
-# The tag is <syslog_name>/master, as for Postfix's master: log watchers know it.
+# The master's tag is <syslog_name>/master, as for Postfix's master: log watchers know it.
 PROCESS_NAME = "master"
 NOT_RUNNING = 3
 EXPORT_TIMEOUT = 30.0
+HELP = {"help_option_names": ["-h", "--help"]}
+
+# Every line this process writes starts with this tag: "proxymap-master" for the
+# commands, "<syslog_name>/master" once ``start`` has read main.cf (records, hints and
+# fatal errors alike: one process, one name).
+_tag = PROGRAM
 
 
-def setup_logging(config: MainConfig | None, verbose: int, *, to_stderr: bool) -> None:
-    """Postfix-style records (``master.log``): syslog or postlog, plus stderr in front."""
-    if config is None:
-        postfix_log.setup_early(PROCESS_NAME, stderr=to_stderr, verbose=verbose,
-                                tag_with_logtag=True)
-    else:
-        postfix_log.setup(PROCESS_NAME, config, stderr=to_stderr, verbose=verbose)
+def say(text: str) -> None:
+    """One line for the operator, on stderr, under this process's tag."""
+    click.echo(f"{_tag}: {text}", err=True)
 
 
-def fail(message: str, status: int = 1) -> None:
-    click.echo(f"{PROGRAM}: fatal: {message}", err=True)
+def fail(message: str, status: int = 1) -> NoReturn:
+    """``<tag>: fatal: ...`` and exit; each line of a longer message is an error first."""
+    lines = message.splitlines() or [message]
+    if _tag == PROGRAM:
+        for line in lines[:-1]:
+            say(f"error: {line}")
+        say(f"fatal: {lines[-1]}")
+    else:  # the master: logged (syslog or maillog_file, and stderr), under its tag
+        for line in lines[:-1]:
+            log.error("%s", line)
+        log.critical("%s", lines[-1])
     sys.exit(status)
 
 
-@click.group()
+def _syslog_name(config_dir: str) -> str:
+    """syslog_name from main.cf, read quietly (its warnings are logged again later,
+    under the right tag); $MAIL_LOGTAG or "postfix" when main.cf cannot be read."""
+    logging.disable(logging.CRITICAL)
+    try:
+        name = MainConfig.load(config_dir).get("syslog_name")
+    except MainConfigError:
+        name = None
+    finally:
+        logging.disable(logging.NOTSET)
+    return name or os.environ.get("MAIL_LOGTAG") or "postfix"
+
+
+def setup_logging(config: Mapping[str, str], verbose: int, *, to_stderr: bool) -> None:
+    """Postfix-style records (``master.log``): syslog or postlog, plus stderr in front,
+    all tagged ``<syslog_name>/master``."""
+    global _tag
+    _tag = postfix_log.make_tag(config.get("syslog_name") or "postfix", PROCESS_NAME)
+    postfix_log.setup(PROCESS_NAME, config, stderr=to_stderr, verbose=verbose)
+
+
+@click.group(context_settings=HELP)
 @click.option("-c", "config_dir", envvar="MAIL_CONFIG", default="/etc/postfix",
               show_default=True, type=click.Path(file_okay=False),
               help="configuration directory (main.cf, master.cf)")
@@ -89,6 +133,15 @@ def fail(message: str, status: int = 1) -> None:
 def main(ctx: click.Context, config_dir: str, verbose: int) -> None:
     """A pre-forking Postfix master(8) for proxymap."""
     ctx.obj = {"config_dir": os.path.abspath(config_dir), "verbose": verbose}
+    postfix_log.setup_early(PROGRAM, stderr=True, verbose=verbose)
+
+
+def _load_or_fail(config_dir: str) -> tuple[MainConfig, list[ServiceEntry]]:
+    """main.cf and master.cf, with every problem a child would die of, or exit 78."""
+    try:
+        return load_configuration(config_dir)
+    except ArbiterError as err:
+        fail(str(err), err.exit_status)
 
 
 def _queue_directory(config_dir: str) -> str:
@@ -117,7 +170,7 @@ def _usage_hint(arbiter: Arbiter) -> list[str]:
             where = service.entry.socket_path(arbiter.queue_directory)
             lines.append(f"{service.entry.name}: {where} ({service.prefork} pre-forked,"
                          f" maxproc {service.entry.maxproc})")
-    table = next((t for t in arbiter.main.get("proxy_read_maps", "").replace(",", " ").split()
+    table = next((t for t in _words(arbiter.main.get("proxy_read_maps", ""))
                   if t.startswith("proxy:texthash:")), None)
     if table:
         key = _first_key(table.removeprefix("proxy:texthash:")) or "KEY"
@@ -126,6 +179,19 @@ def _usage_hint(arbiter: Arbiter) -> list[str]:
         if os.path.exists(query_tool):
             lines.append(f"  or: {query_tool} -c {arbiter.config_dir} {key} {table}")
     return lines
+
+
+def _words(value: str) -> Iterator[str]:
+    """Split on commas and blanks, never inside ``{ }`` (``inline:{a=b,c=d}`` is one)."""
+    word, depth = "", 0
+    for char in value + " ":
+        depth += (char == "{") - (char == "}" and depth > 0)
+        if depth == 0 and char in ", \t\r\n":
+            if word:
+                yield word
+            word = ""
+        else:
+            word += char
 
 
 def _first_key(path: str) -> str | None:
@@ -143,9 +209,13 @@ def _first_key(path: str) -> str | None:
 @click.option("--daemon", is_flag=True, help="detach (python-daemon) instead of foreground")
 @click.pass_context
 def start(ctx: click.Context, daemon: bool) -> None:
-    """Run the master (foreground unless --daemon)."""
+    """Run the master (foreground unless --daemon).
+
+    The configuration is checked first (every main.cf value must expand, the numbers
+    every daemon reads must parse): an error stops the start with its file and line.
+    """
     config_dir, verbose = ctx.obj["config_dir"], ctx.obj["verbose"]
-    setup_logging(None, verbose, to_stderr=True)
+    setup_logging({"syslog_name": _syslog_name(config_dir)}, verbose, to_stderr=True)
     arbiter = Arbiter(config_dir, foreground=not daemon, verbose=verbose)
     try:
         arbiter.setup()
@@ -153,7 +223,7 @@ def start(ctx: click.Context, daemon: bool) -> None:
         fail(str(err), err.exit_status)
     setup_logging(arbiter.main, verbose, to_stderr=not daemon)
     for line in _usage_hint(arbiter):
-        click.echo(f"{PROGRAM}: {line}", err=True)
+        say(line)
     if not daemon:
         sys.exit(arbiter.run())
     import daemon as python_daemon
@@ -322,76 +392,135 @@ def status(ctx: click.Context, as_json: bool) -> None:
 # ---------------------------------------------------------------------------
 
 
-def _export_tables(path: str, service: str, config_dir: str) -> tuple[bool, str]:
-    """Ask a worker which tables it would serve (3.12-style export mode)."""
-    env = {"MAIL_CONFIG": config_dir, "LANG": "C"}
+# Exit status of the worker's self-check when a table failed (its lines say which).
+SELF_CHECK_TABLE_FAILED = 1
+# What a Postfix proxymap without our check mode says about ``-n check-proxymap``.
+_NO_CHECK_MODE = "service name must be"
+# postmap -q looks this key up in each table of a worker without a self-check mode.
+_PROBE_KEY = "pyproxymap-check-probe"
+
+
+def _self_check_argv(path: str, entry: ServiceEntry, mode: str) -> list[str]:
+    """The worker's command line for a one-shot mode: as the master would run it (its
+    privileges, chroot and -o overrides), plus -S, -V (causes on stderr) and -n MODE."""
+    argv = [path, "-S", "-V", "-n", f"{mode}-{entry.name}", "-t", entry.transport]
+    if os.geteuid() == 0:
+        argv += ["-u"] * entry.unprivileged + ["-c"] * entry.chroot
+    return argv + list(entry.args)
+
+
+def _run_worker(argv: list[str], env: dict[str, str],
+                preexec=None) -> subprocess.CompletedProcess | str:
     try:
-        done = subprocess.run([path, "-S", "-n", f"export-proxy-{service}"],
-                              stdin=subprocess.DEVNULL, capture_output=True, env=env,
-                              timeout=EXPORT_TIMEOUT, check=False)
+        return subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, env=env,
+                              timeout=EXPORT_TIMEOUT, check=False, preexec_fn=preexec)
     except (OSError, subprocess.TimeoutExpired) as err:
-        return False, str(err)
-    if done.returncode != 0:
-        return False, (done.stderr.decode(errors="replace").strip().splitlines() or ["?"])[-1]
-    return True, done.stdout.decode(errors="replace")
+        return f"cannot run {argv[0]}: {err}"
 
 
-# proxymap reply status codes (PROTOCOLS.md 2.4), for readable check output.
-_STATUS_NAMES = {"0": "ok", "1": "no such key", "2": "try again", "3": "bad request",
-                 "4": "not approved", "5": "table configuration error"}
+def _worker_says(done: subprocess.CompletedProcess) -> str:
+    """The worker's last words on stderr (with -V its fatal message goes there)."""
+    lines = done.stderr.decode(errors="replace").strip().splitlines()
+    return lines[-1] if lines else f"exit status {done.returncode}, nothing on stderr"
 
 
-# What postmap -q sends as lookup flags: UTF8_REQUEST | LOCK | DUP_WARN.
-_LOOKUP_FLAGS = b"524353"
-_PROBE_KEY = b"pyproxymap-check-probe"
+def self_check(path: str, entry: ServiceEntry, env: dict[str, str],
+               preexec=None) -> tuple[list[tuple[str, str]] | None, str]:
+    """Ask the worker to open each approved table: ([(table, outcome)], "") when it
+    could; (None, cause) when it could not run or has no self-check mode (the cause
+    then contains "service name must be")."""
+    done = _run_worker(_self_check_argv(path, entry, "check"), env, preexec)
+    if isinstance(done, str):
+        return None, done
+    results = []
+    for line in done.stdout.decode(errors="replace").splitlines():
+        table, tab, outcome = line.rpartition("\t")
+        if tab:
+            results.append((table, outcome))
+    if done.returncode == 0 or (results and done.returncode == SELF_CHECK_TABLE_FAILED):
+        return results, ""
+    return None, _worker_says(done)
 
 
-def _open_table(path: str, service: str, table: str, config_dir: str) -> str:
-    """One lookup by the worker in stand-alone mode (-S); the status, in words.
-
-    A lookup rather than an ``open``: Postfix opens a broken table as a surrogate that
-    fails only when used. The request is the null-terminated attribute list of a 3.7
-    client (``request lookup table <name> flags <f> key <probe>``); the first reply
-    attribute is the status; "ok" or "no such key" both mean the table works.
-    """
-    request = b"".join(part + b"\0" for part in (
-        b"request", b"lookup", b"table", table.encode(), b"flags", _LOOKUP_FLAGS,
-        b"key", _PROBE_KEY)) + b"\0"
-    env = {"MAIL_CONFIG": config_dir, "LANG": "C"}
-    try:
-        done = subprocess.run([path, "-S", "-n", service], input=request, capture_output=True,
-                              env=env, timeout=EXPORT_TIMEOUT, check=False)
-    except (OSError, subprocess.TimeoutExpired) as err:
-        return f"cannot run {path}: {err}"
-    fields = done.stdout.split(b"\0")
-    if len(fields) >= 2 and fields[0] == b"status":
-        code = fields[1].decode(errors="replace").strip()
-        return _STATUS_NAMES.get(code, f"status {code}")
-    return f"no reply (exit {done.returncode})"
+def _export_tables(path: str, entry: ServiceEntry, env: dict[str, str]) -> list[str] | None:
+    """The approved tables, by the worker's export mode (Postfix 3.11+ and ours)."""
+    done = _run_worker(_self_check_argv(path, entry, "export-proxy"), env)
+    if isinstance(done, str) or done.returncode != 0:
+        return None
+    return done.stdout.decode(errors="replace").splitlines()
 
 
-def _approved_from_main_cf(main_cf: MainConfig, service: str) -> list[str]:
-    """The proxy:-prefixed elements of proxy_read_maps/proxy_write_maps, prefix removed."""
-    parameter = "proxy_write_maps" if service == "proxywrite" else "proxy_read_maps"
-    tables = []
-    for element in main_cf.get(parameter, "").replace(",", " ").split():
-        if element.startswith("proxy:"):
-            while element.startswith("proxy:"):
-                element = element[len("proxy:"):]
-            tables.append(element)
-    return sorted(set(tables))
+def _postmap_probe(table: str, config_dir: str, entry: ServiceEntry,
+                   main_cf: MainConfig) -> str:
+    """A direct ``postmap -q`` of the table, as the service's user: what Postfix itself
+    says about opening it (for a worker that cannot check its own tables)."""
+    postmap = shutil.which("postmap") or "/usr/sbin/postmap"
+    preexec = None
+    if os.geteuid() == 0 and entry.unprivileged:
+        preexec = _become(main_cf.get("mail_owner") or "postfix")
+    env = {"MAIL_CONFIG": config_dir, "LANG": "C", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
+    done = _run_worker([postmap, "-c", config_dir, "-q", _PROBE_KEY, table], env, preexec)
+    if isinstance(done, str):
+        return f"error: {done}"
+    # "postmap: fatal: <cause>", after warnings about the table that say more (and
+    # warnings about other things, main.cf for one, that do not concern it).
+    causes = []
+    for line in done.stderr.decode(errors="replace").splitlines():
+        level, _, text = line.partition(": ")[2].partition(": ")
+        if level in ("fatal", "error") or (level == "warning" and text.startswith(table)):
+            causes.append(text)
+    if causes:
+        return "error: " + "; ".join(causes)
+    return "ok" if done.returncode == 0 else "no such key"
+
+
+def _become(user: str):
+    """A preexec function that drops to user (and its groups), as a worker's -u does."""
+    entry = pwd.getpwnam(user)
+
+    def drop() -> None:
+        os.setgroups(os.getgrouplist(user, entry.pw_gid))
+        os.setgid(entry.pw_gid)
+        os.setuid(entry.pw_uid)
+
+    return drop
+
+
+def _check_tables(path: str, entry: ServiceEntry, config_dir: str,
+                  main_cf: MainConfig) -> list[tuple[str, str]] | None:
+    """(table, outcome) for each table the service approves; None: could not tell."""
+    env = child_environment(main_cf, 1, config_dir)
+    results, cause = self_check(path, entry, env)
+    if results is not None:
+        return results
+    if _NO_CHECK_MODE not in cause:
+        click.echo(f"  {path}: {cause}", err=True)
+        return None
+    # A Postfix proxymap: no self-check. Its tables (from its export mode, 3.11+, else
+    # ours, which follows the same rules), each opened by Postfix's own postmap.
+    tables = _export_tables(path, entry, env)
+    if tables is None:
+        ours = os.path.join(os.path.dirname(os.path.abspath(sys.argv[0])), "proxymap")
+        tables = _export_tables(ours, entry, env) if os.access(ours, os.X_OK) else None
+    if tables is None:
+        click.echo(f"  {path}: cannot list its approved tables", err=True)
+        return None
+    click.echo(f"  ({path} has no self-check mode: each table is opened by postmap -q)")
+    return [(table, _postmap_probe(table, config_dir, entry, main_cf)) for table in tables]
 
 
 @main.command()
 @click.pass_context
 def check(ctx: click.Context) -> None:
-    """Validate main.cf, master.cf, commands and approved tables."""
+    """Validate main.cf, master.cf, commands and approved tables.
+
+    Every value in main.cf must expand and the numbers every daemon reads must parse
+    (the errors name file and line). Each proxymap/proxywrite worker opens its approved
+    tables itself (``-S -n check-SERVICE``, with the privileges it serves with) and
+    reports each as ``ok`` or with the cause of its failure.
+    """
     config_dir = ctx.obj["config_dir"]
-    setup_logging(None, 0, to_stderr=True)
-    try:
-        main_cf, entries = load_configuration(config_dir)
-    except ArbiterError as err:
-        fail(str(err), err.exit_status)
+    main_cf, entries = _load_or_fail(config_dir)
     problems = 0
     # Like `postfix check`, create what is missing: workers chdir to queue_directory.
     try:
@@ -411,18 +540,13 @@ def check(ctx: click.Context) -> None:
         click.echo(f"{entry.where}: {entry.name}/{entry.transport}: {path} ok")
         if entry.name not in ("proxymap", "proxywrite"):
             continue
-        exported, text = _export_tables(path, entry.name, config_dir)
-        if exported:
-            tables = text.splitlines()
-        else:
-            # e.g. a Postfix 3.7 proxymap: no export mode; approximate from main.cf
-            click.echo(f"  (worker cannot list its approved tables: {text};"
-                       " using the proxy: entries of main.cf)")
-            tables = _approved_from_main_cf(main_cf, entry.name)
-        for table in tables:
-            outcome = _open_table(path, entry.name, table, config_dir)
+        results = _check_tables(path, entry, config_dir, main_cf)
+        if results is None:
+            problems += 1
+            continue
+        for table, outcome in results:
             click.echo(f"  approved: {table}: {outcome}")
-            if outcome not in ("ok", "no such key"):
+            if outcome.startswith("error"):
                 problems += 1
     if problems:
         fail(f"{problems} problem(s) in {config_dir}", EX_CONFIG)

@@ -45,7 +45,7 @@ import logging
 import os
 import re
 import socket
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 
 from master.postfix_defaults import DEFAULTS
 from master.readlline import logical_lines
@@ -98,7 +98,13 @@ def split_name_value(text: str) -> tuple[str, str]:
 
 def parse_main_cf(data: bytes, origin: str) -> dict[str, str]:
     """The ``name = value`` pairs of a main.cf text; later definitions win (with a warning)."""
+    return parse_main_cf_lines(data, origin)[0]
+
+
+def parse_main_cf_lines(data: bytes, origin: str) -> tuple[dict[str, str], dict[str, int]]:
+    """``parse_main_cf`` plus the line each surviving definition starts on."""
     params: dict[str, str] = {}
+    lines: dict[str, int] = {}
     for number, line in logical_lines(data, origin):
         text = line.decode("utf-8", "surrogateescape")
         try:
@@ -109,18 +115,24 @@ def parse_main_cf(data: bytes, origin: str) -> dict[str, str]:
             log.warning("%s, line %d: overriding earlier entry: %s=%s",
                         origin, number, name, params[name])
         params[name] = value
-    return params
+        lines[name] = number
+    return params, lines
 
 
 def read_main_cf(config_dir: str) -> dict[str, str]:
     """Read ``config_dir/main.cf``; an unreadable file is an error, as for a daemon."""
+    return read_main_cf_lines(config_dir)[0]
+
+
+def read_main_cf_lines(config_dir: str) -> tuple[dict[str, str], dict[str, int]]:
+    """``read_main_cf`` plus the line of each definition (for messages that name it)."""
     path = os.path.join(config_dir, MAIN_CF)
     try:
         with open(path, "rb") as stream:
             data = stream.read()
     except OSError as error:
         raise MainConfigError(f"open {path}: {error.strerror}") from None
-    return parse_main_cf(data, path)
+    return parse_main_cf_lines(data, path)
 
 
 def parse_override(text: str) -> tuple[str, str]:
@@ -409,6 +421,8 @@ class MainConfig(Mapping[str, str]):
     ) -> None:
         self.config_dir = config_dir
         self.main_cf: dict[str, str] = dict(params or {})
+        #: main.cf line of each definition, when read from a file (see ``where``).
+        self.main_cf_lines: dict[str, int] = {}
         self.overrides: dict[str, str] = dict(overrides or {})
         self._defaults = defaults
         self._process_name = process_name
@@ -429,9 +443,46 @@ class MainConfig(Mapping[str, str]):
         """Read ``config_dir/main.cf`` (default $MAIL_CONFIG, else /etc/postfix)."""
         if config_dir is None:
             config_dir = os.environ.get("MAIL_CONFIG") or DEFAULT_CONFIG_DIR
-        params = read_main_cf(config_dir)
-        return cls(params, config_dir=config_dir, overrides=overrides,
-                   process_name=process_name, service_name=service_name)
+        params, lines = read_main_cf_lines(config_dir)
+        config = cls(params, config_dir=config_dir, overrides=overrides,
+                     process_name=process_name, service_name=service_name)
+        config.main_cf_lines = lines
+        return config
+
+    def with_overrides(self, overrides: Mapping[str, str], *, process_name: str | None = None,
+                       service_name: str | None = None) -> MainConfig:
+        """The same main.cf seen by a process with these ``-o`` overrides (no re-read)."""
+        config = MainConfig(self.main_cf, config_dir=self.config_dir, overrides=overrides,
+                            process_name=process_name, service_name=service_name,
+                            defaults=self._defaults)
+        config.main_cf_lines = self.main_cf_lines
+        return config
+
+    def where(self, name: str) -> str:
+        """Where a value comes from, for messages: ``-o name``, ``<main.cf>, line N``."""
+        if name in self.overrides:
+            return f"-o {name}"
+        if name in self.main_cf:
+            path = os.path.join(self.config_dir, MAIN_CF)
+            line = self.main_cf_lines.get(name)
+            return f"{path}, line {line}" if line else path
+        return "default"
+
+    def expansion_errors(self, names: Iterable[str] | None = None) -> list[str]:
+        """A message for each value that does not expand, naming its line (default: every
+        value written in main.cf or given with ``-o``). A daemon finds such an error only
+        when it reads that parameter, and then dies: callers check before starting one."""
+        if names is None:
+            names = dict.fromkeys([*self.main_cf, *self.overrides])
+        errors = []
+        for name in names:
+            try:
+                self[name]
+            except KeyError:
+                continue
+            except MainConfigError as error:
+                errors.append(f"{self.where(name)}: {name} = {self.raw(name)}: {error}")
+        return errors
 
     # -- raw values ----------------------------------------------------------
 

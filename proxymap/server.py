@@ -8,6 +8,7 @@ SYNOPSIS
     proxymap -S [-n proxymap|proxywrite]  < request   (one request on stdin/stdout)
     proxymap -S -n export-proxy-proxymap < /dev/null  (list the approved tables)
     proxymap -S -n connections-proxymap < /dev/null   (their connection bounds)
+    proxymap -S -V -n check-proxymap [-u] < /dev/null (open each one: the self-check)
 
 DESCRIPTION
     The service name (``-n``, else the program's basename) selects the mode:
@@ -19,7 +20,13 @@ DESCRIPTION
     bytewise, and the process exits 0 without serving. With ``connections-`` each
     approved table that opens network connections is printed with the most one worker
     opens for it (``TABLE<TAB>LIMIT``; a composite counts its members): what
-    ``proxymap-master status`` multiplies by the process limit.
+    ``proxymap-master status`` multiplies by the process limit. With ``check-`` each
+    approved table is opened, after the privilege drop (``-u``) as when serving, and
+    asked for a key that should not exist; one line per table, sorted bytewise:
+    ``TABLE<TAB>ok`` or ``TABLE<TAB>error: <cause>`` (the reason the table would answer
+    "try again", e.g. ``unsupported dictionary type: foo`` or ``open /x: No such file
+    or directory``); the exit status is 1 when any table failed. This is what
+    ``proxymap-master check`` and ``proxymap-master dropin enable`` run.
 
     Hooks, in the skeleton's order (``master.service``):
 
@@ -56,6 +63,7 @@ from typing import TYPE_CHECKING, BinaryIO
 
 from master.log import fatal
 from proxymap import attr
+from proxymap import flags as F
 from proxymap.approval import approved_tables
 from proxymap.connection import ProxymapProtocol
 from proxymap.handler import RequestHandler
@@ -71,7 +79,7 @@ from proxymap.protocol import (
     stream_name,
 )
 from proxymap.tables import TABLE_TYPES, table_class
-from proxymap.tables.base import DictOpenError
+from proxymap.tables.base import DictBusy, DictOpenError, Table
 from proxymap.tables.pool import connection_limit
 
 if TYPE_CHECKING:
@@ -82,6 +90,12 @@ log = logging.getLogger("proxymap")
 READER, WRITER = "proxymap", "proxywrite"
 EXPORT_PREFIXES = (("export-proxy-", False), ("export-all-", True))
 CONNECTIONS_PREFIX = "connections-"
+CHECK_PREFIX = "check-"
+# The self-check opens tables as postmap -q does and asks for a key nobody has.
+CHECK_FLAGS = F.DUP_WARN | F.LOCK | F.FOLD_FIX | F.UTF8_REQUEST
+CHECK_KEY = b"pyproxymap-check-probe"
+# Per table, on top of the table's own timeouts (they answer first when shorter).
+CHECK_TIMEOUT = 25.0
 
 
 class ServiceNameError(ValueError):
@@ -115,11 +129,14 @@ class ProxymapService:
         self.service_name = READER
         self.approved: frozenset[str] = frozenset()
         self.handler: RequestHandler | None = None
+        self.self_check = False
 
     # --- skeleton hooks ----------------------------------------------------------------------
     def pre_init(self, server: MultiServer) -> None:
         report_connections = server.service_name.startswith(CONNECTIONS_PREFIX)
+        self.self_check = server.service_name.startswith(CHECK_PREFIX)
         service_name = server.service_name.removeprefix(CONNECTIONS_PREFIX)
+        service_name = service_name.removeprefix(CHECK_PREFIX)
         try:
             self.service_name, export = parse_service_name(service_name)
         except ServiceNameError as exc:
@@ -143,7 +160,7 @@ class ProxymapService:
             raise SystemExit(0)
         self.approved = frozenset(approved)
         preload_table_modules(self.approved)
-        if self.service_name == WRITER:
+        if self.service_name == WRITER and not self.self_check:
             # Leave the master's process group: "postfix stop" signals that group, and a
             # writer must only ever stop between requests (on the status-fd EOF).
             try:
@@ -153,6 +170,14 @@ class ProxymapService:
 
     def post_init(self, server: MultiServer) -> None:
         self.handler = RequestHandler(self.service_name, self.approved, server.config)
+        if self.self_check:
+            results = check_tables(self.handler, self.approved)
+            for name, outcome in results:
+                sys.stdout.write(f"{name}\t{outcome}\n")
+            sys.stdout.flush()
+            failed = any(outcome != "ok" for _, outcome in results)
+            server.exit(1 if failed else 0)
+            raise SystemExit(1 if failed else 0)
 
     def pre_accept(self, server: MultiServer) -> None:
         if self.service_name != READER or self.handler is None:
@@ -211,6 +236,62 @@ def preload_table_modules(approved) -> None:
             pass
 
 
+# --- self-check (-n check-SERVICE) -----------------------------------------------------------
+def check_tables(handler: RequestHandler, names) -> list[tuple[str, str]]:
+    """(table, "ok" or "error: <cause>") for each name, sorted bytewise.
+
+    Each table is opened the way the handler opens it for a client and asked for one
+    key: Postfix opens a table that fails as a surrogate whose failure shows only when
+    it is used, and a database table connects only then. Asynchronous tables are asked
+    concurrently, so a hung backend costs one timeout, not one per table.
+    """
+    outcomes: dict[str, str] = {}
+    waiting: dict[str, Table] = {}
+    for name in sorted_bytewise(set(names)):
+        try:
+            table = handler.open_nested(name, handler.open_mode, CHECK_FLAGS)
+        except Exception as exc:  # noqa: BLE001 - a driver bug is a cause too
+            outcomes[name] = _failure(exc)
+            continue
+        if table.asynchronous:
+            waiting[name] = table
+        else:
+            outcomes[name] = _probe(table)
+    if waiting:
+        outcomes.update(_await_privately(_probe_all(waiting)))
+    return [(name, outcomes[name]) for name in sorted_bytewise(outcomes)]
+
+
+def _probe(table: Table) -> str:
+    try:
+        table.lookup(CHECK_KEY)
+    except DictBusy:
+        return "ok"  # opened; a writer holds its lock right now
+    except Exception as exc:  # noqa: BLE001 - every failure is a cause to report
+        return _failure(exc)
+    return "ok"
+
+
+async def _probe_all(tables: dict[str, Table]) -> dict[str, str]:
+    async def probe(table: Table) -> str:
+        try:
+            await asyncio.wait_for(table.alookup(CHECK_KEY), CHECK_TIMEOUT)
+        except TimeoutError:
+            return f"error: no answer within {CHECK_TIMEOUT:.0f}s"
+        except Exception as exc:  # noqa: BLE001 - every failure is a cause to report
+            return _failure(exc)
+        return "ok"
+
+    results = await asyncio.gather(*(probe(table) for table in tables.values()))
+    return dict(zip(tables, results, strict=True))
+
+
+def _failure(exc: BaseException) -> str:
+    """``error: <cause>`` on one line (the caller splits lines on tabs and newlines)."""
+    cause = " ".join(str(exc).split()) or type(exc).__name__
+    return f"error: {cause}"
+
+
 # --- stand-alone mode (-S) -------------------------------------------------------------------
 def read_one_request(infile: BinaryIO) -> attr.Pairs | bytes | None:
     """The first list on ``infile``; or the reply to a cut-short one; None at plain EOF."""
@@ -261,8 +342,8 @@ def answer_one(handler: RequestHandler, received: attr.Pairs | bytes | None) -> 
     return encode_reply(parsed.op, parsed.generation, result)
 
 
-def _await_privately(awaitable) -> Reply:
-    async def wait() -> Reply:
+def _await_privately(awaitable):
+    async def wait():
         return await awaitable
 
     loop = asyncio.new_event_loop()
