@@ -502,7 +502,11 @@ class TestTimeoutAndConcurrency:
         outcome, seconds, latencies = run(main())
         assert outcome == "RETRY"
         assert 0.95 <= seconds < 1.5
-        assert max(latencies) < 0.010, latencies
+        # Percentiles, not the maximum: a shared 2-CPU machine stalls an idle loop for
+        # a few ms now and then; a blocked loop would show a whole second.
+        ordered = sorted(latencies)
+        assert ordered[len(ordered) // 2] < 0.010 and ordered[int(len(ordered) * 0.9)] < 0.010
+        assert ordered[-1] < 0.1, latencies
         # psycopg cancelled the query on the server: no pg_sleep left running.
         deadline = time.monotonic() + 3
         while "pg_sleep" in active_queries(database) and time.monotonic() < deadline:
