@@ -349,7 +349,7 @@ class Arbiter:
                        service.listener.fileno())
         try:
             pid = spawn_child(service.path, service.argv, self.child_env, fds,
-                              keep_stderr=self.foreground)
+                              keep_stderr=self.foreground, ignore_interrupt=self.foreground)
         except OSError as err:
             log.warning("master_spawn: fork: %s -- throttling", err.strerror)
             self.throttle(service)
@@ -412,7 +412,9 @@ class Arbiter:
             return
         if service in self.leaving and not service.workers:
             self.leaving.remove(service)
-        if worker.terminated_by_master:
+        if worker.terminated_by_master or self.stopping:
+            # Stopping: a child may also have had the signal itself (Ctrl-C reaches the
+            # whole process group): its death is part of the stop, not a failure.
             return
         if os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0:
             age = time.time() - worker.started

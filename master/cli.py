@@ -214,7 +214,15 @@ def start(ctx: click.Context, daemon: bool) -> None:
     The configuration is checked first (every main.cf value must expand, the numbers
     every daemon reads must parse): an error stops the start with its file and line.
     """
-    config_dir, verbose = ctx.obj["config_dir"], ctx.obj["verbose"]
+    try:
+        _start(ctx.obj["config_dir"], ctx.obj["verbose"], daemon)
+    except KeyboardInterrupt:
+        # Ctrl-C before the master's own handler is in place: nothing runs yet.
+        log.info("terminating on signal %d", signal.SIGINT)
+        sys.exit(0)
+
+
+def _start(config_dir: str, verbose: int, daemon: bool) -> NoReturn:
     setup_logging({"syslog_name": _syslog_name(config_dir)}, verbose, to_stderr=True)
     arbiter = Arbiter(config_dir, foreground=not daemon, verbose=verbose)
     try:

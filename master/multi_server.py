@@ -20,7 +20,8 @@ DESCRIPTION
 
     1.  Take note of the inherited descriptors (5: status socket, 6..: listen
         sockets) before anything else can reuse those numbers; honour MAIL_VERBOSE;
-        ignore SIGPIPE and SIGXFSZ; log to syslog under $MAIL_LOGTAG.
+        ignore SIGPIPE and SIGXFSZ; SIGINT terminates quietly (see below); log to
+        syslog under $MAIL_LOGTAG.
     2.  Parse the command line (``master.args``), read main.cf with the ``-o``,
         ``-i``, ``-m`` overrides, and log as main.cf says (``master.log``).
     3.  Refuse a terminal on stdin unless ``-d`` or ``-S``; parse GENERATION.
@@ -54,6 +55,14 @@ DESCRIPTION
 
     Without fd 5 (a test harness, or run by hand with ``-d``) no status is written
     and nothing is watched; a missing listen socket is fatal.
+
+    Signals: SIGINT and SIGTERM end the process at once and silently, as they end a
+    Postfix daemon (which leaves both at their defaults), not with a Python
+    KeyboardInterrupt traceback: ``run`` restores the default before anything else.
+    A master in the foreground starts its children with SIGINT ignored (Ctrl-C
+    reaches its whole process group, also a worker still importing its modules,
+    before ``run``); ``run`` leaves that as it is, and the master's own fast stop
+    ends them with SIGTERM.
 
 EXIT STATUS
     0 in every normal case, including a master that went away. 1 only for fatal
@@ -591,8 +600,16 @@ def _isatty(fd: int) -> bool:
         return False
 
 
+def quiet_interrupt() -> None:
+    """SIGINT at its default, as in a Postfix daemon: death by signal, no traceback
+    (unless the master started us with SIGINT ignored: then it stays ignored)."""
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run(service: Service, argv: list[str] | None = None) -> NoReturn:
     """The whole life of a child process serving ``service``; never returns."""
+    quiet_interrupt()
     server = MultiServer(service, list(sys.argv if argv is None else argv))
     server.initialize()
     service.pre_init(server)

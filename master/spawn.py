@@ -20,6 +20,10 @@ DESCRIPTION
 
     Signals that Python ignores (SIGPIPE, SIGXFSZ) are reset to their defaults before
     exec, because "ignored" is inherited through exec and a C daemon expects defaults.
+    The one exception is ``ignore_interrupt`` (a master in the foreground): SIGINT is
+    ignored, so that Ctrl-C, which the terminal sends to the whole process group,
+    leaves the children to the master's own stop (SIGTERM) -- a Python worker still
+    importing its modules would otherwise die with a KeyboardInterrupt traceback.
     If exec fails the child writes one line to fd 2 and exits 1; the master then sees an
     abnormal exit of a child that served nothing and throttles the service, like Postfix.
 
@@ -53,12 +57,14 @@ class ChildFds:
 
 
 def _child_side(path: str, argv: list[str], env: dict[str, str], fds: ChildFds,
-                keep_stderr: bool) -> None:
+                keep_stderr: bool, ignore_interrupt: bool) -> None:
     """Runs in the forked child; never returns."""
     try:
         for number in (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGINT, signal.SIGTERM,
                        signal.SIGHUP, signal.SIGQUIT, signal.SIGCHLD):
             signal.signal(number, signal.SIG_DFL)
+        if ignore_interrupt:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.set_wakeup_fd(-1)
         sources = (fds.flow_read, fds.flow_write, fds.status, fds.listen)
         parked = [fcntl.fcntl(fd, fcntl.F_DUPFD, _PARKING_FD) for fd in sources]
@@ -81,9 +87,9 @@ def _child_side(path: str, argv: list[str], env: dict[str, str], fds: ChildFds,
 
 
 def spawn_child(path: str, argv: list[str], env: dict[str, str], fds: ChildFds,
-                *, keep_stderr: bool = False) -> int:
+                *, keep_stderr: bool = False, ignore_interrupt: bool = False) -> int:
     """Fork and exec one child; return its pid (raises OSError when fork fails)."""
     pid = os.fork()
     if pid == 0:
-        _child_side(path, argv, env, fds, keep_stderr)
+        _child_side(path, argv, env, fds, keep_stderr, ignore_interrupt)
     return pid
