@@ -384,7 +384,24 @@ def _duration(seconds: float) -> str:
 @click.option("--json", "as_json", is_flag=True, help="the raw state document")
 @click.pass_context
 def status(ctx: click.Context, as_json: bool) -> None:
-    """Services, workers, generations, idle/busy and use counts."""
+    """Services, workers, generations, idle/busy and use counts.
+
+    \b
+    STATE  idle, busy, or retiring (a worker of an older generation on its
+           way out after a reload)
+    USES   busy periods the worker has finished: one each time it told the
+           master "busy" (TAKEN) and then "idle" (AVAIL) again, counted as
+           Postfix's master counts them. Postfix's proxymap reports that
+           around every request; ours from the start of a request until its
+           event loop finds no more work, so a client that waits for each
+           reply makes one use per request, and clients that keep a worker
+           busy make one long one. Not the count of connections that max_use
+           limits: only the worker knows that one.
+    AGE    time since the worker was started
+
+    Under each proxymap service: the most backend (database) connections its
+    workers may open, from the workers' own report (-S -n connections-SERVICE).
+    """
     queue_directory = _queue_directory(ctx.obj["config_dir"])
     _running_master(ctx.obj["config_dir"])
     try:

@@ -73,6 +73,7 @@ EXIT STATUS
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import os
 import signal
@@ -608,9 +609,19 @@ def quiet_interrupt() -> None:
 
 
 def run(service: Service, argv: list[str] | None = None) -> NoReturn:
-    """The whole life of a child process serving ``service``; never returns."""
+    """The whole life of a child process serving ``service``; never returns.
+
+    ``-h`` or ``--help`` as the only argument prints the service module's manual
+    page (its docstring) and exits 0: no daemon is ever started that way, and a
+    Postfix administrator tries ``-h`` first.
+    """
     quiet_interrupt()
-    server = MultiServer(service, list(sys.argv if argv is None else argv))
+    argv = list(sys.argv if argv is None else argv)
+    if argv[1:] in (["-h"], ["--help"]):
+        module = sys.modules.get(type(service).__module__)
+        sys.stdout.write(inspect.cleandoc(getattr(module, "__doc__", None) or "") + "\n")
+        sys.exit(0)
+    server = MultiServer(service, argv)
     server.initialize()
     service.pre_init(server)
     server.drop_privileges()

@@ -25,10 +25,16 @@ DESCRIPTION
     ``$proxywrite_service_name``) from main.cf in CONFIG_DIR, ``$MAIL_CONFIG`` or
     /etc/postfix.
 
+    A table without the ``proxy:`` prefix is sent as it is, after a warning: the
+    order and the names are postmap's (``KEY TABLE``), and ``postmap -q KEY TABLE``
+    without ``proxy:`` would open the table directly instead. ``-h``/``--help`` shows
+    all this, the options and the exit status.
+
 EXIT STATUS
-    0 found / done, 1 not found, 2 temporary error (status RETRY), 3 invalid request
-    (BAD), 4 table not approved for this service (DENY), 5 configuration error (status
-    CONFIG, or main.cf unreadable), 75 cannot connect or the server broke the protocol.
+    0 found / done, 1 not found, 2 temporary error (status RETRY) or usage error, 3
+    invalid request (BAD), 4 table not approved for this service (DENY), 5
+    configuration error (status CONFIG, or main.cf unreadable), 75 cannot connect or
+    the server broke the protocol.
 """
 
 from __future__ import annotations
@@ -250,20 +256,53 @@ def default_socket(config_dir: str | None, write: bool) -> tuple[str, bool]:
         raise QueryError(f"cannot read the configuration: {exc}", EXIT_CONFIG)
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+HELP_TEXT = """Look up KEY in TABLE through the proxymap service, as a Postfix client does.
+
+\b
+The order is postmap's: the key first, the table last.
+  proxymap-query [OPTIONS] KEY proxy:TYPE:NAME
+  proxymap-query [OPTIONS] --sequence proxy:TYPE:NAME
+  proxymap-query [OPTIONS] --update KEY VALUE proxy:TYPE:NAME
+  proxymap-query [OPTIONS] --delete KEY proxy:TYPE:NAME
+
+\b
+Example:
+  proxymap-query -c /etc/postfix alice proxy:hash:/etc/postfix/virtual
+
+TABLE is what main.cf lists in proxy_read_maps (proxy_write_maps for --update,
+--delete and --write), proxy: prefix included; without it the name is sent all
+the same, with a warning (postmap -q would open such a table directly). The
+answer is written on stdout; the socket is $queue_directory/private/proxymap of
+the main.cf in CONFIG_DIR unless -s names one.
+"""
+
+EXIT_TEXT = """\b
+Exit status:
+  0   found (--update, --delete: done; --sequence: at least one entry)
+  1   not found (also: a key that is not UTF-8)
+  2   temporary error: the server answered "try again" (RETRY); also a usage
+      error (bad options or arguments: then stderr says "Usage:")
+  3   invalid request (BAD)
+  4   the table is not approved for this service (DENY)
+  5   configuration error (status CONFIG, or main.cf unreadable)
+  75  cannot connect, or the server broke the protocol
+"""
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]},
+               help=HELP_TEXT, epilog=EXIT_TEXT)
 @click.option("-s", "--socket", "socket_path", metavar="SOCKET",
               help="proxymap socket (default from main.cf)")
 @click.option("-c", "--config-dir", metavar="CONFIG_DIR",
               help="directory of main.cf (default $MAIL_CONFIG or /etc/postfix)")
 @click.option("--v311", is_flag=True, help="speak like a Postfix 3.11+ client")
 @click.option("--write", is_flag=True, help="use the proxywrite service")
-@click.option("--sequence", is_flag=True, help="list all entries")
+@click.option("--sequence", is_flag=True, help="list all entries (KEY<TAB>VALUE lines)")
 @click.option("--update", nargs=2, metavar="KEY VALUE", help="store KEY VALUE (proxywrite)")
 @click.option("--delete", metavar="KEY", help="remove KEY (proxywrite)")
 @click.option("--no-utf8", is_flag=True, help="as with smtputf8_enable = no (server folds)")
-@click.argument("args", nargs=-1, required=True)
+@click.argument("args", nargs=-1, required=True, metavar="KEY proxy:TYPE:NAME")
 def main(socket_path, config_dir, v311, write, sequence, update, delete, no_utf8, args):
-    """Look up KEY in proxy:TYPE:NAME through proxymap (see the module documentation)."""
     try:
         sys.exit(run(socket_path, config_dir, v311, write, sequence, update, delete,
                      no_utf8, args))
@@ -283,6 +322,10 @@ def run(socket_path, config_dir, v311, write, sequence, update, delete, no_utf8,
     table = args[-1]
     if table.startswith("proxy:"):
         table = table[len("proxy:"):]  # the client sends the name after its own type
+    else:
+        click.echo(f'proxymap-query: warning: "{table}" has no proxy: prefix: asking the '
+                   f"{'proxywrite' if write or update or delete else 'proxymap'} service "
+                   f"for proxy:{table} (postmap -q would open {table} directly)", err=True)
     if ":" not in table:
         raise QueryError(f'need dictionary_type:dictionary_name instead of "{args[-1]}"',
                          EXIT_BAD)
