@@ -18,9 +18,10 @@ DESCRIPTION
     or ``NOTFOUND`` for keys that start with ``nobody`` -- and counts the requests
     it answered; the count is read on a side request that is not counted.
 
-    The key file: each line is, with probability REPEATED, one of 1000 hot keys (one
-    in ten a "nobody" key), else a key used once. It is long enough that no client
-    wraps around in a run (pmload starts client i at line i x 7919), so the
+    The key files: each line is, with probability REPEATED, one of 1000 hot keys
+    (one in ten a "nobody" key), else a key used once. Each run (the warm-ups too)
+    has a file of its own, whose once-used keys no other file has, and long enough
+    that no client wraps around (pmload starts client i at line i x 7919): the
     fraction of repeated keys is what the clients send.
 
     Two private Postfix instances, both running our worker on the same table and
@@ -131,10 +132,12 @@ class CountingBackend:
 
 # --- the workload ---------------------------------------------------------------------------
 
-def write_keys(path: Path, lines: int, repeated: float, seed: int = 16) -> Path:
+def write_keys(path: Path, lines: int, repeated: float, seed: int) -> Path:
+    """Hot keys with probability REPEATED, else keys no other file (seed) has."""
     rng = random.Random(seed)
     hot = [f"nobody{n}" if n % 10 == 0 else f"user{n}" for n in range(HOT_KEYS)]
-    keys = [rng.choice(hot) if rng.random() < repeated else f"once{n}" for n in range(lines)]
+    keys = [rng.choice(hot) if rng.random() < repeated else f"once{seed}-{n}"
+            for n in range(lines)]
     path.write_text("".join(f"{key}\n" for key in keys))
     path.chmod(0o644)
     return path
@@ -145,12 +148,12 @@ def cache_settings(spec: str) -> dict[str, str]:
 
 
 def make_instance(program: Path, spec: str, base: Path, cached: bool,
-                  keyfile: Path) -> PrivatePostfix:
+                  tables: Path) -> PrivatePostfix:
     main_cf = {"max_use": "1000000", "max_idle": "3600", "default_process_limit": "100"}
     if cached:
         main_cf.update(cache_settings(spec))
     return PrivatePostfix(proxymap_program=program, proxy_read_maps=f"proxy:{spec}",
-                          main_cf=main_cf, readable_paths=[keyfile.parent], base_dir=base,
+                          main_cf=main_cf, readable_paths=[tables], base_dir=base,
                           name="cache-on" if cached else "cache-off")
 
 
@@ -175,19 +178,20 @@ def cache_rows(pmload: Path, base: Path, program: Path, *, seconds: float = 4.0,
     tables = base / "cache-tables"
     tables.mkdir(mode=0o755, parents=True, exist_ok=True)
     # Enough lines that no client wraps: pmload's clients start 7919 lines apart.
-    keyfile = write_keys(tables / "keys", max(conns * 7919, 200_000), repeated)
+    lines = max(conns * 7919, 200_000)
+    keyfiles = [write_keys(tables / f"keys{n}", lines, repeated, n) for n in range(repeat + 1)]
     settle_files(tables)
     backend = CountingBackend(delay_ms)
     rows: list[dict[str, object]] = []
     try:
         for cached in (False, True):
-            instance = make_instance(program, backend.spec, base, cached, keyfile)
+            instance = make_instance(program, backend.spec, base, cached, tables)
             with instance:
                 instance.wait_until_serving("user1", backend.spec)
-                run_pmload(pmload, instance.socket_path(), backend.spec, conns, 1.0, keyfile,
-                           False)
+                run_pmload(pmload, instance.socket_path(), backend.spec, conns, 1.0,
+                           keyfiles[0], False)
                 samples = [measure(pmload, instance, backend, keyfile, conns, seconds)
-                           for _ in range(repeat)]
+                           for keyfile in keyfiles[1:]]
             row: dict[str, object] = {"cache": "on" if cached else "off", "conns": conns,
                                       "delay_ms": delay_ms, "repeated": repeated}
             for name in samples[0]:
