@@ -50,8 +50,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import pwd
-import shutil
 import signal
 import subprocess
 import sys
@@ -61,6 +59,7 @@ from typing import NoReturn
 
 import click
 
+from master import dropin
 from master import log as postfix_log
 from master.arbiter import EX_CONFIG, Arbiter, ArbiterError, load_configuration
 from master.control import control_path, query
@@ -68,6 +67,7 @@ from master.listen import owner_ids, prepare_queue_directory
 from master.mainconf import MainConfig, MainConfigError
 from master.masterconf import ServiceEntry, child_environment
 from master.pidfile import running_pid
+from master.selfcheck import NO_CHECK_MODE, export_tables, postmap_probe, self_check
 
 log = logging.getLogger("master")
 
@@ -75,7 +75,7 @@ PROGRAM = "proxymap-master"
 # The master's tag is <syslog_name>/master, as for Postfix's master: log watchers know it.
 PROCESS_NAME = "master"
 NOT_RUNNING = 3
-EXPORT_TIMEOUT = 30.0
+EXPORT_TIMEOUT = 30.0  # for the connections- report of status
 HELP = {"help_option_names": ["-h", "--help"]}
 
 # Every line this process writes starts with this tag: "proxymap-master" for the
@@ -417,100 +417,6 @@ def status(ctx: click.Context, as_json: bool) -> None:
 # ---------------------------------------------------------------------------
 
 
-# Exit status of the worker's self-check when a table failed (its lines say which).
-SELF_CHECK_TABLE_FAILED = 1
-# What a Postfix proxymap without our check mode says about ``-n check-proxymap``.
-_NO_CHECK_MODE = "service name must be"
-# postmap -q looks this key up in each table of a worker without a self-check mode.
-_PROBE_KEY = "pyproxymap-check-probe"
-
-
-def _self_check_argv(path: str, entry: ServiceEntry, mode: str) -> list[str]:
-    """The worker's command line for a one-shot mode: as the master would run it (its
-    privileges, chroot and -o overrides), plus -S, -V (causes on stderr) and -n MODE."""
-    argv = [path, "-S", "-V", "-n", f"{mode}-{entry.name}", "-t", entry.transport]
-    if os.geteuid() == 0:
-        argv += ["-u"] * entry.unprivileged + ["-c"] * entry.chroot
-    return argv + list(entry.args)
-
-
-def _run_worker(argv: list[str], env: dict[str, str],
-                preexec=None) -> subprocess.CompletedProcess | str:
-    try:
-        return subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, env=env,
-                              timeout=EXPORT_TIMEOUT, check=False, preexec_fn=preexec)
-    except (OSError, subprocess.TimeoutExpired) as err:
-        return f"cannot run {argv[0]}: {err}"
-
-
-def _worker_says(done: subprocess.CompletedProcess) -> str:
-    """The worker's last words on stderr (with -V its fatal message goes there)."""
-    lines = done.stderr.decode(errors="replace").strip().splitlines()
-    return lines[-1] if lines else f"exit status {done.returncode}, nothing on stderr"
-
-
-def self_check(path: str, entry: ServiceEntry, env: dict[str, str],
-               preexec=None) -> tuple[list[tuple[str, str]] | None, str]:
-    """Ask the worker to open each approved table: ([(table, outcome)], "") when it
-    could; (None, cause) when it could not run or has no self-check mode (the cause
-    then contains "service name must be")."""
-    done = _run_worker(_self_check_argv(path, entry, "check"), env, preexec)
-    if isinstance(done, str):
-        return None, done
-    results = []
-    for line in done.stdout.decode(errors="replace").splitlines():
-        table, tab, outcome = line.rpartition("\t")
-        if tab:
-            results.append((table, outcome))
-    if done.returncode == 0 or (results and done.returncode == SELF_CHECK_TABLE_FAILED):
-        return results, ""
-    return None, _worker_says(done)
-
-
-def _export_tables(path: str, entry: ServiceEntry, env: dict[str, str]) -> list[str] | None:
-    """The approved tables, by the worker's export mode (Postfix 3.11+ and ours)."""
-    done = _run_worker(_self_check_argv(path, entry, "export-proxy"), env)
-    if isinstance(done, str) or done.returncode != 0:
-        return None
-    return done.stdout.decode(errors="replace").splitlines()
-
-
-def _postmap_probe(table: str, config_dir: str, entry: ServiceEntry,
-                   main_cf: MainConfig) -> str:
-    """A direct ``postmap -q`` of the table, as the service's user: what Postfix itself
-    says about opening it (for a worker that cannot check its own tables)."""
-    postmap = shutil.which("postmap") or "/usr/sbin/postmap"
-    preexec = None
-    if os.geteuid() == 0 and entry.unprivileged:
-        preexec = _become(main_cf.get("mail_owner") or "postfix")
-    env = {"MAIL_CONFIG": config_dir, "LANG": "C", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
-    done = _run_worker([postmap, "-c", config_dir, "-q", _PROBE_KEY, table], env, preexec)
-    if isinstance(done, str):
-        return f"error: {done}"
-    # "postmap: fatal: <cause>", after warnings about the table that say more (and
-    # warnings about other things, main.cf for one, that do not concern it).
-    causes = []
-    for line in done.stderr.decode(errors="replace").splitlines():
-        level, _, text = line.partition(": ")[2].partition(": ")
-        if level in ("fatal", "error") or (level == "warning" and text.startswith(table)):
-            causes.append(text)
-    if causes:
-        return "error: " + "; ".join(causes)
-    return "ok" if done.returncode == 0 else "no such key"
-
-
-def _become(user: str):
-    """A preexec function that drops to user (and its groups), as a worker's -u does."""
-    entry = pwd.getpwnam(user)
-
-    def drop() -> None:
-        os.setgroups(os.getgrouplist(user, entry.pw_gid))
-        os.setgid(entry.pw_gid)
-        os.setuid(entry.pw_uid)
-
-    return drop
-
-
 def _check_tables(path: str, entry: ServiceEntry, config_dir: str,
                   main_cf: MainConfig) -> list[tuple[str, str]] | None:
     """(table, outcome) for each table the service approves; None: could not tell."""
@@ -518,20 +424,22 @@ def _check_tables(path: str, entry: ServiceEntry, config_dir: str,
     results, cause = self_check(path, entry, env)
     if results is not None:
         return results
-    if _NO_CHECK_MODE not in cause:
+    if NO_CHECK_MODE not in cause:
         click.echo(f"  {path}: {cause}", err=True)
         return None
     # A Postfix proxymap: no self-check. Its tables (from its export mode, 3.11+, else
     # ours, which follows the same rules), each opened by Postfix's own postmap.
-    tables = _export_tables(path, entry, env)
+    tables = export_tables(path, entry, env)
     if tables is None:
         ours = os.path.join(os.path.dirname(os.path.abspath(sys.argv[0])), "proxymap")
-        tables = _export_tables(ours, entry, env) if os.access(ours, os.X_OK) else None
+        tables = export_tables(ours, entry, env) if os.access(ours, os.X_OK) else None
     if tables is None:
         click.echo(f"  {path}: cannot list its approved tables", err=True)
         return None
     click.echo(f"  ({path} has no self-check mode: each table is opened by postmap -q)")
-    return [(table, _postmap_probe(table, config_dir, entry, main_cf)) for table in tables]
+    user = main_cf.get("mail_owner") or "postfix"
+    as_user = user if os.geteuid() == 0 and entry.unprivileged else None
+    return [(table, postmap_probe(table, config_dir, as_user)) for table in tables]
 
 
 @main.command()
@@ -576,6 +484,63 @@ def check(ctx: click.Context) -> None:
     if problems:
         fail(f"{problems} problem(s) in {config_dir}", EX_CONFIG)
     click.echo(f"{PROGRAM}: {config_dir}: configuration ok")
+
+
+# ---------------------------------------------------------------------------
+# dropin
+# ---------------------------------------------------------------------------
+
+DROPIN_CONFIG = click.option(
+    "-c", "config_dir", type=click.Path(file_okay=False), default=None,
+    help="Postfix configuration directory (default: proxymap-master's -c)")
+
+
+def _dropin(action, ctx: click.Context, config_dir: str | None, **options) -> None:
+    try:
+        status = action(os.path.abspath(config_dir or ctx.obj["config_dir"]), say, **options)
+    except dropin.DropinError as err:
+        fail(str(err), err.status)
+    sys.exit(status or 0)
+
+
+@main.group(name="dropin")
+def dropin_group() -> None:
+    """Switch Postfix's proxymap services to pyproxymap and back.
+
+    With Postfix's own tools (postconf -M/-F, postfix reload): a wrapper in
+    daemon_directory, a pre-check as mail_owner, a byte-identical undo.
+    """
+
+
+@dropin_group.command(name="enable")
+@DROPIN_CONFIG
+@click.option("--command", default=dropin.DEFAULT_COMMAND, show_default=True,
+              help="name of the wrapper in daemon_directory (the master.cf command)")
+@click.option("--force", is_flag=True,
+              help="switch even if a table that Postfix opens fails with pyproxymap")
+@click.option("--python", metavar="PATH", default=None,
+              help="interpreter of the wrapper (default: the one running this command)")
+@click.pass_context
+def dropin_enable(ctx: click.Context, config_dir: str | None, command: str,
+                  force: bool, python: str | None) -> None:
+    """Install the wrapper, pre-check, switch master.cf, postfix reload."""
+    _dropin(dropin.enable, ctx, config_dir, command=command, force=force, python=python)
+
+
+@dropin_group.command(name="disable")
+@DROPIN_CONFIG
+@click.pass_context
+def dropin_disable(ctx: click.Context, config_dir: str | None) -> None:
+    """Restore master.cf as it was, postfix reload, remove the wrapper."""
+    _dropin(dropin.disable, ctx, config_dir)
+
+
+@dropin_group.command(name="status")
+@DROPIN_CONFIG
+@click.pass_context
+def dropin_status(ctx: click.Context, config_dir: str | None) -> None:
+    """What master.cf runs now (exit 0 enabled, 3 disabled)."""
+    _dropin(dropin.status, ctx, config_dir, out=click.echo)
 
 
 if __name__ == "__main__":

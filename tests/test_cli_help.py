@@ -62,7 +62,9 @@ def test_proxymap_query_warns_without_proxy_prefix(tmp_path):
 @pytest.mark.parametrize("command", [
     ["proxymap-master"], ["proxymap-master", "start"], ["proxymap-master", "stop"],
     ["proxymap-master", "reload"], ["proxymap-master", "status"],
-    ["proxymap-master", "check"], ["proxymap-query"], ["proxymap"],
+    ["proxymap-master", "check"], ["proxymap-master", "dropin"],
+    ["proxymap-master", "dropin", "enable"], ["proxymap-master", "dropin", "disable"],
+    ["proxymap-master", "dropin", "status"], ["proxymap-query"], ["proxymap"],
 ], ids=" ".join)
 def test_dash_h_everywhere(command):
     done = run(str(VENV_BIN / command[0]), *command[1:], "-h")
