@@ -137,6 +137,11 @@ class AttrDecoder:
             size += len(value) + 1
             name = None
             i = 1
+            # Checked here too, so that the verdict does not depend on the chunking
+            # (the fuzzer found a list refused whole but accepted in pieces).
+            if size > self.limit:
+                self.reset()
+                raise AttrTooLarge(f"attribute list exceeds {self.limit} bytes", done, pairs)
         while i < count:
             field = fields[i]
             if not field:  # empty name: end of list
