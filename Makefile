@@ -13,7 +13,16 @@ CONF   ?= $(CURDIR)/conf
 # Installed only when missing and only when running as root.
 SYSTEM_BUILD_DEPS := libdb5.3-dev libldap-dev libsasl2-dev libpcre2-8-0 python3-venv python3-dev gcc
 
-.PHONY: all deps venv install run test lint bench fuzz clean
+# `make install-systemd`: the standalone master as a system service. The installed files
+# name these paths; DESTDIR only stages them (packaging, tests).
+DESTDIR    ?=
+PREFIX     ?= /opt/pyproxymap
+SYSCONFDIR ?= /etc/pyproxymap
+SPOOLDIR   ?= /var/spool/pyproxymap
+DATADIR    ?= /var/lib/pyproxymap
+UNITDIR    ?= /etc/systemd/system
+
+.PHONY: all deps venv install run test lint bench fuzz clean install-systemd install-prefix
 
 all: install
 
@@ -57,6 +66,56 @@ bench: install
 # request scanner and whole connections (tests/fuzz/run.py; FUZZ_ARGS="--runs N -- -seed=1").
 fuzz: install
 	$(PY) -m tests.fuzz.run $(FUZZ_ARGS)
+
+# The software in $(PREFIX): a venv of the system Python (mail_owner must be able to run
+# it). Left alone when it is there already; a venv cannot be staged under DESTDIR.
+install-prefix:
+	@if [ -x "$(DESTDIR)$(PREFIX)/bin/proxymap-master" ]; then \
+	  echo "using the installation in $(DESTDIR)$(PREFIX)"; \
+	elif [ -n "$(DESTDIR)" ]; then \
+	  echo "no $(DESTDIR)$(PREFIX)/bin/proxymap-master: install the software there first" >&2; \
+	  exit 1; \
+	else \
+	  $(MAKE) deps && $(PYTHON) -m venv $(PREFIX) && \
+	  $(PREFIX)/bin/pip install -q -U pip wheel setuptools && \
+	  $(PREFIX)/bin/pip install -q '$(CURDIR)[tables,databases,fast]'; \
+	fi
+
+# /etc/pyproxymap (main.cf, master.cf, tables: kept when present), /var/spool/pyproxymap,
+# /var/lib/pyproxymap and the unit. main.cf gets the system layout, master.cf unprivileged
+# workers (mail_owner), the unit these paths.
+install-systemd: install-prefix
+	install -d -m 0755 $(DESTDIR)$(SYSCONFDIR) $(DESTDIR)$(SYSCONFDIR)/tables \
+	  $(DESTDIR)$(SPOOLDIR) $(DESTDIR)$(UNITDIR)
+	install -d -m 0700 $(DESTDIR)$(DATADIR)
+	@for f in conf/tables/*; do t=$(DESTDIR)$(SYSCONFDIR)/tables/$$(basename $$f); \
+	  [ -e $$t ] || install -m 0644 $$f $$t; done
+	@if [ -e $(DESTDIR)$(SYSCONFDIR)/main.cf ]; then \
+	  echo "kept $(DESTDIR)$(SYSCONFDIR)/main.cf"; \
+	else \
+	  sed -e '/^pyproxymap_home = /d' \
+	      -e 's|^queue_directory = .*|queue_directory = $(SPOOLDIR)|' \
+	      -e 's|^data_directory = .*|data_directory = $(DATADIR)|' \
+	      -e 's|^daemon_directory = .*|daemon_directory = $(PREFIX)/bin|' \
+	      conf/main.cf > $(DESTDIR)$(SYSCONFDIR)/main.cf.new && \
+	  chmod 0644 $(DESTDIR)$(SYSCONFDIR)/main.cf.new && \
+	  mv $(DESTDIR)$(SYSCONFDIR)/main.cf.new $(DESTDIR)$(SYSCONFDIR)/main.cf; \
+	fi
+	@if [ -e $(DESTDIR)$(SYSCONFDIR)/master.cf ]; then \
+	  echo "kept $(DESTDIR)$(SYSCONFDIR)/master.cf"; \
+	else \
+	  sed -E 's/^(proxymap|proxywrite)( +unix +- +)n /\1\2- /' conf/master.cf \
+	    > $(DESTDIR)$(SYSCONFDIR)/master.cf.new && \
+	  chmod 0644 $(DESTDIR)$(SYSCONFDIR)/master.cf.new && \
+	  mv $(DESTDIR)$(SYSCONFDIR)/master.cf.new $(DESTDIR)$(SYSCONFDIR)/master.cf; \
+	fi
+	sed -e 's|/opt/pyproxymap|$(PREFIX)|g' -e 's|/etc/pyproxymap|$(SYSCONFDIR)|g' \
+	    -e 's|/var/spool/pyproxymap|$(SPOOLDIR)|g' -e 's|/var/lib/pyproxymap|$(DATADIR)|g' \
+	    conf/pyproxymap.service > $(DESTDIR)$(UNITDIR)/pyproxymap.service
+	chmod 0644 $(DESTDIR)$(UNITDIR)/pyproxymap.service
+	@if [ -z "$(DESTDIR)" ] && [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
+	@echo "installed; check with: $(PREFIX)/bin/proxymap-master -c $(SYSCONFDIR) check"
+	@echo "then: systemctl enable --now pyproxymap"
 
 clean:
 	rm -rf $(VENV) build *.egg-info run/
