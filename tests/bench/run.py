@@ -44,6 +44,11 @@ DESCRIPTION
     that answers after --slow-ms milliseconds, measured at --slow-conns connections: the
     C proxymap serialises lookups in each process, ours overlaps them.
 
+    Kind ``cache-5ms`` (ours only, cache_workload.py): our worker with the result cache
+    off and on, a --slow-ms socketmap backend that counts its queries, nine lookups
+    in ten for 1000 hot keys, at the largest --slow-conns count; the report gives
+    lookups/s, p50, p99 and backend queries per lookup for each.
+
     Database table kinds (databases.py): ``mysql-5ms`` and ``pgsql-5ms`` (a query that
     takes 5 ms, hit or miss, measured at --slow-conns connections), ``mysql``, ``pgsql``
     and ``ldap`` (the server's own cost, at --db-conns connections), on a private
@@ -109,7 +114,9 @@ from tests.support.postfix import (
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 LOCAL_TABLES = ("hash", "lmdb", "texthash", "pcre", "cidr", "unix", "socketmap")
-ALL_TABLES = LOCAL_TABLES + DATABASE_KINDS
+# Not a table of both sides: our worker with its result cache off and on (ours only).
+CACHE_KIND = "cache-5ms"
+ALL_TABLES = LOCAL_TABLES + DATABASE_KINDS + (CACHE_KIND,)
 BENCH_DIR = Path(__file__).resolve().parent
 # The load generator and the slow backend live here (copies of ../shared/bench): the
 # benchmark reads nothing outside the repository at run time.
@@ -366,6 +373,8 @@ class Report:
     scale: dict = field(default_factory=dict)
     # Our per-worker connection limit per database type (pyproxymap_<type>_connections).
     db_limits: dict = field(default_factory=dict)
+    # cache_workload.cache_rows: our worker with the result cache off and on.
+    cache: list = field(default_factory=list)
 
 
 def listed_tables(tables: dict[str, BenchTable], own: str | None) -> dict[str, BenchTable]:
@@ -454,12 +463,13 @@ def run_benchmark(options: argparse.Namespace) -> Report:
     backends = DatabaseBackends(base / "servers")
     if options.scale:
         raise_open_file_limit(options.scale + 4096)
+    kinds = [kind for kind in options.tables if kind != CACHE_KIND]
     try:
-        tables = build_tables(base / "tables", options.tables,
-                              backend.port if backend else 0, backends)
+        tables = build_tables(base / "tables", kinds, backend.port if backend else 0,
+                              backends) if kinds else {}
         report.db_limits = {dict_type(kind): our_connection_limit(kind, options.db_pool)
                             for kind in tables if is_database_kind(kind)}
-        for impl in implementations:
+        for impl in implementations if tables else ():
             times = measure_cold_start(programs[impl], tables, base, f"cold-{impl}",
                                        options.repeat, impl, options.db_pool)
             report.cold_start_ms[impl] = statistics.median(times) if times else None
@@ -475,6 +485,8 @@ def run_benchmark(options: argparse.Namespace) -> Report:
                                                "ours", options.db_pool)}
             with running(instances):
                 measure_scale(options, pmload, instances["ours"], tables, report)
+        if CACHE_KIND in options.tables and "ours" in implementations:
+            measure_cache(options, pmload, programs["ours"], base, report)
     finally:
         if backend:
             backend.stop()
@@ -482,6 +494,19 @@ def run_benchmark(options: argparse.Namespace) -> Report:
         shutil.rmtree(base, ignore_errors=True)
     report.summary = summarize(report)
     return report
+
+
+def measure_cache(options, pmload: Path, program: Path, base: Path, report: Report) -> None:
+    """The result cache off and on: a --slow-ms backend, 90 % repeated keys, at the
+    largest --slow-conns count (cache_workload.py)."""
+    from tests.bench.cache_workload import cache_rows  # it imports this module
+
+    conns = max(options.slow_conns)
+    report.cache = cache_rows(pmload, base, program, seconds=options.seconds, conns=conns,
+                              delay_ms=options.slow_ms, repeat=options.repeat)
+    for row in report.cache:
+        log(f"ours {CACHE_KIND} cache {row['cache']}: {row['rps']:.0f} lookups/s, "
+            f"p99 {row['p99_us']:.0f} us, {row['queries_per_lookup']:.3f} queries/lookup")
 
 
 @contextlib.contextmanager
@@ -809,6 +834,16 @@ def markdown(report: Report) -> str:
                 f"| {c.get('workers', 'n/a')} | {o.get('workers', 'n/a')} |"
             )
     lines += database_markdown(report, by_key, conns)
+    if report.cache:
+        from tests.bench.cache_workload import cache_markdown  # it imports this module
+
+        first = report.cache[0]
+        lines += ["", f"Result cache (ours only; the C proxymap has none): a "
+                  f"{first['delay_ms']:g} ms socketmap backend, "
+                  f"{first['repeated']:.0%} of lookups for 1000 hot keys, the rest for keys "
+                  "used once; pyproxymap_cache_ttl = 60s; backend queries counted by the "
+                  "backend.", ""]
+        lines += cache_markdown(report.cache)
     lines += ["", "Cold start (master start to first answer on a fresh connection, median):", ""]
     for impl in IMPLEMENTATIONS:
         cold = report.cold_start_ms.get(impl)
