@@ -116,6 +116,16 @@ def _syslog_name(config_dir: str) -> str:
     return name or os.environ.get("MAIL_LOGTAG") or "postfix"
 
 
+def _stderr_is_journal() -> bool:
+    """systemd connected stderr to the journal ($JOURNAL_STREAM names that stream)."""
+    try:
+        device, inode = os.environ["JOURNAL_STREAM"].split(":")
+        info = os.fstat(2)
+        return (info.st_dev, info.st_ino) == (int(device), int(inode))
+    except (KeyError, ValueError, OSError):
+        return False
+
+
 def setup_logging(config: Mapping[str, str], verbose: int, *, to_stderr: bool) -> None:
     """Postfix-style records (``master.log``): syslog or postlog, plus stderr in front,
     all tagged ``<syslog_name>/master``."""
@@ -223,13 +233,15 @@ def start(ctx: click.Context, daemon: bool) -> None:
 
 
 def _start(config_dir: str, verbose: int, daemon: bool) -> NoReturn:
-    setup_logging({"syslog_name": _syslog_name(config_dir)}, verbose, to_stderr=True)
+    # Under systemd stderr is the journal, which gets the syslog records too: once is enough.
+    to_stderr = not _stderr_is_journal()
+    setup_logging({"syslog_name": _syslog_name(config_dir)}, verbose, to_stderr=to_stderr)
     arbiter = Arbiter(config_dir, foreground=not daemon, verbose=verbose)
     try:
         arbiter.setup()
     except ArbiterError as err:
         fail(str(err), err.exit_status)
-    setup_logging(arbiter.main, verbose, to_stderr=not daemon)
+    setup_logging(arbiter.main, verbose, to_stderr=to_stderr and not daemon)
     for line in _usage_hint(arbiter):
         say(line)
     if not daemon:

@@ -97,3 +97,36 @@ def test_worker_dies_quietly_on_sigint(tmp_path):
     _, err = worker.communicate(timeout=10)
     assert worker.returncode == -signal.SIGINT
     assert err == b""
+
+
+@pytest.mark.parametrize("journal", [False, True], ids=["terminal-or-file", "journal"])
+def test_master_records_reach_the_journal_once(tmp_path, journal):
+    """Under systemd stderr is the journal ($JOURNAL_STREAM), which also receives the
+    syslog records: the master then writes its records to syslog only (the hints, which
+    are not records, still go to stderr)."""
+    ensure_postfix()
+    shutil.copytree(REPO / "conf", tmp_path / "conf")
+    (tmp_path / ".venv").symlink_to(Path(sys.executable).parent.parent)
+    output = tmp_path / "stderr"
+    with open(output, "wb") as stderr:
+        info = os.fstat(stderr.fileno())
+        env = dict(os.environ)
+        env.pop("JOURNAL_STREAM", None)
+        if journal:
+            env["JOURNAL_STREAM"] = f"{info.st_dev}:{info.st_ino}"
+        master = subprocess.Popen(
+            [str(Path(sys.executable).parent / "proxymap-master"), "-c",
+             str(tmp_path / "conf"), "start"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr, env=env,
+            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30
+        while " or: " not in output.read_text() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)
+    finally:
+        master.send_signal(signal.SIGTERM)
+        master.wait(30)
+    text = output.read_text()
+    assert "pyproxymap/master: try: postmap" in text
+    assert ("daemon started" in text) is not journal, text
