@@ -9,6 +9,7 @@ SYNOPSIS
     proxymap-master [-c DIR] reload
     proxymap-master [-c DIR] status [--json]
     proxymap-master [-c DIR] check
+    proxymap-master [-c DIR] dropin enable|disable|status [-c POSTFIX_DIR]
 
 DESCRIPTION
     ``-c DIR`` is the configuration directory with main.cf and master.cf (default
@@ -39,10 +40,15 @@ DESCRIPTION
               without that mode (Postfix's proxymap) gets its tables from its export mode
               (3.11+) or ours, each opened by Postfix's ``postmap -q`` as the service's
               user; the answer is ``ok``, ``no such key`` or postmap's error.
+    dropin    switch a Postfix installation's proxymap services to our worker and back
+              (``master.dropin``); here ``-c`` names that Postfix's configuration.
+
+    Every command takes ``-h``.
 
 EXIT STATUS
-    0 success; 1 failure; 3 (status) no master running; 75 another master runs;
-    78 configuration error.
+    0 success; 1 failure; 3 (status) no master running, (dropin status) not enabled;
+    75 another master runs; 78 configuration error (dropin enable: refused by the
+    pre-check).
 """
 
 from __future__ import annotations
