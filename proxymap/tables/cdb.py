@@ -36,7 +36,7 @@ import struct
 from collections.abc import Iterable, Iterator
 
 from proxymap.tables.base import DictOpenError, DictRetry, OpenContext
-from proxymap.tables.nullterm import IndexedFileTable, open_error
+from proxymap.tables.nullterm import IndexedFileTable, damaged_error, open_error
 
 HEADER_SIZE = 2048
 TABLE_COUNT = 256
@@ -201,7 +201,7 @@ class CdbTable(IndexedFileTable):
                 raise CdbFormatError("file is shorter than the cdb header")
             reader = CdbReader(mmap.mmap(fd, size, prot=mmap.PROT_READ))
         except CdbFormatError as exc:
-            raise DictOpenError(f"open database {self.path}: Protocol error ({exc})")
+            raise damaged_error(self.path, f"Protocol error ({exc})")
         except OSError as exc:
             raise open_error(self.path, exc)
         self._next_position = None

@@ -18,6 +18,11 @@ DESCRIPTION
     ``lmdb_map_size`` (default 16 MiB) or the file's size if larger, doubles it when a
     commit does not fit, and a reader adopts a map grown by another process.
 
+    A file that LMDB refuses, an empty file opened for reading, or a file shorter than
+    the pages its header counts (truncated: reading it through the mapping would kill
+    the process with SIGBUS) is an open error naming the file and the remedy
+    (nullterm, DAMAGED FILES).
+
     An empty or over-long key is "not found" (LMDB rejects such keys; Postfix would
     abort). Sequence walks the keys in order; each step is its own transaction and
     continues after the last key returned, so no transaction spans two requests.
@@ -39,7 +44,7 @@ import lmdb
 
 from proxymap import flags as F
 from proxymap.tables.base import DictConfig, DictOpenError, DictRetry, OpenContext
-from proxymap.tables.nullterm import IndexedFileTable
+from proxymap.tables.nullterm import IndexedFileTable, damaged_error
 
 DEFAULT_MAP_SIZE = 16 * 1024 * 1024  # Postfix lmdb_map_size
 
@@ -81,10 +86,19 @@ class LmdbTable(IndexedFileTable):
                              create=create, map_size=map_size if writable else 0,
                              max_dbs=0, sync=False, readahead=False, meminit=False)
 
+        size = os.fstat(fd).st_size
+        if size == 0 and not self.writable:
+            raise damaged_error(self.path, "empty file")
         try:
             shared = SharedEnvironment.acquire(fd, self.writable, open_environment)
+        except (lmdb.InvalidError, lmdb.CorruptedError, lmdb.PageNotFoundError,
+                lmdb.VersionMismatchError) as exc:
+            raise damaged_error(self.path, _reason(exc))
         except lmdb.Error as exc:
             raise DictOpenError(f"open database {self.path}: {_reason(exc)}")
+        if size and size < _used_bytes(shared.env):
+            shared.release()
+            raise damaged_error(self.path, f"truncated to {size} bytes")
         if truncate:
             with shared.env.begin(write=True) as txn:
                 txn.drop(shared.env.open_db(), delete=False)
@@ -193,6 +207,11 @@ class SharedEnvironment:
         if self.users <= 0:
             self.env.close()
             self._by_file.pop(self.key, None)
+
+
+def _used_bytes(env: lmdb.Environment) -> int:
+    """The file size the header implies: every page up to the last one in use."""
+    return (env.info()["last_pgno"] + 1) * env.stat()["psize"]
 
 
 def _first(cursor: lmdb.Cursor) -> tuple[bytes, bytes] | None:

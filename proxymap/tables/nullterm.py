@@ -32,6 +32,17 @@ DESCRIPTION
     otherwise look identical. ``Table.watch``/``changed`` (the restart signal for the
     read-only service) are independent of this and keep the open-time stamp.
 
+DAMAGED FILES
+    A file that the library refuses (truncated, garbled, of another type, empty when
+    read) is an open error whose message names the file and the remedy; the registry
+    logs it once and the table answers RETRY, every other table is served as before.
+    A failure met later (a read or write error, a full file system) is logged once,
+    as an error with the remedy, until an access succeeds again (then one line says
+    so); each failing request is answered RETRY. The drivers check what their library
+    would otherwise crash on: Berkeley DB files opened for writing are verified first
+    (a garbled hash page makes libdb 5.3 write through wild pointers), and an LMDB
+    file shorter than its own page count is refused (reading it would be SIGBUS).
+
 LOCKING
     With the LOCK request flag each access holds a shared lock (exclusive for writes)
     on the table file; ``postmap`` holds an exclusive lock while it rebuilds a file in
@@ -158,6 +169,44 @@ def open_error(path: str, exc: BaseException) -> DictOpenError:
     return DictOpenError(f"open database {path}: {reason}")
 
 
+def damaged_remedy(path: str) -> str:
+    """What the operator does about a file the library cannot use."""
+    return (f"if {path} is a cache (address_verify_map, postscreen_cache_map), remove it: "
+            "verify(8) and postscreen(8) create it anew; otherwise rebuild it with postmap(1)")
+
+
+def damaged_error(path: str, reason: str) -> DictOpenError:
+    """The open failure of a damaged (or foreign) file, with the remedy."""
+    return DictOpenError(f"open database {path}: {reason}: the file is damaged or not of "
+                         f"this type; {damaged_remedy(path)}")
+
+
+_NO_SPACE = (os.strerror(errno.ENOSPC), os.strerror(errno.EDQUOT))
+
+
+# Below this, a write error is taken for a full file system (LMDB reports a short
+# write as EIO, not ENOSPC).
+LOW_SPACE_BYTES = 1 << 20
+
+
+def free_bytes(path: str) -> int | None:
+    try:
+        st = os.statvfs(os.path.dirname(path) or ".")
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+def failure_advice(path: str, reason: str) -> str:
+    """The remedy for a failure met while using an open file."""
+    free = free_bytes(path)
+    if any(text in reason for text in _NO_SPACE) or (free is not None
+                                                      and free < LOW_SPACE_BYTES):
+        return (f"the file system of {path} is full ({free} bytes free): free space; "
+                "until then updates of this table are answered RETRY")
+    return damaged_remedy(path)
+
+
 # --- the table skeleton ---------------------------------------------------------------------
 
 class IndexedFileTable(SyncTable):
@@ -190,6 +239,7 @@ class IndexedFileTable(SyncTable):
         self._handle: object = None  # the backend's handle on that inode
         self._stamp: FileStamp | None = None
         self._new_fd_locked = False
+        self._trouble: str | None = None  # the failure reported once, until a success
         self._open_file(initial=True)
         self.watch(self.path)
 
@@ -341,12 +391,28 @@ class IndexedFileTable(SyncTable):
             if fd != self._fd:
                 os.close(fd)  # the descriptor of a file we just stopped using
 
+    # --- failures: one log line per episode -------------------------------------------------
+    def _failed(self, exc: DictRetry) -> None:
+        if self._trouble is None and not isinstance(exc, DictBusy):
+            self._trouble = reason = str(exc)
+            if "postmap(1)" in reason:  # a reopen's open error says it already
+                log.error("%s", reason)
+            else:
+                log.error("%s; %s", reason, failure_advice(self.path, reason))
+
+    def _succeeded(self) -> None:
+        log.info("%s: accessible again after: %s", self.path, self._trouble)
+        self._trouble = None
+
     def _after_write(self) -> None:
-        if self.flags & F.SYNC_UPDATE:
-            self._backend_sync()
-        # Our own change must not look like a foreign rebuild.
-        assert self._fd is not None
-        self._stamp = FileStamp.of(self._fd)
+        try:
+            if self.flags & F.SYNC_UPDATE:
+                self._backend_sync()
+        finally:
+            # Our own change (even one the disk did not take) must not look like a
+            # foreign rebuild: a reopen would lose what the library still holds.
+            assert self._fd is not None
+            self._stamp = FileStamp.of(self._fd)
 
     # --- operations -------------------------------------------------------------------------
     def _normalize_flags(self) -> None:
@@ -359,11 +425,17 @@ class IndexedFileTable(SyncTable):
         key = cut_at_nul(self.fold(key))
         if not key:
             return None  # never stored by postmap; LMDB would even reject it
-        held = self._enter(exclusive=False)
         try:
-            value, self.flags = probe(self.flags, self._backend_get, key)
-        finally:
-            self._leave(held)
+            held = self._enter(exclusive=False)
+            try:
+                value, self.flags = probe(self.flags, self._backend_get, key)
+            finally:
+                self._leave(held)
+        except DictRetry as exc:
+            self._failed(exc)
+            raise
+        if self._trouble is not None:
+            self._succeeded()
         return None if value is None else cut_at_nul(value)
 
     def update(self, key: bytes, value: bytes) -> int:
@@ -375,13 +447,19 @@ class IndexedFileTable(SyncTable):
             return 1
         with_nul, self.flags = storage_form(self.flags)
         raw_key, raw_value = (key + NUL, value + NUL) if with_nul else (key, value)
-        held = self._enter(exclusive=True)
         try:
-            stored = self._backend_put(raw_key, raw_value, bool(self.flags & F.DUP_REPLACE))
-            if stored:
-                self._after_write()
-        finally:
-            self._leave(held)
+            held = self._enter(exclusive=True)
+            try:
+                stored = self._backend_put(raw_key, raw_value, bool(self.flags & F.DUP_REPLACE))
+                if stored:
+                    self._after_write()
+            finally:
+                self._leave(held)
+        except DictRetry as exc:
+            self._failed(exc)
+            raise
+        if self._trouble is not None:
+            self._succeeded()
         if stored:
             return 0
         if self.flags & F.DUP_IGNORE:
@@ -398,13 +476,19 @@ class IndexedFileTable(SyncTable):
         key = cut_at_nul(self.fold(key))
         if not key:
             return 1
-        held = self._enter(exclusive=True)
         try:
-            removed, self.flags = probe(self.flags, self._removed_or_none, key)
-            if removed:
-                self._after_write()
-        finally:
-            self._leave(held)
+            held = self._enter(exclusive=True)
+            try:
+                removed, self.flags = probe(self.flags, self._removed_or_none, key)
+                if removed:
+                    self._after_write()
+            finally:
+                self._leave(held)
+        except DictRetry as exc:
+            self._failed(exc)
+            raise
+        if self._trouble is not None:
+            self._succeeded()
         return 0 if removed else 1
 
     def _removed_or_none(self, raw_key: bytes) -> bool | None:
@@ -418,11 +502,17 @@ class IndexedFileTable(SyncTable):
             step = self._backend_next
         else:
             raise DictConfig(f"{self.spec}: invalid sequence function {function}")
-        held = self._enter(exclusive=False)
         try:
-            item = step()
-        finally:
-            self._leave(held)
+            held = self._enter(exclusive=False)
+            try:
+                item = step()
+            finally:
+                self._leave(held)
+        except DictRetry as exc:
+            self._failed(exc)
+            raise
+        if self._trouble is not None:
+            self._succeeded()
         if item is None:
             return None
         return cut_at_nul(item[0]), cut_at_nul(item[1])
