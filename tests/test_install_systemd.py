@@ -28,7 +28,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.postfix import ensure_postfix
+from tests.support.postfix import _editable_sources as editable_sources
+from tests.support.postfix import ensure_postfix, python_paths_of
 
 REPO = Path(__file__).resolve().parent.parent
 VENV = Path(sys.executable).parent.parent  # not resolved: the venv's own bin/ path
@@ -112,6 +113,17 @@ def test_systemd_analyze_verify(installed):
     assert done.returncode == 0 and not problems, done.stderr
 
 
+def software_paths() -> set[str]:
+    """What the installed PREFIX needs at its own path: the venv, the checkout, and the
+    sources its editable install points at (they may be another checkout's)."""
+    paths = {str(REPO), str(VENV)}
+    purelib = python_paths_of(VENV / "bin" / "proxymap").get("purelib")
+    if purelib:
+        paths.update(editable_sources(Path(purelib)))
+    # Nested paths are covered by their parent's mount.
+    return {p for p in paths if not any(p.startswith(q + "/") for q in paths)}
+
+
 def namespace_script(root: Path, settings: dict[str, list[str]]) -> str:
     """A shell script for `unshare -m`: root becomes / with the unit's sandbox, then the
     unit's ExecStartPre (a leading "-": its failure is ignored, as systemd does) and
@@ -125,7 +137,7 @@ def namespace_script(root: Path, settings: dict[str, list[str]]) -> str:
     [start] = settings["ExecStart"]
     environment = " ".join(settings.get("Environment", []))
     inner = "; ".join([*pre, f"exec env {environment} {start}"])
-    mounts = sorted({str(REPO), str(VENV)})
+    mounts = sorted(software_paths())
     lines = [
         "set -e",
         f"R={shlex.quote(str(root))}",
