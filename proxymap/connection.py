@@ -135,7 +135,9 @@ class ProxymapProtocol(ClientProtocol):
             # One whole lookup whose prefix was seen before? The key is what follows
             # the last "key" name; a NUL in it means more than one list: general path.
             cut = data.rfind(_KEY_NAME) + 5
-            answer = self._shortcuts.get(data[:cut])
+            # ``key NUL NUL`` ends the chunk: an empty key value, but no list terminator
+            # yet (the fuzzer found it answered as a lookup of the empty key).
+            answer = self._shortcuts.get(data[:cut]) if cut <= len(data) - 2 else None
             if answer is not None:
                 key = data[cut:-2]
                 if b"\x00" not in key:

@@ -51,6 +51,18 @@ def _new_world() -> W.World:
     return W.World(base / "world")
 
 
+#: Connection inputs that once violated a property.
+CONNECTION_FINDINGS = {
+    # "... key NUL NUL" in one chunk (empty key value, list not terminated yet) was
+    # answered by the compiled-lookup shortcut as a complete lookup of the empty key:
+    # split there, the input got a reply that it did not get whole.
+    "shortcut-on-unterminated-empty-key": bytes.fromhex(
+        "00281172657175657374006c6f6f6b7570007461626c65006364623a6100666c6167730035323433"
+        "3533006b65790000351172657175657374006f70656e007461626c65007265676578703a7200696e"
+        "73746e616e63655f666c61007175657374006c6f6f6b7570343936373239350000"),
+}
+
+
 @pytest.fixture(scope="module")
 def world():
     fuzz_world = _new_world()
@@ -81,6 +93,13 @@ def test_attr_and_scanner_properties(data):
 def test_connection_seeds(world):
     for data in seeds.connection_seeds((*W.READ_TABLES, *world.extra_tables), W.WRITE_TABLES):
         world.one_input(data)
+
+
+@pytest.mark.parametrize("name", sorted(CONNECTION_FINDINGS))
+def test_connection_findings_stay_fixed(world, name):
+    # A complete lookup with the same prefix first: the shortcut is learnt from it.
+    world.one_input(b"\x00\x00\x00" + seeds.request("lookup", b"cdb:a", 1, b"524353"))
+    world.one_input(CONNECTION_FINDINGS[name])
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
