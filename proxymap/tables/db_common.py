@@ -113,28 +113,45 @@ class Need(enum.IntFlag):
     KEY_PARTIAL = 16  # the template uses part of the key (informational)
 
 
+# The same bits as plain ints: enum arithmetic costs microseconds per lookup.
+_KEY_DOMAIN = 1
+_KEY_USER = 2
+_VALUE_DOMAIN = 4
+_VALUE_USER = 8
+_KEY_PARTIAL = 16
+_CHECKED = _KEY_DOMAIN | _KEY_USER | _VALUE_DOMAIN | _VALUE_USER
+
+
 @dataclass(frozen=True, slots=True)
 class Needs:
-    """Requirements of one template, or pooled over the templates of a table."""
+    """Requirements of one template, or pooled over the templates of a table.
 
-    flags: Need = Need.NONE
+    ``flags`` holds ``Need`` bits as a plain int.
+    """
+
+    flags: int = 0
     labels: int = 0  # highest %1..%9 used
 
     def __or__(self, other: Needs) -> Needs:
         return Needs(self.flags | other.flags, max(self.labels, other.labels))
 
+    @property
+    def trivial(self) -> bool:
+        """Nothing to check but a non-empty input."""
+        return not (self.flags & _CHECKED or self.labels)
 
-def _code_need(code: int, query: bool) -> Need:
+
+def _code_need(code: int, query: bool) -> int:
     """The requirement one ``%`` code adds; ``%%``, ``%s``, ``%S`` add none."""
     if code == ord("u"):
-        return Need.KEY_USER | Need.KEY_PARTIAL if query else Need.VALUE_USER
+        return _KEY_USER | _KEY_PARTIAL if query else _VALUE_USER
     if code == ord("d"):
-        return Need.KEY_DOMAIN | Need.KEY_PARTIAL if query else Need.VALUE_DOMAIN
+        return _KEY_DOMAIN | _KEY_PARTIAL if query else _VALUE_DOMAIN
     if code == ord("U"):
-        return Need.KEY_USER | Need.KEY_PARTIAL
+        return _KEY_USER | _KEY_PARTIAL
     if code == ord("D") or code in _LABEL_CODES:
-        return Need.KEY_DOMAIN | Need.KEY_PARTIAL
-    return Need.NONE
+        return _KEY_DOMAIN | _KEY_PARTIAL
+    return 0
 
 
 _VALID_CODES = frozenset(b"%sudSUD123456789")
@@ -145,6 +162,8 @@ class Template:
     """A parsed query or result template; ``pieces`` alternate literal text and codes.
 
     A piece is ``bytes`` (literal text) or ``int`` (the byte after a ``%``).
+    ``joints``: when every code is ``%s`` (or ``%%``, folded into the text), the
+    literal runs around the ``%s``s, so that an expansion is one ``bytes.join``.
     """
 
     text: bytes
@@ -153,6 +172,7 @@ class Template:
     needs: Needs
     dynamic: bool  # uses some part of its input (Postfix: "data-dependent")
     pieces: tuple[bytes | int, ...]
+    joints: tuple[bytes, ...] | None = None
 
     @classmethod
     def parse(cls, text: str | bytes, what: str, *, table: str = "") -> Template:
@@ -167,26 +187,40 @@ class Template:
             kind = "query" if is_query else "result"
             shown = raw.decode("utf-8", "surrogateescape")
             raise DictOpenError(f"db_common_parse: {table}: Invalid {kind} template: {shown}")
-        flags = Need.NONE
+        flags = 0
         for code in codes:
             flags |= _code_need(code, is_query)
         labels = max((code - ord("0") for code in codes if code in _LABEL_CODES), default=0)
         dynamic = any(code != ord("%") for code in codes)
-        return cls(raw, what, is_query, Needs(flags, labels), dynamic, pieces)
+        return cls(raw, what, is_query, Needs(flags, labels), dynamic, pieces,
+                   _joints(pieces))
 
     @property
     def uses_domain(self) -> bool:
         """Needs a domain part: the key's (query; %D %1-%9) or the value's (%d result)."""
-        return bool(self.needs.flags & (Need.KEY_DOMAIN | Need.VALUE_DOMAIN))
+        return bool(self.needs.flags & (_KEY_DOMAIN | _VALUE_DOMAIN))
 
     @property
     def uses_user(self) -> bool:
         """Needs a local part: the key's (%u query, %U) or the value's (%u result)."""
-        return bool(self.needs.flags & (Need.KEY_USER | Need.VALUE_USER))
+        return bool(self.needs.flags & (_KEY_USER | _VALUE_USER))
 
     @property
     def max_label(self) -> int:
         return self.needs.labels
+
+
+def _joints(pieces: Sequence[bytes | int]) -> tuple[bytes, ...] | None:
+    """The literal runs between ``%s`` codes; None when another code is used."""
+    joints = [b""]
+    for piece in pieces:
+        if isinstance(piece, bytes):
+            joints[-1] += piece
+        elif piece == ord("s"):
+            joints.append(b"")
+        else:
+            return None
+    return tuple(joints)
 
 
 def _split_pieces(raw: bytes) -> tuple[tuple[bytes | int, ...], list[int] | None]:
@@ -229,8 +263,8 @@ class Skip(enum.Enum):
     LABELS = "key domain has too few labels"
 
 
-def _fits(local: bytes, domain: bytes | None, flags: Need, need_domain: Need,
-          need_user: Need) -> bool:
+def _fits(local: bytes, domain: bytes | None, flags: int, need_domain: int,
+          need_user: int) -> bool:
     if flags & need_domain and not domain:
         return False
     return not (flags & need_user and domain is not None and not local)
@@ -255,14 +289,14 @@ def _inputs(value: bytes, key: bytes | None, needs: Needs) -> _Inputs | Skip:
         return Skip.EMPTY
     local, domain = split_address(value)
     if key is None:
-        if not _fits(local, domain, needs.flags, Need.KEY_DOMAIN, Need.KEY_USER):
+        if not _fits(local, domain, needs.flags, _KEY_DOMAIN, _KEY_USER):
             return Skip.KEY
         key, key_local, key_domain = value, local, domain
     else:
-        if not _fits(local, domain, needs.flags, Need.VALUE_DOMAIN, Need.VALUE_USER):
+        if not _fits(local, domain, needs.flags, _VALUE_DOMAIN, _VALUE_USER):
             return Skip.VALUE
         key_local, key_domain = split_address(key)
-        if not _fits(key_local, key_domain, needs.flags, Need.KEY_DOMAIN, Need.KEY_USER):
+        if not _fits(key_local, key_domain, needs.flags, _KEY_DOMAIN, _KEY_USER):
             return Skip.KEY
     labels: list[bytes] = []
     if needs.labels:
@@ -292,11 +326,19 @@ def _substitute(code: int, parts: _Inputs) -> bytes:
 def expand_or_skip(template: Template, value: bytes | None, key: bytes | None,
                    escape: Escape | None = None, needs: Needs | None = None) -> bytes | Skip:
     """Like ``expand``, but says why nothing was produced."""
-    if template.is_query:
-        key = None  # a query-side template reads only its input, the key
     if value is None:
         return Skip.NULL
-    parts = _inputs(value, key, needs or template.needs)
+    if needs is None:
+        needs = template.needs
+    joints = template.joints
+    if joints is not None and not (needs.flags & _CHECKED or needs.labels):
+        # Only %s, and nothing to check but emptiness: one join.
+        if not value:
+            return Skip.EMPTY
+        return (escape(value) if escape is not None else value).join(joints)
+    if template.is_query:
+        key = None  # a query-side template reads only its input, the key
+    parts = _inputs(value, key, needs)
     if isinstance(parts, Skip):
         return parts
     out = bytearray()
@@ -542,27 +584,33 @@ class DomainFilter:
 class ResultJoiner:
     """Collects the values of one lookup: expanded, joined with ``,``, limited."""
 
+    __slots__ = ("context", "key", "count", "_pieces", "_verbatim", "_limit")
+
     def __init__(self, context: QueryContext, key: bytes) -> None:
         self.context = context
         self.key = key
         self.count = 0
-        self._joined = bytearray()
+        self._pieces: list[bytes] = []
+        self._verbatim = context.verbatim_results
+        self._limit = context.expansion_limit
 
     def add(self, value: bytes | None) -> None:
         """One value from the database (None = SQL NULL, skipped silently)."""
-        ctx = self.context
-        piece = expand_or_skip(ctx.result_format, value, self.key, None, ctx.needs)
-        if isinstance(piece, Skip):
-            ctx.report_skip(piece, self.key, value, query=False)
-            return
-        if self._joined:
-            self._joined += b","
-        self._joined += piece
+        if value and self._verbatim:
+            piece: bytes | Skip = value  # result_format "%s", nothing to check
+        else:
+            ctx = self.context
+            piece = expand_or_skip(ctx.result_format, value, self.key, None, ctx.needs)
+            if isinstance(piece, Skip):
+                ctx.report_skip(piece, self.key, value, query=False)
+                return
+        self._pieces.append(piece)
         self.count += 1
-        limit = ctx.expansion_limit
-        if limit > 0 and self.count > limit:
+        if self._limit > 0 and self.count > self._limit:
+            ctx = self.context
             shown = _shown(self.key)
-            log.warning("%s: expansion limit %d exceeded for key '%s'", ctx.table, limit, shown)
+            log.warning("%s: expansion limit %d exceeded for key '%s'", ctx.table,
+                        self._limit, shown)
             raise DictRetry(f"{ctx.table}: expansion limit exceeded for key '{shown}'")
 
     def extend(self, values: Iterable[bytes | None]) -> None:
@@ -571,7 +619,7 @@ class ResultJoiner:
 
     def value(self) -> bytes | None:
         """The joined answer; None ("not found") when nothing was added."""
-        return bytes(self._joined) or None
+        return b",".join(self._pieces) or None
 
 
 def _shown(data: bytes | None) -> str:
@@ -595,6 +643,10 @@ class QueryContext:
         self.needs = query.needs | result_format.needs
         for template in extra:
             self.needs = self.needs | template.needs
+        # Precomputed for the hot path: a value passes through as it is, a key
+        # needs no checks, the domain check needs no await.
+        self.verbatim_results = (result_format.text == b"%s" and self.needs.trivial)
+        self.domain_asynchronous = domain is not None and domain.asynchronous
 
     @classmethod
     def for_sql(cls, cfg: CfgParser, ctx: OpenContext, dict_type: str, *,
@@ -637,8 +689,11 @@ class QueryContext:
         return text
 
     def query_for(self, key: bytes, escape: Escape | None) -> bytes | None:
-        """The query for ``key``; None = "not found" without asking the database."""
-        if not self.check_domain(key):
+        """The query for ``key``; None = "not found" without asking the database.
+
+        With an asynchronous table in ``domain`` (``domain_asynchronous``) use
+        ``aquery_for``."""
+        if self.domain is not None and not self.domain.allows(key):
             return None
         return self.expand_query(self.query, key, escape)
 
