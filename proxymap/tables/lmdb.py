@@ -19,9 +19,10 @@ DESCRIPTION
     commit does not fit, and a reader adopts a map grown by another process.
 
     A file that LMDB refuses, an empty file opened for reading, or a file shorter than
-    the pages its header counts (truncated: reading it through the mapping would kill
+    the pages its tree counts (truncated: reading it through the mapping would kill
     the process with SIGBUS) is an open error naming the file and the remedy
-    (nullterm, DAMAGED FILES).
+    (nullterm, DAMAGED FILES). The check is a lower bound: a file cut short by less
+    than its free pages passes it.
 
     An empty or over-long key is "not found" (LMDB rejects such keys; Postfix would
     abort). Sequence walks the keys in order; each step is its own transaction and
@@ -29,7 +30,11 @@ DESCRIPTION
 
 LOCKING
     With the LOCK request flag, a shared ``fcntl`` lock (exclusive for updates) covers
-    each access -- the lock ``postmap`` holds while it rebuilds the table.
+    each access -- the lock ``postmap`` holds while it rebuilds the table. A writable
+    instance locks every access, flag or not: the file is opened without LMDB's own
+    lock file, so two proxywrite processes (a process limit above 1) committing at
+    once would corrupt it, and verify(8) and postscreen(8) ask for OPEN_LOCK (which
+    the handler keeps from tables), not LOCK.
 
 SEE ALSO
     nullterm.py, TABLES.md 3.2, postmap(1).
@@ -61,6 +66,7 @@ class LmdbTable(IndexedFileTable):
         self._map_size = _configured_map_size(ctx)
         self._last_key: bytes | None = None
         super().__init__(name, open_mode, flags)
+        self.always_lock = self.writable  # see LOCKING
 
     def changed(self) -> bool:
         # Only replacement or removal counts (base rule for MULTI_WRITER); the bit is ours
@@ -210,8 +216,15 @@ class SharedEnvironment:
 
 
 def _used_bytes(env: lmdb.Environment) -> int:
-    """The file size the header implies: every page up to the last one in use."""
-    return (env.info()["last_pgno"] + 1) * env.stat()["psize"]
+    """The least size of a sound file: the two meta pages and every page of the tree.
+
+    These are distinct pages, so a sound file holds them all; the last page number in
+    use is no bound (pages freed in the transaction that allocated them are never
+    written, so a sound file may end before it).
+    """
+    stat = env.stat()
+    pages = 2 + stat["branch_pages"] + stat["leaf_pages"] + stat["overflow_pages"]
+    return pages * stat["psize"]
 
 
 def _first(cursor: lmdb.Cursor) -> tuple[bytes, bytes] | None:

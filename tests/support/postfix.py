@@ -422,6 +422,7 @@ class PrivatePostfix:
       main_cf            extra main.cf parameters (override the defaults)
       proxymap_args      extra master.cf arguments for proxymap and proxywrite
       proxymap_maxproc   master.cf process limit of the proxymap service ("-" = default)
+      proxywrite_maxproc master.cf process limit of the proxywrite service (default "1")
       extra_services     extra master.cf lines
       readable_paths     files the worker must read as postfix (checked by start)
       base_dir, name     where the tree goes (default: a new dir under /tmp)
@@ -439,6 +440,7 @@ class PrivatePostfix:
         main_cf: Mapping[str, str] | None = None,
         proxymap_args: str = "",
         proxymap_maxproc: str = "-",
+        proxywrite_maxproc: str = "1",
         extra_services: Sequence[str] = (),
         readable_paths: Iterable[str | os.PathLike] = (),
         base_dir: str | os.PathLike | None = None,
@@ -451,6 +453,7 @@ class PrivatePostfix:
         self.extra_main_cf = dict(main_cf or {})
         self.proxymap_args = proxymap_args
         self.proxymap_maxproc = proxymap_maxproc
+        self.proxywrite_maxproc = proxywrite_maxproc
         self.extra_services = list(extra_services)
         self.readable_paths = [Path(p) for p in readable_paths]
         self.tree = Path(tempfile.mkdtemp(prefix=name + "-", dir=base_dir))
@@ -525,7 +528,7 @@ class PrivatePostfix:
         maxproc = self.proxymap_maxproc
         return [
             f"proxymap   unix  -  -  n  -  {maxproc}  {command}",
-            f"proxywrite unix  -  -  n  -  1  {command}",
+            f"proxywrite unix  -  -  n  -  {self.proxywrite_maxproc}  {command}",
             "postlog    unix-dgram n  -  n  -  1  postlogd",
             *self.extra_services,
         ]
