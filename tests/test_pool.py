@@ -230,6 +230,93 @@ def test_a_new_event_loop_starts_the_pool_afresh():
     run(once())  # the first loop's idle connection is not handed to the second
 
 
+def test_lend_gives_a_ready_idle_connection_without_an_await():
+    async def scenario():
+        server = await EchoServer().start()
+        pool = make_pool([server.endpoint], size=1)
+        assert pool.lend() is None  # nothing idle yet
+        assert await ask(pool, b"a") == b"a"
+        lease = pool.lend()
+        assert lease is not None and pool.in_use == 1
+        assert pool.lend() is None  # the only slot is lent
+        pool.release(lease)
+        assert pool.in_use == 0 and pool.open == 1
+        assert server.accepted == 1
+        pool.close()
+        await server.stop()
+
+    run(scenario())
+
+
+def test_lend_leaves_a_connection_that_needs_its_health_check_to_acquire():
+    async def scenario():
+        server = await EchoServer().start()
+        checks = 0
+
+        async def healthy(stream: Stream) -> bool:
+            nonlocal checks
+            checks += 1
+            return True
+
+        pool = make_pool([server.endpoint], health_check=healthy, check_after=0.05)
+        await ask(pool, b"a")
+        await asyncio.sleep(0.1)
+        assert pool.lend() is None and checks == 0
+        assert await ask(pool, b"b") == b"b" and checks == 1
+        pool.close()
+        await server.stop()
+
+    run(scenario())
+
+
+def test_waiters_are_served_in_arrival_order_and_a_cancelled_one_loses_no_slot():
+    async def scenario():
+        server = await EchoServer().start()
+        pool = make_pool([server.endpoint], size=1)
+        first = await pool.acquire()
+        order: list[int] = []
+
+        async def waiter(n: int) -> None:
+            lease = await pool.acquire(5.0)
+            order.append(n)
+            await asyncio.sleep(0.01)
+            pool.release(lease)
+
+        tasks = [asyncio.create_task(waiter(n)) for n in range(4)]
+        await asyncio.sleep(0.05)
+        assert pool.waiting == 4
+        tasks[1].cancel()  # waiting: it leaves the queue
+        pool.release(first)  # handed to the first in line...
+        tasks[0].cancel()  # ...which is cancelled before it runs: passed on
+        await asyncio.gather(*tasks, return_exceptions=True)
+        assert order == [2, 3]
+        assert pool.waiting == 0 and pool.in_use == 0
+        lease = await pool.acquire(0.1)  # the slot is free again
+        pool.release(lease)
+        assert server.accepted == 1
+        pool.close()
+        await server.stop()
+
+    run(scenario())
+
+
+def test_a_timed_out_waiter_leaves_the_queue():
+    async def scenario():
+        server = await EchoServer().start()
+        pool = make_pool([server.endpoint], size=1)
+        held = await pool.acquire()
+        with pytest.raises(PoolUnavailable, match="busy for 0.05s"):
+            await pool.acquire(0.05)
+        assert pool.waiting == 0 and not pool._waiters
+        pool.release(held)
+        lease = await pool.acquire(0.1)
+        pool.release(lease)
+        pool.close()
+        await server.stop()
+
+    run(scenario())
+
+
 @pytest.mark.parametrize(("text", "expected"), [
     ("10", 10.0), ("10s", 10.0), ("2m", 120.0), ("1h", 3600.0), ("1.5", 1.5),
     ("0.25S", 0.25), ("x", 7.0), ("", 7.0), ("5q", 7.0)])

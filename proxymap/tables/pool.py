@@ -40,6 +40,12 @@ DESCRIPTION
     Figures for the live statistics: ``open``, ``in_use``, ``waiting``, ``size``,
     ``connects``, ``failovers``.
 
+    Lending is cheap on purpose (it is on every lookup's path): a free slot with a
+    ready idle connection is lent without an await (``lend``, or ``acquire``'s
+    fast path); a lookup that waits for a slot waits on one future with a timer
+    (no task), in arrival order, and ``release`` hands the slot straight to the
+    first waiter.
+
     Pools are bound to the event loop that first uses them; used from another loop
     (tests run one loop per test) they start afresh.
 """
@@ -49,9 +55,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from contextlib import asynccontextmanager
+from collections import deque
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from types import TracebackType
 from typing import Generic, TypeVar
 
 from proxymap.tables.base import DictRetry
@@ -160,7 +167,8 @@ class ConnectionPool(Generic[C, E]):
         self._order = order
         self._idle: list[Lease[C, E]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._slots: asyncio.Semaphore | None = None
+        self._free = self.size  # slots neither lent nor handed to a waiter
+        self._waiters: deque[asyncio.Future[bool]] = deque()  # True: a slot is yours
         self.in_use = 0
         self.waiting = 0
         self.connects = 0
@@ -175,48 +183,91 @@ class ConnectionPool(Generic[C, E]):
         return list(self._states)
 
     # --- lending ------------------------------------------------------------------------
-    @asynccontextmanager
-    async def connection(self, timeout: float | None = None) -> AsyncIterator[Lease[C, E]]:
-        """A connection for one request; discarded when the block raises."""
-        lease = await self.acquire(timeout)
-        try:
-            yield lease
-        except BaseException:
-            self.release(lease, reusable=False)
-            raise
-        self.release(lease, reusable=True)
+    def connection(self, timeout: float | None = None) -> _Borrowed[C, E]:
+        """``async with``: a connection for one request; discarded when the block raises."""
+        return _Borrowed(self, timeout)
+
+    def lend(self) -> Lease[C, E] | None:
+        """A lease at once, without an await, when a slot is free and an idle
+        connection needs neither replacing nor a health check; else None (then
+        ``acquire``). Must run in the pool's event loop."""
+        if self._free <= 0 or not self._idle or self._loop is not _get_running_loop():
+            return None
+        lease = self._take_idle()
+        if lease is not None:
+            self._free -= 1
+            self.in_use += 1
+        return lease
 
     async def acquire(self, timeout: float | None = None) -> Lease[C, E]:
-        slots = self._bind()
-        if slots.locked():
-            self.waiting += 1
-            try:
-                await asyncio.wait_for(slots.acquire(), timeout)
-            except TimeoutError:
-                raise PoolUnavailable(f"{self.name}: all {self.size} connections busy "
-                                      f"for {timeout:g}s") from None
-            finally:
-                self.waiting -= 1
+        self._bind()
+        if self._free > 0:
+            self._free -= 1
         else:
-            await slots.acquire()
+            await self._wait_for_slot(timeout)
         try:
-            lease = await self._reuse() or await self._open()
+            lease = self._take_idle()
+            if lease is None:
+                lease = (await self._reuse() if self._idle else None) or await self._open()
         except BaseException:
-            slots.release()
+            self._release_slot()
             raise
         self.in_use += 1
         return lease
 
+    async def _wait_for_slot(self, timeout: float | None) -> None:
+        """Queue for a slot: one future and at most one timer, no task."""
+        loop = self._loop
+        assert loop is not None
+        waiter: asyncio.Future[bool] = loop.create_future()
+        self._waiters.append(waiter)
+        self.waiting += 1
+        timer = (loop.call_later(max(0.0, timeout), _expire, waiter)
+                 if timeout is not None else None)
+        try:
+            granted = await waiter
+        except BaseException:
+            # Cancelled: a slot handed over meanwhile goes to the next in line.
+            if waiter.done() and not waiter.cancelled() and waiter.result():
+                self._release_slot()
+            else:
+                self._forget(waiter)
+            raise
+        finally:
+            self.waiting -= 1
+            if timer is not None:
+                timer.cancel()
+        if not granted:
+            self._forget(waiter)
+            raise PoolUnavailable(f"{self.name}: all {self.size} connections busy "
+                                  f"for {timeout:g}s")
+
+    def _forget(self, waiter: asyncio.Future[bool]) -> None:
+        try:
+            self._waiters.remove(waiter)
+        except ValueError:
+            pass
+
+    def _release_slot(self) -> None:
+        """A slot is free: to the first live waiter, else back to the count."""
+        waiters = self._waiters
+        while waiters:
+            waiter = waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(True)
+                return
+        self._free += 1
+
     def release(self, lease: Lease[C, E], reusable: bool = True) -> None:
         """Give a connection back; ``reusable=False`` closes it (it failed in use)."""
         self.in_use -= 1
-        if reusable and self._slots is not None:
+        if reusable and self._loop is not None:
             lease.last_used = time.monotonic()
-            self._idle.append(lease)
+            self._idle.append(lease)  # from another loop: closed when the pool rebinds
         else:
             self._dispose(lease)
-        if self._slots is not None and _running_loop() is self._loop:
-            self._slots.release()
+        if self._loop is not None and _get_running_loop() is self._loop:
+            self._release_slot()
 
     def suspect(self, lease: Lease[C, E]) -> None:
         """The connection failed in use: its idle siblings to that server go too."""
@@ -233,6 +284,22 @@ class ConnectionPool(Generic[C, E]):
     close = discard_idle
 
     # --- reuse --------------------------------------------------------------------------
+    def _take_idle(self) -> Lease[C, E] | None:
+        """The most recently released idle connection that can be used as it is;
+        expired ones are closed; None also when the top one needs a health check."""
+        idle = self._idle
+        while idle:
+            lease = idle[-1]
+            now = time.monotonic()
+            if self._expired(lease, now):
+                idle.pop()
+                self._dispose(lease)
+                continue
+            if self.health_check is not None and now - lease.last_used > self.check_after:
+                return None
+            return idle.pop()
+        return None
+
     async def _reuse(self) -> Lease[C, E] | None:
         while self._idle:
             lease = self._idle.pop()
@@ -255,8 +322,8 @@ class ConnectionPool(Generic[C, E]):
     async def _healthy(self, lease: Lease[C, E]) -> bool:
         assert self.health_check is not None
         try:
-            return bool(await asyncio.wait_for(self.health_check(lease.connection),
-                                               self.connect_timeout))
+            async with asyncio.timeout(self.connect_timeout):
+                return bool(await self.health_check(lease.connection))
         except Exception:  # noqa: BLE001 - any failure of the check means "not healthy"
             return False
 
@@ -306,16 +373,17 @@ class ConnectionPool(Generic[C, E]):
         state.reason = ""
 
     # --- plumbing -------------------------------------------------------------------------
-    def _bind(self) -> asyncio.Semaphore:
+    def _bind(self) -> None:
         loop = asyncio.get_running_loop()
-        if loop is not self._loop or self._slots is None:
+        if loop is not self._loop:
             idle, self._idle = self._idle, []
             for lease in idle:  # they belong to a loop that is gone: close what closes
                 self._dispose(lease, schedule=False)
             self.in_use = 0
+            self.waiting = 0
             self._loop = loop
-            self._slots = asyncio.Semaphore(self.size)
-        return self._slots
+            self._free = self.size
+            self._waiters = deque()
 
     def _dispose(self, lease: Lease[C, E], schedule: bool = True) -> None:
         try:
@@ -330,11 +398,41 @@ class ConnectionPool(Generic[C, E]):
             outcome.close()
 
 
+# The running loop or None, without an exception when there is none.
+_get_running_loop = asyncio._get_running_loop
+
+
 def _running_loop() -> asyncio.AbstractEventLoop | None:
-    try:
-        return asyncio.get_running_loop()
-    except RuntimeError:
-        return None
+    return _get_running_loop()
+
+
+def _expire(waiter: asyncio.Future[bool]) -> None:
+    if not waiter.done():
+        waiter.set_result(False)
+
+
+class _Borrowed(Generic[C, E]):
+    """``pool.connection(timeout)``: lends on entry; gives back on exit, discarding
+    the connection when the block raised. (A class: cheaper than a generator-based
+    context manager.)"""
+
+    __slots__ = ("pool", "timeout", "lease")
+
+    def __init__(self, pool: ConnectionPool[C, E], timeout: float | None) -> None:
+        self.pool = pool
+        self.timeout = timeout
+        self.lease: Lease[C, E] | None = None
+
+    async def __aenter__(self) -> Lease[C, E]:
+        lease = self.pool.lend() or await self.pool.acquire(self.timeout)
+        self.lease = lease
+        return lease
+
+    async def __aexit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                        traceback: TracebackType | None) -> None:
+        lease, self.lease = self.lease, None
+        if lease is not None:
+            self.pool.release(lease, reusable=kind is None)
 
 
 def _ignore_failure(task: asyncio.Future[object]) -> None:
