@@ -7,8 +7,10 @@ verify send a real probe; the delivery agent's verdict comes back to verify, whi
 writes it through proxywrite; later queries and ``postmap -q proxy:...`` read it back,
 and ``postmap -s`` lists the file. Then the writer is killed with SIGKILL again and
 again while several clients update the cache directly: every acknowledged update must
-be in the file afterwards, and the file must open cleanly. Last, proxywrite with a
+be in the file afterwards, and the file must open cleanly. Then proxywrite with a
 process limit of 4: the file locks serialise the writers, nothing is lost or damaged.
+Last, postscreen(8) with ``postscreen_cache_map = proxy:TYPE:...``: a client that
+passed is written (PASS NEW) and found on its next connection (PASS OLD).
 """
 
 from __future__ import annotations
@@ -328,3 +330,57 @@ def test_process_limit_above_one_serialises_writers(kind):
 
         db.DB().verify(str(instance.cache_file))
     assert "damaged" not in log and "panic" not in log
+
+
+def smtp_session(port: int) -> bytes:
+    """Connect, wait out the greeting, EHLO, QUIT; the server's last reply."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=15) as conn:
+        reader = conn.makefile("rb")
+        line = reader.readline()
+        while line.startswith(b"220-"):  # postscreen's pregreet test, then smtpd's 220
+            line = reader.readline()
+        conn.sendall(b"EHLO client.example\r\n")
+        while (line := reader.readline())[3:4] == b"-":
+            pass
+        conn.sendall(b"QUIT\r\n")
+        return reader.readline()
+
+
+@pytest.mark.parametrize("kind", ["btree", "lmdb"])
+def test_postscreen_cache_is_written_and_read_back(kind):
+    """postscreen(8) records a client that passed its tests through our proxywrite
+    (PASS NEW), finds it there on the next connection (PASS OLD)."""
+    from tests.support.servers import free_port
+
+    ensure_postfix()
+    port = free_port()
+    instance = PrivatePostfix(proxymap_program=OUR_PROXYMAP, name=f"postscreen-{kind}",
+                              extra_services=[
+                                  f"127.0.0.1:{port} inet  n  -  n  -  1  postscreen",
+                                  "smtpd     pass  -  -  n  -  -  smtpd",
+                                  "rewrite   unix  -  -  n  -  -  trivial-rewrite",
+                                  "anvil     unix  -  -  n  -  1  anvil",
+                              ])
+    _CREATED.append(instance)
+    cache = instance.cache = f"{kind}:{instance.data_dir}/postscreen_cache"
+    instance.proxy_write_maps = instance.proxy_read_maps = f"proxy:{cache}"
+    instance.extra_main_cf.update({
+        "postscreen_cache_map": f"proxy:{cache}",
+        "postscreen_greet_wait": "1s",
+        "postscreen_greet_action": "enforce",
+        "inet_interfaces": "127.0.0.1",
+        "mynetworks": "",
+        "mydestination": "",
+        "local_recipient_maps": "",
+    })
+    with stopped_at_end(instance):
+        wait_for(lambda: b"221" in smtp_session(port), timeout=20, interval=0.5)
+        wait_for(lambda: "PASS NEW [127.0.0.1]" in instance.maillog())
+        assert smtp_session(port).startswith(b"221")
+        wait_for(lambda: "PASS OLD [127.0.0.1]" in instance.maillog())
+        status, value = instance.postmap_q("127.0.0.1", "proxy:" + cache)
+        assert status == 0 and value.count(";") == 4
+    entries = listed(instance)
+    assert "127.0.0.1" in entries and "_LAST_CACHE_CLEANUP_COMPLETED_" in entries
