@@ -170,6 +170,7 @@ class ProxymapService:
 
     def post_init(self, server: MultiServer) -> None:
         self.handler = RequestHandler(self.service_name, self.approved, server.config)
+        server.on_exit(self.handler.close)  # result-cache figures, an outage still going on
         if self.self_check:
             results = check_tables(self.handler, self.approved)
             for name, outcome in results:

@@ -148,3 +148,14 @@ def test_proxywrite_sees_its_own_updates(memcached: PrivateMemcached) -> None:  
         assert answer(writer, spec, "alice")[0] == b"1"
         time.sleep(2.05)
         assert answer(reader, spec, "alice")[0] == b"1"
+        # A worker logs its cache's figures when it leaves (a reload, max_idle, max_use;
+        # "postfix stop" kills it outright, as it does every Postfix daemon).
+        writer.close()
+        reader.close()
+        instance.reload()
+        deadline = time.monotonic() + 10
+        while len(re.findall(r"cache memcache:\S+: hits=", instance.maillog())) < 2:
+            assert time.monotonic() < deadline, instance.maillog()[-2000:]
+            time.sleep(0.1)
+        figures = re.findall(r"cache memcache:\S+: (hits=\d+ .*)", instance.maillog())
+        assert all("misses=" in line and "invalidations=" in line for line in figures)
