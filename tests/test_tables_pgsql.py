@@ -434,6 +434,54 @@ class TestFailover:
         assert len(warnings) == 1 and "connection lost" in warnings[0], warnings
 
 
+class TestConnectionState:
+    def test_copy_is_a_failure_and_its_connection_is_closed(
+            self, database: PrivatePostgres, tmp_path: Path) -> None:
+        # PQexec stops at a COPY result; Postfix's client treats it as a failed query.
+        cf = write_cf(tmp_path / "t.cf", tcp_settings(
+            database, query="COPY (SELECT v FROM aliases WHERE k = '%s') TO STDOUT"))
+        table = make_table(cf)
+
+        async def main() -> list[object]:
+            try:
+                return [await answer(table, b"bob"), table.pool.open, table.pool.in_use,
+                        await answer(table, b"bob"), table.pool.connects]
+            finally:
+                table.close()
+
+        # Each lookup on a new connection: one left in COPY state is never reused.
+        assert run(main()) == ["RETRY", 0, 0, "RETRY", 2]
+
+    def test_a_connection_closed_while_idle_is_not_lent_again(
+            self, database: PrivatePostgres, tmp_path: Path,
+            caplog: pytest.LogCaptureFixture) -> None:
+        database.create_user("idler", PASSWORD, DBNAME)
+        cf = write_cf(tmp_path / "t.cf", {
+            "hosts": f"127.0.0.1:{database.port}", "user": "idler", "password": PASSWORD,
+            "dbname": DBNAME, "query": QUERY})
+        table = make_table(cf)
+
+        async def main() -> list[object]:
+            loop = asyncio.get_running_loop()
+            try:
+                first = await answer(table, b"bob")
+                link = table.pool._idle[-1].connection
+                await loop.run_in_executor(None, database.execute, (
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE usename = 'idler'"))
+                started = time.monotonic()
+                while not link.broken:  # the connection's reader saw it go
+                    assert time.monotonic() - started < 3
+                    await asyncio.sleep(0.01)
+                return [first, await answer(table, b"bob"), table.pool.connects]
+            finally:
+                table.close()
+
+        with caplog.at_level(logging.WARNING, logger="proxymap"):
+            assert run(main()) == [b"bob-bare", b"bob-bare", 2]
+        assert not caplog.records  # no lookup met the dead connection
+
+
 class TestRecovery:
     def test_restart_and_outage(self, postgres: PrivatePostgres,  # noqa: F811
                                 tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

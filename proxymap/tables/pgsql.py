@@ -1,7 +1,7 @@
 """pgsql_table(5) client: ``pgsql:/etc/postfix/file.cf`` or ``pgsql:prefix``, asynchronous.
 
 NAME
-    pgsql -- PostgreSQL lookups with psycopg 3's asyncio API on a bounded pool
+    pgsql -- PostgreSQL lookups on libpq (through psycopg 3) on a bounded pool
 
 SYNOPSIS
     table = PgsqlTable("/etc/postfix/pgsql-aliases.cf", os.O_RDONLY, flags, ctx)
@@ -46,7 +46,13 @@ DESCRIPTION
     Connections: one ``pool.ConnectionPool`` per table configuration in a worker
     (instances of one table opened with different flags share it), at most
     ``pyproxymap_pgsql_connections`` (8) connections, in autocommit mode, one query
-    at a time on each; a lookup that finds them all busy waits for one. New
+    at a time on each; a lookup that finds them all busy waits for one. psycopg's
+    asyncio API connects them and cancels queries; a query itself goes to libpq
+    directly (PQsendQuery, then PQconsumeInput/PQisBusy/PQgetResult as the socket
+    becomes readable), with one reader registered per connection for its life: a
+    fifth of the CPU of psycopg's cursor machinery. That reader also notices a
+    connection that the server closed while it was idle, which is then not used
+    again. New
     connections go to the hosts in Postfix's order: UNIX sockets, then TCP hosts,
     then URIs, in random order within each kind. An unreachable host is skipped for
     the pool's back-off (0.25 s doubling to 2 s, logged once per outage); Postfix's
@@ -60,9 +66,11 @@ DESCRIPTION
     result status moves on to a connection to another host (the failing host's idle
     connections are dropped), as Postfix marks the host down; a connection lost
     during the query is replaced and the query tried once more; with no host left,
-    RETRY. ``pyproxymap_pgsql_timeout`` (10 s) bounds a whole lookup (waiting for a
-    connection, connecting, the query): then RETRY at once, while the query is
-    cancelled on the server in the background and its connection discarded. Query
+    RETRY. A COPY statement is a failed query (PQexec stops there too), and its
+    connection is closed. ``pyproxymap_pgsql_timeout`` (10 s) bounds a whole lookup
+    (waiting for a connection, connecting, the query): then RETRY at once, while the
+    query is cancelled on the server in the background (libpq's non-blocking cancel)
+    and its connection, still counted until then, discarded. Query
     failures are logged once per outage of a host (``pool.OutageLog``); a connection
     lost once (a restarted server) is not logged.
 
@@ -94,7 +102,6 @@ import random
 import re
 import select
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -129,7 +136,13 @@ _HOST_SEPARATORS = re.compile(r"[, \t\r\n]+")
 # Postfix 3.12 valid_uri_scheme(): an ASCII letter, then letters, digits, + or -, then ://
 _URI_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+-]*://", re.ASCII)
 _URI_PASSWORD = re.compile(r"^([^/]*//[^:@/]*:)[^@/]*@")
-_OK_STATUSES = frozenset({pq.ExecStatus.TUPLES_OK, pq.ExecStatus.COMMAND_OK})
+# Plain ints: enum comparisons cost on every lookup.
+_OK_STATUSES = frozenset({int(pq.ExecStatus.TUPLES_OK), int(pq.ExecStatus.COMMAND_OK)})
+_COPY_STATUSES = frozenset({int(pq.ExecStatus.COPY_IN), int(pq.ExecStatus.COPY_OUT),
+                            int(pq.ExecStatus.COPY_BOTH)})
+_FATAL_ERROR = int(pq.ExecStatus.FATAL_ERROR)
+_CONNECTION_BAD = int(pq.ConnStatus.BAD)
+CANCEL_TIMEOUT = 5.0  # for the cancel request, and then for the cancelled query's end
 
 Connection = psycopg.AsyncConnection[Any]
 
@@ -229,34 +242,188 @@ def check_dbname(settings: Settings, spec: str) -> None:
 # ---------------------------------------------------------------------------------------
 
 
-def close_connection(connection: Connection) -> None:
-    """Close at once (libpq's PQfinish; no await): also for a pool whose loop is gone."""
-    try:
-        connection.pgconn.finish()
-    except Exception:  # noqa: BLE001 - already finished
-        pass
+class Link:
+    """One connection: psycopg connects it (and cancels a query on the server);
+    queries go straight to libpq (``send_query``, ``consume_input``, ``is_busy``,
+    ``get_result``), which costs a fifth of psycopg's cursor machinery.
+
+    A reader stays registered on the socket for the connection's life: it reads
+    whatever arrives and wakes the query waiting for it once libpq has a whole
+    result, so a query costs no (un)registration system calls. When the connection
+    breaks (also while idle: a restarted server) the reader goes, the link is
+    marked broken and the pool never lends it again.
+    """
+
+    __slots__ = ("connection", "pgconn", "escape", "encoding", "loop", "fd", "waiter",
+                 "timer", "broken")
+
+    def __init__(self, connection: Connection, loop: asyncio.AbstractEventLoop) -> None:
+        self.connection = connection
+        self.pgconn = connection.pgconn
+        # PQescapeStringConn for this connection's client encoding.
+        self.escape: Escape = pq.Escaping(self.pgconn).escape_string
+        self.encoding = self.pgconn._encoding
+        self.loop = loop
+        self.fd = self.pgconn.socket
+        self.waiter: asyncio.Future[None] | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.broken = ""  # why the connection is unusable; "" while it works
+        loop.add_reader(self.fd, self._readable)
+
+    @property
+    def usable(self) -> bool:
+        return not self.broken
+
+    # --- events ------------------------------------------------------------------------
+    def _readable(self) -> None:
+        pgconn = self.pgconn
+        try:
+            pgconn.consume_input()
+        except psycopg.Error as exc:
+            self._lose(_reason(exc))
+            return
+        waiter = self.waiter
+        if waiter is not None and not pgconn.is_busy():
+            self.waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def _writable(self) -> None:
+        waiter = self.waiter
+        try:
+            if self.pgconn.flush():
+                return  # more to send
+        except psycopg.Error as exc:
+            self._lose(_reason(exc))
+            return
+        self.loop.remove_writer(self.fd)
+        if waiter is not None:
+            self.waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def _expire(self) -> None:
+        self.timer = None
+        waiter, self.waiter = self.waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(TimeoutError())
+
+    def _lose(self, reason: str) -> None:
+        """The connection broke: no more reading, and the waiting query learns it."""
+        self.broken = reason or "connection lost"
+        self._unregister()
+        waiter, self.waiter = self.waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(_Lost(self.broken))
+
+    def _unregister(self) -> None:
+        try:
+            self.loop.remove_reader(self.fd)
+            self.loop.remove_writer(self.fd)
+        except Exception:  # noqa: BLE001 - the loop is closed: nothing to remove
+            pass
+
+    # --- one query ---------------------------------------------------------------------
+    async def _wait(self) -> None:
+        waiter = self.loop.create_future()
+        self.waiter = waiter
+        await waiter
+
+    async def run(self, query: bytes, deadline: float | None) -> pq.abc.PGresult:
+        """Send ``query`` as one simple query and return its last result (PQexec's),
+        which is TUPLES_OK or COMMAND_OK; else _Failed or _Lost. Past ``deadline``
+        (loop time) TimeoutError, the query still running."""
+        if self.broken:
+            raise _Lost(self.broken)
+        if deadline is not None:
+            self.timer = self.loop.call_at(deadline, self._expire)
+        try:
+            return await self._exchange(query)
+        finally:
+            self.waiter = None
+            if self.timer is not None:
+                self.timer.cancel()
+                self.timer = None
+
+    async def _exchange(self, query: bytes) -> pq.abc.PGresult:
+        pgconn = self.pgconn
+        try:
+            pgconn.send_query(query)
+            if pgconn.flush():  # the rest when the socket takes it (libpq is non-blocking)
+                self.loop.add_writer(self.fd, self._writable)
+                await self._wait()
+        except psycopg.Error as exc:
+            raise self._failure(_reason(exc)) from None
+        last = None
+        while True:
+            if pgconn.is_busy():
+                await self._wait()
+            result = pgconn.get_result()
+            if result is None:
+                break
+            last = result
+            if result.status in _COPY_STATUSES:
+                # PQexec stops here too; the connection is stuck in COPY: discard it.
+                self.broken = "COPY in a lookup query"
+                self._unregister()
+                break
+        if last is None:
+            raise self._failure("no result")
+        status = last.status
+        if status in _OK_STATUSES:
+            return last
+        if status == _FATAL_ERROR:
+            raise self._failure(_first_line(last.get_error_message(self.encoding)))
+        raise _Failed(f"unexpected result status {pq.ExecStatus(status).name}")
+
+    def _failure(self, reason: str) -> Exception:
+        """An error: the connection's loss, or the server's refusal of the query."""
+        if self.broken or self.pgconn.status == _CONNECTION_BAD:
+            if not self.broken:
+                self._lose(reason)
+            return _Lost(reason)
+        return _Failed(reason)
+
+    async def drain(self, timeout: float) -> None:
+        """Read what a cancelled query still returns, until the connection is idle."""
+        pgconn = self.pgconn
+        self.timer = self.loop.call_later(timeout, self._expire)
+        try:
+            while not self.broken:
+                if pgconn.is_busy():
+                    await self._wait()
+                if pgconn.get_result() is None:
+                    return
+        finally:
+            self.waiter = None
+            if self.timer is not None:
+                self.timer.cancel()
+                self.timer = None
+
+    def close(self) -> None:
+        """Close at once (libpq's PQfinish; no await): also for a pool whose loop is gone."""
+        self._unregister()
+        self.broken = self.broken or "closed"
+        try:
+            self.pgconn.finish()
+        except Exception:  # noqa: BLE001 - already finished
+            pass
 
 
-async def connection_is_idle(connection: Connection) -> bool:
+def close_connection(link: Link) -> None:
+    link.close()
+
+
+async def connection_is_idle(link: Link) -> bool:
     """A reusable idle connection has nothing to read: a readable socket means a
     message from the server (a shutdown notice) or a closed connection."""
-    if connection.closed or connection.broken:
+    if link.broken or link.pgconn.status == _CONNECTION_BAD:
         return False
     try:
-        readable, _, _ = select.select([connection.pgconn.socket], [], [], 0)
-    except (OSError, ValueError, psycopg.Error):
+        readable, _, _ = select.select([link.fd], [], [], 0)
+    except (OSError, ValueError):
         return False
     return not readable
-
-
-async def run_query(connection: Connection, query: bytes) -> pq.abc.PGresult | None:
-    """Send ``query`` as one simple query; the last result (PQexec's)."""
-    cursor = connection.cursor()
-    await cursor.execute(query)
-    result = cursor.pgresult
-    while cursor.nextset():
-        result = cursor.pgresult
-    return result
 
 
 class ConnectError(Exception):
@@ -275,7 +442,7 @@ class _Abandoned(DictRetry):
     """The query timed out: it is being cancelled, and its connection is not ours."""
 
 
-PgLease = Lease[Connection, Host]
+PgLease = Lease[Link, Host]
 
 
 class Backend:
@@ -287,18 +454,25 @@ class Backend:
         self.timeout = timeout
         self._outages: dict[str, OutageLog] = {}  # host label -> its query failures
         self._penalties: dict[str, float] = {}  # host label -> end of its retry_interval
-        self.pool: ConnectionPool[Connection, Host] = ConnectionPool(
+        self._cancelling: set[asyncio.Future[None]] = set()
+        self.pool: ConnectionPool[Link, Host] = ConnectionPool(
             spec, settings.hosts, self._connect, close_connection, size=size,
             connect_timeout=timeout, idle_limit=settings.idle_interval,
             health_check=connection_is_idle, check_after=CHECK_AFTER,
-            order=self._order, label=lambda host: host.label)
+            order=self._order, label=lambda host: host.label,
+            usable=_link_usable)
 
-    async def _connect(self, host: Host) -> Connection:
+    async def _connect(self, host: Host) -> Link:
         try:
-            return await psycopg.AsyncConnection.connect(
+            connection = await psycopg.AsyncConnection.connect(
                 self.settings.conninfo(host), autocommit=True, prepare_threshold=None)
         except psycopg.Error as exc:  # libpq's message has hint lines: keep a log line one
             raise ConnectError(_reason(exc)) from None
+        try:
+            return Link(connection, asyncio.get_running_loop())
+        except BaseException:
+            connection.pgconn.finish()
+            raise
 
     def _order(self, states: list[EndpointState[Host]]) -> list[EndpointState[Host]]:
         """Random within each kind, UNIX first; hosts whose query failed lately last."""
@@ -319,24 +493,29 @@ class Backend:
         self._penalties[host.label] = time.monotonic() + self.settings.retry_interval
 
     # --- one lookup ------------------------------------------------------------------
-    async def query(self, build: Callable[[Escape], bytes]) -> pq.abc.PGresult:
-        """Run the query that ``build`` expands with a connection's escaping; the
-        result, or DictRetry. See the module description for the failover rules."""
-        deadline = time.monotonic() + self.timeout
+    async def query(self, context: QueryContext, key: bytes) -> pq.abc.PGresult:
+        """Run the query of ``context`` for ``key`` (which fills its templates),
+        escaped for the connection that runs it; the result, or DictRetry. See the
+        module description for the failover rules."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout
         failed: set[str] = set()
         losses = 0
         reason = "no host answered"
+        pool = self.pool
         for _ in range(len(self.settings.hosts) + 1):
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            lease = await self.pool.acquire(remaining)  # PoolUnavailable: a DictRetry
+            lease = pool.lend()
+            if lease is None:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                lease = await pool.acquire(remaining)  # PoolUnavailable: a DictRetry
             host = lease.endpoint
-            if host.label in failed:
-                self.pool.release(lease)  # no other host to fail over to
+            if failed and host.label in failed:
+                pool.release(lease)  # no other host to fail over to
                 break
             try:
-                result = await self._attempt(lease, build, deadline)
+                result = await self._attempt(lease, context, key, deadline)
             except _Lost as lost:
                 losses += 1
                 reason = self._after_loss(lease, str(lost), losses, failed)
@@ -347,12 +526,14 @@ class Backend:
                     break
                 continue
             except (_Abandoned, asyncio.CancelledError):
-                raise  # the cancelled query's task gives the connection back
+                raise  # the cancelling task gives the connection back
             except BaseException:
-                self.pool.release(lease, reusable=False)
+                pool.release(lease, reusable=False)
                 raise
-            self.pool.release(lease)
-            self.outage(host).ok()
+            pool.release(lease)
+            outage = self._outages.get(host.label)
+            if outage is not None:
+                outage.ok()
             return result
         raise DictRetry(f"{self.spec}: {reason}")
 
@@ -372,7 +553,8 @@ class Backend:
         self._penalize(host)
         failed.add(host.label)
         if all(state.label in failed for state in self.pool.endpoints):
-            self.pool.release(lease)  # the connection itself is fine
+            # The connection itself is fine (unless a COPY left it unusable).
+            self.pool.release(lease, reusable=lease.connection.usable)
             return True
         self._discard(lease)
         return False
@@ -384,53 +566,52 @@ class Backend:
         self.pool.release(lease, reusable=False)
         self.pool.suspect(lease)
 
-    async def _attempt(self, lease: PgLease, build: Callable[[Escape], bytes],
+    async def _attempt(self, lease: PgLease, context: QueryContext, key: bytes,
                        deadline: float) -> pq.abc.PGresult:
-        connection = lease.connection
+        link = lease.connection
         try:
-            query = build(pq.Escaping(connection.pgconn).escape_string)
+            query = context.expand_query(context.query, key, link.escape)
         except psycopg.Error as exc:
-            if connection.broken or connection.closed:
-                raise _Lost(str(exc)) from None
-            raise _Failed(f"cannot escape the key: {exc}") from None
+            raise link._failure(f"cannot escape the key: {_reason(exc)}") from None
+        assert query is not None  # the caller checked that the key fills the templates
         try:
-            result = await self._execute(lease, query, deadline)
-        except psycopg.Error as exc:
-            if connection.broken or connection.closed:
-                raise _Lost(_reason(exc)) from None
-            raise _Failed(_reason(exc)) from None
+            return await link.run(query, deadline)
+        except TimeoutError:
+            self._abandon(lease)
+            self.outage(lease.endpoint).failed(f"query timed out after {self.timeout:g}s")
+            raise _Abandoned(f"{self.spec}: query timed out after {self.timeout:g}s") from None
+        except asyncio.CancelledError:
+            self._abandon(lease)
+            raise
         except OSError as exc:  # below the driver: treat the connection as lost
             raise _Lost(str(exc) or exc.__class__.__name__) from None
-        if result is None or result.status not in _OK_STATUSES:
-            status = "none" if result is None else pq.ExecStatus(result.status).name
-            raise _Failed(f"unexpected result status {status}")
-        return result
 
-    async def _execute(self, lease: PgLease, query: bytes,
-                       deadline: float) -> pq.abc.PGresult | None:
-        """The query, bounded by the deadline; on a timeout (or when the lookup is
-        cancelled) answer at once and let psycopg cancel it on the server in the
-        background; the connection stays counted until that is over."""
-        task = asyncio.ensure_future(run_query(lease.connection, query))
+    def _abandon(self, lease: PgLease) -> None:
+        """The lookup answers at once; the query is cancelled on the server in the
+        background, and its connection stays counted (then closed) until that is over."""
+        task = asyncio.ensure_future(self._cancel(lease))
+        self._cancelling.add(task)
+        task.add_done_callback(self._cancelling.discard)
+
+    async def _cancel(self, lease: PgLease) -> None:
+        link = lease.connection
         try:
-            done, _ = await asyncio.wait((task,), timeout=max(0.0, deadline - time.monotonic()))
-        except asyncio.CancelledError:
-            self._abandon(lease, task)
-            raise
-        if not done:
-            self._abandon(lease, task)
-            self.outage(lease.endpoint).failed(f"query timed out after {self.timeout:g}s")
-            raise _Abandoned(f"{self.spec}: query timed out after {self.timeout:g}s")
-        return task.result()
-
-    def _abandon(self, lease: PgLease, task: asyncio.Future[Any]) -> None:
-        def settled(done: asyncio.Future[Any]) -> None:
-            if not done.cancelled():
-                done.exception()  # retrieved: no "never retrieved" warning
+            if not link.broken:
+                await link.connection.cancel_safe(timeout=CANCEL_TIMEOUT)
+                await link.drain(CANCEL_TIMEOUT)
+        except Exception as exc:  # noqa: BLE001 - the connection is closed anyway
+            log.debug("%s: cancelling a timed-out query: %s", self.spec, exc)
+        finally:
             self.pool.release(lease, reusable=False)
 
-        task.cancel()
-        task.add_done_callback(settled)
+
+def _link_usable(link: Link) -> bool:
+    return not link.broken
+
+
+def _first_line(text: str) -> str:
+    text = text.strip()
+    return text.splitlines()[0] if text else ""
 
 
 def _reason(exc: psycopg.Error) -> str:
@@ -474,28 +655,27 @@ class PgsqlTable(AsyncTable):
         self.backend = backend_for(self.spec, settings, ctx)
 
     @property
-    def pool(self) -> ConnectionPool[Connection, Host]:
+    def pool(self) -> ConnectionPool[Link, Host]:
         return self.backend.pool
 
     async def alookup(self, key: bytes) -> bytes | None:
         key = self.fold(key)  # before any await: the flag word is shared
         context = self.query_context
-        if not await context.acheck_domain(key):
+        if context.domain is not None and not (
+                await context.acheck_domain(key) if context.domain_asynchronous
+                else context.check_domain(key)):
             return None
         if context.expand_query(context.query, key, None) is None:
             return None  # the key cannot fill the templates: no query
-
-        def build(escape: Escape) -> bytes:
-            query = context.expand_query(context.query, key, escape)
-            assert query is not None  # the same key filled the templates above
-            return query
-
-        result = await self.backend.query(build)
+        result = await self.backend.query(context, key)
         joined = context.results(key)
+        add = joined.add
+        get_value = result.get_value
+        columns = range(result.nfields)
         for row in range(result.ntuples):
-            for column in range(result.nfields):
+            for column in columns:
                 # libpq gives NULL as "": Postfix skips it with a warning, like "".
-                joined.add(result.get_value(row, column) or b"")
+                add(get_value(row, column) or b"")
         return joined.value()
 
     def close(self) -> None:

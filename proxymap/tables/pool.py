@@ -19,7 +19,9 @@ DESCRIPTION
 
     Reuse: the most recently released idle connection first (so that a quiet period
     lets the others expire). A connection idle longer than ``idle_limit`` or older
-    than ``age_limit`` is closed instead of reused; one idle longer than
+    than ``age_limit``, or one that ``usable`` (a cheap test without I/O, e.g. a
+    flag the driver set when it saw the connection break) refuses, is closed
+    instead of reused; one idle longer than
     ``check_after`` seconds is first passed to ``health_check`` (e.g. a ping), and
     closed if that fails.
 
@@ -149,6 +151,7 @@ class ConnectionPool(Generic[C, E]):
         backoff_max: float = BACKOFF_MAX,
         order: Callable[[list[EndpointState[E]]], list[EndpointState[E]]] | None = None,
         label: Callable[[E], str] = str,
+        usable: Callable[[C], bool] | None = None,
     ) -> None:
         if not endpoints:
             raise ValueError(f"{name}: no server to connect to")
@@ -165,6 +168,7 @@ class ConnectionPool(Generic[C, E]):
         self.backoff_min = backoff_min
         self.backoff_max = max(backoff_min, backoff_max)
         self._order = order
+        self._usable = usable
         self._idle: list[Lease[C, E]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._free = self.size  # slots neither lent nor handed to a waiter
@@ -291,7 +295,8 @@ class ConnectionPool(Generic[C, E]):
         while idle:
             lease = idle[-1]
             now = time.monotonic()
-            if self._expired(lease, now):
+            if self._expired(lease, now) or (
+                    self._usable is not None and not self._usable(lease.connection)):
                 idle.pop()
                 self._dispose(lease)
                 continue
@@ -304,7 +309,8 @@ class ConnectionPool(Generic[C, E]):
         while self._idle:
             lease = self._idle.pop()
             now = time.monotonic()
-            if self._expired(lease, now):
+            if self._expired(lease, now) or (
+                    self._usable is not None and not self._usable(lease.connection)):
                 self._dispose(lease)
                 continue
             if (self.health_check is not None and now - lease.last_used > self.check_after
