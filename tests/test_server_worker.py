@@ -50,10 +50,14 @@ class RecordingServer:
         self.service_name = service_name
         self.config = config
         self.exits: list[int] = []
+        self.exit_callbacks: list = []
 
     def exit(self, status: int) -> None:
         self.exits.append(status)
         raise Exited(status)
+
+    def on_exit(self, callback) -> None:
+        self.exit_callbacks.append(callback)
 
     def request_started(self):
         pass
