@@ -23,7 +23,7 @@ OUR_PROXYMAP = Path(sys.executable).parent / "proxymap"
 
 @pytest.fixture
 def fake_system_master(tmp_path, monkeypatch):
-    """A live process that looks like the system master to stop_system_postfix's checks,
+    """A live process that looks like the system master to system_postfix_running's checks,
     and a recorder in place of every command ensure_postfix could run."""
     sleeper = subprocess.Popen(["sleep", "60"])
     pid_file = tmp_path / "master.pid"
@@ -111,3 +111,10 @@ def test_two_private_masters_coexist():
         # Stopping one leaves the other serving.
         assert first.master.poll() is None
         assert first.postmap_q("alice", "proxy:" + first.table) == (0, "coexist-a@example.com")
+
+
+def test_the_benchmark_notes_a_system_master_and_leaves_it_alone(fake_system_master):
+    sleeper, commands = fake_system_master
+    assert postfix.system_postfix_running()
+    assert commands == [] and sleeper.poll() is None
+    assert not hasattr(postfix, "stop_system_postfix")  # nothing left that could stop it

@@ -160,19 +160,14 @@ def install_postfix() -> None:
             policy.unlink(missing_ok=True)
 
 
-def stop_system_postfix() -> None:
-    """Stop the system instance if something started it.
-
-    Never called by the tests (private instances coexist with a system Postfix); kept
-    for tools that must have the machine to themselves (the benchmark).
-    """
+def system_postfix_running() -> bool:
+    """Whether the system instance runs. Nothing here ever stops it: private instances
+    coexist with it, and the benchmark only notes it."""
     try:
         pid = int(SYSTEM_MASTER_PID.read_text().split()[0])
     except (OSError, ValueError, IndexError):
-        return
-    if _alive(pid) and Path(f"/proc/{pid}/exe").resolve() == MASTER.resolve():
-        subprocess.run(["postfix", "-c", "/etc/postfix", "stop"], check=False)
-        _wait_until(lambda: not _alive(pid), 20)
+        return False
+    return _alive(pid) and Path(f"/proc/{pid}/exe").resolve() == MASTER.resolve()
 
 
 def settle_files(*paths: str | os.PathLike) -> None:
