@@ -87,22 +87,20 @@ class StatusChannel:
         if self.fd is None:
             return True
         message = self._messages[avail]
+        written = 0
         try:
-            written = os.write(self.fd, message)
             while written < len(message):
                 written += os.write(self.fd, message[written:])
         except BlockingIOError:
             # Someone made the descriptor non-blocking (libuv does when it polls a
-            # descriptor) and the master is behind: wait for it like a blocking write.
-            return self._send_slowly(message)
+            # descriptor) and the master is behind: wait for it like a blocking write,
+            # and send only what is left (a restarted message would desynchronise it).
+            return self._send_slowly(message, written)
         except OSError:
             return False
         return True
 
-    def _send_slowly(self, message: bytes) -> bool:
-        # Restart the message from its first byte only if nothing of it went out: a
-        # partial message followed by a restart would desynchronise the master.
-        written = 0
+    def _send_slowly(self, message: bytes, written: int) -> bool:
         while written < len(message):
             try:
                 select.select([], [self.fd], [])

@@ -657,3 +657,32 @@ def test_standin_master_drives_the_c_proxymap_like_the_echo(conf):
             _read_reply(client)
             client.close()
         wait_gone(m, 5)
+
+
+def test_a_status_message_cut_short_is_finished_not_resent(monkeypatch):
+    """A write that sends part of a message and then finds the descriptor full must send
+    only the rest: resending it whole would make the master read a pid as a generation."""
+    import master.status as status_module
+
+    read_end, write_end = os.pipe()
+    calls = []
+    real_write = os.write
+
+    def first_part_then_full(fd, data):
+        calls.append(bytes(data))
+        if len(calls) == 1:
+            return real_write(fd, data[:5])  # a partial write...
+        if len(calls) == 2:
+            raise BlockingIOError  # ...then the descriptor is full
+        return real_write(fd, data)
+
+    monkeypatch.setattr(status_module.os, "write", first_part_then_full)
+    channel = StatusChannel(write_end, 0o17)
+    try:
+        assert channel.taken()
+        received = os.read(read_end, 100)
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+    assert received == status_module.pack_status(os.getpid(), 0o17, 0)
+    assert len(received) == 12
