@@ -7,7 +7,7 @@ SYNOPSIS
     proxymap-master [-c DIR] [-v] start [--daemon]
     proxymap-master [-c DIR] stop [--fast] [--timeout SECONDS]
     proxymap-master [-c DIR] reload
-    proxymap-master [-c DIR] status [--json]
+    proxymap-master [-c DIR] status [--json] [--watch [SECONDS]]
     proxymap-master [-c DIR] check
     proxymap-master [-c DIR] dropin enable|disable|status [-c POSTFIX_DIR]
 
@@ -31,7 +31,10 @@ DESCRIPTION
               configuration that start would refuse is refused, the running one kept).
     status    the live state from the master's control socket
               (``$queue_directory/pid/master.ctl``): services, workers, generations,
-              idle/busy, use counts.
+              idle/busy, use counts; then the workers' live statistics (``master.stats``:
+              per table lookups, hit rate, RETRY/CONFIG/DENY, latency percentiles,
+              backend connections; per worker clients, uses, idle time). ``--json`` for
+              machines, ``--watch [SECONDS]`` refreshes until interrupted.
     check     the checks of start, plus: create missing queue directories (as
               ``postfix check`` does), check every command exists in daemon_directory,
               and have each proxymap/proxywrite worker open its approved tables itself
@@ -74,6 +77,7 @@ from master.mainconf import MainConfig, MainConfigError
 from master.masterconf import ServiceEntry, child_environment
 from master.pidfile import running_pid
 from master.selfcheck import NO_CHECK_MODE, export_tables, postmap_probe, self_check
+from master.stats import collect, format_statistics
 
 log = logging.getLogger("master")
 
@@ -400,9 +404,11 @@ def _duration(seconds: float) -> str:
 
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="the raw state document")
+@click.option("--watch", type=float, is_flag=False, flag_value=2.0, default=None,
+              metavar="[SECONDS]", help="refresh every SECONDS (default 2) until Ctrl-C")
 @click.pass_context
-def status(ctx: click.Context, as_json: bool) -> None:
-    """Services, workers, generations, idle/busy and use counts.
+def status(ctx: click.Context, as_json: bool, watch: float | None) -> None:
+    """Services, workers, generations, idle/busy and use counts; live statistics.
 
     \b
     STATE  idle, busy, or retiring (a worker of an older generation on its
@@ -419,15 +425,45 @@ def status(ctx: click.Context, as_json: bool) -> None:
 
     Under each proxymap service: the most backend (database) connections its
     workers may open, from the workers' own report (-S -n connections-SERVICE).
+
+    \b
+    Then the workers' live statistics (master.stats; pyproxymap_statistics),
+    per service: each table summed over the workers --
+    LOOKUPS HIT% MISS  lookups answered, found (%), not found
+    RETRY CONFIG DENY  answers of those kinds (any request)
+    P50ms P99ms MAXms  lookup latency over the last minute
+    CONN CONNECTS      backend connections open/limit (summed over the
+                       workers), and opened since the workers started
+    down:              a backend server in back-off and why
+    -- and each worker: clients now, requests in progress (BUSY),
+    connections served/max_use (USES), time since its last request (IDLE).
     """
-    queue_directory = _queue_directory(ctx.obj["config_dir"])
-    _running_master(ctx.obj["config_dir"])
+    config_dir = ctx.obj["config_dir"]
+    queue_directory = _queue_directory(config_dir)
+    _running_master(config_dir)
+    if watch is None:
+        click.echo(_status_once(queue_directory, as_json))
+        return
+    clear = "\x1b[H\x1b[2J" if sys.stdout.isatty() else ""
+    try:
+        while True:
+            click.echo(clear + _status_once(queue_directory, as_json) + ("" if clear else "\n"))
+            time.sleep(max(0.2, watch))
+    except KeyboardInterrupt:
+        return
+
+
+def _status_once(queue_directory: str, as_json: bool) -> str:
     try:
         state = query(control_path(queue_directory))
     except (OSError, ValueError) as err:
         fail(f"no answer on {control_path(queue_directory)}: {err}")
     _add_connection_bounds(state)
-    click.echo(json.dumps(state, indent=2) if as_json else format_status(state))
+    figures = collect(queue_directory)
+    if as_json:
+        state["statistics"] = figures
+        return json.dumps(state, indent=2)
+    return format_status(state) + "\n" + format_statistics(figures)
 
 
 # ---------------------------------------------------------------------------

@@ -194,9 +194,9 @@ class MultiServer:
     ``standalone``, ``generation``, ``loop`` (None before ``serve``), ``max_use``,
     ``max_idle``, ``ipc_timeout`` (seconds), ``open_connections``,
     ``connections_closed``, ``listen_sockets``, ``status_fd`` (None without fd 5),
-    ``status`` (StatusChannel), ``exiting``.
+    ``status`` (StatusChannel), ``exiting``, ``requests_in_progress``.
     Methods for the service: ``request_started()``, ``request_done()``,
-    ``exit(status=0)``, ``on_exit(callback)``.
+    ``exit(status=0)``, ``on_exit(callback)``, ``set_process_title(status)``.
 
     ``exit`` ends the process with ``os._exit`` after the ``on_exit`` callbacks and a
     logging flush: interpreter teardown (atexit, garbage collection of transports) is
@@ -296,11 +296,21 @@ class MultiServer:
 
     def _set_process_title(self) -> None:
         """What ps shows for a Postfix daemon: basename(argv[0]) and the arguments."""
+        self.set_process_title()
+
+    def set_process_title(self, status: str = "") -> None:
+        """The daemon's title, followed by ``status`` (a live summary) when given."""
         try:
             import setproctitle
         except ImportError:
             return
-        setproctitle.setproctitle(" ".join([self.process_name, *self.argv[1:]]))
+        title = " ".join([self.process_name, *self.argv[1:]])
+        setproctitle.setproctitle(f"{title} {status}" if status else title)
+
+    @property
+    def requests_in_progress(self) -> int:
+        """Requests started and not yet done (``request_started``/``request_done``)."""
+        return self._requests_in_progress
 
     def drop_privileges(self) -> None:
         if not self.standalone:

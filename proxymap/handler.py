@@ -88,6 +88,7 @@ import logging
 import os
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
+from time import perf_counter
 
 from proxymap import flags as F
 from proxymap.cache import ANSWER_BITS, MAPS, CacheKey, CacheSettings, TableCache
@@ -104,6 +105,7 @@ from proxymap.protocol import (
     Request,
     encode_reply,
 )
+from proxymap.stats import StatsSettings, TableStats
 from proxymap.tables import open_table
 from proxymap.tables.base import (
     BUSY_PAUSE_MAX,
@@ -133,6 +135,9 @@ _G1_OPEN_EXTRA = F.FOLD_FIX | F.DUP_WARN | F.UTF8_REQUEST
 # Routes are cheap to rebuild; the bound only stops a client that cycles through
 # endless flag words from growing the cache without limit.
 _MAX_ROUTES = 4096
+# Denied table names get figures of their own up to this many; the rest share one.
+MAX_DENIED_NAMES = 64
+OTHER_DENIED = "(other unapproved tables)"
 # G1 lookup replies carry no flags (PROTOCOLS.md 2.5): a constant head before the value
 # of a hit, a constant reply for a miss.
 _G1_FOUND = encode_reply("lookup", G1, Reply(OK))[:-2]
@@ -154,6 +159,7 @@ class Instance:
     sequence_started: bool = False
     cache: TableCache | None = None  # pyproxymap_cache_maps names it (asynchronous only)
     cache_token: int = 0  # this instance in its table's cache keys
+    stats: TableStats | None = None  # its table's live figures (pyproxymap_statistics)
 
 
 @dataclass(slots=True, frozen=True)
@@ -202,6 +208,11 @@ class RequestHandler:
         self.cache_settings = CacheSettings.from_params(params)
         #: canonical table name -> the result cache of its instances (pyproxymap_cache_*)
         self.caches: dict[str, TableCache] = {}
+        self.stats_settings = StatsSettings.from_params(params)
+        #: canonical table name -> its live figures (None: pyproxymap_statistics = no)
+        self.statistics: dict[str, TableStats] | None = (
+            {} if self.stats_settings.enabled else None)
+        self.bad = 0  # requests answered BAD (not a table's figure)
         access = "read-write" if self.writer else "read-only"
         parameter = "proxy_write_maps" if self.writer else "proxy_read_maps"
         self._approve_hint = (f"to approve this table for {access} access, list "
@@ -222,8 +233,24 @@ class RequestHandler:
             instance = self._open_instance(canonical, generation, instance_flags)
             if self.cache_settings.wants(canonical):
                 self._attach_cache(canonical, instance)
+            stats = self.table_stats(canonical)
+            if stats is not None:
+                instance.stats = stats
+                stats.tables.append(instance.table)
+                stats.asynchronous = stats.asynchronous or instance.table.asynchronous
             self._instances[key] = instance
         return instance
+
+    def table_stats(self, canonical: str) -> TableStats | None:
+        """The live figures of a table name (made on first use); None when off."""
+        statistics = self.statistics
+        if statistics is None:
+            return None
+        stats = statistics.get(canonical)
+        if stats is None:
+            stats = statistics[canonical] = TableStats(canonical,
+                                                       self.stats_settings.slow_threshold)
+        return stats
 
     def _attach_cache(self, canonical: str, instance: Instance) -> None:
         """Give the instance its table's cache; local tables are never cached."""
@@ -278,13 +305,30 @@ class RequestHandler:
         if refusal.status == DENY:
             log.warning('request for unapproved table: "%s"', refusal.canonical)
             log.warning(self._approve_hint, refusal.canonical)
+            self._count_denied(refusal.canonical)
+        else:
+            self.bad += 1
         return Reply(refusal.status)
+
+    def _count_denied(self, canonical: str) -> None:
+        """A DENY, under the table's name; a client that cycles through names it may not
+        use does not grow the figures without bound."""
+        statistics = self.statistics
+        if statistics is None:
+            return
+        if canonical not in statistics and canonical not in self.approved and \
+                len(statistics) >= len(self.approved) + MAX_DENIED_NAMES:
+            canonical = OTHER_DENIED
+        stats = self.table_stats(canonical)
+        assert stats is not None
+        stats.deny += 1
 
     # --- requests ------------------------------------------------------------------------
     def handle(self, req: Request) -> Reply | Awaitable[Reply]:
         op = req.op
         if (op == "update" or op == "delete") and not self.writer:
             log.warning("refusing %s %s request on non-proxywrite service", req.table, op)
+            self._count_denied(canonical_name(req.table))
             return Reply(DENY)
         g2 = req.generation == G2
         instance = self._routed(req)
@@ -293,6 +337,7 @@ class RequestHandler:
         if op == "open":
             return Reply(OK, instance.open_reply)
         if op == "sequence" and req.function not in (0, 1):
+            self.bad += 1
             return Reply(BAD)
 
         table = instance.table
@@ -313,16 +358,48 @@ class RequestHandler:
                 entry = instance.cache.fresh((instance.cache_token, flags & ANSWER_BITS,
                                               req.key))
                 if entry is not None:  # a hit: answered inline, like a local table
+                    if instance.stats is not None:
+                        instance.stats.count(op, NOKEY if entry.value is None else OK)
                     if entry.value is None:
                         return Reply(NOKEY, flags | echo)
                     return Reply(OK, flags | echo, value=entry.value)
+            if instance.stats is not None:
+                return self._counted_async(instance, req, flags, echo)
             return self._run_async(instance, req, flags, echo)
         function = self._sequence_function(instance, req.function) if op == "sequence" else 0
         table.flags = flags
         try:
+            if instance.stats is not None:
+                return self._counted_sync(instance, req, echo, function)
             return self._run_sync(instance, req, echo, function)
         except DictBusy:
             return self._when_unlocked(instance, req, flags, echo, function)
+
+    def _counted_sync(self, instance: Instance, req: Request, echo: int,
+                      function: int) -> Reply:
+        """``_run_sync`` with its figures: counted, and timed as the table is sampled."""
+        stats = instance.stats
+        assert stats is not None
+        if req.op == "lookup" and not (stats.lookups + 1) & stats.sample_mask:
+            started = perf_counter()
+            reply = self._run_sync(instance, req, echo, function)
+            stats.record(perf_counter() - started)
+        else:
+            reply = self._run_sync(instance, req, echo, function)
+        stats.count(req.op, reply.status)
+        return reply
+
+    async def _counted_async(self, instance: Instance, req: Request, flags: int,
+                             echo: int) -> Reply:
+        """``_run_async`` with its figures: every lookup is timed."""
+        stats = instance.stats
+        assert stats is not None
+        started = perf_counter()
+        reply = await self._run_async(instance, req, flags, echo)
+        if req.op == "lookup":
+            stats.record(perf_counter() - started)
+        stats.count(req.op, reply.status)
+        return reply
 
     def _run_sync(self, instance: Instance, req: Request, echo: int, function: int) -> Reply:
         """One operation on a synchronous table; DictBusy passes through."""
@@ -362,9 +439,13 @@ class RequestHandler:
             await asyncio.sleep(pause)
             instance.table.flags = flags  # other requests may have run in between
             try:
-                return self._run_sync(instance, req, echo, function)
+                reply = self._run_sync(instance, req, echo, function)
             except DictBusy:
                 pause = min(pause * 2, BUSY_PAUSE_MAX)
+                continue
+            if instance.stats is not None:
+                instance.stats.count(req.op, reply.status)
+            return reply
 
     # --- the fast path ------------------------------------------------------------------
     def compile_lookup(self, req: Request) -> LookupFunction | None:
@@ -385,9 +466,12 @@ class RequestHandler:
         table = instance.table
         echo = req.flags & _SANITISED
         error_status = self._error_status
+        stats = instance.stats
 
         def failed(exc: Exception, generation: int) -> bytes:
             status = error_status(exc, instance, "lookup")
+            if stats is not None:
+                stats.failed(status)
             return encode_reply("lookup", generation, Reply(status, table.flags | echo))
 
         if req.generation == G2:
@@ -395,6 +479,8 @@ class RequestHandler:
             if not flags & F.TRY_ANY:
                 flags |= instance.fresh_flags & F.TRY_ANY
             flags &= ~_SANITISED
+            if stats is not None:
+                return _counted_g2(table, flags, echo, stats, failed)
 
             def lookup_g2(key: bytes) -> bytes | None:
                 table.flags = flags
@@ -416,6 +502,8 @@ class RequestHandler:
         # G1: the instance keeps its own bits (TRY learning), the client sets the others.
         kept_bits = ~F.RQST_MASK & ~_SANITISED
         request_bits = req.flags & F.RQST_MASK & ~_SANITISED
+        if stats is not None:
+            return _counted_g1(table, kept_bits, request_bits, stats, failed)
 
         def lookup_g1(key: bytes) -> bytes | None:
             table.flags = (table.flags & kept_bits) | request_bits
@@ -442,6 +530,7 @@ class RequestHandler:
         fresh = cache.fresh
         token = instance.cache_token
         echo = req.flags & _SANITISED
+        stats = instance.stats
         if req.generation == G2:
             flags = req.flags
             if not flags & F.TRY_ANY:
@@ -457,6 +546,10 @@ class RequestHandler:
                 if entry is None:
                     return None
                 value = entry.value
+                if stats is not None:
+                    stats.lookups += 1
+                    if value is None:
+                        stats.misses += 1
                 if value is None:
                     return not_found
                 if b"\x00" in value:
@@ -475,6 +568,10 @@ class RequestHandler:
             if entry is None:
                 return None
             value = entry.value
+            if stats is not None:
+                stats.lookups += 1
+                if value is None:
+                    stats.misses += 1
             if value is None:
                 return _G1_NOT_FOUND
             if b"\x00" in value:
@@ -577,3 +674,62 @@ async def _flagged_lookup(table: AsyncTable, flags: int, key: bytes) -> bytes | 
     here, right before the driver reads it."""
     table.flags = flags
     return await table.alookup(key)
+
+
+# --- the fast path with statistics -----------------------------------------------------------
+# The closures of compile_lookup plus the figures: a count per lookup and per miss, and the
+# clock on the lookups the table's sample mask selects. Separate functions, so that with
+# pyproxymap_statistics = no the fast path is exactly the one without figures.
+def _counted_g2(table: Table, flags: int, echo: int, stats: TableStats,
+                failed: Callable[[Exception, int], bytes]) -> LookupFunction:
+    def lookup_g2(key: bytes) -> bytes | None:
+        table.flags = flags
+        count = stats.lookups = stats.lookups + 1
+        try:
+            if count & stats.sample_mask:
+                value = table.lookup(key)
+            else:
+                started = perf_counter()
+                value = table.lookup(key)
+                stats.record(perf_counter() - started)
+        except DictBusy:
+            stats.lookups -= 1  # the general path counts it
+            return None
+        except Exception as exc:  # noqa: BLE001 - every failure becomes a status
+            return failed(exc, G2)
+        reply_flags = (table.flags | echo) & 0xFFFFFFFF
+        if value is None:
+            stats.misses += 1
+            return b"status\x001\x00flags\x00%d\x00value\x00\x00\x00" % reply_flags
+        if b"\x00" in value:
+            value = value[:value.index(b"\x00")]
+        return b"status\x000\x00flags\x00%d\x00value\x00%s\x00\x00" % (reply_flags, value)
+
+    return lookup_g2
+
+
+def _counted_g1(table: Table, kept_bits: int, request_bits: int, stats: TableStats,
+                failed: Callable[[Exception, int], bytes]) -> LookupFunction:
+    def lookup_g1(key: bytes) -> bytes | None:
+        table.flags = (table.flags & kept_bits) | request_bits
+        count = stats.lookups = stats.lookups + 1
+        try:
+            if count & stats.sample_mask:
+                value = table.lookup(key)
+            else:
+                started = perf_counter()
+                value = table.lookup(key)
+                stats.record(perf_counter() - started)
+        except DictBusy:
+            stats.lookups -= 1  # the general path counts it
+            return None
+        except Exception as exc:  # noqa: BLE001 - every failure becomes a status
+            return failed(exc, G1)
+        if value is None:
+            stats.misses += 1
+            return _G1_NOT_FOUND
+        if b"\x00" in value:
+            value = value[:value.index(b"\x00")]
+        return _G1_FOUND + value + b"\x00\x00"
+
+    return lookup_g1

@@ -8,6 +8,7 @@ SYNOPSIS
     proxymap-query [...] --sequence proxy:TYPE:NAME
     proxymap-query [...] --update KEY VALUE proxy:TYPE:NAME
     proxymap-query [...] --delete KEY proxy:TYPE:NAME
+    proxymap-query [-c CONFIG_DIR] --stats [--json]
 
 DESCRIPTION
     Speaks the proxymap protocol exactly like a Postfix 3.7 client (``postmap -q``):
@@ -24,6 +25,13 @@ DESCRIPTION
     The socket defaults to ``$queue_directory/private/$proxymap_service_name`` (or
     ``$proxywrite_service_name``) from main.cf in CONFIG_DIR, ``$MAIL_CONFIG`` or
     /etc/postfix.
+
+    ``--stats`` prints the live statistics of every running worker of ours (per table:
+    lookups, hit rate, RETRY/CONFIG/DENY, latency percentiles, backend connections; per
+    worker: clients, uses, idle time) from their snapshots in
+    ``$queue_directory/pid/pyproxymap-stats`` (``master.stats``), as ``proxymap-master
+    status`` does: it needs neither our master nor a connection, so it serves the
+    drop-in case, workers under Postfix's own master. ``--json`` prints the document.
 
     A table without the ``proxy:`` prefix is sent as it is, after a warning: the
     order and the names are postmap's (``KEY TABLE``), and ``postmap -q KEY TABLE``
@@ -264,6 +272,7 @@ The order is postmap's: the key first, the table last.
   proxymap-query [OPTIONS] --sequence proxy:TYPE:NAME
   proxymap-query [OPTIONS] --update KEY VALUE proxy:TYPE:NAME
   proxymap-query [OPTIONS] --delete KEY proxy:TYPE:NAME
+  proxymap-query [-c CONFIG_DIR] --stats [--json]
 
 \b
 Example:
@@ -301,14 +310,40 @@ Exit status:
 @click.option("--update", nargs=2, metavar="KEY VALUE", help="store KEY VALUE (proxywrite)")
 @click.option("--delete", metavar="KEY", help="remove KEY (proxywrite)")
 @click.option("--no-utf8", is_flag=True, help="as with smtputf8_enable = no (server folds)")
-@click.argument("args", nargs=-1, required=True, metavar="KEY proxy:TYPE:NAME")
-def main(socket_path, config_dir, v311, write, sequence, update, delete, no_utf8, args):
+@click.option("--stats", is_flag=True,
+              help="print the workers' live statistics (no lookup; needs no master)")
+@click.option("--json", "as_json", is_flag=True, help="with --stats: the JSON document")
+@click.argument("args", nargs=-1, metavar="KEY proxy:TYPE:NAME")
+def main(socket_path, config_dir, v311, write, sequence, update, delete, no_utf8, stats,
+         as_json, args):
     try:
+        if stats:
+            if args or sequence or update or delete:
+                raise click.UsageError("--stats takes no table and no other mode")
+            sys.exit(print_statistics(config_dir, as_json))
+        if as_json:
+            raise click.UsageError("--json goes with --stats")
         sys.exit(run(socket_path, config_dir, v311, write, sequence, update, delete,
                      no_utf8, args))
     except QueryError as exc:
         click.echo(f"proxymap-query: {exc}", err=True)
         sys.exit(exc.status)
+
+
+def print_statistics(config_dir: str | None, as_json: bool) -> int:
+    """``--stats``: the snapshot files under main.cf's queue_directory, summed."""
+    import json
+
+    from master.mainconf import MainConfig
+    from master.stats import collect, format_statistics
+
+    try:
+        queue_directory = MainConfig.load(config_dir)["queue_directory"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise QueryError(f"cannot read the configuration: {exc}", EXIT_CONFIG)
+    figures = collect(queue_directory)
+    click.echo(json.dumps(figures, indent=2) if as_json else format_statistics(figures))
+    return EXIT_FOUND
 
 
 def run(socket_path, config_dir, v311, write, sequence, update, delete, no_utf8, args) -> int:

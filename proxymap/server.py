@@ -37,7 +37,9 @@ DESCRIPTION
         for proxywrite leaves the master's process group (``setsid``) so that
         ``postfix stop`` cannot interrupt an update half-way.
     post_init
-        creates the request handler (tables are opened on first use, as mail_owner).
+        creates the request handler (tables are opened on first use, as mail_owner),
+        and the statistics reporter (``proxymap.stats``; its directory was opened in
+        pre_init, while still root).
     pre_accept
         read-only service only: when a table file changed since it was opened, logs
         ``table <name> has changed -- restarting`` and exits 0 without accepting;
@@ -78,6 +80,7 @@ from proxymap.protocol import (
     reply_to_truncated,
     stream_name,
 )
+from proxymap.stats import Reporter, StatsSettings, open_directory
 from proxymap.tables import TABLE_TYPES, table_class
 from proxymap.tables.base import DictBusy, DictOpenError, Table
 from proxymap.tables.pool import connection_limit
@@ -130,6 +133,8 @@ class ProxymapService:
         self.approved: frozenset[str] = frozenset()
         self.handler: RequestHandler | None = None
         self.self_check = False
+        self.stats_directory: int | None = None  # descriptor, opened as root
+        self.reporter: Reporter | None = None
 
     # --- skeleton hooks ----------------------------------------------------------------------
     def pre_init(self, server: MultiServer) -> None:
@@ -160,6 +165,10 @@ class ProxymapService:
             raise SystemExit(0)
         self.approved = frozenset(approved)
         preload_table_modules(self.approved)
+        if not self.self_check and not _standalone(server) and \
+                StatsSettings.from_params(server.config).enabled:
+            # Before the privilege drop and chroot: the directory may need creating.
+            self.stats_directory = open_directory(server.config.get("mail_owner"))
         if self.service_name == WRITER and not self.self_check:
             # Leave the master's process group: "postfix stop" signals that group, and a
             # writer must only ever stop between requests (on the status-fd EOF).
@@ -171,6 +180,11 @@ class ProxymapService:
     def post_init(self, server: MultiServer) -> None:
         self.handler = RequestHandler(self.service_name, self.approved, server.config)
         server.on_exit(self.handler.close)  # result-cache figures, an outage still going on
+        settings = self.handler.stats_settings
+        if settings.enabled and not self.self_check and not _standalone(server) and \
+                (self.stats_directory is not None or settings.proctitle):
+            self.reporter = Reporter(server, self.handler, self.stats_directory, settings)
+            server.on_exit(self.reporter.close)
         if self.self_check:
             results = check_tables(self.handler, self.approved)
             for name, outcome in results:
@@ -191,6 +205,8 @@ class ProxymapService:
     def protocol_factory(self, server: MultiServer) -> Callable[[], asyncio.Protocol]:
         handler = self.handler
         stream = stream_name(self.service_name)
+        if self.reporter is not None:
+            self.reporter.start(server.loop)
 
         def new_connection() -> ProxymapProtocol:
             return ProxymapProtocol(server, handler, stream)
@@ -205,6 +221,11 @@ class ProxymapService:
 
 
 _TYPE_REFERENCE = re.compile(r"([A-Za-z0-9_]+):")
+
+
+def _standalone(server: MultiServer) -> bool:
+    """-S (one request, no loop): no statistics. So is a harness without the attribute."""
+    return getattr(server, "standalone", True)
 
 
 def connection_bounds(approved, params) -> list[tuple[str, int]]:
