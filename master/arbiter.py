@@ -30,7 +30,9 @@ DESCRIPTION
              SIGTERM. A configuration error keeps the running configuration.
     SIGTERM  graceful stop: stop spawning, close the status sockets, SIGTERM every child,
              wait for all of them (at most ``pyproxymap_stop_timeout``, default 10s,
-             then SIGKILL), exit 0.
+             then SIGKILL; a second SIGTERM/SIGINT/SIGQUIT meanwhile kills the rest at
+             once), exit 0. Deadlines use the monotonic clock: a step of the wall
+             clock neither stalls nor hurries spawning, throttling or stopping.
     SIGINT, SIGQUIT
              fast stop: close the status sockets, SIGTERM every child, exit 0 without
              waiting (children that survive the signal still see EOF on fd 5).
@@ -93,6 +95,7 @@ log = logging.getLogger("master")
 EX_TEMPFAIL = 75
 EX_CONFIG = 78
 STOP_TIMEOUT_PARAMETER = "pyproxymap_stop_timeout"
+_STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGQUIT})
 DEFAULT_STOP_TIMEOUT = "10s"
 # A pre-forked worker that exits 0 sooner than this, unused, is replaced only later.
 QUICK_EXIT = 1.0
@@ -151,7 +154,7 @@ class Arbiter:
         self.stopping = False
         self.selector: selectors.BaseSelector | None = None
         self._listening: set[tuple[str, str]] = set()
-        self.started = time.time()
+        self.started = time.monotonic()
 
     # ------------------------------------------------------------------
     # Setup (before any fork)
@@ -282,7 +285,7 @@ class Arbiter:
         return self.shutdown(fast=fast)
 
     def _next_timeout(self) -> float | None:
-        now = time.time()
+        now = time.monotonic()
         deadlines = [s.throttled_until for s in self.services.values()
                      if s.throttled_until is not None]
         deadlines += self.respawn_hold.values()
@@ -313,7 +316,7 @@ class Arbiter:
 
     def maintain(self) -> None:
         """Restore pre-fork minimums, end expired throttles, fix listen registrations."""
-        now = time.time()
+        now = time.monotonic()
         for identity, service in self.services.items():
             if service.throttled_until is not None and now >= service.throttled_until:
                 service.throttled_until = None
@@ -330,7 +333,7 @@ class Arbiter:
 
     def _update_listen(self, service: ServiceState, now: float | None = None) -> None:
         identity = service.entry.identity
-        wanted = service.wants_listen(now if now is not None else time.time())
+        wanted = service.wants_listen(now if now is not None else time.monotonic())
         if wanted and identity not in self._listening:
             self.selector.register(service.listener, selectors.EVENT_READ, ("listen", service))
             self._listening.add(identity)
@@ -340,7 +343,7 @@ class Arbiter:
 
     def _client_waiting(self, service: ServiceState) -> None:
         """A client is in the backlog and nobody idle will take it: one more child."""
-        if service.wants_listen(time.time()):
+        if service.wants_listen(time.monotonic()):
             self.spawn(service)
         self._update_listen(service)
 
@@ -362,7 +365,7 @@ class Arbiter:
         return True
 
     def throttle(self, service: ServiceState) -> None:
-        service.throttled_until = time.time() + self.throttle_time
+        service.throttled_until = time.monotonic() + self.throttle_time
         self._update_listen(service)
 
     # ------------------------------------------------------------------
@@ -417,9 +420,9 @@ class Arbiter:
             # whole process group): its death is part of the stop, not a failure.
             return
         if os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0:
-            age = time.time() - worker.started
+            age = time.monotonic() - worker.started
             if not worker.retired and worker.use_count == 0 and age < QUICK_EXIT:
-                self.respawn_hold[service.entry.identity] = time.time() + RESPAWN_DELAY
+                self.respawn_hold[service.entry.identity] = time.monotonic() + RESPAWN_DELAY
             return
         if os.WIFEXITED(status):
             log.warning("process %s pid %d exit status %d", service.path, pid,
@@ -428,7 +431,7 @@ class Arbiter:
             log.warning("process %s pid %d killed by signal %d", service.path, pid,
                         os.WTERMSIG(status))
         if (worker.use_count == 0 and not worker.retired
-                and not service.throttled(time.time()) and service not in self.leaving):
+                and not service.throttled(time.monotonic()) and service not in self.leaving):
             log.warning("%s: bad command startup -- throttling", service.path)
             self.throttle(service)
 
@@ -533,15 +536,22 @@ class Arbiter:
         return 0
 
     def _wait_for_children(self, timeout: float) -> None:
-        deadline = time.time() + timeout
-        while self.children and time.time() < deadline:
+        """Wait for the children of a graceful stop; a second stop signal meanwhile
+        (the operator pressing Ctrl-C again) ends the wait at once, as a fast stop."""
+        deadline = time.monotonic() + timeout
+        hurried = False
+        while self.children and time.monotonic() < deadline and not hurried:
             self.reap()
             if self.children:
                 self.selector.select(0.05)
-                self.signals.drain()
-        if self.children:
+                hurried = any(signum in _STOP_SIGNALS for signum in self.signals.drain())
+        if self.children and hurried:
+            log.warning("%d children still alive after a second stop signal -- killing them",
+                        len(self.children))
+        elif self.children:
             log.warning("%d children still alive after %.0fs -- killing them",
                         len(self.children), timeout)
+        if self.children:
             for pid in list(self.children):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
@@ -557,7 +567,7 @@ class Arbiter:
     # ------------------------------------------------------------------
 
     def snapshot(self) -> dict:
-        now = time.time()
+        now = time.monotonic()
         return {
             "pid": os.getpid(),
             "generation": self.generation,

@@ -46,7 +46,7 @@ class Worker:
 
     pid: int
     generation: int
-    started: float = field(default_factory=time.time)
+    started: float = field(default_factory=time.monotonic)
     available: bool = True
     use_count: int = 0
     retired: bool = False

@@ -40,9 +40,14 @@ VENV_BIN = Path(sys.executable).parent
 MASTER_COMMAND = str(VENV_BIN / "proxymap-master")
 
 HOLDER = f"""#!{sys.executable}
-import os, select, socket, struct, sys
+import os, select, signal, socket, struct, sys
 if sys.argv[-1] == "crash":
     sys.exit(1)
+if sys.argv[-1] == "stubborn":  # ignores SIGTERM and the master's going away
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    mine, kept = socket.socketpair()  # fd 5 becomes a socket that never ends
+    os.dup2(mine.fileno(), 5)
 generation = int(os.environ["GENERATION"], 8)
 listener = socket.socket(fileno=6)
 
@@ -831,3 +836,24 @@ def test_fast_stop_leaves_no_children(instance_factory, signum):
     wait_until(lambda: not any(alive(pid) for pid in workers), 5)
     assert busy.recv(10) == b""  # the client sees the connection close
     assert pf.cli("status").returncode == 3
+
+
+def test_a_second_signal_during_a_graceful_stop_makes_it_fast(instance_factory):
+    """SIGTERM waits for the children (here up to 60 s: they ignore SIGTERM and stay
+    busy); a second signal, as an impatient operator sends, kills them at once."""
+    pf = instance_factory("holder unix - n n - 2 holder stubborn\n",
+                          "pyproxymap_prefork = 2\npyproxymap_stop_timeout = 60s\n")
+    pf.start()
+    wait_until(lambda: pf.service("holder")["total"] == 2)
+    workers = children_of(pf.master_pid())
+    busy = connect(pf, "holder")
+    assert echo(busy) == b"ping"
+    pf.process.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    assert pf.process.poll() is None  # still waiting for its stubborn children
+    started = time.monotonic()
+    pf.process.send_signal(signal.SIGINT)
+    assert pf.process.wait(5) == 0
+    assert time.monotonic() - started < 3
+    wait_until(lambda: not any(alive(pid) for pid in workers), 5)
+    assert "after a second stop signal -- killing them" in pf.log()
