@@ -8,7 +8,7 @@ SYNOPSIS
 
 DESCRIPTION
     Options (``getopt`` with ``+``: parsing stops at the first non-option argument)
-    follow ``../shared/spec/PROTOCOLS.md`` section 4.1, option string
+    follow ``docs/PROTOCOL.md`` section 4.1, option string
     ``cdDi:lm:n:o:s:St:uvVz``. ``-i`` and ``-m`` are main.cf overrides of
     ``max_idle`` and ``max_use``; they and every ``-o name=value`` are collected, in
     command-line order, into ``ChildOptions.overrides``.

@@ -16,7 +16,7 @@ DESCRIPTION
     DEBUG records appear only when verbose), WARNING "warning", ERROR "error",
     CRITICAL "fatal", and ``PANIC`` (60) "panic".
 
-    Destination, as for a Postfix daemon (``../shared/spec/PROTOCOLS.md`` 2.13, 4.8):
+    Destination, as for a Postfix daemon (``docs/PROTOCOL.md`` sections 2.13, 4.8):
 
     * ``maillog_file`` set: one datagram per record to the postlogd socket
       ($POSTLOG_SERVICE, else $queue_directory/public/$postlog_service_name), text

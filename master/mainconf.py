@@ -17,7 +17,7 @@ DESCRIPTION
     ``config_directory``)
     and the built-in defaults of Postfix 3.7.11 (``master.postfix_defaults``).
 
-    main.cf is read in logical lines (``../shared/spec/PROTOCOLS.md`` section 5.2): a
+    main.cf is read in logical lines (``docs/PROTOCOL.md`` section 5.2): a
     line that starts with whitespace continues the previous one, ``#`` starts a comment
     only as the first non-blank character, each logical line is ``name = value``.
 

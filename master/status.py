@@ -11,7 +11,7 @@ SYNOPSIS
 
 DESCRIPTION
     A message is 12 bytes in native byte order: pid (int32), generation (uint32) and
-    0 = TAKEN (busy) or 1 = AVAIL (``../shared/spec/PROTOCOLS.md`` section 4.4). The
+    0 = TAKEN (busy) or 1 = AVAIL (``docs/PROTOCOL.md`` section 4.4). The
     generation is the master's spawn counter, passed as octal text in GENERATION and
     echoed so that the master can ignore children of an older configuration.
 """

@@ -31,7 +31,7 @@ DESCRIPTION
     errors log ``bad syntax in <origin> content: <reason>`` and skip the token.
 
 SEE ALSO
-    ../shared/spec/PROTOCOLS.md section 2.11.
+    docs/PROTOCOL.md section 2.11.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Dictionary flag bits (Postfix ``dict.h``), shared by the protocol, the handler and every table.
 
 Values are wire-visible: clients send and receive them as unsigned 32-bit decimals, so they
-must equal Postfix's bit for bit (see ``../shared/spec/PROTOCOLS.md`` section 3).
+must equal Postfix's bit for bit (see ``docs/PROTOCOL.md`` section 3).
 """
 
 from __future__ import annotations

@@ -7,13 +7,13 @@ DESCRIPTION
     Postfix 3.7-3.10 clients ("G1") and 3.11+ clients ("G2") share the socket and the
     announcement; they differ in request attributes (G2 adds ``instance_flags`` right
     after ``table``) and in reply shapes (G2 puts ``flags`` in every reply). The
-    generation is detected per request. See ``../shared/spec/PROTOCOLS.md`` sections 2.3-2.9.
+    generation is detected per request. See ``docs/PROTOCOL.md`` sections 2.3-2.9.
 
     The handler receives a well-formed ``Request`` and returns a ``Reply``; everything
     malformed is answered here (status BAD) or not at all, as Postfix does.
 
     ``parse_request(pairs, stream)`` applies Postfix's STRICT scanner rules to one
-    decoded list (PROTOCOLS.md 1.3): missing, out-of-order or unknown attributes
+    decoded list (docs/PROTOCOL.md 1.3): missing, out-of-order or unknown attributes
     before the expected set is complete, or a malformed number, give BAD in the
     request's generation; attributes after a complete set are reported once and
     ignored (so a repeated last attribute keeps its first value); an unknown request
@@ -80,7 +80,7 @@ class Reply:
 
 
 # ---------------------------------------------------------------------------------------------
-# Request scanning (Postfix attr_scan0 with STRICT = MISSING|EXTRA), PROTOCOLS.md 1.3 and 2.3.
+# Request scanning (Postfix attr_scan0 with STRICT = MISSING|EXTRA), docs/PROTOCOL.md 1.3, 2.3.
 # ---------------------------------------------------------------------------------------------
 
 #: What each request must carry after ``request``, in this order, per generation.
@@ -125,7 +125,7 @@ def _text(raw: bytes) -> str:
 
 
 def detect_generation(pairs: attr.Pairs) -> int:
-    """G2 iff ``instance_flags`` comes right after ``table`` (PROTOCOLS.md 2.9)."""
+    """G2 iff ``instance_flags`` comes right after ``table`` (docs/PROTOCOL.md 2.9)."""
     return G2 if len(pairs) > 2 and pairs[2][0] == b"instance_flags" else G1
 
 
@@ -233,7 +233,7 @@ def lookup_prefix(pairs: attr.Pairs, generation: int) -> bytes | None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Reply encoding, PROTOCOLS.md 2.5 (G1) and 2.6 (G2).
+# Reply encoding, docs/PROTOCOL.md 2.5 (G1) and 2.6 (G2).
 # ---------------------------------------------------------------------------------------------
 
 _STATUS = [b"status\x00%d\x00" % status for status in range(6)]

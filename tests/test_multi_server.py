@@ -2,7 +2,7 @@
 
 Each test starts ``tests.support.echo_service`` with the descriptors the real master
 passes (fd 5 status socket, fd 6 listen socket) and checks the behaviour of
-``../shared/spec/PROTOCOLS.md`` sections 4.1-4.8 from the outside: status bytes,
+``docs/PROTOCOL.md`` sections 4.1-4.8 from the outside: status bytes,
 exit conditions, timers, options, logging and the process title.
 """
 

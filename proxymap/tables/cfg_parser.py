@@ -46,7 +46,7 @@ BUGS
     being written) until it has settled; this reader reads it once.
 
 SEE ALSO
-    ../shared/spec/TABLES.md sections 2.6 and 4.1; ``db_common`` (templates, domain).
+    docs/TABLES.md sections 2.6 and 4.1; ``db_common`` (templates, domain).
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ NAME
 
 DESCRIPTION
     Each rule is ``[!]network value`` or ``IF [!]network`` ... ``ENDIF``
-    (``../shared/spec/TABLES.md`` section 3.13). A network is an address, optionally
+    (``docs/TABLES.md`` section 3.13). A network is an address, optionally
     ``/length``, optionally in brackets (``[addr]``, ``[addr/len]``, ``[addr]/len``);
     it is IPv6 when its text contains ``:``. Addresses are parsed by the C library's
     inet_pton (``socket.inet_pton``), so the same strings are accepted as by Postfix

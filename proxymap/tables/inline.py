@@ -16,7 +16,7 @@ DESCRIPTION
     load time like texthash keys when the open carries FOLD_FIX. Read-only.
 
 SEE ALSO
-    ../shared/spec/TABLES.md sections 2.7 and 3.5.
+    docs/TABLES.md sections 2.7 and 3.5.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ NAME
     pcre -- ``pcre:/file`` and ``pcre:{ {rule}, ... }`` lookup tables
 
 DESCRIPTION
-    Same file structure as regexp tables (``patternfile``; ``../shared/spec/TABLES.md``
+    Same file structure as regexp tables (``patternfile``; ``docs/TABLES.md``
     section 3.12): first match wins, ``!`` negation, IF/ENDIF, ``$n`` results. Default
     options are caseless and dotall; the flags ``i m s x A E U`` toggle CASELESS,
     MULTILINE, DOTALL, EXTENDED, ANCHORED, DOLLAR_ENDONLY and UNGREEDY; ``X`` is

@@ -4,7 +4,7 @@ NAME
     pipemap -- look the key up in the first table, its result in the next, and so on
 
 DESCRIPTION
-    The last member's result is the answer (``../shared/spec/TABLES.md`` section 3.15).
+    The last member's result is the answer (``docs/TABLES.md`` section 3.15).
     A member that does not find its key ends the pipeline with "not found"; a member
     error (RETRY, CONFIG; an unavailable member answers RETRY) ends it with that error.
 

@@ -8,7 +8,7 @@ DESCRIPTION
     commas is written in braces, which stay part of the value (observed with Postfix
     3.7: ``randmap:{{a b}}`` answers ``{a b}``). Repeating a value weights it. An
     empty list makes the table unavailable. Any key is "found"
-    (``../shared/spec/TABLES.md`` section 3.16).
+    (``docs/TABLES.md`` section 3.16).
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ NAME
     regexp -- ``regexp:/file`` and ``regexp:{ {rule}, ... }`` lookup tables
 
 DESCRIPTION
-    Rules are tried in file order and the first match wins (``../shared/spec/TABLES.md``
+    Rules are tried in file order and the first match wins (``docs/TABLES.md``
     section 3.11). A match rule is ``[!]/pattern/flags[!/pattern2/flags] result``;
     default options are extended and case-insensitive, and the flags ``i``, ``x``, ``m``
     toggle REG_ICASE, REG_EXTENDED and REG_NEWLINE. ``IF``/``ENDIF`` blocks nest.

@@ -8,7 +8,7 @@ DESCRIPTION
     of at most 100000 bytes whose payload is ``STATUS[ data]``: ``OK data`` is found
     (``OK `` found empty, but a bare ``OK`` is not found), ``NOTFOUND`` not found,
     ``TEMP``/``TIMEOUT`` and any other word RETRY, ``PERM`` CONFIG
-    (``../shared/spec/TABLES.md`` section 4.9). Netstring errors and timeouts are RETRY;
+    (``docs/TABLES.md`` section 4.9). Netstring errors and timeouts are RETRY;
     an EOF before any reply byte (a server that closed an idle connection) is retried
     once on a new connection.
 

@@ -76,7 +76,7 @@ BUGS
     A query template with bytes that are not UTF-8 cannot be given to sqlite3: RETRY.
 
 SEE ALSO
-    sqlite_table(5); ../shared/spec/TABLES.md section 4.5; db_common; blocking.
+    sqlite_table(5); docs/TABLES.md section 4.5; db_common; blocking.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ DESCRIPTION
     table unavailable. Only lookups are supported; the open mode is not checked.
 
 SEE ALSO
-    ../shared/spec/TABLES.md sections 2.7 and 3.6.
+    docs/TABLES.md sections 2.7 and 3.6.
 """
 
 from __future__ import annotations

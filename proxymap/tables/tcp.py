@@ -8,7 +8,7 @@ DESCRIPTION
     character or >= 0x80 is written ``%XX``. Reply: one line of at most 4096 bytes,
     ``DDD text`` (three digits, one blank, ``%XX``-encoded text): 2xx = found, 5xx =
     not found, 4xx = RETRY (connection closed), anything else or a malformed line =
-    RETRY and disconnect (``../shared/spec/TABLES.md`` section 4.8).
+    RETRY and disconnect (``docs/TABLES.md`` section 4.8).
 
     Never blocking the worker: an ``AsyncTable`` on asyncio streams. Each table keeps
     a ``pool.ConnectionPool`` so that a slow answer does not hold up other lookups of

@@ -23,7 +23,7 @@ DESCRIPTION
     The table is read-only: any other open mode makes it unavailable.
 
 SEE ALSO
-    ../shared/spec/TABLES.md sections 2.6 and 3.4.
+    docs/TABLES.md sections 2.6 and 3.4.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ NAME
 
 DESCRIPTION
     ``logical_lines`` (from ``master.readlline``) joins continuation lines the way every
-    Postfix text table reader does (``../shared/spec/TABLES.md`` section 2.6).
+    Postfix text table reader does (``docs/TABLES.md`` section 2.6).
 
     ``split_postmap_line`` splits one logical line into key and value as postmap(1)
     does: the key ends at the first blank that is neither inside double quotes nor

@@ -7,7 +7,7 @@ DESCRIPTION
     Members are split with the brace rules of table names (``textsyntax``) and opened
     through ``ctx.open_table`` with the union's own open mode and flags, so each member
     folds its keys (at load and at lookup) exactly as if it were opened alone; the
-    union itself never folds (``../shared/spec/TABLES.md`` section 3.14).
+    union itself never folds (``docs/TABLES.md`` section 3.14).
 
     Joining: a comma goes between results only once something was collected, so an
     empty first result adds nothing while a later one yields ``x,``; an empty join is

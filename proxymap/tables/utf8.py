@@ -27,7 +27,7 @@ DESCRIPTION
     full Unicode folding with UTF-8 semantics, ASCII lower-casing otherwise.
 
 SEE ALSO
-    ../shared/spec/TABLES.md sections 2.3 and 2.4; PROTOCOLS.md section 3.7.
+    docs/TABLES.md sections 2.3 and 2.4; docs/PROTOCOL.md section 3.7.
 """
 
 from __future__ import annotations

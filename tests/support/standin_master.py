@@ -17,7 +17,7 @@ SYNOPSIS
 
 DESCRIPTION
     ``StandinMaster`` is not a master: it starts a single child and never forks more.
-    It reproduces what the child inherits (``../shared/spec/PROTOCOLS.md`` 4.2, 4.3):
+    It reproduces what the child inherits (``docs/PROTOCOL.md`` sections 4.2, 4.3):
 
       fd 3, 4   both ends of a pipe (the master's flow-control pipe)
       fd 5      one end of a socketpair(AF_UNIX, SOCK_STREAM); the stand-in keeps the
