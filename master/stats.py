@@ -96,31 +96,38 @@ def snapshot_name(pid: int) -> str:
 
 
 # --- is the writer alive? ---------------------------------------------------------------------
-def process_start_ticks(pid: int) -> int | None:
-    """Field 22 of /proc/PID/stat (start time after boot, clock ticks); None if unknown."""
+def _proc_stat(pid: int) -> tuple[str, int] | None:
+    """(state, start time in clock ticks after boot) from /proc/PID/stat; None if unknown."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as stat:
             fields = stat.read().rsplit(b")", 1)[1].split()
-    except (OSError, IndexError):
+        return fields[0].decode(), int(fields[19])  # fields 3 and 22
+    except (OSError, IndexError, ValueError):
         return None
-    try:
-        return int(fields[19])  # field 22, counted from the state (field 3)
-    except (IndexError, ValueError):
-        return None
+
+
+def process_start_ticks(pid: int) -> int | None:
+    """Field 22 of /proc/PID/stat (start time after boot, clock ticks); None if unknown."""
+    stat = _proc_stat(pid)
+    return None if stat is None else stat[1]
 
 
 def writer_alive(pid: int, start_ticks: object) -> bool:
-    """True while ``pid`` runs and is the process that wrote the snapshot."""
+    """True while ``pid`` runs and is the process that wrote the snapshot: not gone,
+    not a zombie (an orphan nobody reaped yet), not a newer process with its pid."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         pass  # it exists (another user's process)
-    if not isinstance(start_ticks, int):
-        return True
-    now = process_start_ticks(pid)
-    return now is None or now == start_ticks
+    stat = _proc_stat(pid)
+    if stat is None:
+        return True  # no /proc: kill() is all we can tell
+    state, ticks = stat
+    if state in ("Z", "X", "x"):
+        return False
+    return not isinstance(start_ticks, int) or ticks == start_ticks
 
 
 # --- reading ---------------------------------------------------------------------------------

@@ -213,6 +213,7 @@ class RequestHandler:
         self.statistics: dict[str, TableStats] | None = (
             {} if self.stats_settings.enabled else None)
         self.bad = 0  # requests answered BAD (not a table's figure)
+        self._denied_names = 0  # unapproved names with figures of their own
         access = "read-write" if self.writer else "read-only"
         parameter = "proxy_write_maps" if self.writer else "proxy_read_maps"
         self._approve_hint = (f"to approve this table for {access} access, list "
@@ -316,9 +317,11 @@ class RequestHandler:
         statistics = self.statistics
         if statistics is None:
             return
-        if canonical not in statistics and canonical not in self.approved and \
-                len(statistics) >= len(self.approved) + MAX_DENIED_NAMES:
-            canonical = OTHER_DENIED
+        if canonical not in statistics and canonical not in self.approved:
+            if self._denied_names >= MAX_DENIED_NAMES:
+                canonical = OTHER_DENIED
+            else:
+                self._denied_names += 1
         stats = self.table_stats(canonical)
         assert stats is not None
         stats.deny += 1
