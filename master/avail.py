@@ -8,7 +8,7 @@ DESCRIPTION
     status socketpair, its workers and the counters Postfix keeps (``total_proc``,
     ``avail_proc``) and the throttle deadline.
 
-    The rules (PROTOCOLS.md 4.5):
+    The rules (docs/PROTOCOL.md 4.5):
 
     * a freshly spawned worker counts as available at once, before it says anything;
     * TAKEN makes it busy (avail -1), AVAIL makes it idle again (avail +1), and an AVAIL

@@ -16,7 +16,7 @@ DESCRIPTION
     containing blanks (outer braces and surrounding blanks removed). A later entry with the
     same identity (endpoint, type) replaces an earlier one, with a warning.
 
-    ``child_argv`` follows PROTOCOLS.md section 4.1 item by item; ``child_environment``
+    ``child_argv`` follows docs/PROTOCOL.md section 4.1 item by item; ``child_environment``
     section 4.2. Both are pure functions so that tests compare them with what the real
     master was observed to pass.
 
@@ -272,7 +272,7 @@ def split_inet_endpoint(name: str) -> tuple[str, str]:
 
 
 # ---------------------------------------------------------------------------
-# What a child gets: argv and environment (PROTOCOLS.md 4.1, 4.2)
+# What a child gets: argv and environment (docs/PROTOCOL.md 4.1, 4.2)
 # ---------------------------------------------------------------------------
 
 

@@ -12,7 +12,7 @@ SYNOPSIS
 
 DESCRIPTION
     A list is ``name NUL value NUL`` repeated, then one NUL in name position (an empty
-    name). There is no length prefix and no escaping. See PROTOCOLS.md section 1.
+    name). There is no length prefix and no escaping. See docs/PROTOCOL.md section 1.
 
     The decoder never touches a socket: it takes bytes and hands back complete lists,
     so every chunking of every request can be tested without a network (h11's design).

@@ -1,6 +1,6 @@
 """The approved set (proxy_read_maps / proxy_write_maps), Postfix 3.11+ rules.
 
-The worked example of PROTOCOLS.md section 2.11 (observed with Postfix 3.12, whose
+The worked example of docs/PROTOCOL.md section 2.11 (observed with Postfix 3.12, whose
 export mode printed the list in section 6.9), edge cases, and a differential check
 that takes the parameter values from the real postconf(1).
 """

@@ -618,7 +618,7 @@ lim        unix  -  n  n  -  3  recorder -v
 
 
 def prepare_for_real_master(pf: Instance) -> None:
-    """The directories the real master expects to find (PRIVATE-POSTFIX.md step 2)."""
+    """The directories the real master expects to find (docs/PROTOCOL.md section 5.4)."""
     for name in ("queue/private", "queue/public", "queue/pid", "data"):
         (pf.root / name).mkdir(parents=True, exist_ok=True)
     for name in ("queue/private", "queue/public", "data"):

@@ -1,4 +1,4 @@
-"""The attr0 codec: golden bytes, every chunking, size limit, numbers (PROTOCOLS.md 1)."""
+"""The attr0 codec: golden bytes, every chunking, size limit, numbers (docs/PROTOCOL.md 1)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from tests.test_protocol import TRANSCRIPT
 
 ANNOUNCEMENT = b"protocol\x00proxymap_protocol\x00\x00"
 
-# Every request and reply of PROTOCOLS.md 6, plus the announcement (the 200000-byte key
+# Every request and reply of docs/PROTOCOL.md 6, plus the announcement (the 200000-byte key
 # is left out of the all-split-points sweep only, for time).
 GOLDEN = [ANNOUNCEMENT] + [row[1] for row in TRANSCRIPT] + [row[3] for row in TRANSCRIPT]
 SMALL_GOLDEN = [wire for wire in GOLDEN if len(wire) < 1000]
@@ -145,7 +145,7 @@ def test_huge_value_in_small_pieces_is_linear():
     assert time.perf_counter() - start < 2.0
 
 
-# --- numbers (PROTOCOLS.md 1.4) ---------------------------------------------------------------
+# --- numbers (docs/PROTOCOL.md 1.4) ---------------------------------------------------------------
 
 @pytest.mark.parametrize(("text", "value"), [
     (b"64", 64), (b" 64", 64), (b"\t64", 64), (b"\n64", 64), (b"\v\f\r 64", 64), (b"+64", 64),

@@ -1,4 +1,4 @@
-"""ProxymapProtocol on a real asyncio loop over socketpairs (PROTOCOLS.md 2.2, 2.8, 6.3).
+"""ProxymapProtocol on a real asyncio loop over socketpairs (docs/PROTOCOL.md 2.2, 2.8, 6.3).
 
 The request handler is the real one, serving a texthash table and, for slowness, a
 small asynchronous table type registered for these tests only (``slow:<seconds>``),
@@ -235,7 +235,7 @@ def test_eof_mid_request_replies_bad_then_closes(table, caplog):
         handler = RequestHandler("proxymap", {table}, {})
         client, _ = await connect(handler, server)
         await client.send(b"request\x00lookup\x00table")
-        client.writer.write_eof()  # half-close, as in PROTOCOLS.md 6.3
+        client.writer.write_eof()  # half-close, as in docs/PROTOCOL.md 6.3
         assert await client.read_to_eof() == b"status\x003\x00value\x00\x00\x00"
         assert server.busy == 0
 

@@ -1,6 +1,6 @@
 """The request handler: processing order, status mapping, instances and flags.
 
-Golden values come from the Postfix 3.12 transcripts (PROTOCOLS.md sections 6.5 and
+Golden values come from the Postfix 3.12 transcripts (docs/PROTOCOL.md sections 6.5 and
 6.6) and from the fresh open-reply flags recorded with Postfix 3.7.11
 (tests/vectors/open-flags.tsv, copied from the project's spec).
 """

@@ -1,4 +1,4 @@
-"""master.cf reader, child argv and environment (PROTOCOLS.md 4.1, 4.2, 5.1), `check` CLI."""
+"""master.cf reader, child argv and environment (docs/PROTOCOL.md 4.1, 4.2, 5.1), `check` CLI."""
 
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ def test_defaults_of_dash_columns():
 
 
 def test_argv_matches_what_the_real_master_passes():
-    """Observed /proc/<pid>/cmdline of the 3.7 master's children (PROTOCOLS.md 4.1)."""
+    """Observed /proc/<pid>/cmdline of the 3.7 master's children (docs/PROTOCOL.md 4.1)."""
     reader, writer = parse_master_cf(POSTFIX_LINES)
     assert child_argv(reader, foreground=False) == ["proxymap", "-t", "unix", "-u"]
     assert child_argv(writer, foreground=False) == [
@@ -151,7 +151,7 @@ def test_environment_is_filtered_and_generation_octal():
 
 
 def test_environment_with_maillog_file_matches_observed_order():
-    """Observed child environment of the 3.7 master (PROTOCOLS.md 4.2), same order."""
+    """Observed child environment of the 3.7 master (docs/PROTOCOL.md 4.2), same order."""
     main = {"maillog_file": "/var/log/mail.log", "queue_directory": "/var/spool/postfix",
             "myhostname": "vm.localdomain", "syslog_name": "postfix"}
     env = child_environment(main, 0o31, "/etc/postfix", {"PATH": "/bin"})

@@ -1,6 +1,6 @@
-"""Requests and replies of both generations against the golden transcripts (PROTOCOLS.md 6).
+"""Requests and replies of both generations against the golden transcripts (docs/PROTOCOL.md 6).
 
-Every byte string below is copied from PROTOCOLS.md section 6 (observed on Postfix 3.7.11
+Every byte string below is copied from docs/PROTOCOL.md section 6 (observed on Postfix 3.7.11
 and 3.12). A row is (request bytes, the table outcome the handler reports, reply bytes):
 the test decodes the request, checks the parsed Request, encodes the handler's Reply in
 the request's generation and compares with the observed reply, byte for byte. Rows whose
@@ -188,7 +188,7 @@ def parse(wire: bytes):
     return parse_request(lists[0], STREAM)
 
 
-# --- PROTOCOLS.md 6.3: malformed input, every row -----------------------------------------
+# --- docs/PROTOCOL.md 6.3: malformed input, every row -----------------------------------------
 
 def test_g2_lookup_is_served_as_g2_not_refused_like_37():
     # 3.7 answered BAD (it only speaks G1); a dual server detects the generation instead.

@@ -2,7 +2,7 @@
 
 The server side is the real stack: ProxymapProtocol + RequestHandler + texthash /
 internal tables; what goes over the wire is recorded, so the client's bytes are
-checked against what Postfix clients send (PROTOCOLS.md 6.1, 6.5). The same CLI is run
+checked against what Postfix clients send (docs/PROTOCOL.md 6.1, 6.5). The same CLI is run
 against the real worker process in test_server_worker.py.
 """
 
@@ -145,7 +145,7 @@ def test_update_and_delete_through_proxywrite(tmp_path):
         g1_update = live.requests()[1]
         assert g1_update == [(b"request", b"update"), (b"table", b"internal:w"), (b"flags", b"524289"), (b"key", b"k1"), (b"value", b"v1")]
         # 3.11+: postmap -i and postmap -q/-d use different instance_flags, hence different
-        # table instances (PROTOCOLS.md 6.5); the update is seen only by its own instance.
+        # table instances (docs/PROTOCOL.md 6.5); the update is seen only by its own instance.
         assert query("-s", live.path, "--v311", "--update", "K2", "v2", f"proxy:{table}")[0] == 0
         assert query("-s", live.path, "--v311", "--delete", "k2", f"proxy:{table}")[0] == 1
         g2_update = live.requests()[-3]

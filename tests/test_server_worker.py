@@ -312,7 +312,7 @@ def worker_tree(tmp_path: Path, maps: str, extra: str = "") -> Path:
     conf.mkdir()
     queue = tmp_path / "wqueue"
     queue.mkdir()
-    # compatibility_level 3.6: smtputf8_enable = yes, as on the machines of PROTOCOLS.md 6.
+    # compatibility_level 3.6: smtputf8_enable = yes, as on the machines of docs/PROTOCOL.md 6.
     (conf / "main.cf").write_text(f"queue_directory = {queue}\nproxy_read_maps = {maps}\n"
                                   f"compatibility_level = 3.6\n{extra}")
     return conf
@@ -482,7 +482,7 @@ def test_pre_init_imports_approved_table_modules_while_root(tmp_path, monkeypatc
 
 
 def test_worker_replays_the_37_and_312_postmap_conversations(tmp_path):
-    """PROTOCOLS.md 6.1 (3.7 postmap -q, hash table) and 6.5 (3.12 postmap -q/-s, texthash)."""
+    """docs/PROTOCOL.md 6.1 (3.7 postmap -q, hash table) and 6.5 (3.12 postmap -q/-s, texthash)."""
     source = tmp_path / "testmap"
     source.write_text("alice alice@example.com\nbob bob@example.com\n")
     postmap(f"hash:{source}")

@@ -332,7 +332,7 @@ def test_our_writes_are_read_by_postmap(tmp_path, dict_type, caplog):
     source = {f"User{n}@Example.com": f"box-{n}" for n in range(300)}
     source["Straße"] = "ß-value"
     source['"John Doe"@example.com'] = "quoted value"
-    # A 3.7 client casefolds the key itself and sends no fold bit (TABLES.md 2.3).
+    # A 3.7 client casefolds the key itself and sends no fold bit (docs/TABLES.md 2.3).
     entries = {client_folded_key(k).decode(): v for k, v in source.items()}
     for key, value in source.items():
         set_request(table, F.LOCK | SERVER_WRITE_FLAGS)

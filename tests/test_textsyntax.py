@@ -1,4 +1,4 @@
-"""Shared text syntax: logical lines, postmap key/value split, brace names (TABLES.md 2.6, 2.7)."""
+"""Shared text syntax: logical lines, postmap key/value split, brace names (docs/TABLES.md 2.6, 2.7)."""
 
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ equal ``postmap -q KEY MAP`` run live, and that must equal the recording.
 
 One deliberate difference: a direct ``postmap -q '' lmdb:…`` aborts (LMDB refuses an
 empty key); our worker answers "not found", as the C proxymap did once its instance had
-learned the NUL convention (TABLES.md 3.1). That row is checked against "not found".
+learned the NUL convention (docs/TABLES.md 3.1). That row is checked against "not found".
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ LOCKING
     ``nullterm``) instead of reading stale pages.
 
 SEE ALSO
-    nullterm.py, TABLES.md 3.1, postmap(1).
+    nullterm.py, docs/TABLES.md 3.1, postmap(1).
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ DESCRIPTION
     whole file (temporary file, then rename) for tools and tests.
 
 SEE ALSO
-    nullterm.py, TABLES.md 3.3, https://cr.yp.to/cdb/cdb.txt
+    nullterm.py, docs/TABLES.md 3.3, https://cr.yp.to/cdb/cdb.txt
 """
 
 from __future__ import annotations

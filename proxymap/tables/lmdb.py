@@ -37,7 +37,7 @@ LOCKING
     the handler keeps from tables), not LOCK.
 
 SEE ALSO
-    nullterm.py, TABLES.md 3.2, postmap(1).
+    nullterm.py, docs/TABLES.md 3.2, postmap(1).
 """
 
 from __future__ import annotations

@@ -56,7 +56,7 @@ LOCKING
     process with SIGBUS in our tests.
 
 SEE ALSO
-    bdb.py, lmdb.py, cdb.py; TABLES.md 3.1-3.3; PROTOCOLS.md 3.5.
+    bdb.py, lmdb.py, cdb.py; docs/TABLES.md 3.1-3.3; docs/PROTOCOL.md 3.5.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ SYNOPSIS
 DESCRIPTION
     Two private Postfix instances (tests.support.postfix.PrivatePostfix) serve the same
     tables: one spawns the installed C proxymap, the other our worker. The load
-    generator is pmload.c (a copy of ../shared/bench/pmload.c beside this file,
+    generator is pmload.c (the project's load generator, kept beside this file,
     compiled once into a cache directory): a closed loop of CONNS connections, one
     request outstanding per connection, with the flags `postmap -q` sends. Nothing
     outside the repository is read at run time.
@@ -118,7 +118,7 @@ LOCAL_TABLES = ("hash", "lmdb", "texthash", "pcre", "cidr", "unix", "socketmap")
 CACHE_KIND = "cache-5ms"
 ALL_TABLES = LOCAL_TABLES + DATABASE_KINDS + (CACHE_KIND,)
 BENCH_DIR = Path(__file__).resolve().parent
-# The load generator and the slow backend live here (copies of ../shared/bench): the
+# The load generator and the slow backend live here, beside this file: the
 # benchmark reads nothing outside the repository at run time.
 PMLOAD_SOURCE = BENCH_DIR / "pmload.c"
 SLOW_BACKEND = BENCH_DIR / "slow_socketmap.py"

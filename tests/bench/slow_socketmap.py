@@ -9,7 +9,7 @@ SYNOPSIS
 DESCRIPTION
     Listens on 127.0.0.1:PORT; every request "NAME KEY" is answered "OK KEY@slow.example"
     after DELAY_MS milliseconds, one request at a time per connection, connections
-    served concurrently. A copy of the project's ../shared/bench/slow_socketmap.py, kept
+    served concurrently. The project's slow socketmap server, kept
     here so that the benchmark reads nothing outside the repository at run time.
 
 SEE ALSO

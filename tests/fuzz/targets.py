@@ -14,7 +14,7 @@ DESCRIPTION
     same value.
 
     ``scanner_one``: every decoded list goes through ``parse_request``. Its verdict is
-    checked against an independent reading of the rules (PROTOCOLS.md 1.3, 2.3):
+    checked against an independent reading of the rules (docs/PROTOCOL.md 1.3, 2.3):
     no reply unless the list starts with ``request``; status 3 alone for an unknown
     request name; a ``Request`` exactly when the expected names come in order with
     numbers that ``sscanf`` accepts (and a sequence function of 0 or 1), carrying the
@@ -22,7 +22,7 @@ DESCRIPTION
     ``reply_to_truncated`` and ``encode_reply`` are checked for well-formed output.
 
     ``check_reply(op, generation, pairs)`` is the shape oracle shared with the
-    connection target (PROTOCOLS.md 2.5, 2.6).
+    connection target (docs/PROTOCOL.md 2.5, 2.6).
 """
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ _SHAPES = {
 
 
 def generation_of(pairs: attr.Pairs) -> int:
-    """PROTOCOLS.md 2.9: G2 iff ``instance_flags`` comes right after ``table``."""
+    """docs/PROTOCOL.md 2.9: G2 iff ``instance_flags`` comes right after ``table``."""
     return G2 if len(pairs) > 2 and pairs[2][0] == b"instance_flags" else G1
 
 

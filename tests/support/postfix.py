@@ -23,7 +23,7 @@ DESCRIPTION
     maillog) and runs the real ``master -d`` on it, so that every daemon the master
     spawns is the installed Postfix one except ``proxymap``, which may point at any
     executable (the C one by default, or our worker). See
-    ``../shared/spec/PRIVATE-POSTFIX.md``.
+    ``docs/PROTOCOL.md`` section 5.4.
 
     Clients always run with a timeout: a Postfix client that cannot parse a reply
     retries forever, so a timeout is reported as the exit value ``"HANG"``.

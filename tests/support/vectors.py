@@ -10,8 +10,8 @@ SYNOPSIS
     maps = proxy_read_maps_for(rows, workdir)
 
 DESCRIPTION
-    The vectors were recorded with the real Postfix 3.7.11 (see TABLES.md section 8 of
-    the project's spec): every row is the outcome of ``postmap -q KEY MAP`` directly, and
+    The vectors were recorded with the real Postfix 3.7.11 (docs/TABLES.md section 8
+    says what they hold): every row is the outcome of ``postmap -q KEY MAP`` directly, and
     of ``postmap -q KEY proxy:MAP`` through the C proxymap. The recorded data files were
     copied from the project's spec into ``tests/vectors/`` (see its README.md); the tests
     read only that copy. Map specs name their files relative to the vectors directory;
@@ -264,7 +264,7 @@ def known_proxy_differences(rows: Iterable[VectorRow]) -> list[tuple[VectorRow, 
 
 
 def difference_reason(direct: VectorRow, proxied: VectorRow) -> str:
-    """Why the recorded 3.7 proxymap answered differently (TABLES.md 2.3, 2.6, 3.2, 5.1)."""
+    """Why the recorded 3.7 proxymap answered differently (docs/TABLES.md 2.3, 2.6, 3.2, 5.1)."""
     if proxied.exit == "HANG":
         return "3.7 proxymap process exits (fatal) on this table; the client retries forever"
     if direct.map_type == "texthash" and "dups" in direct.map:
@@ -275,12 +275,12 @@ def difference_reason(direct: VectorRow, proxied: VectorRow) -> str:
         return "3.7 opens pipemap members without fold flags: the key passed on is not folded"
     if direct.exit == "0" and proxied.exit == "1":
         return "3.7 loads text-table keys unfolded (open flags 0) while the client folds the key"
-    return "see TABLES.md section 8"
+    return "see docs/TABLES.md section 8"
 
 
 def expected_from_pyproxymap(direct: VectorRow, proxied: VectorRow) -> str:
     if direct.map_type == "lmdb" and direct.key == "":
-        return "not found (TABLES.md 3.2)"
+        return "not found (docs/TABLES.md 3.2)"
     if proxied.exit == "HANG":
         return "an error reply (E), no hang"
     return "as direct"
