@@ -198,14 +198,37 @@ _MULTIBYTE: dict[str, Callable[[bytes, int], int]] = {
 _NOT_CLIENT_CHARSETS = frozenset({"ucs2", "utf16", "utf16le", "utf32"})
 
 
+def _backslashed(match: re.Match[bytes]) -> bytes:
+    return _BACKSLASHED[match.group()[0]]
+
+
+def _escape_backslashes(data: bytes) -> bytes:
+    """mysql_real_escape_string for a single-byte-safe character set (utf8mb4, latin1...)."""
+    if _SPECIAL.search(data) is None:  # the common key: nothing to quote
+        return data
+    return _SPECIAL.sub(_backslashed, data)
+
+
+def _escape_quotes(data: bytes) -> bytes:
+    """The same under NO_BACKSLASH_ESCAPES: only ``'`` is doubled."""
+    return data.replace(b"'", b"''") if b"'" in data else data
+
+
+def escaper(charset: str, no_backslash_escapes: bool = False) -> Callable[[bytes], bytes]:
+    """``mysql_escape`` for one character set and mode, chosen once."""
+    if charset not in _MULTIBYTE:
+        return _escape_quotes if no_backslash_escapes else _escape_backslashes
+    return lambda data: mysql_escape(data, charset, no_backslash_escapes)
+
+
 def mysql_escape(data: bytes, charset: str = DEFAULT_CHARSET,
                  no_backslash_escapes: bool = False) -> bytes:
     """``data`` as mysql_real_escape_string writes it for a connection in ``charset``."""
     mb_length = _MULTIBYTE.get(charset)
     if mb_length is None:
         if no_backslash_escapes:
-            return data.replace(b"'", b"''")
-        return _SPECIAL.sub(lambda match: _BACKSLASHED[match.group()[0]], data)
+            return _escape_quotes(data)
+        return _escape_backslashes(data)
     out = bytearray()
     pos = 0
     while pos < len(data):
@@ -473,18 +496,36 @@ async def _result_sets(connection: Connection, query: bytes) -> list[tuple]:
     nothing); the protocol is read to its end so that the connection stays usable."""
     try:
         await connection.query(query)
+        result = connection._result
+        if result is not None and not result.has_next:  # the usual: one result
+            return [result.rows or ()] if result.field_count else []
         sets = []
         while True:
-            result = connection._result
             if result is not None and result.field_count:
                 sets.append(result.rows or ())
             if result is None or not result.has_next:
                 return sets
             await connection.next_result()
+            result = connection._result
     except (mysql_errors.MySQLError, OSError, EOFError) as exc:
         if _is_lost(exc):
             raise _LostConnection(_error_text(exc)) from None
         raise _QueryFailed(f"query failed: {_error_text(exc)}") from None
+
+
+class _Expiry:
+    """A query's deadline: cancels the task that waits for it (what asyncio.timeout
+    does, on the pool's sweeper instead of a timer of its own)."""
+
+    __slots__ = ("task", "fired")
+
+    def __init__(self, task: asyncio.Task) -> None:
+        self.task = task
+        self.fired = False
+
+    def fire(self) -> None:
+        self.fired = True
+        self.task.cancel()
 
 
 # ---------------------------------------------------------------------------------------
@@ -502,10 +543,9 @@ class _IdleReaper:
     handle: asyncio.TimerHandle | None = None
     loop: asyncio.AbstractEventLoop | None = field(default=None)
 
-    def touch(self, pool: ConnectionPool) -> None:
+    def touch(self, pool: ConnectionPool, loop: asyncio.AbstractEventLoop) -> None:
         self.last_use = time.monotonic()
-        loop = asyncio.get_running_loop()
-        if self.handle is None or self.loop is not loop or self.handle.cancelled():
+        if self.handle is None or self.loop is not loop:
             self.loop = loop
             self.handle = loop.call_later(self.interval, self._fire, pool)
 
@@ -553,6 +593,8 @@ class MysqlTable(AsyncTable):
         self.outage = OutageLog(self.spec)
         self.reaper = _IdleReaper(float(idle_interval))
         self._abandoned: set[asyncio.Future[None]] = set()
+        self._escape = escaper(self.login.charset)
+        self._escape_quotes = escaper(self.login.charset, no_backslash_escapes=True)
 
     # --- configuration -----------------------------------------------------------------
     def _read_login(self, cfg: CfgParser) -> _Login:
@@ -579,38 +621,40 @@ class MysqlTable(AsyncTable):
         return await _connect(self.login, endpoint)
 
     # --- lookups ---------------------------------------------------------------------------
-    def _escape(self, data: bytes) -> bytes:
-        return mysql_escape(data, self.login.charset)
-
-    def _escape_quotes(self, data: bytes) -> bytes:
-        return mysql_escape(data, self.login.charset, no_backslash_escapes=True)
-
     async def alookup(self, key: bytes) -> bytes | None:
         key = self.fold(key)  # reads the flags: before the first await
-        query = await self.queries.aquery_for(key, self._escape)
+        queries = self.queries
+        if queries.domain_asynchronous:
+            query = await queries.aquery_for(key, self._escape)
+        else:
+            query = queries.query_for(key, self._escape)
         if query is None:
             return None
         rows = await self._rows(key, query)
         if rows is None:
             return None
-        joined = self.queries.results(key)
+        joined = queries.results(key)
+        add = joined.add
         for row in rows:
             for value in row:
                 # Postfix reads values as C strings: a NUL ends them.
-                joined.add(None if value is None else value.partition(b"\0")[0])
+                if value is not None and b"\0" in value:
+                    value = value[:value.index(b"\0")]
+                add(value)
         return joined.value()
 
     async def _rows(self, key: bytes, query: bytes) -> tuple | None:
         """The rows of the query's one result set; None when it has none (allowed)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout
+        pool = self.pool
         for attempt in range(2):
-            lease = await self.pool.acquire(max(0.0, deadline - loop.time()))
+            lease = pool.lend() or await pool.acquire(max(0.0, deadline - loop.time()))
             try:
-                sets = await self._query(lease, key, query, deadline - loop.time())
+                sets = await self._query(lease, key, query, deadline, loop)
             except _LostConnection as exc:
-                self.pool.release(lease, reusable=False)
-                self.pool.suspect(lease)
+                pool.release(lease, reusable=False)
+                pool.suspect(lease)
                 if attempt == 0:
                     continue  # the server may have restarted: once more, on a new connection
                 raise self._failed(f"lost connection to {lease.endpoint.label}: {exc}")
@@ -619,27 +663,39 @@ class MysqlTable(AsyncTable):
                 raise self._failed(f"no answer from {lease.endpoint.label} within "
                                    f"{self.timeout:g}s") from None
             except _QueryFailed as exc:
-                self.pool.release(lease, reusable=False)
+                pool.release(lease, reusable=False)
                 raise self._failed(str(exc)) from None
             except BaseException:
-                self.pool.release(lease, reusable=False)
+                pool.release(lease, reusable=False)
                 raise
-            self.pool.release(lease, reusable=True)
-            self.reaper.touch(self.pool)
+            pool.release(lease, reusable=True)
+            self.reaper.touch(pool, loop)
             return self._check_sets(sets)
         raise AssertionError("not reached")
 
     async def _query(self, lease: Lease[Connection, Endpoint], key: bytes, query: bytes,
-                     remaining: float) -> list[tuple]:
+                     deadline: float, loop: asyncio.AbstractEventLoop) -> list[tuple]:
         connection = lease.connection
         if connection.server_status & SERVER_STATUS_NO_BACKSLASH_ESCAPES:
             query = self.queries.expand_query(self.queries.query, key, self._escape_quotes) \
                 or query
-        if remaining <= 0:
+        if deadline <= loop.time():
             raise TimeoutError
-        # A timeout scope, not wait_for: no task per query (a third of the lookup time).
-        async with asyncio.timeout(remaining):
+        # The pool's sweeper cancels the query at the deadline: no task and no timer
+        # per query (asyncio.timeout would cost a tenth of the lookup).
+        task = asyncio.current_task(loop)
+        assert task is not None
+        expiry = _Expiry(task)
+        sweeper = self.pool.sweeper
+        sweeper.watch(expiry, deadline, expiry.fire)
+        try:
             return await _result_sets(connection, query)
+        except asyncio.CancelledError:
+            if expiry.fired and task.uncancel() == 0:
+                raise TimeoutError from None
+            raise
+        finally:
+            sweeper.unwatch(expiry)
 
     def _abandon(self, lease: Lease[Connection, Endpoint]) -> None:
         """A query that timed out still runs on the server, on a connection the server

@@ -123,6 +123,7 @@ from proxymap.tables.pool import (
     EndpointState,
     Lease,
     OutageLog,
+    Sweeper,
     connection_limit,
 )
 from proxymap.tables.streams import param_number
@@ -255,10 +256,12 @@ class Link:
     """
 
     __slots__ = ("connection", "pgconn", "escape", "encoding", "loop", "fd", "waiter",
-                 "timer", "broken")
+                 "timer", "broken", "sweeper")
 
-    def __init__(self, connection: Connection, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, connection: Connection, loop: asyncio.AbstractEventLoop,
+                 sweeper: Sweeper) -> None:
         self.connection = connection
+        self.sweeper = sweeper  # the pool's: watches query deadlines
         self.pgconn = connection.pgconn
         # PQescapeStringConn for this connection's client encoding.
         self.escape: Escape = pq.Escaping(self.pgconn).escape_string
@@ -336,14 +339,13 @@ class Link:
         if self.broken:
             raise _Lost(self.broken)
         if deadline is not None:
-            self.timer = self.loop.call_at(deadline, self._expire)
+            self.sweeper.watch(self, deadline, self._expire)
         try:
             return await self._exchange(query)
         finally:
             self.waiter = None
-            if self.timer is not None:
-                self.timer.cancel()
-                self.timer = None
+            if deadline is not None:
+                self.sweeper.unwatch(self)
 
     async def _exchange(self, query: bytes) -> pq.abc.PGresult:
         pgconn = self.pgconn
@@ -469,7 +471,7 @@ class Backend:
         except psycopg.Error as exc:  # libpq's message has hint lines: keep a log line one
             raise ConnectError(_reason(exc)) from None
         try:
-            return Link(connection, asyncio.get_running_loop())
+            return Link(connection, asyncio.get_running_loop(), self.pool.sweeper)
         except BaseException:
             connection.pgconn.finish()
             raise
