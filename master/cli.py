@@ -432,11 +432,11 @@ def status(ctx: click.Context, as_json: bool, watch: float | None) -> None:
     LOOKUPS HIT% MISS  lookups answered, found (%), not found
     RETRY CONFIG DENY  answers of those kinds (any request)
     P50ms P99ms MAXms  lookup latency over the last minute
-    CONN CONNECTS      backend connections open/limit (summed over the
+    BACKEND CONNECTS   backend connections open/limit (summed over the
                        workers), and opened since the workers started
     down:              a backend server in back-off and why
     -- and each worker: clients now, requests in progress (BUSY),
-    connections served/max_use (USES), time since its last request (IDLE).
+    connections served/max_use (SERVED), time since its last request (IDLE).
     """
     config_dir = ctx.obj["config_dir"]
     queue_directory = _queue_directory(config_dir)

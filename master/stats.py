@@ -334,6 +334,8 @@ def collect(queue_directory: str, *, clean: bool = True) -> dict:
 def _ms(value: float | None) -> str:
     if value is None:
         return "-"
+    if value < 1:
+        return f"{value:.3f}"  # a local table: microseconds matter
     return f"{value:.2f}" if value < 100 else f"{value:.0f}"
 
 
@@ -359,7 +361,7 @@ def _connections(table: dict) -> str:
 
 def format_table_rows(tables: dict[str, dict], indent: str = "    ") -> list[str]:
     lines = [f"{indent}{'LOOKUPS':>9} {'HIT%':>5} {'MISS':>7} {'RETRY':>6} {'CONFIG':>6} "
-             f"{'DENY':>5} {'P50ms':>7} {'P99ms':>7} {'MAXms':>7} {'CONN':>7} "
+             f"{'DENY':>5} {'P50ms':>7} {'P99ms':>7} {'MAXms':>7} {'BACKEND':>7} "
              f"{'CONNECTS':>8} TABLE"]
     for name, table in tables.items():
         latency = table["latency"]
@@ -376,7 +378,7 @@ def format_table_rows(tables: dict[str, dict], indent: str = "    ") -> list[str
 
 
 def format_worker_rows(workers: list[dict], indent: str = "    ") -> list[str]:
-    lines = [f"{indent}{'PID':>8} {'GEN':>4} {'CLIENTS':>7} {'BUSY':>4} {'USES':>11} "
+    lines = [f"{indent}{'PID':>8} {'GEN':>4} {'CLIENTS':>7} {'BUSY':>4} {'SERVED':>11} "
              f"{'IDLE':>8} {'LOOKUPS':>9} {'AGE':>8}"]
     for worker in workers:
         max_use = worker["max_use"]

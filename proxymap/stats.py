@@ -43,7 +43,7 @@ DESCRIPTION
     ``verbose_proctitle``): the tick appends a one-line summary to the title that ps
     shows, when it changed, so at most once a second::
 
-        proxymap -n proxymap -t unix -u [2 clients, 1 busy, 15034 lookups, 3 retry, 17/100 uses]
+        proxymap -n proxymap -t unix -u [2 clients, 1 busy, 15034 lookups, 3 retry, 17/100 served]
 
     ``pyproxymap_statistics = no`` turns all of it off: no counting, no clock, no file
     (the fast path is then exactly what it was without statistics).
@@ -443,7 +443,7 @@ class Reporter:
         uses = f"{server.connections_closed}/{server.max_use}" if server.max_use else \
             str(server.connections_closed)
         return (f"[{server.open_connections} clients, {server.requests_in_progress} busy, "
-                f"{lookups} lookups, {retry} retry, {uses} uses]")
+                f"{lookups} lookups, {retry} retry, {uses} served]")
 
     def _set_title(self) -> None:
         title = self.title()

@@ -342,4 +342,4 @@ def test_process_title_summary(aliases, server):
     answer(handler, lookup("alice", aliases))
     reporter = writer.Reporter(server, handler, None, writer.StatsSettings(proctitle=True))
     server.open_connections, server.connections_closed = 2, 17
-    assert reporter.title() == "[2 clients, 0 busy, 1 lookups, 0 retry, 17/100 uses]"
+    assert reporter.title() == "[2 clients, 0 busy, 1 lookups, 0 retry, 17/100 served]"

@@ -155,7 +155,8 @@ def proc_title(pid: int) -> str:
     return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
 
 
-TITLE = re.compile(r"\[(\d+) clients, (\d+) busy, (\d+) lookups, (\d+) retry, (\d+)/100 uses\]$")
+TITLE = re.compile(r"\[(\d+) clients, (\d+) busy, (\d+) lookups, (\d+) retry, "
+                   r"(\d+)/100 served\]$")
 
 
 # --- under the real Postfix master ---------------------------------------------------------------
