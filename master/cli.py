@@ -8,6 +8,7 @@ SYNOPSIS
     proxymap-master [-c DIR] stop [--fast] [--timeout SECONDS]
     proxymap-master [-c DIR] reload
     proxymap-master [-c DIR] status [--json] [--watch [SECONDS]]
+    proxymap-master [-c DIR] metrics [--once]
     proxymap-master [-c DIR] check
     proxymap-master [-c DIR] dropin enable|disable|status [-c POSTFIX_DIR]
 
@@ -35,6 +36,9 @@ DESCRIPTION
               per table lookups, hit rate, RETRY/CONFIG/DENY, latency percentiles,
               backend connections; per worker clients, uses, idle time). ``--json`` for
               machines, ``--watch [SECONDS]`` refreshes until interrupted.
+    metrics   the live statistics as a Prometheus text endpoint on the loopback
+              address or UNIX socket named by main.cf ``pyproxymap_metrics_listen``
+              (empty, the default: off); ``--once`` prints them (``master.prometheus``).
     check     the checks of start, plus: create missing queue directories (as
               ``postfix check`` does), check every command exists in daemon_directory,
               and have each proxymap/proxywrite worker open its approved tables itself
@@ -76,6 +80,7 @@ from master.listen import owner_ids, prepare_queue_directory
 from master.mainconf import MainConfig, MainConfigError
 from master.masterconf import ServiceEntry, child_environment
 from master.pidfile import running_pid
+from master.prometheus import LISTEN_PARAMETER, Exporter, MetricsError, parse_listen, serve
 from master.selfcheck import NO_CHECK_MODE, export_tables, postmap_probe, self_check
 from master.stats import collect, format_statistics
 
@@ -464,6 +469,41 @@ def _status_once(queue_directory: str, as_json: bool) -> str:
         state["statistics"] = figures
         return json.dumps(state, indent=2)
     return format_status(state) + "\n" + format_statistics(figures)
+
+
+@main.command()
+@click.option("--once", is_flag=True, help="print the text once (textfile collector) and exit")
+@click.pass_context
+def metrics(ctx: click.Context, once: bool) -> None:
+    """The live statistics as a Prometheus endpoint (master.prometheus).
+
+    Serves GET /metrics on the loopback address:port or unix:/path named by
+    main.cf pyproxymap_metrics_listen (empty, the default: off). Needs no
+    master: it reads the workers' snapshot files, under either master.
+    """
+    config_dir = ctx.obj["config_dir"]
+    queue_directory = _queue_directory(config_dir)
+    if once:
+        click.echo(Exporter(queue_directory).render(), nl=False)
+        return
+    try:
+        listen = MainConfig.load(config_dir).get(LISTEN_PARAMETER) or ""
+    except MainConfigError as err:
+        fail(str(err), EX_CONFIG)
+    if not listen.strip():
+        fail(f"{LISTEN_PARAMETER} is empty in {config_dir}/main.cf: the endpoint is off",
+             EX_CONFIG)
+    try:
+        parse_listen(listen)
+    except MetricsError as err:
+        fail(str(err), EX_CONFIG)
+    say(f"serving /metrics on {listen.strip()}")
+    try:
+        serve(listen, queue_directory)
+    except OSError as err:
+        fail(f"{listen.strip()}: {err}")
+    except KeyboardInterrupt:
+        return
 
 
 # ---------------------------------------------------------------------------
