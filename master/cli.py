@@ -440,6 +440,8 @@ def status(ctx: click.Context, as_json: bool, watch: float | None) -> None:
     BACKEND CONNECTS   backend connections open/limit (summed over the
                        workers), and opened since the workers started
     down:              a backend server in back-off and why
+    failovers: cache:  connects that moved to another server; the result
+                       cache's figures (pyproxymap_cache_maps)
     -- and each worker: clients now, requests in progress (BUSY),
     connections served/max_use (SERVED), time since its last request (IDLE).
     """

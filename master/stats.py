@@ -50,7 +50,8 @@ DESCRIPTION
             backend   (tables with connection pools) open, in_use, waiting, limit,
                       connects (opened since the worker started), failovers, and
                       down: ["<server>: <reason>", ...] for servers in back-off
-            cache     the result cache's counters (when the table is cached)
+            cache     the result cache's counters (when the table is cached):
+                      hits, misses, coalesced, stale, evictions, invalidations, size
 
     Aggregation (``collect``) groups the workers by service, sums the counters of each
     table over its workers, merges the histograms (the percentiles come from the
@@ -83,6 +84,7 @@ MAX_BYTES = 1 << 20
 COUNTERS = ("lookups", "hits", "misses", "retry", "config", "deny", "updates", "deletes",
             "sequences")
 BACKEND_SUMS = ("open", "in_use", "waiting", "limit", "connects", "failovers")
+CACHE_SHOWN = ("hits", "misses", "coalesced", "stale", "evictions", "size")
 # A temporary file older than this belongs to a worker that died in the middle of a write.
 STALE_TMP = 60.0
 
@@ -374,6 +376,12 @@ def format_table_rows(tables: dict[str, dict], indent: str = "    ") -> list[str
             f"{backend.get('connects', '-'):>8} {name}")
         for down in backend.get("down", []):
             lines.append(f"{indent}{'':>9} down: {down}")
+        if backend.get("failovers"):
+            lines.append(f"{indent}{'':>9} failovers: {backend['failovers']}")
+        cache = table.get("cache")
+        if cache:
+            figures = ", ".join(f"{name} {cache[name]}" for name in CACHE_SHOWN if name in cache)
+            lines.append(f"{indent}{'':>9} cache: {figures}")
     return lines
 
 

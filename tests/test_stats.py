@@ -295,7 +295,9 @@ def test_aggregate_sums_workers_and_formats(tmp_path):
         "latency": {"samples": 10, "sampling": 1, "max_ms": 3.0, "smoothed_ms": 2.0,
                     "histogram": [[1000.0, 9], [2828.4, 1]]},
         "backend": {"open": 2, "in_use": 1, "waiting": 0, "limit": 8, "connects": 3,
-                    "failovers": 1, "down": ["inet:db1:3306: refused"]}}})
+                    "failovers": 1, "down": ["inet:db1:3306: refused"]},
+        "cache": {"hits": 3, "misses": 1, "coalesced": 0, "stale": 0, "evictions": 0,
+                  "invalidations": 0, "size": 1}}})
     two = snapshot({"mysql:/m.cf": {
         "lookups": 30, "hits": 30, "misses": 0, "retry": 0, "config": 0, "deny": 0,
         "latency": {"samples": 30, "sampling": 1, "max_ms": 1.0, "smoothed_ms": 0.9,
@@ -312,7 +314,8 @@ def test_aggregate_sums_workers_and_formats(tmp_path):
                                 "down": ["inet:db1:3306: refused"]}
     text = reader.format_statistics({"directory": "d", "services": services})
     assert "   40  95.0       1      1      0     0    1.00    2.83    3.00    5/16" in text
-    assert "down: inet:db1:3306: refused" in text
+    assert "down: inet:db1:3306: refused" in text and "failovers: 1" in text
+    assert "cache: hits 3, misses 1, coalesced 0, stale 0, evictions 0, size 1" in text
     assert "  3/100 " in text
     assert "no worker statistics" in reader.format_statistics({"directory": "d",
                                                               "services": {}})
@@ -343,3 +346,23 @@ def test_process_title_summary(aliases, server):
     reporter = writer.Reporter(server, handler, None, writer.StatsSettings(proctitle=True))
     server.open_connections, server.connections_closed = 2, 17
     assert reporter.title() == "[2 clients, 0 busy, 1 lookups, 0 retry, 17/100 served]"
+
+
+def test_cached_table_figures_in_the_snapshot(server):
+    async def scenario():
+        listener, port = await socketmap_server(0.01)
+        spec = f"socketmap:inet:127.0.0.1:{port}:m"
+        handler = RequestHandler("proxymap", [spec], {"pyproxymap_cache_maps": f"proxy:{spec}"})
+        first = await handler.handle(lookup("alice", spec))
+        second = handler.handle(lookup("alice", spec))  # a fresh entry: answered inline
+        assert second.__class__ is Reply
+        third = handler.compile_lookup(lookup("alice", spec))(b"alice")  # the fast path
+        listener.close()
+        return handler, spec, first, second, third
+
+    handler, spec, first, second, third = asyncio.run(scenario())
+    assert first.value == second.value == b"alice@slow" and b"alice@slow" in third
+    figures = writer.Reporter(server, handler, None, writer.StatsSettings()).snapshot()
+    table = figures["tables"][spec]
+    assert (table["lookups"], table["hits"], table["latency"]["samples"]) == (3, 3, 1)
+    assert table["cache"]["hits"] == 2 and table["cache"]["misses"] == 1
