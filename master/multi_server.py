@@ -16,7 +16,7 @@ SYNOPSIS
 
 DESCRIPTION
     ``run`` does what a Postfix multi-threaded daemon does between exec and exit
-    (``../shared/spec/PROTOCOLS.md`` section 4.6):
+    (``docs/PROTOCOL.md`` section 4.6):
 
     1.  Take note of the inherited descriptors (5: status socket, 6..: listen
         sockets) before anything else can reuse those numbers; honour MAIL_VERBOSE;

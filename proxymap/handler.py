@@ -9,7 +9,7 @@ SYNOPSIS
     name = handler.changed_table()           # before accept(): restart if not None
 
 DESCRIPTION
-    Per request, in Postfix's order (../shared/spec/PROTOCOLS.md section 2.7):
+    Per request, in Postfix's order (docs/PROTOCOL.md section 2.7):
 
     1. update/delete on the read-only service: warning, DENY (before approval).
     2. Every leading ``proxy:`` is removed; a name without ``:`` is BAD.
@@ -138,7 +138,7 @@ _MAX_ROUTES = 4096
 # Denied table names get figures of their own up to this many; the rest share one.
 MAX_DENIED_NAMES = 64
 OTHER_DENIED = "(other unapproved tables)"
-# G1 lookup replies carry no flags (PROTOCOLS.md 2.5): a constant head before the value
+# G1 lookup replies carry no flags (docs/PROTOCOL.md 2.5): a constant head before the value
 # of a hit, a constant reply for a miss.
 _G1_FOUND = encode_reply("lookup", G1, Reply(OK))[:-2]
 _G1_NOT_FOUND = encode_reply("lookup", G1, Reply(NOKEY))

@@ -50,7 +50,7 @@ DESCRIPTION
 
 SEE ALSO
     proxymap.connection (one client), proxymap.handler (one request),
-    ../shared/spec/PROTOCOLS.md sections 2 and 4.
+    docs/PROTOCOL.md sections 2 and 4.
 """
 
 from __future__ import annotations

@@ -61,7 +61,7 @@ DIAGNOSTICS
     Warnings go to the ``proxymap`` logger.
 
 SEE ALSO
-    ../shared/spec/TABLES.md sections 4.1-4.7 and 5.1; ``cfg_parser``.
+    docs/TABLES.md sections 4.1-4.7 and 5.1; ``cfg_parser``.
 """
 
 from __future__ import annotations

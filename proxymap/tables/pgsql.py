@@ -90,7 +90,7 @@ BUGS
 
 SEE ALSO
     pgsql_table(5), ``db_common``, ``cfg_parser``, ``pool``,
-    ../shared/spec/TABLES.md section 4.4.
+    docs/TABLES.md section 4.4.
 """
 
 from __future__ import annotations
