@@ -13,7 +13,7 @@ import socket
 
 import pytest
 
-from proxymap.tables.pool import ConnectionPool, PoolUnavailable
+from proxymap.tables.pool import ConnectionPool, PoolUnavailable, Sweeper
 from proxymap.tables.streams import Stream, close_stream, stream_opener
 
 
@@ -315,6 +315,54 @@ def test_a_timed_out_waiter_leaves_the_queue():
         await server.stop()
 
     run(scenario())
+
+
+def test_swept_timeout_behaves_like_asyncio_timeout():
+    async def scenario():
+        sweeper = Sweeper(resolution=0.02)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(TimeoutError):
+            async with sweeper.timeout(0.1):
+                await asyncio.sleep(5)
+        assert 0.09 <= loop.time() - started < 0.5  # late by at most a sweep or so
+        await asyncio.sleep(0.01)  # the task is not left cancelled
+        async with sweeper.timeout(1.0):  # in time: nothing happens, nothing is left
+            await asyncio.sleep(0.01)
+        async with sweeper.deadline(None):  # no deadline at all
+            await asyncio.sleep(0.01)
+        assert not sweeper._watched
+        await asyncio.sleep(0.05)
+        assert sweeper._timer is None  # nothing watched: no timer armed
+
+        async def outer_cancelled():
+            async with sweeper.timeout(5):
+                await asyncio.sleep(5)
+
+        task = asyncio.ensure_future(outer_cancelled())
+        await asyncio.sleep(0.01)
+        task.cancel()  # not ours: stays a cancellation, not a timeout
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    run(scenario())
+
+
+def test_sweeper_calls_each_expired_entry_once_and_starts_afresh_on_a_new_loop():
+    sweeper = Sweeper(resolution=0.01)
+
+    async def scenario() -> list[str]:
+        loop = asyncio.get_running_loop()
+        fired: list[str] = []
+        sweeper.watch("a", loop.time() + 0.02, lambda: fired.append("a"))
+        sweeper.watch("b", loop.time() + 10, lambda: fired.append("b"))
+        sweeper.watch("c", loop.time() + 0.02, lambda: fired.append("c"))
+        sweeper.unwatch("c")
+        await asyncio.sleep(0.1)
+        return fired
+
+    assert run(scenario()) == ["a"]
+    assert run(scenario()) == ["a"]  # "b" of the first loop is forgotten
 
 
 @pytest.mark.parametrize(("text", "expected"), [

@@ -103,8 +103,6 @@ import fcntl
 import logging
 import os
 from collections import deque
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -664,7 +662,11 @@ class Channel:
         except ldap.LDAPError as exc:
             raise SearchFailed(_info(exc).get("result", -1), _describe(exc)) from None
         pending = self.pending[msgid] = _Pending(self.loop.create_future())
-        timer = self.loop.call_later(timeout, _expire, pending, timeout) if timeout > 0 else None
+        # The pool's sweeper: no timer per search (uvloop's cost ~3 us each).
+        sweeper = self.owner.pool.sweeper
+        if timeout > 0:
+            sweeper.watch(pending.future, self.loop.time() + timeout,
+                          lambda: _expire(pending, timeout))
         self._start_ticking()
         try:
             return await pending.future
@@ -676,8 +678,8 @@ class Channel:
             self._abandon(msgid)
             raise
         finally:
-            if timer is not None:
-                timer.cancel()
+            if timeout > 0:
+                sweeper.unwatch(pending.future)
             self.pending.pop(msgid, None)
 
     # --- reading ------------------------------------------------------------------------
@@ -768,6 +770,31 @@ class Channel:
         self.owner.forget(self, reusable)
 
 
+def _time_out(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError())
+
+
+class _Use:
+    """``Channels.use``: a class, cheaper than a generator-based context manager."""
+
+    __slots__ = ("channels", "timeout", "channel")
+
+    def __init__(self, channels: Channels, timeout: float | None) -> None:
+        self.channels = channels
+        self.timeout = timeout
+        self.channel: Channel | None = None
+
+    async def __aenter__(self) -> Channel:
+        self.channel = await self.channels._take(self.timeout)
+        return self.channel
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        channel, self.channel = self.channel, None
+        if channel is not None:
+            self.channels.done_with(channel)
+
+
 class Channels:
     """A table's connections: lookups share them, up to ``per_connection`` each.
 
@@ -786,25 +813,30 @@ class Channels:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._waiters: deque[asyncio.Future[None]] = deque()
 
-    @asynccontextmanager
-    async def use(self, timeout: float | None) -> AsyncIterator[Channel]:
-        """A connection for one lookup (PoolUnavailable when none can be had)."""
-        channel = await self._take(timeout)
-        try:
-            yield channel
-        finally:
-            channel.users -= 1
-            if channel.users == 0 and channel.state == RETIRED:
-                channel.close(reusable=False)
-            self._wake(1)
+    def use(self, timeout: float | None) -> _Use:
+        """``async with``: a connection for one lookup (PoolUnavailable when none can
+        be had)."""
+        return _Use(self, timeout)
+
+    def done_with(self, channel: Channel) -> None:
+        channel.users -= 1
+        if channel.users == 0 and channel.state == RETIRED:
+            channel.close(reusable=False)
+        self._wake(1)
+
+    def _least_used(self) -> Channel | None:
+        best = None
+        for channel in self.active:
+            if channel.usable and (best is None or channel.users < best.users):
+                best = channel
+        return best
 
     async def _take(self, timeout: float | None) -> Channel:
         loop = self._bind()
         deadline = None if timeout is None else loop.time() + timeout
         while True:
-            usable = [channel for channel in self.active if channel.usable]
-            if usable:
-                channel = min(usable, key=lambda c: c.users)
+            channel = self._least_used()
+            if channel is not None:
                 channel.users += 1
                 return channel
             remaining = None if deadline is None else max(0.0, deadline - loop.time())
@@ -833,10 +865,14 @@ class Channels:
         return channel
 
     async def _wait(self, timeout: float | None) -> None:
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[None] = loop.create_future()
         self._waiters.append(waiter)
+        sweeper = self.pool.sweeper  # no task per wait (wait_for's), no timer of its own
+        if timeout is not None:
+            sweeper.watch(waiter, loop.time() + timeout, lambda: _time_out(waiter))
         try:
-            await asyncio.wait_for(waiter, timeout)
+            await waiter
         except TimeoutError:
             raise PoolUnavailable(f"{self.pool.name}: all {self.pool.size} connections "
                                   f"busy for {timeout:g}s") from None
@@ -845,6 +881,8 @@ class Channels:
                 self._wake(1)  # woken, but gone: pass the place on
             raise
         finally:
+            if timeout is not None:
+                sweeper.unwatch(waiter)
             if waiter in self._waiters:
                 self._waiters.remove(waiter)
 
@@ -929,7 +967,10 @@ class LdapTable(AsyncTable):
             return None
         if flags & F.FOLD_FIX:
             key = key.lower()
-        if not await self.qc.acheck_domain(key):
+        qc = self.qc
+        if qc.domain is not None and not (
+                await qc.acheck_domain(key) if qc.domain_asynchronous
+                else qc.check_domain(key)):
             return None
         try:
             value = await self._lookup(key)

@@ -105,7 +105,13 @@ from proxymap.tables.base import (
 from proxymap.tables.cfg_parser import CfgParser
 from proxymap.tables.composite import Call, run_async
 from proxymap.tables.db_common import DomainFilter, Template, expand
-from proxymap.tables.pool import ConnectionPool, OutageLog, PoolUnavailable, connection_limit
+from proxymap.tables.pool import (
+    ConnectionPool,
+    OutageLog,
+    PoolUnavailable,
+    Sweeper,
+    connection_limit,
+)
 from proxymap.tables.streams import Stream, stream_opener
 
 log = logging.getLogger("proxymap")
@@ -242,23 +248,24 @@ def parse_value_header(line: bytes) -> int | None:
 class _Wire:
     """Reads and writes with Postfix's limits and per-operation timeout."""
 
-    def __init__(self, connection: _Connection, settings: Settings) -> None:
+    def __init__(self, connection: _Connection, settings: Settings, sweeper: Sweeper) -> None:
         self.reader = connection.stream.reader
         self.writer = connection.stream.writer
         self.timeout = settings.timeout
+        self.sweeper = sweeper  # the pool's: no timer per read (asyncio.timeout's)
         self.line_limit = settings.line_limit
         self.started = False  # a reply byte has arrived
 
     async def send(self, data: bytes) -> None:
         self.writer.write(data)
         if self.writer.transport.get_write_buffer_size():  # else nothing to wait for
-            async with asyncio.timeout(self.timeout):
+            async with self.sweeper.timeout(self.timeout):
                 await self.writer.drain()
 
     async def line(self) -> bytes:
         """One reply line without CRLF (or bare LF); at most line_size_limit bytes."""
         try:
-            async with asyncio.timeout(self.timeout):
+            async with self.sweeper.timeout(self.timeout):
                 raw = await self.reader.readuntil(b"\n")
         except asyncio.IncompleteReadError as exc:
             if not exc.partial and not self.started:
@@ -279,7 +286,7 @@ class _Wire:
 
     async def data(self, length: int) -> bytes:
         try:
-            async with asyncio.timeout(self.timeout):
+            async with self.sweeper.timeout(self.timeout):
                 raw = await self.reader.readexactly(length + 2)
         except asyncio.IncompleteReadError:
             raise _Failure("EOF receiving the reply data") from None
@@ -444,7 +451,7 @@ class MemcacheTable(AsyncTable):
                 continue
             connection.commands += 1
             try:
-                result = await command(_Wire(connection, self.settings))
+                result = await command(_Wire(connection, self.settings, self.pool.sweeper))
             except _ValueButBroken as broken:
                 self.pool.release(lease, False)
                 return broken.value  # type: ignore[return-value]

@@ -513,21 +513,6 @@ async def _result_sets(connection: Connection, query: bytes) -> list[tuple]:
         raise _QueryFailed(f"query failed: {_error_text(exc)}") from None
 
 
-class _Expiry:
-    """A query's deadline: cancels the task that waits for it (what asyncio.timeout
-    does, on the pool's sweeper instead of a timer of its own)."""
-
-    __slots__ = ("task", "fired")
-
-    def __init__(self, task: asyncio.Task) -> None:
-        self.task = task
-        self.fired = False
-
-    def fire(self) -> None:
-        self.fired = True
-        self.task.cancel()
-
-
 # ---------------------------------------------------------------------------------------
 # The table
 # ---------------------------------------------------------------------------------------
@@ -681,21 +666,10 @@ class MysqlTable(AsyncTable):
                 or query
         if deadline <= loop.time():
             raise TimeoutError
-        # The pool's sweeper cancels the query at the deadline: no task and no timer
-        # per query (asyncio.timeout would cost a tenth of the lookup).
-        task = asyncio.current_task(loop)
-        assert task is not None
-        expiry = _Expiry(task)
-        sweeper = self.pool.sweeper
-        sweeper.watch(expiry, deadline, expiry.fire)
-        try:
+        # The deadline on the pool's sweeper: no task and no timer per query
+        # (asyncio.timeout would cost a tenth of the lookup).
+        async with self.pool.sweeper.deadline(deadline):
             return await _result_sets(connection, query)
-        except asyncio.CancelledError:
-            if expiry.fired and task.uncancel() == 0:
-                raise TimeoutError from None
-            raise
-        finally:
-            sweeper.unwatch(expiry)
 
     def _abandon(self, lease: Lease[Connection, Endpoint]) -> None:
         """A query that timed out still runs on the server, on a connection the server

@@ -453,6 +453,14 @@ class Sweeper:
     def unwatch(self, key: object) -> None:
         self._watched.pop(key, None)
 
+    def deadline(self, when: float | None) -> SweptTimeout:
+        """``async with``: asyncio.timeout_at on this sweeper (loop time; None: none)."""
+        return SweptTimeout(self, when)
+
+    def timeout(self, delay: float | None) -> SweptTimeout:
+        """``async with``: asyncio.timeout on this sweeper (seconds; None: none)."""
+        return SweptTimeout(self, None if delay is None else _loop_time() + delay)
+
     def _sweep(self) -> None:
         self._timer = None
         watched = self._watched
@@ -468,6 +476,45 @@ class Sweeper:
                 log.exception("deadline callback failed")
         if watched:
             self._timer = self._loop.call_later(self.resolution, self._sweep)
+
+
+def _loop_time() -> float:
+    return asyncio.get_running_loop().time()
+
+
+class SweptTimeout:
+    """What asyncio.timeout does -- past the deadline the task is cancelled and the
+    block raises TimeoutError -- with the deadline on a ``Sweeper``."""
+
+    __slots__ = ("sweeper", "when", "task", "fired")
+
+    def __init__(self, sweeper: Sweeper, when: float | None) -> None:
+        self.sweeper = sweeper
+        self.when = when
+        self.task: asyncio.Task | None = None
+        self.fired = False
+
+    async def __aenter__(self) -> SweptTimeout:
+        if self.when is not None:
+            self.task = asyncio.current_task()
+            self.sweeper.watch(self, self.when, self._fire)
+        return self
+
+    def _fire(self) -> None:
+        # The task waits inside the block (the sweeper watches only meanwhile), so the
+        # cancellation arrives there as CancelledError.
+        self.fired = True
+        assert self.task is not None
+        self.task.cancel()
+
+    async def __aexit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                        traceback: TracebackType | None) -> None:
+        if self.when is None:
+            return
+        self.sweeper.unwatch(self)
+        if (self.fired and kind is not None and issubclass(kind, asyncio.CancelledError)
+                and self.task is not None and self.task.uncancel() == 0):
+            raise TimeoutError from error
 
 
 class _Borrowed(Generic[C, E]):
