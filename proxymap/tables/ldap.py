@@ -91,7 +91,7 @@ SECURITY
     ``bind_pw`` is a secret: keep the file mode 640, owner root, group postfix.
 
 SEE ALSO
-    ldap_table(5); ../shared/spec/TABLES.md section 4.6; db_common, cfg_parser, pool.
+    ldap_table(5); docs/TABLES.md section 4.6; db_common, cfg_parser, pool.
 """
 
 from __future__ import annotations
