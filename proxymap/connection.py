@@ -20,10 +20,9 @@ DESCRIPTION
     through the general path, its prefix maps to the handler's compiled lookup
     (``RequestHandler.compile_lookup``) and the next ones are a dictionary hit, a
     slice and a call. A slow (asynchronous) table returns an awaitable: it
-    runs as a task; requests this client sends meanwhile (only a pipelining client
-    does) wait in order behind it, so its replies keep their order while other
-    clients of the process are served meanwhile. Reading from the client goes on
-    (no pause/resume system calls per request) until ``MAX_QUEUED`` requests wait.
+    runs as a task, reading from this client pauses, and requests this client had
+    already sent wait in order behind it, so its replies keep their order while other
+    clients of the process are served meanwhile.
 
     Requests that arrive together (pipelining; real clients never do it, they wait for
     each reply) are all answered, in order, with one write. Postfix would answer only
@@ -79,8 +78,6 @@ REQUEST_DEADLINE = 1.0
 #: Every lookup ends with ``key NUL <key> NUL`` and the list terminator NUL.
 _KEY_NAME = b"\x00key\x00"
 _LIST_END = b"\x00\x00"
-#: Requests queued behind a slow one before reading from that client pauses.
-MAX_QUEUED = 16
 #: Bound on remembered request prefixes (a client cycling through flag words or table
 #: names must not grow the cache without limit).
 MAX_SHORTCUTS = 4096
@@ -171,9 +168,6 @@ class ProxymapProtocol(ClientProtocol):
                 self._serve(lists)
         if self._slow is None:
             self._after_input()
-        elif (len(self._queue) >= MAX_QUEUED or self._closing) and not self._closed:
-            # Behind a slow request: a client that keeps sending is held off.
-            self.transport.pause_reading()
 
     def eof_received(self) -> bool:
         if self.decoder.pending:
@@ -244,26 +238,27 @@ class ProxymapProtocol(ClientProtocol):
         self._shortcuts[prefix] = self.handler.compile_lookup(request)
 
     def _start_slow(self, request: Request, awaitable) -> None:
-        # One task per slow request, which also writes the reply when the answer is
-        # there: no done callback, so no extra turn of the event loop per request.
-        self._slow = asyncio.ensure_future(self._serve_slow(request, awaitable))
-        self._between_requests = False
-        # Reading stays on: a client waits for its reply, so nothing arrives meanwhile
-        # (pausing and resuming cost two system calls per request); what a pipelining
-        # client sends is queued behind this request, up to MAX_QUEUED lists.
-
-    async def _serve_slow(self, request: Request, awaitable) -> None:
         try:
-            reply = await awaitable
+            future = asyncio.ensure_future(awaitable)
+        except TypeError as exc:
+            log.error("%s request for %s: handler returned %r", request.op, request.table, exc)
+            future = asyncio.get_running_loop().create_future()
+            future.set_result(Reply(RETRY))
+        self._slow = future
+        self._between_requests = False
+        if not self._closed:
+            self.transport.pause_reading()
+        future.add_done_callback(lambda done: self._slow_done(request, done))
+
+    def _slow_done(self, request: Request, future: asyncio.Future) -> None:
+        self._slow = None
+        try:
+            reply = future.result()
             if reply.__class__ is not Reply:
                 raise TypeError(f"handler result {reply!r} is not a Reply")
         except BaseException as exc:  # noqa: BLE001 - including cancellation
             log.error("%s request for %s failed: %r", request.op, request.table, exc)
             reply = Reply(RETRY)
-        self._slow_done(request, reply)
-
-    def _slow_done(self, request: Request, reply: Reply) -> None:
-        self._slow = None
         if not self._closed:
             self.transport.write(encode_reply(request.op, request.generation, reply))
         self.server.request_done()
@@ -280,7 +275,7 @@ class ProxymapProtocol(ClientProtocol):
             self.transport.close()
             return
         if not self._write_blocked:
-            self.transport.resume_reading()  # if a full queue paused it (else a no-op)
+            self.transport.resume_reading()
         self._after_input()
 
     # --- end of a request / connection ----------------------------------------------------

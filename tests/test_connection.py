@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from proxymap import attr
 from proxymap import flags as F
-from proxymap.connection import MAX_QUEUED, ProxymapProtocol
+from proxymap.connection import ProxymapProtocol
 from proxymap.handler import RequestHandler
 from proxymap.protocol import ANNOUNCEMENT, stream_name
 from proxymap.tables import TABLE_TYPES
@@ -403,52 +403,6 @@ def test_client_that_does_not_read_is_not_read_from(table):
             replies += len(decoder.feed(data))
         await sender
         assert replies == count and protocol.transport.is_reading()
-    run(main())
-
-
-def test_reading_goes_on_while_a_slow_request_runs(table):
-    async def main():
-        server = RecordingServer()
-        handler = RequestHandler("proxymap", {table, "slow:0.2"}, {})
-        client, protocol = await connect(handler, server)
-        await client.send(lookup("slow:0.2", b"x"))
-        await asyncio.sleep(0.05)
-        assert protocol._slow is not None
-        assert protocol.transport.is_reading()  # no pause/resume per request
-        assert dict((await client.read_lists(1))[0])[b"value"] == b"slow:x"
-        assert protocol.transport.is_reading()
-    run(main())
-
-
-def test_a_client_pipelining_behind_a_slow_request_is_held_off_then_answered(table):
-    async def main():
-        server = RecordingServer()
-        handler = RequestHandler("proxymap", {table, "slow:0.2"}, {})
-        client, protocol = await connect(handler, server)
-        count = 3 * MAX_QUEUED
-        await client.send(lookup("slow:0.2", b"x") + lookup(table, b"alice") * count)
-        await asyncio.sleep(0.1)
-        assert protocol._slow is not None
-        assert not protocol.transport.is_reading()  # the queue is full
-        lists = await client.read_lists(count + 1)
-        assert [dict(pairs)[b"value"] for pairs in lists] == \
-            [b"slow:x"] + [b"alice@example.com"] * count
-        assert protocol.transport.is_reading() and server.busy == 0
-    run(main())
-
-
-def test_eof_while_a_slow_request_runs_still_answers_it(table):
-    async def main():
-        server = RecordingServer()
-        handler = RequestHandler("proxymap", {table, "slow:0.2"}, {})
-        client, _ = await connect(handler, server)
-        await client.send(lookup("slow:0.2", b"x") + lookup(table, b"alice"))
-        await asyncio.sleep(0.05)
-        client.writer.write_eof()  # seen at once: reading is on
-        data = await client.read_to_eof()
-        lists = attr.AttrDecoder().feed(data)
-        assert [dict(pairs)[b"value"] for pairs in lists] == [b"slow:x", b"alice@example.com"]
-        assert server.busy == 0
     run(main())
 
 
