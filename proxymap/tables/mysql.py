@@ -54,10 +54,13 @@ DESCRIPTION
     Idle connections are closed after ``idle_interval`` seconds (default 60, as
     Postfix); one idle for more than 5 s is pinged before reuse. Every lookup is
     bounded by ``pyproxymap_mysql_timeout`` (default 10 s): waiting for a
-    connection, connecting and the query; past it the connection is dropped and
-    the answer is RETRY. A connection lost during a query (server restarted,
-    killed, gone away) is dropped with its idle siblings to that server, and the
-    query is tried once more on another connection before answering RETRY.
+    connection, connecting and the query (checked by the pool's sweeper, so up to
+    50 ms late); past it the answer is RETRY at once, while another pooled
+    connection stops the query with ``KILL QUERY`` and the timed-out connection,
+    still counted in the bound until then, is closed. A connection lost during a
+    query (server restarted, killed, gone away) is dropped with its idle siblings
+    to that server, and the query is tried once more on another connection
+    before answering RETRY.
 
     Failover: a server whose connect fails is passed over for a back-off of 0.25 s
     doubling to ``retry_interval`` but at most 2 s (Postfix: ``retry_interval``,
@@ -72,11 +75,10 @@ SECURITY
     checks the server name.
 
 BUGS
-    A timed-out query is abandoned, not killed: the server finishes it on a
-    connection nobody reads (its thread counts against max_connections until then).
-    Postfix marks a server down for ``retry_interval`` after ANY query error (even
-    a syntax error); here a query error fails only its own lookup. ``charset``
-    is honoured for 3.7 clients too (Postfix 3.7 ignores it).
+    A timed-out query whose ``KILL QUERY`` fails (no connection to be had) runs on
+    to its end on the server. Postfix marks a server down for ``retry_interval``
+    after ANY query error (even a syntax error); here a query error fails only its
+    own lookup. ``charset`` is honoured for 3.7 clients too (Postfix 3.7 ignores it).
 
 SEE ALSO
     mysql_table(5), ``db_common`` (templates, domain, result joining), ``pool``.
