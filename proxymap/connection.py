@@ -20,7 +20,8 @@ DESCRIPTION
     through the general path, its prefix maps to the handler's compiled lookup
     (``RequestHandler.compile_lookup``) and the next ones are a dictionary hit, a
     slice and a call. A slow (asynchronous) table returns an awaitable: it
-    runs as a task, reading from this client pauses, and requests this client had
+    runs as a task, which also writes the reply (no done callback: no extra loop
+    turn), reading from this client pauses, and requests this client had
     already sent wait in order behind it, so its replies keep their order while other
     clients of the process are served meanwhile.
 
@@ -50,7 +51,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import types
 from collections import deque
+from collections.abc import Generator
 from typing import TYPE_CHECKING
 
 from master.multi_server import ClientProtocol
@@ -71,6 +74,14 @@ if TYPE_CHECKING:
     from proxymap.handler import RequestHandler
 
 log = logging.getLogger("proxymap")
+
+
+@types.coroutine
+def _first_step() -> Generator[None, None, None]:
+    """A bare yield: ``_start_slow`` runs a slow request's coroutine up to here, and
+    its task resumes it from here on its first step (asyncio's "yield None" means
+    "again next turn")."""
+    yield
 
 #: Postfix's per-request read budget (proxymap puts the stream in deadline mode).
 REQUEST_DEADLINE = 1.0
@@ -238,27 +249,31 @@ class ProxymapProtocol(ClientProtocol):
         self._shortcuts[prefix] = self.handler.compile_lookup(request)
 
     def _start_slow(self, request: Request, awaitable) -> None:
-        try:
-            future = asyncio.ensure_future(awaitable)
-        except TypeError as exc:
-            log.error("%s request for %s: handler returned %r", request.op, request.table, exc)
-            future = asyncio.get_running_loop().create_future()
-            future.set_result(Reply(RETRY))
-        self._slow = future
+        # One task per slow request, which writes the reply itself when the answer is
+        # there: no done callback, so no extra turn of the event loop per request.
+        serve = self._serve_slow(request, awaitable)
+        serve.send(None)  # into its try block: a task cancelled before it ran is answered
+        self._slow = asyncio.ensure_future(serve)
         self._between_requests = False
         if not self._closed:
             self.transport.pause_reading()
-        future.add_done_callback(lambda done: self._slow_done(request, done))
 
-    def _slow_done(self, request: Request, future: asyncio.Future) -> None:
-        self._slow = None
+    async def _serve_slow(self, request: Request, awaitable) -> None:
         try:
-            reply = future.result()
+            await _first_step()
+            reply = await awaitable
             if reply.__class__ is not Reply:
                 raise TypeError(f"handler result {reply!r} is not a Reply")
         except BaseException as exc:  # noqa: BLE001 - including cancellation
+            close = getattr(awaitable, "close", None)
+            if close is not None:
+                close()  # a coroutine cancelled before it started: not "never awaited"
             log.error("%s request for %s failed: %r", request.op, request.table, exc)
             reply = Reply(RETRY)
+        self._slow_done(request, reply)
+
+    def _slow_done(self, request: Request, reply: Reply) -> None:
+        self._slow = None
         if not self._closed:
             self.transport.write(encode_reply(request.op, request.generation, reply))
         self.server.request_done()

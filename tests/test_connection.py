@@ -433,6 +433,26 @@ class MemoryTransport:
         return self.closed
 
 
+def test_slow_request_cancelled_before_its_task_ran_is_answered_and_counted(table, recwarn):
+    async def main():
+        server = RecordingServer()
+        handler = RequestHandler("proxymap", {"slow:0.2"}, {})
+        protocol = ProxymapProtocol(server, handler, stream_name("proxymap"))
+        transport = MemoryTransport()
+        protocol.connection_made(transport)
+        protocol.data_received(lookup("slow:0.2", b"x"))
+        assert server.busy == 1 and not transport.reading
+        protocol._slow.cancel()  # e.g. the loop shutting down: before its first step
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert server.busy == 0 and protocol._slow is None
+        assert bytes(transport.output) == ANNOUNCEMENT + b"status\x002\x00value\x00\x00\x00"
+        assert transport.reading
+        protocol.connection_lost(None)
+    run(main())
+    assert not [w for w in recwarn if "never awaited" in str(w.message)]
+
+
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(chunks=st.lists(st.one_of(
     st.binary(max_size=40),
