@@ -187,6 +187,20 @@ def parse_bool(params: Mapping[str, str], name: str, default: bool) -> bool:
     return params[name].strip().lower() == "yes"
 
 
+def _cached_reply(value: bytes | None, stats: TableStats | None, found: bytes,
+                  not_found: bytes) -> bytes:
+    """A cached answer, encoded with the reply heads of its generation, and counted."""
+    if stats is not None:
+        stats.lookups += 1
+        if value is None:
+            stats.misses += 1
+    if value is None:
+        return not_found
+    if b"\x00" in value:
+        value = value[:value.index(b"\x00")]
+    return found + value + b"\x00\x00"
+
+
 class RequestHandler:
     """Answers proxymap/proxywrite requests against the approved tables."""
 
@@ -548,16 +562,7 @@ class RequestHandler:
                 entry = fresh((token, answer_bits, key))
                 if entry is None:
                     return None
-                value = entry.value
-                if stats is not None:
-                    stats.lookups += 1
-                    if value is None:
-                        stats.misses += 1
-                if value is None:
-                    return not_found
-                if b"\x00" in value:
-                    value = value[:value.index(b"\x00")]
-                return found + value + b"\x00\x00"
+                return _cached_reply(entry.value, stats, found, not_found)
 
             return cached_g2
 
@@ -570,16 +575,7 @@ class RequestHandler:
             entry = fresh((token, answer_bits, key))
             if entry is None:
                 return None
-            value = entry.value
-            if stats is not None:
-                stats.lookups += 1
-                if value is None:
-                    stats.misses += 1
-            if value is None:
-                return _G1_NOT_FOUND
-            if b"\x00" in value:
-                value = value[:value.index(b"\x00")]
-            return _G1_FOUND + value + b"\x00\x00"
+            return _cached_reply(entry.value, stats, _G1_FOUND, _G1_NOT_FOUND)
 
         return cached_g1
 

@@ -39,6 +39,7 @@ from proxymap.tables.db_common import (
 )
 from proxymap.tables.utf8 import casefold_utf8
 from tests.support.postfix import ensure_postfix, postmap_lookup, settle_files
+from tests.support.vectors import SQLITE_ALIASES
 
 
 def sqlite_quote(piece: bytes) -> bytes:
@@ -433,19 +434,7 @@ class TestDomainFilter:
 # ---------------------------------------------------------------------------
 
 ALIASES = [
-    ("alice@example.com", "alice@mail.example.com", "x1"),
-    ("multi@example.com", "first@example.net", "x2"),
-    ("multi@example.com", "second@example.net", "x3"),
-    ("multi@example.com", "third@example.net", "x4"),
-    ("nullval@example.com", None, "x5"),
-    ("emptyval@example.com", "", "x6"),
-    ("o'brien@example.com", "quote-ok@example.com", "x7"),
-    ("Mixed@Example.com", "mixed-case-row", "x8"),
-    ("mixed@example.com", "lower-case-row", "x9"),
-    ("nodomain", "bare-user", "x10"),
-    ("bob", "unqualified-result", "x11"),
-    ("%", "percent-row", "x12"),
-    ("\u00fcn\u00ef@example.com", "utf8-row", "x13"),
+    *SQLITE_ALIASES,  # the vectors' rows
     ("x@bad.example.com", "bad-row", "x14"),
     ("x@.example.org", "dot-row", "x15"),
     ("x@mail.example.com", "mail-row", "x16"),

@@ -447,19 +447,8 @@ class IndexedFileTable(SyncTable):
             return 1
         with_nul, self.flags = storage_form(self.flags)
         raw_key, raw_value = (key + NUL, value + NUL) if with_nul else (key, value)
-        try:
-            held = self._enter(exclusive=True)
-            try:
-                stored = self._backend_put(raw_key, raw_value, bool(self.flags & F.DUP_REPLACE))
-                if stored:
-                    self._after_write()
-            finally:
-                self._leave(held)
-        except DictRetry as exc:
-            self._failed(exc)
-            raise
-        if self._trouble is not None:
-            self._succeeded()
+        stored = self._exclusively(
+            lambda: self._backend_put(raw_key, raw_value, bool(self.flags & F.DUP_REPLACE)))
         if stored:
             return 0
         if self.flags & F.DUP_IGNORE:
@@ -476,11 +465,23 @@ class IndexedFileTable(SyncTable):
         key = cut_at_nul(self.fold(key))
         if not key:
             return 1
+        return 0 if self._exclusively(lambda: self._remove(key)) else 1
+
+    def _remove(self, key: bytes) -> bool:
+        removed, self.flags = probe(self.flags, self._removed_or_none, key)
+        return bool(removed)
+
+    def _removed_or_none(self, raw_key: bytes) -> bool | None:
+        return True if self._backend_remove(raw_key) else None
+
+    def _exclusively(self, write: Callable[[], bool]) -> bool:
+        """One write under the exclusive lock (synced when it changed the file); a
+        failure or the end of one goes to the table's trouble log."""
         try:
             held = self._enter(exclusive=True)
             try:
-                removed, self.flags = probe(self.flags, self._removed_or_none, key)
-                if removed:
+                changed = write()
+                if changed:
                     self._after_write()
             finally:
                 self._leave(held)
@@ -489,10 +490,7 @@ class IndexedFileTable(SyncTable):
             raise
         if self._trouble is not None:
             self._succeeded()
-        return 0 if removed else 1
-
-    def _removed_or_none(self, raw_key: bytes) -> bool | None:
-        return True if self._backend_remove(raw_key) else None
+        return changed
 
     def sequence(self, function: int) -> tuple[bytes, bytes] | None:
         self._normalize_flags()

@@ -49,12 +49,20 @@ def open_members(dict_type: str, name: str, open_mode: int, flags: int,
     return members, (flags & ~_KIND) | kind
 
 
-class PipemapPlans(Composite):
-    dict_type = "pipemap"
+class MemberPlans(Composite):
+    """A composite of member tables (pipemap, unionmap): keeps and closes them."""
 
     def __init__(self, name: str, open_mode: int, flags: int, members: list[Table]) -> None:
         super().__init__(name, open_mode, flags)  # type: ignore[call-arg]  # Table's
         self.members = members
+
+    def close(self) -> None:
+        for member in self.members:
+            member.close()
+
+
+class PipemapPlans(MemberPlans):
+    dict_type = "pipemap"
 
     def lookup_plan(self, key: bytes) -> Plan[bytes | None]:
         value: bytes | None = key
@@ -63,10 +71,6 @@ class PipemapPlans(Composite):
             if value is None:
                 return None
         return value
-
-    def close(self) -> None:
-        for member in self.members:
-            member.close()
 
 
 class PipemapTable(PipemapPlans, SyncComposite):

@@ -21,16 +21,12 @@ DESCRIPTION
 from __future__ import annotations
 
 from proxymap.tables.base import OpenContext, Table
-from proxymap.tables.composite import AsyncComposite, Call, Composite, Plan, SyncComposite, choose
-from proxymap.tables.pipemap import open_members
+from proxymap.tables.composite import AsyncComposite, Call, Plan, SyncComposite, choose
+from proxymap.tables.pipemap import MemberPlans, open_members
 
 
-class UnionmapPlans(Composite):
+class UnionmapPlans(MemberPlans):
     dict_type = "unionmap"
-
-    def __init__(self, name: str, open_mode: int, flags: int, members: list[Table]) -> None:
-        super().__init__(name, open_mode, flags)  # type: ignore[call-arg]  # Table's
-        self.members = members
 
     def lookup_plan(self, key: bytes) -> Plan[bytes | None]:
         collected = bytearray()
@@ -42,10 +38,6 @@ class UnionmapPlans(Composite):
                 collected += b","
             collected += value
         return bytes(collected) if collected else None
-
-    def close(self) -> None:
-        for member in self.members:
-            member.close()
 
 
 class UnionmapTable(UnionmapPlans, SyncComposite):

