@@ -52,12 +52,12 @@ venv install: $(VENV)/.installed
 run: install
 	$(VENV)/bin/proxymap-master -c $(CONF) start
 
-test: install
-	$(VENV)/bin/ruff check .
+test: install lint
 	$(PY) -m pytest -ra $(PYTEST_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 bench: install
 	$(PY) -m tests.bench.run $(BENCH_ARGS)

@@ -140,8 +140,14 @@ def default_prefork(main: MainConfig) -> int:
 class Arbiter:
     """The master process."""
 
-    def __init__(self, config_dir: str, *, foreground: bool = True, verbose: int = 0,
-                 notifier: Notifier | None = None) -> None:
+    def __init__(
+        self,
+        config_dir: str,
+        *,
+        foreground: bool = True,
+        verbose: int = 0,
+        notifier: Notifier | None = None,
+    ) -> None:
         self.config_dir = os.path.abspath(config_dir)
         self.foreground = foreground
         self.verbose = verbose
@@ -165,12 +171,12 @@ class Arbiter:
         self.main = main
         self.queue_directory = main.get("queue_directory") or "/var/spool/postfix"
         if not os.path.isabs(self.queue_directory):
-            raise ArbiterError(f"queue_directory must be absolute: {self.queue_directory!r}",
-                               EX_CONFIG)
+            raise ArbiterError(
+                f"queue_directory must be absolute: {self.queue_directory!r}", EX_CONFIG
+            )
         try:
             self.owner = owner_ids(main.get("mail_owner") or "postfix")
-            prepare_queue_directory(self.queue_directory, self.owner,
-                                    main.get("data_directory"))
+            prepare_queue_directory(self.queue_directory, self.owner, main.get("data_directory"))
         except OSError as err:
             raise ArbiterError(f"queue directory {self.queue_directory}: {err}") from None
         self.pidfile = PidFile(os.path.join(self.queue_directory, "pid", "master.pid"))
@@ -192,8 +198,9 @@ class Arbiter:
         """
         try:
             throttle_time = main.get_time("service_throttle_time")
-            stop_timeout = to_seconds(STOP_TIMEOUT_PARAMETER,
-                                      main.get(STOP_TIMEOUT_PARAMETER) or DEFAULT_STOP_TIMEOUT)
+            stop_timeout = to_seconds(
+                STOP_TIMEOUT_PARAMETER, main.get(STOP_TIMEOUT_PARAMETER) or DEFAULT_STOP_TIMEOUT
+            )
             default_process_limit = main.get_int("default_process_limit")
         except (MainConfigError, ValueError) as err:
             raise ArbiterError(str(err), EX_CONFIG) from None
@@ -209,8 +216,11 @@ class Arbiter:
     def _runnable(self, entry: ServiceEntry) -> ServiceEntry:
         """Without root nobody can drop privileges or chroot: run as we are."""
         if os.geteuid() != 0 and (entry.unprivileged or entry.chroot):
-            log.warning("%s: not running as root: ignoring the unpriv and chroot columns"
-                        " of service %s", entry.where, entry.name)
+            log.warning(
+                "%s: not running as root: ignoring the unpriv and chroot columns of service %s",
+                entry.where,
+                entry.name,
+            )
             return dataclasses.replace(entry, unprivileged=False, chroot=False)
         return entry
 
@@ -225,8 +235,12 @@ class Arbiter:
 
     def _add_service(self, entry: ServiceEntry) -> ServiceState | None:
         if entry.transport not in SUPPORTED_TRANSPORTS:
-            log.warning("%s: service %s: transport %s is not supported -- skipped",
-                        entry.where, entry.name, entry.transport)
+            log.warning(
+                "%s: service %s: transport %s is not supported -- skipped",
+                entry.where,
+                entry.name,
+                entry.transport,
+            )
             return None
         backlog = max(entry.maxproc, self.default_process_limit)
         try:
@@ -235,9 +249,13 @@ class Arbiter:
             raise ArbiterError(str(err)) from None
         status_master, status_child = socket.socketpair()
         status_master.setblocking(False)
-        service = ServiceState(listener=listener, status_master=status_master,
-                               status_child=status_child, generation=self.generation,
-                               **self._service_fields(entry))
+        service = ServiceState(
+            listener=listener,
+            status_master=status_master,
+            status_child=status_child,
+            generation=self.generation,
+            **self._service_fields(entry),
+        )
         self.services[entry.identity] = service
         return service
 
@@ -245,8 +263,11 @@ class Arbiter:
         """Descriptors a daemonizing caller must keep open across its fork."""
         fds = [self.pidfile.fileno(), self.flow_read, self.flow_write, self.control.fileno()]
         for service in self.services.values():
-            fds += [service.listener.fileno(), service.status_master.fileno(),
-                    service.status_child.fileno()]
+            fds += [
+                service.listener.fileno(),
+                service.status_master.fileno(),
+                service.status_child.fileno(),
+            ]
         return fds
 
     # ------------------------------------------------------------------
@@ -263,8 +284,7 @@ class Arbiter:
         self.selector.register(self.control, selectors.EVENT_READ, ("control", None))
         for service in self.services.values():
             self._watch_status(service)
-        log.info("daemon started -- version %s, configuration %s", MASTER_VERSION,
-                 self.config_dir)
+        log.info("daemon started -- version %s, configuration %s", MASTER_VERSION, self.config_dir)
         self.maintain()
         self.notifier.ready(self._summary())
         fast = False
@@ -286,8 +306,9 @@ class Arbiter:
 
     def _next_timeout(self) -> float | None:
         now = time.monotonic()
-        deadlines = [s.throttled_until for s in self.services.values()
-                     if s.throttled_until is not None]
+        deadlines = [
+            s.throttled_until for s in self.services.values() if s.throttled_until is not None
+        ]
         deadlines += self.respawn_hold.values()
         if not deadlines:
             return None
@@ -348,11 +369,21 @@ class Arbiter:
         self._update_listen(service)
 
     def spawn(self, service: ServiceState) -> bool:
-        fds = ChildFds(self.flow_read, self.flow_write, service.status_child.fileno(),
-                       service.listener.fileno())
+        fds = ChildFds(
+            self.flow_read,
+            self.flow_write,
+            service.status_child.fileno(),
+            service.listener.fileno(),
+        )
         try:
-            pid = spawn_child(service.path, service.argv, self.child_env, fds,
-                              keep_stderr=self.foreground, ignore_interrupt=self.foreground)
+            pid = spawn_child(
+                service.path,
+                service.argv,
+                self.child_env,
+                fds,
+                keep_stderr=self.foreground,
+                ignore_interrupt=self.foreground,
+            )
         except OSError as err:
             log.warning("master_spawn: fork: %s -- throttling", err.strerror)
             self.throttle(service)
@@ -360,8 +391,7 @@ class Arbiter:
         service.add_worker(pid)
         self.children[pid] = service
         if self.verbose:
-            log.info("spawn command %s; service %s; pid %d", service.path, service.entry.name,
-                     pid)
+            log.info("spawn command %s; service %s; pid %d", service.path, service.entry.name, pid)
         return True
 
     def throttle(self, service: ServiceState) -> None:
@@ -425,13 +455,19 @@ class Arbiter:
                 self.respawn_hold[service.entry.identity] = time.monotonic() + RESPAWN_DELAY
             return
         if os.WIFEXITED(status):
-            log.warning("process %s pid %d exit status %d", service.path, pid,
-                        os.WEXITSTATUS(status))
+            log.warning(
+                "process %s pid %d exit status %d", service.path, pid, os.WEXITSTATUS(status)
+            )
         elif os.WIFSIGNALED(status):
-            log.warning("process %s pid %d killed by signal %d", service.path, pid,
-                        os.WTERMSIG(status))
-        if (worker.use_count == 0 and not worker.retired
-                and not service.throttled(time.monotonic()) and service not in self.leaving):
+            log.warning(
+                "process %s pid %d killed by signal %d", service.path, pid, os.WTERMSIG(status)
+            )
+        if (
+            worker.use_count == 0
+            and not worker.retired
+            and not service.throttled(time.monotonic())
+            and service not in self.leaving
+        ):
             log.warning("%s: bad command startup -- throttling", service.path)
             self.throttle(service)
 
@@ -546,11 +582,14 @@ class Arbiter:
                 self.selector.select(0.05)
                 hurried = any(signum in _STOP_SIGNALS for signum in self.signals.drain())
         if self.children and hurried:
-            log.warning("%d children still alive after a second stop signal -- killing them",
-                        len(self.children))
+            log.warning(
+                "%d children still alive after a second stop signal -- killing them",
+                len(self.children),
+            )
         elif self.children:
-            log.warning("%d children still alive after %.0fs -- killing them",
-                        len(self.children), timeout)
+            log.warning(
+                "%d children still alive after %.0fs -- killing them", len(self.children), timeout
+            )
         if self.children:
             for pid in list(self.children):
                 with contextlib.suppress(ProcessLookupError):

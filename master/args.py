@@ -44,19 +44,19 @@ class ChildOptions:
     """What the child's command line asks for."""
 
     argv0: str
-    chroot: bool = False                 # -c
-    foreground: bool = False             # -d (may run with a terminal on stdin)
-    debug: bool = False                  # -D (debugger_command: accepted, not run)
-    solitary: bool = False               # -l
-    unlimited: bool = False              # -z
-    service_name: str | None = None      # -n
+    chroot: bool = False  # -c
+    foreground: bool = False  # -d (may run with a terminal on stdin)
+    debug: bool = False  # -D (debugger_command: accepted, not run)
+    solitary: bool = False  # -l
+    unlimited: bool = False  # -z
+    service_name: str | None = None  # -n
     overrides: dict[str, str] = field(default_factory=dict)  # -o, -i, -m
-    socket_count: int = 1                # -s
-    standalone: bool = False             # -S
-    transport: str | None = None         # -t
-    drop_privileges: bool = False        # -u
-    verbose: int = 0                     # -v (repeatable)
-    log_to_stderr: bool = False          # -V
+    socket_count: int = 1  # -s
+    standalone: bool = False  # -S
+    transport: str | None = None  # -t
+    drop_privileges: bool = False  # -u
+    verbose: int = 0  # -v (repeatable)
+    log_to_stderr: bool = False  # -V
     arguments: list[str] = field(default_factory=list)  # after the options
 
     @property
@@ -108,12 +108,12 @@ def _getopt(args: list[str], options: ChildOptions):
             spec = OPTION_STRING.find(letter)
             if spec < 0 or letter == ":":
                 raise ChildArgsError(f"invalid option: {letter}")
-            if OPTION_STRING[spec + 1:spec + 2] != ":":
+            if OPTION_STRING[spec + 1 : spec + 2] != ":":
                 yield letter, ""
                 position += 1
                 continue
             if position + 1 < len(arg):
-                value = arg[position + 1:]
+                value = arg[position + 1 :]
             elif index + 1 < len(args):
                 index += 1
                 value = args[index]
@@ -126,8 +126,14 @@ def _getopt(args: list[str], options: ChildOptions):
 
 
 _FLAGS = {
-    "c": "chroot", "d": "foreground", "D": "debug", "l": "solitary", "z": "unlimited",
-    "S": "standalone", "u": "drop_privileges", "V": "log_to_stderr",
+    "c": "chroot",
+    "d": "foreground",
+    "D": "debug",
+    "l": "solitary",
+    "z": "unlimited",
+    "S": "standalone",
+    "u": "drop_privileges",
+    "V": "log_to_stderr",
 }
 
 

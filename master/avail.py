@@ -162,8 +162,11 @@ class ServiceState:
             "total": self.total,
             "avail": self.avail_count,
             "spawned": self.spawn_count,
-            "throttled_for": (round(self.throttled_until - now, 1)
-                              if self.throttled(now) and self.throttled_until else 0),
+            "throttled_for": (
+                round(self.throttled_until - now, 1)
+                if self.throttled(now) and self.throttled_until
+                else 0
+            ),
             "workers": [
                 {
                     "pid": worker.pid,

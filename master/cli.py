@@ -150,9 +150,15 @@ def setup_logging(config: Mapping[str, str], verbose: int, *, to_stderr: bool) -
 
 
 @click.group(context_settings=HELP)
-@click.option("-c", "config_dir", envvar="MAIL_CONFIG", default="/etc/postfix",
-              show_default=True, type=click.Path(file_okay=False),
-              help="configuration directory (main.cf, master.cf)")
+@click.option(
+    "-c",
+    "config_dir",
+    envvar="MAIL_CONFIG",
+    default="/etc/postfix",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="configuration directory (main.cf, master.cf)",
+)
 @click.option("-v", "verbose", count=True, help="more logging; children get -v too")
 @click.pass_context
 def main(ctx: click.Context, config_dir: str, verbose: int) -> None:
@@ -193,10 +199,18 @@ def _usage_hint(arbiter: Arbiter) -> list[str]:
     for service in arbiter.services.values():
         if service.entry.transport == "unix":
             where = service.entry.socket_path(arbiter.queue_directory)
-            lines.append(f"{service.entry.name}: {where} ({service.prefork} pre-forked,"
-                         f" maxproc {service.entry.maxproc})")
-    table = next((t for t in _words(arbiter.main.get("proxy_read_maps", ""))
-                  if t.startswith("proxy:texthash:")), None)
+            lines.append(
+                f"{service.entry.name}: {where} ({service.prefork} pre-forked,"
+                f" maxproc {service.entry.maxproc})"
+            )
+    table = next(
+        (
+            t
+            for t in _words(arbiter.main.get("proxy_read_maps", ""))
+            if t.startswith("proxy:texthash:")
+        ),
+        None,
+    )
     if table:
         key = _first_key(table.removeprefix("proxy:texthash:")) or "KEY"
         lines.append(f"try: postmap -c {arbiter.config_dir} -q {key} {table}")
@@ -333,19 +347,23 @@ def format_status(state: dict) -> str:
         f"up {_duration(state['uptime'])}  config {state['config_directory']}",
     ]
     for service in state["services"] + state.get("leaving", []):
-        throttle = (f"  THROTTLED {service['throttled_for']:.0f}s"
-                    if service["throttled_for"] else "")
+        throttle = (
+            f"  THROTTLED {service['throttled_for']:.0f}s" if service["throttled_for"] else ""
+        )
         maxproc = service["maxproc"] or "unlimited"
         lines.append(
             f"{service['service']} ({service['type']}, {service['command']}): "
             f"{service['total']} procs, {service['avail']} idle, prefork {service['prefork']}, "
-            f"maxproc {maxproc}, spawned {service['spawned']}{throttle}")
+            f"maxproc {maxproc}, spawned {service['spawned']}{throttle}"
+        )
         if service["workers"]:
             lines.append(f"    {'PID':>8} {'GEN':>4} {'STATE':<9} {'USES':>5} {'AGE':>8}")
         for worker in service["workers"]:
-            lines.append(f"    {worker['pid']:>8} {worker['generation']:>4} "
-                         f"{worker['state']:<9} {worker['uses']:>5} "
-                         f"{_duration(worker['age']):>8}")
+            lines.append(
+                f"    {worker['pid']:>8} {worker['generation']:>4} "
+                f"{worker['state']:<9} {worker['uses']:>5} "
+                f"{_duration(worker['age']):>8}"
+            )
         lines += _format_bounds(service)
     return "\n".join(lines)
 
@@ -357,8 +375,10 @@ def _format_bounds(service: dict) -> list[str]:
     per_worker = sum(bound["per_worker"] for bound in bounds)
     maxproc = service["maxproc"]
     most = f"{maxproc} x {per_worker} = {maxproc * per_worker}" if maxproc else "unlimited"
-    lines = [f"    backend connections: at most {per_worker} per worker, {most} in all; "
-             f"now at most {service['total']} x {per_worker} = {service['total'] * per_worker}"]
+    lines = [
+        f"    backend connections: at most {per_worker} per worker, {most} in all; "
+        f"now at most {service['total']} x {per_worker} = {service['total'] * per_worker}"
+    ]
     lines += [f"      {bound['per_worker']:>4}  {bound['table']}" for bound in bounds]
     return lines
 
@@ -371,9 +391,14 @@ def _connection_bounds(path: str, service: str, config_dir: str) -> list[dict]:
     """
     env = {"MAIL_CONFIG": config_dir, "LANG": "C"}
     try:
-        done = subprocess.run([path, "-S", "-n", f"connections-{service}"],
-                              stdin=subprocess.DEVNULL, capture_output=True, env=env,
-                              timeout=EXPORT_TIMEOUT, check=False)
+        done = subprocess.run(
+            [path, "-S", "-n", f"connections-{service}"],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            env=env,
+            timeout=EXPORT_TIMEOUT,
+            check=False,
+        )
     except (OSError, subprocess.TimeoutExpired):
         return []
     if done.returncode != 0:
@@ -409,8 +434,15 @@ def _duration(seconds: float) -> str:
 
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="the raw state document")
-@click.option("--watch", type=float, is_flag=False, flag_value=2.0, default=None,
-              metavar="[SECONDS]", help="refresh every SECONDS (default 2) until Ctrl-C")
+@click.option(
+    "--watch",
+    type=float,
+    is_flag=False,
+    flag_value=2.0,
+    default=None,
+    metavar="[SECONDS]",
+    help="refresh every SECONDS (default 2) until Ctrl-C",
+)
 @click.pass_context
 def status(ctx: click.Context, as_json: bool, watch: float | None) -> None:
     """Services, workers, generations, idle/busy and use counts; live statistics.
@@ -493,8 +525,7 @@ def metrics(ctx: click.Context, once: bool) -> None:
     except MainConfigError as err:
         fail(str(err), EX_CONFIG)
     if not listen.strip():
-        fail(f"{LISTEN_PARAMETER} is empty in {config_dir}/main.cf: the endpoint is off",
-             EX_CONFIG)
+        fail(f"{LISTEN_PARAMETER} is empty in {config_dir}/main.cf: the endpoint is off", EX_CONFIG)
     try:
         parse_listen(listen)
     except MetricsError as err:
@@ -513,8 +544,9 @@ def metrics(ctx: click.Context, once: bool) -> None:
 # ---------------------------------------------------------------------------
 
 
-def _check_tables(path: str, entry: ServiceEntry, config_dir: str,
-                  main_cf: MainConfig) -> list[tuple[str, str]] | None:
+def _check_tables(
+    path: str, entry: ServiceEntry, config_dir: str, main_cf: MainConfig
+) -> list[tuple[str, str]] | None:
     """(table, outcome) for each table the service approves; None: could not tell."""
     env = child_environment(main_cf, 1, config_dir)
     results, cause = self_check(path, entry, env)
@@ -562,8 +594,7 @@ def check(ctx: click.Context) -> None:
     for entry in entries:
         path = entry.executable(daemon_directory)
         if not os.access(path, os.X_OK):
-            click.echo(f"{entry.where}: service {entry.name}: {path}: not an executable",
-                       err=True)
+            click.echo(f"{entry.where}: service {entry.name}: {path}: not an executable", err=True)
             problems += 1
             continue
         click.echo(f"{entry.where}: {entry.name}/{entry.transport}: {path} ok")
@@ -587,8 +618,12 @@ def check(ctx: click.Context) -> None:
 # ---------------------------------------------------------------------------
 
 DROPIN_CONFIG = click.option(
-    "-c", "config_dir", type=click.Path(file_okay=False), default=None,
-    help="Postfix configuration directory (default: proxymap-master's -c)")
+    "-c",
+    "config_dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Postfix configuration directory (default: proxymap-master's -c)",
+)
 
 
 def _dropin(action, ctx: click.Context, config_dir: str | None, **options) -> None:
@@ -610,15 +645,25 @@ def dropin_group() -> None:
 
 @dropin_group.command(name="enable")
 @DROPIN_CONFIG
-@click.option("--command", default=dropin.DEFAULT_COMMAND, show_default=True,
-              help="name of the wrapper in daemon_directory (the master.cf command)")
-@click.option("--force", is_flag=True,
-              help="switch even if a table that Postfix opens fails with pyproxymap")
-@click.option("--python", metavar="PATH", default=None,
-              help="interpreter of the wrapper (default: the one running this command)")
+@click.option(
+    "--command",
+    default=dropin.DEFAULT_COMMAND,
+    show_default=True,
+    help="name of the wrapper in daemon_directory (the master.cf command)",
+)
+@click.option(
+    "--force", is_flag=True, help="switch even if a table that Postfix opens fails with pyproxymap"
+)
+@click.option(
+    "--python",
+    metavar="PATH",
+    default=None,
+    help="interpreter of the wrapper (default: the one running this command)",
+)
 @click.pass_context
-def dropin_enable(ctx: click.Context, config_dir: str | None, command: str,
-                  force: bool, python: str | None) -> None:
+def dropin_enable(
+    ctx: click.Context, config_dir: str | None, command: str, force: bool, python: str | None
+) -> None:
     """Install the wrapper, pre-check, switch master.cf, postfix reload."""
     _dropin(dropin.enable, ctx, config_dir, command=command, force=force, python=python)
 

@@ -98,22 +98,30 @@ class DropinError(Exception):
 
 
 def _tool(name: str) -> str:
-    return shutil.which(name, path=f"{os.environ.get('PATH', '')}:{SYSTEM_PATH}") or \
-        f"/usr/sbin/{name}"
+    return (
+        shutil.which(name, path=f"{os.environ.get('PATH', '')}:{SYSTEM_PATH}")
+        or f"/usr/sbin/{name}"
+    )
 
 
 def postconf(config_dir: str, *args: str) -> str:
     """postconf -c DIR ARGS; its stdout, or DropinError with what it said."""
-    done = subprocess.run([_tool("postconf"), "-c", config_dir, *args], capture_output=True,
-                          text=True, timeout=60, check=False)
+    done = subprocess.run(
+        [_tool("postconf"), "-c", config_dir, *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     if done.returncode != 0:
         raise DropinError(f"postconf {' '.join(args)}: {done.stderr.strip()}")
     return done.stdout
 
 
 def postfix_runs(config_dir: str) -> bool:
-    done = subprocess.run([_tool("postfix"), "-c", config_dir, "status"], capture_output=True,
-                          timeout=60, check=False)
+    done = subprocess.run(
+        [_tool("postfix"), "-c", config_dir, "status"], capture_output=True, timeout=60, check=False
+    )
     return done.returncode == 0
 
 
@@ -122,8 +130,13 @@ def postfix_reload(config_dir: str, say: Say) -> None:
     if not postfix_runs(config_dir):
         say(f"Postfix ({config_dir}) is not running: the change takes effect when it starts")
         return
-    done = subprocess.run([_tool("postfix"), "-c", config_dir, "reload"], capture_output=True,
-                          text=True, timeout=60, check=False)
+    done = subprocess.run(
+        [_tool("postfix"), "-c", config_dir, "reload"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     if done.returncode != 0:
         raise DropinError(f"postfix reload: {done.stderr.strip() or done.returncode}")
     say(f"Postfix ({config_dir}) reloaded")
@@ -169,7 +182,8 @@ def inspect(config_dir: str) -> Installation:
     if not os.path.isfile(os.path.join(config_dir, "main.cf")):
         raise DropinError(f"{config_dir}: no main.cf: not a Postfix configuration directory")
     daemon_directory, mail_owner = postconf(
-        config_dir, "-xh", "daemon_directory", "mail_owner").splitlines()
+        config_dir, "-xh", "daemon_directory", "mail_owner"
+    ).splitlines()
     commands = {}
     for service in SERVICES:
         command = postconf(config_dir, "-Fh", f"{service}/unix/command").strip()
@@ -289,20 +303,29 @@ def precheck(inst: Installation, wrapper: str, say: Say, *, force: bool) -> list
                 say(f"  {table}: {outcome} (postmap -q opens it)")
                 refusals.append(table)
     if refusals and not force:
-        raise DropinError(f"{len(refusals)} table(s) that Postfix's proxymap opens would fail "
-                          "with pyproxymap; nothing changed (--force switches anyway)",
-                          EX_REFUSED)
+        raise DropinError(
+            f"{len(refusals)} table(s) that Postfix's proxymap opens would fail "
+            "with pyproxymap; nothing changed (--force switches anyway)",
+            EX_REFUSED,
+        )
     return passed
 
 
 def verify(inst: Installation, table: str) -> str | None:
     """One lookup through proxy:TABLE by postmap; None when it answered, else why not."""
     env = {"MAIL_CONFIG": inst.config_dir, "LANG": "C", "PATH": SYSTEM_PATH}
-    argv = [_tool("postmap"), "-c", inst.config_dir, "-q", "pyproxymap-check-probe",
-            f"proxy:{table}"]
+    argv = [
+        _tool("postmap"),
+        "-c",
+        inst.config_dir,
+        "-q",
+        "pyproxymap-check-probe",
+        f"proxy:{table}",
+    ]
     try:
-        done = subprocess.run(argv, capture_output=True, text=True, env=env,
-                              timeout=VERIFY_TIMEOUT, check=False)
+        done = subprocess.run(
+            argv, capture_output=True, text=True, env=env, timeout=VERIFY_TIMEOUT, check=False
+        )
     except subprocess.TimeoutExpired:
         return f"postmap -q ... proxy:{table}: no answer within {VERIFY_TIMEOUT:.0f}s"
     if done.returncode in (0, 1) and "fatal" not in done.stderr:
@@ -315,20 +338,30 @@ def verify(inst: Installation, table: str) -> str | None:
 # ---------------------------------------------------------------------------
 
 
-def enable(config_dir: str, say: Say, *, command: str = DEFAULT_COMMAND,
-           force: bool = False, python: str | None = None) -> None:
+def enable(
+    config_dir: str,
+    say: Say,
+    *,
+    command: str = DEFAULT_COMMAND,
+    force: bool = False,
+    python: str | None = None,
+) -> None:
     _need_root()
     inst = inspect(config_dir)
     if inst.state() is not None:
         if all(program_of(field) == command for field in inst.commands.values()):
             say(f"already enabled in {inst.config_dir} (proxymap-master dropin status)")
             return
-        raise DropinError(f"{inst.state_path} exists but master.cf does not run {command}: "
-                          "run dropin disable first")
+        raise DropinError(
+            f"{inst.state_path} exists but master.cf does not run {command}: "
+            "run dropin disable first"
+        )
     for service, field in inst.commands.items():
         if program_of(field) != C_COMMAND:
-            raise DropinError(f"{inst.master_cf}: {service}/unix runs {program_of(field)!r}, "
-                              f"not {C_COMMAND!r}: not touching it")
+            raise DropinError(
+                f"{inst.master_cf}: {service}/unix runs {program_of(field)!r}, "
+                f"not {C_COMMAND!r}: not touching it"
+            )
     wrapper = inst.wrapper_path(command)
     before_wrapper = describe_existing(wrapper)
     write_file(wrapper, wrapper_text(python or sys.executable, inst.config_dir).encode(), 0o755)
@@ -351,8 +384,10 @@ def enable(config_dir: str, say: Say, *, command: str = DEFAULT_COMMAND,
     }
     # Written before master.cf changes: an interrupted enable can still be undone.
     write_file(inst.state_path, json.dumps(state, indent=1).encode() + b"\n", 0o644)
-    changes = [f"{service}/unix/command={with_command(field, command)}"
-               for service, field in inst.commands.items()]
+    changes = [
+        f"{service}/unix/command={with_command(field, command)}"
+        for service, field in inst.commands.items()
+    ]
     postconf(inst.config_dir, "-F", *changes)
     with open(inst.master_cf, "rb") as stream:
         state["master_cf_after_sha256"] = hashlib.sha256(stream.read()).hexdigest()
@@ -387,12 +422,12 @@ def _restore_master_cf(inst: Installation, state: dict, say: Say) -> None:
     with open(inst.master_cf, "rb") as stream:
         current = stream.read()
     if hashlib.sha256(current).hexdigest() == state.get("master_cf_after_sha256"):
-        write_file(inst.master_cf, base64.b64decode(state["master_cf_before"]), 0o644,
-                   like=inst.master_cf)
+        write_file(
+            inst.master_cf, base64.b64decode(state["master_cf_before"]), 0o644, like=inst.master_cf
+        )
         say(f"master.cf: restored as it was before enable ({inst.master_cf})")
         return
-    changes = [f"{service}/unix/command={field}"
-               for service, field in state["services"].items()]
+    changes = [f"{service}/unix/command={field}" for service, field in state["services"].items()]
     postconf(inst.config_dir, "-F", *changes)
     for change in changes:
         say(f"master.cf changed since enable: {change} (postconf -F; other edits kept)")
@@ -410,8 +445,11 @@ def disable(config_dir: str, say: Say) -> None:
     _restore_master_cf(inst, state, say)
     postfix_reload(inst.config_dir, say)
     put_back(state["wrapper"], state.get("wrapper_before"))
-    say(f"removed {state['wrapper']}" if state.get("wrapper_before") is None
-        else f"put back what was {state['wrapper']} before")
+    say(
+        f"removed {state['wrapper']}"
+        if state.get("wrapper_before") is None
+        else f"put back what was {state['wrapper']} before"
+    )
     os.unlink(inst.state_path)
     say(f"disabled: {inst.config_dir} runs {C_COMMAND} again")
 
@@ -426,8 +464,10 @@ def status(config_dir: str, say: Say, out: Say) -> int:
     for service, field in inst.commands.items():
         out(f"  {service}/unix: {field}")
     if os.path.islink(wrapper):
-        out(f"  {wrapper}: symlink to {os.readlink(wrapper)} (postfix check warns; "
-            "dropin enable replaces it with a wrapper)")
+        out(
+            f"  {wrapper}: symlink to {os.readlink(wrapper)} (postfix check warns; "
+            "dropin enable replaces it with a wrapper)"
+        )
     elif os.path.exists(wrapper):
         with open(wrapper, errors="replace") as stream:
             interpreter = stream.readline().removeprefix("#!").strip()

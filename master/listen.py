@@ -57,8 +57,9 @@ def _make_directory(path: str, mode: int, owner: tuple[int, int] | None) -> None
         os.chown(path, *owner)
 
 
-def prepare_queue_directory(queue_directory: str, owner: tuple[int, int] | None,
-                            data_directory: str | None = None) -> None:
+def prepare_queue_directory(
+    queue_directory: str, owner: tuple[int, int] | None, data_directory: str | None = None
+) -> None:
     """Create queue_directory, private/, public/, pid/ (and data_directory, mail_owner's,
     mode 0700, where proxywrite keeps its tables) when missing: a fresh checkout works."""
     if data_directory:
@@ -71,8 +72,9 @@ def prepare_queue_directory(queue_directory: str, owner: tuple[int, int] | None,
     os.makedirs(os.path.join(queue_directory, "pid"), mode=0o755, exist_ok=True)
 
 
-def _bind_unix(path: str, kind: int, owner: tuple[int, int] | None,
-               backlog: int | None) -> socket.socket:
+def _bind_unix(
+    path: str, kind: int, owner: tuple[int, int] | None, backlog: int | None
+) -> socket.socket:
     """Bind a fresh unix socket at path (replacing a stale one), mode 0666, non-blocking."""
     with contextlib.suppress(FileNotFoundError):
         if not stat.S_ISSOCK(os.lstat(path).st_mode):
@@ -107,8 +109,9 @@ def open_inet_listener(endpoint: str, backlog: int) -> socket.socket:
     """Bind ``[host:]port`` (all addresses when no host), with SO_REUSEADDR."""
     host, port = split_inet_endpoint(endpoint)
     try:
-        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
-                                   flags=socket.AI_PASSIVE)
+        infos = socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
     except socket.gaierror as err:
         raise ListenError(f"{endpoint}: {err.strerror}") from None
     family, kind, proto, _, address = infos[0]
@@ -124,8 +127,9 @@ def open_inet_listener(endpoint: str, backlog: int) -> socket.socket:
     return sock
 
 
-def open_listener(entry: ServiceEntry, queue_directory: str, backlog: int,
-                  owner: tuple[int, int] | None) -> socket.socket:
+def open_listener(
+    entry: ServiceEntry, queue_directory: str, backlog: int, owner: tuple[int, int] | None
+) -> socket.socket:
     """The one listen socket of a service (the child finds it on fd 6)."""
     if entry.transport == "unix":
         return open_unix_listener(entry.socket_path(queue_directory), backlog, owner)
@@ -133,5 +137,6 @@ def open_listener(entry: ServiceEntry, queue_directory: str, backlog: int,
         return open_unix_dgram_listener(entry.socket_path(queue_directory), owner)
     if entry.transport == "inet":
         return open_inet_listener(entry.name, backlog)
-    raise ListenError(f"{entry.where}: transport {entry.transport!r} is not supported"
-                      " by this master")
+    raise ListenError(
+        f"{entry.where}: transport {entry.transport!r} is not supported by this master"
+    )

@@ -51,15 +51,29 @@ FATAL = logging.CRITICAL
 logging.addLevelName(PANIC, "PANIC")
 
 SYSLOG_SOCKET = "/dev/log"
-MAX_POSTLOG_TEXT = 2000   # postlogd's record limit for the text part
+MAX_POSTLOG_TEXT = 2000  # postlogd's record limit for the text part
 
-_LEVEL_PREFIX = {logging.WARNING: "warning: ", logging.ERROR: "error: ",
-                 FATAL: "fatal: ", PANIC: "panic: "}
+_LEVEL_PREFIX = {
+    logging.WARNING: "warning: ",
+    logging.ERROR: "error: ",
+    FATAL: "fatal: ",
+    PANIC: "panic: ",
+}
 # syslog(3) priorities: info 6, warning 4, err 3, crit 2, alert 1.
 _SYSLOG_PRIORITY = {logging.WARNING: 4, logging.ERROR: 3, FATAL: 2, PANIC: 1}
 _FACILITIES = {
-    "kern": 0, "user": 1, "mail": 2, "daemon": 3, "auth": 4, "syslog": 5, "lpr": 6,
-    "news": 7, "uucp": 8, "cron": 9, "authpriv": 10, "ftp": 11,
+    "kern": 0,
+    "user": 1,
+    "mail": 2,
+    "daemon": 3,
+    "auth": 4,
+    "syslog": 5,
+    "lpr": 6,
+    "news": 7,
+    "uucp": 8,
+    "cron": 9,
+    "authpriv": 10,
+    "ftp": 11,
     **{f"local{n}": 16 + n for n in range(8)},
 }
 
@@ -67,7 +81,7 @@ _MARKER = "_pyproxymap_handler"
 
 
 def level_prefix(levelno: int) -> str:
-    """"warning: " etc.; "" for info and debug."""
+    """ "warning: " etc.; "" for info and debug."""
     if levelno >= PANIC:
         return _LEVEL_PREFIX[PANIC]
     for level in (FATAL, logging.ERROR, logging.WARNING):
@@ -165,7 +179,8 @@ class SyslogHandler(_DatagramHandler):
         stamp = time.strftime("%b %e %H:%M:%S", time.localtime(record.created))
         text = self.format(record)
         return f"<{priority}>{stamp} {self.tag}[{os.getpid()}]: {text}".encode(
-            "utf-8", "surrogateescape")
+            "utf-8", "surrogateescape"
+        )
 
 
 class StderrHandler(logging.StreamHandler):
@@ -258,8 +273,9 @@ def postlog_path(config: Mapping[str, str]) -> str:
 
 
 def postlog_hostname(config: Mapping[str, str]) -> str:
-    return os.environ.get("POSTLOG_HOSTNAME") or config.get("myhostname", "") or \
-        socket.gethostname()
+    return (
+        os.environ.get("POSTLOG_HOSTNAME") or config.get("myhostname", "") or socket.gethostname()
+    )
 
 
 def _stderr_is_terminal() -> bool:

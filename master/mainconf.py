@@ -112,8 +112,9 @@ def parse_main_cf_lines(data: bytes, origin: str) -> tuple[dict[str, str], dict[
         except MainConfigError as error:
             raise MainConfigError(f'{origin}, line {number}: {error}: "{text}"') from None
         if name in params:
-            log.warning("%s, line %d: overriding earlier entry: %s=%s",
-                        origin, number, name, params[name])
+            log.warning(
+                "%s, line %d: overriding earlier entry: %s=%s", origin, number, name, params[name]
+            )
         params[name] = value
         lines[name] = number
     return params, lines
@@ -184,8 +185,8 @@ def _split_braced(text: str, where: str) -> tuple[str, str]:
         elif char == "}":
             depth -= 1
             if depth == 0:
-                return text[1:index], text[index + 1:]
-    raise MainConfigError(f'missing \'}}\' at: "{where}"')
+                return text[1:index], text[index + 1 :]
+    raise MainConfigError(f"missing '}}' at: \"{where}\"")
 
 
 def _compat_level(text: str) -> tuple[int, int, int]:
@@ -207,7 +208,12 @@ def _compare(left: str, operator: str, right: str) -> bool:
         # strcmp() order: compare the UTF-8 bytes.
         a, b = left.encode("utf-8", "surrogateescape"), right.encode("utf-8", "surrogateescape")
     return {
-        "==": a == b, "!=": a != b, "<": a < b, "<=": a <= b, ">": a > b, ">=": a >= b,
+        "==": a == b,
+        "!=": a != b,
+        "<": a < b,
+        "<=": a <= b,
+        ">": a > b,
+        ">=": a >= b,
     }[operator]
 
 
@@ -229,7 +235,7 @@ class Expander:
                 break
             out.append(text[index:dollar])
             index = dollar + 1
-            opener = text[index:index + 1]
+            opener = text[index : index + 1]
             if opener == "$":
                 out.append("$")
                 index += 1
@@ -256,7 +262,7 @@ class Expander:
             elif text[index] == closer:
                 depth -= 1
                 if depth == 0:
-                    return text[start + 1:index], index + 1
+                    return text[start + 1 : index], index + 1
         raise MainConfigError(f'truncated macro reference: "{text}"')
 
     def _evaluate(self, reference: str, depth: int) -> str:
@@ -264,7 +270,7 @@ class Expander:
         if body.startswith("{"):
             return self._relational(body, depth)
         name = _NAME_CHARS.match(body).group()
-        rest = body[len(name):].lstrip(_BLANKS)
+        rest = body[len(name) :].lstrip(_BLANKS)
         if not name or (rest and rest[0] not in "?:"):
             raise MainConfigError(f'attribute name syntax error at: "...{name}>>>{rest}"')
         raw = self.lookup(name)
@@ -307,18 +313,16 @@ class Expander:
             raise MainConfigError(
                 f'"==" or "!="" or "<"" or "<="" or ">="" or ">" expected at: "...}}>>>{rest}"'
             )
-        rest = rest[len(operator):]
+        rest = rest[len(operator) :]
         if rest.startswith("level"):
             operator += "level"
-            rest = rest[len("level"):]
+            rest = rest[len("level") :]
         rest = rest.lstrip(_BLANKS)
         if not rest.startswith("{"):
             raise MainConfigError(f'"{{expression}}" expected at: "...{operator}>>>{rest}"')
         right, rest = _split_braced(rest, body)
         rest = rest.lstrip(_BLANKS)
-        outcome = _compare(
-            self.expand(left, depth + 1), operator, self.expand(right, depth + 1)
-        )
+        outcome = _compare(self.expand(left, depth + 1), operator, self.expand(right, depth + 1))
         if not rest:
             return "true" if outcome else ""
         if rest[0] != "?":
@@ -384,8 +388,11 @@ def mynetworks_default(style: str, inet_interfaces: str, inet_protocols: str) ->
             network = _classful_network(interface.ip)
         else:
             network = interface.network
-        entry = str(network) if network.version == 4 else \
-            f"[{network.network_address}]/{network.prefixlen}"
+        entry = (
+            str(network)
+            if network.version == 4
+            else f"[{network.network_address}]/{network.prefixlen}"
+        )
         if entry not in entries:
             entries.append(entry)
     return " ".join(entries)
@@ -444,17 +451,32 @@ class MainConfig(Mapping[str, str]):
         if config_dir is None:
             config_dir = os.environ.get("MAIL_CONFIG") or DEFAULT_CONFIG_DIR
         params, lines = read_main_cf_lines(config_dir)
-        config = cls(params, config_dir=config_dir, overrides=overrides,
-                     process_name=process_name, service_name=service_name)
+        config = cls(
+            params,
+            config_dir=config_dir,
+            overrides=overrides,
+            process_name=process_name,
+            service_name=service_name,
+        )
         config.main_cf_lines = lines
         return config
 
-    def with_overrides(self, overrides: Mapping[str, str], *, process_name: str | None = None,
-                       service_name: str | None = None) -> MainConfig:
+    def with_overrides(
+        self,
+        overrides: Mapping[str, str],
+        *,
+        process_name: str | None = None,
+        service_name: str | None = None,
+    ) -> MainConfig:
         """The same main.cf seen by a process with these ``-o`` overrides (no re-read)."""
-        config = MainConfig(self.main_cf, config_dir=self.config_dir, overrides=overrides,
-                            process_name=process_name, service_name=service_name,
-                            defaults=self._defaults)
+        config = MainConfig(
+            self.main_cf,
+            config_dir=self.config_dir,
+            overrides=overrides,
+            process_name=process_name,
+            service_name=service_name,
+            defaults=self._defaults,
+        )
         config.main_cf_lines = self.main_cf_lines
         return config
 
@@ -541,8 +563,18 @@ class MainConfig(Mapping[str, str]):
 
     def __iter__(self) -> Iterator[str]:
         names = dict.fromkeys(self._defaults)
-        names.update(dict.fromkeys(("myhostname", "mydomain", "mynetworks", "process_id",
-                                    "process_name", "config_directory")))
+        names.update(
+            dict.fromkeys(
+                (
+                    "myhostname",
+                    "mydomain",
+                    "mynetworks",
+                    "process_id",
+                    "process_name",
+                    "config_directory",
+                )
+            )
+        )
         names.update(dict.fromkeys(self.main_cf))
         names.update(dict.fromkeys(self.overrides))
         return iter(names)

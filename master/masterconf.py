@@ -129,7 +129,7 @@ def split_fields(text: str, where: str) -> list[str]:
             fields.append(text[pos + 1 : scan].strip())
             pos = scan + 1
             if pos < end and text[pos] not in " \t\r\n":
-                raise MasterConfigError(f"{where}: text after '}}' in {text[pos - 1:]!r}")
+                raise MasterConfigError(f"{where}: text after '}}' in {text[pos - 1 :]!r}")
         else:
             scan = pos
             while scan < end and text[scan] not in " \t\r\n":
@@ -189,13 +189,22 @@ def _prefork_override(args: tuple[str, ...], where: str) -> int | None:
     return found
 
 
-def parse_entry(fields: list[str], where: str, filename: str, lineno: int,
-                default_process_limit: int) -> ServiceEntry:
+def parse_entry(
+    fields: list[str], where: str, filename: str, lineno: int, default_process_limit: int
+) -> ServiceEntry:
     """One logical line's fields -> ServiceEntry (defaults applied, values checked)."""
     if len(fields) < 8:
-        missing = ("service", "type", "private", "unpriv", "chroot", "wakeup", "maxproc",
-                   "command")[len(fields)]
-        raise MasterConfigError(f"{where}: field \"{missing}\" is missing")
+        missing = (
+            "service",
+            "type",
+            "private",
+            "unpriv",
+            "chroot",
+            "wakeup",
+            "maxproc",
+            "command",
+        )[len(fields)]
+        raise MasterConfigError(f'{where}: field "{missing}" is missing')
     name, transport = fields[0], fields[1]
     if transport not in TRANSPORTS:
         raise MasterConfigError(f"{where}: bad transport type {transport!r}")
@@ -223,21 +232,28 @@ def parse_entry(fields: list[str], where: str, filename: str, lineno: int,
     )
 
 
-def parse_master_cf(text: str, filename: str = "master.cf",
-                    default_process_limit: int = 100) -> list[ServiceEntry]:
+def parse_master_cf(
+    text: str, filename: str = "master.cf", default_process_limit: int = 100
+) -> list[ServiceEntry]:
     """All entries of a master.cf text, in file order, duplicates resolved (last wins)."""
     by_identity: dict[tuple[str, str], ServiceEntry] = {}
     data = text.encode("utf-8", "surrogateescape")
     for lineno, raw in logical_lines(data, filename):
         line = raw.decode("utf-8", "surrogateescape")
         where = f"{filename}: line {lineno}"
-        entry = parse_entry(split_fields(line, where), where, filename, lineno,
-                            default_process_limit)
+        entry = parse_entry(
+            split_fields(line, where), where, filename, lineno, default_process_limit
+        )
         earlier = by_identity.pop(entry.identity, None)
         if earlier is not None:
-            log.warning("%s: duplicate service %s/%s (previous definition at line %d)"
-                        " -- using the later one", where, entry.name, entry.transport,
-                        earlier.lineno)
+            log.warning(
+                "%s: duplicate service %s/%s (previous definition at line %d)"
+                " -- using the later one",
+                where,
+                entry.name,
+                entry.transport,
+                earlier.lineno,
+            )
         by_identity[entry.identity] = entry
     return list(by_identity.values())
 
@@ -281,8 +297,9 @@ def _loopback_only(entry: ServiceEntry) -> bool:
     return host in ("localhost", "127.0.0.1", "::1") or host.startswith("127.")
 
 
-def child_argv(entry: ServiceEntry, *, foreground: bool, verbose: int = 0,
-               listen_fd_count: int = 1) -> list[str]:
+def child_argv(
+    entry: ServiceEntry, *, foreground: bool, verbose: int = 0, listen_fd_count: int = 1
+) -> list[str]:
     """The command line exactly as the Postfix master builds it, in its order."""
     argv = [entry.command]
     if entry.maxproc == 1:
@@ -319,8 +336,12 @@ def import_environment(setting: str, environ: Mapping[str, str]) -> dict[str, st
     return kept
 
 
-def child_environment(main: Mapping[str, str], generation: int, config_dir: str,
-                      environ: Mapping[str, str] | None = None) -> dict[str, str]:
+def child_environment(
+    main: Mapping[str, str],
+    generation: int,
+    config_dir: str,
+    environ: Mapping[str, str] | None = None,
+) -> dict[str, str]:
     """What every child inherits: the imported names plus GENERATION (octal)."""
     base = dict(os.environ if environ is None else environ)
     # The master exports these itself, so they survive the import filter.

@@ -158,7 +158,8 @@ class ClientProtocol(asyncio.Protocol):
     def pause_writing(self) -> None:
         if self._write_timer is None:
             self._write_timer = self.server.loop.call_later(
-                self.server.ipc_timeout, self._timed_out, "write")
+                self.server.ipc_timeout, self._timed_out, "write"
+            )
 
     def resume_writing(self) -> None:
         if self._write_timer is not None:
@@ -169,7 +170,8 @@ class ClientProtocol(asyncio.Protocol):
         """Start (True) or stop (False) the ipc_timeout clock for a partial request."""
         if pending and self._read_timer is None:
             self._read_timer = self.server.loop.call_later(
-                self.server.ipc_timeout, self._timed_out, "read")
+                self.server.ipc_timeout, self._timed_out, "read"
+            )
         elif not pending and self._read_timer is not None:
             self._read_timer.cancel()
             self._read_timer = None
@@ -249,8 +251,9 @@ class MultiServer:
             self.options = parse_child_args(self.argv)
         except ChildArgsError as error:
             if error.options is not None and error.options.log_to_stderr:
-                postfix_log.setup_early(self.process_name, stderr=True, verbose=self.verbose,
-                                        tag_with_logtag=True)
+                postfix_log.setup_early(
+                    self.process_name, stderr=True, verbose=self.verbose, tag_with_logtag=True
+                )
             postfix_log.fatal("%s", error)
         self.process_name = self.options.process_name
         self.verbose += self.options.verbose
@@ -260,10 +263,16 @@ class MultiServer:
         self._set_process_title()
         try:
             self.config = MainConfig.load(
-                overrides=self.options.overrides, process_name=self.process_name,
-                service_name=self.service_name)
-            postfix_log.setup(self.process_name, self.config,
-                              stderr=self.options.log_to_stderr, verbose=self.verbose)
+                overrides=self.options.overrides,
+                process_name=self.process_name,
+                service_name=self.service_name,
+            )
+            postfix_log.setup(
+                self.process_name,
+                self.config,
+                stderr=self.options.log_to_stderr,
+                verbose=self.verbose,
+            )
             self._read_parameters()
         except MainConfigError as error:
             postfix_log.fatal("%s", error)
@@ -453,8 +462,11 @@ class MultiServer:
     def open_listen_sockets(self) -> None:
         for fd in range(LISTEN_FD, LISTEN_FD + self.options.socket_count):
             if not _fd_is_socket(fd):
-                postfix_log.fatal("listen socket fd %d: %s", fd,
-                                  "not open" if not _fd_is_open(fd) else "not a socket")
+                postfix_log.fatal(
+                    "listen socket fd %d: %s",
+                    fd,
+                    "not open" if not _fd_is_open(fd) else "not a socket",
+                )
             sock = socket.socket(fileno=fd)
             sock.setblocking(False)
             self.listen_sockets.append(sock)
@@ -506,7 +518,8 @@ class MultiServer:
             return
         self._cancel_idle_timer()
         self._idle_timer = self.loop.call_later(
-            self.max_idle if delay is None else max(0.0, delay), self._idle_expired)
+            self.max_idle if delay is None else max(0.0, delay), self._idle_expired
+        )
 
     def _cancel_idle_timer(self) -> None:
         if self._idle_timer is not None:
@@ -563,7 +576,7 @@ class MultiServer:
         try:
             connection, _ = listen_socket.accept()
         except (BlockingIOError, InterruptedError):
-            connection = None           # a sibling was faster: normal, silent
+            connection = None  # a sibling was faster: normal, silent
         except OSError as error:
             log.error("accept connection: %s", error.strerror)
             connection = None
@@ -575,7 +588,8 @@ class MultiServer:
         # Counted now, not in connection_made: that runs one loop turn later.
         self.open_connections += 1
         task = self.loop.create_task(
-            self.loop.connect_accepted_socket(self._protocol_factory, connection))
+            self.loop.connect_accepted_socket(self._protocol_factory, connection)
+        )
         task.add_done_callback(self._connection_setup_done)
 
     def _connection_setup_done(self, task: asyncio.Task) -> None:

@@ -43,8 +43,10 @@ def configuration_problems(main: MainConfig, entries: Iterable[ServiceEntry]) ->
     problems = main.expansion_errors()
     problems += _number_errors(main, DAEMON_INT_PARAMETERS + DAEMON_TIME_PARAMETERS)
     for entry in entries:
-        problems += [f"{entry.where}: service {entry.name}: {problem}"
-                     for problem in _service_problems(main, entry)]
+        problems += [
+            f"{entry.where}: service {entry.name}: {problem}"
+            for problem in _service_problems(main, entry)
+        ]
     return problems
 
 
@@ -57,12 +59,13 @@ def _service_problems(main: MainConfig, entry: ServiceEntry) -> list[str]:
         return []
     if not options.overrides:
         return []
-    config = main.with_overrides(options.overrides,
-                                 process_name=os.path.basename(entry.command),
-                                 service_name=entry.name)
+    config = main.with_overrides(
+        options.overrides, process_name=os.path.basename(entry.command), service_name=entry.name
+    )
     overridden = list(options.overrides)
-    wanted = [name for name in DAEMON_INT_PARAMETERS + DAEMON_TIME_PARAMETERS
-              if name in options.overrides]
+    wanted = [
+        name for name in DAEMON_INT_PARAMETERS + DAEMON_TIME_PARAMETERS if name in options.overrides
+    ]
     return config.expansion_errors(overridden) + _number_errors(config, wanted)
 
 

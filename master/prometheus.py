@@ -75,7 +75,7 @@ def parse_listen(text: str) -> tuple[str, str | tuple[str, int]]:
     """("unix", path) or ("inet", (host, port)); loopback hosts only."""
     text = text.strip()
     if text.startswith("unix:"):
-        path = text[len("unix:"):]
+        path = text[len("unix:") :]
         if not path.startswith("/"):
             raise MetricsError(f"{LISTEN_PARAMETER}: {text}: the socket path must be absolute")
         return "unix", path
@@ -99,8 +99,7 @@ def _escape(value: str) -> str:
 
 
 def _labels(**labels: str) -> str:
-    return "{" + ",".join(f'{name}="{_escape(str(value))}"'
-                          for name, value in labels.items()) + "}"
+    return "{" + ",".join(f'{name}="{_escape(str(value))}"' for name, value in labels.items()) + "}"
 
 
 class Exporter:
@@ -131,13 +130,15 @@ class Exporter:
     def _retire(self, doc: dict) -> None:
         service = str(doc.get("service") or "?")
         tables = doc.get("tables")
-        for name, figures in (tables.items() if isinstance(tables, dict) else ()):
+        for name, figures in tables.items() if isinstance(tables, dict) else ():
             if not isinstance(figures, dict):
                 continue
             total = self.retired.setdefault((service, str(name)), {})
             backend = figures.get("backend") if isinstance(figures.get("backend"), dict) else {}
-            for field, value in [*((f, figures.get(f)) for f in RETIRED),
-                                 *((f, backend.get(f)) for f in BACKEND_RETIRED)]:
+            for field, value in [
+                *((f, figures.get(f)) for f in RETIRED),
+                *((f, backend.get(f)) for f in BACKEND_RETIRED),
+            ]:
                 if isinstance(value, int):
                     total[field] = total.get(field, 0) + value
 
@@ -155,16 +156,25 @@ def _counter_lines(services: dict, retired: dict) -> Iterable[tuple[str, str, fl
         old = retired.get((service, table), {})
         labels = {"service": service, "table": table}
         for field in ("lookups", "hits", "misses"):
-            yield (f"pyproxymap_{field}_total", _labels(**labels),
-                   live.get(field, 0) + old.get(field, 0))
+            yield (
+                f"pyproxymap_{field}_total",
+                _labels(**labels),
+                live.get(field, 0) + old.get(field, 0),
+            )
         for field in ("retry", "config", "deny"):
-            yield ("pyproxymap_answers_total", _labels(**labels, status=field),
-                   live.get(field, 0) + old.get(field, 0))
+            yield (
+                "pyproxymap_answers_total",
+                _labels(**labels, status=field),
+                live.get(field, 0) + old.get(field, 0),
+            )
         backend = live.get("backend") or {}
         if backend or "connects" in old:
             for field in BACKEND_RETIRED:
-                yield (f"pyproxymap_backend_{field}_total", _labels(**labels),
-                       backend.get(field, 0) + old.get(field, 0))
+                yield (
+                    f"pyproxymap_backend_{field}_total",
+                    _labels(**labels),
+                    backend.get(field, 0) + old.get(field, 0),
+                )
 
 
 def _gauge_lines(services: dict) -> Iterable[tuple[str, str, float]]:
@@ -172,23 +182,35 @@ def _gauge_lines(services: dict) -> Iterable[tuple[str, str, float]]:
         workers = figures["workers"]
         yield "pyproxymap_workers", _labels(service=service), len(workers)
         yield "pyproxymap_clients", _labels(service=service), sum(w["clients"] for w in workers)
-        yield ("pyproxymap_requests_in_flight", _labels(service=service),
-               sum(w["in_flight"] for w in workers))
+        yield (
+            "pyproxymap_requests_in_flight",
+            _labels(service=service),
+            sum(w["in_flight"] for w in workers),
+        )
         for table, stats in figures["tables"].items():
             labels = {"service": service, "table": table}
             latency = stats["latency"]
             for quantile, field in (("0.5", "p50_ms"), ("0.99", "p99_ms"), ("1", "max_ms")):
                 if latency.get(field) is not None:
-                    yield ("pyproxymap_lookup_latency_seconds",
-                           _labels(**labels, quantile=quantile), latency[field] / 1000)
+                    yield (
+                        "pyproxymap_lookup_latency_seconds",
+                        _labels(**labels, quantile=quantile),
+                        latency[field] / 1000,
+                    )
             backend = stats.get("backend")
             if backend:
                 for state in ("open", "in_use", "waiting"):
-                    yield ("pyproxymap_backend_connections", _labels(**labels, state=state),
-                           backend[state])
+                    yield (
+                        "pyproxymap_backend_connections",
+                        _labels(**labels, state=state),
+                        backend[state],
+                    )
                 yield "pyproxymap_backend_connection_limit", _labels(**labels), backend["limit"]
-                yield ("pyproxymap_backend_servers_down", _labels(**labels),
-                       len(backend.get("down", [])))
+                yield (
+                    "pyproxymap_backend_servers_down",
+                    _labels(**labels),
+                    len(backend.get("down", [])),
+                )
 
 
 HELP = {
@@ -211,8 +233,7 @@ HELP = {
 def render(services: dict, retired: dict | None = None) -> str:
     """The text exposition format (version 0.0.4), one HELP/TYPE block per metric."""
     samples: dict[str, list[str]] = {}
-    for name, labels, value in [*_counter_lines(services, retired or {}),
-                                *_gauge_lines(services)]:
+    for name, labels, value in [*_counter_lines(services, retired or {}), *_gauge_lines(services)]:
         number = repr(float(value)) if isinstance(value, float) else str(value)
         samples.setdefault(name, []).append(f"{name}{labels} {number}")
     lines = []

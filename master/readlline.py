@@ -38,8 +38,12 @@ def logical_lines(data: bytes, origin: str = "") -> Iterator[tuple[int, bytes]]:
             if current:
                 current.append(raw)
             else:
-                log.warning("%s, line %d: logical line must not start with whitespace: \"%s\"",
-                            origin, number, raw.decode("utf-8", "replace"))
+                log.warning(
+                    '%s, line %d: logical line must not start with whitespace: "%s"',
+                    origin,
+                    number,
+                    raw.decode("utf-8", "replace"),
+                )
             continue
         if current:
             yield start, b"".join(current)

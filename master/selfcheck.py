@@ -52,13 +52,21 @@ def worker_argv(path: str, entry: ServiceEntry, mode: str, *, privileged: bool) 
     return argv + list(entry.args)
 
 
-def run_program(argv: list[str], env: dict[str, str],
-                preexec: Preexec = None) -> subprocess.CompletedProcess | str:
+def run_program(
+    argv: list[str], env: dict[str, str], preexec: Preexec = None
+) -> subprocess.CompletedProcess | str:
     """The finished process, or why it could not run (a string)."""
     try:
-        return subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, env=env,
-                              timeout=WORKER_TIMEOUT, check=False, preexec_fn=preexec,
-                              cwd="/")
+        return subprocess.run(
+            argv,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            env=env,
+            timeout=WORKER_TIMEOUT,
+            check=False,
+            preexec_fn=preexec,
+            cwd="/",
+        )
     except (OSError, subprocess.SubprocessError) as err:
         return f"cannot run {argv[0]}: {err}"
 
@@ -69,8 +77,12 @@ def last_words(done: subprocess.CompletedProcess) -> str:
     return lines[-1] if lines else f"exit status {done.returncode}, nothing on stderr"
 
 
-def self_check(path: str, entry: ServiceEntry, env: dict[str, str], preexec: Preexec = None,
-               ) -> tuple[list[tuple[str, str]] | None, str]:
+def self_check(
+    path: str,
+    entry: ServiceEntry,
+    env: dict[str, str],
+    preexec: Preexec = None,
+) -> tuple[list[tuple[str, str]] | None, str]:
     """([(table, outcome)], "") when the worker could check; (None, cause) when it
     could not run or has no self-check mode (then the cause contains NO_CHECK_MODE).
 

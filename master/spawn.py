@@ -56,12 +56,25 @@ class ChildFds:
     listen: int
 
 
-def _child_side(path: str, argv: list[str], env: dict[str, str], fds: ChildFds,
-                keep_stderr: bool, ignore_interrupt: bool) -> None:
+def _child_side(
+    path: str,
+    argv: list[str],
+    env: dict[str, str],
+    fds: ChildFds,
+    keep_stderr: bool,
+    ignore_interrupt: bool,
+) -> None:
     """Runs in the forked child; never returns."""
     try:
-        for number in (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGINT, signal.SIGTERM,
-                       signal.SIGHUP, signal.SIGQUIT, signal.SIGCHLD):
+        for number in (
+            signal.SIGPIPE,
+            signal.SIGXFSZ,
+            signal.SIGINT,
+            signal.SIGTERM,
+            signal.SIGHUP,
+            signal.SIGQUIT,
+            signal.SIGCHLD,
+        ):
             signal.signal(number, signal.SIG_DFL)
         if ignore_interrupt:
             signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -73,8 +86,9 @@ def _child_side(path: str, argv: list[str], env: dict[str, str], fds: ChildFds,
         os.dup2(null, 1)
         if not keep_stderr:
             os.dup2(null, 2)
-        for target, fd in zip((FLOW_READ_FD, FLOW_WRITE_FD, STATUS_FD, LISTEN_FD), parked,
-                              strict=True):
+        for target, fd in zip(
+            (FLOW_READ_FD, FLOW_WRITE_FD, STATUS_FD, LISTEN_FD), parked, strict=True
+        ):
             os.dup2(fd, target)  # dup2 targets are inheritable
         os.execve(path, argv, env)
     except OSError as err:
@@ -86,8 +100,15 @@ def _child_side(path: str, argv: list[str], env: dict[str, str], fds: ChildFds,
         os._exit(1)
 
 
-def spawn_child(path: str, argv: list[str], env: dict[str, str], fds: ChildFds,
-                *, keep_stderr: bool = False, ignore_interrupt: bool = False) -> int:
+def spawn_child(
+    path: str,
+    argv: list[str],
+    env: dict[str, str],
+    fds: ChildFds,
+    *,
+    keep_stderr: bool = False,
+    ignore_interrupt: bool = False,
+) -> int:
     """Fork and exec one child; return its pid (raises OSError when fork fails)."""
     pid = os.fork()
     if pid == 0:

@@ -81,8 +81,17 @@ FORMAT = 1
 DIRECTORY = os.path.join("pid", "pyproxymap-stats")  # relative to queue_directory
 FILE_PATTERN = re.compile(r"^\.?(\d+)\.(json|tmp)$")
 MAX_BYTES = 1 << 20
-COUNTERS = ("lookups", "hits", "misses", "retry", "config", "deny", "updates", "deletes",
-            "sequences")
+COUNTERS = (
+    "lookups",
+    "hits",
+    "misses",
+    "retry",
+    "config",
+    "deny",
+    "updates",
+    "deletes",
+    "sequences",
+)
 BACKEND_SUMS = ("open", "in_use", "waiting", "limit", "connects", "failovers")
 CACHE_SHOWN = ("hits", "misses", "coalesced", "stale", "evictions", "size")
 # A temporary file older than this belongs to a worker that died in the middle of a write.
@@ -192,8 +201,9 @@ def _read_all(directory_fd: int, clean: bool) -> list[dict]:
 
 def _older_than(directory_fd: int, name: str, age: float = STALE_TMP) -> bool:
     try:
-        return time.time() - os.stat(name, dir_fd=directory_fd,
-                                     follow_symlinks=False).st_mtime > age
+        return (
+            time.time() - os.stat(name, dir_fd=directory_fd, follow_symlinks=False).st_mtime > age
+        )
     except OSError:
         return False
 
@@ -235,8 +245,13 @@ def _merge_histogram(into: dict[float, int], pairs: object) -> None:
 def _new_table() -> dict:
     table: dict = dict.fromkeys(COUNTERS, 0)
     table["workers"] = 0
-    table["latency"] = {"samples": 0, "sampling": 1, "max_ms": None, "smoothed_ms": None,
-                        "histogram": {}}
+    table["latency"] = {
+        "samples": 0,
+        "sampling": 1,
+        "max_ms": None,
+        "smoothed_ms": None,
+        "histogram": {},
+    }
     return table
 
 
@@ -256,8 +271,7 @@ def _add_table(total: dict, figures: dict) -> None:
         _merge_histogram(merged["histogram"], latency.get("histogram"))
     backend = figures.get("backend")
     if isinstance(backend, dict):
-        merged_backend = total.setdefault("backend", {**dict.fromkeys(BACKEND_SUMS, 0),
-                                                      "down": []})
+        merged_backend = total.setdefault("backend", {**dict.fromkeys(BACKEND_SUMS, 0), "down": []})
         for name in BACKEND_SUMS:
             merged_backend[name] += int(_number(backend.get(name)))
         down = backend.get("down")
@@ -311,8 +325,9 @@ def aggregate(snapshots: Iterable[dict], now: float | None = None) -> dict[str, 
     now = time.time() if now is None else now
     services: dict[str, dict] = {}
     for doc in snapshots:
-        service = services.setdefault(str(doc.get("service") or "?"),
-                                      {"workers": [], "tables": {}, "bad": 0})
+        service = services.setdefault(
+            str(doc.get("service") or "?"), {"workers": [], "tables": {}, "bad": 0}
+        )
         service["workers"].append(_worker_row(doc, now))
         service["bad"] += int(_number(doc.get("bad")))
         for name, figures in _tables(doc).items():
@@ -328,8 +343,7 @@ def collect(queue_directory: str, *, clean: bool = True) -> dict:
     """Everything a ``status`` needs: the directory and the aggregated services."""
     directory = stats_directory(queue_directory)
     snapshots = read_snapshots(directory, clean=clean)
-    return {"directory": directory, "workers": len(snapshots),
-            "services": aggregate(snapshots)}
+    return {"directory": directory, "workers": len(snapshots), "services": aggregate(snapshots)}
 
 
 # --- the table ------------------------------------------------------------------------------
@@ -362,9 +376,11 @@ def _connections(table: dict) -> str:
 
 
 def format_table_rows(tables: dict[str, dict], indent: str = "    ") -> list[str]:
-    lines = [f"{indent}{'LOOKUPS':>9} {'HIT%':>5} {'MISS':>7} {'RETRY':>6} {'CONFIG':>6} "
-             f"{'DENY':>5} {'P50ms':>7} {'P99ms':>7} {'MAXms':>7} {'BACKEND':>7} "
-             f"{'CONNECTS':>8} TABLE"]
+    lines = [
+        f"{indent}{'LOOKUPS':>9} {'HIT%':>5} {'MISS':>7} {'RETRY':>6} {'CONFIG':>6} "
+        f"{'DENY':>5} {'P50ms':>7} {'P99ms':>7} {'MAXms':>7} {'BACKEND':>7} "
+        f"{'CONNECTS':>8} TABLE"
+    ]
     for name, table in tables.items():
         latency = table["latency"]
         backend = table.get("backend") or {}
@@ -373,7 +389,8 @@ def format_table_rows(tables: dict[str, dict], indent: str = "    ") -> list[str
             f"{table['retry']:>6} {table['config']:>6} {table['deny']:>5} "
             f"{_ms(latency['p50_ms']):>7} {_ms(latency['p99_ms']):>7} "
             f"{_ms(latency['max_ms']):>7} {_connections(table):>7} "
-            f"{backend.get('connects', '-'):>8} {name}")
+            f"{backend.get('connects', '-'):>8} {name}"
+        )
         for down in backend.get("down", []):
             lines.append(f"{indent}{'':>9} down: {down}")
         if backend.get("failovers"):
@@ -386,8 +403,10 @@ def format_table_rows(tables: dict[str, dict], indent: str = "    ") -> list[str
 
 
 def format_worker_rows(workers: list[dict], indent: str = "    ") -> list[str]:
-    lines = [f"{indent}{'PID':>8} {'GEN':>4} {'CLIENTS':>7} {'BUSY':>4} {'SERVED':>11} "
-             f"{'IDLE':>8} {'LOOKUPS':>9} {'AGE':>8}"]
+    lines = [
+        f"{indent}{'PID':>8} {'GEN':>4} {'CLIENTS':>7} {'BUSY':>4} {'SERVED':>11} "
+        f"{'IDLE':>8} {'LOOKUPS':>9} {'AGE':>8}"
+    ]
     for worker in workers:
         max_use = worker["max_use"]
         uses = f"{worker['connections_served']}/{max_use if max_use else '-'}"
@@ -395,7 +414,8 @@ def format_worker_rows(workers: list[dict], indent: str = "    ") -> list[str]:
         lines.append(
             f"{indent}{worker['pid']:>8} {generation:>4} {worker['clients']:>7} "
             f"{worker['in_flight']:>4} {uses:>11} {_duration(worker['idle']):>8} "
-            f"{worker['lookups']:>9} {_duration(worker['age']):>8}")
+            f"{worker['lookups']:>9} {_duration(worker['age']):>8}"
+        )
     return lines
 
 
@@ -403,14 +423,15 @@ def format_statistics(figures: dict) -> str:
     """The operator's view: per service, its tables, then its workers."""
     services = figures["services"]
     if not services:
-        return f"no worker statistics in {figures['directory']} (no worker running, or " \
-               "pyproxymap_statistics = no)"
+        return (
+            f"no worker statistics in {figures['directory']} (no worker running, or "
+            "pyproxymap_statistics = no)"
+        )
     lines = []
     for name, service in services.items():
         window = "last minute"
         bad = f", {service['bad']} BAD" if service["bad"] else ""
-        lines.append(f"{name}: {len(service['workers'])} worker(s){bad}; latency over the "
-                     f"{window}")
+        lines.append(f"{name}: {len(service['workers'])} worker(s){bad}; latency over the {window}")
         lines += format_table_rows(service["tables"])
         lines += format_worker_rows(service["workers"])
     return "\n".join(lines)

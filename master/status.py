@@ -23,9 +23,9 @@ import select
 import struct
 from typing import NamedTuple
 
-STATUS_FD = 5            # the service's status socket, inherited from the master
-LISTEN_FD = 6            # first listen socket; -s N means fds 6 .. 6+N-1
-FLOW_READ_FD, FLOW_WRITE_FD = 3, 4   # master's flow-control pipe (unused here)
+STATUS_FD = 5  # the service's status socket, inherited from the master
+LISTEN_FD = 6  # first listen socket; -s N means fds 6 .. 6+N-1
+FLOW_READ_FD, FLOW_WRITE_FD = 3, 4  # master's flow-control pipe (unused here)
 
 STATUS_TAKEN = 0
 STATUS_AVAIL = 1
@@ -80,8 +80,9 @@ class StatusChannel:
         self.generation = generation
         # Both messages are fixed for the life of the process: build them once.
         pid = os.getpid()
-        self._messages = {avail: pack_status(pid, generation, avail)
-                          for avail in (STATUS_TAKEN, STATUS_AVAIL)}
+        self._messages = {
+            avail: pack_status(pid, generation, avail) for avail in (STATUS_TAKEN, STATUS_AVAIL)
+        }
 
     def _send(self, avail: int) -> bool:
         if self.fd is None:

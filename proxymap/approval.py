@@ -77,7 +77,7 @@ def tokens(text: str) -> Iterator[str]:
 
 def strip_proxy(name: str) -> str:
     while name.startswith(_PROXY):
-        name = name[len(_PROXY):]
+        name = name[len(_PROXY) :]
     return name
 
 
@@ -123,7 +123,7 @@ class _Collector:
         return next(tokens(inner), None)
 
     def _members(self, token: str, prefix: str, origin: str, depth: int) -> None:
-        rest = token[len(prefix):]
+        rest = token[len(prefix) :]
         if not rest.startswith("{"):
             return
         try:
@@ -136,8 +136,11 @@ class _Collector:
     def read_file(self, path: str, depth: int) -> None:
         real = os.path.realpath(path)
         if real in self._reading:
-            log.warning("%s: file includes itself (via %s), not read again",
-                        path, " -> ".join(self._reading))
+            log.warning(
+                "%s: file includes itself (via %s), not read again",
+                path,
+                " -> ".join(self._reading),
+            )
             return
         try:
             with open(path.encode("utf-8", "surrogateescape"), "rb") as source:
@@ -159,8 +162,9 @@ class _Collector:
             self.approved[name] = None
 
 
-def approved_tables(params: Mapping[str, str], service_name: str,
-                    export_all: bool = False) -> list[str]:
+def approved_tables(
+    params: Mapping[str, str], service_name: str, export_all: bool = False
+) -> list[str]:
     """The approved table names (``type:name``, no ``proxy:``) for a service."""
     writer = service_name == "proxywrite"
     parameter = "proxy_write_maps" if writer else "proxy_read_maps"

@@ -109,8 +109,10 @@ DEFAULTS = {TTL: "60s", NEGATIVE_TTL: "30s", STALE_TTL: "10m", SIZE: "10000"}
 
 # Request bits that never change a lookup's answer: duplicate handling, locking,
 # sync-on-update, debug, and the obsolete FOLD_KEY. Every other bit is part of the key.
-ANSWER_BITS = ~(F.DUP_ANY | F.LOCK | F.SYNC_UPDATE | F.DEBUG | F.FOLD_KEY | F.OPEN_LOCK
-                | F.BULK_UPDATE) & 0xFFFFFFFF
+ANSWER_BITS = (
+    ~(F.DUP_ANY | F.LOCK | F.SYNC_UPDATE | F.DEBUG | F.FOLD_KEY | F.OPEN_LOCK | F.BULK_UPDATE)
+    & 0xFFFFFFFF
+)
 _PROXY = "proxy:"
 _LIST_SEPARATORS = str.maketrans(",;", "  ")
 
@@ -121,7 +123,7 @@ Fetch = Callable[[], Awaitable[bytes | None]]
 
 def _strip_proxy(name: str) -> str:
     while name.startswith(_PROXY):
-        name = name[len(_PROXY):]
+        name = name[len(_PROXY) :]
     return name
 
 
@@ -151,11 +153,13 @@ class CacheSettings:
     @classmethod
     def from_params(cls, params: Mapping[str, str]) -> CacheSettings:
         names = (params.get(MAPS) or "").translate(_LIST_SEPARATORS).split()
-        return cls(maps=frozenset(_strip_proxy(name) for name in names),
-                   ttl=_setting(params, TTL, to_seconds),
-                   negative_ttl=_setting(params, NEGATIVE_TTL, to_seconds),
-                   stale_ttl=_setting(params, STALE_TTL, to_seconds),
-                   size=_setting(params, SIZE, to_int))
+        return cls(
+            maps=frozenset(_strip_proxy(name) for name in names),
+            ttl=_setting(params, TTL, to_seconds),
+            negative_ttl=_setting(params, NEGATIVE_TTL, to_seconds),
+            stale_ttl=_setting(params, STALE_TTL, to_seconds),
+            size=_setting(params, SIZE, to_int),
+        )
 
     def wants(self, canonical: str) -> bool:
         """True when the table (its name without ``proxy:``) is to be cached."""
@@ -334,9 +338,14 @@ class TableCache:
         outage, self._outage = self._outage, None
         if outage is None or not outage.stale:
             return  # the driver has logged the failure; no stale answer to report
-        log.warning("%s: backend %s after %.0fs; %d stale answers and %d RETRY during "
-                    "the outage", self.name, how, self.clock() - outage.started,
-                    outage.stale, outage.retry)
+        log.warning(
+            "%s: backend %s after %.0fs; %d stale answers and %d RETRY during the outage",
+            self.name,
+            how,
+            self.clock() - outage.started,
+            outage.stale,
+            outage.retry,
+        )
 
     def close(self) -> None:
         """At worker exit: the figures, and an outage still going on, to the log."""

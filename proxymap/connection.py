@@ -83,6 +83,7 @@ def _first_step() -> Generator[None, None, None]:
     "again next turn")."""
     yield
 
+
 #: Postfix's per-request read budget (proxymap puts the stream in deadline mode).
 REQUEST_DEADLINE = 1.0
 
@@ -92,7 +93,6 @@ _LIST_END = b"\x00\x00"
 #: Bound on remembered request prefixes (a client cycling through flag words or table
 #: names must not grow the cache without limit).
 MAX_SHORTCUTS = 4096
-
 
 
 class ProxymapProtocol(ClientProtocol):
@@ -166,8 +166,7 @@ class ProxymapProtocol(ClientProtocol):
         try:
             lists = self.decoder.feed(data)
         except attr.AttrTooLarge as exc:
-            log.warning("attribute list from %s exceeds %d bytes", self.stream,
-                        self.decoder.limit)
+            log.warning("attribute list from %s exceeds %d bytes", self.stream, self.decoder.limit)
             lists = exc.complete
             self._closing = True
             self._final_reply = reply_to_truncated(exc.partial)
@@ -183,13 +182,20 @@ class ProxymapProtocol(ClientProtocol):
     def eof_received(self) -> bool:
         if self.decoder.pending:
             if self.decoder.in_field:
-                log.warning("unexpected end-of-input from %s while reading input attribute %s",
-                            self.stream, self.decoder.reading)
+                log.warning(
+                    "unexpected end-of-input from %s while reading input attribute %s",
+                    self.stream,
+                    self.decoder.reading,
+                )
             else:
-                log.warning("premature end-of-input on %s while reading input attribute %s",
-                            self.stream, self.decoder.reading)
-            self._final_reply = reply_to_truncated(self.decoder.pairs_so_far,
-                                                   self.decoder.pending_name)
+                log.warning(
+                    "premature end-of-input on %s while reading input attribute %s",
+                    self.stream,
+                    self.decoder.reading,
+                )
+            self._final_reply = reply_to_truncated(
+                self.decoder.pairs_so_far, self.decoder.pending_name
+            )
             self.decoder.reset()
         self._closing = True
         self._between_requests = False
@@ -216,14 +222,15 @@ class ProxymapProtocol(ClientProtocol):
                 try:
                     result = self.handler.handle(parsed)
                 except Exception as exc:  # noqa: BLE001 - a handler bug must not kill the worker
-                    log.error("%s request for %s failed: %r", parsed.op, parsed.table, exc,
-                              exc_info=exc)
+                    log.error(
+                        "%s request for %s failed: %r", parsed.op, parsed.table, exc, exc_info=exc
+                    )
                     result = Reply(RETRY)
                 if result.__class__ is not Reply:
                     # A slow table: flush what is ready, then wait for it off the fast path.
                     if out:
                         self.transport.write(b"".join(out))
-                    self._queue.extendleft(reversed(lists[index + 1:]))
+                    self._queue.extendleft(reversed(lists[index + 1 :]))
                     self._start_slow(parsed, result)
                     return
                 reply = encode_reply(parsed.op, parsed.generation, result)
@@ -324,8 +331,9 @@ class ProxymapProtocol(ClientProtocol):
         self._deadline = None
         if self._closed or self._slow is not None:
             return
-        log.warning("timeout on %s while reading input attribute %s", self.stream,
-                    self.decoder.reading)
+        log.warning(
+            "timeout on %s while reading input attribute %s", self.stream, self.decoder.reading
+        )
         self.decoder.reset()
         self.transport.close()
 

@@ -40,14 +40,28 @@ RQST_MASK = 0x0008F9C3  # per-request bits a client may vary
 INST_MASK = ~(IMPL_MASK | RQST_MASK) & 0xFFFFFFFF  # 0xFFF3060C: select the instance
 
 _NAMES = [
-    (DUP_WARN, "warn_dup"), (DUP_IGNORE, "ignore_dup"), (TRY0NULL, "try0null"),
-    (TRY1NULL, "try1null"), (FIXED, "fixed"), (PATTERN, "pattern"), (LOCK, "lock"),
-    (DUP_REPLACE, "dup_replace"), (SYNC_UPDATE, "sync_update"), (DEBUG, "debug"),
-    (NO_REGSUB, "no_regsub"), (NO_PROXY, "no_proxy"), (NO_UNAUTH, "no_unauth"),
-    (FOLD_FIX, "fold_fix"), (FOLD_MUL, "fold_mul"), (OPEN_LOCK, "open_lock"),
-    (BULK_UPDATE, "bulk_update"), (MULTI_WRITER, "multi_writer"),
-    (UTF8_REQUEST, "utf8_request"), (UTF8_ACTIVE, "utf8_active"),
-    (SRC_RHS_IS_FILE, "src_rhs_is_file"), (SURROGATE, "surrogate"),
+    (DUP_WARN, "warn_dup"),
+    (DUP_IGNORE, "ignore_dup"),
+    (TRY0NULL, "try0null"),
+    (TRY1NULL, "try1null"),
+    (FIXED, "fixed"),
+    (PATTERN, "pattern"),
+    (LOCK, "lock"),
+    (DUP_REPLACE, "dup_replace"),
+    (SYNC_UPDATE, "sync_update"),
+    (DEBUG, "debug"),
+    (NO_REGSUB, "no_regsub"),
+    (NO_PROXY, "no_proxy"),
+    (NO_UNAUTH, "no_unauth"),
+    (FOLD_FIX, "fold_fix"),
+    (FOLD_MUL, "fold_mul"),
+    (OPEN_LOCK, "open_lock"),
+    (BULK_UPDATE, "bulk_update"),
+    (MULTI_WRITER, "multi_writer"),
+    (UTF8_REQUEST, "utf8_request"),
+    (UTF8_ACTIVE, "utf8_active"),
+    (SRC_RHS_IS_FILE, "src_rhs_is_file"),
+    (SURROGATE, "surrogate"),
 ]
 
 

@@ -173,7 +173,7 @@ class Refusal:
 def canonical_name(table: str) -> str:
     """Remove every leading ``proxy:`` (the server never proxies to itself)."""
     while table.startswith(_PROXY):
-        table = table[len(_PROXY):]
+        table = table[len(_PROXY) :]
     return table
 
 
@@ -187,8 +187,9 @@ def parse_bool(params: Mapping[str, str], name: str, default: bool) -> bool:
     return params[name].strip().lower() == "yes"
 
 
-def _cached_reply(value: bytes | None, stats: TableStats | None, found: bytes,
-                  not_found: bytes) -> bytes:
+def _cached_reply(
+    value: bytes | None, stats: TableStats | None, found: bytes, not_found: bytes
+) -> bytes:
     """A cached answer, encoded with the reply heads of its generation, and counted."""
     if stats is not None:
         stats.lookups += 1
@@ -197,7 +198,7 @@ def _cached_reply(value: bytes | None, stats: TableStats | None, found: bytes,
     if value is None:
         return not_found
     if b"\x00" in value:
-        value = value[:value.index(b"\x00")]
+        value = value[: value.index(b"\x00")]
     return found + value + b"\x00\x00"
 
 
@@ -211,8 +212,9 @@ class RequestHandler:
         self.params = params
         self.open_mode = os.O_RDWR | os.O_CREAT if self.writer else os.O_RDONLY
         self.utf8_enabled = parse_bool(params, "smtputf8_enable", True)
-        self.context = OpenContext(params=params, open_table=self.open_nested,
-                                   utf8_enabled=self.utf8_enabled)
+        self.context = OpenContext(
+            params=params, open_table=self.open_nested, utf8_enabled=self.utf8_enabled
+        )
         self.legacy_context = replace(self.context, legacy_client=True)
         self._routes: dict[tuple[str, int, int], Instance | Refusal] = {}
         #: Filled by the connection: request bytes before the key -> compiled lookup
@@ -224,14 +226,14 @@ class RequestHandler:
         self.caches: dict[str, TableCache] = {}
         self.stats_settings = StatsSettings.from_params(params)
         #: canonical table name -> its live figures (None: pyproxymap_statistics = no)
-        self.statistics: dict[str, TableStats] | None = (
-            {} if self.stats_settings.enabled else None)
+        self.statistics: dict[str, TableStats] | None = {} if self.stats_settings.enabled else None
         self.bad = 0  # requests answered BAD (not a table's figure)
         self._denied_names = 0  # unapproved names with figures of their own
         access = "read-write" if self.writer else "read-only"
         parameter = "proxy_write_maps" if self.writer else "proxy_read_maps"
-        self._approve_hint = (f"to approve this table for {access} access, list "
-                              f"proxy:%s in main.cf:{parameter}")
+        self._approve_hint = (
+            f"to approve this table for {access} access, list proxy:%s in main.cf:{parameter}"
+        )
 
     # --- opening ---------------------------------------------------------------------------
     def open_nested(self, spec: str, open_mode: int, flags: int) -> Table:
@@ -263,8 +265,9 @@ class RequestHandler:
             return None
         stats = statistics.get(canonical)
         if stats is None:
-            stats = statistics[canonical] = TableStats(canonical,
-                                                       self.stats_settings.slow_threshold)
+            stats = statistics[canonical] = TableStats(
+                canonical, self.stats_settings.slow_threshold
+            )
         return stats
 
     def _attach_cache(self, canonical: str, instance: Instance) -> None:
@@ -276,8 +279,9 @@ class RequestHandler:
             return
         cache = self.caches.get(canonical)
         if cache is None:
-            cache = self.caches[canonical] = TableCache(canonical, self.cache_settings,
-                                                        track_writes=self.writer)
+            cache = self.caches[canonical] = TableCache(
+                canonical, self.cache_settings, track_writes=self.writer
+            )
         instance.cache = cache
         instance.cache_token = len(self._instances)
 
@@ -372,8 +376,7 @@ class RequestHandler:
         flags &= ~_SANITISED
         if table.asynchronous:
             if op == "lookup" and instance.cache is not None:
-                entry = instance.cache.fresh((instance.cache_token, flags & ANSWER_BITS,
-                                              req.key))
+                entry = instance.cache.fresh((instance.cache_token, flags & ANSWER_BITS, req.key))
                 if entry is not None:  # a hit: answered inline, like a local table
                     if instance.stats is not None:
                         instance.stats.count(op, NOKEY if entry.value is None else OK)
@@ -392,8 +395,7 @@ class RequestHandler:
         except DictBusy:
             return self._when_unlocked(instance, req, flags, echo, function)
 
-    def _counted_sync(self, instance: Instance, req: Request, echo: int,
-                      function: int) -> Reply:
+    def _counted_sync(self, instance: Instance, req: Request, echo: int, function: int) -> Reply:
         """``_run_sync`` with its figures: counted, and timed as the table is sampled."""
         stats = instance.stats
         assert stats is not None
@@ -406,8 +408,9 @@ class RequestHandler:
         stats.count(req.op, reply.status)
         return reply
 
-    async def _counted_async(self, instance: Instance, req: Request, flags: int,
-                             echo: int) -> Reply:
+    async def _counted_async(
+        self, instance: Instance, req: Request, flags: int, echo: int
+    ) -> Reply:
         """``_run_async`` with its figures: every lookup is timed."""
         stats = instance.stats
         assert stats is not None
@@ -429,8 +432,9 @@ class RequestHandler:
                     return Reply(NOKEY, table.flags | echo)
                 return Reply(OK, table.flags | echo, value=value)
             if op == "update":
-                return Reply(OK if table.update(req.key, req.value) == 0 else NOKEY,
-                             table.flags | echo)
+                return Reply(
+                    OK if table.update(req.key, req.value) == 0 else NOKEY, table.flags | echo
+                )
             if op == "delete":
                 return Reply(OK if table.delete(req.key) == 0 else NOKEY, table.flags | echo)
             if op == "sequence":
@@ -444,8 +448,9 @@ class RequestHandler:
             return Reply(self._error_status(exc, instance, op), table.flags | echo)
         return Reply(BAD)
 
-    async def _when_unlocked(self, instance: Instance, req: Request, flags: int, echo: int,
-                             function: int) -> Reply:
+    async def _when_unlocked(
+        self, instance: Instance, req: Request, flags: int, echo: int, function: int
+    ) -> Reply:
         """Try again, pausing in between, until the writer's lock is gone.
 
         As long as Postfix would wait in flock(), but on the event loop: this client's
@@ -511,7 +516,7 @@ class RequestHandler:
                 if value is None:
                     return b"status\x001\x00flags\x00%d\x00value\x00\x00\x00" % reply_flags
                 if b"\x00" in value:
-                    value = value[:value.index(b"\x00")]
+                    value = value[: value.index(b"\x00")]
                 return b"status\x000\x00flags\x00%d\x00value\x00%s\x00\x00" % (reply_flags, value)
 
             return lookup_g2
@@ -533,7 +538,7 @@ class RequestHandler:
             if value is None:
                 return _G1_NOT_FOUND
             if b"\x00" in value:
-                value = value[:value.index(b"\x00")]
+                value = value[: value.index(b"\x00")]
             return _G1_FOUND + value + b"\x00\x00"
 
         return lookup_g1
@@ -579,8 +584,7 @@ class RequestHandler:
 
         return cached_g1
 
-    async def _run_async(self, instance: Instance, req: Request, flags: int,
-                         echo: int) -> Reply:
+    async def _run_async(self, instance: Instance, req: Request, flags: int, echo: int) -> Reply:
         # Flags are set here, not in handle(): other requests may run in between.
         # The reply reports the flags this request ran with: with concurrent
         # requests on one instance the table's own word may belong to another.
@@ -594,8 +598,10 @@ class RequestHandler:
                 if cache is None:
                     value = await table.alookup(req.key)
                 else:
-                    value = await cache.fill(self._cache_key(instance, flags, req.key),
-                                             lambda: _flagged_lookup(table, flags, req.key))
+                    value = await cache.fill(
+                        self._cache_key(instance, flags, req.key),
+                        lambda: _flagged_lookup(table, flags, req.key),
+                    )
                 if value is None:
                     return Reply(NOKEY, reply_flags)
                 return Reply(OK, reply_flags, value=value)
@@ -679,8 +685,13 @@ async def _flagged_lookup(table: AsyncTable, flags: int, key: bytes) -> bytes | 
 # The closures of compile_lookup plus the figures: a count per lookup and per miss, and the
 # clock on the lookups the table's sample mask selects. Separate functions, so that with
 # pyproxymap_statistics = no the fast path is exactly the one without figures.
-def _counted_g2(table: Table, flags: int, echo: int, stats: TableStats,
-                failed: Callable[[Exception, int], bytes]) -> LookupFunction:
+def _counted_g2(
+    table: Table,
+    flags: int,
+    echo: int,
+    stats: TableStats,
+    failed: Callable[[Exception, int], bytes],
+) -> LookupFunction:
     def lookup_g2(key: bytes) -> bytes | None:
         table.flags = flags
         count = stats.lookups = stats.lookups + 1
@@ -701,14 +712,19 @@ def _counted_g2(table: Table, flags: int, echo: int, stats: TableStats,
             stats.misses += 1
             return b"status\x001\x00flags\x00%d\x00value\x00\x00\x00" % reply_flags
         if b"\x00" in value:
-            value = value[:value.index(b"\x00")]
+            value = value[: value.index(b"\x00")]
         return b"status\x000\x00flags\x00%d\x00value\x00%s\x00\x00" % (reply_flags, value)
 
     return lookup_g2
 
 
-def _counted_g1(table: Table, kept_bits: int, request_bits: int, stats: TableStats,
-                failed: Callable[[Exception, int], bytes]) -> LookupFunction:
+def _counted_g1(
+    table: Table,
+    kept_bits: int,
+    request_bits: int,
+    stats: TableStats,
+    failed: Callable[[Exception, int], bytes],
+) -> LookupFunction:
     def lookup_g1(key: bytes) -> bytes | None:
         table.flags = (table.flags & kept_bits) | request_bits
         count = stats.lookups = stats.lookups + 1
@@ -728,7 +744,7 @@ def _counted_g1(table: Table, kept_bits: int, request_bits: int, stats: TableSta
             stats.misses += 1
             return _G1_NOT_FOUND
         if b"\x00" in value:
-            value = value[:value.index(b"\x00")]
+            value = value[: value.index(b"\x00")]
         return _G1_FOUND + value + b"\x00\x00"
 
     return lookup_g1

@@ -199,7 +199,9 @@ def _scan(pairs: attr.Pairs, wanted: tuple[bytes, ...], stream: str) -> dict | N
         if name != want:
             log.warning(
                 "unexpected attribute %s from %s (expecting: %s)",
-                _text(name), stream, want.decode(),
+                _text(name),
+                stream,
+                want.decode(),
             )
             return None
         if want in _NUMERIC:
@@ -208,7 +210,8 @@ def _scan(pairs: attr.Pairs, wanted: tuple[bytes, ...], stream: str) -> dict | N
             except ValueError:
                 log.warning(
                     "malformed numerical data from %s while reading input attribute value: %s",
-                    stream, _text(value[:100]),
+                    stream,
+                    _text(value[:100]),
                 )
                 return None
         else:

@@ -64,8 +64,14 @@ EXIT_CONNECTION = 75  # EX_TEMPFAIL
 QUERY_FLAGS = F.DUP_WARN | F.LOCK | F.FOLD_FIX | F.UTF8_REQUEST  # postmap -q, -s, -d: 540737
 UPDATE_FLAGS = F.DUP_WARN | F.FOLD_FIX | F.UTF8_REQUEST  # postmap -i: 540673
 
-STATUS_EXIT = {OK: EXIT_FOUND, NOKEY: EXIT_NOT_FOUND, RETRY: EXIT_RETRY, BAD: EXIT_BAD,
-               DENY: EXIT_DENIED, CONFIG: EXIT_CONFIG}
+STATUS_EXIT = {
+    OK: EXIT_FOUND,
+    NOKEY: EXIT_NOT_FOUND,
+    RETRY: EXIT_RETRY,
+    BAD: EXIT_BAD,
+    DENY: EXIT_DENIED,
+    CONFIG: EXIT_CONFIG,
+}
 
 # A Postfix client waits up to ipc_timeout (1 hour); a command-line tool should not.
 TIMEOUT = 30.0
@@ -82,8 +88,16 @@ class QueryError(Exception):
 class ProxymapClient:
     """A blocking proxymap client for one table, in either client generation."""
 
-    def __init__(self, path: str, table: str, *, v311: bool, utf8: bool = True,
-                 service: str = "proxymap", timeout: float = TIMEOUT) -> None:
+    def __init__(
+        self,
+        path: str,
+        table: str,
+        *,
+        v311: bool,
+        utf8: bool = True,
+        service: str = "proxymap",
+        timeout: float = TIMEOUT,
+    ) -> None:
         self.path = path
         self.service = service
         self.table = table
@@ -106,8 +120,9 @@ class ProxymapClient:
         except OSError as exc:
             raise QueryError(f"connect to {self.path}: {exc.strerror or exc}", EXIT_CONNECTION)
         if attr.encode(announcement) != ANNOUNCEMENT:
-            raise QueryError(f"{self.stream}: unexpected announcement {announcement!r}",
-                             EXIT_CONNECTION)
+            raise QueryError(
+                f"{self.stream}: unexpected announcement {announcement!r}", EXIT_CONNECTION
+            )
 
     def close(self) -> None:
         self.sock.close()
@@ -131,17 +146,19 @@ class ProxymapClient:
         except OSError as exc:
             raise QueryError(f"{self.stream}: {exc.strerror or exc}", EXIT_CONNECTION)
         names = [name for name, _ in reply]
-        if names[:len(reply_names)] != list(reply_names):
-            raise QueryError(f"{self.stream}: unexpected reply {reply!r} (expecting: "
-                             f"{b', '.join(reply_names).decode()})", EXIT_CONNECTION)
-        values = dict(reply[:len(reply_names)])
+        if names[: len(reply_names)] != list(reply_names):
+            raise QueryError(
+                f"{self.stream}: unexpected reply {reply!r} (expecting: "
+                f"{b', '.join(reply_names).decode()})",
+                EXIT_CONNECTION,
+            )
+        values = dict(reply[: len(reply_names)])
         try:
             values[b"status"] = attr.parse_u32(values[b"status"])
             if b"flags" in values:
                 values[b"flags"] = attr.parse_u32(values[b"flags"])
         except ValueError:
-            raise QueryError(f"{self.stream}: malformed number in reply {reply!r}",
-                             EXIT_CONNECTION)
+            raise QueryError(f"{self.stream}: malformed number in reply {reply!r}", EXIT_CONNECTION)
         if self.v311 and b"flags" in values and values[b"status"] not in (BAD, DENY):
             self.flags = values[b"flags"]  # the G2 client keeps what the server says
         return values
@@ -187,7 +204,7 @@ class ProxymapClient:
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError:
-            raise QueryError(f"{self.table}: non-UTF-8 key \"{key}\"", EXIT_NOT_FOUND)
+            raise QueryError(f'{self.table}: non-UTF-8 key "{key}"', EXIT_NOT_FOUND)
         fold = F.FOLD_FIX if self.table_flags & F.FIXED else F.FOLD_MUL
         if self.instance_flags & fold:
             text = text.casefold()
@@ -219,8 +236,11 @@ class ProxymapClient:
             function = 1
 
     def update(self, key: str, value: str) -> int:
-        pairs = [*self._with_flags(b"update"), (b"key", self._key(key)),
-                 (b"value", value.encode("utf-8", "surrogateescape"))]
+        pairs = [
+            *self._with_flags(b"update"),
+            (b"key", self._key(key)),
+            (b"value", value.encode("utf-8", "surrogateescape")),
+        ]
         status = self.call(pairs, self._reply_names())[b"status"]
         if status != NOKEY:
             self._fail_unless_ok(status, "update", key)
@@ -240,9 +260,11 @@ class ProxymapClient:
         where = f'table "{self.table}"' + (f' key "{key}"' if key is not None else "")
         messages = {
             BAD: f"{service} {op} failed for {where}: invalid request",
-            DENY: (f'{service} update access is not configured for table "{self.table}"'
-                   if op in ("update", "delete") else
-                   f'{service} service is not configured for table "{self.table}"'),
+            DENY: (
+                f'{service} update access is not configured for table "{self.table}"'
+                if op in ("update", "delete")
+                else f'{service} service is not configured for table "{self.table}"'
+            ),
             RETRY: f"{service} {op} failed for {where}: temporary failure",
             CONFIG: f"{service} {op} failed for {where}: table configuration error",
         }
@@ -298,24 +320,32 @@ Exit status:
 """
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]},
-               help=HELP_TEXT, epilog=EXIT_TEXT)
-@click.option("-s", "--socket", "socket_path", metavar="SOCKET",
-              help="proxymap socket (default from main.cf)")
-@click.option("-c", "--config-dir", metavar="CONFIG_DIR",
-              help="directory of main.cf (default $MAIL_CONFIG or /etc/postfix)")
+@click.command(
+    context_settings={"help_option_names": ["-h", "--help"]}, help=HELP_TEXT, epilog=EXIT_TEXT
+)
+@click.option(
+    "-s", "--socket", "socket_path", metavar="SOCKET", help="proxymap socket (default from main.cf)"
+)
+@click.option(
+    "-c",
+    "--config-dir",
+    metavar="CONFIG_DIR",
+    help="directory of main.cf (default $MAIL_CONFIG or /etc/postfix)",
+)
 @click.option("--v311", is_flag=True, help="speak like a Postfix 3.11+ client")
 @click.option("--write", is_flag=True, help="use the proxywrite service")
 @click.option("--sequence", is_flag=True, help="list all entries (KEY<TAB>VALUE lines)")
 @click.option("--update", nargs=2, metavar="KEY VALUE", help="store KEY VALUE (proxywrite)")
 @click.option("--delete", metavar="KEY", help="remove KEY (proxywrite)")
 @click.option("--no-utf8", is_flag=True, help="as with smtputf8_enable = no (server folds)")
-@click.option("--stats", is_flag=True,
-              help="print the workers' live statistics (no lookup; needs no master)")
+@click.option(
+    "--stats", is_flag=True, help="print the workers' live statistics (no lookup; needs no master)"
+)
 @click.option("--json", "as_json", is_flag=True, help="with --stats: the JSON document")
 @click.argument("args", nargs=-1, metavar="KEY proxy:TYPE:NAME")
-def main(socket_path, config_dir, v311, write, sequence, update, delete, no_utf8, stats,
-         as_json, args):
+def main(
+    socket_path, config_dir, v311, write, sequence, update, delete, no_utf8, stats, as_json, args
+):
     try:
         if stats:
             if args or sequence or update or delete:
@@ -323,8 +353,7 @@ def main(socket_path, config_dir, v311, write, sequence, update, delete, no_utf8
             sys.exit(print_statistics(config_dir, as_json))
         if as_json:
             raise click.UsageError("--json goes with --stats")
-        sys.exit(run(socket_path, config_dir, v311, write, sequence, update, delete,
-                     no_utf8, args))
+        sys.exit(run(socket_path, config_dir, v311, write, sequence, update, delete, no_utf8, args))
     except QueryError as exc:
         click.echo(f"proxymap-query: {exc}", err=True)
         sys.exit(exc.status)
@@ -356,21 +385,24 @@ def run(socket_path, config_dir, v311, write, sequence, update, delete, no_utf8,
         raise click.UsageError(f"expected {usage}")
     table = args[-1]
     if table.startswith("proxy:"):
-        table = table[len("proxy:"):]  # the client sends the name after its own type
+        table = table[len("proxy:") :]  # the client sends the name after its own type
     else:
-        click.echo(f'proxymap-query: warning: "{table}" has no proxy: prefix: asking the '
-                   f"{'proxywrite' if write or update or delete else 'proxymap'} service "
-                   f"for proxy:{table} (postmap -q would open {table} directly)", err=True)
+        click.echo(
+            f'proxymap-query: warning: "{table}" has no proxy: prefix: asking the '
+            f"{'proxywrite' if write or update or delete else 'proxymap'} service "
+            f"for proxy:{table} (postmap -q would open {table} directly)",
+            err=True,
+        )
     if ":" not in table:
-        raise QueryError(f'need dictionary_type:dictionary_name instead of "{args[-1]}"',
-                         EXIT_BAD)
+        raise QueryError(f'need dictionary_type:dictionary_name instead of "{args[-1]}"', EXIT_BAD)
     write = write or bool(update or delete)
     utf8 = not no_utf8
     if socket_path is None:
         socket_path, utf8_enabled = default_socket(config_dir, write)
         utf8 = utf8 and utf8_enabled
-    client = ProxymapClient(socket_path, table, v311=v311, utf8=utf8,
-                            service="proxywrite" if write else "proxymap")
+    client = ProxymapClient(
+        socket_path, table, v311=v311, utf8=utf8, service="proxywrite" if write else "proxymap"
+    )
     client.connect()
     try:
         if update:

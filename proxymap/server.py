@@ -110,11 +110,12 @@ def parse_service_name(name: str) -> tuple[str, bool | None]:
     export: bool | None = None
     for prefix, export_all in EXPORT_PREFIXES:
         if name.startswith(prefix):
-            name, export = name[len(prefix):], export_all
+            name, export = name[len(prefix) :], export_all
             break
     if name not in (READER, WRITER):
         raise ServiceNameError(
-            f'invalid service name: "{name}" - service name must be "proxywrite" or "proxymap"')
+            f'invalid service name: "{name}" - service name must be "proxywrite" or "proxymap"'
+        )
     return name, export
 
 
@@ -165,8 +166,11 @@ class ProxymapService:
             raise SystemExit(0)
         self.approved = frozenset(approved)
         preload_table_modules(self.approved)
-        if not self.self_check and not _standalone(server) and \
-                StatsSettings.from_params(server.config).enabled:
+        if (
+            not self.self_check
+            and not _standalone(server)
+            and StatsSettings.from_params(server.config).enabled
+        ):
             # Before the privilege drop and chroot: the directory may need creating.
             self.stats_directory = open_directory(server.config.get("mail_owner"))
         if self.service_name == WRITER and not self.self_check:
@@ -181,8 +185,12 @@ class ProxymapService:
         self.handler = RequestHandler(self.service_name, self.approved, server.config)
         server.on_exit(self.handler.close)  # result-cache figures, an outage still going on
         settings = self.handler.stats_settings
-        if settings.enabled and not self.self_check and not _standalone(server) and \
-                (self.stats_directory is not None or settings.proctitle):
+        if (
+            settings.enabled
+            and not self.self_check
+            and not _standalone(server)
+            and (self.stats_directory is not None or settings.proctitle)
+        ):
             self.reporter = Reporter(server, self.handler, self.stats_directory, settings)
             server.on_exit(self.reporter.close)
         if self.self_check:
@@ -232,8 +240,9 @@ def connection_bounds(approved, params) -> list[tuple[str, int]]:
     """(table, most connections one worker opens for it), for tables that open any."""
     bounds = []
     for name in sorted_bytewise(set(approved)):
-        limits = [connection_limit(match.group(1), params)
-                  for match in _TYPE_REFERENCE.finditer(name)]
+        limits = [
+            connection_limit(match.group(1), params) for match in _TYPE_REFERENCE.finditer(name)
+        ]
         total = sum(limit for limit in limits if limit)
         if total:
             bounds.append((name, total))
@@ -329,11 +338,17 @@ def read_one_request(infile: BinaryIO) -> attr.Pairs | bytes | None:
                 return None  # end of input before any byte: silence, as Postfix
             where = decoder.reading
             if decoder.in_field:
-                log.warning("unexpected end-of-input from %s while reading input attribute %s",
-                            STANDALONE_STREAM, where)
+                log.warning(
+                    "unexpected end-of-input from %s while reading input attribute %s",
+                    STANDALONE_STREAM,
+                    where,
+                )
             else:
-                log.warning("premature end-of-input on %s while reading input attribute %s",
-                            STANDALONE_STREAM, where)
+                log.warning(
+                    "premature end-of-input on %s while reading input attribute %s",
+                    STANDALONE_STREAM,
+                    where,
+                )
             return reply_to_truncated(decoder.pairs_so_far, decoder.pending_name)
         try:
             lists = decoder.feed(data)

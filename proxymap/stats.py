@@ -113,7 +113,7 @@ def parse_milliseconds(text: str) -> float:
     text = text.strip().lower()
     for unit, scale in (("ms", 0.001), ("s", 1.0), ("m", 60.0)):
         if text.endswith(unit):
-            return float(text[:-len(unit)]) * scale
+            return float(text[: -len(unit)]) * scale
     return float(text) / 1000
 
 
@@ -134,9 +134,11 @@ class StatsSettings:
                 threshold = max(0.0, parse_milliseconds(text))
             except ValueError:
                 log.warning('%s: bad value "%s", using 100ms', SLOW_THRESHOLD, text)
-        return cls(enabled=_flag(params, STATISTICS, True),
-                   proctitle=_flag(params, VERBOSE_PROCTITLE, False),
-                   slow_threshold=threshold)
+        return cls(
+            enabled=_flag(params, STATISTICS, True),
+            proctitle=_flag(params, VERBOSE_PROCTITLE, False),
+            slow_threshold=threshold,
+        )
 
 
 class Latency:
@@ -172,19 +174,42 @@ class Latency:
 
     def figures(self) -> dict:
         counts, largest = self.window()
-        histogram = [[round(BOUNDS[min(i, _LAST - 1)] * 1e6, 1), count]
-                     for i, count in enumerate(counts) if count]
+        histogram = [
+            [round(BOUNDS[min(i, _LAST - 1)] * 1e6, 1), count]
+            for i, count in enumerate(counts)
+            if count
+        ]
         samples = sum(counts)
-        return {"samples": samples, "max_ms": round(largest * 1000, 3) if samples else None,
-                "histogram": histogram}
+        return {
+            "samples": samples,
+            "max_ms": round(largest * 1000, 3) if samples else None,
+            "histogram": histogram,
+        }
 
 
 class TableStats:
     """The figures of one table in one worker (plain attributes: see DESCRIPTION)."""
 
-    __slots__ = ("name", "lookups", "misses", "failures", "retry", "config", "deny",
-                 "updates", "deletes", "sequences", "sample_mask", "latency", "smoothed",
-                 "threshold", "quiet_until", "tables", "asynchronous", "_lookups_before")
+    __slots__ = (
+        "name",
+        "lookups",
+        "misses",
+        "failures",
+        "retry",
+        "config",
+        "deny",
+        "updates",
+        "deletes",
+        "sequences",
+        "sample_mask",
+        "latency",
+        "smoothed",
+        "threshold",
+        "quiet_until",
+        "tables",
+        "asynchronous",
+        "_lookups_before",
+    )
 
     def __init__(self, name: str, threshold: float = DEFAULT_SLOW_THRESHOLD) -> None:
         self.name = name
@@ -218,9 +243,13 @@ class TableStats:
         if now < self.quiet_until:
             return
         self.quiet_until = now + SLOW_QUIET
-        log.warning("table %s is slow: smoothed lookup latency %.0f ms "
-                    "(%s = %.0fms)", self.name, smoothed * 1000, SLOW_THRESHOLD,
-                    self.threshold * 1000)
+        log.warning(
+            "table %s is slow: smoothed lookup latency %.0f ms (%s = %.0fms)",
+            self.name,
+            smoothed * 1000,
+            SLOW_THRESHOLD,
+            self.threshold * 1000,
+        )
 
     def count(self, op: str, status: int) -> None:
         """One answered request of the general path."""
@@ -259,10 +288,18 @@ class TableStats:
         latency = self.latency.figures()
         latency["sampling"] = self.sample_mask + 1
         latency["smoothed_ms"] = round(self.smoothed * 1000, 3) if self.smoothed >= 0 else None
-        figures = {"lookups": self.lookups, "hits": self.hits, "misses": self.misses,
-                   "retry": self.retry, "config": self.config, "deny": self.deny,
-                   "updates": self.updates, "deletes": self.deletes,
-                   "sequences": self.sequences, "latency": latency}
+        figures = {
+            "lookups": self.lookups,
+            "hits": self.hits,
+            "misses": self.misses,
+            "retry": self.retry,
+            "config": self.config,
+            "deny": self.deny,
+            "updates": self.updates,
+            "deletes": self.deletes,
+            "sequences": self.sequences,
+            "latency": latency,
+        }
         backend = backend_figures(self.tables)
         if backend is not None:
             figures["backend"] = backend
@@ -292,13 +329,17 @@ def backend_figures(tables: list) -> dict | None:
     pools = [pool for table in tables for pool in _pools(table, seen)]
     if not pools:
         return None
-    figures = {"open": 0, "in_use": 0, "waiting": 0, "limit": 0, "connects": 0,
-               "failovers": 0}
+    figures = {"open": 0, "in_use": 0, "waiting": 0, "limit": 0, "connects": 0, "failovers": 0}
     down: list[str] = []
     for pool in pools:
-        for name, attribute in (("open", "open"), ("in_use", "in_use"),
-                                ("waiting", "waiting"), ("limit", "size"),
-                                ("connects", "connects"), ("failovers", "failovers")):
+        for name, attribute in (
+            ("open", "open"),
+            ("in_use", "in_use"),
+            ("waiting", "waiting"),
+            ("limit", "size"),
+            ("connects", "connects"),
+            ("failovers", "failovers"),
+        ):
             value = getattr(pool, attribute, 0)
             figures[name] += value if isinstance(value, int) else 0
         for endpoint in getattr(pool, "endpoints", ()):
@@ -337,8 +378,13 @@ def open_directory(mail_owner: str | None) -> int | None:
 class Reporter:
     """Once a second: rotate, sample, write the snapshot and the process title."""
 
-    def __init__(self, server: MultiServer, handler: RequestHandler, directory_fd: int | None,
-                 settings: StatsSettings) -> None:
+    def __init__(
+        self,
+        server: MultiServer,
+        handler: RequestHandler,
+        directory_fd: int | None,
+        settings: StatsSettings,
+    ) -> None:
         self.server = server
         self.handler = handler
         self.directory_fd = directory_fd
@@ -371,14 +417,12 @@ class Reporter:
         self._ticks += 1
         statistics = self.handler.statistics or {}
         rotate = self._ticks % SLOT_SECONDS == 0
-        activity = self.handler.bad + self.server.open_connections + \
-            self.server.connections_closed
+        activity = self.handler.bad + self.server.open_connections + self.server.connections_closed
         for table in statistics.values():
             if rotate:
                 table.latency.rotate()
             table.tick()
-            activity += table.lookups + table.deny + table.updates + table.deletes + \
-                table.sequences
+            activity += table.lookups + table.deny + table.updates + table.deletes + table.sequences
         if activity != self._activity:
             self._activity = activity
             self.last_request = now
@@ -398,13 +442,20 @@ class Reporter:
                 figures["cache"] = caches[name]
             tables[name] = figures
         return {
-            "format": FORMAT, "pid": self.pid, "start_ticks": self.start_ticks,
-            "service": handler.service_name, "generation": server.generation,
+            "format": FORMAT,
+            "pid": self.pid,
+            "start_ticks": self.start_ticks,
+            "service": handler.service_name,
+            "generation": server.generation,
             "started": round(self.started, 3),
             "last_request": None if self.last_request is None else round(self.last_request),
-            "clients": server.open_connections, "in_flight": server.requests_in_progress,
-            "connections_served": server.connections_closed, "max_use": server.max_use,
-            "max_idle": server.max_idle, "bad": handler.bad, "window": WINDOW,
+            "clients": server.open_connections,
+            "in_flight": server.requests_in_progress,
+            "connections_served": server.connections_closed,
+            "max_use": server.max_use,
+            "max_idle": server.max_idle,
+            "bad": handler.bad,
+            "window": WINDOW,
             "tables": tables,
         }
 
@@ -419,8 +470,9 @@ class Reporter:
         temporary = f".{self.pid}.tmp"
         fd = self.directory_fd
         try:
-            out = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW,
-                          0o644, dir_fd=fd)
+            out = os.open(
+                temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644, dir_fd=fd
+            )
             try:
                 os.fchmod(out, 0o644)  # readable by the operator, whatever the umask
                 os.write(out, data)
@@ -440,10 +492,15 @@ class Reporter:
         statistics = (self.handler.statistics or {}).values()
         lookups = sum(table.lookups for table in statistics)
         retry = sum(table.retry for table in statistics)
-        uses = f"{server.connections_closed}/{server.max_use}" if server.max_use else \
-            str(server.connections_closed)
-        return (f"[{server.open_connections} clients, {server.requests_in_progress} busy, "
-                f"{lookups} lookups, {retry} retry, {uses} served]")
+        uses = (
+            f"{server.connections_closed}/{server.max_use}"
+            if server.max_use
+            else str(server.connections_closed)
+        )
+        return (
+            f"[{server.open_connections} clients, {server.requests_in_progress} busy, "
+            f"{lookups} lookups, {retry} retry, {uses} served]"
+        )
 
     def _set_title(self) -> None:
         title = self.title()

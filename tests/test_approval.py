@@ -24,9 +24,17 @@ EXAMPLE_READ_MAPS = (
     "texthash:DIR/notproxied DIR/filelist312 [::1]:25 proxy:nocolon $mydestination {unbalanced"
 )
 EXAMPLE_APPROVED = [
-    "texthash:DIR/r312", "texthash:DIR/braced312", "inline:{a=b}", "texthash:DIR/pipe312",
-    "texthash:DIR/union312", "texthash:DIR/dbl312", "texthash:DIR/fl312",
-    "texthash:DIR/fl312b", "nocolon", "texthash:DIR/mydest", "texthash:DIR/rc312",
+    "texthash:DIR/r312",
+    "texthash:DIR/braced312",
+    "inline:{a=b}",
+    "texthash:DIR/pipe312",
+    "texthash:DIR/union312",
+    "texthash:DIR/dbl312",
+    "texthash:DIR/fl312",
+    "texthash:DIR/fl312b",
+    "nocolon",
+    "texthash:DIR/mydest",
+    "texthash:DIR/rc312",
 ]
 
 
@@ -34,12 +42,15 @@ EXAMPLE_APPROVED = [
 def example(tmp_path) -> tuple[Path, dict[str, str]]:
     (tmp_path / "filelist312").write_text(
         "# a list of tables\nproxy:texthash:DIR/fl312 # comment\n"
-        "  proxy:texthash:DIR/fl312b\n".replace("DIR", str(tmp_path)))
+        "  proxy:texthash:DIR/fl312b\n".replace("DIR", str(tmp_path))
+    )
     params = {
         "proxy_read_maps": EXAMPLE_READ_MAPS.replace(
-            "$mydestination", "proxy:texthash:DIR/mydest").replace("DIR", str(tmp_path)),
-        "proxy_write_maps": "proxy:internal:w312 proxy:texthash:DIR/w312 btree:DIR/cache"
-                            .replace("DIR", str(tmp_path)),
+            "$mydestination", "proxy:texthash:DIR/mydest"
+        ).replace("DIR", str(tmp_path)),
+        "proxy_write_maps": "proxy:internal:w312 proxy:texthash:DIR/w312 btree:DIR/cache".replace(
+            "DIR", str(tmp_path)
+        ),
         "smtpd_restriction_classes": "myclass",
         "myclass": f"check_sender_access proxy:texthash:{tmp_path}/rc312",
     }
@@ -56,26 +67,31 @@ def test_worked_example(example, caplog):
         approved = approved_tables(params, "proxymap")
     assert approved == expected(directory, EXAMPLE_APPROVED)
     assert [r.getMessage() for r in caplog.records] == [
-        "bad syntax in proxy_read_maps content: missing '}' in \"{unbalanced\""]
+        "bad syntax in proxy_read_maps content: missing '}' in \"{unbalanced\""
+    ]
 
 
 def test_export_all_adds_references_without_proxy(example):
     directory, params = example
     approved = approved_tables(params, "proxymap", export_all=True)
     assert sorted(approved) == sorted(
-        expected(directory, [*EXAMPLE_APPROVED, "texthash:DIR/notproxied"]))
+        expected(directory, [*EXAMPLE_APPROVED, "texthash:DIR/notproxied"])
+    )
 
 
 def test_writer_uses_proxy_write_maps_only(example):
     directory, params = example
-    assert approved_tables(params, "proxywrite") == [
-        "internal:w312", f"texthash:{directory}/w312"]
+    assert approved_tables(params, "proxywrite") == ["internal:w312", f"texthash:{directory}/w312"]
 
 
 def test_restriction_classes_only_for_the_reader(tmp_path):
-    params = {"proxy_read_maps": "", "proxy_write_maps": "",
-              "smtpd_restriction_classes": "a, b undefined",
-              "a": "proxy:hash:/a", "b": "{ proxy:hash:/b } proxy:hash:/c"}
+    params = {
+        "proxy_read_maps": "",
+        "proxy_write_maps": "",
+        "smtpd_restriction_classes": "a, b undefined",
+        "a": "proxy:hash:/a",
+        "b": "{ proxy:hash:/b } proxy:hash:/c",
+    }
     assert approved_tables(params, "proxymap") == ["hash:/a", "hash:/b", "hash:/c"]
     assert approved_tables(params, "proxywrite") == []
 
@@ -97,26 +113,32 @@ def test_brace_errors_are_reported_with_their_origin(tmp_path, caplog):
     listing.write_text("{x}y proxy:hash:/ok\n")
     with caplog.at_level(logging.WARNING, "proxymap"):
         approved = approved_tables(
-            {"proxy_read_maps": f"pipemap:{{proxy:a:b {listing}"}, "proxymap")
+            {"proxy_read_maps": f"pipemap:{{proxy:a:b {listing}"}, "proxymap"
+        )
     assert approved == []
     approved = approved_tables({"proxy_read_maps": str(listing)}, "proxymap")
     assert approved == ["hash:/ok"]
     messages = [r.getMessage() for r in caplog.records]
-    assert "bad syntax in proxy_read_maps content: missing '}' in \"{proxy:a:b " \
-           f"{listing}\"" in messages
+    assert (
+        "bad syntax in proxy_read_maps content: missing '}' in \"{proxy:a:b "
+        f'{listing}"' in messages
+    )
     assert f"bad syntax in {listing} content: syntax error after '}}' in \"{{x}}y\"" in messages
 
 
-@pytest.mark.parametrize(("value", "approved"), [
-    ("proxy:pipemap:{proxy:a:b}", ["pipemap:{proxy:a:b}"]),
-    ("pipemap:{unionmap:{proxy:a:b, proxy:c:d}, proxy:e:f}", ["a:b", "c:d", "e:f"]),
-    ("pipemap:proxy:a:b unionmap", []),
-    ("proxy:a:b,proxy:c:d\tproxy:e:f\r\nproxy:a:b", ["a:b", "c:d", "e:f"]),
-    ("!proxy:a:b #proxy:c:d [proxy:e:f] proxy:ok:1", ["ok:1"]),
-    ("{ {proxy:a:b} } { } {proxy:c:d,x}", ["c:d"]),
-    ("proxy:inline:{a=1, b=2} proxy:static:{ x y }", ["inline:{a=1, b=2}", "static:{ x y }"]),
-    ("}proxy:a:b proxy:c:d}", ["c:d}"]),
-])
+@pytest.mark.parametrize(
+    ("value", "approved"),
+    [
+        ("proxy:pipemap:{proxy:a:b}", ["pipemap:{proxy:a:b}"]),
+        ("pipemap:{unionmap:{proxy:a:b, proxy:c:d}, proxy:e:f}", ["a:b", "c:d", "e:f"]),
+        ("pipemap:proxy:a:b unionmap", []),
+        ("proxy:a:b,proxy:c:d\tproxy:e:f\r\nproxy:a:b", ["a:b", "c:d", "e:f"]),
+        ("!proxy:a:b #proxy:c:d [proxy:e:f] proxy:ok:1", ["ok:1"]),
+        ("{ {proxy:a:b} } { } {proxy:c:d,x}", ["c:d"]),
+        ("proxy:inline:{a=1, b=2} proxy:static:{ x y }", ["inline:{a=1, b=2}", "static:{ x y }"]),
+        ("}proxy:a:b proxy:c:d}", ["c:d}"]),
+    ],
+)
 def test_token_rules(value, approved):
     assert approved_tables({"proxy_read_maps": value}, "proxymap") == approved
 
@@ -126,8 +148,9 @@ def test_tokenizer_keeps_groups_and_tolerates_stray_braces():
 
 
 def postconf(directory: Path, name: str) -> str:
-    return subprocess.run(["postconf", "-c", str(directory), "-xh", name], capture_output=True,
-                          text=True, check=True).stdout.rstrip("\n")
+    return subprocess.run(
+        ["postconf", "-c", str(directory), "-xh", name], capture_output=True, text=True, check=True
+    ).stdout.rstrip("\n")
 
 
 @pytest.fixture
@@ -139,8 +162,10 @@ def postconf_dir(tmp_path) -> Path:
 
 
 def test_default_configuration_from_postconf(postconf_dir):
-    params = {name: postconf(postconf_dir, name) for name in (
-        "proxy_read_maps", "proxy_write_maps", "smtpd_restriction_classes")}
+    params = {
+        name: postconf(postconf_dir, name)
+        for name in ("proxy_read_maps", "proxy_write_maps", "smtpd_restriction_classes")
+    }
     assert "proxy:unix:passwd.byname" in params["proxy_read_maps"]
     assert approved_tables(params, "proxymap") == ["unix:passwd.byname"]
     assert approved_tables(params, "proxywrite") == []
@@ -153,7 +178,10 @@ def test_worked_example_expanded_by_postconf(postconf_dir, example):
         "proxy_read_maps = " + EXAMPLE_READ_MAPS.replace("DIR", str(directory)) + "\n"
         f"mydestination = proxy:texthash:{directory}/mydest\n"
         "smtpd_restriction_classes = myclass\n"
-        f"myclass = check_sender_access proxy:texthash:{directory}/rc312\n")
-    from_postconf = {name: postconf(postconf_dir, name) for name in (
-        "proxy_read_maps", "smtpd_restriction_classes", "myclass")}
+        f"myclass = check_sender_access proxy:texthash:{directory}/rc312\n"
+    )
+    from_postconf = {
+        name: postconf(postconf_dir, name)
+        for name in ("proxy_read_maps", "smtpd_restriction_classes", "myclass")
+    }
     assert approved_tables(from_postconf, "proxymap") == expected(directory, EXAMPLE_APPROVED)

@@ -155,22 +155,32 @@ class Instance:
             "queue_directory = $config_directory/../queue\n"
             "daemon_directory = $config_directory/../daemon\n"
             f"proxy_read_maps = proxy:{self.table}\n"
-            "max_idle = 600s\n" + extra)
+            "max_idle = 600s\n" + extra
+        )
 
     def write_master_cf(self, text: str) -> None:
         (self.conf / "master.cf").write_text(text)
 
     def cli(self, *args: str, timeout: float = 30) -> subprocess.CompletedProcess:
-        return subprocess.run([MASTER_COMMAND, "-c", str(self.conf), *args],
-                              capture_output=True, text=True, timeout=timeout, check=False)
+        return subprocess.run(
+            [MASTER_COMMAND, "-c", str(self.conf), *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
 
     def start(self, *extra: str) -> None:
         env = dict(os.environ, **(self.env or {}))
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
                 [MASTER_COMMAND, "-c", str(self.conf), "start", *extra],
-                stdout=log, stderr=log, stdin=subprocess.DEVNULL, env=env,
-                start_new_session=True)
+                stdout=log,
+                stderr=log,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                start_new_session=True,
+            )
         wait_until(lambda: self._answers(), 15)
 
     def _answers(self) -> bool:
@@ -260,9 +270,9 @@ def open_fds(pid: int) -> dict[int, str]:
 
 def test_c_proxymap_serves_postmap_through_our_master(instance_factory):
     pf = instance_factory(
-        "proxymap unix - - n - - proxymap\n"
-        "proxywrite unix - - n - 1 proxymap\n",
-        "pyproxymap_prefork = 2\n")
+        "proxymap unix - - n - - proxymap\nproxywrite unix - - n - 1 proxymap\n",
+        "pyproxymap_prefork = 2\n",
+    )
     pf.start()
     readers = wait_until(lambda: len(pf.workers("proxymap")) == 2 and pf.workers("proxymap"))
     # What a C daemon gets from us is what the real master gives it.
@@ -272,7 +282,15 @@ def test_c_proxymap_serves_postmap_through_our_master(instance_factory):
     assert proc_cmdline(reader_pid) == [b"proxymap", b"-t", b"unix", b"-d", b"-u"], pf.log()
     writer_pid = pf.workers("proxywrite")[0]["pid"]
     assert proc_cmdline(writer_pid) == [
-        b"proxymap", b"-l", b"-n", b"proxywrite", b"-t", b"unix", b"-d", b"-u"]
+        b"proxymap",
+        b"-l",
+        b"-n",
+        b"proxywrite",
+        b"-t",
+        b"unix",
+        b"-d",
+        b"-u",
+    ]
     env = proc_environ(reader_pid)
     assert env["GENERATION"] == "1" and env["MAIL_CONFIG"] == str(pf.conf)
     assert env["LANG"] == "C" and "PATH" not in env
@@ -307,7 +325,8 @@ def test_prefork_count_and_per_service_override(instance_factory):
         "holder unix - n n - 5 holder -o pyproxymap_prefork=4\n"
         "single unix - n n - 1 holder\n"
         "capped unix - n n - 2 holder\n",
-        "pyproxymap_prefork = 3\n")
+        "pyproxymap_prefork = 3\n",
+    )
     pf.start()
     wanted = {"proxymap": 3, "holder": 4, "single": 1, "capped": 2}
     wait_until(lambda: {s["service"]: s["total"] for s in pf.status()["services"]} == wanted)
@@ -367,9 +386,16 @@ def postmap_as_daemon_client(pf: Instance, key: str) -> PostmapResult:
     """
     command = [postmap_path(), "-c", str(pf.conf), "-q", key, f"proxy:{pf.table}"]
     env = {k: v for k, v in os.environ.items() if k != "MAIL_CONFIG"}
-    done = subprocess.run(command, capture_output=True, text=True, timeout=30, env=env,
-                          stdin=subprocess.DEVNULL, check=False,
-                          preexec_fn=lambda: signal.signal(signal.SIGPIPE, signal.SIG_IGN))
+    done = subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        check=False,
+        preexec_fn=lambda: signal.signal(signal.SIGPIPE, signal.SIG_IGN),
+    )
     return PostmapResult(done.returncode, done.stdout.rstrip("\n"), done.stderr)
 
 
@@ -394,13 +420,15 @@ def test_respawn_after_kill_9_without_failed_lookups(instance_factory):
     try:
         killed = []
         for _ in range(2):
-            victim = wait_until(lambda: next(
-                (w for w in pf.workers("proxymap") if w["uses"] > 0 and w["pid"] not in killed),
-                None))
+            victim = wait_until(
+                lambda: next(
+                    (w for w in pf.workers("proxymap") if w["uses"] > 0 and w["pid"] not in killed),
+                    None,
+                )
+            )
             os.kill(victim["pid"], signal.SIGKILL)
             killed.append(victim["pid"])
-            wait_until(lambda v=victim: all(w["pid"] != v["pid"]
-                                            for w in pf.workers("proxymap")))
+            wait_until(lambda v=victim: all(w["pid"] != v["pid"] for w in pf.workers("proxymap")))
             time.sleep(0.3)
     finally:
         stop.set()
@@ -419,9 +447,9 @@ def test_respawn_after_kill_9_without_failed_lookups(instance_factory):
 
 def test_crashing_service_is_throttled(instance_factory):
     pf = instance_factory(
-        "crashy unix - n n - - holder crash\n"
-        "holder unix - n n - 2 holder\n",
-        "pyproxymap_prefork = 2\nservice_throttle_time = 2s\n")
+        "crashy unix - n n - - holder crash\nholder unix - n n - 2 holder\n",
+        "pyproxymap_prefork = 2\nservice_throttle_time = 2s\n",
+    )
     pf.start()
     path = f"{pf.daemon_path}/holder"
     wait_until(lambda: "bad command startup -- throttling" in pf.log())
@@ -514,12 +542,16 @@ def test_graceful_stop_with_systemd_notify(instance_factory):
     notify.bind(notify_path)
     notify.settimeout(10)
     try:
-        pf = instance_factory("proxymap unix - - n - - proxymap\nholder unix - n n - 3 holder\n",
-                              "pyproxymap_prefork = 2\n", env={"NOTIFY_SOCKET": notify_path})
+        pf = instance_factory(
+            "proxymap unix - - n - - proxymap\nholder unix - n n - 3 holder\n",
+            "pyproxymap_prefork = 2\n",
+            env={"NOTIFY_SOCKET": notify_path},
+        )
         pf.start()
         ready = notify.recv(4096).decode()
         assert "READY=1" in ready and f"MAINPID={pf.master_pid()}" in ready.replace(
-            f"MAINPID={pf.process.pid}", f"MAINPID={pf.master_pid()}")
+            f"MAINPID={pf.process.pid}", f"MAINPID={pf.master_pid()}"
+        )
         wait_until(lambda: pf.service("proxymap")["total"] == 2)
         master_pid = pf.master_pid()
         workers = children_of(master_pid)
@@ -574,8 +606,10 @@ def test_check_opens_every_approved_table_through_the_worker(instance_factory):
     bad = pf.cli("check")
     assert bad.returncode == 78
     assert f"approved: {pf.table}: no such key" in bad.stdout
-    assert (f"approved: texthash:{pf.tables}/absent: error: open database "
-            f"{pf.tables}/absent: No such file or directory") in bad.stdout
+    assert (
+        f"approved: texthash:{pf.tables}/absent: error: open database "
+        f"{pf.tables}/absent: No such file or directory"
+    ) in bad.stdout
 
 
 # ---------------------------------------------------------------------------
@@ -674,9 +708,13 @@ def test_children_get_the_same_argv_env_and_fds_as_from_the_real_master(instance
     prepare_for_real_master(pf)
 
     # The real Postfix master, foreground, own session.
-    real = subprocess.Popen(["/usr/lib/postfix/sbin/master", "-c", str(pf.conf), "-d"],
-                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    real = subprocess.Popen(
+        ["/usr/lib/postfix/sbin/master", "-c", str(pf.conf), "-d"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         wait_until(lambda: (pf.queue / "private" / "lim").exists(), 10)
         poke_every_service(pf.root, port)
@@ -686,8 +724,13 @@ def test_children_get_the_same_argv_env_and_fds_as_from_the_real_master(instance
     finally:
         real.send_signal(signal.SIGTERM)
         real.wait(10)
-    wait_until(lambda: not (pf.daemon / "records").exists() or all(
-        not alive(int(p.name)) for p in (pf.daemon / "records").iterdir()), 10)
+    wait_until(
+        lambda: (
+            not (pf.daemon / "records").exists()
+            or all(not alive(int(p.name)) for p in (pf.daemon / "records").iterdir())
+        ),
+        10,
+    )
     shutil.rmtree(pf.daemon / "records")
     (pf.daemon / "records").mkdir()
 
@@ -696,8 +739,11 @@ def test_children_get_the_same_argv_env_and_fds_as_from_the_real_master(instance
     time.sleep(0.2)
     ours = read_records(pf.daemon / "records")
 
-    assert sorted(ours) == sorted(theirs) == sorted(
-        ["proxymap", "proxywrite", "pubsvc", "lim", f"127.0.0.1:{port}"])
+    assert (
+        sorted(ours)
+        == sorted(theirs)
+        == sorted(["proxymap", "proxywrite", "pubsvc", "lim", f"127.0.0.1:{port}"])
+    )
     for name in theirs:
         assert ours[name]["argv"] == theirs[name]["argv"], name
         their_env = dict(theirs[name]["env"])
@@ -715,9 +761,9 @@ def test_children_get_the_same_argv_env_and_fds_as_from_the_real_master(instance
 def test_maillog_file_through_postlogd_run_by_our_master(instance_factory):
     """unix-dgram service: the C postlogd, fed by our master and by the C proxymap."""
     pf = instance_factory(
-        "proxymap unix - - n - - proxymap\n"
-        "postlog unix-dgram n - n - 1 postlogd\n",
-        "pyproxymap_prefork = 1\nmaillog_file_prefixes = /tmp\n")
+        "proxymap unix - - n - - proxymap\npostlog unix-dgram n - n - 1 postlogd\n",
+        "pyproxymap_prefork = 1\nmaillog_file_prefixes = /tmp\n",
+    )
     (pf.daemon / "postlogd").symlink_to(C_PROXYMAP.parent / "postlogd")
     maillog = pf.root / "maillog"
     with open(pf.conf / "main.cf", "a") as main_cf:
@@ -730,11 +776,13 @@ def test_maillog_file_through_postlogd_run_by_our_master(instance_factory):
     wait_until(lambda: proc_cmdline(reader)[:1] == [b"proxymap"])
     env = proc_environ(reader)
     assert env["POSTLOG_SERVICE"] == f"{pf.conf}/../queue/public/postlog"
-    unapproved = run_postmap(["-q", "alice", f"proxy:texthash:{pf.tables}/nope"],
-                             conf_dir=pf.conf)
+    unapproved = run_postmap(["-q", "alice", f"proxy:texthash:{pf.tables}/nope"], conf_dir=pf.conf)
     assert unapproved.exit != 0
-    text = wait_until(lambda: maillog.exists() and "unapproved table" in maillog.read_text()
-                      and maillog.read_text())
+    text = wait_until(
+        lambda: (
+            maillog.exists() and "unapproved table" in maillog.read_text() and maillog.read_text()
+        )
+    )
     assert f"postfix/proxymap[{reader}]: warning: request for unapproved table" in text
     assert "postfix/master[" in text and "daemon started" in text
     assert pf.postmap("alice").outcome() == ("0", "alice@example.com")
@@ -742,15 +790,17 @@ def test_maillog_file_through_postlogd_run_by_our_master(instance_factory):
 
 def test_workers_leaving_at_max_use_are_replaced_up_to_prefork(instance_factory):
     """max_use exits are normal (exit 0, no warning); the pre-fork minimum comes back."""
-    pf = instance_factory("proxymap unix - - n - - proxymap -o max_use=1\n",
-                          "pyproxymap_prefork = 2\n")
+    pf = instance_factory(
+        "proxymap unix - - n - - proxymap -o max_use=1\n", "pyproxymap_prefork = 2\n"
+    )
     pf.start()
     wait_until(lambda: pf.service("proxymap")["total"] == 2)
     first = {w["pid"] for w in pf.workers("proxymap")}
     for key in ("alice", "bob", "alice"):
         assert pf.postmap(key).outcome()[0] == "0"
-    service = wait_until(lambda: (s := pf.service("proxymap"))["spawned"] >= 5
-                         and s["total"] == 2 and s)
+    service = wait_until(
+        lambda: (s := pf.service("proxymap"))["spawned"] >= 5 and s["total"] == 2 and s
+    )
     assert len(first - {w["pid"] for w in service["workers"]}) >= 1
     assert service["avail"] == 2 and service["throttled_for"] == 0
     assert "warning" not in pf.log()
@@ -761,9 +811,10 @@ def test_our_worker_under_our_master(instance_factory):
     worker = VENV_BIN / "proxymap"
     if not worker.exists():
         pytest.skip("the proxymap console script is not installed in this venv")
-    pf = instance_factory("proxymap unix - - n - - pyproxymap\n"
-                          "proxywrite unix - n n - 1 pyproxymap\n",
-                          "pyproxymap_prefork = 2\n")
+    pf = instance_factory(
+        "proxymap unix - - n - - pyproxymap\nproxywrite unix - n n - 1 pyproxymap\n",
+        "pyproxymap_prefork = 2\n",
+    )
     (pf.daemon / "pyproxymap").symlink_to(worker)
     pf.start()
     readers = wait_until(lambda: len(w := pf.workers("proxymap")) == 2 and w)
@@ -774,8 +825,12 @@ def test_our_worker_under_our_master(instance_factory):
     wait_until(lambda: 2 <= sum(w["uses"] for w in pf.workers("proxymap")) <= 4)
     assert pf.cli("reload").returncode == 0
     wait_until(lambda: not any(alive(w["pid"]) for w in readers))
-    wait_until(lambda: {w["generation"] for w in pf.workers("proxymap")} == {2}
-               and len(pf.workers("proxymap")) == 2)
+    wait_until(
+        lambda: (
+            {w["generation"] for w in pf.workers("proxymap")} == {2}
+            and len(pf.workers("proxymap")) == 2
+        )
+    )
     assert pf.postmap("bob").outcome() == ("0", "bob@example.com")
     assert "warning" not in pf.log(), pf.log()
 
@@ -783,12 +838,15 @@ def test_our_worker_under_our_master(instance_factory):
 def test_status_prints_the_backend_connection_bound(instance_factory):
     """The most database connections the site can open: workers x the per-table limit."""
     worker = VENV_BIN / "proxymap"
-    pf = instance_factory("proxymap unix - - n - 5 pyproxymap\n",
-                          "pyproxymap_prefork = 1\n"
-                          "pyproxymap_mysql_connections = 3\n")
-    pf.write_main_cf("pyproxymap_prefork = 1\npyproxymap_mysql_connections = 3\n"
-                     f"proxy_read_maps = proxy:{pf.table} proxy:mysql:/etc/none.cf"
-                     " proxy:pgsql:/etc/none.cf\n")
+    pf = instance_factory(
+        "proxymap unix - - n - 5 pyproxymap\n",
+        "pyproxymap_prefork = 1\npyproxymap_mysql_connections = 3\n",
+    )
+    pf.write_main_cf(
+        "pyproxymap_prefork = 1\npyproxymap_mysql_connections = 3\n"
+        f"proxy_read_maps = proxy:{pf.table} proxy:mysql:/etc/none.cf"
+        " proxy:pgsql:/etc/none.cf\n"
+    )
     (pf.daemon / "pyproxymap").symlink_to(worker)
     pf.start()
     wait_until(lambda: len(pf.workers("proxymap")) == 1)
@@ -796,8 +854,10 @@ def test_status_prints_the_backend_connection_bound(instance_factory):
     assert "backend connections: at most 11 per worker, 5 x 11 = 55 in all" in shown, shown
     assert "   3  mysql:/etc/none.cf" in shown and "   8  pgsql:/etc/none.cf" in shown
     bounds = json.loads(pf.cli("status", "--json").stdout)["services"][0]["connection_bounds"]
-    assert bounds == [{"table": "mysql:/etc/none.cf", "per_worker": 3},
-                      {"table": "pgsql:/etc/none.cf", "per_worker": 8}]
+    assert bounds == [
+        {"table": "mysql:/etc/none.cf", "per_worker": 3},
+        {"table": "pgsql:/etc/none.cf", "per_worker": 8},
+    ]
 
 
 def test_pid_file_lock_excludes_the_real_master_both_ways(instance_factory):
@@ -805,8 +865,13 @@ def test_pid_file_lock_excludes_the_real_master_both_ways(instance_factory):
     pf = instance_factory("proxymap unix - - n - - proxymap\n", "pyproxymap_prefork = 1\n")
     prepare_for_real_master(pf)
     real_command = ["/usr/lib/postfix/sbin/master", "-c", str(pf.conf), "-d"]
-    real = subprocess.Popen(real_command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, start_new_session=True)
+    real = subprocess.Popen(
+        real_command,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
     try:
         wait_until(lambda: (pf.queue / "private" / "proxymap").exists(), 10)
         refused = pf.cli("start")
@@ -815,8 +880,14 @@ def test_pid_file_lock_excludes_the_real_master_both_ways(instance_factory):
         real.send_signal(signal.SIGTERM)
         real.wait(10)
     pf.start()
-    second = subprocess.run(real_command, capture_output=True, text=True, timeout=10,
-                            start_new_session=True, check=False)
+    second = subprocess.run(
+        real_command,
+        capture_output=True,
+        text=True,
+        timeout=10,
+        start_new_session=True,
+        check=False,
+    )
     # Postfix says "the Postfix mail system is already running" (to syslog) and exits 1.
     assert second.returncode == 1
     assert pf.process.poll() is None
@@ -841,8 +912,10 @@ def test_fast_stop_leaves_no_children(instance_factory, signum):
 def test_a_second_signal_during_a_graceful_stop_makes_it_fast(instance_factory):
     """SIGTERM waits for the children (here up to 60 s: they ignore SIGTERM and stay
     busy); a second signal, as an impatient operator sends, kills them at once."""
-    pf = instance_factory("holder unix - n n - 2 holder stubborn\n",
-                          "pyproxymap_prefork = 2\npyproxymap_stop_timeout = 60s\n")
+    pf = instance_factory(
+        "holder unix - n n - 2 holder stubborn\n",
+        "pyproxymap_prefork = 2\npyproxymap_stop_timeout = 60s\n",
+    )
     pf.start()
     wait_until(lambda: pf.service("holder")["total"] == 2)
     workers = children_of(pf.master_pid())

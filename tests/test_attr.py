@@ -23,7 +23,7 @@ def decode_in_chunks(wire: bytes, sizes) -> list:
     lists = []
     pos = 0
     for size in sizes:
-        lists += decoder.feed(wire[pos:pos + size])
+        lists += decoder.feed(wire[pos : pos + size])
         pos += size
     lists += decoder.feed(wire[pos:])
     assert not decoder.pending
@@ -36,7 +36,14 @@ def test_announcement_and_lookup_golden():
     lookup = bytes.fromhex(
         "72657175657374006c6f6f6b7570007461626c6500686173683a2f6574632f706f73746669782f746573746d617000666c61677300353234333533006b657900616c6963650000"
     )
-    assert AttrDecoder().feed(lookup) == [[(b"request", b"lookup"), (b"table", b"hash:/etc/postfix/testmap"), (b"flags", b"524353"), (b"key", b"alice")]]
+    assert AttrDecoder().feed(lookup) == [
+        [
+            (b"request", b"lookup"),
+            (b"table", b"hash:/etc/postfix/testmap"),
+            (b"flags", b"524353"),
+            (b"key", b"alice"),
+        ]
+    ]
 
 
 @pytest.mark.parametrize("wire", GOLDEN, ids=range(len(GOLDEN)))
@@ -62,7 +69,7 @@ def test_one_byte_at_a_time(wire):
     decoder = AttrDecoder()
     out = []
     for i in range(len(wire)):
-        out += decoder.feed(wire[i:i + 1])
+        out += decoder.feed(wire[i : i + 1])
         assert bool(out) == (i == len(wire) - 1)
     assert out == whole
 
@@ -78,7 +85,9 @@ def test_pipelined_lists_in_one_chunk_and_across_chunks():
 def test_empty_list_and_empty_values():
     assert AttrDecoder().feed(b"\x00") == [[]]
     assert AttrDecoder().feed(b"\x00\x00") == [[], []]
-    assert AttrDecoder().feed(b"status\x001\x00key\x00\x00value\x00\x00\x00") == [[(b"status", b"1"), (b"key", b""), (b"value", b"")]]
+    assert AttrDecoder().feed(b"status\x001\x00key\x00\x00value\x00\x00\x00") == [
+        [(b"status", b"1"), (b"key", b""), (b"value", b"")]
+    ]
 
 
 def test_eight_bit_values_pass_unchanged():
@@ -91,7 +100,11 @@ def test_writer_output_with_group_finds_the_terminator():
     wire = b"request\x00lookup\x00flags\x004294967295\x00size\x001234567890123\x00blob\x00YQBi\x00{\x00k1\x00v1\x00}\x00empty\x00\x00\x00"
     decoder = AttrDecoder()
     lists = decoder.feed(wire + b"next\x00x\x00")
-    assert len(lists) == 1 and lists[0][0] == (b"request", b"lookup") and lists[0][-1] == (b"empty", b"")
+    assert (
+        len(lists) == 1
+        and lists[0][0] == (b"request", b"lookup")
+        and lists[0][-1] == (b"empty", b"")
+    )
     assert decoder.pairs_so_far == [(b"next", b"x")]
 
 
@@ -112,7 +125,7 @@ def test_200000_byte_key_accepted():
     decoder = AttrDecoder()
     out = []
     for pos in range(0, len(wire), 4096):
-        out += decoder.feed(wire[pos:pos + 4096])
+        out += decoder.feed(wire[pos : pos + 4096])
     assert out[0][1] == (b"key", b"k" * 200000)
 
 
@@ -147,17 +160,36 @@ def test_huge_value_in_small_pieces_is_linear():
 
 # --- numbers (docs/PROTOCOL.md 1.4) ---------------------------------------------------------------
 
-@pytest.mark.parametrize(("text", "value"), [
-    (b"64", 64), (b" 64", 64), (b"\t64", 64), (b"\n64", 64), (b"\v\f\r 64", 64), (b"+64", 64),
-    (b"00064", 64), (b"0100", 100), (b"4294967360", 64), (b"4294967295", 0xFFFFFFFF),
-    (b"-1", 0xFFFFFFFF), (b"-0", 0), (b"18446744073709551680", 0xFFFFFFFF),
-    (b"-18446744073709551680", 0xFFFFFFFF), (b"0", 0), (b"524353", 524353),
-])
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        (b"64", 64),
+        (b" 64", 64),
+        (b"\t64", 64),
+        (b"\n64", 64),
+        (b"\v\f\r 64", 64),
+        (b"+64", 64),
+        (b"00064", 64),
+        (b"0100", 100),
+        (b"4294967360", 64),
+        (b"4294967295", 0xFFFFFFFF),
+        (b"-1", 0xFFFFFFFF),
+        (b"-0", 0),
+        (b"18446744073709551680", 0xFFFFFFFF),
+        (b"-18446744073709551680", 0xFFFFFFFF),
+        (b"0", 0),
+        (b"524353", 524353),
+    ],
+)
 def test_u32(text, value):
     assert parse_u32(text) == value
 
 
-@pytest.mark.parametrize("text", [b"0x40", b"", b"64abc", b"64 ", b" ", b"+", b"-", b"+-1", b"6 4", b"\xd9\xa4", b"\x0064"])
+@pytest.mark.parametrize(
+    "text",
+    [b"0x40", b"", b"64abc", b"64 ", b" ", b"+", b"-", b"+-1", b"6 4", b"\xd9\xa4", b"\x0064"],
+)
 def test_u32_malformed(text):
     with pytest.raises(ValueError):
         parse_u32(text)

@@ -59,8 +59,9 @@ def test_ldif_has_every_row() -> None:
 
 
 @pytest.mark.parametrize("kind", DATABASE_KINDS)
-def test_tables_answer_hit_and_miss_directly(backends: DatabaseBackends, tmp_path: Path,
-                                             kind: str) -> None:
+def test_tables_answer_hit_and_miss_directly(
+    backends: DatabaseBackends, tmp_path: Path, kind: str
+) -> None:
     tmp_path.chmod(0o755)
     table = backends.table(kind, tmp_path)
     settle_files(tmp_path)
@@ -90,7 +91,8 @@ def test_mysql_sleep_is_paid_by_a_miss(backends: DatabaseBackends) -> None:
 @pytest.mark.parametrize("key", ["user42@example.com", "nobody@example.com"])
 def test_pgsql_sleep_runs_once_hit_or_miss(backends: DatabaseBackends, key: str) -> None:
     plan = backends.postgres().execute(
-        "EXPLAIN ANALYZE " + databases.QUERIES["pgsql-5ms"] % key, dbname="mail")
+        "EXPLAIN ANALYZE " + databases.QUERIES["pgsql-5ms"] % key, dbname="mail"
+    )
     sleep_line = next(line for line in plan.splitlines() if "pg_sleep" in line)
     assert "never executed" not in sleep_line and "loops=1" in sleep_line, plan
 
@@ -99,7 +101,8 @@ def test_the_shorter_pgsql_form_skips_the_sleep_on_a_miss(backends: DatabaseBack
     """Why databases.py does not use "FROM t, pg_sleep(0.005)": a miss never sleeps."""
     plan = backends.postgres().execute(
         "EXPLAIN ANALYZE SELECT dest FROM t, pg_sleep(0.005) WHERE addr='nobody@example.com'",
-        dbname="mail")
+        dbname="mail",
+    )
     assert "never executed" in next(line for line in plan.splitlines() if "pg_sleep" in line)
 
 
@@ -115,8 +118,7 @@ def wait_until(condition, timeout: float = 10.0) -> bool:
 def test_watch_keeps_the_most_and_checks_the_bound() -> None:
     counts = iter([3, 9, 17, 5])
     workers = iter([1, 1, 2, 3])
-    watch = ConnectionWatch(count=lambda: next(counts), workers=lambda: next(workers),
-                            per_worker=8)
+    watch = ConnectionWatch(count=lambda: next(counts), workers=lambda: next(workers), per_worker=8)
     watch.during(time.monotonic(), 0.01)
     assert (watch.samples, watch.max_connections, watch.max_workers) == (4, 17, 3)
     assert watch.bound == 24
@@ -151,8 +153,9 @@ def test_options() -> None:
 
 
 def test_instances_list_local_tables_and_only_their_own_database_table(tmp_path: Path) -> None:
-    tables = {kind: BenchTable(kind, f"{kind}:x", tmp_path, "k")
-              for kind in ("hash", "mysql", "ldap")}
+    tables = {
+        kind: BenchTable(kind, f"{kind}:x", tmp_path, "k") for kind in ("hash", "mysql", "ldap")
+    }
     assert list(listed_tables(tables, "ldap")) == ["hash", "ldap"]
     assert list(listed_tables(tables, None)) == ["hash"]
     only_databases = {kind: tables[kind] for kind in ("mysql", "ldap")}

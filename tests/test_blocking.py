@@ -48,8 +48,11 @@ def test_calls_run_in_the_blocking_executor_with_their_own_flags():
 
     async def scenario():
         # The second request sets the word while the first one's thread still works.
-        return tuple(await asyncio.gather(with_flags(F.FIXED | F.FOLD_FIX, b"ABC"),
-                                          with_flags(F.FIXED, b"ABC")))
+        return tuple(
+            await asyncio.gather(
+                with_flags(F.FIXED | F.FOLD_FIX, b"ABC"), with_flags(F.FIXED, b"ABC")
+            )
+        )
 
     assert asyncio.run(scenario()) == (b"abc", b"ABC")
     assert all(name.startswith("blocking") for name in table.threads)

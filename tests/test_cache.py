@@ -77,6 +77,7 @@ def settings(**kw: Any) -> CacheSettings:
 
 # --- settings ---------------------------------------------------------------------------------
 
+
 def test_defaults_and_off_by_default() -> None:
     s = CacheSettings.from_params({})
     assert (s.ttl, s.negative_ttl, s.stale_ttl, s.size) == (60, 30, 600, 10000)
@@ -84,10 +85,15 @@ def test_defaults_and_off_by_default() -> None:
 
 
 def test_postfix_time_values_and_names() -> None:
-    s = CacheSettings.from_params({
-        "pyproxymap_cache_maps": "proxy:mysql:/a.cf, pgsql:/b.cf\n\tproxy:proxy:ldap:/c.cf",
-        "pyproxymap_cache_ttl": "5m", "pyproxymap_cache_negative_ttl": "10",
-        "pyproxymap_cache_stale_ttl": "1h", "pyproxymap_cache_size": "7"})
+    s = CacheSettings.from_params(
+        {
+            "pyproxymap_cache_maps": "proxy:mysql:/a.cf, pgsql:/b.cf\n\tproxy:proxy:ldap:/c.cf",
+            "pyproxymap_cache_ttl": "5m",
+            "pyproxymap_cache_negative_ttl": "10",
+            "pyproxymap_cache_stale_ttl": "1h",
+            "pyproxymap_cache_size": "7",
+        }
+    )
     assert s.maps == {"mysql:/a.cf", "pgsql:/b.cf", "ldap:/c.cf"}
     assert (s.ttl, s.negative_ttl, s.stale_ttl, s.size) == (300, 10, 3600, 7)
     assert s.wants("pgsql:/b.cf") and not s.wants("proxy:pgsql:/b.cf")
@@ -95,8 +101,9 @@ def test_postfix_time_values_and_names() -> None:
 
 def test_bad_values_fall_back_with_a_warning(caplog) -> None:
     with caplog.at_level(logging.WARNING, "proxymap"):
-        s = CacheSettings.from_params({"pyproxymap_cache_ttl": "soon",
-                                       "pyproxymap_cache_size": "-3"})
+        s = CacheSettings.from_params(
+            {"pyproxymap_cache_ttl": "soon", "pyproxymap_cache_size": "-3"}
+        )
     assert (s.ttl, s.size) == (60, 10000)
     assert 'pyproxymap_cache_ttl: bad value "soon", using 60s' in caplog.text
     assert 'pyproxymap_cache_size: bad value "-3", using 10000' in caplog.text
@@ -121,6 +128,7 @@ def test_fold_key() -> None:
 
 # --- the cache's rules, with a clock the test moves -------------------------------------------
 
+
 class Backend:
     """Answers from a dict after a pause; ``down`` makes it fail (DictRetry)."""
 
@@ -141,6 +149,7 @@ class Backend:
             if self.down:
                 raise DictRetry("server down")
             return value
+
         return query
 
 
@@ -150,8 +159,9 @@ def make_cache(clock: Clock, **kw: Any) -> tuple[TableCache, Backend]:
     return cache, Backend({b"alice": b"A", b"bob": b"B"})
 
 
-async def lookup(cache: TableCache, backend: Backend, key: bytes, token: int = 0,
-                 bits: int = 0) -> bytes | None:
+async def lookup(
+    cache: TableCache, backend: Backend, key: bytes, token: int = 0, bits: int = 0
+) -> bytes | None:
     ckey = (token, bits, key)
     entry = cache.fresh(ckey)
     if entry is not None:
@@ -238,8 +248,9 @@ def test_stale_on_error_then_retry_and_one_outage_line(caplog) -> None:
     with caplog.at_level(logging.INFO, "proxymap"):
         run(scenario())
     lines = [r.getMessage() for r in caplog.records]
-    assert lines == ["t:x: backend answering again after 7s; 7 stale answers and 2 RETRY "
-                     "during the outage"]
+    assert lines == [
+        "t:x: backend answering again after 7s; 7 stale answers and 2 RETRY during the outage"
+    ]
     assert cache.figures.stale == 7
 
 
@@ -298,8 +309,9 @@ def test_coalesced_failure_reaches_every_waiter() -> None:
     backend.down = True
 
     async def scenario() -> list[object]:
-        return await asyncio.gather(*(lookup(cache, backend, b"alice") for _ in range(5)),
-                                    return_exceptions=True)
+        return await asyncio.gather(
+            *(lookup(cache, backend, b"alice") for _ in range(5)), return_exceptions=True
+        )
 
     outcomes = run(scenario())
     assert all(isinstance(outcome, DictRetry) for outcome in outcomes)
@@ -374,10 +386,12 @@ def test_close_logs_the_figures_and_an_outage_going_on(caplog) -> None:
     assert [r.getMessage() for r in caplog.records] == [
         "t:x: backend still failing at exit after 0s; 1 stale answers and 0 RETRY during "
         "the outage",
-        "cache t:x: hits=1 misses=2 coalesced=0 stale=1 evictions=0 invalidations=0 size=1"]
+        "cache t:x: hits=1 misses=2 coalesced=0 stale=1 evictions=0 invalidations=0 size=1",
+    ]
 
 
 # --- the handler's wiring ---------------------------------------------------------------------
+
 
 class CountingTable(AsyncTable):
     """An in-memory table behind the asynchronous interface, counting its lookups."""
@@ -414,8 +428,11 @@ def counting(monkeypatch) -> list[bytes]:
 
 
 def handler_for(service: str, *approved: str, cached: str = "", **params: str) -> RequestHandler:
-    return RequestHandler(service, list(approved), {
-        "smtputf8_enable": "yes", "pyproxymap_cache_maps": cached, **params})
+    return RequestHandler(
+        service,
+        list(approved),
+        {"smtputf8_enable": "yes", "pyproxymap_cache_maps": cached, **params},
+    )
 
 
 async def ask(handler: RequestHandler, request: Request) -> Reply:
@@ -439,8 +456,12 @@ def test_hits_are_answered_inline_and_the_fast_path_agrees(counting) -> None:
     async def scenario() -> None:
         await ask(handler, g2("update", "acount:t", b"alice", value=b"A\x00tail"))
         await ask(handler, g2("update", "acount:t", b"bob", value=b"B"))
-        for request in (g2("lookup", "acount:t", b"alice"), g2("lookup", "acount:t", b"nobody"),
-                        g1("acount:t", b"alice"), g1("acount:t", b"nobody")):
+        for request in (
+            g2("lookup", "acount:t", b"alice"),
+            g2("lookup", "acount:t", b"nobody"),
+            g1("acount:t", b"alice"),
+            g1("acount:t", b"nobody"),
+        ):
             pending = handler.handle(request)
             assert pending.__class__ is not Reply  # a miss: the backend
             first = await pending
@@ -501,19 +522,22 @@ def test_handler_close_logs_each_cache(counting, caplog) -> None:
 
 # --- against the real PostgreSQL --------------------------------------------------------------
 
-COUNTED = ("INSERT INTO querylog VALUES ('%s', clock_timestamp()); "
-           "SELECT v FROM aliases WHERE k = '%s'")
+COUNTED = (
+    "INSERT INTO querylog VALUES ('%s', clock_timestamp()); SELECT v FROM aliases WHERE k = '%s'"
+)
 SLOW_COUNTED = "SELECT pg_sleep(0.3); " + COUNTED
 
 
 def prepare(db: PrivatePostgres) -> None:
     db.create_user(USER, PASSWORD, DBNAME)
-    db.execute("CREATE TABLE IF NOT EXISTS aliases (k text PRIMARY KEY, v text);"
-               "CREATE TABLE IF NOT EXISTS querylog (k text, at timestamptz);"
-               "INSERT INTO aliases VALUES ('alice', 'alice@example.com'), "
-               "('bob', 'bob@example.com') ON CONFLICT DO NOTHING;"
-               f"ALTER TABLE aliases OWNER TO {USER}; ALTER TABLE querylog OWNER TO {USER};",
-               dbname=DBNAME)
+    db.execute(
+        "CREATE TABLE IF NOT EXISTS aliases (k text PRIMARY KEY, v text);"
+        "CREATE TABLE IF NOT EXISTS querylog (k text, at timestamptz);"
+        "INSERT INTO aliases VALUES ('alice', 'alice@example.com'), "
+        "('bob', 'bob@example.com') ON CONFLICT DO NOTHING;"
+        f"ALTER TABLE aliases OWNER TO {USER}; ALTER TABLE querylog OWNER TO {USER};",
+        dbname=DBNAME,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -533,8 +557,10 @@ def cf_dir() -> Iterator[Path]:
 
 def pgsql_table(db: PrivatePostgres, directory: Path, name: str, query: str = COUNTED) -> str:
     path = directory / f"{name}-{db.port}.cf"
-    path.write_text(f"hosts = inet:127.0.0.1:{db.port}\nuser = {USER}\npassword = {PASSWORD}\n"
-                    f"dbname = {DBNAME}\nquery = {query}\n")
+    path.write_text(
+        f"hosts = inet:127.0.0.1:{db.port}\nuser = {USER}\npassword = {PASSWORD}\n"
+        f"dbname = {DBNAME}\nquery = {query}\n"
+    )
     return f"pgsql:{path}"
 
 
@@ -543,12 +569,14 @@ class QueryLog:
 
     def __init__(self, db: PrivatePostgres) -> None:
         self.db = db
-        self.mark = float(db.execute("SELECT extract(epoch FROM clock_timestamp())",
-                                     dbname=DBNAME))
+        self.mark = float(db.execute("SELECT extract(epoch FROM clock_timestamp())", dbname=DBNAME))
 
     def times(self, key: str) -> list[float]:
-        out = self.db.execute(f"SELECT extract(epoch FROM at) FROM querylog WHERE k = '{key}' "
-                              f"AND at > to_timestamp({self.mark}) ORDER BY at", dbname=DBNAME)
+        out = self.db.execute(
+            f"SELECT extract(epoch FROM at) FROM querylog WHERE k = '{key}' "
+            f"AND at > to_timestamp({self.mark}) ORDER BY at",
+            dbname=DBNAME,
+        )
         return [float(line) for line in out.split()]
 
     def count(self, key: str) -> int:
@@ -563,8 +591,9 @@ def test_a_hit_is_served_without_a_query(database: PrivatePostgres, cf_dir: Path
 
     async def scenario() -> None:
         for _ in range(50):
-            assert (await ask(handler, g2("lookup", cached, b"alice"))).value == \
-                b"alice@example.com"
+            assert (
+                await ask(handler, g2("lookup", cached, b"alice"))
+            ).value == b"alice@example.com"
             assert (await ask(handler, g2("lookup", cached, b"nobody"))).status == NOKEY
         for _ in range(5):  # the counting itself: every uncached lookup is one row
             await ask(handler, g2("lookup", plain, b"bob"))
@@ -575,11 +604,15 @@ def test_a_hit_is_served_without_a_query(database: PrivatePostgres, cf_dir: Path
     assert (figures["hits"], figures["misses"]) == (98, 2)
 
 
-def test_ttl_and_negative_ttl_to_within_a_second(database: PrivatePostgres,
-                                                 cf_dir: Path) -> None:
+def test_ttl_and_negative_ttl_to_within_a_second(database: PrivatePostgres, cf_dir: Path) -> None:
     cached = pgsql_table(database, cf_dir, "ttl")
-    handler = handler_for("proxymap", cached, cached=cached, pyproxymap_cache_ttl="3s",
-                          pyproxymap_cache_negative_ttl="1s")
+    handler = handler_for(
+        "proxymap",
+        cached,
+        cached=cached,
+        pyproxymap_cache_ttl="3s",
+        pyproxymap_cache_negative_ttl="1s",
+    )
     log = QueryLog(database)
 
     async def scenario() -> None:
@@ -604,11 +637,13 @@ def test_concurrent_misses_make_one_query(database: PrivatePostgres, cf_dir: Pat
     log = QueryLog(database)
 
     async def scenario() -> None:
-        replies = await asyncio.gather(*(ask(handler, g2("lookup", cached, b"alice"))
-                                         for _ in range(20)))
+        replies = await asyncio.gather(
+            *(ask(handler, g2("lookup", cached, b"alice")) for _ in range(20))
+        )
         assert {reply.value for reply in replies} == {b"alice@example.com"}
-        replies = await asyncio.gather(*(ask(handler, g2("lookup", plain, b"bob"))
-                                         for _ in range(8)))
+        replies = await asyncio.gather(
+            *(ask(handler, g2("lookup", plain, b"bob")) for _ in range(8))
+        )
         assert {reply.value for reply in replies} == {b"bob@example.com"}
 
     run(scenario())
@@ -617,13 +652,23 @@ def test_concurrent_misses_make_one_query(database: PrivatePostgres, cf_dir: Pat
     assert (figures["misses"], figures["coalesced"]) == (20, 19)
 
 
-def test_stopped_backend_stale_then_retry(postgres: PrivatePostgres,  # noqa: F811
-                                          cf_dir: Path, caplog) -> None:
+def test_stopped_backend_stale_then_retry(
+    postgres: PrivatePostgres,  # noqa: F811
+    cf_dir: Path,
+    caplog,
+) -> None:
     prepare(postgres)
     cached = pgsql_table(postgres, cf_dir, "stale")
     plain = pgsql_table(postgres, cf_dir, "stale-plain")
-    handler = handler_for("proxymap", cached, plain, cached=cached, pyproxymap_cache_ttl="1s",
-                          pyproxymap_cache_negative_ttl="1s", pyproxymap_cache_stale_ttl="3s")
+    handler = handler_for(
+        "proxymap",
+        cached,
+        plain,
+        cached=cached,
+        pyproxymap_cache_ttl="1s",
+        pyproxymap_cache_negative_ttl="1s",
+        pyproxymap_cache_stale_ttl="3s",
+    )
 
     async def status(table: str, key: bytes) -> tuple[int, bytes]:
         reply = await ask(handler, g2("lookup", table, key))
@@ -667,8 +712,11 @@ def test_stopped_backend_stale_then_retry(postgres: PrivatePostgres,  # noqa: F8
 
 # --- updates through proxywrite (memcache) ----------------------------------------------------
 
+
 def test_an_update_through_proxywrite_is_seen_by_the_next_lookup(
-        memcached: PrivateMemcached, tmp_path: Path) -> None:  # noqa: F811
+    memcached: PrivateMemcached,  # noqa: F811
+    tmp_path: Path,
+) -> None:
     cf = tmp_path / "memcache.cf"
     cf.write_text(f"memcache = {memcached.postfix_server}\n")
     spec = f"memcache:{cf}"

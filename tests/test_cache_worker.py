@@ -32,8 +32,7 @@ from tests.support.servers import (  # noqa: F401  (fixtures)
     postgres,
 )
 
-OUR_PROXYMAP = Path(os.environ.get("PYPROXYMAP_WORKER")
-                    or Path(sys.executable).parent / "proxymap")
+OUR_PROXYMAP = Path(os.environ.get("PYPROXYMAP_WORKER") or Path(sys.executable).parent / "proxymap")
 USER, PASSWORD, DBNAME = "pmcache", "cache-secret", "pmcache"
 TTL, STALE = 1, 3
 QUERY = "SELECT v FROM aliases WHERE k = '%s'"
@@ -49,19 +48,33 @@ def write_cf(path: Path, settings: dict[str, str]) -> str:
 def stale_worker(postgres: PrivatePostgres):  # noqa: F811
     ensure_postfix()
     postgres.create_user(USER, PASSWORD, DBNAME)
-    postgres.execute("CREATE TABLE aliases (k text PRIMARY KEY, v text);"
-                     "INSERT INTO aliases VALUES ('alice', 'alice@example.com');"
-                     f"ALTER TABLE aliases OWNER TO {USER};", dbname=DBNAME)
-    instance = PrivatePostfix(proxymap_program=OUR_PROXYMAP, name="cache-worker",
-                              proxymap_maxproc="1")
-    settings = {"hosts": f"inet:127.0.0.1:{postgres.port}", "user": USER,
-                "password": PASSWORD, "dbname": DBNAME, "query": QUERY}
+    postgres.execute(
+        "CREATE TABLE aliases (k text PRIMARY KEY, v text);"
+        "INSERT INTO aliases VALUES ('alice', 'alice@example.com');"
+        f"ALTER TABLE aliases OWNER TO {USER};",
+        dbname=DBNAME,
+    )
+    instance = PrivatePostfix(
+        proxymap_program=OUR_PROXYMAP, name="cache-worker", proxymap_maxproc="1"
+    )
+    settings = {
+        "hosts": f"inet:127.0.0.1:{postgres.port}",
+        "user": USER,
+        "password": PASSWORD,
+        "dbname": DBNAME,
+        "query": QUERY,
+    }
     cached = "pgsql:" + write_cf(instance.tables / "cached.cf", settings)
     plain = "pgsql:" + write_cf(instance.tables / "plain.cf", settings)
-    instance.extra_main_cf.update({
-        "pyproxymap_cache_maps": f"proxy:{cached}", "pyproxymap_cache_ttl": f"{TTL}s",
-        "pyproxymap_cache_negative_ttl": f"{TTL}s", "pyproxymap_cache_stale_ttl": f"{STALE}s",
-        "pyproxymap_pgsql_timeout": "1.5"})
+    instance.extra_main_cf.update(
+        {
+            "pyproxymap_cache_maps": f"proxy:{cached}",
+            "pyproxymap_cache_ttl": f"{TTL}s",
+            "pyproxymap_cache_negative_ttl": f"{TTL}s",
+            "pyproxymap_cache_stale_ttl": f"{STALE}s",
+            "pyproxymap_pgsql_timeout": "1.5",
+        }
+    )
     instance.proxy_read_maps = f"proxy:{cached} proxy:{plain}"
     settle_files(instance.tables)
     with instance:
@@ -115,8 +128,11 @@ def test_stale_answers_through_an_outage(stale_worker) -> None:
         assert time.monotonic() < deadline, instance.log_tail()
         time.sleep(0.1)
     assert len(lines) == 1, lines
-    match = re.search(rf"{re.escape(cached)}: backend answering again after \d+s; "
-                      r"(\d+) stale answers and (\d+) RETRY during the outage", lines[0])
+    match = re.search(
+        rf"{re.escape(cached)}: backend answering again after \d+s; "
+        r"(\d+) stale answers and (\d+) RETRY during the outage",
+        lines[0],
+    )
     assert match, lines
     # Every answer of the fresh second was a hit, not a stale answer; all later ones were.
     assert stale_seen - 2 * 25 <= int(match.group(1)) <= stale_seen, (stale_seen, lines)
@@ -125,12 +141,15 @@ def test_stale_answers_through_an_outage(stale_worker) -> None:
 
 def test_proxywrite_sees_its_own_updates(memcached: PrivateMemcached) -> None:  # noqa: F811
     ensure_postfix()
-    instance = PrivatePostfix(proxymap_program=OUR_PROXYMAP, name="cache-writer",
-                              proxymap_maxproc="1")
-    spec = "memcache:" + write_cf(instance.tables / "verify.cf",
-                                  {"memcache": memcached.postfix_server})
-    instance.extra_main_cf.update({"pyproxymap_cache_maps": f"proxy:{spec}",
-                                   "pyproxymap_cache_ttl": "2s"})
+    instance = PrivatePostfix(
+        proxymap_program=OUR_PROXYMAP, name="cache-writer", proxymap_maxproc="1"
+    )
+    spec = "memcache:" + write_cf(
+        instance.tables / "verify.cf", {"memcache": memcached.postfix_server}
+    )
+    instance.extra_main_cf.update(
+        {"pyproxymap_cache_maps": f"proxy:{spec}", "pyproxymap_cache_ttl": "2s"}
+    )
     instance.proxy_read_maps = instance.proxy_write_maps = f"proxy:{spec}"
     settle_files(instance.tables)
     with instance, instance.client("proxywrite") as writer, instance.client() as reader:

@@ -38,21 +38,28 @@ def cf_file(tmp_path: Path, text: str | bytes, name: str = "t.cf") -> str:
 
 class TestFileSyntax:
     def test_lines(self, tmp_path: Path) -> None:
-        cfg = CfgParser(cf_file(tmp_path, (
-            "# a comment\n"
-            "\n"
-            "hosts = one two\n"
-            "query = SELECT 'A'\n"
-            "  || 'B'\n"
-            "# a comment between a line and its continuation\n"
-            "\n"
-            "\t|| 'C'\n"
-            "tight=a=b\n"
-            "spaced   =   value with  inner  blanks \t \r\n"
-            "hash = value # not a comment\n"
-            "empty =\n"
-            "Query = a different name\n"
-            "last = no newline at the end")), {})
+        cfg = CfgParser(
+            cf_file(
+                tmp_path,
+                (
+                    "# a comment\n"
+                    "\n"
+                    "hosts = one two\n"
+                    "query = SELECT 'A'\n"
+                    "  || 'B'\n"
+                    "# a comment between a line and its continuation\n"
+                    "\n"
+                    "\t|| 'C'\n"
+                    "tight=a=b\n"
+                    "spaced   =   value with  inner  blanks \t \r\n"
+                    "hash = value # not a comment\n"
+                    "empty =\n"
+                    "Query = a different name\n"
+                    "last = no newline at the end"
+                ),
+            ),
+            {},
+        )
         assert cfg.get_str("hosts", "") == "one two"
         assert cfg.get_str("query", "") == "SELECT 'A'  || 'B'\t|| 'C'"
         assert cfg.get_str("tight", "") == "a=b"
@@ -73,20 +80,25 @@ class TestFileSyntax:
         assert caplog.messages == [f"{path}, line 3: overriding earlier entry: a=1"]
 
     def test_no_dollar_expansion(self, tmp_path: Path) -> None:
-        cfg = CfgParser(cf_file(tmp_path, "query = SELECT '$myhostname'\n"),
-                        {"myhostname": "host.example"})
+        cfg = CfgParser(
+            cf_file(tmp_path, "query = SELECT '$myhostname'\n"), {"myhostname": "host.example"}
+        )
         assert cfg.get_str("query", "") == "SELECT '$myhostname'"
 
     def test_eight_bit_values(self, tmp_path: Path) -> None:
         cfg = CfgParser(cf_file(tmp_path, b"query = SELECT '\xff\xc3\xa9'\n"), {})
-        assert cfg.get_str("query", "").encode("utf-8", "surrogateescape") == \
-            b"SELECT '\xff\xc3\xa9'"
+        assert (
+            cfg.get_str("query", "").encode("utf-8", "surrogateescape") == b"SELECT '\xff\xc3\xa9'"
+        )
 
-    @pytest.mark.parametrize("line, lineno, reason", [
-        ("this line has no equals sign", 3, "missing '=' after attribute name"),
-        ("bad name = 1", 3, "missing '=' after attribute name"),
-        ("= 1", 3, "missing attribute name"),
-    ])
+    @pytest.mark.parametrize(
+        "line, lineno, reason",
+        [
+            ("this line has no equals sign", 3, "missing '=' after attribute name"),
+            ("bad name = 1", 3, "missing '=' after attribute name"),
+            ("= 1", 3, "missing attribute name"),
+        ],
+    )
     def test_syntax_errors(self, tmp_path: Path, line: str, lineno: int, reason: str) -> None:
         path = cf_file(tmp_path, f"dbpath = x\n\n{line}\nquery = y\n")
         with pytest.raises(DictOpenError) as caught:
@@ -122,11 +134,32 @@ class TestFileSyntax:
 
 @pytest.fixture
 def file_cfg(tmp_path: Path) -> CfgParser:
-    return CfgParser(cf_file(tmp_path, "\n".join([
-        "word = abc", "blank =", "n = 42", "neg = -7", "plus = +3", "hex = 0x10",
-        "float = 1e3", "huge = 99999999999", "intmax = 2147483647", "under = 1_000",
-        "arabic = \u0663", "yes = YeS", "no = no", "maybe = maybe", "one = 1",
-    ]) + "\n"), {})
+    return CfgParser(
+        cf_file(
+            tmp_path,
+            "\n".join(
+                [
+                    "word = abc",
+                    "blank =",
+                    "n = 42",
+                    "neg = -7",
+                    "plus = +3",
+                    "hex = 0x10",
+                    "float = 1e3",
+                    "huge = 99999999999",
+                    "intmax = 2147483647",
+                    "under = 1_000",
+                    "arabic = \u0663",
+                    "yes = YeS",
+                    "no = no",
+                    "maybe = maybe",
+                    "one = 1",
+                ]
+            )
+            + "\n",
+        ),
+        {},
+    )
 
 
 class TestTyped:
@@ -146,15 +179,17 @@ class TestTyped:
         assert file_cfg.get_optional("blank") is None
         assert file_cfg.get_optional("nosuch") is None
 
-    @pytest.mark.parametrize("param, value", [
-        ("n", 42), ("neg", -7), ("plus", 3), ("intmax", 2147483647), ("nosuch", 5)])
+    @pytest.mark.parametrize(
+        "param, value", [("n", 42), ("neg", -7), ("plus", 3), ("intmax", 2147483647), ("nosuch", 5)]
+    )
     def test_ints(self, file_cfg: CfgParser, param: str, value: int) -> None:
         assert file_cfg.get_int(param, 5) == value
 
     @pytest.mark.parametrize("param", ["hex", "float", "huge", "under", "arabic", "blank", "word"])
     def test_bad_ints(self, file_cfg: CfgParser, param: str) -> None:
-        with pytest.raises(DictOpenError, match=f"^{file_cfg.name}: bad numerical configuration: "
-                                                f"{param} = "):
+        with pytest.raises(
+            DictOpenError, match=f"^{file_cfg.name}: bad numerical configuration: {param} = "
+        ):
             file_cfg.get_int(param, 0)
 
     def test_int_bounds(self, file_cfg: CfgParser) -> None:
@@ -172,15 +207,22 @@ class TestTyped:
         assert file_cfg.get_bool("no", True) is False
         assert file_cfg.get_bool("nosuch", True) is True
         for param in ("maybe", "one", "blank"):
-            with pytest.raises(DictOpenError, match=f"^{file_cfg.name}: bad boolean configuration: "
-                                                    f"{param} = "):
+            with pytest.raises(
+                DictOpenError, match=f"^{file_cfg.name}: bad boolean configuration: {param} = "
+            ):
                 file_cfg.get_bool(param, False)
 
 
 class TestPrefix:
     def test_plain_mapping(self) -> None:
-        cfg = CfgParser("ldapsource", {"ldapsource_server_host": "ldap.example",
-                                       "ldapsource_version": "3", "server_host": "wrong"})
+        cfg = CfgParser(
+            "ldapsource",
+            {
+                "ldapsource_server_host": "ldap.example",
+                "ldapsource_version": "3",
+                "server_host": "wrong",
+            },
+        )
         assert cfg.get_str("server_host", "localhost") == "ldap.example"
         assert cfg.get_int("version", 2) == 3
         assert cfg.get_str("search_base", "") == ""
@@ -189,7 +231,8 @@ class TestPrefix:
     def test_main_cf_expansion(self, tmp_path: Path) -> None:
         (tmp_path / "main.cf").write_text(
             "tdb = /var/db\npfx_dbpath = $tdb/x.sqlite\npfx_expansion_limit = 0x1\n"
-            "pfx_start_tls = maybe\npfx_word = abc\n")
+            "pfx_start_tls = maybe\npfx_word = abc\n"
+        )
         cfg = CfgParser("pfx", MainConfig.load(str(tmp_path)))
         assert cfg.get_str("dbpath", "") == "/var/db/x.sqlite"
         assert cfg.get_str("other", "$tdb/default") == "/var/db/default"  # defaults too
@@ -230,20 +273,32 @@ PARSE_CASES = {
 
 # Files postmap refuses with a fatal error; {cf} is the file's path.
 ERROR_CASES = {
-    "no-equals": ("dbpath = @DB@\nquery = SELECT 1\nthis line has no equals sign\n",
-                  '{cf}, line 3: missing \'=\' after attribute name: "this line has no equals sign"'),
+    "no-equals": (
+        "dbpath = @DB@\nquery = SELECT 1\nthis line has no equals sign\n",
+        "{cf}, line 3: missing '=' after attribute name: \"this line has no equals sign\"",
+    ),
     "no-name": ("dbpath = @DB@\n\n= 1\n", '{cf}, line 3: missing attribute name: "= 1"'),
-    "bad-int": ("dbpath = @DB@\nquery = SELECT 1\nexpansion_limit = 1e3\n",
-                "{cf}: bad numerical configuration: expansion_limit = 1e3"),
-    "big-int": ("dbpath = @DB@\nquery = SELECT 1\nexpansion_limit = 99999999999\n",
-                "{cf}: bad numerical configuration: expansion_limit = 99999999999"),
-    "empty-int": ("dbpath = @DB@\nquery = SELECT 1\nexpansion_limit =\n",
-                  "{cf}: bad numerical configuration: expansion_limit = "),
-    "empty-result": ("dbpath = @DB@\nquery = SELECT 1\nresult_format =\n",
-                     "{cf}: bad string length 0 < 1: result_format = "),
+    "bad-int": (
+        "dbpath = @DB@\nquery = SELECT 1\nexpansion_limit = 1e3\n",
+        "{cf}: bad numerical configuration: expansion_limit = 1e3",
+    ),
+    "big-int": (
+        "dbpath = @DB@\nquery = SELECT 1\nexpansion_limit = 99999999999\n",
+        "{cf}: bad numerical configuration: expansion_limit = 99999999999",
+    ),
+    "empty-int": (
+        "dbpath = @DB@\nquery = SELECT 1\nexpansion_limit =\n",
+        "{cf}: bad numerical configuration: expansion_limit = ",
+    ),
+    "empty-result": (
+        "dbpath = @DB@\nquery = SELECT 1\nresult_format =\n",
+        "{cf}: bad string length 0 < 1: result_format = ",
+    ),
     "no-dbpath": ("query = SELECT 1\n", "{cf}: bad string length 0 < 1: dbpath = "),
-    "no-table": ("dbpath = @DB@\nselect_field = a\nwhere_field = b\n",
-                 "{cf}: bad string length 0 < 1: table = "),
+    "no-table": (
+        "dbpath = @DB@\nselect_field = a\nwhere_field = b\n",
+        "{cf}: bad string length 0 < 1: table = ",
+    ),
 }
 
 
@@ -289,8 +344,13 @@ class TestAgainstPostfix:
     def test_same_fatal_errors(self, tmp_path: Path, database: str) -> None:
         paths = self.files(tmp_path, database, ERROR_CASES)
         with ThreadPoolExecutor(max_workers=len(paths)) as pool:  # each fatal sleeps 1 s
-            results = dict(zip(paths, pool.map(
-                lambda path: postmap_lookup("k", f"sqlite:{path}"), paths.values()), strict=True))
+            results = dict(
+                zip(
+                    paths,
+                    pool.map(lambda path: postmap_lookup("k", f"sqlite:{path}"), paths.values()),
+                    strict=True,
+                )
+            )
         for name, path in paths.items():
             message = ERROR_CASES[name][1].format(cf=path)
             assert f"postmap: fatal: {message}\n" in results[name].stderr, name
@@ -313,7 +373,8 @@ class TestAgainstPostfix:
         (conf / "main.cf").write_text(
             f"compatibility_level = 3.6\ntdb = {database}\npfx_dbpath = $tdb\n"
             "pfx_query = SELECT '$tdb / %s'\npfx_result_format = [%s]\n"
-            "bad_dbpath = $tdb\nbad_query = SELECT 1\nbad_expansion_limit = 0x1\n")
+            "bad_dbpath = $tdb\nbad_query = SELECT 1\nbad_expansion_limit = 0x1\n"
+        )
         settle_files(conf)
         params = MainConfig.load(str(conf))
         theirs = run_postmap(["-q", "k", "sqlite:pfx"], conf_dir=conf).outcome()

@@ -33,16 +33,31 @@ def test_proxymap_query_help_shows_order_options_and_exit_status(option):
     text = done.stdout
     assert text.startswith("Usage: proxymap-query [OPTIONS] KEY proxy:TYPE:NAME\n")
     assert "the key first, the table last" in text
-    for form in ("--sequence proxy:TYPE:NAME", "--update KEY VALUE proxy:TYPE:NAME",
-                 "--delete KEY proxy:TYPE:NAME"):
+    for form in (
+        "--sequence proxy:TYPE:NAME",
+        "--update KEY VALUE proxy:TYPE:NAME",
+        "--delete KEY proxy:TYPE:NAME",
+    ):
         assert form in text
-    for option_name in ("-s, --socket SOCKET", "-c, --config-dir CONFIG_DIR", "--v311",
-                        "--write", "--no-utf8", "-h, --help"):
+    for option_name in (
+        "-s, --socket SOCKET",
+        "-c, --config-dir CONFIG_DIR",
+        "--v311",
+        "--write",
+        "--no-utf8",
+        "-h, --help",
+    ):
         assert option_name in text
     assert "Exit status:" in text
-    for code in ("0   found", "1   not found", "2   temporary error", "3   invalid request",
-                 "4   the table is not approved", "5   configuration error",
-                 "75  cannot connect"):
+    for code in (
+        "0   found",
+        "1   not found",
+        "2   temporary error",
+        "3   invalid request",
+        "4   the table is not approved",
+        "5   configuration error",
+        "75  cannot connect",
+    ):
         assert code in text
 
 
@@ -53,19 +68,32 @@ def test_proxymap_query_warns_without_proxy_prefix(tmp_path):
     with LiveServer(str(tmp_path / "s"), "proxymap", {spec}) as live:
         status, out, err = query("-s", live.path, "alice", spec)
         assert (status, out) == (0, b"alice@example.com\n")
-        assert (f'proxymap-query: warning: "{spec}" has no proxy: prefix: asking the '
-                f"proxymap service for proxy:{spec}") in err
+        assert (
+            f'proxymap-query: warning: "{spec}" has no proxy: prefix: asking the '
+            f"proxymap service for proxy:{spec}"
+        ) in err
         status, _, err = query("-s", live.path, "alice", f"proxy:{spec}")
         assert status == 0 and "warning" not in err
 
 
-@pytest.mark.parametrize("command", [
-    ["proxymap-master"], ["proxymap-master", "start"], ["proxymap-master", "stop"],
-    ["proxymap-master", "reload"], ["proxymap-master", "status"],
-    ["proxymap-master", "check"], ["proxymap-master", "dropin"],
-    ["proxymap-master", "dropin", "enable"], ["proxymap-master", "dropin", "disable"],
-    ["proxymap-master", "dropin", "status"], ["proxymap-query"], ["proxymap"],
-], ids=" ".join)
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["proxymap-master"],
+        ["proxymap-master", "start"],
+        ["proxymap-master", "stop"],
+        ["proxymap-master", "reload"],
+        ["proxymap-master", "status"],
+        ["proxymap-master", "check"],
+        ["proxymap-master", "dropin"],
+        ["proxymap-master", "dropin", "enable"],
+        ["proxymap-master", "dropin", "disable"],
+        ["proxymap-master", "dropin", "status"],
+        ["proxymap-query"],
+        ["proxymap"],
+    ],
+    ids=" ".join,
+)
 def test_dash_h_everywhere(command):
     done = run(str(VENV_BIN / command[0]), *command[1:], "-h")
     assert done.returncode == 0, done.stderr

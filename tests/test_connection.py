@@ -87,7 +87,9 @@ def table(tmp_path, monkeypatch):
 
 
 def lookup(table: str, key: bytes, flags: bytes = b"64") -> bytes:
-    return attr.encode([(b"request", b"lookup"), (b"table", table.encode()), (b"flags", flags), (b"key", key)])
+    return attr.encode(
+        [(b"request", b"lookup"), (b"table", table.encode()), (b"flags", flags), (b"key", key)]
+    )
 
 
 class Client:
@@ -148,6 +150,7 @@ def test_announcement_then_request_reply_with_taken_avail(table):
         await client.send(lookup(table, b"nobody"))
         assert await client.read_exactly(17) == b"status\x001\x00value\x00\x00\x00"
         assert server.events == ["TAKEN", "AVAIL"] * 2
+
     run(main())
 
 
@@ -157,12 +160,19 @@ def test_slow_request_then_fast_ones_keep_order(table):
         handler = RequestHandler("proxymap", {table, "slow:0.3"}, {})
         client, _ = await connect(handler, server)
         # Pipelined: slow, fast, fast -- the fast table could answer first, but must not.
-        await client.send(lookup("slow:0.3", b"k1") + lookup(table, b"alice") + lookup(table, b"bob"))
+        await client.send(
+            lookup("slow:0.3", b"k1") + lookup(table, b"alice") + lookup(table, b"bob")
+        )
         started = time.monotonic()
         lists = await client.read_lists(3)
         assert time.monotonic() - started >= 0.25
-        assert [dict(pairs)[b"value"] for pairs in lists] == [b"slow:k1", b"alice@example.com", b"bob@example.com"]
+        assert [dict(pairs)[b"value"] for pairs in lists] == [
+            b"slow:k1",
+            b"alice@example.com",
+            b"bob@example.com",
+        ]
         assert server.events == ["TAKEN", "AVAIL"] * 3 and server.busy == 0
+
     run(main())
 
 
@@ -179,6 +189,7 @@ def test_second_client_served_while_first_waits(table):
         assert await second.read_exactly(len(ALICE_REPLY)) == ALICE_REPLY
         assert time.monotonic() - started < 0.5
         assert dict((await first.read_lists(1))[0])[b"value"] == b"slow:k"
+
     run(main())
 
 
@@ -193,6 +204,7 @@ def test_partial_request_completed_within_deadline_is_answered(table):
         await asyncio.sleep(0.3)
         await client.send(wire[40:])
         assert await client.read_exactly(len(ALICE_REPLY)) == ALICE_REPLY
+
     run(main())
 
 
@@ -219,7 +231,7 @@ def test_deadline_budget_is_per_request_not_reset_by_each_byte(table):
         wire = lookup(table, b"alice")
         started = time.monotonic()
         for i in range(0, 12):  # a byte every 0.15 s: 1.8 s for the first 12 bytes
-            await client.send(wire[i:i + 1])
+            await client.send(wire[i : i + 1])
             await asyncio.sleep(0.15)
             if client.reader.at_eof():
                 break
@@ -241,7 +253,10 @@ def test_eof_mid_request_replies_bad_then_closes(table, caplog):
 
     with caplog.at_level(logging.WARNING, "proxymap"):
         run(main())
-    assert "unexpected end-of-input from proxymap socket while reading input attribute name" in caplog.messages
+    assert (
+        "unexpected end-of-input from proxymap socket while reading input attribute name"
+        in caplog.messages
+    )
 
 
 def test_eof_after_complete_request_still_answers_it(table):
@@ -252,6 +267,7 @@ def test_eof_after_complete_request_still_answers_it(table):
         client.writer.write_eof()
         rest = await client.read_to_eof()
         assert rest == b"status\x000\x00value\x00slow:x\x00\x00" + ALICE_REPLY
+
     run(main())
 
 
@@ -263,6 +279,7 @@ def test_eof_between_requests_closes_silently(table):
         client.writer.write_eof()
         assert await client.read_to_eof() == b""
         assert server.events == []
+
     run(main())
 
 
@@ -278,10 +295,15 @@ def test_malformed_frames_and_the_connection_stays_usable(table):
         assert await client.read_exactly(17) == b"status\x003\x00value\x00\x00\x00"
         await client.send(lookup(table, b"alice", flags=b"-1"))  # crashes 3.7; served here
         assert await client.read_exactly(len(ALICE_REPLY)) == ALICE_REPLY
-        g2 = b"request\x00open\x00table\x00" + table.encode() + b"\x00instance_flags\x0065600\x00\x00"
+        g2 = (
+            b"request\x00open\x00table\x00"
+            + table.encode()
+            + b"\x00instance_flags\x0065600\x00\x00"
+        )
         await client.send(g2)
         reply = (await client.read_lists(1))[0]
         assert reply[0] == (b"status", b"0") and reply[1][0] == b"flags"
+
     run(main())
 
 
@@ -303,10 +325,13 @@ def test_pipelined_requests_all_answered_in_order_in_one_write(table):
                 return getattr(self.inner, name)
 
         protocol.transport = CountingTransport(protocol.transport)
-        await client.send(lookup(table, b"alice") + b"\x00" + lookup(table, b"nobody") + lookup(table, b"bob"))
+        await client.send(
+            lookup(table, b"alice") + b"\x00" + lookup(table, b"nobody") + lookup(table, b"bob")
+        )
         lists = await client.read_lists(3)
         assert [dict(p)[b"status"] for p in lists] == [b"0", b"1", b"0"]
         assert len(writes) == 1
+
     run(main())
 
 
@@ -337,6 +362,7 @@ def test_repeated_lookups_take_the_shortcut_with_the_same_answers(table, caplog)
         lists = await client.read_lists(2)
         assert [dict(p)[b"value"] for p in lists] == [b"bob@example.com", b"alice@example.com"]
         assert server.events == ["TAKEN", "AVAIL"] * 8 and server.busy == 0
+
     run(main())
 
 
@@ -348,6 +374,7 @@ def test_refused_lookups_never_take_the_shortcut(table, caplog):
             await client.send(lookup("texthash:/unapproved", b"alice"))
             assert await client.read_lists(1) == [[(b"status", b"4"), (b"value", b"")]]
         assert list(handler.lookup_shortcuts.values()) == [None]
+
     with caplog.at_level(logging.WARNING, logger="proxymap"):
         run(main())
     assert caplog.text.count("request for unapproved table") == 3
@@ -362,6 +389,7 @@ def test_oversized_list_answered_bad_and_closed(table, monkeypatch):
         protocol.decoder.limit = 4096
         await client.send(lookup(table, b"alice") + lookup(table, b"k" * 5000))
         assert await client.read_to_eof() == ALICE_REPLY + b"status\x003\x00value\x00\x00\x00"
+
     run(main())
 
 
@@ -375,6 +403,7 @@ def test_client_gone_while_slow_request_runs(table):
         client.writer.close()
         await asyncio.sleep(0.4)
         assert server.events == ["TAKEN", "AVAIL"] and server.busy == 0
+
     run(main())
 
 
@@ -403,6 +432,7 @@ def test_client_that_does_not_read_is_not_read_from(table):
             replies += len(decoder.feed(data))
         await sender
         assert replies == count and protocol.transport.is_reading()
+
     run(main())
 
 
@@ -449,20 +479,40 @@ def test_slow_request_cancelled_before_its_task_ran_is_answered_and_counted(tabl
         assert bytes(transport.output) == ANNOUNCEMENT + b"status\x002\x00value\x00\x00\x00"
         assert transport.reading
         protocol.connection_lost(None)
+
     run(main())
     assert not [w for w in recwarn if "never awaited" in str(w.message)]
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(chunks=st.lists(st.one_of(
-    st.binary(max_size=40),
-    st.sampled_from([b"request\x00lookup\x00", b"table\x00x:y\x00", b"flags\x00-1\x00", b"key\x00k\x00", b"\x00",
-                     b"instance_flags\x000\x00", b"request\x00bogus\x00\x00"])), max_size=10),
-    eof=st.booleans())
+@settings(
+    max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    chunks=st.lists(
+        st.one_of(
+            st.binary(max_size=40),
+            st.sampled_from(
+                [
+                    b"request\x00lookup\x00",
+                    b"table\x00x:y\x00",
+                    b"flags\x00-1\x00",
+                    b"key\x00k\x00",
+                    b"\x00",
+                    b"instance_flags\x000\x00",
+                    b"request\x00bogus\x00\x00",
+                ]
+            ),
+        ),
+        max_size=10,
+    ),
+    eof=st.booleans(),
+)
 def test_arbitrary_input_never_breaks_the_protocol(chunks, eof, event_loop_kind):
     async def main():
         server = RecordingServer()
-        protocol = ProxymapProtocol(server, RequestHandler("proxymap", {"inline:{k=v}"}, {}), "proxymap socket")
+        protocol = ProxymapProtocol(
+            server, RequestHandler("proxymap", {"inline:{k=v}"}, {}), "proxymap socket"
+        )
         transport = MemoryTransport()
         protocol.connection_made(transport)
         for chunk in chunks:
@@ -477,4 +527,5 @@ def test_arbitrary_input_never_breaks_the_protocol(chunks, eof, event_loop_kind)
         decoder = attr.AttrDecoder()
         decoder.feed(bytes(transport.output))
         assert not decoder.pending
+
     asyncio.run(main())

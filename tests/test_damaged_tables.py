@@ -62,17 +62,25 @@ def errors(caplog) -> list[str]:
 
 DAMAGES = [
     # (type, damage, service): what a reader and a writer meet.
-    *[(t, d, s) for t in ("hash", "btree", "lmdb") for d in ("truncated", "header")
-      for s in ("proxymap", "proxywrite")],
+    *[
+        (t, d, s)
+        for t in ("hash", "btree", "lmdb")
+        for d in ("truncated", "header")
+        for s in ("proxymap", "proxywrite")
+    ],
     # Garbled pages are found by the verifier, which runs for writers (the caches).
-    ("hash", "garbled", "proxywrite"), ("btree", "garbled", "proxywrite"),
-    ("hash", "empty", "proxymap"), ("btree", "empty", "proxymap"), ("lmdb", "empty", "proxymap"),
+    ("hash", "garbled", "proxywrite"),
+    ("btree", "garbled", "proxywrite"),
+    ("hash", "empty", "proxymap"),
+    ("btree", "empty", "proxymap"),
+    ("lmdb", "empty", "proxymap"),
 ]
 
 
 @pytest.mark.parametrize(("kind", "how", "service"), DAMAGES)
-def test_damaged_file_is_one_error_and_retry_for_that_table_only(tmp_path, caplog, kind, how,
-                                                                  service):
+def test_damaged_file_is_one_error_and_retry_for_that_table_only(
+    tmp_path, caplog, kind, how, service
+):
     cache = f"{kind}:{tmp_path}/cache"
     healthy = f"btree:{tmp_path}/healthy"
     build(healthy, 10)
@@ -112,8 +120,10 @@ def small_filesystem():
     if os.geteuid() != 0:
         pytest.skip("mounting a tmpfs needs root")
     mount_point = Path(tempfile.mkdtemp(prefix="pm-full-"))
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k,mode=0755", "pm-full",
-                    str(mount_point)], check=True)
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=256k,mode=0755", "pm-full", str(mount_point)],
+        check=True,
+    )
     try:
         yield mount_point
     finally:

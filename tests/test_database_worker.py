@@ -30,35 +30,43 @@ from tests.support.servers import (  # noqa: F401  (fixtures)
     postgres_module,
 )
 
-OUR_PROXYMAP = Path(os.environ.get("PYPROXYMAP_WORKER")
-                    or Path(sys.executable).parent / "proxymap")
+OUR_PROXYMAP = Path(os.environ.get("PYPROXYMAP_WORKER") or Path(sys.executable).parent / "proxymap")
 USER, PASSWORD, DBNAME = "pmworker", "worker-secret", "pmworker"
 TIMEOUT = 1.5  # pyproxymap_{mysql,pgsql}_timeout for this test
 STALL = 5  # seconds a "stall" key makes the query wait
 LIMIT = 3  # pyproxymap_{mysql,pgsql}_connections for this test
 LOOKUP_FLAGS = 0x80041  # what postmap -q sends: UTF8_REQUEST | LOCK | DUP_WARN
 
-MYSQL_QUERY = ("SELECT v FROM aliases JOIN (SELECT SLEEP(IF('%s' = 'stall', "
-               f"{STALL}, 0)) AS s) AS d WHERE k = '%s'")
-PGSQL_QUERY = ("SELECT v FROM aliases, pg_sleep(CASE WHEN '%s' = 'stall' "
-               f"THEN {STALL} ELSE 0 END) WHERE k = '%s'")
+MYSQL_QUERY = (
+    "SELECT v FROM aliases JOIN (SELECT SLEEP(IF('%s' = 'stall', "
+    f"{STALL}, 0)) AS s) AS d WHERE k = '%s'"
+)
+PGSQL_QUERY = (
+    "SELECT v FROM aliases, pg_sleep(CASE WHEN '%s' = 'stall' "
+    f"THEN {STALL} ELSE 0 END) WHERE k = '%s'"
+)
 # "stall" has a row: with no row to join, PostgreSQL need not call pg_sleep at all.
-ROWS = [("alice", "alice@example.com"), ("bob", "bob@example.com"),
-        ("stall", "stall@example.com")]
+ROWS = [("alice", "alice@example.com"), ("bob", "bob@example.com"), ("stall", "stall@example.com")]
 
 
 @pytest.fixture(scope="module")
-def databases(mariadb_module: PrivateMariaDB,  # noqa: F811
-              postgres_module: PrivatePostgres):  # noqa: F811
+def databases(
+    mariadb_module: PrivateMariaDB,  # noqa: F811
+    postgres_module: PrivatePostgres,  # noqa: F811
+):
     values = ", ".join(f"('{k}', '{v}')" for k, v in ROWS)
     mariadb_module.create_user(USER, PASSWORD, DBNAME)
-    mariadb_module.execute("CREATE TABLE IF NOT EXISTS aliases (k VARCHAR(64) PRIMARY KEY, "
-                           f"v VARCHAR(255)); REPLACE INTO aliases VALUES {values};",
-                           database=DBNAME)
+    mariadb_module.execute(
+        "CREATE TABLE IF NOT EXISTS aliases (k VARCHAR(64) PRIMARY KEY, "
+        f"v VARCHAR(255)); REPLACE INTO aliases VALUES {values};",
+        database=DBNAME,
+    )
     postgres_module.create_user(USER, PASSWORD, DBNAME)
-    postgres_module.execute("CREATE TABLE IF NOT EXISTS aliases (k text PRIMARY KEY, v text);"
-                            f"INSERT INTO aliases VALUES {values} ON CONFLICT DO NOTHING;",
-                            dbname=DBNAME)
+    postgres_module.execute(
+        "CREATE TABLE IF NOT EXISTS aliases (k text PRIMARY KEY, v text);"
+        f"INSERT INTO aliases VALUES {values} ON CONFLICT DO NOTHING;",
+        dbname=DBNAME,
+    )
     return mariadb_module, postgres_module
 
 
@@ -73,21 +81,43 @@ def worker(databases):
     ensure_postfix()
     mariadb, postgres = databases
     instance = PrivatePostfix(
-        proxymap_program=OUR_PROXYMAP, name="db-worker", proxymap_maxproc="1",
-        main_cf={"pyproxymap_mysql_timeout": str(TIMEOUT),
-                 "pyproxymap_pgsql_timeout": str(TIMEOUT),
-                 "pyproxymap_mysql_connections": str(LIMIT),
-                 "pyproxymap_pgsql_connections": str(LIMIT)})
+        proxymap_program=OUR_PROXYMAP,
+        name="db-worker",
+        proxymap_maxproc="1",
+        main_cf={
+            "pyproxymap_mysql_timeout": str(TIMEOUT),
+            "pyproxymap_pgsql_timeout": str(TIMEOUT),
+            "pyproxymap_mysql_connections": str(LIMIT),
+            "pyproxymap_pgsql_connections": str(LIMIT),
+        },
+    )
     tables = instance.tables
     (tables / "aliases").write_text("".join(f"{k} {v}\n" for k, v in ROWS))
-    mysql_cf = write_cf(tables / "mysql.cf", {
-        "hosts": f"inet:127.0.0.1:{mariadb.port}", "user": USER, "password": PASSWORD,
-        "dbname": DBNAME, "query": MYSQL_QUERY})
-    pgsql_cf = write_cf(tables / "pgsql.cf", {
-        "hosts": f"inet:127.0.0.1:{postgres.port}", "user": USER, "password": PASSWORD,
-        "dbname": DBNAME, "query": PGSQL_QUERY})
-    names = {"texthash": f"texthash:{tables}/aliases", "mysql": f"mysql:{mysql_cf}",
-             "pgsql": f"pgsql:{pgsql_cf}"}
+    mysql_cf = write_cf(
+        tables / "mysql.cf",
+        {
+            "hosts": f"inet:127.0.0.1:{mariadb.port}",
+            "user": USER,
+            "password": PASSWORD,
+            "dbname": DBNAME,
+            "query": MYSQL_QUERY,
+        },
+    )
+    pgsql_cf = write_cf(
+        tables / "pgsql.cf",
+        {
+            "hosts": f"inet:127.0.0.1:{postgres.port}",
+            "user": USER,
+            "password": PASSWORD,
+            "dbname": DBNAME,
+            "query": PGSQL_QUERY,
+        },
+    )
+    names = {
+        "texthash": f"texthash:{tables}/aliases",
+        "mysql": f"mysql:{mysql_cf}",
+        "pgsql": f"pgsql:{pgsql_cf}",
+    }
     instance.proxy_read_maps = " ".join(f"proxy:{name}" for name in names.values())
     settle_files(tables)
     with instance:
@@ -96,8 +126,7 @@ def worker(databases):
 
 
 def send_lookup(client, table: str, key: str) -> None:
-    client.send(("request", "lookup"), ("table", table), ("flags", LOOKUP_FLAGS),
-                ("key", key))
+    client.send(("request", "lookup"), ("table", table), ("flags", LOOKUP_FLAGS), ("key", key))
 
 
 def timed_lookup(client, table: str, key: str) -> tuple[dict[str, bytes], float]:
@@ -118,14 +147,18 @@ def test_a_stalled_query_holds_up_no_other_client(worker, stalled):
         started = time.monotonic()
         latencies = []
         while time.monotonic() - started < TIMEOUT - 0.5:
-            for table, key, value in ((names["texthash"], "alice", b"alice@example.com"),
-                                      (names[other], "bob", b"bob@example.com")):
+            for table, key, value in (
+                (names["texthash"], "alice", b"alice@example.com"),
+                (names[other], "bob", b"bob@example.com"),
+            ):
                 reply, seconds = timed_lookup(client, table, key)
                 assert (reply["status"], reply["value"]) == (b"0", value)
                 latencies.append(seconds)
         readable, _, _ = select.select([waiting.sock], [], [], 0)
-        assert not readable, ("the stalled lookup answered before its timeout",
-                              waiting.read_reply() if readable else None)
+        assert not readable, (
+            "the stalled lookup answered before its timeout",
+            waiting.read_reply() if readable else None,
+        )
         reply = waiting.read_reply()
         waited = time.monotonic() - started
     assert reply["status"] == b"2"  # RETRY: never "not found"

@@ -52,8 +52,12 @@ def write_cf(path: Path, lines: dict[str, str]) -> Path:
     return path
 
 
-def context(cf_lines: dict[str, str], tmp_path: Path, ctx: OpenContext | None = None,
-            dict_type: str = "sqlite") -> QueryContext:
+def context(
+    cf_lines: dict[str, str],
+    tmp_path: Path,
+    ctx: OpenContext | None = None,
+    dict_type: str = "sqlite",
+) -> QueryContext:
     cfg = CfgParser(str(write_cf(tmp_path / "t.cf", cf_lines)), {})
     return QueryContext.for_sql(cfg, ctx or OpenContext(), dict_type)
 
@@ -64,18 +68,21 @@ def context(cf_lines: dict[str, str], tmp_path: Path, ctx: OpenContext | None = 
 
 
 class TestTemplateParse:
-    @pytest.mark.parametrize("text, what, flags, labels", [
-        ("SELECT 1", "query", Need.NONE, 0),
-        ("%s %S %%", "query", Need.NONE, 0),
-        ("%u", "query", Need.KEY_USER | Need.KEY_PARTIAL, 0),
-        ("%d", "query", Need.KEY_DOMAIN | Need.KEY_PARTIAL, 0),
-        ("%u", "result", Need.VALUE_USER, 0),
-        ("%d", "result", Need.VALUE_DOMAIN, 0),
-        ("%U", "result", Need.KEY_USER | Need.KEY_PARTIAL, 0),
-        ("%D", "result", Need.KEY_DOMAIN | Need.KEY_PARTIAL, 0),
-        ("%2.%1 %7", "query", Need.KEY_DOMAIN | Need.KEY_PARTIAL, 7),
-        ("%3", "result", Need.KEY_DOMAIN | Need.KEY_PARTIAL, 3),
-    ])
+    @pytest.mark.parametrize(
+        "text, what, flags, labels",
+        [
+            ("SELECT 1", "query", Need.NONE, 0),
+            ("%s %S %%", "query", Need.NONE, 0),
+            ("%u", "query", Need.KEY_USER | Need.KEY_PARTIAL, 0),
+            ("%d", "query", Need.KEY_DOMAIN | Need.KEY_PARTIAL, 0),
+            ("%u", "result", Need.VALUE_USER, 0),
+            ("%d", "result", Need.VALUE_DOMAIN, 0),
+            ("%U", "result", Need.KEY_USER | Need.KEY_PARTIAL, 0),
+            ("%D", "result", Need.KEY_DOMAIN | Need.KEY_PARTIAL, 0),
+            ("%2.%1 %7", "query", Need.KEY_DOMAIN | Need.KEY_PARTIAL, 7),
+            ("%3", "result", Need.KEY_DOMAIN | Need.KEY_PARTIAL, 3),
+        ],
+    )
     def test_requirements(self, text: str, what: str, flags: Need, labels: int) -> None:
         template = Template.parse(text, what)
         assert template.needs.flags == flags
@@ -90,17 +97,21 @@ class TestTemplateParse:
         assert Template.parse("x", "key_format").is_query
         assert Template.parse(b"%s\xff", "query").text == b"%s\xff"
 
-    @pytest.mark.parametrize("text, dynamic", [("static", False), ("100%%", False),
-                                               ("%s", True), ("ou=%1", True)])
+    @pytest.mark.parametrize(
+        "text, dynamic", [("static", False), ("100%%", False), ("%s", True), ("ou=%1", True)]
+    )
     def test_dynamic(self, text: str, dynamic: bool) -> None:
         assert Template.parse(text, "search_base").dynamic is dynamic
 
-    @pytest.mark.parametrize("text, what, message", [
-        ("SELECT '%x'", "query", "db_common_parse: T: Invalid query template: SELECT '%x'"),
-        ("SELECT '%s %'", "query", "db_common_parse: T: Invalid query template: SELECT '%s %'"),
-        ("%%%s%0", "result", "db_common_parse: T: Invalid result template: %%%s%0"),
-        ("%x", "result_format", "db_common_parse: T: Invalid result template: %x"),
-    ])
+    @pytest.mark.parametrize(
+        "text, what, message",
+        [
+            ("SELECT '%x'", "query", "db_common_parse: T: Invalid query template: SELECT '%x'"),
+            ("SELECT '%s %'", "query", "db_common_parse: T: Invalid query template: SELECT '%s %'"),
+            ("%%%s%0", "result", "db_common_parse: T: Invalid result template: %%%s%0"),
+            ("%x", "result_format", "db_common_parse: T: Invalid result template: %x"),
+        ],
+    )
     def test_invalid(self, text: str, what: str, message: str) -> None:
         with pytest.raises(DictOpenError) as caught:
             Template.parse(text, what, table="T")
@@ -117,27 +128,48 @@ LABELS = Template.parse("[%2.%1]", "query")
 
 
 class TestQueryExpansion:
-    @pytest.mark.parametrize("key, expected", [
-        (b"a@b.c", b"[a@b.c|a|b.c|a@b.c|a|b.c]"),
-        (b"a@b@c.d", b"[a@b@c.d|a@b|c.d|a@b@c.d|a@b|c.d]"),  # the LAST @ splits
-        (b"x@example..com", b"[x@example..com|x|example..com|x@example..com|x|example..com]"),
-        (b"@x.y", None), (b"user@", None), (b"@", None), (b"plain", None), (b"", None),
-    ])
+    @pytest.mark.parametrize(
+        "key, expected",
+        [
+            (b"a@b.c", b"[a@b.c|a|b.c|a@b.c|a|b.c]"),
+            (b"a@b@c.d", b"[a@b@c.d|a@b|c.d|a@b@c.d|a@b|c.d]"),  # the LAST @ splits
+            (b"x@example..com", b"[x@example..com|x|example..com|x@example..com|x|example..com]"),
+            (b"@x.y", None),
+            (b"user@", None),
+            (b"@", None),
+            (b"plain", None),
+            (b"", None),
+        ],
+    )
     def test_all_parts(self, key: bytes, expected: bytes | None) -> None:
         assert expand(ALL_PARTS, key, key) == expected
 
-    @pytest.mark.parametrize("key, expected", [
-        (b"a@b.c", b"[a@b.c|a]"), (b"user@", b"[user@|user]"), (b"plain", b"[plain|plain]"),
-        (b"@x.y", None), (b"@", None), (b"@a@b", b"[@a@b|@a]"),
-    ])
+    @pytest.mark.parametrize(
+        "key, expected",
+        [
+            (b"a@b.c", b"[a@b.c|a]"),
+            (b"user@", b"[user@|user]"),
+            (b"plain", b"[plain|plain]"),
+            (b"@x.y", None),
+            (b"@", None),
+            (b"@a@b", b"[@a@b|@a]"),
+        ],
+    )
     def test_local_part_only(self, key: bytes, expected: bytes | None) -> None:
         assert expand(USER_ONLY, key, None) == expected
 
-    @pytest.mark.parametrize("key, expected", [
-        (b"x@example..com", b"[example.com]"),  # empty labels do not count
-        (b"x@a.b.", b"[a.b]"), (b"x@..a..b..", b"[a.b]"), (b"x@mail.example.com", b"[example.com]"),
-        (b"x@.com", None), (b"x@com", None), (b"x", None),
-    ])
+    @pytest.mark.parametrize(
+        "key, expected",
+        [
+            (b"x@example..com", b"[example.com]"),  # empty labels do not count
+            (b"x@a.b.", b"[a.b]"),
+            (b"x@..a..b..", b"[a.b]"),
+            (b"x@mail.example.com", b"[example.com]"),
+            (b"x@.com", None),
+            (b"x@com", None),
+            (b"x", None),
+        ],
+    )
     def test_labels(self, key: bytes, expected: bytes | None) -> None:
         assert expand(LABELS, key, None) == expected
 
@@ -154,12 +186,15 @@ VALUES = [b"a@b.c", None, b"", b"noat", b"@dom", b"loc@", b"x@y@z"]
 
 
 class TestResultExpansion:
-    @pytest.mark.parametrize("fmt, expected", [
-        ("<%s>", [b"<a@b.c>", b"<noat>", b"<@dom>", b"<loc@>", b"<x@y@z>"]),
-        ("<%u>", [b"<a>", b"<noat>", b"<loc>", b"<x@y>"]),
-        ("<%d>", [b"<b.c>", b"<dom>", b"<z>"]),
-        ("<%u/%d>", [b"<a/b.c>", b"<x@y/z>"]),
-    ])
+    @pytest.mark.parametrize(
+        "fmt, expected",
+        [
+            ("<%s>", [b"<a@b.c>", b"<noat>", b"<@dom>", b"<loc@>", b"<x@y@z>"]),
+            ("<%u>", [b"<a>", b"<noat>", b"<loc>", b"<x@y>"]),
+            ("<%d>", [b"<b.c>", b"<dom>", b"<z>"]),
+            ("<%u/%d>", [b"<a/b.c>", b"<x@y/z>"]),
+        ],
+    )
     def test_value_parts(self, fmt: str, expected: list[bytes]) -> None:
         template = Template.parse(fmt, "result")
         got = [expand(template, value, b"k") for value in VALUES]
@@ -167,7 +202,10 @@ class TestResultExpansion:
 
     def test_key_parts(self) -> None:
         template = Template.parse("<%S/%U/%D/%1/%2>", "result")
-        assert expand(template, b"v@w", b"k@mail.example.com") == b"<k@mail.example.com/k/mail.example.com/com/example>"
+        assert (
+            expand(template, b"v@w", b"k@mail.example.com")
+            == b"<k@mail.example.com/k/mail.example.com/com/example>"
+        )
         assert expand(template, b"v", b"nodomain") is None
         assert expand(Template.parse("%U", "result"), b"v", b"@a.b") is None
 
@@ -203,7 +241,8 @@ class TestQueryContext:
         assert joined.count == 5
         # NULL is silent, the empty value is reported once.
         assert caplog.messages == [
-            f'table "sqlite:{tmp_path}/t.cf": empty lookup result for: "k" -- ignored']
+            f'table "sqlite:{tmp_path}/t.cf": empty lookup result for: "k" -- ignored'
+        ]
 
     def test_nothing_found(self, tmp_path: Path) -> None:
         qc = context({"dbpath": "x", "query": "SELECT 1", "result_format": "%d"}, tmp_path)
@@ -211,15 +250,24 @@ class TestQueryContext:
         joined.extend([None, b"", b"noat"])
         assert joined.value() is None
 
-    @pytest.mark.parametrize("limit, fmt, outcome", [
-        ("0", "%s", b"a@b.c,noat,@dom,loc@,x@y@z"), ("-1", "%s", b"a@b.c,noat,@dom,loc@,x@y@z"),
-        ("5", "%s", b"a@b.c,noat,@dom,loc@,x@y@z"), ("4", "%s", DictRetry),
-        ("3", "%d", b"b.c,dom,z"), ("2", "%d", DictRetry),  # skipped values do not count
-    ])
-    def test_expansion_limit(self, tmp_path: Path, limit: str, fmt: str,
-                             outcome: bytes | type) -> None:
-        qc = context({"dbpath": "x", "query": "SELECT 1", "result_format": fmt,
-                      "expansion_limit": limit}, tmp_path)
+    @pytest.mark.parametrize(
+        "limit, fmt, outcome",
+        [
+            ("0", "%s", b"a@b.c,noat,@dom,loc@,x@y@z"),
+            ("-1", "%s", b"a@b.c,noat,@dom,loc@,x@y@z"),
+            ("5", "%s", b"a@b.c,noat,@dom,loc@,x@y@z"),
+            ("4", "%s", DictRetry),
+            ("3", "%d", b"b.c,dom,z"),
+            ("2", "%d", DictRetry),  # skipped values do not count
+        ],
+    )
+    def test_expansion_limit(
+        self, tmp_path: Path, limit: str, fmt: str, outcome: bytes | type
+    ) -> None:
+        qc = context(
+            {"dbpath": "x", "query": "SELECT 1", "result_format": fmt, "expansion_limit": limit},
+            tmp_path,
+        )
         joined = qc.results(b"k")
         if outcome is DictRetry:
             with pytest.raises(DictRetry):
@@ -231,22 +279,32 @@ class TestQueryContext:
     def test_extra_templates_pool(self, tmp_path: Path) -> None:
         cfg = CfgParser(str(write_cf(tmp_path / "l.cf", {})), {})
         base = Template.parse("ou=%1", "search_base")
-        qc = QueryContext(cfg, Template.parse("(mail=%s)", "query"),
-                          Template.parse("%s", "result"), 0, None, extra=[base])
+        qc = QueryContext(
+            cfg,
+            Template.parse("(mail=%s)", "query"),
+            Template.parse("%s", "result"),
+            0,
+            None,
+            extra=[base],
+        )
         assert qc.expand_query(qc.query, b"nodomain", None) is None
         assert qc.expand_query(base, b"a@b.com", None) == b"ou=com"
 
     def test_for_sql_errors(self, tmp_path: Path) -> None:
         with pytest.raises(DictOpenError, match=r"bad string length 0 < 1: result_format = $"):
             context({"dbpath": "x", "query": "SELECT 1", "result_format": ""}, tmp_path)
-        with pytest.raises(DictOpenError, match="bad numerical configuration: expansion_limit = 0x2"):
+        with pytest.raises(
+            DictOpenError, match="bad numerical configuration: expansion_limit = 0x2"
+        ):
             context({"dbpath": "x", "query": "SELECT 1", "expansion_limit": "0x2"}, tmp_path)
         with pytest.raises(DictOpenError, match="Invalid query template"):
             context({"dbpath": "x", "query": "SELECT '%x'"}, tmp_path)
 
     def test_for_sql_empty_query_is_legacy(self, tmp_path: Path) -> None:
-        qc = context({"dbpath": "x", "query": "", "table": "t", "select_field": "v",
-                      "where_field": "k"}, tmp_path)
+        qc = context(
+            {"dbpath": "x", "query": "", "table": "t", "select_field": "v", "where_field": "k"},
+            tmp_path,
+        )
         assert qc.query.text == b"SELECT v FROM t WHERE k='%s' "
 
 
@@ -261,15 +319,21 @@ class TestLegacyQuery:
 
     def test_forms(self, tmp_path: Path) -> None:
         fields = {"table": "aliases", "select_field": "dest", "where_field": "addr"}
-        assert legacy_query(self.cfg(tmp_path, fields), "mysql") == \
-            "SELECT dest FROM aliases WHERE addr='%s' "
+        assert (
+            legacy_query(self.cfg(tmp_path, fields), "mysql")
+            == "SELECT dest FROM aliases WHERE addr='%s' "
+        )
         more = {**fields, "additional_conditions": "AND extra <> 'x3'"}
-        assert legacy_query(self.cfg(tmp_path, more), "sqlite") == \
-            "SELECT dest FROM aliases WHERE addr='%s' AND extra <> 'x3'"
+        assert (
+            legacy_query(self.cfg(tmp_path, more), "sqlite")
+            == "SELECT dest FROM aliases WHERE addr='%s' AND extra <> 'x3'"
+        )
 
     def test_pgsql_select_function(self, tmp_path: Path) -> None:
-        assert legacy_query(self.cfg(tmp_path, {"select_function": "lookup"}), "pgsql") == \
-            "SELECT lookup('%s')"
+        assert (
+            legacy_query(self.cfg(tmp_path, {"select_function": "lookup"}), "pgsql")
+            == "SELECT lookup('%s')"
+        )
         # empty select_function: the table form; other types ignore it
         with pytest.raises(DictOpenError, match="table = $"):
             legacy_query(self.cfg(tmp_path, {"select_function": ""}), "pgsql")
@@ -334,17 +398,28 @@ class TestDomainFilter:
         cfg = CfgParser(str(write_cf(tmp_path / "d.cf", {"domain": ""})), {})
         assert DomainFilter.from_config(cfg, OpenContext()) is None
 
-    @pytest.mark.parametrize("key, allowed", [
-        (b"x@example.com", True), (b"x@EXAMPLE.com", True), (b"a@b@example.com", True),
-        (b"x@sub.example.com", False),  # no parent-domain matching
-        (b"x@bad.example.com", False), (b"x@example.org", False), (b"x@sub.example.org", False),
-        (b"x@.example.org", True),  # ".example.org" is just a name
-        (b"@example.com", False), (b"x@example.com@", False), (b"example.com", False),
-        (b"x@[a.example]", True), (b"", False),
-    ])
+    @pytest.mark.parametrize(
+        "key, allowed",
+        [
+            (b"x@example.com", True),
+            (b"x@EXAMPLE.com", True),
+            (b"a@b@example.com", True),
+            (b"x@sub.example.com", False),  # no parent-domain matching
+            (b"x@bad.example.com", False),
+            (b"x@example.org", False),
+            (b"x@sub.example.org", False),
+            (b"x@.example.org", True),  # ".example.org" is just a name
+            (b"@example.com", False),
+            (b"x@example.com@", False),
+            (b"example.com", False),
+            (b"x@[a.example]", True),
+            (b"", False),
+        ],
+    )
     def test_names(self, key: bytes, allowed: bool) -> None:
-        domains = DomainFilter.parse("Example.COM, !bad.example.com .example.org [a.example]",
-                                     "T", OpenContext())
+        domains = DomainFilter.parse(
+            "Example.COM, !bad.example.com .example.org [a.example]", "T", OpenContext()
+        )
         assert domains.allows(key) is allowed
 
     def test_negation_first_match_wins(self) -> None:
@@ -354,17 +429,31 @@ class TestDomainFilter:
 
     def test_file(self, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
         listing = tmp_path / "domains"
-        listing.write_text("a.example\n#comment.example\n  b.example, !c.example\n"
-                           "D.Example # tail.example\n")
+        listing.write_text(
+            "a.example\n#comment.example\n  b.example, !c.example\nD.Example # tail.example\n"
+        )
         with caplog.at_level(logging.WARNING, "proxymap"):
             domains = DomainFilter.parse(f"{listing}", "T", OpenContext())
         assert caplog.messages == ["T: comment at end of line is not supported: # tail.example"]
-        verdicts = {name: domains.allows(b"x@" + name) for name in
-                    (b"a.example", b"b.example", b"c.example", b"d.example", b"tail.example",
-                     b"comment.example")}
-        assert verdicts == {b"a.example": True, b"b.example": True, b"c.example": False,
-                            b"d.example": True, b"tail.example": False,
-                            b"comment.example": False}
+        verdicts = {
+            name: domains.allows(b"x@" + name)
+            for name in (
+                b"a.example",
+                b"b.example",
+                b"c.example",
+                b"d.example",
+                b"tail.example",
+                b"comment.example",
+            )
+        }
+        assert verdicts == {
+            b"a.example": True,
+            b"b.example": True,
+            b"c.example": False,
+            b"d.example": True,
+            b"tail.example": False,
+            b"comment.example": False,
+        }
         negated = DomainFilter.parse(f"!{listing} x.example", "T", OpenContext())
         assert not negated.allows(b"x@a.example")
         assert negated.allows(b"x@c.example")  # "!c.example" negated again
@@ -385,6 +474,7 @@ class TestDomainFilter:
         ctx, opened = fake_context({"fake:t": table})
         domains = DomainFilter.parse("fake:t", "T", ctx)
         from proxymap import flags as F
+
         assert opened == [("fake:t", os.O_RDONLY, F.LOCK | F.UTF8_REQUEST)]
         assert domains.allows(b"x@Example.COM")  # the subject is folded before the lookup
         assert not domains.allows(b"x@example.org")
@@ -445,12 +535,19 @@ ALIAS_QUERY = "SELECT dest FROM aliases WHERE addr='%s'"
 VALUES_QUERY = "SELECT v FROM vals ORDER BY n"
 CONFIGS: dict[str, dict[str, str]] = {
     "basic": {"query": ALIAS_QUERY},
-    "fancy": {"query": "SELECT dest FROM aliases WHERE addr='%u@%d'",
-              "result_format": "smtp:[%s] key=%S user=%U dom=%D tld=%1",
-              "domain": "example.com", "expansion_limit": "2"},
+    "fancy": {
+        "query": "SELECT dest FROM aliases WHERE addr='%u@%d'",
+        "result_format": "smtp:[%s] key=%S user=%U dom=%D tld=%1",
+        "domain": "example.com",
+        "expansion_limit": "2",
+    },
     "resultdomain": {"query": ALIAS_QUERY, "result_format": "%u at %d"},
-    "legacy": {"table": "aliases", "select_field": "dest", "where_field": "addr",
-               "additional_conditions": "AND extra <> 'x3'"},
+    "legacy": {
+        "table": "aliases",
+        "select_field": "dest",
+        "where_field": "addr",
+        "additional_conditions": "AND extra <> 'x3'",
+    },
     "legacy-bare": {"table": "aliases", "select_field": "dest", "where_field": "addr"},
     "echo-parts": {"query": "SELECT '[%s|%u|%d|%S|%U|%D]'"},
     "echo-user": {"query": "SELECT '[%s|%u|%U|%%]'"},
@@ -470,11 +567,29 @@ CONFIGS: dict[str, dict[str, str]] = {
     "domains-table": {"query": ALIAS_QUERY, "domain": "inline:{example.com=1} !x.example"},
 }
 KEYS = [
-    "alice@example.com", "ALICE@EXAMPLE.COM", "multi@example.com", "nullval@example.com",
-    "emptyval@example.com", "o'brien@example.com", "Mixed@Example.com", "nodomain", "%",
-    "%s", "\u00fcn\u00ef@example.com", "\u00dcN\u00cf@EXAMPLE.COM", "@example.com", "user@",
-    "@", "a@b@example.com", "x@example..com", "x@mail..example.com.", "x@mail.example.com",
-    "x@bad.example.com", "x@.example.org", "bob", "",
+    "alice@example.com",
+    "ALICE@EXAMPLE.COM",
+    "multi@example.com",
+    "nullval@example.com",
+    "emptyval@example.com",
+    "o'brien@example.com",
+    "Mixed@Example.com",
+    "nodomain",
+    "%",
+    "%s",
+    "\u00fcn\u00ef@example.com",
+    "\u00dcN\u00cf@EXAMPLE.COM",
+    "@example.com",
+    "user@",
+    "@",
+    "a@b@example.com",
+    "x@example..com",
+    "x@mail..example.com.",
+    "x@mail.example.com",
+    "x@bad.example.com",
+    "x@.example.org",
+    "bob",
+    "",
 ]
 # The value tables ignore the key: a few keys show every rule there.
 VALUE_KEYS = ["k", "K@Mail.Example.com", "@a.b", "nodomain@x"]
@@ -522,8 +637,7 @@ def tables(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     files = {}
     for name, lines in CONFIGS.items():
         lines = {k: v.replace("@FILE@", str(listing)) for k, v in lines.items()}
-        files[name] = write_cf(root / f"{name}.cf", {"dbpath": str(root / "test.sqlite"),
-                                                     **lines})
+        files[name] = write_cf(root / f"{name}.cf", {"dbpath": str(root / "test.sqlite"), **lines})
     settle_files(root)
     return files
 
@@ -531,8 +645,11 @@ def tables(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.mark.postfix
 class TestAgainstPostfix:
     def test_same_answers(self, tables: dict[str, Path]) -> None:
-        cases = [(name, key) for name in CONFIGS
-                 for key in (VALUE_KEYS if name.startswith(("values", "limit")) else KEYS)]
+        cases = [
+            (name, key)
+            for name in CONFIGS
+            for key in (VALUE_KEYS if name.startswith(("values", "limit")) else KEYS)
+        ]
 
         def theirs(case: tuple[str, str]) -> tuple[str, str]:
             name, key = case
@@ -541,8 +658,11 @@ class TestAgainstPostfix:
         with ThreadPoolExecutor(max_workers=16) as pool:  # RETRY costs postmap a 1 s sleep
             expected = list(pool.map(theirs, cases))
         ours = [our_answer(tables[name], key) for name, key in cases]
-        differences = [(case, want, got) for case, want, got in zip(cases, expected, ours,
-                                                                    strict=True) if want != got]
+        differences = [
+            (case, want, got)
+            for case, want, got in zip(cases, expected, ours, strict=True)
+            if want != got
+        ]
         assert not differences, differences
         # The matrix must exercise every outcome.
         assert {outcome for outcome, _ in expected} == {"0", "1", "E"}
@@ -551,8 +671,9 @@ class TestAgainstPostfix:
         ensure_postfix()
         files = {}
         for number, (lines, message) in enumerate(OPEN_ERRORS):
-            cf = write_cf(tmp_path / f"bad{number}.cf",
-                          {"dbpath": str(tmp_path / "db.sqlite"), **lines})
+            cf = write_cf(
+                tmp_path / f"bad{number}.cf", {"dbpath": str(tmp_path / "db.sqlite"), **lines}
+            )
             files[cf] = message.format(cf=cf)
         settle_files(*files)
         with ThreadPoolExecutor(max_workers=len(files)) as pool:  # each fatal sleeps 1 s
@@ -567,8 +688,10 @@ class TestAgainstPostfix:
 # (settings, Postfix's fatal message); {cf} is the file's path.
 OPEN_ERRORS = [
     ({"query": "SELECT '%x'"}, "db_common_parse: {cf}: Invalid query template: SELECT '%x'"),
-    ({"query": "SELECT 1", "result_format": "%s%"},
-     "db_common_parse: {cf}: Invalid result template: %s%"),
+    (
+        {"query": "SELECT 1", "result_format": "%s%"},
+        "db_common_parse: {cf}: Invalid result template: %s%",
+    ),
     ({"table": "aliases", "where_field": "addr"}, "{cf}: bad string length 0 < 1: select_field = "),
     ({"query": "SELECT 1", "domain": "a.example, !"}, "{cf}: no pattern after '!'"),
 ]

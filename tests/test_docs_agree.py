@@ -35,8 +35,9 @@ def test_same_debian_packages_as_make_deps():
 def test_same_interpreter_and_extras():
     for name, text in (("README.rst", README), ("docs/DROPIN.md", DROPIN)):
         assert "/usr/bin/python3 -m venv /opt/pyproxymap" in text, name
-        assert "/opt/pyproxymap/bin/pip install '/path/to/pyproxymap[tables,databases,fast]'" \
-            in text, name
+        assert (
+            "/opt/pyproxymap/bin/pip install '/path/to/pyproxymap[tables,databases,fast]'" in text
+        ), name
         assert "python3 -m venv" not in text.replace("/usr/bin/python3 -m venv", ""), name
     assert "PYTHON ?= $(shell test -x /usr/bin/python3" in MAKEFILE
     assert "[tables,databases,fast]" in MAKEFILE  # what install-systemd puts in PREFIX

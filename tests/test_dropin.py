@@ -45,7 +45,9 @@ def ours():
     texthash.chmod(0o644)
     (instance.tables / "unapproved").write_text(ALIASES)
     settle_files(instance.tables)
-    instance.table_map = {name: spec.format(tables=instance.tables) for name, spec in TABLES.items()}
+    instance.table_map = {
+        name: spec.format(tables=instance.tables) for name, spec in TABLES.items()
+    }
     instance.proxy_read_maps = " ".join(
         "proxy:" + spec for name, spec in instance.table_map.items() if name != "unapproved"
     )
@@ -56,7 +58,7 @@ def ours():
 
 TABLES = {
     "texthash": "texthash:{tables}/aliases",
-    "inline": "inline:{{alice=A1, {{\"two words\" = spaced value}}, bob=B1}}",
+    "inline": 'inline:{{alice=A1, {{"two words" = spaced value}}, bob=B1}}',
     "static": "static:{{a static value}}",
     "fail": "fail:dropin-test",
     "environ": "environ:ignored",
@@ -68,8 +70,15 @@ TABLES = {
 
 def passwd_line(name: str) -> str:
     entry = pwd.getpwnam(name)
-    fields = (entry.pw_name, entry.pw_passwd, entry.pw_uid, entry.pw_gid,
-              entry.pw_gecos, entry.pw_dir, entry.pw_shell)
+    fields = (
+        entry.pw_name,
+        entry.pw_passwd,
+        entry.pw_uid,
+        entry.pw_gid,
+        entry.pw_gecos,
+        entry.pw_dir,
+        entry.pw_shell,
+    )
     return ":".join(map(str, fields))
 
 
@@ -93,8 +102,9 @@ LOOKUPS = [
 ]
 
 
-@pytest.mark.parametrize(("table", "key", "expected"), LOOKUPS,
-                         ids=[f"{t}-{k}" for t, k, _ in LOOKUPS])
+@pytest.mark.parametrize(
+    ("table", "key", "expected"), LOOKUPS, ids=[f"{t}-{k}" for t, k, _ in LOOKUPS]
+)
 def test_lookup_through_our_proxymap(ours, table, key, expected):
     spec = ours.table_map[table]
     direct = ours.lookup(key, spec).outcome()

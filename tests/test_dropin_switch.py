@@ -64,25 +64,41 @@ def postfix_instance():
 
 
 def dropin(pf: PrivatePostfix, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([MASTER_COMMAND, "dropin", *args, "-c", str(pf.conf_dir)],
-                          capture_output=True, text=True, timeout=120, check=False)
+    return subprocess.run(
+        [MASTER_COMMAND, "dropin", *args, "-c", str(pf.conf_dir)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
 
 
 def postfix_check(pf: PrivatePostfix) -> list[str]:
     """What `postfix check` says (it logs to the instance's maillog_file)."""
     before = len(pf.maillog())
-    done = subprocess.run(["postfix", "-c", str(pf.conf_dir), "check"], capture_output=True,
-                          text=True, timeout=120, check=False)
-    said = [line for line in pf.maillog()[before:].splitlines() if "postfix-script" in line
-            or "postfix/postfix" in line or "postsuper" in line]
-    return said + done.stdout.splitlines() + done.stderr.splitlines() + (
-        [f"exit status {done.returncode}"] if done.returncode else [])
+    done = subprocess.run(
+        ["postfix", "-c", str(pf.conf_dir), "check"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    said = [
+        line
+        for line in pf.maillog()[before:].splitlines()
+        if "postfix-script" in line or "postfix/postfix" in line or "postsuper" in line
+    ]
+    return (
+        said
+        + done.stdout.splitlines()
+        + done.stderr.splitlines()
+        + ([f"exit status {done.returncode}"] if done.returncode else [])
+    )
 
 
 def serving_programs(pf: PrivatePostfix) -> set[str]:
     """Basename of the executable of each live proxymap worker."""
-    return {os.path.basename(os.path.realpath(f"/proc/{pid}/exe"))
-            for pid in pf.wait_for_workers()}
+    return {os.path.basename(os.path.realpath(f"/proc/{pid}/exe")) for pid in pf.wait_for_workers()}
 
 
 def test_enable_serve_disable_byte_identical(postfix_instance):
@@ -98,9 +114,19 @@ def test_enable_serve_disable_byte_identical(postfix_instance):
     assert stat.S_ISREG(info.st_mode) and info.st_uid == 0 and info.st_mode & 0o777 == 0o755
     interpreter = Path(wrapper.read_text().splitlines()[0].removeprefix("#!"))
     assert interpreter.parent == Path(sys.executable).parent  # this venv's interpreter
-    commands = subprocess.run(["postconf", "-c", str(pf.conf_dir), "-Fh",
-                               "proxymap/unix/command", "proxywrite/unix/command"],
-                              capture_output=True, text=True, check=True).stdout.split()
+    commands = subprocess.run(
+        [
+            "postconf",
+            "-c",
+            str(pf.conf_dir),
+            "-Fh",
+            "proxymap/unix/command",
+            "proxywrite/unix/command",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
     assert commands == ["pyproxymap", "pyproxymap"]
 
     # Served by our worker, as the Postfix master runs it: -n from the master, -u.
@@ -108,7 +134,8 @@ def test_enable_serve_disable_byte_identical(postfix_instance):
     assert pf.postmap_q("y", "proxy:inline:{x=1,y=2}") == (0, "2")
     workers = pf.wait_for_workers()
     assert [" ".join(proc_cmdline(pid)) for pid in workers] == [
-        "pyproxymap -n proxymap -t unix -d -u"], workers
+        "pyproxymap -n proxymap -t unix -d -u"
+    ], workers
     assert all(p.startswith("python") for p in serving_programs(pf))
     status = dropin(pf, "status")
     assert status.returncode == 0 and "pyproxymap drop-in: enabled" in status.stdout
@@ -130,16 +157,28 @@ def test_enable_serve_disable_byte_identical(postfix_instance):
 def test_disable_after_another_edit_keeps_it(postfix_instance):
     pf = postfix_instance
     assert dropin(pf, "enable").returncode == 0
-    subprocess.run(["postconf", "-c", str(pf.conf_dir), "-M",
-                    "extra/unix=extra unix - - n - 1 error"], check=True)
+    subprocess.run(
+        ["postconf", "-c", str(pf.conf_dir), "-M", "extra/unix=extra unix - - n - 1 error"],
+        check=True,
+    )
     disabled = dropin(pf, "disable")
     assert disabled.returncode == 0, disabled.stderr
     assert "other edits kept" in disabled.stderr
     text = (pf.conf_dir / "master.cf").read_text()
     assert "extra" in text and "pyproxymap" not in text
-    commands = subprocess.run(["postconf", "-c", str(pf.conf_dir), "-Fh",
-                               "proxymap/unix/command", "proxywrite/unix/command"],
-                              capture_output=True, text=True, check=True).stdout.split()
+    commands = subprocess.run(
+        [
+            "postconf",
+            "-c",
+            str(pf.conf_dir),
+            "-Fh",
+            "proxymap/unix/command",
+            "proxywrite/unix/command",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
     assert commands == ["proxymap", "proxymap"]
     assert pf.postmap_q("alice", f"proxy:{pf.table}") == (0, "alice@example.com")
 
@@ -170,9 +209,10 @@ def test_enable_warns_about_a_table_neither_can_open(postfix_instance):
     pf.set_main(proxy_read_maps=f"proxy:{pf.table} proxy:texthash:{pf.tables}/absent")
     enabled = dropin(pf, "enable")
     assert enabled.returncode == 0, enabled.stderr
-    assert (f"warning: texthash:{pf.tables}/absent: error: open database "
-            f"{pf.tables}/absent: No such file or directory (postmap -q fails too") \
-        in enabled.stderr
+    assert (
+        f"warning: texthash:{pf.tables}/absent: error: open database "
+        f"{pf.tables}/absent: No such file or directory (postmap -q fails too"
+    ) in enabled.stderr
     assert dropin(pf, "disable").returncode == 0
 
 
@@ -181,4 +221,3 @@ def test_status_and_disable_need_no_state_when_never_enabled(postfix_instance):
     assert dropin(pf, "status").returncode == 3
     done = dropin(pf, "disable")
     assert done.returncode == 0 and "nothing to do" in done.stderr
-

@@ -25,10 +25,30 @@ from tests.fuzz import world as W
 
 ROOT = Path(__file__).resolve().parent.parent
 
-TOKENS = [b"request\x00", b"lookup\x00", b"open\x00", b"update\x00", b"delete\x00",
-          b"sequence\x00", b"table\x00", b"flags\x00", b"instance_flags\x00", b"key\x00",
-          b"value\x00", b"function\x00", b"\x00", b"64\x00", b"-1\x00", b"0\x00", b"1\x00",
-          b"hash:h\x00", b"btree:w\x00", b"lmdb:w\x00", b"texthash:a\x00", b"alice\x00"]
+TOKENS = [
+    b"request\x00",
+    b"lookup\x00",
+    b"open\x00",
+    b"update\x00",
+    b"delete\x00",
+    b"sequence\x00",
+    b"table\x00",
+    b"flags\x00",
+    b"instance_flags\x00",
+    b"key\x00",
+    b"value\x00",
+    b"function\x00",
+    b"\x00",
+    b"64\x00",
+    b"-1\x00",
+    b"0\x00",
+    b"1\x00",
+    b"hash:h\x00",
+    b"btree:w\x00",
+    b"lmdb:w\x00",
+    b"texthash:a\x00",
+    b"alice\x00",
+]
 FUZZ_INPUT = st.builds(
     lambda head, parts: head + b"".join(parts),
     st.binary(min_size=3, max_size=3),
@@ -39,15 +59,15 @@ FUZZ_INPUT = st.builds(
 FINDINGS = {
     # A list over the size limit was refused whole but accepted when its last value
     # arrived in a later chunk (attr.AttrDecoder checked the limit on one path only).
-    "attr-limit-on-pending-name":
-        b"\x84\xf6\x92key\x00k\x00instance_flags\x000\x00request\x00lookup\x00function\x001"
-        b"\x00\x00",
+    "attr-limit-on-pending-name": b"\x84\xf6\x92key\x00k\x00instance_flags\x000\x00request\x00lookup\x00function\x001"
+    b"\x00\x00",
 }
 
 
 def _new_world() -> W.World:
-    base = Path(tempfile.mkdtemp(prefix="pmfz-", dir="/dev/shm" if os.path.isdir("/dev/shm")
-                                 else None))
+    base = Path(
+        tempfile.mkdtemp(prefix="pmfz-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+    )
     return W.World(base / "world")
 
 
@@ -59,7 +79,8 @@ CONNECTION_FINDINGS = {
     "shortcut-on-unterminated-empty-key": bytes.fromhex(
         "00281172657175657374006c6f6f6b7570007461626c65006364623a6100666c6167730035323433"
         "3533006b65790000351172657175657374006f70656e007461626c65007265676578703a7200696e"
-        "73746e616e63655f666c61007175657374006c6f6f6b7570343936373239350000"),
+        "73746e616e63655f666c61007175657374006c6f6f6b7570343936373239350000"
+    ),
 }
 
 
@@ -102,7 +123,9 @@ def test_connection_findings_stay_fixed(world, name):
     world.one_input(CONNECTION_FINDINGS[name])
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(FUZZ_INPUT)
 def test_connection_properties(world, data):
     world.one_input(data)
@@ -133,11 +156,17 @@ def test_the_harness_sees_a_wrong_reply(monkeypatch):
 
 def test_atheris_short_budget():
     if importlib.util.find_spec("atheris") is None:
-        pytest.skip("atheris is not installed (it comes with the 'test' extra: "
-                    "pip install -e '.[test]'); the coverage-guided run is skipped")
+        pytest.skip(
+            "atheris is not installed (it comes with the 'test' extra: "
+            "pip install -e '.[test]'); the coverage-guided run is skipped"
+        )
     done = subprocess.run(
         [sys.executable, "-m", "tests.fuzz.run", "--runs", "9000", "--", "-seed=1"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300, check=False,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     lines = [line for line in done.stdout.splitlines() if " inputs " in line]

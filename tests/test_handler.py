@@ -78,44 +78,57 @@ def answer(handler: RequestHandler, request: Request) -> Reply:
 
 # --- 3.12 transcripts ------------------------------------------------------------------------
 
+
 def test_g2_postmap_q_and_s_transcript(r312):
     handler = reader(r312)
     assert handler.handle(g2("open", r312, POSTMAP_Q)) == Reply(OK, 1589329)
-    assert handler.handle(g2("lookup", r312, POSTMAP_Q, 1589329, key=b"ALICE")) == \
-        Reply(OK, 1589329, value=b"alice@example.com")
-    entries = [handler.handle(g2("sequence", r312, POSTMAP_Q, 1589329, function=f))
-               for f in (0, 1, 1)]
+    assert handler.handle(g2("lookup", r312, POSTMAP_Q, 1589329, key=b"ALICE")) == Reply(
+        OK, 1589329, value=b"alice@example.com"
+    )
+    entries = [
+        handler.handle(g2("sequence", r312, POSTMAP_Q, 1589329, function=f)) for f in (0, 1, 1)
+    ]
     assert sorted((e.status, e.flags, e.key, e.value) for e in entries[:2]) == [
-        (OK, 1589329, b"alice", b"alice@example.com"), (OK, 1589329, b"bob", b"bob@example.com")]
+        (OK, 1589329, b"alice", b"alice@example.com"),
+        (OK, 1589329, b"bob", b"bob@example.com"),
+    ]
     assert entries[2] == Reply(NOKEY, 1589329)
 
 
 def test_g2_postmap_i_and_d_transcript_through_proxywrite():
     handler = writer("internal:w312")
     assert handler.handle(g2("open", "internal:w312", POSTMAP_I)) == Reply(OK, 1589265)
-    assert handler.handle(g2("update", "internal:w312", POSTMAP_I, 1589265, key=b"k1",
-                             value=b"v1")) == Reply(OK, 1589649)
-    assert handler.handle(g2("update", "internal:w312", POSTMAP_I, 1589649, key=b"K2",
-                             value=b"v2")) == Reply(OK, 1589649)
-    assert handler.handle(g2("lookup", "internal:w312", POSTMAP_I, 1589649, key=b"k2")) == \
-        Reply(OK, 1589649, value=b"v2")
+    assert handler.handle(
+        g2("update", "internal:w312", POSTMAP_I, 1589265, key=b"k1", value=b"v1")
+    ) == Reply(OK, 1589649)
+    assert handler.handle(
+        g2("update", "internal:w312", POSTMAP_I, 1589649, key=b"K2", value=b"v2")
+    ) == Reply(OK, 1589649)
+    assert handler.handle(g2("lookup", "internal:w312", POSTMAP_I, 1589649, key=b"k2")) == Reply(
+        OK, 1589649, value=b"v2"
+    )
     # Other instance_flags: another, empty instance.
-    assert handler.handle(g2("delete", "internal:w312", POSTMAP_Q, 1589329, key=b"k1")) == \
-        Reply(NOKEY, 1589585)
-    assert handler.handle(g2("delete", "internal:w312", POSTMAP_I, 1589649, key=b"k1")) == \
-        Reply(OK, 1589649 | F.SYNC_UPDATE)
+    assert handler.handle(g2("delete", "internal:w312", POSTMAP_Q, 1589329, key=b"k1")) == Reply(
+        NOKEY, 1589585
+    )
+    assert handler.handle(g2("delete", "internal:w312", POSTMAP_I, 1589649, key=b"k1")) == Reply(
+        OK, 1589649 | F.SYNC_UPDATE
+    )
 
 
 def test_g2_raw_requests_transcript(r312, caplog):
     handler = reader(r312)
     assert handler.handle(g2("open", r312, 0)) == Reply(OK, 16)
-    assert handler.handle(g2("lookup", r312, 0, 0, key=b"alice")) == \
-        Reply(OK, 0, value=b"alice@example.com")
+    assert handler.handle(g2("lookup", r312, 0, 0, key=b"alice")) == Reply(
+        OK, 0, value=b"alice@example.com"
+    )
     assert handler.handle(g2("lookup", r312, 0, 16, key=b"ALICE")) == Reply(NOKEY, 16)
-    assert handler.handle(g2("lookup", r312, 0, 16400, key=b"ALICE")) == \
-        Reply(OK, 16400, value=b"alice@example.com")
-    assert handler.handle(g2("lookup", r312, 0, 4294967295, key=b"alice")) == \
-        Reply(OK, 4294967295, value=b"alice@example.com")
+    assert handler.handle(g2("lookup", r312, 0, 16400, key=b"ALICE")) == Reply(
+        OK, 16400, value=b"alice@example.com"
+    )
+    assert handler.handle(g2("lookup", r312, 0, 4294967295, key=b"alice")) == Reply(
+        OK, 4294967295, value=b"alice@example.com"
+    )
     assert handler.handle(g2("lookup", "texthash:/unapproved", 0, 16, key=b"a")) == Reply(DENY, 0)
     assert handler.handle(g2("lookup", "nocolon", 0, 16, key=b"a")) == Reply(BAD, 0)
     for op in ("update", "delete"):
@@ -125,10 +138,12 @@ def test_g2_raw_requests_transcript(r312, caplog):
 
 def test_g2_proxywrite_raw_transcript(r312):
     handler = writer("internal:w312", r312)
-    assert handler.handle(g2("update", "internal:w312", 0, 16, key=b"a", value=b"b")) == \
-        Reply(OK, 400)
-    assert handler.handle(g2("lookup", "internal:w312", 0, 16, key=b"a")) == \
-        Reply(OK, 16, value=b"b")
+    assert handler.handle(g2("update", "internal:w312", 0, 16, key=b"a", value=b"b")) == Reply(
+        OK, 400
+    )
+    assert handler.handle(g2("lookup", "internal:w312", 0, 16, key=b"a")) == Reply(
+        OK, 16, value=b"b"
+    )
     assert handler.handle(g2("delete", "internal:w312", 0, 16, key=b"a")) == Reply(OK, 272)
     assert handler.handle(g2("delete", "internal:w312", 0, 16, key=b"a")) == Reply(NOKEY, 272)
     # texthash cannot be opened read-write: a surrogate, every operation RETRY.
@@ -136,6 +151,7 @@ def test_g2_proxywrite_raw_transcript(r312):
 
 
 # --- processing order and warnings --------------------------------------------------------
+
 
 def messages(caplog) -> list[str]:
     return [f"{r.levelname.lower()}: {r.getMessage()}" for r in caplog.records]
@@ -152,20 +168,27 @@ def test_refusal_of_writes_on_proxymap_comes_before_approval(caplog):
     ]
 
 
-@pytest.mark.parametrize(("service", "access", "parameter"), [
-    ("proxymap", "read-only", "proxy_read_maps"),
-    ("proxywrite", "read-write", "proxy_write_maps"),
-])
+@pytest.mark.parametrize(
+    ("service", "access", "parameter"),
+    [
+        ("proxymap", "read-only", "proxy_read_maps"),
+        ("proxywrite", "read-write", "proxy_write_maps"),
+    ],
+)
 def test_unapproved_table_warnings(caplog, service, access, parameter):
     handler = RequestHandler(service, ["hash:/x"], PARAMS)
     with caplog.at_level(logging.WARNING, "proxymap"):
         for _ in range(2):  # logged every time, also when the refusal is cached
             assert handler.handle(g1("open", "proxy:proxy:hash:/y")) == Reply(DENY)
-    assert messages(caplog) == [
-        'warning: request for unapproved table: "hash:/y"',
-        f"warning: to approve this table for {access} access, list proxy:hash:/y "
-        f"in main.cf:{parameter}",
-    ] * 2
+    assert (
+        messages(caplog)
+        == [
+            'warning: request for unapproved table: "hash:/y"',
+            f"warning: to approve this table for {access} access, list proxy:hash:/y "
+            f"in main.cf:{parameter}",
+        ]
+        * 2
+    )
 
 
 def test_name_without_colon_is_bad_silently(caplog):
@@ -177,19 +200,23 @@ def test_name_without_colon_is_bad_silently(caplog):
 
 def test_every_leading_proxy_prefix_is_stripped():
     handler = reader("static:{v}")
-    assert handler.handle(g1("lookup", "proxy:proxy:static:{v}", 524353, key=b"k")) == \
-        Reply(OK, handler.handle(g1("lookup", "static:{v}", 524353, key=b"k")).flags, value=b"v")
+    assert handler.handle(g1("lookup", "proxy:proxy:static:{v}", 524353, key=b"k")) == Reply(
+        OK, handler.handle(g1("lookup", "static:{v}", 524353, key=b"k")).flags, value=b"v"
+    )
 
 
 # --- status mapping ------------------------------------------------------------------------
+
 
 def test_status_mapping(caplog, monkeypatch, r312):
     monkeypatch.setitem(os.environb, b"pmbadvalue", b"\xe9t\xe9")
     handler = writer(r312, "fail:x", "static:{v}", "environ:e", "internal:i", "nosuch:type")
     assert answer(handler, g2("lookup", "fail:x", 0, 32, key=b"k")).status == RETRY
     assert answer(handler, g2("lookup", "nosuch:type", 0, 32, key=b"k")).status == RETRY
-    assert answer(handler, g2("lookup", "environ:e", POSTMAP_Q, 1589329,
-                              key=b"PMBADVALUE")).status == CONFIG
+    assert (
+        answer(handler, g2("lookup", "environ:e", POSTMAP_Q, 1589329, key=b"PMBADVALUE")).status
+        == CONFIG
+    )
     assert answer(handler, g2("delete", "internal:i", 0, 16, key=b"k")).status == NOKEY
     assert answer(handler, g2("update", "environ:e", 0, 16, key=b"a=b", value=b"v")).status == NOKEY
     with caplog.at_level(logging.WARNING, "proxymap"):
@@ -204,13 +231,15 @@ def test_surrogate_open_succeeds_and_warns_on_use(caplog):
         assert handler.handle(g1("open", "hash:/nonexistent/x")) == Reply(OK, F.PATTERN)
         assert handler.handle(g1("lookup", "hash:/nonexistent/x", 524353, key=b"k")).status == RETRY
     assert any(m.startswith("error: ") for m in messages(caplog))
-    assert any(m.startswith("warning: hash:/nonexistent/x is unavailable. ")
-               for m in messages(caplog))
+    assert any(
+        m.startswith("warning: hash:/nonexistent/x is unavailable. ") for m in messages(caplog)
+    )
     opened = handler.handle(g2("open", "hash:/nonexistent/x", POSTMAP_Q))
     assert opened == Reply(OK, (POSTMAP_Q | F.PATTERN | F.SURROGATE))
 
 
 # --- instances and flags ---------------------------------------------------------------------
+
 
 def test_g1_open_reply_never_shows_request_bits(r312):
     handler = reader(r312)
@@ -231,8 +260,10 @@ def test_g1_instance_bits_select_separate_instances():
     handler = writer("internal:t")
     handler.handle(g1("update", "internal:t", 0x40, key=b"k", value=b"v"))
     assert handler.handle(g1("lookup", "internal:t", 0x40, key=b"k")).status == OK
-    assert handler.handle(g1("lookup", "internal:t", F.SRC_RHS_IS_FILE | 0x40,
-                             key=b"k")).status == NOKEY
+    assert (
+        handler.handle(g1("lookup", "internal:t", F.SRC_RHS_IS_FILE | 0x40, key=b"k")).status
+        == NOKEY
+    )
 
 
 def test_g1_and_g2_instances_are_kept_apart(tmp_path):
@@ -261,10 +292,16 @@ def test_smtputf8_disabled_folds_ascii_only(tmp_path):
     spec = f"texthash:{path}"
     handler = reader(spec, smtputf8_enable="no")
     assert handler.handle(g2("open", spec, POSTMAP_Q)) == Reply(OK, POSTMAP_Q | F.FIXED)
-    assert handler.handle(g2("lookup", spec, POSTMAP_Q, POSTMAP_Q | F.FIXED,
-                             key="STRAßE".encode())).value == b"S"
-    assert handler.handle(g2("lookup", spec, POSTMAP_Q, POSTMAP_Q | F.FIXED,
-                             key=b"strasse")).status == NOKEY
+    assert (
+        handler.handle(
+            g2("lookup", spec, POSTMAP_Q, POSTMAP_Q | F.FIXED, key="STRAßE".encode())
+        ).value
+        == b"S"
+    )
+    assert (
+        handler.handle(g2("lookup", spec, POSTMAP_Q, POSTMAP_Q | F.FIXED, key=b"strasse")).status
+        == NOKEY
+    )
 
 
 def test_open_lock_and_bulk_update_never_reach_the_table(r312):
@@ -304,6 +341,7 @@ def test_repeated_lookup_reuses_the_route_and_instance(r312):
 
 # --- asynchronous tables --------------------------------------------------------------------
 
+
 class AsyncMemoryTable(AsyncTable):
     """An in-memory table answering through the asynchronous interface."""
 
@@ -328,8 +366,9 @@ class AsyncMemoryTable(AsyncTable):
 def test_asynchronous_table_gets_a_coroutine(monkeypatch, caplog):
     monkeypatch.setitem(TABLE_TYPES, "amem", f"{__name__}:AsyncMemoryTable")
     handler = writer("amem:t")
-    assert answer(handler, g2("update", "amem:t", POSTMAP_I, 1589265, key=b"K",
-                              value=b"v")) == Reply(OK, 1589649)
+    assert answer(
+        handler, g2("update", "amem:t", POSTMAP_I, 1589265, key=b"K", value=b"v")
+    ) == Reply(OK, 1589649)
     pending = handler.handle(g2("lookup", "amem:t", POSTMAP_I, 1589265, key=b"k"))
     assert not isinstance(pending, Reply)
     assert asyncio.run(pending) == Reply(OK, 1589265, value=b"v")
@@ -340,8 +379,15 @@ def test_asynchronous_table_gets_a_coroutine(monkeypatch, caplog):
 
 # --- open-reply flags for every row of open-flags.tsv ----------------------------------------
 
-INDEXED_BUILDS = ["hash:fixed.src", "btree:btree.src", "lmdb:fixed.src", "cdb:fixed.src",
-                  "hash:dups.src", "cdb:dups.src", "lmdb:dups.src"]
+INDEXED_BUILDS = [
+    "hash:fixed.src",
+    "btree:btree.src",
+    "lmdb:fixed.src",
+    "cdb:fixed.src",
+    "hash:dups.src",
+    "cdb:dups.src",
+    "lmdb:dups.src",
+]
 
 
 @pytest.fixture(scope="module")
@@ -355,8 +401,9 @@ def vector_dir(tmp_path_factory) -> Path:
     (work / "main.cf").touch()
     if Path(postmap_path()).exists():
         for spec in INDEXED_BUILDS:
-            subprocess.run([postmap_path(), "-c", str(work), spec], cwd=work,
-                           capture_output=True, check=False)
+            subprocess.run(
+                [postmap_path(), "-c", str(work), spec], cwd=work, capture_output=True, check=False
+            )
     return work
 
 
@@ -406,6 +453,7 @@ def test_open_reply_flags_match_postfix(vector_dir, monkeypatch, spec, expected)
 
 # --- restart check --------------------------------------------------------------------------
 
+
 @pytest.fixture
 def hash_table(tmp_path) -> Path:
     if not Path(postmap_path()).exists():
@@ -446,13 +494,14 @@ def test_g1_null_learning_persists_on_the_instance(hash_table):
     handler.handle(g1("lookup", spec, 524353, key=b"alice"))
     (instance,) = handler._instances.values()
     assert instance.table.flags & F.TRY_ANY == F.TRY1NULL
-    g2_reply = handler.handle(g2("lookup", spec, POSTMAP_Q, POSTMAP_Q | 28 | F.UTF8_ACTIVE,
-                                 key=b"ALICE"))
+    g2_reply = handler.handle(
+        g2("lookup", spec, POSTMAP_Q, POSTMAP_Q | 28 | F.UTF8_ACTIVE, key=b"ALICE")
+    )
     assert g2_reply == Reply(OK, (POSTMAP_Q | 24 | F.UTF8_ACTIVE), value=b"A")
 
 
-
 # --- with the real main.cf object -------------------------------------------------------------
+
 
 @pytest.mark.parametrize(("level", "utf8"), [("0", False), ("3.6", True)])
 def test_smtputf8_default_follows_compatibility_level(level, utf8, tmp_path):
@@ -468,6 +517,7 @@ def test_smtputf8_default_follows_compatibility_level(level, utf8, tmp_path):
 
 
 # --- properties -------------------------------------------------------------------------------
+
 
 @settings(max_examples=300, deadline=None)
 @given(flags=st.integers(min_value=0, max_value=0xFFFFFFFF), generation=st.sampled_from([G1, G2]))
@@ -494,6 +544,7 @@ def r312_static(tmp_path_factory):
 
 # --- the compiled lookup (fast path) gives what handle + encode_reply give --------------------
 
+
 def _fast_and_general(specs: list[str]) -> tuple[RequestHandler, RequestHandler]:
     return reader(*specs), reader(*specs)
 
@@ -511,12 +562,14 @@ def _both_ways(fast: RequestHandler, general: RequestHandler, request: Request) 
 def test_compiled_lookup_learns_the_null_convention_like_handle(hash_table):
     spec = f"hash:{hash_table}"
     fast, general = _fast_and_general([spec])
-    for request in (g1("lookup", spec, 524353, key=b"ALICE"),
-                    g1("lookup", spec, 524353, key=b"nobody"),
-                    g1("lookup", spec, 524353 | F.OPEN_LOCK, key=b"alice"),
-                    g2("lookup", spec, POSTMAP_Q, POSTMAP_Q | 28, key=b"alice"),
-                    g2("lookup", spec, POSTMAP_Q, POSTMAP_Q & ~F.TRY_ANY, key=b"alice"),
-                    g2("lookup", spec, POSTMAP_Q, POSTMAP_Q | F.BULK_UPDATE, key=b"x")):
+    for request in (
+        g1("lookup", spec, 524353, key=b"ALICE"),
+        g1("lookup", spec, 524353, key=b"nobody"),
+        g1("lookup", spec, 524353 | F.OPEN_LOCK, key=b"alice"),
+        g2("lookup", spec, POSTMAP_Q, POSTMAP_Q | 28, key=b"alice"),
+        g2("lookup", spec, POSTMAP_Q, POSTMAP_Q & ~F.TRY_ANY, key=b"alice"),
+        g2("lookup", spec, POSTMAP_Q, POSTMAP_Q | F.BULK_UPDATE, key=b"x"),
+    ):
         fast_reply, general_reply, fast_flags, general_flags = _both_ways(fast, general, request)
         assert fast_reply == general_reply
         assert fast_flags == general_flags
@@ -524,10 +577,12 @@ def test_compiled_lookup_learns_the_null_convention_like_handle(hash_table):
 
 def test_compiled_lookup_maps_failures_like_handle(caplog):
     fast, general = _fast_and_general(["fail:x", "hash:/nonexistent/x"])
-    for request in (g1("lookup", "fail:x", 524353, key=b"k"),
-                    g2("lookup", "fail:x", POSTMAP_Q, 32, key=b"k"),
-                    g1("lookup", "hash:/nonexistent/x", 524353, key=b"k"),
-                    g2("lookup", "hash:/nonexistent/x", POSTMAP_Q, POSTMAP_Q, key=b"k")):
+    for request in (
+        g1("lookup", "fail:x", 524353, key=b"k"),
+        g2("lookup", "fail:x", POSTMAP_Q, 32, key=b"k"),
+        g1("lookup", "hash:/nonexistent/x", 524353, key=b"k"),
+        g2("lookup", "hash:/nonexistent/x", POSTMAP_Q, POSTMAP_Q, key=b"k"),
+    ):
         fast_reply, general_reply, *_ = _both_ways(fast, general, request)
         assert fast_reply == general_reply
         assert fast_reply.startswith(b"status\x002\x00")
@@ -544,8 +599,11 @@ def test_no_compiled_lookup_for_refusals_async_tables_and_other_ops(monkeypatch,
 
 
 @settings(max_examples=200, deadline=None)
-@given(flags=st.integers(min_value=0, max_value=0xFFFFFFFF), generation=st.sampled_from([G1, G2]),
-       key=st.sampled_from([b"alice", b"ALICE", b"bob", b"", b"a\x00b", "Straße".encode()]))
+@given(
+    flags=st.integers(min_value=0, max_value=0xFFFFFFFF),
+    generation=st.sampled_from([G1, G2]),
+    key=st.sampled_from([b"alice", b"ALICE", b"bob", b"", b"a\x00b", "Straße".encode()]),
+)
 def test_compiled_lookup_equals_handle_for_any_flags_and_key(r312_pair, flags, generation, key):
     fast, general, spec = r312_pair
     if generation == G2:

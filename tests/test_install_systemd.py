@@ -36,8 +36,20 @@ VENV = Path(sys.executable).parent.parent  # not resolved: the venv's own bin/ p
 QUERY = VENV / "bin" / "proxymap-query"
 UNIT = "etc/systemd/system/pyproxymap.service"
 # What the programs read from /etc besides their own configuration.
-HOST_ETC = ("passwd", "group", "shadow", "gshadow", "nsswitch.conf", "ld.so.cache", "hosts",
-            "resolv.conf", "host.conf", "localtime", "services", "protocols")
+HOST_ETC = (
+    "passwd",
+    "group",
+    "shadow",
+    "gshadow",
+    "nsswitch.conf",
+    "ld.so.cache",
+    "hosts",
+    "resolv.conf",
+    "host.conf",
+    "localtime",
+    "services",
+    "protocols",
+)
 
 
 def unit_settings(unit: Path) -> dict[str, list[str]]:
@@ -58,9 +70,13 @@ def installed(tmp_path_factory):
     staged_venv = root / str(VENV).lstrip("/")
     staged_venv.parent.mkdir(parents=True)
     staged_venv.symlink_to(VENV)
-    done = subprocess.run(["make", "-s", "-C", str(REPO), "install-systemd",
-                           f"DESTDIR={root}", f"PREFIX={VENV}"],
-                          capture_output=True, text=True, timeout=300, check=False)
+    done = subprocess.run(
+        ["make", "-s", "-C", str(REPO), "install-systemd", f"DESTDIR={root}", f"PREFIX={VENV}"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     staged_venv.unlink()  # the namespace mounts the real one there
     return root
@@ -68,8 +84,12 @@ def installed(tmp_path_factory):
 
 def test_layout(installed):
     root = installed
-    for path in ("etc/pyproxymap/main.cf", "etc/pyproxymap/master.cf",
-                 "etc/pyproxymap/tables/aliases", UNIT):
+    for path in (
+        "etc/pyproxymap/main.cf",
+        "etc/pyproxymap/master.cf",
+        "etc/pyproxymap/tables/aliases",
+        UNIT,
+    ):
         assert (root / path).is_file(), path
     for path in ("var/spool/pyproxymap", "var/lib/pyproxymap"):
         assert (root / path).is_dir(), path
@@ -94,9 +114,21 @@ def test_a_second_install_keeps_the_configuration(installed, tmp_path):
     staged_venv = installed / str(VENV).lstrip("/")
     staged_venv.symlink_to(VENV)
     try:
-        done = subprocess.run(["make", "-s", "-C", str(REPO), "install-systemd",
-                               f"DESTDIR={installed}", f"PREFIX={VENV}"],
-                              capture_output=True, text=True, timeout=300, check=False)
+        done = subprocess.run(
+            [
+                "make",
+                "-s",
+                "-C",
+                str(REPO),
+                "install-systemd",
+                f"DESTDIR={installed}",
+                f"PREFIX={VENV}",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
     finally:
         staged_venv.unlink()
     assert done.returncode == 0, done.stderr
@@ -107,8 +139,13 @@ def test_a_second_install_keeps_the_configuration(installed, tmp_path):
 def test_systemd_analyze_verify(installed):
     tool = shutil.which("systemd-analyze")
     assert tool, "systemd-analyze is part of the systemd package"
-    done = subprocess.run([tool, "verify", str(installed / UNIT)], capture_output=True,
-                          text=True, timeout=60, check=False)
+    done = subprocess.run(
+        [tool, "verify", str(installed / UNIT)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     problems = [line for line in done.stderr.splitlines() if "pyproxymap.service" in line]
     assert done.returncode == 0 and not problems, done.stderr
 
@@ -152,15 +189,16 @@ def namespace_script(root: Path, settings: dict[str, list[str]]) -> str:
         'mount -t tmpfs tmpfs "$R/tmp"',  # PrivateTmp=yes
         *[f'mkdir -p "$R{m}" && mount --bind {shlex.quote(m)} "$R{m}"' for m in mounts],
         'mkdir -p "$R/etc"',
-        *[f'[ -e /etc/{name} ] && cp -p /etc/{name} "$R/etc/{name}" || true'
-          for name in HOST_ETC],
+        *[f'[ -e /etc/{name} ] && cp -p /etc/{name} "$R/etc/{name}" || true' for name in HOST_ETC],
         'mount -o remount,bind,ro "$R"',
         'mount -o remount,bind,ro "$R/usr"',
         *[f'mount -o remount,bind,ro "$R{m}"' for m in mounts],
         # ...but for ReadWritePaths.
-        *[f'mount --bind "$R{p}" "$R{p}" && mount -o remount,bind,rw "$R{p}"'
-          for p in writable.split()],
-        f"exec chroot \"$R\" /bin/sh -c {shlex.quote(inner)}",
+        *[
+            f'mount --bind "$R{p}" "$R{p}" && mount -o remount,bind,rw "$R{p}"'
+            for p in writable.split()
+        ],
+        f'exec chroot "$R" /bin/sh -c {shlex.quote(inner)}',
     ]
     return "\n".join(lines) + "\n"
 
@@ -171,9 +209,13 @@ def test_the_unit_runs_as_written_with_its_hardening(installed):
     script = namespace_script(root, settings)
     log = root.parent / "unit.log"
     with open(log, "wb") as output:
-        master = subprocess.Popen(["unshare", "-m", "sh", "-c", script], stdout=output,
-                                  stderr=output, stdin=subprocess.DEVNULL,
-                                  start_new_session=True)
+        master = subprocess.Popen(
+            ["unshare", "-m", "sh", "-c", script],
+            stdout=output,
+            stderr=output,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
     socket_path = root / "var/spool/pyproxymap/private/proxymap"
     try:
         deadline = time.monotonic() + 60
@@ -184,17 +226,34 @@ def test_the_unit_runs_as_written_with_its_hardening(installed):
         table = "proxy:texthash:/etc/pyproxymap/tables/aliases"
         answer = None
         while time.monotonic() < deadline:
-            answer = subprocess.run([str(QUERY), "-s", str(socket_path), "alice", table],
-                                    capture_output=True, text=True, timeout=30, check=False)
+            answer = subprocess.run(
+                [str(QUERY), "-s", str(socket_path), "alice", table],
+                capture_output=True,
+                text=True,
+                timeout=30,
+                check=False,
+            )
             if answer.returncode != 75:  # 75: the master is still bringing workers up
                 break
             time.sleep(0.2)
         assert answer is not None and answer.returncode == 0, answer.stderr + log.read_text()
         assert answer.stdout == "alice@example.com\n"
         # proxywrite updates its table in the data directory, writable by the unit.
-        write = subprocess.run([str(QUERY), "-s", str(root / "var/spool/pyproxymap/private/proxywrite"),
-                                "--update", "k", "v", "proxy:btree:/var/lib/pyproxymap/verify_cache"],
-                               capture_output=True, text=True, timeout=30, check=False)
+        write = subprocess.run(
+            [
+                str(QUERY),
+                "-s",
+                str(root / "var/spool/pyproxymap/private/proxywrite"),
+                "--update",
+                "k",
+                "v",
+                "proxy:btree:/var/lib/pyproxymap/verify_cache",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
         assert write.returncode == 0, write.stderr + log.read_text()
         text = log.read_text()
         # ExecStartPre's report went where systemd would put it: the journal (here: the log).

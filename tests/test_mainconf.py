@@ -56,8 +56,9 @@ def write_config(directory: Path, params: dict[str, str], extra: str = "") -> st
     return str(directory)
 
 
-def postconf_values(postconf: str, config_dir: str, names: list[str],
-                    overrides: dict[str, str] | None = None) -> list[str] | None:
+def postconf_values(
+    postconf: str, config_dir: str, names: list[str], overrides: dict[str, str] | None = None
+) -> list[str] | None:
     """`postconf -c DIR [-o n=v] -xh NAMES` (None when postconf fails)."""
     command = [postconf, "-c", config_dir]
     for name, value in (overrides or {}).items():
@@ -91,7 +92,7 @@ EXPANSION_FORMS = {
     "p_ops": "${{1}<={1}?{a}} ${{2}>={1}?{b}} ${{2}>{1}?{c}} ${{2}!={1}?{d}} ${{ 1 } == {1}?{e}:{f}}",
     "p_bare_relational": "<${{a}=={a}}> <${{a}=={b}}> <${{a}=={b}?}>",
     "p_levels": "${{3.6} <level {3.10} ? {a}} ${{3.6.1} >level {3.6} ? {b}} ${{3} ==level {3.0} ? {c}}"
-                " ${{3.6} !=level {3.06} ? {d} : {e}} ${{2} <level {10} ? {f}}",
+    " ${{3.6} !=level {3.06} ? {d} : {e}} ${{2} <level {10} ? {f}}",
     "p_compat": "${{$compatibility_level} <level {1} ? {old} : {new}}",
     "p_expanded_operands": "${{$p_hello} == {hello} ? {$p_dollar} : {n}}",
     "p_else_plain": "${{1}=={2}?{y}: n } ${{1}=={2}?{y}: {m} }",
@@ -114,7 +115,7 @@ PROXY_MAPS_CUSTOM = {
     "compatibility_level": "3.6",
     "my_tables": "proxy:hash:/srv/a, {proxy:texthash:/srv/b opt=x}",
     "proxy_read_maps": "$my_tables ${my_tables?{pipemap:{proxy:inline:{a=b}}}} "
-                       "$local_recipient_maps $mydestination $relay_domains $mynetworks",
+    "$local_recipient_maps $mydestination $relay_domains $mynetworks",
     "proxy_write_maps": "$proxy_read_maps proxy:btree:$data_directory/w",
     "mydestination": "$myhostname, localhost.$mydomain",
     "local_recipient_maps": "proxy:unix:passwd.byname $alias_maps",
@@ -132,12 +133,19 @@ def test_proxy_maps_match_postconf(postconf, tmp_path, params):
         assert as_postconf_prints(config[name]) == want, name
 
 
-@pytest.mark.parametrize("params", [
-    {"myhostname": "mail.example.com"}, {"myhostname": "mail.example"},
-    {"myhostname": "bare"}, {"mydomain": "example.org"},
-    {"inet_interfaces": "loopback-only"}, {"mynetworks_style": "host", "inet_protocols": "ipv4"},
-    {"mynetworks_style": "class"},
-], ids=lambda params: ",".join(f"{k}={v}" for k, v in params.items()))
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"myhostname": "mail.example.com"},
+        {"myhostname": "mail.example"},
+        {"myhostname": "bare"},
+        {"mydomain": "example.org"},
+        {"inet_interfaces": "loopback-only"},
+        {"mynetworks_style": "host", "inet_protocols": "ipv4"},
+        {"mynetworks_style": "class"},
+    ],
+    ids=lambda params: ",".join(f"{k}={v}" for k, v in params.items()),
+)
 def test_host_defaults_match_postconf(postconf, tmp_path, params):
     config_dir = write_config(tmp_path / "host", params)
     names = ["myhostname", "mydomain", "myorigin", "mydestination", "mynetworks"]
@@ -160,9 +168,20 @@ def test_overrides_match_postconf(postconf, tmp_path):
 
 
 ERROR_VALUES = [
-    "${p_hello", "x$", "${}", "$(p_hello}", "${p_hello-b}", "${p_hello?{x}y}",
-    "${{a}=={a}?{y}:{n}x}", "${p_hello?{x}:{y}:{z}}", "${p_hello:{x}:{y}}", "${{a}{b}}",
-    "${{a}==}", "${{x} <level {10} ? {y}}", "${{ 3.6 } >=level {3} ? {y}}", "$p_loop",
+    "${p_hello",
+    "x$",
+    "${}",
+    "$(p_hello}",
+    "${p_hello-b}",
+    "${p_hello?{x}y}",
+    "${{a}=={a}?{y}:{n}x}",
+    "${p_hello?{x}:{y}:{z}}",
+    "${p_hello:{x}:{y}}",
+    "${{a}{b}}",
+    "${{a}==}",
+    "${{x} <level {10} ? {y}}",
+    "${{ 3.6 } >=level {3} ? {y}}",
+    "$p_loop",
 ]
 
 
@@ -196,7 +215,7 @@ def test_logical_lines_continuations_and_comments():
         b"hash = a # not a comment\n"
         b"spaced   =   value with  inner  blanks   \n"
         b"empty =\n"
-        b"quoted = \"x\"\n"
+        b'quoted = "x"\n'
     )
     params = parse_main_cf(text, "main.cf")
     assert params == {
@@ -278,9 +297,45 @@ def test_mapping_behaviour():
 # Pieces of the expansion syntax, glued at random: most results are syntax errors,
 # the rest exercise odd but valid combinations. Both sides must agree on which is which.
 FUZZ_TOKENS = [
-    "$", "$", "$", "{", "{", "}", "}", "(", ")", "?", ":", "p_a", "p_e", "p_u", " ", "==",
-    "<", "<level", "!=", "1", "3.6", "10", "x", "{1}", "{p}", "$p_a", "${p_a}", "${p_e?",
-    "${{", ",", "$$", "?{a}", ":{b}", "${p_u:", "${p_a?{", ">=level", "{3.10}", " ? ", " : ",
+    "$",
+    "$",
+    "$",
+    "{",
+    "{",
+    "}",
+    "}",
+    "(",
+    ")",
+    "?",
+    ":",
+    "p_a",
+    "p_e",
+    "p_u",
+    " ",
+    "==",
+    "<",
+    "<level",
+    "!=",
+    "1",
+    "3.6",
+    "10",
+    "x",
+    "{1}",
+    "{p}",
+    "$p_a",
+    "${p_a}",
+    "${p_e?",
+    "${{",
+    ",",
+    "$$",
+    "?{a}",
+    ":{b}",
+    "${p_u:",
+    "${p_a?{",
+    ">=level",
+    "{3.10}",
+    " ? ",
+    " : ",
     "{ y }",
 ]
 FUZZ_CASES = 300
@@ -288,8 +343,10 @@ FUZZ_CASES = 300
 
 def test_random_expressions_match_postconf(postconf, tmp_path):
     rng = random.Random(20261125)
-    expressions = ["".join(rng.choice(FUZZ_TOKENS) for _ in range(rng.randint(1, 16)))
-                   for _ in range(FUZZ_CASES)]
+    expressions = [
+        "".join(rng.choice(FUZZ_TOKENS) for _ in range(rng.randint(1, 16)))
+        for _ in range(FUZZ_CASES)
+    ]
 
     def postconf_result(index: int) -> str:
         params = {"p_a": "A", "p_e": "", "p_x": expressions[index]}
@@ -321,7 +378,7 @@ def test_logical_lines_match_postconf(postconf, tmp_path):
         "\tand tab-continued\n"
         "\n"
         "p_two=no blanks # stays\n"
-        "p_three   =   \"quoted\"   \n"
+        'p_three   =   "quoted"   \n'
         "p_four = early\n"
         "p_four = late\n"
         "p_five =\n"
@@ -333,9 +390,11 @@ def test_logical_lines_match_postconf(postconf, tmp_path):
     past = time.time() - 10
     os.utime(directory / "main.cf", (past, past))
     names = ["p_one", "p_two", "p_three", "p_four", "p_five"]
-    done = subprocess.run([postconf, "-c", str(directory), "-h", *names],
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        [postconf, "-c", str(directory), "-h", *names], capture_output=True, text=True
+    )
     assert done.returncode == 0, done.stderr
     config = MainConfig.load(str(directory))
-    assert [as_postconf_prints(config.raw(name)) for name in names] == \
-        done.stdout.split("\n")[: len(names)]
+    assert [as_postconf_prints(config.raw(name)) for name in names] == done.stdout.split("\n")[
+        : len(names)
+    ]

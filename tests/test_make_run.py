@@ -32,7 +32,10 @@ def running_make_run(tmp_path):
     conf = tmp_path / "conf"
     process = subprocess.Popen(
         ["make", "-s", "-C", str(REPO), "run", f"CONF={conf}"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
     )
     lines: list[str] = []
     try:
@@ -81,6 +84,7 @@ def test_printed_commands_answer(running_make_run):
 def test_sample_tables_answer_through_real_postmap(running_make_run, key, table, expected):
     conf, _ = running_make_run
     spec = "proxy:" + table.format(conf=conf)
-    done = subprocess.run(["postmap", "-c", str(conf), "-q", key, spec],
-                          capture_output=True, text=True, timeout=30)
+    done = subprocess.run(
+        ["postmap", "-c", str(conf), "-q", key, spec], capture_output=True, text=True, timeout=30
+    )
     assert (done.returncode, done.stdout) == (0, expected + "\n"), done.stderr

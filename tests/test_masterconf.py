@@ -45,7 +45,14 @@ def test_argv_matches_what_the_real_master_passes():
     reader, writer = parse_master_cf(POSTFIX_LINES)
     assert child_argv(reader, foreground=False) == ["proxymap", "-t", "unix", "-u"]
     assert child_argv(writer, foreground=False) == [
-        "proxymap", "-l", "-n", "proxywrite", "-t", "unix", "-u"]
+        "proxymap",
+        "-l",
+        "-n",
+        "proxywrite",
+        "-t",
+        "unix",
+        "-u",
+    ]
     # master -d: children get -d after -t (observed "proxymap -t unix -d -u")
     assert child_argv(reader, foreground=True) == ["proxymap", "-t", "unix", "-d", "-u"]
 
@@ -53,11 +60,31 @@ def test_argv_matches_what_the_real_master_passes():
 def test_argv_order_of_every_item():
     entry = one("svc unix - y y 0 0 /abs/cmd -o a=b x\n")
     assert child_argv(entry, foreground=True, verbose=2) == [
-        "/abs/cmd", "-z", "-n", "svc", "-t", "unix", "-d", "-v", "-v", "-u", "-c",
-        "-o", "a=b", "x"]
+        "/abs/cmd",
+        "-z",
+        "-n",
+        "svc",
+        "-t",
+        "unix",
+        "-d",
+        "-v",
+        "-v",
+        "-u",
+        "-c",
+        "-o",
+        "a=b",
+        "x",
+    ]
     inet = one("2525 inet n n n - 5 smtpd\n")
     assert child_argv(inet, foreground=False) == [
-        "smtpd", "-n", "2525", "-t", "inet", "-o", "stress="]
+        "smtpd",
+        "-n",
+        "2525",
+        "-t",
+        "inet",
+        "-o",
+        "stress=",
+    ]
     loopback = one("127.0.0.1:2525 inet n n n - 5 smtpd\n")
     assert "stress=" not in child_argv(loopback, foreground=False)
     assert child_argv(loopback, foreground=False, listen_fd_count=2)[-2:] == ["-s", "2"]
@@ -72,8 +99,13 @@ def test_continuation_comments_and_braces():
         "\t-o pyproxymap_prefork=3 {  two words  }\n"
     )
     entry = one(text)
-    assert entry.args == ("-o", "syslog_name = postfix/ pm", "-o", "pyproxymap_prefork=3",
-                          "two words")
+    assert entry.args == (
+        "-o",
+        "syslog_name = postfix/ pm",
+        "-o",
+        "pyproxymap_prefork=3",
+        "two words",
+    )
     assert entry.lineno == 1
     assert entry.prefork_override == 3
     assert entry.prefork(default=8) == 3
@@ -83,7 +115,13 @@ def test_continuation_comments_and_braces():
 def test_drop_in_command_gets_the_service_name():
     entry = one("proxymap unix - - n - - pyproxymap\n")
     assert child_argv(entry, foreground=False) == [
-        "pyproxymap", "-n", "proxymap", "-t", "unix", "-u"]
+        "pyproxymap",
+        "-n",
+        "proxymap",
+        "-t",
+        "unix",
+        "-u",
+    ]
 
 
 def test_prefork_never_above_maxproc():
@@ -141,24 +179,44 @@ def test_split_fields_braces():
 
 
 def test_environment_is_filtered_and_generation_octal():
-    environ = {"PATH": "/bin", "TZ": "UTC", "LANG": "de_DE", "HOME": "/root",
-               "POSTLOG_SERVICE": "/stale"}
-    main = {"syslog_name": "pm", "import_environment": "MAIL_CONFIG MAIL_LOGTAG TZ LANG=C "
-            "POSTLOG_SERVICE POSTLOG_HOSTNAME"}
+    environ = {
+        "PATH": "/bin",
+        "TZ": "UTC",
+        "LANG": "de_DE",
+        "HOME": "/root",
+        "POSTLOG_SERVICE": "/stale",
+    }
+    main = {
+        "syslog_name": "pm",
+        "import_environment": "MAIL_CONFIG MAIL_LOGTAG TZ LANG=C POSTLOG_SERVICE POSTLOG_HOSTNAME",
+    }
     env = child_environment(main, 25, "/etc/pm", environ)
-    assert env == {"MAIL_CONFIG": "/etc/pm", "MAIL_LOGTAG": "pm", "TZ": "UTC", "LANG": "C",
-                   "GENERATION": "31"}
+    assert env == {
+        "MAIL_CONFIG": "/etc/pm",
+        "MAIL_LOGTAG": "pm",
+        "TZ": "UTC",
+        "LANG": "C",
+        "GENERATION": "31",
+    }
 
 
 def test_environment_with_maillog_file_matches_observed_order():
     """Observed child environment of the 3.7 master (docs/PROTOCOL.md 4.2), same order."""
-    main = {"maillog_file": "/var/log/mail.log", "queue_directory": "/var/spool/postfix",
-            "myhostname": "vm.localdomain", "syslog_name": "postfix"}
+    main = {
+        "maillog_file": "/var/log/mail.log",
+        "queue_directory": "/var/spool/postfix",
+        "myhostname": "vm.localdomain",
+        "syslog_name": "postfix",
+    }
     env = child_environment(main, 0o31, "/etc/postfix", {"PATH": "/bin"})
     assert list(env.items()) == [
-        ("MAIL_CONFIG", "/etc/postfix"), ("MAIL_LOGTAG", "postfix"), ("LANG", "C"),
-        ("POSTLOG_SERVICE", "/var/spool/postfix/public/postlog"), ("POSTLOG_HOSTNAME", "vm"),
-        ("GENERATION", "31")]
+        ("MAIL_CONFIG", "/etc/postfix"),
+        ("MAIL_LOGTAG", "postfix"),
+        ("LANG", "C"),
+        ("POSTLOG_SERVICE", "/var/spool/postfix/public/postlog"),
+        ("POSTLOG_HOSTNAME", "vm"),
+        ("GENERATION", "31"),
+    ]
 
 
 def test_import_environment_forced_values():
@@ -179,7 +237,8 @@ def write_config(tmp_path, master_cf: str, main_cf: str = ""):
     tool.write_text("#!/bin/sh\nexit 0\n")
     tool.chmod(0o755)
     (conf / "main.cf").write_text(
-        f"queue_directory = {tmp_path}/queue\ndaemon_directory = {daemon}\n{main_cf}")
+        f"queue_directory = {tmp_path}/queue\ndaemon_directory = {daemon}\n{main_cf}"
+    )
     (conf / "master.cf").write_text(master_cf)
     return conf
 

@@ -50,8 +50,7 @@ def conf(tmp_path) -> Path:
     config_dir.mkdir()
     queue_dir.mkdir()
     (config_dir / "main.cf").write_text(
-        f"queue_directory = {queue_dir}\n"
-        "echo_from_main_cf = main.cf value\n"
+        f"queue_directory = {queue_dir}\necho_from_main_cf = main.cf value\n"
     )
     # Postfix daemons re-read (after a 1 s pause) a main.cf modified within the last second.
     past = time.time() - 10
@@ -89,12 +88,18 @@ def wait_gone(master: StandinMaster, timeout: float) -> float:
 @EVENT_LOOPS
 def test_status_messages_per_request(conf, event_loop):
     generation = 0o123
-    with StandinMaster(echo("-t", "unix"), env=child_env(PYPROXYMAP_EVENT_LOOP=event_loop), config_dir=conf,
-                       generation=generation) as m:
+    with StandinMaster(
+        echo("-t", "unix"),
+        env=child_env(PYPROXYMAP_EVENT_LOOP=event_loop),
+        config_dir=conf,
+        generation=generation,
+    ) as m:
         client = m.connect()
         pid = m.pid
-        expected = [struct.pack("<iIi", pid, 83, STATUS_TAKEN),
-                    struct.pack("<iIi", pid, 83, STATUS_AVAIL)]
+        expected = [
+            struct.pack("<iIi", pid, 83, STATUS_TAKEN),
+            struct.pack("<iIi", pid, 83, STATUS_AVAIL),
+        ]
         # A request that finds the process idle: TAKEN, then AVAIL once it is idle again.
         for line in ("hello", "again"):
             assert ask(client, line) == line
@@ -109,8 +114,9 @@ def test_status_messages_per_request(conf, event_loop):
 def test_busy_process_stays_taken_and_ends_avail(conf, event_loop):
     """Clients that keep the loop busy cost fewer messages than requests; once the
     work stops the master hears AVAIL (never left believing an idle process busy)."""
-    with StandinMaster(echo("-t", "unix"), env=child_env(PYPROXYMAP_EVENT_LOOP=event_loop),
-                       config_dir=conf) as m:
+    with StandinMaster(
+        echo("-t", "unix"), env=child_env(PYPROXYMAP_EVENT_LOOP=event_loop), config_dir=conf
+    ) as m:
         clients = [m.connect() for _ in range(8)]
         rounds = 200
         for _ in range(rounds):
@@ -137,8 +143,9 @@ def test_busy_process_stays_taken_and_ends_avail(conf, event_loop):
 def test_worker_with_clients_still_accepts_alone(conf, event_loop):
     """A worker with clients lets idle siblings accept first, but without siblings
     every client of a burst is still accepted (after a few milliseconds at most)."""
-    with StandinMaster(echo("-t", "unix"), env=child_env(PYPROXYMAP_EVENT_LOOP=event_loop),
-                       config_dir=conf) as m:
+    with StandinMaster(
+        echo("-t", "unix"), env=child_env(PYPROXYMAP_EVENT_LOOP=event_loop), config_dir=conf
+    ) as m:
         started = time.monotonic()
         clients = [m.connect() for _ in range(40)]
         for number, client in enumerate(clients):
@@ -150,8 +157,11 @@ def test_worker_with_clients_still_accepts_alone(conf, event_loop):
 
 @EVENT_LOOPS
 def test_max_use_counts_closed_connections(conf, event_loop):
-    with StandinMaster(echo("-t", "unix", "-o", "max_use=3"), env=child_env(PYPROXYMAP_EVENT_LOOP=event_loop),
-                       config_dir=conf) as m:
+    with StandinMaster(
+        echo("-t", "unix", "-o", "max_use=3"),
+        env=child_env(PYPROXYMAP_EVENT_LOOP=event_loop),
+        config_dir=conf,
+    ) as m:
         for number in range(1, 4):
             client = m.connect()
             assert ask(client, f"a{number}") == f"a{number}"
@@ -181,8 +191,9 @@ def test_max_use_waits_for_open_connections(conf):
 
 def test_max_idle_without_clients(conf):
     started = time.monotonic()
-    with StandinMaster(echo("-t", "unix", "-o", "max_idle=1"), env=child_env(),
-                       config_dir=conf) as m:
+    with StandinMaster(
+        echo("-t", "unix", "-o", "max_idle=1"), env=child_env(), config_dir=conf
+    ) as m:
         m.wait(10)
         elapsed = time.monotonic() - started
         assert m.child.returncode == 0
@@ -192,7 +203,11 @@ def test_max_idle_without_clients(conf):
 
 @EVENT_LOOPS
 def test_max_idle_does_not_run_while_a_client_is_connected(conf, event_loop):
-    with StandinMaster(echo("-t", "unix", "-i", "1"), env=child_env(PYPROXYMAP_EVENT_LOOP=event_loop), config_dir=conf) as m:
+    with StandinMaster(
+        echo("-t", "unix", "-i", "1"),
+        env=child_env(PYPROXYMAP_EVENT_LOOP=event_loop),
+        config_dir=conf,
+    ) as m:
         client = m.connect()
         assert ask(client, "ready") == "ready"
         time.sleep(2.0)
@@ -203,7 +218,9 @@ def test_max_idle_does_not_run_while_a_client_is_connected(conf, event_loop):
 
 @EVENT_LOOPS
 def test_master_end_closed_exits_with_client_connected(conf, event_loop):
-    with StandinMaster(echo("-t", "unix"), env=child_env(PYPROXYMAP_EVENT_LOOP=event_loop), config_dir=conf) as m:
+    with StandinMaster(
+        echo("-t", "unix"), env=child_env(PYPROXYMAP_EVENT_LOOP=event_loop), config_dir=conf
+    ) as m:
         client = m.connect()
         assert ask(client, "hi") == "hi"
         m.close_status()
@@ -227,8 +244,20 @@ def test_pre_accept_exit_leaves_connection_in_backlog(conf, event_loop):
 
 
 def test_post_accept_hook_and_overrides(conf):
-    argv = echo("-t", "unix", "-n", "renamed", "-o", "echo_greeting=hello $service_name",
-                "-o", "max_use = 7", "-m", "9", "-o", "syslog_name=postfix/$service_name")
+    argv = echo(
+        "-t",
+        "unix",
+        "-n",
+        "renamed",
+        "-o",
+        "echo_greeting=hello $service_name",
+        "-o",
+        "max_use = 7",
+        "-m",
+        "9",
+        "-o",
+        "syslog_name=postfix/$service_name",
+    )
     with StandinMaster(argv, env=child_env(), config_dir=conf) as m:
         client = m.connect()
         assert client.recv(100) == b"hello renamed\n"
@@ -241,8 +270,11 @@ def test_post_accept_hook_and_overrides(conf):
 
 
 def test_process_title(conf):
-    argv = echo("-t", "unix", "-u", "-o", "max_idle=50") if os.geteuid() == 0 else \
-        echo("-t", "unix", "-o", "max_idle=50")
+    argv = (
+        echo("-t", "unix", "-u", "-o", "max_idle=50")
+        if os.geteuid() == 0
+        else echo("-t", "unix", "-o", "max_idle=50")
+    )
     with StandinMaster(argv, env=child_env(), config_dir=conf) as m:
         client = m.connect()
         assert ask(client, "x") == "x"
@@ -251,8 +283,9 @@ def test_process_title(conf):
 
 
 def test_without_status_fd(conf):
-    with StandinMaster(echo("-t", "unix", "-o", "max_use=1"), env=child_env(),
-                       config_dir=conf, status_fd=False) as m:
+    with StandinMaster(
+        echo("-t", "unix", "-o", "max_use=1"), env=child_env(), config_dir=conf, status_fd=False
+    ) as m:
         client = m.connect()
         assert ask(client, "works") == "works"
         client.close()
@@ -275,29 +308,38 @@ def test_uvloop_by_default_asyncio_on_request(conf):
 
 
 def run_echo(args: list[str], conf: Path, stdin: bytes = b"", **env: str):
-    return subprocess.run(echo(*args), input=stdin, capture_output=True, timeout=20,
-                          env={"MAIL_CONFIG": str(conf), **child_env(**env)},
-                          cwd=REPO_ROOT)
+    return subprocess.run(
+        echo(*args),
+        input=stdin,
+        capture_output=True,
+        timeout=20,
+        env={"MAIL_CONFIG": str(conf), **child_env(**env)},
+        cwd=REPO_ROOT,
+    )
 
 
 def test_standalone_mode(conf):
-    done = run_echo(["-S", "-o", "echo_greeting=never sent"], conf,
-                    stdin=b"one\n?echo_greeting\n")
+    done = run_echo(["-S", "-o", "echo_greeting=never sent"], conf, stdin=b"one\n?echo_greeting\n")
     assert done.returncode == 0, done.stderr
     assert done.stdout == b"one\nnever sent\n"
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    (["-V", "-x"], "fatal: invalid option: x"),
-    (["-V", "-t"], "fatal: invalid option: t"),
-    (["-V", "-t", "foo"], "fatal: unsupported transport type: foo"),
-    (["-V"], "fatal: no transport type specified"),
-    (["-V", "-s", "0", "-t", "unix"], "fatal: invalid socket_count: 0"),
-    (["-V", "-o", "bad", "-t", "unix"],
-     "fatal: invalid \"-o bad\" option value: missing '=' after attribute name"),
-    (["-V", "-t", "unix", "-i", "5x"], "fatal: parameter max_idle: bad time value or unit: 5x"),
-    (["-V", "-t", "unix", "-m", "x"], "fatal: bad numerical configuration: max_use = x"),
-])
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["-V", "-x"], "fatal: invalid option: x"),
+        (["-V", "-t"], "fatal: invalid option: t"),
+        (["-V", "-t", "foo"], "fatal: unsupported transport type: foo"),
+        (["-V"], "fatal: no transport type specified"),
+        (["-V", "-s", "0", "-t", "unix"], "fatal: invalid socket_count: 0"),
+        (
+            ["-V", "-o", "bad", "-t", "unix"],
+            "fatal: invalid \"-o bad\" option value: missing '=' after attribute name",
+        ),
+        (["-V", "-t", "unix", "-i", "5x"], "fatal: parameter max_idle: bad time value or unit: 5x"),
+        (["-V", "-t", "unix", "-m", "x"], "fatal: bad numerical configuration: max_use = x"),
+    ],
+)
 def test_command_line_errors(conf, args, message):
     done = run_echo(args, conf)
     assert done.returncode == 1
@@ -319,15 +361,25 @@ def test_bad_generation(conf):
 def test_refuses_a_terminal_on_stdin_unless_d(conf):
     terminal, peer = os.openpty()
     try:
-        done = subprocess.run(echo("-V", "-t", "unix"), stdin=peer, capture_output=True,
-                              timeout=20, env={"MAIL_CONFIG": str(conf), **child_env()},
-                              cwd=REPO_ROOT)
+        done = subprocess.run(
+            echo("-V", "-t", "unix"),
+            stdin=peer,
+            capture_output=True,
+            timeout=20,
+            env={"MAIL_CONFIG": str(conf), **child_env()},
+            cwd=REPO_ROOT,
+        )
         assert done.returncode == 1
         assert b"fatal: do not run this command by hand" in done.stderr
         # With -d it gets past the check (and then needs a listen socket).
-        done = subprocess.run(echo("-V", "-d", "-t", "unix"), stdin=peer, capture_output=True,
-                              timeout=20, env={"MAIL_CONFIG": str(conf), **child_env()},
-                              cwd=REPO_ROOT)
+        done = subprocess.run(
+            echo("-V", "-d", "-t", "unix"),
+            stdin=peer,
+            capture_output=True,
+            timeout=20,
+            env={"MAIL_CONFIG": str(conf), **child_env()},
+            cwd=REPO_ROOT,
+        )
         assert b"do not run this command by hand" not in done.stderr
         assert b"listen socket fd 6" in done.stderr
     finally:
@@ -341,8 +393,7 @@ def test_logs_to_postlog_socket(conf, tmp_path):
     receiver.bind(str(postlog))
     receiver.settimeout(5)
     env = child_env(POSTLOG_SERVICE=str(postlog), POSTLOG_HOSTNAME="vm.example.org")
-    argv = echo("-t", "unix", "-o", f"maillog_file={tmp_path}/maillog",
-                "-o", "syslog_name=pm37")
+    argv = echo("-t", "unix", "-o", f"maillog_file={tmp_path}/maillog", "-o", "syslog_name=pm37")
     try:
         with StandinMaster(argv, env=env, config_dir=conf) as m:
             assert ask(m.connect(), "!request for unapproved table") == "logged"
@@ -350,8 +401,10 @@ def test_logs_to_postlog_socket(conf, tmp_path):
             pid = m.pid
     finally:
         receiver.close()
-    pattern = (r"[A-Z][a-z]{2} \d\d \d\d:\d\d:\d\d vm "
-               rf"pm37/echo_service\[{pid}\]: warning: request for unapproved table")
+    pattern = (
+        r"[A-Z][a-z]{2} \d\d \d\d:\d\d:\d\d vm "
+        rf"pm37/echo_service\[{pid}\]: warning: request for unapproved table"
+    )
     assert re.fullmatch(pattern, record), record
 
 
@@ -394,8 +447,7 @@ def test_privilege_drop(conf, tmp_path, chroot):
 
 
 def test_generation_is_octal_in_status(conf):
-    with StandinMaster(echo("-t", "unix"), env=child_env(), config_dir=conf,
-                       generation=0o31) as m:
+    with StandinMaster(echo("-t", "unix"), env=child_env(), config_dir=conf, generation=0o31) as m:
         assert ask(m.connect(), "x") == "x"
         message = m.read_status()
         assert (message.pid, message.generation, message.avail) == (m.pid, 25, STATUS_TAKEN)
@@ -416,8 +468,10 @@ def test_under_the_real_postfix_master():
     wrapper_dir = Path(tempfile.mkdtemp(prefix="skel-echo-"))
     wrapper_dir.chmod(0o755)
     wrapper = wrapper_dir / "echo_service"
-    wrapper.write_text(f"#!{sys.executable}\nimport sys\nsys.path.insert(0, {str(REPO_ROOT)!r})\n"
-                       "from tests.support.echo_service import main\nmain()\n")
+    wrapper.write_text(
+        f"#!{sys.executable}\nimport sys\nsys.path.insert(0, {str(REPO_ROOT)!r})\n"
+        "from tests.support.echo_service import main\nmain()\n"
+    )
     wrapper.chmod(0o755)
     try:
         with warnings.catch_warnings():
@@ -428,8 +482,9 @@ def test_under_the_real_postfix_master():
     finally:
         shutil.rmtree(wrapper_dir, ignore_errors=True)
     assert re.search(rf"postfix/proxymap\[{worker}\]: warning: from the child$", maillog, re.M)
-    problems = [line for line in maillog.splitlines()
-                if "postfix/master" in line and "warning" in line]
+    problems = [
+        line for line in maillog.splitlines() if "postfix/master" in line and "warning" in line
+    ]
     assert problems == []
 
 
@@ -513,17 +568,27 @@ def test_postlog_record_format_and_limit(datagram_receiver):
     handler = postfix_log.PostlogHandler(str(path), "pm37/proxymap", "vm.example.org")
     handler.setFormatter(postfix_log.PostfixFormatter())
     try:
-        for level, text in [(logging.INFO, "table x has changed -- restarting"),
-                            (logging.WARNING, "w"), (logging.ERROR, "e"),
-                            (postfix_log.FATAL, "f"), (postfix_log.PANIC, "p"),
-                            (logging.WARNING, "y" * 3000)]:
+        for level, text in [
+            (logging.INFO, "table x has changed -- restarting"),
+            (logging.WARNING, "w"),
+            (logging.ERROR, "e"),
+            (postfix_log.FATAL, "f"),
+            (postfix_log.PANIC, "p"),
+            (logging.WARNING, "y" * 3000),
+        ]:
             handler.emit(_record(level, text))
         records = [receiver.recv(8192).decode() for _ in range(6)]
     finally:
         handler.close()
     head = rf"[A-Z][a-z]{{2}} \d\d \d\d:\d\d:\d\d vm pm37/proxymap\[{os.getpid()}\]: "
-    tails = ["table x has changed -- restarting", "warning: w", "error: e", "fatal: f",
-             "panic: p", "warning: " + "y" * (2000 - len("warning: "))]
+    tails = [
+        "table x has changed -- restarting",
+        "warning: w",
+        "error: e",
+        "fatal: f",
+        "panic: p",
+        "warning: " + "y" * (2000 - len("warning: ")),
+    ]
     for record, tail in zip(records, tails, strict=True):
         assert re.fullmatch(head + re.escape(tail), record), record
 
@@ -539,8 +604,9 @@ def test_syslog_record_format(datagram_receiver):
     finally:
         handler.close()
     stamp = r"[A-Z][a-z]{2} [ \d]\d \d\d:\d\d:\d\d"
-    assert re.fullmatch(rf"<20>{stamp} postfix/proxymap\[{os.getpid()}\]: warning: careful",
-                        warning), warning
+    assert re.fullmatch(
+        rf"<20>{stamp} postfix/proxymap\[{os.getpid()}\]: warning: careful", warning
+    ), warning
     assert re.fullmatch(rf"<22>{stamp} postfix/proxymap\[{os.getpid()}\]: fyi", info), info
 
 
@@ -548,7 +614,7 @@ def test_postlog_socket_missing_then_appearing(tmp_path):
     path = tmp_path / "late"
     handler = postfix_log.PostlogHandler(str(path), "postfix/x", "h")
     handler.setFormatter(postfix_log.PostfixFormatter())
-    handler.emit(_record(logging.WARNING, "dropped"))   # nobody listens: no error
+    handler.emit(_record(logging.WARNING, "dropped"))  # nobody listens: no error
     receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     receiver.bind(str(path))
     receiver.settimeout(2)
@@ -598,7 +664,7 @@ def test_status_write_waits_for_a_slow_master():
         data = b"".join(drained)
         assert unpack_status(data[-STATUS_SIZE:]) == (os.getpid(), 7, STATUS_AVAIL)
         master_end.close()
-        assert channel.available() is False   # master gone: the caller exits 0
+        assert channel.available() is False  # master gone: the caller exits 0
     finally:
         child_end.close()
         master_end.close()
@@ -608,8 +674,7 @@ def test_status_write_waits_for_a_slow_master():
 
 C_PROXYMAP = Path("/usr/lib/postfix/sbin/proxymap")
 # A G1 (3.7) lookup for a table nobody approved: answered at once with a status.
-UNAPPROVED_LOOKUP = (b"request\0lookup\0table\0hash:/nowhere/x\0flags\0" b"524353\0"
-                     b"key\0alice\0\0")
+UNAPPROVED_LOOKUP = b"request\0lookup\0table\0hash:/nowhere/x\0flags\0524353\0key\0alice\0\0"
 
 
 def _c_proxymap() -> str:
@@ -640,8 +705,10 @@ def test_standin_master_drives_the_c_proxymap_like_the_echo(conf):
         assert announcement.startswith(b"protocol\0")
         client.sendall(UNAPPROVED_LOOKUP)
         assert _read_reply(client).startswith(b"status\0")
-        assert [tuple(m.read_status()) for _ in range(2)] == [(m.pid, 25, STATUS_TAKEN),
-                                                               (m.pid, 25, STATUS_AVAIL)]
+        assert [tuple(m.read_status()) for _ in range(2)] == [
+            (m.pid, 25, STATUS_TAKEN),
+            (m.pid, 25, STATUS_AVAIL),
+        ]
         m.close_status()
         assert wait_gone(m, 5) < 0.5
     with StandinMaster([program, "-t", "unix", "-o", "max_idle=1"], config_dir=conf) as m:

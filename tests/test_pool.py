@@ -130,8 +130,7 @@ def test_idle_and_age_limits_and_the_health_check():
             checks.append(stream)
             return not stream.reader.at_eof()
 
-        pool = make_pool([server.endpoint], idle_limit=0.2, health_check=healthy,
-                         check_after=0.05)
+        pool = make_pool([server.endpoint], idle_limit=0.2, health_check=healthy, check_after=0.05)
         await ask(pool, b"a")
         await ask(pool, b"b")  # reused at once: no check
         assert server.accepted == 1 and not checks
@@ -365,9 +364,20 @@ def test_sweeper_calls_each_expired_entry_once_and_starts_afresh_on_a_new_loop()
     assert run(scenario()) == ["a"]  # "b" of the first loop is forgotten
 
 
-@pytest.mark.parametrize(("text", "expected"), [
-    ("10", 10.0), ("10s", 10.0), ("2m", 120.0), ("1h", 3600.0), ("1.5", 1.5),
-    ("0.25S", 0.25), ("x", 7.0), ("", 7.0), ("5q", 7.0)])
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("10", 10.0),
+        ("10s", 10.0),
+        ("2m", 120.0),
+        ("1h", 3600.0),
+        ("1.5", 1.5),
+        ("0.25S", 0.25),
+        ("x", 7.0),
+        ("", 7.0),
+        ("5q", 7.0),
+    ],
+)
 def test_our_numeric_settings_take_postfix_time_units(text, expected):
     from proxymap.tables.base import OpenContext
     from proxymap.tables.streams import param_number

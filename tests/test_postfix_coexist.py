@@ -105,7 +105,9 @@ def test_two_private_masters_coexist():
             assert first.master.poll() is None and second.master.poll() is None
             assert first.postmap_q("alice", "proxy:" + first.table) == (0, "coexist-a@example.com")
             assert second.postmap_q("alice", "proxy:" + second.table) == (
-                0, "coexist-b@example.com")
+                0,
+                "coexist-b@example.com",
+            )
             # Each master's workers are its own.
             assert set(first.child_pids()).isdisjoint(second.child_pids())
         # Stopping one leaves the other serving.

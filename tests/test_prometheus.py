@@ -43,17 +43,49 @@ def tree(tmp_path: Path, extra: str = "") -> tuple[Path, Path]:
 
 
 def worker_snapshot(pid: int, lookups: int, retry: int = 0) -> dict:
-    return {"format": 1, "pid": pid, "start_ticks": reader.process_start_ticks(pid),
-            "service": "proxymap", "generation": 0, "started": time.time(),
-            "written": time.time(), "last_request": None, "clients": 1, "in_flight": 0,
-            "connections_served": 0, "max_use": 100, "max_idle": 100, "bad": 0,
-            "window": 60, "tables": {"mysql:/m.cf": {
-                "lookups": lookups, "hits": lookups - retry, "misses": 0, "retry": retry,
-                "config": 0, "deny": 0,
-                "latency": {"samples": 1, "sampling": 1, "max_ms": 2.0, "smoothed_ms": 2.0,
-                            "histogram": [[2000.0, 1]]},
-                "backend": {"open": 1, "in_use": 0, "waiting": 0, "limit": 8, "connects": 2,
-                            "failovers": 0, "down": []}}}}
+    return {
+        "format": 1,
+        "pid": pid,
+        "start_ticks": reader.process_start_ticks(pid),
+        "service": "proxymap",
+        "generation": 0,
+        "started": time.time(),
+        "written": time.time(),
+        "last_request": None,
+        "clients": 1,
+        "in_flight": 0,
+        "connections_served": 0,
+        "max_use": 100,
+        "max_idle": 100,
+        "bad": 0,
+        "window": 60,
+        "tables": {
+            "mysql:/m.cf": {
+                "lookups": lookups,
+                "hits": lookups - retry,
+                "misses": 0,
+                "retry": retry,
+                "config": 0,
+                "deny": 0,
+                "latency": {
+                    "samples": 1,
+                    "sampling": 1,
+                    "max_ms": 2.0,
+                    "smoothed_ms": 2.0,
+                    "histogram": [[2000.0, 1]],
+                },
+                "backend": {
+                    "open": 1,
+                    "in_use": 0,
+                    "waiting": 0,
+                    "limit": 8,
+                    "connects": 2,
+                    "failovers": 0,
+                    "down": [],
+                },
+            }
+        },
+    }
 
 
 def sample(text: str, name: str, **labels: str) -> float:
@@ -95,8 +127,16 @@ def test_a_real_reporter_rendered(tmp_path):
     assert sample(text, "pyproxymap_lookups_total", **labels) == 3
     assert sample(text, "pyproxymap_hits_total", **labels) == 2
     assert sample(text, "pyproxymap_misses_total", **labels) == 1
-    assert sample(text, "pyproxymap_answers_total", service="proxymap",
-                  table="texthash:/denied", status="deny") == 1
+    assert (
+        sample(
+            text,
+            "pyproxymap_answers_total",
+            service="proxymap",
+            table="texthash:/denied",
+            status="deny",
+        )
+        == 1
+    )
     assert sample(text, "pyproxymap_workers", service="proxymap") == 1
     assert 0 < sample(text, "pyproxymap_lookup_latency_seconds", **labels, quantile="0.5") < 0.1
     # Every metric once, with its HELP and TYPE first.
@@ -109,12 +149,14 @@ def test_a_real_reporter_rendered(tmp_path):
 def test_counters_keep_the_counts_of_workers_that_exit(tmp_path):
     _, directory = tree(tmp_path)
     exporter = Exporter(str(directory.parent.parent))
-    workers = [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-               for _ in range(2)]
+    workers = [
+        subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) for _ in range(2)
+    ]
     try:
         for worker, lookups in zip(workers, (10, 5), strict=True):
             (directory / f"{worker.pid}.json").write_text(
-                json.dumps(worker_snapshot(worker.pid, lookups, retry=1)))
+                json.dumps(worker_snapshot(worker.pid, lookups, retry=1))
+            )
         labels = {"service": "proxymap", "table": "mysql:/m.cf"}
         text = exporter.render()
         assert sample(text, "pyproxymap_lookups_total", **labels) == 15
@@ -136,12 +178,14 @@ def test_counters_keep_the_counts_of_workers_that_exit(tmp_path):
 
 def test_off_by_default(tmp_path):
     conf, _ = tree(tmp_path)
-    done = subprocess.run([MASTER, "-c", str(conf), "metrics"], capture_output=True,
-                          text=True, timeout=30)
+    done = subprocess.run(
+        [MASTER, "-c", str(conf), "metrics"], capture_output=True, text=True, timeout=30
+    )
     assert done.returncode == 78
     assert "pyproxymap_metrics_listen is empty" in done.stderr
-    once = subprocess.run([MASTER, "-c", str(conf), "metrics", "--once"], capture_output=True,
-                          text=True, timeout=30)
+    once = subprocess.run(
+        [MASTER, "-c", str(conf), "metrics", "--once"], capture_output=True, text=True, timeout=30
+    )
     assert once.returncode == 0 and once.stdout == ""
 
 
@@ -163,8 +207,9 @@ def test_served_by_the_command(tmp_path, kind):
     listen = f"127.0.0.1:{free_port()}" if kind == "inet" else f"unix:{tmp_path}/metrics.sock"
     conf, directory = tree(tmp_path, f"pyproxymap_metrics_listen = {listen}\n")
     (directory / f"{os.getpid()}.json").write_text(json.dumps(worker_snapshot(os.getpid(), 7)))
-    command = subprocess.Popen([MASTER, "-c", str(conf), "metrics"], stderr=subprocess.PIPE,
-                               text=True)
+    command = subprocess.Popen(
+        [MASTER, "-c", str(conf), "metrics"], stderr=subprocess.PIPE, text=True
+    )
     try:
         deadline = time.monotonic() + 15
         while True:
@@ -180,8 +225,9 @@ def test_served_by_the_command(tmp_path, kind):
                 assert command.poll() is None, command.stderr.read()
                 assert time.monotonic() < deadline
                 time.sleep(0.1)
-        assert sample(text, "pyproxymap_lookups_total", service="proxymap",
-                      table="mysql:/m.cf") == 7
+        assert (
+            sample(text, "pyproxymap_lookups_total", service="proxymap", table="mysql:/m.cf") == 7
+        )
         if kind == "unix":
             assert oct((tmp_path / "metrics.sock").stat().st_mode & 0o777) == "0o660"
     finally:

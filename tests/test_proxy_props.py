@@ -50,10 +50,14 @@ def worker(tmp_path_factory):
     probe = instance.tables / "probe"
     probe.write_text("alive yes\n")
     probe.chmod(0o644)
-    instance.proxy_read_maps = " ".join([f"proxy:texthash:{probe}"] + [
-        f"proxy:{table_type}:{slot_path(instance.tables, table_type, index)}"
-        for table_type, count in SLOTS.items() for index in range(count)
-    ])
+    instance.proxy_read_maps = " ".join(
+        [f"proxy:texthash:{probe}"]
+        + [
+            f"proxy:{table_type}:{slot_path(instance.tables, table_type, index)}"
+            for table_type, count in SLOTS.items()
+            for index in range(count)
+        ]
+    )
     settle_files(probe)
     with instance:
         instance.wait_until_serving("alive", f"texthash:{probe}")
@@ -67,15 +71,18 @@ def answers(instance: PrivatePostfix, table: str, keys: list[str]) -> dict[str, 
 
     postmap prints ``key<TAB>value`` for each key found, in input order.
     """
-    done = run_postmap(["-q", "-", table], conf_dir=instance.conf_dir,
-                       stdin="".join(f"{key}\n" for key in keys).encode())
+    done = run_postmap(
+        ["-q", "-", table],
+        conf_dir=instance.conf_dir,
+        stdin="".join(f"{key}\n" for key in keys).encode(),
+    )
     assert done.exit in (0, 1) and "fatal" not in done.stderr, done.stderr + instance.log_tail()
     lines = done.stdout.split("\n") if done.stdout else []
     found: dict[str, str | None] = {}
     position = 0
     for key in keys:
         if position < len(lines) and lines[position].startswith(key + "\t"):
-            found[key] = lines[position][len(key) + 1:]
+            found[key] = lines[position][len(key) + 1 :]
             position += 1
         else:
             found[key] = None
@@ -104,8 +111,12 @@ def compare(instance: PrivatePostfix, table_type: str, source: str, keys: list[s
 def run_property(instance, table_type: str, sources, keys) -> int:
     cases: list[int] = []
 
-    @settings(max_examples=SLOTS[table_type], deadline=None, database=None,
-              suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=SLOTS[table_type],
+        deadline=None,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+    )
     @given(lines=sources, keys=keys)
     def check(lines, keys):
         source = "\n".join(lines) + "\n" if isinstance(lines, list) else lines
@@ -149,8 +160,12 @@ def hash_source_and_keys(draw):
 def test_hash_through_proxy_equals_direct(worker):
     cases: list[int] = []
 
-    @settings(max_examples=SLOTS["hash"], deadline=None, database=None,
-              suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=SLOTS["hash"],
+        deadline=None,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+    )
     @given(case=hash_source_and_keys())
     def check(case):
         source, keys = case

@@ -48,8 +48,19 @@ MAIL_SERVICES = [
     "error     unix  -  -  n  -  -  error",
     "retry     unix  -  -  n  -  -  error",
 ]
-QUEUES = ("incoming", "active", "deferred", "bounce", "defer", "trace", "flush", "hold",
-          "corrupt", "maildrop", "saved")
+QUEUES = (
+    "incoming",
+    "active",
+    "deferred",
+    "bounce",
+    "defer",
+    "trace",
+    "flush",
+    "hold",
+    "corrupt",
+    "maildrop",
+    "saved",
+)
 SUFFIX = {"btree": ".db", "lmdb": ".lmdb"}
 # verify's recipient_status values (DEL_RCPT_STAT_*).
 DELIVERABLE, UNDELIVERABLE, IN_PROGRESS = b"0", b"2", b"3"
@@ -57,23 +68,28 @@ DELIVERABLE, UNDELIVERABLE, IN_PROGRESS = b"0", b"2", b"3"
 
 def verify_instance(kind: str, name: str, proxywrite_maxproc: str = "1") -> PrivatePostfix:
     ensure_postfix()
-    instance = PrivatePostfix(proxymap_program=OUR_PROXYMAP, name=name,
-                              extra_services=MAIL_SERVICES,
-                              proxywrite_maxproc=proxywrite_maxproc)
+    instance = PrivatePostfix(
+        proxymap_program=OUR_PROXYMAP,
+        name=name,
+        extra_services=MAIL_SERVICES,
+        proxywrite_maxproc=proxywrite_maxproc,
+    )
     _CREATED.append(instance)
     cache = f"{kind}:{instance.data_dir}/verify_cache"
     instance.cache = cache
     instance.cache_file = Path(f"{instance.data_dir}/verify_cache{SUFFIX[kind]}")
     instance.proxy_write_maps = f"proxy:{cache}"
     instance.proxy_read_maps = f"proxy:{cache}"
-    instance.extra_main_cf.update({
-        "address_verify_map": f"proxy:{cache}",
-        "mydestination": "",
-        "transport_maps": "inline:{{good.example=discard:accepted},"
-                          "{bad.example=error:5.1.1 no such user}}",
-        # A writer killed before it served anyone must not stop the service for 60 s.
-        "service_throttle_time": "1s",
-    })
+    instance.extra_main_cf.update(
+        {
+            "address_verify_map": f"proxy:{cache}",
+            "mydestination": "",
+            "transport_maps": "inline:{{good.example=discard:accepted},"
+            "{bad.example=error:5.1.1 no such user}}",
+            # A writer killed before it served anyone must not stop the service for 60 s.
+            "service_throttle_time": "1s",
+        }
+    )
     uid = pwd.getpwnam("postfix").pw_uid
     for queue in QUEUES:
         path = instance.queue_dir / queue
@@ -137,17 +153,23 @@ def test_verify_probes_are_written_and_read_back(kind):
         wait_for(lambda: instance.socket_path("verify").exists())
         for address in ("alice@good.example", "bob@bad.example"):
             assert query(instance, address)[("recipient_status")] == IN_PROGRESS
-        good = wait_for(lambda: (r := query(instance, "alice@good.example"))
-                        ["recipient_status"] != IN_PROGRESS and r)
-        bad = wait_for(lambda: (r := query(instance, "bob@bad.example"))
-                       ["recipient_status"] != IN_PROGRESS and r)
+        good = wait_for(
+            lambda: (
+                (r := query(instance, "alice@good.example"))["recipient_status"] != IN_PROGRESS
+                and r
+            )
+        )
+        bad = wait_for(
+            lambda: (
+                (r := query(instance, "bob@bad.example"))["recipient_status"] != IN_PROGRESS and r
+            )
+        )
         assert (good["recipient_status"], good["reason"]) == (DELIVERABLE, b"accepted")
         assert (bad["recipient_status"], bad["reason"]) == (UNDELIVERABLE, b"no such user")
         # The writer that stored them is our worker.
         writers = instance.worker_pids("proxywrite")
         assert writers and all("proxymap" in " ".join(proc_cmdline(pid)) for pid in writers)
-        assert all(Path(f"/proc/{pid}/exe").resolve().name.startswith("python")
-                   for pid in writers)
+        assert all(Path(f"/proc/{pid}/exe").resolve().name.startswith("python") for pid in writers)
         # Read back through the read-only service, and straight from the file.
         status, value = instance.postmap_q("alice@good.example", "proxy:" + instance.cache)
         assert status == 0 and value.startswith("0:") and value.endswith(":accepted")
@@ -159,7 +181,8 @@ def test_verify_probes_are_written_and_read_back(kind):
         assert "status=deliverable (accepted)" in log
         assert "status=undeliverable (no such user)" in log
         assert "proxymap" not in "".join(
-            line for line in log.splitlines() if "fatal" in line or "panic" in line)
+            line for line in log.splitlines() if "fatal" in line or "panic" in line
+        )
 
 
 class Updater(threading.Thread):
@@ -169,8 +192,14 @@ class Updater(threading.Thread):
     writer); an update counts as acknowledged only when its reply says status 0.
     """
 
-    def __init__(self, instance: PrivatePostfix, name: str, count: int, stop: threading.Event,
-                 reconnect_every: int = 0):
+    def __init__(
+        self,
+        instance: PrivatePostfix,
+        name: str,
+        count: int,
+        stop: threading.Event,
+        reconnect_every: int = 0,
+    ):
         super().__init__(daemon=True)
         self.instance, self.prefix, self.count, self.stop = instance, name, count, stop
         self.reconnect_every = reconnect_every  # new connections let the master add writers
@@ -192,8 +221,7 @@ class Updater(threading.Thread):
             while not self.stop.is_set():
                 try:
                     if client is None:
-                        client = ProxymapClient(self.instance.socket_path("proxywrite"),
-                                                timeout=10)
+                        client = ProxymapClient(self.instance.socket_path("proxywrite"), timeout=10)
                     reply = client.update(self.instance.cache, key, value)
                 except (OSError, EOFError):
                     self.broken += 1
@@ -218,13 +246,19 @@ class Updater(threading.Thread):
         return len(self.acknowledged)
 
 
-def run_updates(instance: PrivatePostfix, clients: int, per_client: int, kills: int,
-                timeout: float = 240.0, reconnect_every: int = 0,
-                ) -> tuple[list[Updater], list[int]]:
+def run_updates(
+    instance: PrivatePostfix,
+    clients: int,
+    per_client: int,
+    kills: int,
+    timeout: float = 240.0,
+    reconnect_every: int = 0,
+) -> tuple[list[Updater], list[int]]:
     """Updates from ``clients`` threads; SIGKILL the writer ``kills`` times meanwhile."""
     stop = threading.Event()
-    updaters = [Updater(instance, f"c{n}", per_client, stop, reconnect_every)
-                for n in range(clients)]
+    updaters = [
+        Updater(instance, f"c{n}", per_client, stop, reconnect_every) for n in range(clients)
+    ]
     for updater in updaters:
         updater.start()
     total = clients * per_client
@@ -270,8 +304,10 @@ def test_kill_9_of_the_writer_loses_no_acknowledged_update(kind):
     entries = listed(instance)  # the master is stopped: nobody holds the file
     missing = [key for key, value in acknowledged.items() if entries.get(key) != value]
     assert missing == [], f"{len(missing)} acknowledged updates lost, e.g. {missing[:5]}"
-    print(f"{kind}: 10000 acknowledged updates, {len(killed)} SIGKILLs, "
-          f"{sum(u.broken for u in updaters)} broken connections, {elapsed:.1f} s")
+    print(
+        f"{kind}: 10000 acknowledged updates, {len(killed)} SIGKILLs, "
+        f"{sum(u.broken for u in updaters)} broken connections, {elapsed:.1f} s"
+    )
 
 
 def hold_lock(instance: PrivatePostfix, kind: str, stop: threading.Event) -> None:
@@ -313,8 +349,7 @@ def test_process_limit_above_one_serialises_writers(kind):
         # the eight clients: hold the file's lock now and then, as postmap would.
         holder = threading.Thread(target=hold_lock, args=(instance, kind, stop), daemon=True)
         holder.start()
-        updaters, _ = run_updates(instance, clients=8, per_client=500, kills=0,
-                                  reconnect_every=25)
+        updaters, _ = run_updates(instance, clients=8, per_client=500, kills=0, reconnect_every=25)
         stop.set()
         watcher.join()
         holder.join()
@@ -356,25 +391,30 @@ def test_postscreen_cache_is_written_and_read_back(kind):
 
     ensure_postfix()
     port = free_port()
-    instance = PrivatePostfix(proxymap_program=OUR_PROXYMAP, name=f"postscreen-{kind}",
-                              extra_services=[
-                                  f"127.0.0.1:{port} inet  n  -  n  -  1  postscreen",
-                                  "smtpd     pass  -  -  n  -  -  smtpd",
-                                  "rewrite   unix  -  -  n  -  -  trivial-rewrite",
-                                  "anvil     unix  -  -  n  -  1  anvil",
-                              ])
+    instance = PrivatePostfix(
+        proxymap_program=OUR_PROXYMAP,
+        name=f"postscreen-{kind}",
+        extra_services=[
+            f"127.0.0.1:{port} inet  n  -  n  -  1  postscreen",
+            "smtpd     pass  -  -  n  -  -  smtpd",
+            "rewrite   unix  -  -  n  -  -  trivial-rewrite",
+            "anvil     unix  -  -  n  -  1  anvil",
+        ],
+    )
     _CREATED.append(instance)
     cache = instance.cache = f"{kind}:{instance.data_dir}/postscreen_cache"
     instance.proxy_write_maps = instance.proxy_read_maps = f"proxy:{cache}"
-    instance.extra_main_cf.update({
-        "postscreen_cache_map": f"proxy:{cache}",
-        "postscreen_greet_wait": "1s",
-        "postscreen_greet_action": "enforce",
-        "inet_interfaces": "127.0.0.1",
-        "mynetworks": "",
-        "mydestination": "",
-        "local_recipient_maps": "",
-    })
+    instance.extra_main_cf.update(
+        {
+            "postscreen_cache_map": f"proxy:{cache}",
+            "postscreen_greet_wait": "1s",
+            "postscreen_greet_action": "enforce",
+            "inet_interfaces": "127.0.0.1",
+            "mynetworks": "",
+            "mydestination": "",
+            "local_recipient_maps": "",
+        }
+    )
     with stopped_at_end(instance):
         wait_for(lambda: b"221" in smtp_session(port), timeout=20, interval=0.5)
         wait_for(lambda: "PASS NEW [127.0.0.1]" in instance.maillog())

@@ -49,7 +49,9 @@ class LiveServer:
 
     def _run(self):
         asyncio.set_event_loop(self.loop)
-        server = self.loop.run_until_complete(self.loop.create_unix_server(self._factory, self.path))
+        server = self.loop.run_until_complete(
+            self.loop.create_unix_server(self._factory, self.path)
+        )
         self.ready.set()
         self.loop.run_forever()
         server.close()
@@ -77,7 +79,11 @@ def tables(tmp_path):
 
 def query(*args):
     result = CliRunner().invoke(main, list(args), catch_exceptions=False)
-    return result.exit_code, result.stdout_bytes if hasattr(result, "stdout_bytes") else result.stdout, result.stderr
+    return (
+        result.exit_code,
+        result.stdout_bytes if hasattr(result, "stdout_bytes") else result.stdout,
+        result.stderr,
+    )
 
 
 def test_lookup_like_37_postmap(tmp_path, tables):
@@ -86,14 +92,22 @@ def test_lookup_like_37_postmap(tmp_path, tables):
         assert (status, out) == (0, b"alice@example.com\n")
         assert live.requests() == [
             [(b"request", b"open"), (b"table", tables.encode()), (b"flags", b"0")],
-            [(b"request", b"lookup"), (b"table", tables.encode()), (b"flags", b"524353"), (b"key", b"alice")],
+            [
+                (b"request", b"lookup"),
+                (b"table", tables.encode()),
+                (b"flags", b"524353"),
+                (b"key", b"alice"),
+            ],
         ]
 
 
 def test_client_side_casefold_and_not_found(tmp_path, tables):
     with LiveServer(str(tmp_path / "s"), "proxymap", {tables}) as live:
         assert query("-s", live.path, "ALICE", f"proxy:{tables}")[:2] == (0, b"alice@example.com\n")
-        assert query("-s", live.path, "STRASSE", f"proxy:{tables}")[:2] == (0, b"street\n")  # full casefold
+        assert query("-s", live.path, "STRASSE", f"proxy:{tables}")[:2] == (
+            0,
+            b"street\n",
+        )  # full casefold
         assert query("-s", live.path, "nobody", f"proxy:{tables}")[:2] == (1, b"")
         assert live.requests()[1][3] == (b"key", b"alice")
 
@@ -103,7 +117,11 @@ def test_v311_like_312_postmap(tmp_path, tables):
         status, out, _ = query("-s", live.path, "--v311", "ALICE", f"proxy:{tables}")
         assert (status, out) == (0, b"alice@example.com\n")
         opened, looked_up = live.requests()
-        assert opened == [(b"request", b"open"), (b"table", tables.encode()), (b"instance_flags", b"540737")]
+        assert opened == [
+            (b"request", b"open"),
+            (b"table", tables.encode()),
+            (b"instance_flags", b"540737"),
+        ]
         assert looked_up[1:3] == opened[1:3] and looked_up[4] == (b"key", b"ALICE")
         # The server installed its UTF-8 layer; the client sends the word it was given.
         assert int(looked_up[3][1]) & 0x100000
@@ -114,13 +132,20 @@ def test_sequence_listing(tmp_path, tables):
         for v311 in ([], ["--v311"]):
             status, out, _ = query("-s", live.path, *v311, "--sequence", f"proxy:{tables}")
             assert status == 0
-            assert sorted(out.splitlines()) == [b"alice\talice@example.com", b"bob\tbob@example.com", b"strasse\tstreet"]  # folded at load
+            assert sorted(out.splitlines()) == [
+                b"alice\talice@example.com",
+                b"bob\tbob@example.com",
+                b"strasse\tstreet",
+            ]  # folded at load
 
 
 def test_denied_and_bad_exit_codes(tmp_path, tables):
     with LiveServer(str(tmp_path / "s"), "proxymap", {tables}) as live:
         status, _, err = query("-s", live.path, "alice", "proxy:texthash:/not/approved")
-        assert status == 4 and 'proxymap service is not configured for table "texthash:/not/approved"' in err
+        assert (
+            status == 4
+            and 'proxymap service is not configured for table "texthash:/not/approved"' in err
+        )
         status, _, err = query("-s", live.path, "--v311", "alice", "proxy:texthash:/not/approved")
         assert status == 4
         status, _, err = query("-s", live.path, "--update", "k", "v", f"proxy:{tables}")
@@ -143,7 +168,13 @@ def test_update_and_delete_through_proxywrite(tmp_path):
         assert query("-s", live.path, "--delete", "k1", f"proxy:{table}")[0] == 0
         assert query("-s", live.path, "--delete", "k1", f"proxy:{table}")[0] == 1
         g1_update = live.requests()[1]
-        assert g1_update == [(b"request", b"update"), (b"table", b"internal:w"), (b"flags", b"524289"), (b"key", b"k1"), (b"value", b"v1")]
+        assert g1_update == [
+            (b"request", b"update"),
+            (b"table", b"internal:w"),
+            (b"flags", b"524289"),
+            (b"key", b"k1"),
+            (b"value", b"v1"),
+        ]
         # 3.11+: postmap -i and postmap -q/-d use different instance_flags, hence different
         # table instances (docs/PROTOCOL.md 6.5); the update is seen only by its own instance.
         assert query("-s", live.path, "--v311", "--update", "K2", "v2", f"proxy:{table}")[0] == 0

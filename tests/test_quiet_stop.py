@@ -69,8 +69,11 @@ def test_ctrl_c_on_make_run_is_quiet(tmp_path, settle):
         shown = read_until(terminal, b" or: ", 60)
         assert b" or: " in shown, shown.decode(errors="replace")
         time.sleep(settle)
-        [master] = [p for p in children_of(pid)
-                    if Path(f"/proc/{p}/cmdline").read_bytes().find(b"proxymap-master") >= 0]
+        [master] = [
+            p
+            for p in children_of(pid)
+            if Path(f"/proc/{p}/cmdline").read_bytes().find(b"proxymap-master") >= 0
+        ]
         workers = children_of(master)
         assert settle == 0 or len(workers) == 3
         os.killpg(pid, signal.SIGINT)  # what the terminal driver does on Ctrl-C
@@ -83,15 +86,23 @@ def test_ctrl_c_on_make_run_is_quiet(tmp_path, settle):
     assert "warning" not in text and "throttling" not in text, text
     master_lines = [line for line in text.splitlines() if line.strip()]
     assert all(line.startswith("pyproxymap/master: ") for line in master_lines), text
-    assert not [p for p in workers if Path(f"/proc/{p}").exists()
-                and Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"]
+    assert not [
+        p
+        for p in workers
+        if Path(f"/proc/{p}").exists()
+        and Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    ]
 
 
 def test_worker_dies_quietly_on_sigint(tmp_path):
     (tmp_path / "main.cf").write_text(f"queue_directory = {tmp_path}\n")
-    worker = subprocess.Popen([str(WORKER), "-S"], stdin=subprocess.PIPE,
-                              stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                              env={"MAIL_CONFIG": str(tmp_path)})
+    worker = subprocess.Popen(
+        [str(WORKER), "-S"],
+        stdin=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        env={"MAIL_CONFIG": str(tmp_path)},
+    )
     time.sleep(1.0)  # past the imports: waiting for a request on stdin
     worker.send_signal(signal.SIGINT)
     _, err = worker.communicate(timeout=10)
@@ -115,10 +126,18 @@ def test_master_records_reach_the_journal_once(tmp_path, journal):
         if journal:
             env["JOURNAL_STREAM"] = f"{info.st_dev}:{info.st_ino}"
         master = subprocess.Popen(
-            [str(Path(sys.executable).parent / "proxymap-master"), "-c",
-             str(tmp_path / "conf"), "start"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr, env=env,
-            start_new_session=True)
+            [
+                str(Path(sys.executable).parent / "proxymap-master"),
+                "-c",
+                str(tmp_path / "conf"),
+                "start",
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            env=env,
+            start_new_session=True,
+        )
     try:
         deadline = time.monotonic() + 30
         while " or: " not in output.read_text() and time.monotonic() < deadline:

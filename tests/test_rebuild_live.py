@@ -36,8 +36,12 @@ def build(table: str) -> None:
 
 
 def ask_all(instance: PrivatePostfix, table: str) -> dict[str, str]:
-    done = run_postmap(["-q", "-", f"proxy:{table}"], conf_dir=instance.conf_dir,
-                       stdin="".join(f"{key}\n" for key in KEYS).encode(), timeout=60)
+    done = run_postmap(
+        ["-q", "-", f"proxy:{table}"],
+        conf_dir=instance.conf_dir,
+        stdin="".join(f"{key}\n" for key in KEYS).encode(),
+        timeout=60,
+    )
     assert "fatal" not in done.stderr, done.stderr
     return dict(line.split("\t", 1) for line in done.stdout.split("\n") if line)
 
@@ -85,7 +89,8 @@ def test_rebuild_while_serving(table_type):
         if table_type == "hash":  # lmdb is multi-writer: rewritten in place, no restart
             assert f"table {table}: has changed -- restarting" in instance.maillog()
             assert not first_workers & set(instance.worker_pids("proxymap")), (
-                "the worker that had the old file open is still serving")
+                "the worker that had the old file open is still serving"
+            )
 
 
 def test_a_locked_table_does_not_hold_up_the_other_clients():
@@ -97,8 +102,9 @@ def test_a_locked_table_does_not_hold_up_the_other_clients():
     import select
 
     ensure_postfix()
-    instance = PrivatePostfix(proxymap_program=OUR_PROXYMAP, name="locked-hash",
-                              proxymap_maxproc="1")
+    instance = PrivatePostfix(
+        proxymap_program=OUR_PROXYMAP, name="locked-hash", proxymap_maxproc="1"
+    )
     source = instance.tables / "users"
     hashed, text = f"hash:{source}", f"texthash:{source}"
     instance.proxy_read_maps = f"proxy:{hashed} proxy:{text}"
@@ -107,13 +113,17 @@ def test_a_locked_table_does_not_hold_up_the_other_clients():
     settle_files(instance.tables)
     with instance:
         instance.wait_until_serving(KEYS[0], hashed)
-        with instance.client() as waiting, instance.client() as other, \
-                open(f"{source}.db", "rb") as db_file:
+        with (
+            instance.client() as waiting,
+            instance.client() as other,
+            open(f"{source}.db", "rb") as db_file,
+        ):
             waiting.lookup(hashed, "key1")  # the table is open in the worker
             fcntl.flock(db_file, fcntl.LOCK_EX)  # what postmap holds while it rebuilds
             try:
-                waiting.send(("request", "lookup"), ("table", hashed), ("flags", 0x80041),
-                             ("key", "key2"))
+                waiting.send(
+                    ("request", "lookup"), ("table", hashed), ("flags", 0x80041), ("key", "key2")
+                )
                 started = time.monotonic()
                 for n in range(20):
                     reply = other.lookup(text, f"key{n}")

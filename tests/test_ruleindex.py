@@ -36,41 +36,47 @@ def pcre_prefix(pattern: bytes, *, anchored=False, multiline=False, extended=Fal
     return pcre_literal_prefix(pattern, anchored, multiline, extended)
 
 
-@pytest.mark.parametrize(("pattern", "prefix"), [
-    (rb"^user1@example\.com$", b"user1@example.com"),
-    (rb"^abc", b"abc"),
-    (rb"^ab?c", b"a"),          # b may be absent
-    (rb"^ab*c", b"a"),
-    (rb"^ab+c", b"a"),          # kept simple: a quantified atom ends the prefix
-    (rb"^ab{2}c", b"a"),
-    (rb"^a\.?b", b"a"),         # an escaped atom can be quantified too
-    (rb"^a\-b\/c", b"a-b/c"),
-    (rb"^Subject:.*x", b"Subject:"),
-    (rb"^Subject: (a|b)", b"Subject: "),  # alternation inside a group is fine
-    (rb"^a(?i)b", b"a"),
-    (rb"^\d", b""),
-    (rb"^\Qab\E", b""),
-    (rb"^[ab]c", b""),
-    (rb"^^a", b""),
-    (rb"^?a", b""),
-    (b"^a\0bc", b"a"),          # the library sees a C string
-])
+@pytest.mark.parametrize(
+    ("pattern", "prefix"),
+    [
+        (rb"^user1@example\.com$", b"user1@example.com"),
+        (rb"^abc", b"abc"),
+        (rb"^ab?c", b"a"),  # b may be absent
+        (rb"^ab*c", b"a"),
+        (rb"^ab+c", b"a"),  # kept simple: a quantified atom ends the prefix
+        (rb"^ab{2}c", b"a"),
+        (rb"^a\.?b", b"a"),  # an escaped atom can be quantified too
+        (rb"^a\-b\/c", b"a-b/c"),
+        (rb"^Subject:.*x", b"Subject:"),
+        (rb"^Subject: (a|b)", b"Subject: "),  # alternation inside a group is fine
+        (rb"^a(?i)b", b"a"),
+        (rb"^\d", b""),
+        (rb"^\Qab\E", b""),
+        (rb"^[ab]c", b""),
+        (rb"^^a", b""),
+        (rb"^?a", b""),
+        (b"^a\0bc", b"a"),  # the library sees a C string
+    ],
+)
 def test_pcre_prefix_of_anchored_patterns(pattern, prefix):
     assert pcre_prefix(pattern) == prefix
 
 
-@pytest.mark.parametrize("pattern", [
-    rb"abc",                    # not anchored
-    rb"^abc|def",               # top-level alternation
-    rb"^abc|^def",
-    rb"^ab(c)|d",
-    rb"^ab[|]c|d",              # cannot tell: classes can hide | and parentheses
-    rb"^ab\Q(\E|d",
-    rb"^ab\c(|d",               # \c( is one character, then a top-level |
-    rb"^ab(*MARK:(|)d",
-    rb"^ab(?#(|)d",
-    rb"^ab)|(c",
-])
+@pytest.mark.parametrize(
+    "pattern",
+    [
+        rb"abc",  # not anchored
+        rb"^abc|def",  # top-level alternation
+        rb"^abc|^def",
+        rb"^ab(c)|d",
+        rb"^ab[|]c|d",  # cannot tell: classes can hide | and parentheses
+        rb"^ab\Q(\E|d",
+        rb"^ab\c(|d",  # \c( is one character, then a top-level |
+        rb"^ab(*MARK:(|)d",
+        rb"^ab(?#(|)d",
+        rb"^ab)|(c",
+    ],
+)
 def test_pcre_patterns_without_a_certain_prefix(pattern):
     assert pcre_prefix(pattern) == b""
 
@@ -82,20 +88,23 @@ def test_pcre_prefix_respects_options():
     assert pcre_prefix(rb"abc|d", anchored=True) == b""
 
 
-@pytest.mark.parametrize(("pattern", "extended", "newline", "prefix"), [
-    (rb"^user1@example\.com$", True, False, b"user1@example.com"),
-    (rb"^ab?c", True, False, b"a"),
-    (rb"^a\(b\)", True, False, b"a(b)"),
-    (rb"^ab\<c", True, False, b"ab"),     # glibc word boundary
-    (rb"^ab\'", True, False, b"ab"),      # glibc end of buffer
-    (rb"^ab|c", True, False, b""),
-    (rb"^ab[(]|c", True, False, b""),     # a class may hide a parenthesis
-    (rb"^ab\(|c", True, False, b""),      # so may an escape
-    (rb"^ab(c|d)", True, False, b"ab"),
-    (rb"^abc", False, False, b""),        # basic syntax: not handled
-    (rb"^abc", True, True, b""),          # ^ after every newline
-    (rb"abc", True, False, b""),
-])
+@pytest.mark.parametrize(
+    ("pattern", "extended", "newline", "prefix"),
+    [
+        (rb"^user1@example\.com$", True, False, b"user1@example.com"),
+        (rb"^ab?c", True, False, b"a"),
+        (rb"^a\(b\)", True, False, b"a(b)"),
+        (rb"^ab\<c", True, False, b"ab"),  # glibc word boundary
+        (rb"^ab\'", True, False, b"ab"),  # glibc end of buffer
+        (rb"^ab|c", True, False, b""),
+        (rb"^ab[(]|c", True, False, b""),  # a class may hide a parenthesis
+        (rb"^ab\(|c", True, False, b""),  # so may an escape
+        (rb"^ab(c|d)", True, False, b"ab"),
+        (rb"^abc", False, False, b""),  # basic syntax: not handled
+        (rb"^abc", True, True, b""),  # ^ after every newline
+        (rb"abc", True, False, b""),
+    ],
+)
 def test_ere_prefix(pattern, extended, newline, prefix):
     assert ere_literal_prefix(pattern, extended, newline) == prefix
 
@@ -103,11 +112,11 @@ def test_ere_prefix(pattern, extended, newline, prefix):
 def test_run_index_keeps_file_order_and_unindexed_rules():
     rules = [
         (10, b"abc", True, None, b""),
-        (11, b"", False, None, b""),           # always tried
-        (12, b"ABx", False, None, b""),        # case-sensitive
+        (11, b"", False, None, b""),  # always tried
+        (12, b"ABx", False, None, b""),  # case-sensitive
         (13, b"abcdefgh", True, None, b""),
         (14, b"", False, ord("z"), b""),
-        (15, b"", False, None, b".Com"),       # suffixes compare caseless
+        (15, b"", False, None, b".Com"),  # suffixes compare caseless
     ]
     run = RunIndex(16, rules)
     # Prefixes are filed by their first 1, 2, 4, 8 or 16 bytes: "abc" under "ab".
@@ -129,29 +138,32 @@ def test_run_index_prefers_the_less_shared_filter():
     assert run.candidates(b"Subject: 1 word3", b"subject: 1 word3") == [1, 3, 13]
 
 
-@pytest.mark.parametrize(("pattern", "suffix"), [
-    (rb"\.example\.com$", b".example.com"),
-    (rb"^(.*)@example\.com$", b"@example.com"),
-    (rb"ab\\$", b"ab\\"),        # an escaped backslash, then the anchor
-    (rb"abc\$", b""),              # an escaped dollar is no anchor
-    (rb"a+b$", b"b"),
-    (rb"ab*$", b""),
-    (rb"ab{2}$", b""),
-    (rb"(a|b)c$", b"c"),
-    (rb"a|bc$", b""),
-    (rb"\w\.com$", b".com"),
-    (rb"\x41$", b""),              # read backwards, 41 would look literal
-    (rb"\k<ab>c$", b""),
-    (rb"\cb$", b""),
-    (rb"\101$", b""),
-    (rb"\Qab$", b""),              # the $ is quoted
-    (rb"(?x)a b$", b""),            # blanks do not count in extended syntax
-    (rb"(?m)ab$", b""),             # $ before any newline
-    (rb"(?i:x)(?-m)ab$", b""),
-    (rb"(?:x)(?=a)ab$", b"ab"),     # groups that set no option are fine
-    (rb"(*CR)ab$", b""),            # another newline convention
-    (rb"abc$)", b""),
-])
+@pytest.mark.parametrize(
+    ("pattern", "suffix"),
+    [
+        (rb"\.example\.com$", b".example.com"),
+        (rb"^(.*)@example\.com$", b"@example.com"),
+        (rb"ab\\$", b"ab\\"),  # an escaped backslash, then the anchor
+        (rb"abc\$", b""),  # an escaped dollar is no anchor
+        (rb"a+b$", b"b"),
+        (rb"ab*$", b""),
+        (rb"ab{2}$", b""),
+        (rb"(a|b)c$", b"c"),
+        (rb"a|bc$", b""),
+        (rb"\w\.com$", b".com"),
+        (rb"\x41$", b""),  # read backwards, 41 would look literal
+        (rb"\k<ab>c$", b""),
+        (rb"\cb$", b""),
+        (rb"\101$", b""),
+        (rb"\Qab$", b""),  # the $ is quoted
+        (rb"(?x)a b$", b""),  # blanks do not count in extended syntax
+        (rb"(?m)ab$", b""),  # $ before any newline
+        (rb"(?i:x)(?-m)ab$", b""),
+        (rb"(?:x)(?=a)ab$", b"ab"),  # groups that set no option are fine
+        (rb"(*CR)ab$", b""),  # another newline convention
+        (rb"abc$)", b""),
+    ],
+)
 def test_pcre_suffix(pattern, suffix):
     assert pcre_literal_suffix(pattern, False, False) == suffix
 
@@ -161,14 +173,17 @@ def test_pcre_suffix_respects_options():
     assert pcre_literal_suffix(rb"abc$", False, True) == b""
 
 
-@pytest.mark.parametrize(("pattern", "extended", "newline", "suffix"), [
-    (rb"\.example\.com$", True, False, b".example.com"),
-    (rb"\x41$", True, False, b"41"),       # glibc: \x is a plain x
-    (rb"ab\'$", True, False, b""),
-    (rb"ab[(]|c$", True, False, b""),
-    (rb"abc$", False, False, b""),
-    (rb"abc$", True, True, b""),
-])
+@pytest.mark.parametrize(
+    ("pattern", "extended", "newline", "suffix"),
+    [
+        (rb"\.example\.com$", True, False, b".example.com"),
+        (rb"\x41$", True, False, b"41"),  # glibc: \x is a plain x
+        (rb"ab\'$", True, False, b""),
+        (rb"ab[(]|c$", True, False, b""),
+        (rb"abc$", False, False, b""),
+        (rb"abc$", True, True, b""),
+    ],
+)
 def test_ere_suffix(pattern, extended, newline, suffix):
     assert ere_literal_suffix(pattern, extended, newline) == suffix
 
@@ -186,17 +201,25 @@ def compare_with_postmap(postmap, tmp_path, cls, table_type, lines, keys):
     path = tmp_path / f"t.{table_type}"
     path.write_text("\n".join(lines) + "\n")
     batch = [key for key in keys if "\n" not in key]
-    done = subprocess.run([postmap, "-q", "-", f"{table_type}:{path}"],
-                          input=("\n".join(batch) + "\n").encode(), capture_output=True,
-                          timeout=60, check=True)
+    done = subprocess.run(
+        [postmap, "-q", "-", f"{table_type}:{path}"],
+        input=("\n".join(batch) + "\n").encode(),
+        capture_output=True,
+        timeout=60,
+        check=True,
+    )
     expected = {}
     for line in done.stdout.decode().splitlines():
         key, _, value = line.partition("\t")
         expected[key] = value
     for key in keys:
         if "\n" in key:  # one at a time: postmap -q KEY (exit 1 = not found)
-            one = subprocess.run([postmap, "-q", key, f"{table_type}:{path}"],
-                                 capture_output=True, timeout=60, check=False)
+            one = subprocess.run(
+                [postmap, "-q", key, f"{table_type}:{path}"],
+                capture_output=True,
+                timeout=60,
+                check=False,
+            )
             assert one.returncode in (0, 1), one.stderr
             if one.returncode == 0:
                 expected[key] = one.stdout.decode().removesuffix("\n")
@@ -237,12 +260,32 @@ PCRE_TRICKY = [
     r"/^u/ u",
     r"/^/ anything",
 ]
-KEYS = ["user1@example.com", "USER1@EXAMPLE.COM", "User2@Example.com", "user2@example.com",
-        "a\nuser3@example.com", "user4@example.com", "user5", "user6@example.com",
-        "uuser6@example.com", "user7@example.com", "user8@example.com", "user9@example.com",
-        "user10@example.com", "user13@example.com", "user14@example.com", "x",
-        "a.example.org", "a.EXAMPLE.ORG\n", "a.example.org\n\n", "a.example.net",
-        "a.example.net\n", "a.example.edu", "a.example.gov\nx", "a.example.info\nx"]
+KEYS = [
+    "user1@example.com",
+    "USER1@EXAMPLE.COM",
+    "User2@Example.com",
+    "user2@example.com",
+    "a\nuser3@example.com",
+    "user4@example.com",
+    "user5",
+    "user6@example.com",
+    "uuser6@example.com",
+    "user7@example.com",
+    "user8@example.com",
+    "user9@example.com",
+    "user10@example.com",
+    "user13@example.com",
+    "user14@example.com",
+    "x",
+    "a.example.org",
+    "a.EXAMPLE.ORG\n",
+    "a.example.org\n\n",
+    "a.example.net",
+    "a.example.net\n",
+    "a.example.edu",
+    "a.example.gov\nx",
+    "a.example.info\nx",
+]
 
 
 def test_pcre_index_skips_only_rules_that_cannot_match(postmap, tmp_path):
@@ -270,8 +313,11 @@ def test_pcre_index_without_negation(postmap, tmp_path):
 
 
 def test_regexp_index_skips_only_rules_that_cannot_match(postmap, tmp_path):
-    lines = [line.replace("/A ", "/ ").replace("$/x", "$/") for line in PCRE_TRICKY
-             if not line.startswith("!")]
+    lines = [
+        line.replace("/A ", "/ ").replace("$/x", "$/")
+        for line in PCRE_TRICKY
+        if not line.startswith("!")
+    ]
     lines.insert(3, r"/^user3@example\.com$/m!/^zz/ multiline3")
     lines.insert(4, r"/^zz[(]|^user4/ class-hides-paren4")
     answers = compare_with_postmap(postmap, tmp_path, RegexpTable, "regexp", lines, KEYS)
@@ -282,11 +328,23 @@ def test_regexp_index_skips_only_rules_that_cannot_match(postmap, tmp_path):
 def test_cidr_buckets_keep_first_match_across_families_and_blocks(postmap, tmp_path):
     lines = [f"10.{i // 256}.{i % 256}.0/24 net{i}" for i in range(40)]
     lines[5:5] = ["10.0.0.0/8 wide-early", "2001:db8::/32 v6-wide"]
-    lines += ["!10.0.0.0/16 not-10.0", "IF 192.168.0.0/16"] + [
-        f"192.168.{i}.0/24 inner{i}" for i in range(8)] + ["ENDIF", "0.0.0.0/0 any-v4",
-                                                          "::/0 any-v6"]
-    keys = ["10.0.1.9", "10.0.7.1", "10.1.0.1", "192.168.3.3", "192.168.200.1", "8.8.8.8",
-            "2001:db8::1", "2001:db9::1", "::ffff:10.0.1.9", "bogus"]
+    lines += (
+        ["!10.0.0.0/16 not-10.0", "IF 192.168.0.0/16"]
+        + [f"192.168.{i}.0/24 inner{i}" for i in range(8)]
+        + ["ENDIF", "0.0.0.0/0 any-v4", "::/0 any-v6"]
+    )
+    keys = [
+        "10.0.1.9",
+        "10.0.7.1",
+        "10.1.0.1",
+        "192.168.3.3",
+        "192.168.200.1",
+        "8.8.8.8",
+        "2001:db8::1",
+        "2001:db9::1",
+        "::ffff:10.0.1.9",
+        "bogus",
+    ]
     answers = compare_with_postmap(postmap, tmp_path, CidrTable, "cidr", lines, keys)
     assert answers["10.0.7.1"] == "wide-early"
     assert answers["192.168.3.3"] == "not-10.0"
@@ -307,17 +365,19 @@ def average_lookup_us(table, keys: list[bytes], rounds: int = 3) -> float:
     return best
 
 
-@pytest.mark.parametrize(("cls", "line", "key"), [
-    (PcreTable, "/^user{i}@example\\.com$/ rule{i}", "user{i}@example.com"),
-    (RegexpTable, "/^user{i}@example\\.com$/ rule{i}", "user{i}@example.com"),
-    (PcreTable, "/\\.domain{i}\\.com$/ rule{i}", "mx.domain{i}.com"),
-    (RegexpTable, "/\\.domain{i}\\.com$/ rule{i}", "mx.domain{i}.com"),
-    (CidrTable, "10.{hi}.{lo}.0/24 rule{i}", "10.{hi}.{lo}.9"),
-])
+@pytest.mark.parametrize(
+    ("cls", "line", "key"),
+    [
+        (PcreTable, "/^user{i}@example\\.com$/ rule{i}", "user{i}@example.com"),
+        (RegexpTable, "/^user{i}@example\\.com$/ rule{i}", "user{i}@example.com"),
+        (PcreTable, "/\\.domain{i}\\.com$/ rule{i}", "mx.domain{i}.com"),
+        (RegexpTable, "/\\.domain{i}\\.com$/ rule{i}", "mx.domain{i}.com"),
+        (CidrTable, "10.{hi}.{lo}.0/24 rule{i}", "10.{hi}.{lo}.9"),
+    ],
+)
 def test_thousand_rule_tables_are_indexed(tmp_path, cls, line, key):
     path = tmp_path / "rules"
-    path.write_text("".join(line.format(i=i, hi=i // 256, lo=i % 256) + "\n"
-                            for i in range(1000)))
+    path.write_text("".join(line.format(i=i, hi=i // 256, lo=i % 256) + "\n" for i in range(1000)))
     table = cls(str(path), os.O_RDONLY, 0)
     picks = [(i * 37) % 1000 for i in range(200)]
     keys = [key.format(i=i, hi=i // 256, lo=i % 256).encode() for i in picks]

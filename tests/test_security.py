@@ -24,18 +24,21 @@ def approved(tmp_path):
     return f"texthash:{tmp_path}/aliases"
 
 
-@pytest.mark.parametrize("variant", [
-    "texthash:{d}/../{b}/aliases",     # dot-dot back into the same directory
-    "texthash:{d}/./aliases",
-    "texthash:{d}//aliases",
-    "texthash:{d}/aliases/",
-    "texthash:{d}/aliases ",
-    "TEXTHASH:{d}/aliases",           # type names are case-sensitive
-    "texthash:{d}/link",               # a symlink to a file nobody approved
-    "texthash:{d}/secret",
-    "hash:{d}/aliases",                # same file, another type
-    "pipemap:{{texthash:{d}/aliases}}",  # an approved table inside an unapproved one
-])
+@pytest.mark.parametrize(
+    "variant",
+    [
+        "texthash:{d}/../{b}/aliases",  # dot-dot back into the same directory
+        "texthash:{d}/./aliases",
+        "texthash:{d}//aliases",
+        "texthash:{d}/aliases/",
+        "texthash:{d}/aliases ",
+        "TEXTHASH:{d}/aliases",  # type names are case-sensitive
+        "texthash:{d}/link",  # a symlink to a file nobody approved
+        "texthash:{d}/secret",
+        "hash:{d}/aliases",  # same file, another type
+        "pipemap:{{texthash:{d}/aliases}}",  # an approved table inside an unapproved one
+    ],
+)
 def test_path_tricks_are_refused(tmp_path, approved, variant, caplog):
     """Approval is an exact match of the name after ``proxy:`` is removed: no path
     normalisation, so no other spelling reaches a table, and nothing is opened."""

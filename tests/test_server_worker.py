@@ -75,6 +75,7 @@ def config(tmp_path: Path, text: str) -> MainConfig:
 
 # --- service name and export mode -------------------------------------------------------------
 
+
 def test_service_names():
     assert parse_service_name("proxymap") == ("proxymap", None)
     assert parse_service_name("proxywrite") == ("proxywrite", None)
@@ -90,13 +91,19 @@ def test_bad_service_name_is_fatal_with_the_39_message(tmp_path, caplog):
     with caplog.at_level(logging.CRITICAL, "proxymap"), pytest.raises(SystemExit) as exited:
         ProxymapService().pre_init(server)
     assert exited.value.code == 1
-    assert caplog.messages == ['invalid service name: "pyproxymap" - service name must be "proxywrite" or "proxymap"']
+    assert caplog.messages == [
+        'invalid service name: "pyproxymap" - service name must be "proxywrite" or "proxymap"'
+    ]
 
 
 def test_export_mode_prints_sorted_bytewise(tmp_path, capsys):
-    cfg = config(tmp_path, "proxy_read_maps = proxy:texthash:/b, proxy:texthash:/a hash:/c proxy:Z:x\n")
-    for name, expected in (("export-proxy-proxymap", ["Z:x", "texthash:/a", "texthash:/b"]),
-                           ("export-all-proxymap", ["Z:x", "hash:/c", "texthash:/a", "texthash:/b"])):
+    cfg = config(
+        tmp_path, "proxy_read_maps = proxy:texthash:/b, proxy:texthash:/a hash:/c proxy:Z:x\n"
+    )
+    for name, expected in (
+        ("export-proxy-proxymap", ["Z:x", "texthash:/a", "texthash:/b"]),
+        ("export-all-proxymap", ["Z:x", "hash:/c", "texthash:/a", "texthash:/b"]),
+    ):
         server = RecordingServer(name, cfg)
         with pytest.raises((Exited, SystemExit)):
             ProxymapService().pre_init(server)
@@ -106,6 +113,7 @@ def test_export_mode_prints_sorted_bytewise(tmp_path, capsys):
 
 
 # --- changed table (pre-accept) ---------------------------------------------------------------
+
 
 def postmap(*args: str) -> None:
     ensure_postfix()  # installs Postfix when root, else skips
@@ -157,12 +165,16 @@ def test_writer_never_restarts_on_change(tmp_path):
 
 # --- -S mode, in process ------------------------------------------------------------------------
 
+
 def lookup(table: str, key: bytes, flags: bytes = b"64") -> bytes:
-    return attr.encode([(b"request", b"lookup"), (b"table", table.encode()), (b"flags", flags), (b"key", key)])
+    return attr.encode(
+        [(b"request", b"lookup"), (b"table", table.encode()), (b"flags", flags), (b"key", key)]
+    )
 
 
 def parse(wire: bytes):
     from proxymap.protocol import parse_request
+
     return parse_request(attr.AttrDecoder().feed(wire)[0], "test")
 
 
@@ -191,24 +203,34 @@ def test_standalone_lookup_and_g2(tmp_path, texthash):
 
 
 def test_standalone_reads_only_one_request(tmp_path, texthash):
-    assert standalone(tmp_path, texthash, lookup(texthash, b"alice") + lookup(texthash, b"bob")) == ALICE_REPLY
+    assert (
+        standalone(tmp_path, texthash, lookup(texthash, b"alice") + lookup(texthash, b"bob"))
+        == ALICE_REPLY
+    )
 
 
 def test_standalone_eof_cases(tmp_path, texthash):
     assert standalone(tmp_path, texthash, b"") == b""
-    assert standalone(tmp_path, texthash, b"request\x00lookup\x00table") == b"status\x003\x00value\x00\x00\x00"
+    assert (
+        standalone(tmp_path, texthash, b"request\x00lookup\x00table")
+        == b"status\x003\x00value\x00\x00\x00"
+    )
     assert standalone(tmp_path, texthash, b"\x00") == b""
     assert read_one_request(io.BytesIO(b"req")) is None
 
 
 def test_standalone_awaits_a_slow_table(tmp_path, monkeypatch):
     monkeypatch.setitem(TABLE_TYPES, "slow", "tests.test_connection:SlowTable")
-    assert standalone(tmp_path, "slow:0.1", lookup("slow:0.1", b"x")) == b"status\x000\x00value\x00slow:x\x00\x00"
+    assert (
+        standalone(tmp_path, "slow:0.1", lookup("slow:0.1", b"x"))
+        == b"status\x000\x00value\x00slow:x\x00\x00"
+    )
     with pytest.raises(RuntimeError):
         asyncio.get_running_loop()  # the private loop did not leak
 
 
 # --- the real program ---------------------------------------------------------------------------
+
 
 def proxymap_command() -> list[str]:
     script = Path(sys.executable).with_name("proxymap")
@@ -226,18 +248,40 @@ def worker_env(conf: Path) -> dict[str, str]:
 def test_program_standalone_mode(tmp_path, texthash):
     cfg_dir = tmp_path / "conf"
     cfg_dir.mkdir()
-    (cfg_dir / "main.cf").write_text(f"proxy_read_maps = proxy:{texthash}\nmaillog_file = /dev/stderr\n")
-    done = subprocess.run(proxymap_command() + ["-S"], input=lookup(texthash, b"alice"),
-                          capture_output=True, env=worker_env(cfg_dir), timeout=30)
+    (cfg_dir / "main.cf").write_text(
+        f"proxy_read_maps = proxy:{texthash}\nmaillog_file = /dev/stderr\n"
+    )
+    done = subprocess.run(
+        proxymap_command() + ["-S"],
+        input=lookup(texthash, b"alice"),
+        capture_output=True,
+        env=worker_env(cfg_dir),
+        timeout=30,
+    )
     assert (done.returncode, done.stdout) == (0, ALICE_REPLY), done.stderr
-    done = subprocess.run(proxymap_command() + ["-S", "-n", "export-proxy-proxymap"], input=b"",
-                          capture_output=True, env=worker_env(cfg_dir), timeout=30)
+    done = subprocess.run(
+        proxymap_command() + ["-S", "-n", "export-proxy-proxymap"],
+        input=b"",
+        capture_output=True,
+        env=worker_env(cfg_dir),
+        timeout=30,
+    )
     assert (done.returncode, done.stdout) == (0, texthash.encode() + b"\n"), done.stderr
-    done = subprocess.run(proxymap_command() + ["-V", "-S", "-n", "nonsense"], input=b"",
-                          capture_output=True, env=worker_env(cfg_dir), timeout=30)
+    done = subprocess.run(
+        proxymap_command() + ["-V", "-S", "-n", "nonsense"],
+        input=b"",
+        capture_output=True,
+        env=worker_env(cfg_dir),
+        timeout=30,
+    )
     assert done.returncode == 1 and b'invalid service name: "nonsense"' in done.stderr + done.stdout
-    done = subprocess.run(proxymap_command() + ["-V", "-S", "extra"], input=b"",
-                          capture_output=True, env=worker_env(cfg_dir), timeout=30)
+    done = subprocess.run(
+        proxymap_command() + ["-V", "-S", "extra"],
+        input=b"",
+        capture_output=True,
+        env=worker_env(cfg_dir),
+        timeout=30,
+    )
     assert done.returncode == 1 and b"unexpected command-line argument: extra" in done.stderr
 
 
@@ -254,15 +298,49 @@ DIFFERENTIAL_INPUTS = [
     lookup("texthash:/nope", b"alice"),
     attr.encode([(b"request", b"open"), (b"table", b"@T@"), (b"flags", b"0")]),
     attr.encode([(b"request", b"open"), (b"table", b"nocolon"), (b"flags", b"0")]),
-    attr.encode([(b"request", b"update"), (b"table", b"@T@"), (b"flags", b"0"), (b"key", b"k"), (b"value", b"v")]),
+    attr.encode(
+        [
+            (b"request", b"update"),
+            (b"table", b"@T@"),
+            (b"flags", b"0"),
+            (b"key", b"k"),
+            (b"value", b"v"),
+        ]
+    ),
     attr.encode([(b"request", b"delete"), (b"table", b"@T@"), (b"flags", b"0"), (b"key", b"k")]),
     b"request\x00bogus\x00table\x00@T@\x00\x00",
-    attr.encode([(b"request", b"sequence"), (b"table", b"@T@"), (b"flags", b"64"), (b"function", b"2")]),
+    attr.encode(
+        [(b"request", b"sequence"), (b"table", b"@T@"), (b"flags", b"64"), (b"function", b"2")]
+    ),
     attr.encode([(b"request", b"lookup"), (b"table", b"@T@"), (b"flags", b"64")]),
-    lookup("@T@", b"alice") [:-1] + b"extra\x00x\x00\x00",
-    attr.encode([(b"request", b"lookup"), (b"flags", b"64"), (b"table", b"@T@"), (b"key", b"alice")]),
-    attr.encode([(b"request", b"lookup"), (b"table", b"@T@"), (b"flags", b"64"), (b"key", b"alice"), (b"key", b"bob")]),
-    *[lookup("@T@", b"alice", flags=text) for text in (b" 64", b"+64", b"\t64", b"00064", b"4294967360", b"0100", b"0x40", b"", b"64abc", b"64 ")],
+    lookup("@T@", b"alice")[:-1] + b"extra\x00x\x00\x00",
+    attr.encode(
+        [(b"request", b"lookup"), (b"flags", b"64"), (b"table", b"@T@"), (b"key", b"alice")]
+    ),
+    attr.encode(
+        [
+            (b"request", b"lookup"),
+            (b"table", b"@T@"),
+            (b"flags", b"64"),
+            (b"key", b"alice"),
+            (b"key", b"bob"),
+        ]
+    ),
+    *[
+        lookup("@T@", b"alice", flags=text)
+        for text in (
+            b" 64",
+            b"+64",
+            b"\t64",
+            b"00064",
+            b"4294967360",
+            b"0100",
+            b"0x40",
+            b"",
+            b"64abc",
+            b"64 ",
+        )
+    ],
     b"\x00",
     b"table\x00@T@\x00flags\x0064\x00\x00",
     b"request\x00lookup\x00table",
@@ -286,8 +364,10 @@ def c_setup(tmp_path_factory):
     (root / "queue").mkdir()
     main_cf = conf / "main.cf"
     # maillog_file: log through the (absent) postlog socket instead of waiting for syslog.
-    main_cf.write_text(f"queue_directory = {root / 'queue'}\nproxy_read_maps = proxy:{table}\n"
-                       "compatibility_level = 3.6\nmaillog_file = /dev/stdout\n")
+    main_cf.write_text(
+        f"queue_directory = {root / 'queue'}\nproxy_read_maps = proxy:{table}\n"
+        "compatibility_level = 3.6\nmaillog_file = /dev/stdout\n"
+    )
     # Postfix waits (0.3 s per try) while main.cf looks modified in the last seconds.
     past = time.time() - 60
     os.utime(main_cf, (past, past))
@@ -298,8 +378,13 @@ def c_setup(tmp_path_factory):
 def test_standalone_same_bytes_as_postfix_37(tmp_path, template, c_setup):
     table, conf = c_setup
     data = template.replace(b"@T@", table.encode())
-    real = subprocess.run([str(C_PROXYMAP), "-S"], input=data, capture_output=True, timeout=30,
-                          env={"MAIL_CONFIG": str(conf), "PATH": "/usr/bin:/bin"})
+    real = subprocess.run(
+        [str(C_PROXYMAP), "-S"],
+        input=data,
+        capture_output=True,
+        timeout=30,
+        env={"MAIL_CONFIG": str(conf), "PATH": "/usr/bin:/bin"},
+    )
     assert real.returncode == 0, real.stderr
     ours = standalone(tmp_path, table, data)
     assert ours == real.stdout
@@ -307,14 +392,16 @@ def test_standalone_same_bytes_as_postfix_37(tmp_path, template, c_setup):
 
 # --- the real worker under the stand-in master ---------------------------------------------------
 
+
 def worker_tree(tmp_path: Path, maps: str, extra: str = "") -> Path:
     conf = tmp_path / "wconf"
     conf.mkdir()
     queue = tmp_path / "wqueue"
     queue.mkdir()
     # compatibility_level 3.6: smtputf8_enable = yes, as on the machines of docs/PROTOCOL.md 6.
-    (conf / "main.cf").write_text(f"queue_directory = {queue}\nproxy_read_maps = {maps}\n"
-                                  f"compatibility_level = 3.6\n{extra}")
+    (conf / "main.cf").write_text(
+        f"queue_directory = {queue}\nproxy_read_maps = {maps}\ncompatibility_level = 3.6\n{extra}"
+    )
     return conf
 
 
@@ -322,8 +409,12 @@ def start_worker(tmp_path: Path, conf: Path, *args: str, event_loop: str = "asyn
     from tests.support.standin_master import StandinMaster
 
     argv = [*proxymap_command(), "-t", "unix", "-V", *args]
-    return StandinMaster(argv, config_dir=conf, socket_path=tmp_path / "proxymap.sock",
-                         env={"PYPROXYMAP_EVENT_LOOP": event_loop})
+    return StandinMaster(
+        argv,
+        config_dir=conf,
+        socket_path=tmp_path / "proxymap.sock",
+        env={"PYPROXYMAP_EVENT_LOOP": event_loop},
+    )
 
 
 def handshake(master) -> socket.socket:
@@ -348,7 +439,10 @@ def test_worker_taken_avail_around_each_request(tmp_path, texthash, event_loop):
     with start_worker(tmp_path, conf, event_loop=event_loop) as master:
         client = handshake(master)
         assert master.expect_no_status(0.3)  # nothing at accept
-        for key, reply in ((b"alice", ALICE_REPLY), (b"nobody", b"status\x001\x00value\x00\x00\x00")):
+        for key, reply in (
+            (b"alice", ALICE_REPLY),
+            (b"nobody", b"status\x001\x00value\x00\x00\x00"),
+        ):
             client.sendall(lookup(texthash, key))
             assert recv_exactly(client, len(reply)) == reply
             taken, avail = master.read_status(), master.read_status()
@@ -364,8 +458,14 @@ def test_worker_g2_client_and_malformed_input_on_one_connection(tmp_path, textha
     conf = worker_tree(tmp_path, f"proxy:{texthash}")
     with start_worker(tmp_path, conf) as master:
         client = handshake(master)
-        client.sendall(b"request\x00open\x00table\x00" + texthash.encode() + b"\x00instance_flags\x00540737\x00\x00")
-        assert recv_exactly(client, 24) == b"status\x000\x00flags\x001589329\x00\x00"  # as 3.12 (6.5)
+        client.sendall(
+            b"request\x00open\x00table\x00"
+            + texthash.encode()
+            + b"\x00instance_flags\x00540737\x00\x00"
+        )
+        assert (
+            recv_exactly(client, 24) == b"status\x000\x00flags\x001589329\x00\x00"
+        )  # as 3.12 (6.5)
         client.sendall(lookup(texthash, b"alice", flags=b"-1"))  # aborts the C server
         assert recv_exactly(client, len(ALICE_REPLY)) == ALICE_REPLY
         client.sendall(b"request\x00bogus\x00\x00")
@@ -433,15 +533,23 @@ def test_worker_serves_proxymap_query(tmp_path, texthash):
     conf = worker_tree(tmp_path, f"proxy:{texthash}")
     query_script = Path(sys.executable).with_name("proxymap-query")
     with start_worker(tmp_path, conf) as master:
-        for args, expected in ((["alice"], (0, b"alice@example.com\n")),
-                               (["--v311", "ALICE"], (0, b"alice@example.com\n")),
-                               (["nobody"], (1, b"")),
-                               (["--sequence"], (0, b"alice\talice@example.com\n"))):
-            done = subprocess.run([str(query_script), "-s", master.socket_path, *args, f"proxy:{texthash}"],
-                                  capture_output=True, timeout=30)
+        for args, expected in (
+            (["alice"], (0, b"alice@example.com\n")),
+            (["--v311", "ALICE"], (0, b"alice@example.com\n")),
+            (["nobody"], (1, b"")),
+            (["--sequence"], (0, b"alice\talice@example.com\n")),
+        ):
+            done = subprocess.run(
+                [str(query_script), "-s", master.socket_path, *args, f"proxy:{texthash}"],
+                capture_output=True,
+                timeout=30,
+            )
             assert (done.returncode, done.stdout) == expected, done.stderr
-        done = subprocess.run([str(query_script), "-s", master.socket_path, "x", "proxy:texthash:/unapproved"],
-                              capture_output=True, timeout=30)
+        done = subprocess.run(
+            [str(query_script), "-s", master.socket_path, "x", "proxy:texthash:/unapproved"],
+            capture_output=True,
+            timeout=30,
+        )
         assert done.returncode == 4
         master.close_status()
         assert master.wait(5) == 0
@@ -468,14 +576,20 @@ def test_worker_request_deadline_and_half_close(tmp_path, texthash, event_loop):
         assert master.wait(5) == 0
         log = master.output()[1]
         assert b"timeout on proxymap socket while reading input attribute value" in log
-        assert b"unexpected end-of-input from proxymap socket while reading input attribute name" in log
+        assert (
+            b"unexpected end-of-input from proxymap socket while reading input attribute name"
+            in log
+        )
 
 
 def test_pre_init_imports_approved_table_modules_while_root(tmp_path, monkeypatch):
     # After the privilege drop an unreadable Python installation could not import them.
     for module in ("proxymap.tables.unix", "proxymap.tables.inline"):
         monkeypatch.delitem(sys.modules, module, raising=False)
-    cfg = config(tmp_path, "proxy_read_maps = proxy:unix:passwd.byname pipemap:{proxy:inline:{a=b}} proxy:nosuchtype:x\n")
+    cfg = config(
+        tmp_path,
+        "proxy_read_maps = proxy:unix:passwd.byname pipemap:{proxy:inline:{a=b}} proxy:nosuchtype:x\n",
+    )
     ProxymapService().pre_init(RecordingServer("proxymap", cfg))
     assert "proxymap.tables.unix" in sys.modules
     assert "proxymap.tables.inline" in sys.modules
@@ -489,20 +603,44 @@ def test_worker_replays_the_37_and_312_postmap_conversations(tmp_path):
     hashed, texthash = f"hash:{source}".encode(), f"texthash:{source}".encode()
     conf = worker_tree(tmp_path, f"proxy:{hashed.decode()} proxy:{texthash.decode()}")
     conversation = [
-        (b"request\x00open\x00table\x00" + hashed + b"\x00flags\x000\x00\x00",
-         b"status\x000\x00flags\x0028\x00\x00"),
-        (b"request\x00lookup\x00table\x00" + hashed + b"\x00flags\x00524353\x00key\x00alice\x00\x00",
-         b"status\x000\x00value\x00alice@example.com\x00\x00"),
-        (b"request\x00open\x00table\x00" + texthash + b"\x00instance_flags\x00540737\x00\x00",
-         b"status\x000\x00flags\x001589329\x00\x00"),
-        (b"request\x00lookup\x00table\x00" + texthash + b"\x00instance_flags\x00540737\x00flags\x001589329\x00key\x00alice\x00\x00",
-         b"status\x000\x00flags\x001589329\x00value\x00alice@example.com\x00\x00"),
-        (b"request\x00sequence\x00table\x00" + texthash + b"\x00instance_flags\x00540737\x00flags\x001589329\x00function\x000\x00\x00",
-         None),
-        (b"request\x00sequence\x00table\x00" + texthash + b"\x00instance_flags\x00540737\x00flags\x001589329\x00function\x001\x00\x00",
-         None),
-        (b"request\x00sequence\x00table\x00" + texthash + b"\x00instance_flags\x00540737\x00flags\x001589329\x00function\x001\x00\x00",
-         b"status\x001\x00flags\x001589329\x00key\x00\x00value\x00\x00\x00"),
+        (
+            b"request\x00open\x00table\x00" + hashed + b"\x00flags\x000\x00\x00",
+            b"status\x000\x00flags\x0028\x00\x00",
+        ),
+        (
+            b"request\x00lookup\x00table\x00"
+            + hashed
+            + b"\x00flags\x00524353\x00key\x00alice\x00\x00",
+            b"status\x000\x00value\x00alice@example.com\x00\x00",
+        ),
+        (
+            b"request\x00open\x00table\x00" + texthash + b"\x00instance_flags\x00540737\x00\x00",
+            b"status\x000\x00flags\x001589329\x00\x00",
+        ),
+        (
+            b"request\x00lookup\x00table\x00"
+            + texthash
+            + b"\x00instance_flags\x00540737\x00flags\x001589329\x00key\x00alice\x00\x00",
+            b"status\x000\x00flags\x001589329\x00value\x00alice@example.com\x00\x00",
+        ),
+        (
+            b"request\x00sequence\x00table\x00"
+            + texthash
+            + b"\x00instance_flags\x00540737\x00flags\x001589329\x00function\x000\x00\x00",
+            None,
+        ),
+        (
+            b"request\x00sequence\x00table\x00"
+            + texthash
+            + b"\x00instance_flags\x00540737\x00flags\x001589329\x00function\x001\x00\x00",
+            None,
+        ),
+        (
+            b"request\x00sequence\x00table\x00"
+            + texthash
+            + b"\x00instance_flags\x00540737\x00flags\x001589329\x00function\x001\x00\x00",
+            b"status\x001\x00flags\x001589329\x00key\x00\x00value\x00\x00\x00",
+        ),
     ]
     with start_worker(tmp_path, conf) as master:
         client = handshake(master)

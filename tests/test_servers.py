@@ -81,7 +81,10 @@ def test_mariadb(mariadb: PrivateMariaDB) -> None:  # noqa: F811
     )
     query = "SELECT v FROM aliases WHERE k = 'alice'"
     assert mariadb.query_as("pf", "pf'secret", query, database="mail") == "alice@example.com\n"
-    assert mariadb.query_as("pf", "pf'secret", query, database="mail", tcp=False) == "alice@example.com\n"
+    assert (
+        mariadb.query_as("pf", "pf'secret", query, database="mail", tcp=False)
+        == "alice@example.com\n"
+    )
     # utf8mb4_bin: keys are case-sensitive, as in Postfix's other tables.
     assert mariadb.execute("SELECT v FROM mail.aliases WHERE k = 'bob'") == ""
     with pytest.raises(ServerCommandError, match="Access denied"):
@@ -134,7 +137,10 @@ def test_postgres(postgres: PrivatePostgres) -> None:  # noqa: F811
     query = "SELECT v FROM aliases WHERE k = 'alice'"
     assert postgres.query_as("pf", "pf'secret", query, dbname="mail") == "alice@example.com\n"
     assert postgres.query_as("pf", "any", query, dbname="mail", tcp=False) == "alice@example.com\n"
-    assert postgres.execute("SELECT v FROM aliases WHERE k = 'jörg'", dbname="mail") == "jörg@example.com\n"
+    assert (
+        postgres.execute("SELECT v FROM aliases WHERE k = 'jörg'", dbname="mail")
+        == "jörg@example.com\n"
+    )
     with pytest.raises(ServerCommandError, match="password authentication failed"):
         postgres.query_as("pf", "wrong", query, dbname="mail")
     with pytest.raises(ServerCommandError, match="syntax error"):
@@ -189,7 +195,9 @@ def test_slapd() -> None:
         assert ldap.url == f"ldap://127.0.0.1:{ldap.port}/"
         assert ldap.ldapi_url.startswith("ldapi://%2F")
         # The base entry was prepended; the mail schema matches case-insensitively.
-        assert "dn: dc=example,dc=com" in ldap.search("(objectClass=*)", base=ldap.suffix, scope="base")
+        assert "dn: dc=example,dc=com" in ldap.search(
+            "(objectClass=*)", base=ldap.suffix, scope="base"
+        )
         found = ldap.search("(mailacceptinggeneralid=ALICE@EXAMPLE.ORG)", "maildrop")
         assert found == "dn: uid=alice,dc=example,dc=com\nmaildrop: alice@mail.example.com\n\n"
         assert "uid=alice" in ldap.search("(maildrop=alice@mail*)", "1.1", ldapi=True)
@@ -269,9 +277,14 @@ def memcache_text(server: PrivateMemcached, request: bytes) -> bytes:
 
 
 def test_memcached(memcached: PrivateMemcached) -> None:  # noqa: F811
-    assert memcached.socket is None and memcached.postfix_server == f"inet:127.0.0.1:{memcached.port}"
+    assert (
+        memcached.socket is None and memcached.postfix_server == f"inet:127.0.0.1:{memcached.port}"
+    )
     assert memcache_text(memcached, b"set alice 0 0 17\r\nalice@example.com\r\n") == b"STORED\r\n"
-    assert memcache_text(memcached, b"get alice\r\n") == b"VALUE alice 0 17\r\nalice@example.com\r\nEND\r\n"
+    assert (
+        memcache_text(memcached, b"get alice\r\n")
+        == b"VALUE alice 0 17\r\nalice@example.com\r\nEND\r\n"
+    )
     assert memcached.get("alice") == b"alice@example.com"
     assert memcached.get("nobody") is None
     memcached.set("bin", b"\x00\r\n\xff", ttl=60)
@@ -327,7 +340,9 @@ def test_forgotten_instance_is_killed_and_removed() -> None:
     assert not directory.exists()
 
 
-def test_missing_package_skips_unless_installs_are_asked_for(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_missing_package_skips_unless_installs_are_asked_for(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     with pytest.raises(ValueError, match="unknown server package"):
         servers.missing_binaries("mysql-server")
     monkeypatch.setattr(servers, "missing_binaries", lambda *names: {"memcached": ["memcached"]})

@@ -41,8 +41,9 @@ def aliases(tmp_path: Path) -> str:
 
 def lookup(key: str, table: str, generation: int = G1) -> Request:
     if generation == G2:
-        return Request("lookup", table, G2, flags=POSTMAP_Q, instance_flags=POSTMAP_Q,
-                       key=key.encode())
+        return Request(
+            "lookup", table, G2, flags=POSTMAP_Q, instance_flags=POSTMAP_Q, key=key.encode()
+        )
     return Request("lookup", table, G1, flags=POSTMAP_FLAGS, key=key.encode())
 
 
@@ -85,9 +86,13 @@ def test_the_window_forgets_after_six_slots():
 
 def test_settings():
     assert writer.StatsSettings.from_params({}) == writer.StatsSettings(True, False, 0.1)
-    settings = writer.StatsSettings.from_params({
-        "pyproxymap_statistics": "no", "pyproxymap_verbose_proctitle": "yes",
-        "pyproxymap_slow_table_threshold": "250ms"})
+    settings = writer.StatsSettings.from_params(
+        {
+            "pyproxymap_statistics": "no",
+            "pyproxymap_verbose_proctitle": "yes",
+            "pyproxymap_slow_table_threshold": "250ms",
+        }
+    )
     assert settings == writer.StatsSettings(False, True, 0.25)
     assert writer.parse_milliseconds("2s") == 2.0
     assert writer.parse_milliseconds("40") == 0.04
@@ -183,8 +188,11 @@ def test_network_tables_are_timed_and_their_failures_counted(caplog):
         server, port = await socketmap_server(0.04)
         slow = f"socketmap:inet:127.0.0.1:{port}:m"
         dead = f"socketmap:inet:127.0.0.1:{closed_port()}:m"
-        handler = RequestHandler("proxymap", [slow, dead], {
-            "pyproxymap_slow_table_threshold": "30ms", "pyproxymap_socketmap_timeout": "2"})
+        handler = RequestHandler(
+            "proxymap",
+            [slow, dead],
+            {"pyproxymap_slow_table_threshold": "30ms", "pyproxymap_socketmap_timeout": "2"},
+        )
         statuses = []
         for key in ("a", "b", "nothing", "c"):
             statuses.append((await handler.handle(lookup(key, slow))).status)
@@ -206,8 +214,9 @@ def test_network_tables_are_timed_and_their_failures_counted(caplog):
     dead_figures = handler.statistics[dead].figures()
     assert (dead_figures["lookups"], dead_figures["retry"], dead_figures["hits"]) == (2, 2, 0)
     assert dead_figures["backend"]["open"] == 0
-    assert [entry.split(":")[0:3] for entry in dead_figures["backend"]["down"]] == \
-        [["inet", "127.0.0.1", dead.split(":")[3]]]
+    assert [entry.split(":")[0:3] for entry in dead_figures["backend"]["down"]] == [
+        ["inet", "127.0.0.1", dead.split(":")[3]]
+    ]
     # The slow-table warning: once, then quiet (four slow lookups, one line).
     warnings = [r.getMessage() for r in caplog.records if "is slow" in r.getMessage()]
     assert len(warnings) == 1, warnings
@@ -218,11 +227,25 @@ def test_network_tables_are_timed_and_their_failures_counted(caplog):
 # --- snapshots --------------------------------------------------------------------------------
 def snapshot(tables: dict, pid: int | None = None, **worker) -> dict:
     pid = os.getpid() if pid is None else pid
-    return {"format": 1, "pid": pid, "start_ticks": reader.process_start_ticks(pid),
-            "service": "proxymap", "generation": 1, "started": time.time() - 5,
-            "written": time.time(), "last_request": time.time() - 2, "clients": 1,
-            "in_flight": 0, "connections_served": 3, "max_use": 100, "max_idle": 100,
-            "bad": 0, "window": 60, "tables": tables, **worker}
+    return {
+        "format": 1,
+        "pid": pid,
+        "start_ticks": reader.process_start_ticks(pid),
+        "service": "proxymap",
+        "generation": 1,
+        "started": time.time() - 5,
+        "written": time.time(),
+        "last_request": time.time() - 2,
+        "clients": 1,
+        "in_flight": 0,
+        "connections_served": 3,
+        "max_use": 100,
+        "max_idle": 100,
+        "bad": 0,
+        "window": 60,
+        "tables": tables,
+        **worker,
+    }
 
 
 def dead_pid() -> int:
@@ -286,39 +309,97 @@ def test_readers_drop_the_files_of_dead_and_reused_pids(tmp_path):
     snapshots = reader.read_snapshots(str(directory))
     assert [doc["pid"] for doc in snapshots] == [os.getpid()]
     assert sorted(p.name for p in directory.iterdir()) == sorted(
-        [f"{os.getpid()}.json", "notes.txt"])
+        [f"{os.getpid()}.json", "notes.txt"]
+    )
 
 
 def test_aggregate_sums_workers_and_formats(tmp_path):
-    one = snapshot({"mysql:/m.cf": {
-        "lookups": 10, "hits": 8, "misses": 1, "retry": 1, "config": 0, "deny": 0,
-        "latency": {"samples": 10, "sampling": 1, "max_ms": 3.0, "smoothed_ms": 2.0,
-                    "histogram": [[1000.0, 9], [2828.4, 1]]},
-        "backend": {"open": 2, "in_use": 1, "waiting": 0, "limit": 8, "connects": 3,
-                    "failovers": 1, "down": ["inet:db1:3306: refused"]},
-        "cache": {"hits": 3, "misses": 1, "coalesced": 0, "stale": 0, "evictions": 0,
-                  "invalidations": 0, "size": 1}}})
-    two = snapshot({"mysql:/m.cf": {
-        "lookups": 30, "hits": 30, "misses": 0, "retry": 0, "config": 0, "deny": 0,
-        "latency": {"samples": 30, "sampling": 1, "max_ms": 1.0, "smoothed_ms": 0.9,
-                    "histogram": [[1000.0, 30]]},
-        "backend": {"open": 3, "in_use": 0, "waiting": 0, "limit": 8, "connects": 3,
-                    "failovers": 0, "down": []}}}, pid=os.getppid())
+    one = snapshot(
+        {
+            "mysql:/m.cf": {
+                "lookups": 10,
+                "hits": 8,
+                "misses": 1,
+                "retry": 1,
+                "config": 0,
+                "deny": 0,
+                "latency": {
+                    "samples": 10,
+                    "sampling": 1,
+                    "max_ms": 3.0,
+                    "smoothed_ms": 2.0,
+                    "histogram": [[1000.0, 9], [2828.4, 1]],
+                },
+                "backend": {
+                    "open": 2,
+                    "in_use": 1,
+                    "waiting": 0,
+                    "limit": 8,
+                    "connects": 3,
+                    "failovers": 1,
+                    "down": ["inet:db1:3306: refused"],
+                },
+                "cache": {
+                    "hits": 3,
+                    "misses": 1,
+                    "coalesced": 0,
+                    "stale": 0,
+                    "evictions": 0,
+                    "invalidations": 0,
+                    "size": 1,
+                },
+            }
+        }
+    )
+    two = snapshot(
+        {
+            "mysql:/m.cf": {
+                "lookups": 30,
+                "hits": 30,
+                "misses": 0,
+                "retry": 0,
+                "config": 0,
+                "deny": 0,
+                "latency": {
+                    "samples": 30,
+                    "sampling": 1,
+                    "max_ms": 1.0,
+                    "smoothed_ms": 0.9,
+                    "histogram": [[1000.0, 30]],
+                },
+                "backend": {
+                    "open": 3,
+                    "in_use": 0,
+                    "waiting": 0,
+                    "limit": 8,
+                    "connects": 3,
+                    "failovers": 0,
+                    "down": [],
+                },
+            }
+        },
+        pid=os.getppid(),
+    )
     services = reader.aggregate([one, two])
     table = services["proxymap"]["tables"]["mysql:/m.cf"]
     assert (table["lookups"], table["hits"], table["retry"], table["workers"]) == (40, 38, 1, 2)
     assert table["latency"]["p50_ms"] == 1.0 and table["latency"]["p99_ms"] == 2.828
     assert table["latency"]["max_ms"] == 3.0 and table["latency"]["smoothed_ms"] == 2.0
-    assert table["backend"] == {"open": 5, "in_use": 1, "waiting": 0, "limit": 16,
-                                "connects": 6, "failovers": 1,
-                                "down": ["inet:db1:3306: refused"]}
+    assert table["backend"] == {
+        "open": 5,
+        "in_use": 1,
+        "waiting": 0,
+        "limit": 16,
+        "connects": 6,
+        "failovers": 1,
+        "down": ["inet:db1:3306: refused"],
+    }
     text = reader.format_statistics({"directory": "d", "services": services})
     assert "   40  95.0       1      1      0     0    1.00    2.83    3.00    5/16" in text
     assert "down: inet:db1:3306: refused" in text and "failovers: 1" in text
     assert "cache: hits 3, misses 1, coalesced 0, stale 0, evictions 0, size 1" in text
     assert "  3/100 " in text
-    assert "no worker statistics" in reader.format_statistics({"directory": "d",
-                                                              "services": {}})
+    assert "no worker statistics" in reader.format_statistics({"directory": "d", "services": {}})
 
 
 def test_the_directory_belongs_to_mail_owner(tmp_path, monkeypatch):

@@ -50,9 +50,11 @@ MASTER = str(VENV_BIN / "proxymap-master")
 SLOW_SERVER = Path(__file__).parent / "bench" / "slow_socketmap.py"
 DELAY_MS = 150
 DENIED = "texthash:/nonexistent/denied"
-SETTINGS = {"pyproxymap_verbose_proctitle": "yes",
-            "pyproxymap_slow_table_threshold": "100ms",
-            "pyproxymap_socketmap_timeout": "5"}
+SETTINGS = {
+    "pyproxymap_verbose_proctitle": "yes",
+    "pyproxymap_slow_table_threshold": "100ms",
+    "pyproxymap_socketmap_timeout": "5",
+}
 
 
 def wait_for(predicate: Callable[[], object], timeout: float = 10.0, what: str = "") -> object:
@@ -104,8 +106,7 @@ class Tables:
 
     @property
     def proxy_read_maps(self) -> str:
-        return " ".join(f"proxy:{name}" for name in (self.warm, self.aliases, self.slow,
-                                                     self.dead))
+        return " ".join(f"proxy:{name}" for name in (self.warm, self.aliases, self.slow, self.dead))
 
     def drive(self, lookup: Callable[[str, str], int]) -> None:
         """Known traffic; ``lookup(table, key)`` answers the status."""
@@ -117,10 +118,12 @@ class Tables:
 
     def check(self, tables: dict) -> None:
         """The figures of ``drive`` (the warm-up table aside), summed over the workers."""
+
         def counts(name: str) -> tuple[int, ...]:
             figures = tables[name]
-            return tuple(figures[field] for field in ("lookups", "hits", "misses", "retry",
-                                                      "config", "deny"))
+            return tuple(
+                figures[field] for field in ("lookups", "hits", "misses", "retry", "config", "deny")
+            )
 
         assert counts(self.aliases) == (4, 3, 1, 0, 0, 0)
         assert counts(DENIED) == (0, 0, 0, 0, 0, 2)
@@ -143,8 +146,10 @@ class Tables:
 
     def ready(self, tables: dict) -> bool:
         """The snapshot holds all of ``drive`` (it is written once a second)."""
-        return all(name in tables for name in (self.aliases, DENIED, self.slow, self.dead)) \
+        return (
+            all(name in tables for name in (self.aliases, DENIED, self.slow, self.dead))
             and tables[self.dead]["lookups"] == 3
+        )
 
 
 def status_of(client: ProxymapClient, table: str, key: str) -> int:
@@ -155,21 +160,29 @@ def proc_title(pid: int) -> str:
     return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
 
 
-TITLE = re.compile(r"\[(\d+) clients, (\d+) busy, (\d+) lookups, (\d+) retry, "
-                   r"(\d+)/100 served\]$")
+TITLE = re.compile(
+    r"\[(\d+) clients, (\d+) busy, (\d+) lookups, (\d+) retry, "
+    r"(\d+)/100 served\]$"
+)
 
 
 # --- under the real Postfix master ---------------------------------------------------------------
 def query_stats(conf: Path) -> dict:
-    done = subprocess.run([QUERY, "-c", str(conf), "--stats", "--json"], capture_output=True,
-                          text=True, timeout=30, check=True)
+    done = subprocess.run(
+        [QUERY, "-c", str(conf), "--stats", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
     return json.loads(done.stdout)
 
 
 def test_figures_under_the_postfix_master(slow_server):
     ensure_postfix()
-    instance = PrivatePostfix(proxymap_program=OUR_PROXYMAP, name="stats-worker",
-                              proxymap_maxproc="1", main_cf=SETTINGS)
+    instance = PrivatePostfix(
+        proxymap_program=OUR_PROXYMAP, name="stats-worker", proxymap_maxproc="1", main_cf=SETTINGS
+    )
     tables = Tables(instance.tables, slow_server)
     instance.proxy_read_maps = tables.proxy_read_maps
     settle_files(instance.tables)
@@ -178,9 +191,14 @@ def test_figures_under_the_postfix_master(slow_server):
         [pid] = instance.wait_for_workers()
         with instance.client() as client:
             tables.drive(lambda table, key: status_of(client, table, key))
-            figures = wait_for(lambda: (f := query_stats(instance.conf_dir))["services"]
-                               and tables.ready(f["services"]["proxymap"]["tables"]) and f,
-                               what="the snapshot")
+            figures = wait_for(
+                lambda: (
+                    (f := query_stats(instance.conf_dir))["services"]
+                    and tables.ready(f["services"]["proxymap"]["tables"])
+                    and f
+                ),
+                what="the snapshot",
+            )
             service = figures["services"]["proxymap"]
             tables.check(service["tables"])
             [worker] = service["workers"]
@@ -188,16 +206,24 @@ def test_figures_under_the_postfix_master(slow_server):
             assert worker["max_use"] == 100
             # The title: refreshed by the same tick, with the same figures.
             lookups = sum(t["lookups"] for t in service["tables"].values())
-            title = wait_for(lambda: (m := TITLE.search(proc_title(pid)))
-                             and int(m.group(3)) == lookups and m, what="the process title")
+            title = wait_for(
+                lambda: (m := TITLE.search(proc_title(pid))) and int(m.group(3)) == lookups and m,
+                what="the process title",
+            )
             assert proc_title(pid).startswith("proxymap ")
             clients, busy, _, retry, uses = map(int, title.groups())
             assert (clients, busy, retry) == (1, 0, 3)
             assert uses == worker["connections_served"]
-        text = subprocess.run([QUERY, "-c", str(instance.conf_dir), "--stats"],
-                              capture_output=True, text=True, timeout=30, check=True).stdout
-        assert re.search(rf"\s4\s+75\.0\s+1\s+0\s+0\s+0\s.*{re.escape(tables.aliases)}$",
-                         text, re.M), text
+        text = subprocess.run(
+            [QUERY, "-c", str(instance.conf_dir), "--stats"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout
+        assert re.search(
+            rf"\s4\s+75\.0\s+1\s+0\s+0\s+0\s.*{re.escape(tables.aliases)}$", text, re.M
+        ), text
         assert f"down: inet:127.0.0.1:{tables.dead.split(':')[3]}: " in text
         log = instance.maillog()
         slow_lines = [line for line in log.splitlines() if "is slow" in line]
@@ -213,9 +239,14 @@ def test_figures_under_the_postfix_master(slow_server):
         assert not (directory / f"{pid}.json").exists()
         assert instance.postmap_q("alice", f"proxy:{tables.aliases}") == (0, "alice@example.com")
         [new_pid] = instance.wait_for_workers()
-        figures = wait_for(lambda: (f := query_stats(instance.conf_dir))["services"]
-                           and f["services"]["proxymap"]["tables"] and f,
-                           what="the new worker's snapshot")
+        figures = wait_for(
+            lambda: (
+                (f := query_stats(instance.conf_dir))["services"]
+                and f["services"]["proxymap"]["tables"]
+                and f
+            ),
+            what="the new worker's snapshot",
+        )
         [worker] = figures["services"]["proxymap"]["workers"]
         assert worker["pid"] == new_pid != pid
         aliases = figures["services"]["proxymap"]["tables"][tables.aliases]
@@ -247,21 +278,32 @@ class OurMaster:
             "compatibility_level = 3.6\n"
             "queue_directory = $config_directory/../queue\n"
             "daemon_directory = $config_directory/../daemon\n"
-            f"proxy_read_maps = {self.tables.proxy_read_maps}\n" + settings)
+            f"proxy_read_maps = {self.tables.proxy_read_maps}\n" + settings
+        )
         (self.conf / "master.cf").write_text(
-            "proxymap unix - - n - 2 proxymap -o pyproxymap_prefork=2\n")
+            "proxymap unix - - n - 2 proxymap -o pyproxymap_prefork=2\n"
+        )
         settle_files(self.conf, table_dir)
         self.process: subprocess.Popen | None = None
 
     def cli(self, *args: str, timeout: float = 30) -> subprocess.CompletedProcess:
-        return subprocess.run([MASTER, "-c", str(self.conf), *args], capture_output=True,
-                              text=True, timeout=timeout, check=False)
+        return subprocess.run(
+            [MASTER, "-c", str(self.conf), *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
 
     def start(self) -> None:
         with open(self.root / "master.log", "ab") as log:
-            self.process = subprocess.Popen([MASTER, "-c", str(self.conf), "start"],
-                                            stdout=log, stderr=log, stdin=subprocess.DEVNULL,
-                                            start_new_session=True)
+            self.process = subprocess.Popen(
+                [MASTER, "-c", str(self.conf), "start"],
+                stdout=log,
+                stderr=log,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
         wait_for(lambda: self.postmap(self.tables.warm, "ready") == 0, 20, "our master")
 
     def postmap(self, table: str, key: str) -> int | str:
@@ -304,9 +346,14 @@ def test_figures_under_our_master(slow_server):
     try:
         master.start()
         tables.drive(lambda table, key: postmap_status(master, table, key))
-        state = wait_for(lambda: (s := master.status())["statistics"]["services"]
-                         and tables.ready(s["statistics"]["services"]["proxymap"]["tables"])
-                         and s, what="the snapshots")
+        state = wait_for(
+            lambda: (
+                (s := master.status())["statistics"]["services"]
+                and tables.ready(s["statistics"]["services"]["proxymap"]["tables"])
+                and s
+            ),
+            what="the snapshots",
+        )
         service = state["statistics"]["services"]["proxymap"]
         tables.check(service["tables"])
         generation = state["generation"]
@@ -317,11 +364,16 @@ def test_figures_under_our_master(slow_server):
         text = master.cli("status")
         assert text.returncode == 0, text.stderr
         assert "LOOKUPS  HIT%" in text.stdout and tables.slow in text.stdout
-        assert re.search(r"^\s+3\s+0\.0\s+0\s+3\s+0\s+0\s.*" + re.escape(tables.dead) + "$",
-                         text.stdout, re.M), text.stdout
+        assert re.search(
+            r"^\s+3\s+0\.0\s+0\s+3\s+0\s+0\s.*" + re.escape(tables.dead) + "$", text.stdout, re.M
+        ), text.stdout
 
-        watch = subprocess.Popen([MASTER, "-c", str(master.conf), "status", "--watch", "0.3"],
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        watch = subprocess.Popen(
+            [MASTER, "-c", str(master.conf), "status", "--watch", "0.3"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         time.sleep(2.0)
         watch.send_signal(signal.SIGINT)
         output, _ = watch.communicate(timeout=10)
@@ -330,15 +382,25 @@ def test_figures_under_our_master(slow_server):
 
         # A reload retires the workers; their figures go with them.
         assert master.cli("reload").returncode == 0
-        wait_for(lambda: (s := master.status())["generation"] > generation
-                 and all(w["generation"] > generation
-                         for w in s["statistics"]["services"].get("proxymap",
-                                                                  {}).get("workers", [])),
-                 what="the old generation's snapshots to go")
+        wait_for(
+            lambda: (
+                (s := master.status())["generation"] > generation
+                and all(
+                    w["generation"] > generation
+                    for w in s["statistics"]["services"].get("proxymap", {}).get("workers", [])
+                )
+            ),
+            what="the old generation's snapshots to go",
+        )
         assert master.postmap(tables.aliases, "alice") == 0
-        state = wait_for(lambda: (s := master.status())["statistics"]["services"]
-                         and tables.aliases in s["statistics"]["services"]["proxymap"]["tables"]
-                         and s, what="the new generation's figures")
+        state = wait_for(
+            lambda: (
+                (s := master.status())["statistics"]["services"]
+                and tables.aliases in s["statistics"]["services"]["proxymap"]["tables"]
+                and s
+            ),
+            what="the new generation's figures",
+        )
         aliases = state["statistics"]["services"]["proxymap"]["tables"][tables.aliases]
         assert (aliases["lookups"], aliases["hits"]) == (1, 1)
     finally:

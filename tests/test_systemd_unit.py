@@ -16,9 +16,12 @@ UNIT = Path(__file__).resolve().parent.parent / "conf" / "pyproxymap.service"
 def systemd_analyze() -> str:
     found = shutil.which("systemd-analyze")
     if found is None and os.geteuid() == 0:
-        subprocess.run(["apt-get", "install", "-y", "-q", "systemd"], check=False,
-                       env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
-                       capture_output=True)
+        subprocess.run(
+            ["apt-get", "install", "-y", "-q", "systemd"],
+            check=False,
+            env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
+            capture_output=True,
+        )
         found = shutil.which("systemd-analyze")
     if found is None:
         pytest.skip("systemd-analyze is not installed (package systemd)")
@@ -27,8 +30,12 @@ def systemd_analyze() -> str:
 
 def test_unit_is_type_notify_with_reload_and_limits():
     text = UNIT.read_text()
-    for line in ("Type=notify", "ExecReload=/bin/kill -HUP $MAINPID", "KillMode=mixed",
-                 "LimitNOFILE=65536"):
+    for line in (
+        "Type=notify",
+        "ExecReload=/bin/kill -HUP $MAINPID",
+        "KillMode=mixed",
+        "LimitNOFILE=65536",
+    ):
         assert line in text.splitlines(), line
 
 
@@ -37,7 +44,6 @@ def test_systemd_analyze_verify_accepts_the_unit(tmp_path):
     venv_bin = Path(sys.executable).parent
     unit = tmp_path / "pyproxymap.service"
     unit.write_text(UNIT.read_text().replace("/opt/pyproxymap/bin", str(venv_bin)))
-    done = subprocess.run([tool, "verify", str(unit)], capture_output=True, text=True,
-                          timeout=60)
+    done = subprocess.run([tool, "verify", str(unit)], capture_output=True, text=True, timeout=60)
     problems = [line for line in done.stderr.splitlines() if "pyproxymap.service" in line]
     assert done.returncode == 0 and not problems, done.stderr

@@ -127,6 +127,7 @@ def oracle_outcomes(queries: list[tuple[str, str]]) -> list[tuple[str, str]]:
 
 # --- 1. differential: vectors and every source key -------------------------------------
 
+
 @pytest.mark.postfix
 @pytest.mark.parametrize("dict_type", INDEXED_TYPES)
 def test_vector_rows_match_postmap(vector_work, dict_type):
@@ -167,8 +168,9 @@ def test_every_source_key_matches_postmap(vector_work, tmp_path, dict_type, sour
 
 
 @pytest.mark.postfix
-@pytest.mark.parametrize("spec_name", ["hash:aliases", "btree:aliases.bt", "lmdb:aliases",
-                                       "cdb:aliases"])
+@pytest.mark.parametrize(
+    "spec_name", ["hash:aliases", "btree:aliases.bt", "lmdb:aliases", "cdb:aliases"]
+)
 def test_postalias_tables_match_postmap(vector_work, spec_name):
     dict_type, _, name = spec_name.partition(":")
     spec = f"{dict_type}:{vector_work / name}"
@@ -180,6 +182,7 @@ def test_postalias_tables_match_postmap(vector_work, spec_name):
 
 
 # --- open flags and open errors ---------------------------------------------------------
+
 
 @pytest.mark.postfix
 @pytest.mark.parametrize("dict_type", INDEXED_TYPES)
@@ -238,6 +241,7 @@ def test_cdb_is_unavailable_for_read_write(vector_work):
 
 # --- NUL convention, folding, values ---------------------------------------------------
 
+
 @pytest.mark.postfix
 @pytest.mark.parametrize("dict_type", INDEXED_TYPES)
 @pytest.mark.parametrize("option, learned", [("-N", F.TRY1NULL), ("-n", F.TRY0NULL)])
@@ -294,6 +298,7 @@ def test_values_are_cut_at_the_first_nul(tmp_path):
 
 # --- sequence --------------------------------------------------------------------------
 
+
 @pytest.mark.postfix
 @pytest.mark.parametrize("dict_type", ["hash", "btree", "lmdb"])
 def test_sequence_matches_postmap_s(vector_work, dict_type):
@@ -321,6 +326,7 @@ def test_cdb_sequence_is_file_order(vector_work):
 
 
 # --- 2. our writes are read identically by postmap -------------------------------------
+
 
 @pytest.mark.postfix
 @pytest.mark.parametrize("dict_type", WRITABLE_TYPES)
@@ -429,8 +435,9 @@ def test_cdb_writer_output_is_read_by_postmap(tmp_path):
     assert answers == {k.decode(): v.decode() for k, v in items}
     assert cdb_hash(b"") == 5381
     # And our reader agrees with the tinycdb file postmap writes.
-    postmap_spec = build_table("cdb", tmp_path / "theirs", [(k.decode(), v.decode())
-                                                            for k, v in items])
+    postmap_spec = build_table(
+        "cdb", tmp_path / "theirs", [(k.decode(), v.decode()) for k, v in items]
+    )
     reader = CdbReader.open(str(table_file(postmap_spec)))
     assert list(reader) == items
     assert all(reader.get(k) == v for k, v in items)
@@ -439,6 +446,7 @@ def test_cdb_writer_output_is_read_by_postmap(tmp_path):
 
 
 # --- 3. change detection and rebuilds while reading ------------------------------------
+
 
 @pytest.mark.postfix
 @pytest.mark.parametrize("dict_type", INDEXED_TYPES)
@@ -515,8 +523,12 @@ def test_a_writer_lock_makes_an_access_busy_not_blocked(tmp_path, dict_type):
     set_request(table, CLIENT_LOOKUP_FLAGS)
     assert table.lookup(b"k") == b"one"
     style = "lockf" if dict_type == "lmdb" else "flock"
-    holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(table_file(spec)), style],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", LOCK_HOLDER, str(table_file(spec)), style],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline() == "locked\n"
         set_request(table, CLIENT_LOOKUP_FLAGS)
@@ -631,7 +643,10 @@ def test_no_wrong_answer_from_another_process(tmp_path, dict_type):
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
     reader = subprocess.Popen(
         [sys.executable, str(script), f"{dict_type}:{source}", str(finished_file), "2.5"],
-        stdout=subprocess.PIPE, env=env, text=True)
+        stdout=subprocess.PIPE,
+        env=env,
+        text=True,
+    )
     deadline = time.time() + 2.5
     version = 0
     while time.time() < deadline:
@@ -648,6 +663,7 @@ def test_no_wrong_answer_from_another_process(tmp_path, dict_type):
 
 # --- 4. benchmark stays importable and sane --------------------------------------------
 
+
 @pytest.mark.postfix
 def test_benchmark_function_runs(tmp_path):
     require_postmap()
@@ -660,6 +676,7 @@ def test_benchmark_function_runs(tmp_path):
 
 
 # --- several instances of one file in one process --------------------------------------
+
 
 @pytest.mark.postfix
 def test_lmdb_instances_share_one_environment(tmp_path):

@@ -50,8 +50,7 @@ PROPERTY_SETTINGS = settings(
 plain_keys = st.text(KEY_CHARS, min_size=1, max_size=24)
 quoted_keys = st.builds(
     lambda words, domain: '"' + " ".join(words) + '"@' + domain,
-    st.lists(st.text(KEY_CHARS.replace('"', ""), min_size=1, max_size=8), min_size=2,
-             max_size=3),
+    st.lists(st.text(KEY_CHARS.replace('"', ""), min_size=1, max_size=8), min_size=2, max_size=3),
     st.text(string.ascii_lowercase, min_size=1, max_size=8),
 )
 keys = st.one_of(plain_keys, plain_keys, quoted_keys)
@@ -152,8 +151,11 @@ def test_our_updates_are_read_by_postmap(written, removed):
             assert sorted(dump(spec)) == sorted(expected.items())
             asked = [k for k, _ in written]
             answers = query_many(spec, asked)
-            assert answers == {k: expected[client_folded_key(k).decode()] for k in asked
-                               if client_folded_key(k).decode() in expected}
+            assert answers == {
+                k: expected[client_folded_key(k).decode()]
+                for k in asked
+                if client_folded_key(k).decode() in expected
+            }
             reader = open_indexed(spec)
             reader.flags = (reader.flags & ~F.RQST_MASK) | CLIENT_LOOKUP_FLAGS
             for key in asked:
@@ -162,8 +164,10 @@ def test_our_updates_are_read_by_postmap(written, removed):
 
 
 @settings(max_examples=60, deadline=None)
-@given(items=st.lists(st.tuples(st.binary(max_size=30), st.binary(max_size=60)), max_size=80),
-       absent=st.lists(st.binary(max_size=30), max_size=10))
+@given(
+    items=st.lists(st.tuples(st.binary(max_size=30), st.binary(max_size=60)), max_size=80),
+    absent=st.lists(st.binary(max_size=30), max_size=10),
+)
 def test_cdb_round_trip(items, absent):
     """Our cdb writer and reader agree: first record wins, iteration is file order."""
     with tempfile.TemporaryDirectory(prefix="indexed-cdb-") as tmp:

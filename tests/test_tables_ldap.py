@@ -263,9 +263,11 @@ class TlsSlapd(PrivateSlapd):
 
     def config_text(self) -> str:
         text = super().config_text()
-        tls = (f'TLSCACertificateFile "{self.ca_path}"\n'
-               f'TLSCertificateFile "{self.cert_path}"\n'
-               f'TLSCertificateKeyFile "{self.key_path}"\n')
+        tls = (
+            f'TLSCACertificateFile "{self.ca_path}"\n'
+            f'TLSCertificateFile "{self.cert_path}"\n'
+            f'TLSCertificateKeyFile "{self.key_path}"\n'
+        )
         return text.replace("moduleload back_mdb\n", "moduleload back_mdb\n" + tls, 1)
 
     def _prepare(self) -> None:
@@ -273,9 +275,21 @@ class TlsSlapd(PrivateSlapd):
         super()._prepare()
 
     def _launch(self) -> None:
-        self._popen([slapd_program(), "-d", self.debug, "-f", str(self.conf_path),
-                     "-h", f"{self.url} {self.ldaps_url} {self.ldapi_url}",
-                     "-u", "openldap", "-g", "openldap"])
+        self._popen(
+            [
+                slapd_program(),
+                "-d",
+                self.debug,
+                "-f",
+                str(self.conf_path),
+                "-h",
+                f"{self.url} {self.ldaps_url} {self.ldapi_url}",
+                "-u",
+                "openldap",
+                "-g",
+                "openldap",
+            ]
+        )
 
 
 def slapd_program() -> str:
@@ -289,12 +303,53 @@ def make_certificates(directory: Path, ca: Path, cert: Path, key: Path) -> None:
     extensions = directory / "server.ext"
     extensions.write_text("subjectAltName = IP:127.0.0.1\n")
     for command in (
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-         "-subj", "/CN=pyproxymap test CA", "-keyout", str(ca_key), "-out", str(ca)],
-        ["openssl", "req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1",
-         "-keyout", str(key), "-out", str(request)],
-        ["openssl", "x509", "-req", "-in", str(request), "-CA", str(ca), "-CAkey", str(ca_key),
-         "-CAcreateserial", "-days", "2", "-extfile", str(extensions), "-out", str(cert)],
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=pyproxymap test CA",
+            "-keyout",
+            str(ca_key),
+            "-out",
+            str(ca),
+        ],
+        [
+            "openssl",
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(request),
+        ],
+        [
+            "openssl",
+            "x509",
+            "-req",
+            "-in",
+            str(request),
+            "-CA",
+            str(ca),
+            "-CAkey",
+            str(ca_key),
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            str(extensions),
+            "-out",
+            str(cert),
+        ],
     ):
         run_client(command, cwd=directory)
     openldap = pwd.getpwnam("openldap")
@@ -313,58 +368,56 @@ bind = no
 CONFIGS: dict[str, str] = {
     "basic": BASIC,
     "simplebind": "server_host = {url}\nsearch_base = dc=example,dc=com\n"
-                  "bind_dn = uid=alice,ou=people,dc=example,dc=com\nbind_pw = alicepw\n",
+    "bind_dn = uid=alice,ou=people,dc=example,dc=com\nbind_pw = alicepw\n",
     "badbind": "server_host = {url}\nsearch_base = dc=example,dc=com\n"
-               "bind_dn = uid=alice,ou=people,dc=example,dc=com\nbind_pw = wrong\n",
+    "bind_dn = uid=alice,ou=people,dc=example,dc=com\nbind_pw = wrong\n",
     "anonbind": "server_host = {url}\nsearch_base = dc=example,dc=com\n",
     "version2": "server_host = {url}\nsearch_base = dc=example,dc=com\nversion = 2\n",
     "version2nobind": BASIC + "version = 2\n",
     "hostport": "server_host = 127.0.0.1:{port}\nsearch_base = dc=example,dc=com\nbind = no\n",
     "serverport": "server_host = 127.0.0.1\nserver_port = {port}\n"
-                  "search_base = dc=example,dc=com\nbind = no\n",
+    "search_base = dc=example,dc=com\nbind = no\n",
     "ldapi": "server_host = {ldapi}\nsearch_base = dc=example,dc=com\nbind = no\n",
     "sasl": "server_host = {ldapi}\nsearch_base = dc=example,dc=com\nbind = sasl\n"
-            "sasl_mechs = EXTERNAL\nversion = 3\n",
+    "sasl_mechs = EXTERNAL\nversion = 3\n",
     "failover": "server_host = ldap://127.0.0.1:{dead}, ldap://127.0.0.1:{port}\n"
-                "search_base = dc=example,dc=com\nbind = no\n",
+    "search_base = dc=example,dc=com\nbind = no\n",
     "alldead": "server_host = ldap://127.0.0.1:{dead} ldap://127.0.0.1:{dead2}\n"
-               "search_base = dc=example,dc=com\nbind = no\ntimeout = 2\n",
+    "search_base = dc=example,dc=com\nbind = no\ntimeout = 2\n",
     "special": BASIC + "terminal_result_attribute = mailForwardingAddress\n"
-                       "leaf_result_attribute = mail\nresult_attribute = maildrop\n"
-                       "special_result_attribute = member, labeledURI\n",
+    "leaf_result_attribute = mail\nresult_attribute = maildrop\n"
+    "special_result_attribute = member, labeledURI\n",
     "recursion": BASIC + "special_result_attribute = member\nrecursion_limit = 5\n",
     "recursion1": BASIC + "special_result_attribute = member\nrecursion_limit = 1\n",
     "baddn": BASIC + "special_result_attribute = description\n",
     "domain": BASIC + "domain = example.com, example.net\n",
     "expansion1": BASIC + "expansion_limit = 1\n",
     "expansion2": BASIC + "expansion_limit = 2\nsize_limit = 0\n"
-                          "special_result_attribute = member\n",
+    "special_result_attribute = member\n",
     "size1": BASIC + "size_limit = 1\n",
     "dynbase": "server_host = {url}\nsearch_base = ou=%d, ou=domains, dc=example, dc=com\n"
-               "query_filter = (uid=%u)\nbind = no\n",
+    "query_filter = (uid=%u)\nbind = no\n",
     "userbase": "server_host = {url}\nsearch_base = uid=%u,ou=people,dc=example,dc=com\n"
-                "scope = base\nbind = no\n",
-    "staticmissing": "server_host = {url}\nsearch_base = ou=missing,dc=example,dc=com\n"
-                     "bind = no\n",
+    "scope = base\nbind = no\n",
+    "staticmissing": "server_host = {url}\nsearch_base = ou=missing,dc=example,dc=com\nbind = no\n",
     "scopeone": "server_host = {url}\nsearch_base = dc=example,dc=com\nscope = one\nbind = no\n",
     "scopeonepeople": "server_host = {url}\nsearch_base = ou=people,dc=example,dc=com\n"
-                      "scope = ONE\nbind = no\n",
+    "scope = ONE\nbind = no\n",
     "scopebogus": BASIC + "scope = bogus\n",
     "format": BASIC + "result_format = smtp:[%s]\n",
     "formatparts": BASIC + "result_format = %u at %d\n",
     "formatkey": BASIC + "result_filter = %s key=%S user=%U dom=%D tld=%1\n",
     "formatempty": BASIC + "result_format =\n",
     "filterparts": "server_host = {url}\nsearch_base = dc=example,dc=com\nbind = no\n"
-                   "query_filter = (&(objectClass=mailUser)(mailacceptinggeneralid=%u@%2.%1))\n",
+    "query_filter = (&(objectClass=mailUser)(mailacceptinggeneralid=%u@%2.%1))\n",
     "multiattr": BASIC + "result_attribute = maildrop mail, mailacceptinggeneralid\n",
     "deref0": "server_host = {url}\nsearch_base = uid=%u,ou=aliases,dc=example,dc=com\n"
-              "scope = base\nquery_filter = (objectClass=*)\nbind = no\n",
+    "scope = base\nquery_filter = (objectClass=*)\nbind = no\n",
     "deref3": "server_host = {url}\nsearch_base = uid=%u,ou=aliases,dc=example,dc=com\n"
-              "scope = base\nquery_filter = (objectClass=*)\nbind = no\ndereference = 3\n",
-    "referral": "server_host = {url}\nsearch_base = ou=elsewhere,dc=example,dc=com\n"
-                "bind = no\n",
+    "scope = base\nquery_filter = (objectClass=*)\nbind = no\ndereference = 3\n",
+    "referral": "server_host = {url}\nsearch_base = ou=elsewhere,dc=example,dc=com\nbind = no\n",
     "chase": "server_host = {url}\nsearch_base = ou=elsewhere,dc=example,dc=com\n"
-             "bind = no\nchase_referrals = yes\n",
+    "bind = no\nchase_referrals = yes\n",
     "chaseroot": BASIC + "chase_referrals = yes\n",
     "badfilter": BASIC + "query_filter = (&(mailacceptinggeneralid=%s)\n",
     "timeout0": BASIC + "timeout = 0\n",
@@ -372,11 +425,11 @@ CONFIGS: dict[str, str] = {
     "starttls": BASIC + "start_tls = yes\ntls_ca_cert_file = {ca}\ntls_require_cert = yes\n",
     "starttlsv2": BASIC + "start_tls = yes\nversion = 2\ntls_ca_cert_file = {ca}\n",
     "starttlsunknownca": BASIC + "start_tls = yes\ntls_require_cert = yes\n"
-                                 "tls_ca_cert_file = {otherca}\n",
+    "tls_ca_cert_file = {otherca}\n",
     "ldaps": "server_host = {ldaps}\nsearch_base = dc=example,dc=com\nbind = no\n"
-             "tls_ca_cert_file = {ca}\ntls_require_cert = yes\nversion = 2\n",
+    "tls_ca_cert_file = {ca}\ntls_require_cert = yes\nversion = 2\n",
     "ldapsnoverify": "server_host = {ldaps}\nsearch_base = dc=example,dc=com\n"
-                     "special_result_attribute = member\n",
+    "special_result_attribute = member\n",
 }
 
 ALICE = "alice@mail.example.com"
@@ -385,11 +438,18 @@ BOB = "bob1@mail.example.com,bob2@mail.example.com"
 # name -> [(key, expected direct answer: value, None = not found, or ERROR)]
 CASES: dict[str, list[tuple[str, str | None]]] = {
     "basic": [
-        ("alice@example.com", ALICE), ("ALICE@Example.COM", ALICE), ("bob@example.com", BOB),
-        ("nobody@example.com", None), ("alice", None),
+        ("alice@example.com", ALICE),
+        ("ALICE@Example.COM", ALICE),
+        ("bob@example.com", BOB),
+        ("nobody@example.com", None),
+        ("alice", None),
         ("shared@example.com", "term-drop@example.com,plain-drop@example.com"),
         ("st*r(x)\\y@example.com", "meta-ok@example.com"),
-        ("st*", None), ("*", None), ("*@example.com", None), ("(x)", None), ("\\", None),
+        ("st*", None),
+        ("*", None),
+        ("*@example.com", None),
+        ("(x)", None),
+        ("\\", None),
         ("ünï@example.com", "ünï@mail.example.com"),
         ("ÜNÏ@EXAMPLE.COM", "ünï@mail.example.com"),
         ("tagged@example.com", "tagged-plain@example.com,tagged-de@example.com"),
@@ -415,35 +475,61 @@ CASES: dict[str, list[tuple[str, str | None]]] = {
         ("shared@example.com", "term-fwd@example.com"),
         ("staff@example.com", f"staff-owner@example.com,{ALICE},{BOB},bob-leaf@example.com"),
         # ... and "not a leaf": plain2's leaf attribute is skipped after staff.
-        ("leafy@example.com", f"staff-owner@example.com,{ALICE},{BOB},bob-leaf@example.com,"
-                              "plain2-drop@example.com"),
+        (
+            "leafy@example.com",
+            f"staff-owner@example.com,{ALICE},{BOB},bob-leaf@example.com,plain2-drop@example.com",
+        ),
         ("dyn@example.com", f"{ALICE},{BOB}"),
         ("badurl@example.com", ERROR),
     ],
-    "recursion": [("loop@example.com", ERROR), ("staff@example.com",
-                                                  f"staff-owner@example.com,{ALICE},{BOB}")],
+    "recursion": [
+        ("loop@example.com", ERROR),
+        ("staff@example.com", f"staff-owner@example.com,{ALICE},{BOB}"),
+    ],
     "recursion1": [("staff@example.com", ERROR), ("bob@example.com", BOB)],
     "baddn": [("baddn@example.com", ERROR), ("alice@example.com", ALICE)],
-    "domain": [("alice@example.com", ALICE), ("alice@other.org", None), ("alice", None),
-               ("@example.com", None), ("alice@EXAMPLE.com", ALICE)],
-    "expansion1": [("alice@example.com", ALICE), ("bob@example.com", ERROR),
-                   ("shared@example.com", ERROR)],
-    "expansion2": [("bob@example.com", BOB),
-                   ("shared@example.com", "term-drop@example.com,plain-drop@example.com"),
-                   ("staff@example.com", ERROR)],
+    "domain": [
+        ("alice@example.com", ALICE),
+        ("alice@other.org", None),
+        ("alice", None),
+        ("@example.com", None),
+        ("alice@EXAMPLE.com", ALICE),
+    ],
+    "expansion1": [
+        ("alice@example.com", ALICE),
+        ("bob@example.com", ERROR),
+        ("shared@example.com", ERROR),
+    ],
+    "expansion2": [
+        ("bob@example.com", BOB),
+        ("shared@example.com", "term-drop@example.com,plain-drop@example.com"),
+        ("staff@example.com", ERROR),
+    ],
     "size1": [("bob@example.com", BOB), ("shared@example.com", ERROR)],
-    "dynbase": [("alice@example.com", "alice@domains.example"), ("bob@example.com", None),
-                ("alice@nodomain.org", None), ("alice", None), ("@example.com", None),
-                ("quoted@a,b+c", "quoted-ok@example.com")],
-    "userbase": [("alice@example.com", ALICE), ("alice@anything", None), ("bob@example.com", BOB),
-                 ("ghost@example.com", None), ("alice", None)],
+    "dynbase": [
+        ("alice@example.com", "alice@domains.example"),
+        ("bob@example.com", None),
+        ("alice@nodomain.org", None),
+        ("alice", None),
+        ("@example.com", None),
+        ("quoted@a,b+c", "quoted-ok@example.com"),
+    ],
+    "userbase": [
+        ("alice@example.com", ALICE),
+        ("alice@anything", None),
+        ("bob@example.com", BOB),
+        ("ghost@example.com", None),
+        ("alice", None),
+    ],
     "staticmissing": [("alice@example.com", ERROR)],
     "scopeone": [("alice@example.com", None)],
     "scopeonepeople": [("alice@example.com", ALICE)],
     "scopebogus": [("alice@example.com", ALICE)],
     "format": [("bob@example.com", "smtp:[bob1@mail.example.com],smtp:[bob2@mail.example.com]")],
-    "formatparts": [("parts@example.com", "first at one.example,last at two.example"),
-                    ("alice@example.com", "alice at mail.example.com")],
+    "formatparts": [
+        ("parts@example.com", "first at one.example,last at two.example"),
+        ("alice@example.com", "alice at mail.example.com"),
+    ],
     "formatkey": [
         ("alice@example.com", f"{ALICE} key=alice@example.com user=alice dom=example.com tld=com"),
         ("alice", None),
@@ -493,20 +579,29 @@ def write_configs(target: Path, directory: TlsSlapd, spare: PrivateSlapd) -> dic
     ca, other_ca = target / "ca.pem", target / "other-ca.pem"
     shutil.copy(directory.ca_path, ca)
     make_certificates(target, other_ca, target / "other.pem", target / "other.key")
-    values = {"url": directory.url, "port": directory.port, "ldapi": directory.ldapi_url,
-              "ldaps": directory.ldaps_url, "ca": ca, "otherca": other_ca,
-              "dead": free_port(), "dead2": free_port()}
+    values = {
+        "url": directory.url,
+        "port": directory.port,
+        "ldapi": directory.ldapi_url,
+        "ldaps": directory.ldaps_url,
+        "ca": ca,
+        "otherca": other_ca,
+        "dead": free_port(),
+        "dead2": free_port(),
+    }
     files = {"ca": ca, "otherca": other_ca}
     for name, text in CONFIGS.items():
         files[name] = target / f"{name}.cf"
         files[name].write_text(text.format(**values))
     spare_url = spare.url
     files["spare"] = target / "spare.cf"
-    files["spare"].write_text(f"server_host = {spare_url}\nsearch_base = {SUFFIX}\nbind = no\n"
-                              "timeout = 2\n")
+    files["spare"].write_text(
+        f"server_host = {spare_url}\nsearch_base = {SUFFIX}\nbind = no\ntimeout = 2\n"
+    )
     files["hung"] = target / "hung.cf"
-    files["hung"].write_text(f"server_host = {spare_url}\nsearch_base = {SUFFIX}\nbind = no\n"
-                             "timeout = 2\n")
+    files["hung"].write_text(
+        f"server_host = {spare_url}\nsearch_base = {SUFFIX}\nbind = no\ntimeout = 2\n"
+    )
     for path in files.values():
         path.chmod(0o644)
     settle_files(*files.values())
@@ -520,18 +615,20 @@ def stack() -> Iterator[Stack]:
     assert OUR_PROXYMAP.exists(), f"our worker is not installed: {OUR_PROXYMAP}"
     directory = TlsSlapd()
     directory.ldif = directory_ldif(directory.port)
-    spare = PrivateSlapd(f"dn: uid=spare,{SUFFIX}\nobjectClass: account\nobjectClass: mailUser\n"
-                         "uid: spare\nmailacceptinggeneralid: spare@example.com\n"
-                         "maildrop: spare-ok@example.com\n")
-    ours = PrivatePostfix(proxymap_program=OUR_PROXYMAP, proxymap_maxproc="1",
-                          name="ldap-ours")
+    spare = PrivateSlapd(
+        f"dn: uid=spare,{SUFFIX}\nobjectClass: account\nobjectClass: mailUser\n"
+        "uid: spare\nmailacceptinggeneralid: spare@example.com\n"
+        "maildrop: spare-ok@example.com\n"
+    )
+    ours = PrivatePostfix(proxymap_program=OUR_PROXYMAP, proxymap_maxproc="1", name="ldap-ours")
     theirs = PrivatePostfix(name="ldap-c")
     try:
         directory.start()
         spare.start()
         cf = write_configs(ours.tables, directory, spare)
-        allowed = " ".join(f"proxy:ldap:{path}" for name, path in cf.items()
-                           if name not in ("ca", "otherca"))
+        allowed = " ".join(
+            f"proxy:ldap:{path}" for name, path in cf.items() if name not in ("ca", "otherca")
+        )
         ours.proxy_read_maps = theirs.proxy_read_maps = allowed
         ours.start()
         theirs.start()
@@ -597,8 +694,9 @@ def failing(stack: Stack) -> dict[tuple[str, str, str], str | None]:
     return {job: future.result() for job, future in jobs.items()}
 
 
-def answers(stack: Stack, failing: dict[tuple[str, str, str], str | None], kind: str,
-            name: str) -> dict[str, str | None]:
+def answers(
+    stack: Stack, failing: dict[tuple[str, str, str], str | None], kind: str, name: str
+) -> dict[str, str | None]:
     """Every key of CASES[name]: one batch for those expected to work."""
     instance, table = table_for(stack, kind, name)
     keys = [key for key, want in CASES[name] if want != ERROR]
@@ -637,13 +735,15 @@ class TestDifferential:
             assert reply["status"] == b"0"
             assert int(reply["flags"]) & F.IMPL_MASK == F.FIXED
 
+
 # ---------------------------------------------------------------------------------------
 # Failover, recovery, a hung directory (through our worker under the real master)
 # ---------------------------------------------------------------------------------------
 
 
-def wire_lookup(instance: PrivatePostfix, table: str, key: str,
-                timeout: float = 15) -> tuple[bytes, bytes | None]:
+def wire_lookup(
+    instance: PrivatePostfix, table: str, key: str, timeout: float = 15
+) -> tuple[bytes, bytes | None]:
     with instance.client(timeout=timeout) as client:
         reply = client.lookup(table, key)
     return reply["status"], reply.get("value")
@@ -758,19 +858,24 @@ async def burst(table: LdapTable, server: PrivateSlapd, count: int) -> Burst:
 class TestSharedConnections:
     @pytest.mark.parametrize("limit, count, connections", [(2, 50, 1), (1, 100, 1), (2, 150, 2)])
     def test_concurrent_lookups_share_connections(
-            self, slapd: PrivateSlapd, tmp_path: Path,  # noqa: F811
-            limit: int, count: int, connections: int) -> None:
+        self,
+        slapd: PrivateSlapd,  # noqa: F811
+        tmp_path: Path,
+        limit: int,
+        count: int,
+        connections: int,
+    ) -> None:
         slapd.add(ONE_ENTRY)
-        table = open_table(write_cf(tmp_path / "c.cf", slapd),
-                           pyproxymap_ldap_connections=str(limit))
+        table = open_table(
+            write_cf(tmp_path / "c.cf", slapd), pyproxymap_ldap_connections=str(limit)
+        )
         seen = asyncio.run(burst(table, slapd, count))
         # 64 lookups per connection: 150 need two, and the 22 beyond 128 wait for one.
         assert seen.connections == connections <= limit
         assert seen.pool_open == connections
         assert seen.results == [b"one-ok@example.com"] * count
 
-    def test_hung_lookups_leave_the_loop_free(
-            self, slapd: PrivateSlapd, tmp_path: Path) -> None:  # noqa: F811
+    def test_hung_lookups_leave_the_loop_free(self, slapd: PrivateSlapd, tmp_path: Path) -> None:  # noqa: F811
         slapd.add(ONE_ENTRY)
         table = open_table(write_cf(tmp_path / "h.cf", slapd, "timeout = 1\n"))
 
@@ -779,8 +884,9 @@ class TestSharedConnections:
             slapd.stop_signal()
             try:
                 began = time.monotonic()
-                tasks = [asyncio.ensure_future(table.alookup(b"one@example.com"))
-                         for _ in range(20)]
+                tasks = [
+                    asyncio.ensure_future(table.alookup(b"one@example.com")) for _ in range(20)
+                ]
                 lags = []
                 while not all(task.done() for task in tasks):
                     tick = time.monotonic()
@@ -814,14 +920,21 @@ class TestPieces:
         assert quote_filter_value(b"a*(b)\\c") == b"a\\2A\\28b\\29\\5Cc"
         assert quote_filter_value("ü@x".encode()) == "ü@x".encode()
         assert quote_dn_value(b' a#b+c,d;e<f>g"h\\i\t') == (
-            b"\\20a\\23b\\2Bc\\2Cd\\3Be\\3Cf\\3Eg\\22h\\5Ci\\09")
+            b"\\20a\\23b\\2Bc\\2Cd\\3Be\\3Cf\\3Eg\\22h\\5Ci\\09"
+        )
         assert quote_dn_value(b"plain=ok") == b"plain=ok"
 
-    @pytest.mark.parametrize("a1, a2, relation", [
-        ("maildrop", "maildrop", 1), ("MailDrop", "maildrop;lang-de", 1),
-        ("maildrop;lang-de", "maildrop", -1), ("mail", "maildrop", 0), ("maildrop", "mail", 0),
-        ("mail;x", "mail;y", 0),
-    ])
+    @pytest.mark.parametrize(
+        "a1, a2, relation",
+        [
+            ("maildrop", "maildrop", 1),
+            ("MailDrop", "maildrop;lang-de", 1),
+            ("maildrop;lang-de", "maildrop", -1),
+            ("mail", "maildrop", 0),
+            ("maildrop", "mail", 0),
+            ("mail;x", "mail;y", 0),
+        ],
+    )
     def test_attribute_subtypes(self, a1: str, a2: str, relation: int) -> None:
         assert attrdesc_subtype(a1, a2) == relation
 
@@ -835,15 +948,27 @@ class TestPieces:
         assert not lib.is_url(b"uid=a,dc=x")
         url = lib.parse_url(b"ldap://h:1/ou=a,dc=x?mail,cn?one?(uid=a%20b)")
         assert (url.dn, url.attrs, url.scope, url.filter) == (
-            "ou=a,dc=x", ("mail", "cn"), 1, "(uid=a b)")
+            "ou=a,dc=x",
+            ("mail", "cn"),
+            1,
+            "(uid=a b)",
+        )
         bare = lib.parse_url(b"ldap:///dc=x")
         assert (bare.scope, bare.filter, bare.attrs) == (0, None, ())
         assert isinstance(lib.parse_url(b"ldap:///dc=x??bogus?"), int)
 
-    @pytest.mark.parametrize("text", [
-        "bind = bogus\n", "version = 1\n", "recursion_limit = 0\n", "timeout = ten\n",
-        "result_filter =\n", "sasl_minssf = 5000\nbind = sasl\n", "query_filter = %x\n",
-    ])
+    @pytest.mark.parametrize(
+        "text",
+        [
+            "bind = bogus\n",
+            "version = 1\n",
+            "recursion_limit = 0\n",
+            "timeout = ten\n",
+            "result_filter =\n",
+            "sasl_minssf = 5000\nbind = sasl\n",
+            "query_filter = %x\n",
+        ],
+    )
     def test_bad_configuration(self, tmp_path: Path, text: str) -> None:
         path = tmp_path / "bad.cf"
         path.write_text("search_base = dc=x\n" + text)
@@ -852,12 +977,17 @@ class TestPieces:
 
     def test_open_checks(self, tmp_path: Path) -> None:
         path = tmp_path / "ok.cf"
-        path.write_text("server_host = ldap.example.com:1389 ldapi://%2Fsock, other\n"
-                        "version = 9\nscope = Base\nsearch_base = dc=x\n")
+        path.write_text(
+            "server_host = ldap.example.com:1389 ldapi://%2Fsock, other\n"
+            "version = 9\nscope = Base\nsearch_base = dc=x\n"
+        )
         table = open_table(path)
         assert table.flags & F.FIXED
-        assert table.settings.urls == ["ldap://ldap.example.com:1389", "ldapi://%2Fsock",
-                                       "ldap://other:389"]
+        assert table.settings.urls == [
+            "ldap://ldap.example.com:1389",
+            "ldapi://%2Fsock",
+            "ldap://other:389",
+        ]
         assert table.settings.version == 3
         with pytest.raises(DictOpenError, match="requires O_RDONLY"):
             LdapTable(str(path), os.O_RDWR, 0, OpenContext())
@@ -874,10 +1004,14 @@ class TestPieces:
         filtered, unfiltered = open_table(tmp_path / "domain.cf"), open_table(tmp_path / "any.cf")
 
         async def lookups() -> list[object]:
-            found = [await filtered.alookup(key) for key in (b"caf\xe9@example.com",
-                                                             b"a@other.org", b"")]
-            for table, key in ((filtered, b"a@example.com"), (unfiltered, b""),
-                               (unfiltered, b"nodomain")):
+            found = [
+                await filtered.alookup(key) for key in (b"caf\xe9@example.com", b"a@other.org", b"")
+            ]
+            for table, key in (
+                (filtered, b"a@example.com"),
+                (unfiltered, b""),
+                (unfiltered, b"nodomain"),
+            ):
                 with pytest.raises(DictRetry):
                     await table.alookup(key)
             filtered.close()
@@ -887,8 +1021,12 @@ class TestPieces:
         assert asyncio.run(lookups()) == [None, None, None]
 
     def test_main_cf_prefix(self, stack: Stack) -> None:
-        params = {"src_server_host": stack.directory.url, "src_search_base": SUFFIX,
-                  "src_bind": "no", "src_result_format": "<%s>"}
+        params = {
+            "src_server_host": stack.directory.url,
+            "src_search_base": SUFFIX,
+            "src_bind": "no",
+            "src_result_format": "<%s>",
+        }
         table = LdapTable("src", os.O_RDONLY, F.FOLD_FIX, OpenContext(params=params))
 
         async def lookups() -> list[bytes | None]:
@@ -896,5 +1034,4 @@ class TestPieces:
             table.close()
             return found
 
-        assert asyncio.run(lookups()) == [
-            b"<bob1@mail.example.com>,<bob2@mail.example.com>", None]
+        assert asyncio.run(lookups()) == [b"<bob1@mail.example.com>,<bob2@mail.example.com>", None]

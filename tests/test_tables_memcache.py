@@ -75,12 +75,25 @@ SEED = {
     "w:dave": b"old",
 }
 # Keys whose state after a run is compared (write-backs, updates, deletes).
-WATCHED = ["bk:carol", "bk:big", "bk:nobody", "th:carol", "th:dave", "w:carol", "w:new",
-           "w:huge", "w:dave", "wp:p1", "wp:huge", "fb:alice"]
+WATCHED = [
+    "bk:carol",
+    "bk:big",
+    "bk:nobody",
+    "th:carol",
+    "th:dave",
+    "w:carol",
+    "w:new",
+    "w:huge",
+    "w:dave",
+    "wp:p1",
+    "wp:huge",
+    "fb:alice",
+]
 
 
-def cf_texts(live: str, sock: str, v6: str, victim: str, refused: str,
-             data: Path) -> dict[str, str]:
+def cf_texts(
+    live: str, sock: str, v6: str, victim: str, refused: str, data: Path
+) -> dict[str, str]:
     return {
         "plain": f"memcache = {live}\n",
         "unix": f"memcache = {sock}\n",
@@ -89,18 +102,16 @@ def cf_texts(live: str, sock: str, v6: str, victim: str, refused: str,
         "format": f"memcache = {live}\nkey_format = fmt-%s\n",
         "partial": f"memcache = {live}\nkey_format = %d/%u\n",
         "labels": f"memcache = {live}\nkey_format = %2.%1:%U\n",
-        "domain": f"memcache = {live}\ndomain = !bad.example.com, example.com, "
-                  "bad.example.com\n",
-        "limits": f"memcache = {live}\nmax_try = 1\ndata_size_limit = 8\n"
-                  "line_size_limit = 24\n",
+        "domain": f"memcache = {live}\ndomain = !bad.example.com, example.com, bad.example.com\n",
+        "limits": f"memcache = {live}\nmax_try = 1\ndata_size_limit = 8\nline_size_limit = 24\n",
         "static": f"memcache = {live}\nkey_format = constant\n",
         "emptyfmt": f"memcache = {live}\nkey_format =\n",
         "backup": f"memcache = {live}\nbackup = hash:{data}/backup\nkey_format = bk:%s\n"
-                  f"ttl = {TTL}\nflags = {MC_FLAGS}\ndata_size_limit = 20\n",
+        f"ttl = {TTL}\nflags = {MC_FLAGS}\ndata_size_limit = 20\n",
         "texthash": f"memcache = {live}\nbackup = texthash:{data}/backup\nkey_format = th:%s\n",
         "failbackup": f"memcache = {live}\nbackup = fail:backup-broken\nkey_format = fb:%s\n",
         "writer": f"memcache = {live}\nbackup = hash:{data}/wbackup\nkey_format = w:%s\n"
-                  f"ttl = {TTL}\nflags = {MC_FLAGS}\ndata_size_limit = 20\n",
+        f"ttl = {TTL}\nflags = {MC_FLAGS}\ndata_size_limit = 20\n",
         "writer_plain": f"memcache = {live}\nkey_format = wp:%s\ndata_size_limit = 20\n",
         "refused": f"memcache = {refused}\n",
         "down": f"memcache = {victim}\n",
@@ -121,8 +132,9 @@ class V6Memcached(PrivateMemcached):
 
     def _launch(self) -> None:
         memcached = shutil.which("memcached") or "/usr/bin/memcached"
-        self._popen([memcached, "-u", "nobody", "-U", "0", "-m", "16", "-l", "::1",
-                     "-p", str(self.port)])
+        self._popen(
+            [memcached, "-u", "nobody", "-U", "0", "-m", "16", "-l", "::1", "-p", str(self.port)]
+        )
 
     def _address(self) -> tuple[int, tuple[str, int]]:
         return socket.AF_INET6, ("::1", self.port)
@@ -169,7 +181,7 @@ def snapshot(mc: PrivateMemcached, keys: list[str] = WATCHED) -> dict[str, tuple
         fields = header.split()
         assert fields[0] == b"VA", header
         size = int(fields[1])
-        value, reply = reply[:size], reply[size + 2:]
+        value, reply = reply[:size], reply[size + 2 :]
         flags = int(fields[2][1:])
         ttl = int(fields[3][1:])
         state[key] = (value, flags, "TTL" if TTL - 3 <= ttl <= TTL else ttl)
@@ -204,11 +216,21 @@ def rig() -> Iterator[Rig]:
     assert OUR_PROXYMAP.exists(), f"our worker is not installed: {OUR_PROXYMAP}"
     data = Path(tempfile.mkdtemp(prefix="pyproxymap-mc-"))
     data.chmod(0o755)
-    with (PrivateMemcached() as live, PrivateMemcached(unix_socket=True) as sock,
-          V6Memcached() as v6, PrivateMemcached() as victim):
+    with (
+        PrivateMemcached() as live,
+        PrivateMemcached(unix_socket=True) as sock,
+        V6Memcached() as v6,
+        PrivateMemcached() as victim,
+    ):
         refused = f"inet:127.0.0.1:{free_port()}"
-        texts = cf_texts(live.postfix_server, sock.postfix_server, v6.postfix_server,
-                         victim.postfix_server, refused, data)
+        texts = cf_texts(
+            live.postfix_server,
+            sock.postfix_server,
+            v6.postfix_server,
+            victim.postfix_server,
+            refused,
+            data,
+        )
         for name, text in texts.items():
             (data / f"{name}.cf").write_text(text)
             (data / f"{name}.cf").chmod(0o644)
@@ -217,11 +239,19 @@ def rig() -> Iterator[Rig]:
         settle_files(data)
         maps = " ".join(f"proxy:memcache:{data}/{name}.cf" for name in texts)
         writable = " ".join(f"proxy:memcache:{data}/{name}.cf" for name in WRITABLE)
-        ours = PrivatePostfix(proxymap_program=OUR_PROXYMAP, name="mc-ours",
-                              proxy_read_maps=maps, proxy_write_maps=writable,
-                              proxymap_maxproc="1")  # one worker: one event loop
-        c = PrivatePostfix(proxymap_program=C_PROXYMAP, name="mc-c",
-                           proxy_read_maps=maps, proxy_write_maps=writable)
+        ours = PrivatePostfix(
+            proxymap_program=OUR_PROXYMAP,
+            name="mc-ours",
+            proxy_read_maps=maps,
+            proxy_write_maps=writable,
+            proxymap_maxproc="1",
+        )  # one worker: one event loop
+        c = PrivatePostfix(
+            proxymap_program=C_PROXYMAP,
+            name="mc-c",
+            proxy_read_maps=maps,
+            proxy_write_maps=writable,
+        )
         try:
             with ours, c:
                 rig = Rig(live, sock, v6, victim, data, ours, c)
@@ -237,39 +267,80 @@ def rig() -> Iterator[Rig]:
 # ---------------------------------------------------------------------------
 
 LOOKUPS = [
-    ("plain", "alice"), ("plain", "ALICE"), ("plain", "empty"), ("plain", "nul"),
-    ("plain", "missing"), ("plain", ""), ("plain", "a b"), ("plain", "a\tb"),
-    ("plain", "\x01ctl"), ("plain", "é"), ("plain", "\udcff"),
+    ("plain", "alice"),
+    ("plain", "ALICE"),
+    ("plain", "empty"),
+    ("plain", "nul"),
+    ("plain", "missing"),
+    ("plain", ""),
+    ("plain", "a b"),
+    ("plain", "a\tb"),
+    ("plain", "\x01ctl"),
+    ("plain", "é"),
+    ("plain", "\udcff"),
     ("fast", "k" * 251),
-    ("unix", "alice"), ("unix", "missing"), ("ipv6", "alice"), ("ipv6", "missing"),
-    ("format", "bob"), ("format", "BOB"), ("format", "alice"),
-    ("partial", "carol@example.com"), ("partial", "CAROL@Example.COM"), ("partial", "carol"),
-    ("partial", "@example.com"), ("partial", "carol@"),
-    ("labels", "dave@mail.example.com"), ("labels", "dave@com"),
-    ("domain", "user@example.com"), ("domain", "user@EXAMPLE.com"),
-    ("domain", "user@bad.example.com"), ("domain", "user@other.org"), ("domain", "user"),
+    ("unix", "alice"),
+    ("unix", "missing"),
+    ("ipv6", "alice"),
+    ("ipv6", "missing"),
+    ("format", "bob"),
+    ("format", "BOB"),
+    ("format", "alice"),
+    ("partial", "carol@example.com"),
+    ("partial", "CAROL@Example.COM"),
+    ("partial", "carol"),
+    ("partial", "@example.com"),
+    ("partial", "carol@"),
+    ("labels", "dave@mail.example.com"),
+    ("labels", "dave@com"),
+    ("domain", "user@example.com"),
+    ("domain", "user@EXAMPLE.com"),
+    ("domain", "user@bad.example.com"),
+    ("domain", "user@other.org"),
+    ("domain", "user"),
     ("domain", "@example.com"),
-    ("limits", "v8"), ("limits", "v9"), ("limits", "h" * 13), ("limits", "h" * 14),
-    ("static", "whatever"), ("emptyfmt", "alice"),
-    ("backup", "alice"), ("backup", "carol"), ("backup", "CAROL"), ("backup", "big"),
-    ("backup", "nobody"), ("backup", "a b"),
-    ("texthash", "carol"), ("texthash", "dave"), ("texthash", "nobody"),
-    ("failbackup", "hit"), ("failbackup", "alice"),
+    ("limits", "v8"),
+    ("limits", "v9"),
+    ("limits", "h" * 13),
+    ("limits", "h" * 14),
+    ("static", "whatever"),
+    ("emptyfmt", "alice"),
+    ("backup", "alice"),
+    ("backup", "carol"),
+    ("backup", "CAROL"),
+    ("backup", "big"),
+    ("backup", "nobody"),
+    ("backup", "a b"),
+    ("texthash", "carol"),
+    ("texthash", "dave"),
+    ("texthash", "nobody"),
+    ("failbackup", "hit"),
+    ("failbackup", "alice"),
     ("refused", "alice"),
 ]
 
 
 # Anchors: the differential must not pass by everything failing alike.
 EXPECTED = {
-    ("plain", "ALICE"): ("0", "alice@example.com"), ("plain", "nul"): ("0", "x"),
-    ("plain", "empty"): ("0", ""), ("plain", "a b"): ("1", ""),
-    ("unix", "alice"): ("0", "sock-alice"), ("ipv6", "alice"): ("0", "v6-alice"),
-    ("partial", "CAROL@Example.COM"): ("0", "C"), ("labels", "dave@mail.example.com"): ("0", "D"),
-    ("domain", "user@bad.example.com"): ("1", ""), ("limits", "v8"): ("0", "8" * 8),
-    ("limits", "v9"): ("E", ""), ("limits", "h" * 13): ("0", "1"), ("limits", "h" * 14): ("E", ""),
-    ("backup", "alice"): ("0", "cached"), ("backup", "CAROL"): ("0", "C3"),
-    ("failbackup", "hit"): ("0", "from-memcache"), ("failbackup", "alice"): ("E", ""),
-    ("refused", "alice"): ("E", ""), ("fast", "k" * 251): ("E", ""),
+    ("plain", "ALICE"): ("0", "alice@example.com"),
+    ("plain", "nul"): ("0", "x"),
+    ("plain", "empty"): ("0", ""),
+    ("plain", "a b"): ("1", ""),
+    ("unix", "alice"): ("0", "sock-alice"),
+    ("ipv6", "alice"): ("0", "v6-alice"),
+    ("partial", "CAROL@Example.COM"): ("0", "C"),
+    ("labels", "dave@mail.example.com"): ("0", "D"),
+    ("domain", "user@bad.example.com"): ("1", ""),
+    ("limits", "v8"): ("0", "8" * 8),
+    ("limits", "v9"): ("E", ""),
+    ("limits", "h" * 13): ("0", "1"),
+    ("limits", "h" * 14): ("E", ""),
+    ("backup", "alice"): ("0", "cached"),
+    ("backup", "CAROL"): ("0", "C3"),
+    ("failbackup", "hit"): ("0", "from-memcache"),
+    ("failbackup", "alice"): ("E", ""),
+    ("refused", "alice"): ("E", ""),
+    ("fast", "k" * 251): ("E", ""),
 }
 
 
@@ -345,8 +416,7 @@ def test_g2_client_folds_on_the_server(rig: Rig) -> None:
     reset(rig.live)
     wanted = OPEN_FLAGS | F.FOLD_FIX
     with rig.ours.client() as client:
-        for cf, key, value in (("plain", "ALICE", b"alice@example.com"),
-                               ("format", "BoB", b"B")):
+        for cf, key, value in (("plain", "ALICE", b"alice@example.com"), ("format", "BoB", b"B")):
             opened = client.open(rig.table(cf), instance_flags=wanted)
             flags = int(opened["flags"])
             assert flags & F.FIXED and flags & F.UTF8_ACTIVE
@@ -359,13 +429,20 @@ def test_g2_client_folds_on_the_server(rig: Rig) -> None:
 # ---------------------------------------------------------------------------
 
 WRITES = [
-    ("writer", "update", "carol", "C9"), ("writer", "update", "new", "N1"),
-    ("writer", "update", "huge", "y" * 40), ("writer", "update", "a b", "blank"),
-    ("writer", "update", "", "empty"), ("writer", "delete", "dave", ""),
-    ("writer", "delete", "ghost", ""), ("writer", "sequence", "", ""),
-    ("writer_plain", "update", "p1", "P1"), ("writer_plain", "update", "huge", "y" * 40),
-    ("writer_plain", "update", "x y", "blank"), ("writer_plain", "delete", "p1", ""),
-    ("writer_plain", "delete", "p1", ""), ("writer_plain", "sequence", "", ""),
+    ("writer", "update", "carol", "C9"),
+    ("writer", "update", "new", "N1"),
+    ("writer", "update", "huge", "y" * 40),
+    ("writer", "update", "a b", "blank"),
+    ("writer", "update", "", "empty"),
+    ("writer", "delete", "dave", ""),
+    ("writer", "delete", "ghost", ""),
+    ("writer", "sequence", "", ""),
+    ("writer_plain", "update", "p1", "P1"),
+    ("writer_plain", "update", "huge", "y" * 40),
+    ("writer_plain", "update", "x y", "blank"),
+    ("writer_plain", "delete", "p1", ""),
+    ("writer_plain", "delete", "p1", ""),
+    ("writer_plain", "sequence", "", ""),
 ]
 
 
@@ -404,8 +481,12 @@ def write_run(rig: Rig, path: str) -> list[tuple]:
                 reply = client.sequence(table, 0, WRITE_FLAGS)  # first
             shown = {name: reply[name] for name in ("status", "key", "value") if name in reply}
             record.append((cf, op, key, shown, snapshot(rig.live)))
-    backup = subprocess.run([postmap_path(), "-s", f"hash:{rig.data}/wbackup"],
-                            capture_output=True, text=True, check=True).stdout
+    backup = subprocess.run(
+        [postmap_path(), "-s", f"hash:{rig.data}/wbackup"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     record.append(sorted(backup.splitlines()))
     return record
 
@@ -417,12 +498,32 @@ def test_update_delete_sequence_as_the_c_proxywrite(rig: Rig) -> None:
     statuses = [entry[3]["status"] for entry in ours[:-1]]
     # writer: backup's status wins; writer_plain: a value over data_size_limit is
     # "not stored" without error; a key with a blank is skipped.
-    assert statuses == [b"0", b"0", b"0", b"1", b"1", b"0", b"1", b"0",
-                        b"0", b"1", b"1", b"0", b"1", b"1"]
+    assert statuses == [
+        b"0",
+        b"0",
+        b"0",
+        b"1",
+        b"1",
+        b"0",
+        b"1",
+        b"0",
+        b"0",
+        b"1",
+        b"1",
+        b"0",
+        b"1",
+        b"1",
+    ]
 
 
-DELETES = [("writer", "dave"), ("writer", "DAVE"), ("writer", "ghost"), ("writer", "a b"),
-           ("writer_plain", "p1"), ("writer_plain", "ghost")]
+DELETES = [
+    ("writer", "dave"),
+    ("writer", "DAVE"),
+    ("writer", "ghost"),
+    ("writer", "a b"),
+    ("writer_plain", "p1"),
+    ("writer_plain", "ghost"),
+]
 
 
 @pytest.mark.parametrize(("cf", "key"), DELETES)
@@ -433,11 +534,17 @@ def test_delete_as_postmap_d(rig: Rig, cf: str, key: str) -> None:
         fresh_backup(rig, path)
         prefix = "" if path == "direct" else "proxy:"
         done = rig.instance("ours" if path == "direct" else path).postmap(
-            ["-d", key, prefix + rig.table(cf)])
-        backup = subprocess.run([postmap_path(), "-s", f"hash:{rig.data}/wbackup"],
-                                capture_output=True, text=True, check=True).stdout
-        results.append((done.exit, "fatal" in done.stderr, snapshot(rig.live),
-                        sorted(backup.splitlines())))
+            ["-d", key, prefix + rig.table(cf)]
+        )
+        backup = subprocess.run(
+            [postmap_path(), "-s", f"hash:{rig.data}/wbackup"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        results.append(
+            (done.exit, "fatal" in done.stderr, snapshot(rig.live), sorted(backup.splitlines()))
+        )
     assert results[1] == results[0], rig.ours.log_tail()
     # The C proxymap's backup is opened with postmap -d's open flags, without
     # SYNC_UPDATE: its change stays in the process's cache, the file is not updated.
@@ -478,8 +585,11 @@ def test_memcached_down_then_back(rig: Rig) -> None:
             time.sleep(0.05)
     print(f"answering {time.monotonic() - restarted:.2f} s after the restart")
     # One warning for the outage, however many lookups failed.
-    warnings = [line for line in rig.ours.maillog().splitlines()
-                if f"{rig.table('down')}: cannot connect" in line]
+    warnings = [
+        line
+        for line in rig.ours.maillog().splitlines()
+        if f"{rig.table('down')}: cannot connect" in line
+    ]
     assert len(warnings) == 1, warnings
 
 
@@ -512,13 +622,19 @@ def test_hung_memcached(rig: Rig) -> None:
     os.kill(pid, signal.SIGSTOP)
     try:
         began = time.monotonic()
-        direct = subprocess.Popen([postmap_path(), "-c", str(rig.ours.conf_dir), "-q", "carol",
-                                   rig.table("hung")], stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE)
+        direct = subprocess.Popen(
+            [postmap_path(), "-c", str(rig.ours.conf_dir), "-q", "carol", rig.table("hung")],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
         hung = [ProxymapClient(rig.ours.socket_path()) for _ in range(3)]
         for client in hung:
-            client.send(("request", "lookup"), ("table", rig.table("hung")),
-                        ("flags", OPEN_FLAGS), ("key", "carol"))
+            client.send(
+                ("request", "lookup"),
+                ("table", rig.table("hung")),
+                ("flags", OPEN_FLAGS),
+                ("key", "carol"),
+            )
         latencies = []
         with rig.ours.client() as other:
             for _ in range(20):
@@ -539,8 +655,11 @@ def test_hung_memcached(rig: Rig) -> None:
     finally:
         os.kill(pid, signal.SIGCONT)
     assert statuses == [RETRY] * 3
-    failures = [line for line in rig.ours.maillog().splitlines()
-                if f"{rig.table('hung')}: lookup failed" in line]
+    failures = [
+        line
+        for line in rig.ours.maillog().splitlines()
+        if f"{rig.table('hung')}: lookup failed" in line
+    ]
     assert len(failures) == 1, failures  # one line for the outage, not one per lookup
     assert direct.returncode != 0 and b"fatal" in stderr
     print(f"hung lookups answered after {ours_elapsed:.2f} s, direct after {direct_elapsed:.2f} s")
@@ -570,11 +689,14 @@ def test_open_refusals_and_settings(rig: Rig) -> None:
     ctx = OpenContext()
     wrong_mode = open_table(rig.table("plain"), os.O_WRONLY, 0, ctx)
     assert isinstance(wrong_mode, SurrogateTable)
-    assert isinstance(open_table(rig.table("plain"), os.O_RDONLY, F.NO_UNAUTH, ctx),
-                      SurrogateTable)
+    assert isinstance(open_table(rig.table("plain"), os.O_RDONLY, F.NO_UNAUTH, ctx), SurrogateTable)
     bad = rig.data / "bad.cf"
-    for text in ("memcache = tcp:host:1\n", "max_try = 0\n", "key_format = %x\n",
-                 "memcache = inet:host:12x\n"):
+    for text in (
+        "memcache = tcp:host:1\n",
+        "max_try = 0\n",
+        "key_format = %x\n",
+        "memcache = inet:host:12x\n",
+    ):
         bad.write_text(text)
         assert isinstance(open_table(f"memcache:{bad}", os.O_RDONLY, 0, ctx), SurrogateTable)
     table = open_table(rig.table("partial"), os.O_RDONLY, 0, ctx)
@@ -611,11 +733,11 @@ def test_value_header_as_sscanf() -> None:
 def test_protocol_edges_against_postfix(rig: Rig) -> None:
     """A scripted memcached: replies Postfix and we must treat alike."""
     replies = {
-        b"noend": b"VALUE noend 0 2\r\nNE\r\nXXX\r\n",      # value kept, connection dropped
-        b"garbage": b"SERVER_ERROR busy\r\n",              # RETRY
-        b"short": b"VALUE short 0 5\r\nab",                 # EOF in the data: RETRY
-        b"badcrlf": b"VALUE badcrlf 0 2\r\nabXY",           # data not followed by CRLF
-        b"bare": b"VALUE bare 0 2\nLF\nEND\n",              # bare LF accepted
+        b"noend": b"VALUE noend 0 2\r\nNE\r\nXXX\r\n",  # value kept, connection dropped
+        b"garbage": b"SERVER_ERROR busy\r\n",  # RETRY
+        b"short": b"VALUE short 0 5\r\nab",  # EOF in the data: RETRY
+        b"badcrlf": b"VALUE badcrlf 0 2\r\nabXY",  # data not followed by CRLF
+        b"bare": b"VALUE bare 0 2\nLF\nEND\n",  # bare LF accepted
         b"zero": b"VALUE zero 0 0\r\n\r\nEND\r\n",
     }
     server = ScriptedMemcache(replies)

@@ -83,8 +83,10 @@ INSERT INTO multi VALUES ('list', 'a', 1), ('list', 'b', 2), ('list', 'c', 3),
 CREATE PROCEDURE one_set(IN p VARCHAR(255)) SELECT v FROM aliases WHERE k = p;
 CREATE PROCEDURE no_set(IN p VARCHAR(255)) DO p;
 """
-TWO_SETS = ("DELIMITER //\nCREATE PROCEDURE two_sets(IN p VARCHAR(255)) "
-            "BEGIN SELECT 1; SELECT 2; END//\nDELIMITER ;")
+TWO_SETS = (
+    "DELIMITER //\nCREATE PROCEDURE two_sets(IN p VARCHAR(255)) "
+    "BEGIN SELECT 1; SELECT 2; END//\nDELIMITER ;"
+)
 
 
 def fill(db: PrivateMariaDB) -> None:
@@ -94,8 +96,13 @@ def fill(db: PrivateMariaDB) -> None:
 
 
 def cf_text(db: PrivateMariaDB, extra: dict[str, str], hosts: str | None = None) -> str:
-    lines = {"hosts": hosts if hosts is not None else f"inet:127.0.0.1:{db.port}",
-             "user": USER, "password": PASSWORD, "dbname": DBNAME, **extra}
+    lines = {
+        "hosts": hosts if hosts is not None else f"inet:127.0.0.1:{db.port}",
+        "user": USER,
+        "password": PASSWORD,
+        "dbname": DBNAME,
+        **extra,
+    }
     return "".join(f"{name} = {value}\n" for name, value in lines.items())
 
 
@@ -114,9 +121,16 @@ def context(**params: str) -> OpenContext:
     return ctx
 
 
-def table_for(directory: Path, db: PrivateMariaDB, extra: dict[str, str], *,
-              hosts: str | None = None, ctx: OpenContext | None = None,
-              name: str = "t.cf", flags: int = F.FOLD_FIX) -> MysqlTable:
+def table_for(
+    directory: Path,
+    db: PrivateMariaDB,
+    extra: dict[str, str],
+    *,
+    hosts: str | None = None,
+    ctx: OpenContext | None = None,
+    name: str = "t.cf",
+    flags: int = F.FOLD_FIX,
+) -> MysqlTable:
     path = directory / name
     path.write_text(cf_text(db, extra, hosts))
     return MysqlTable(str(path), os.O_RDONLY, flags, ctx or context())
@@ -144,8 +158,7 @@ def cfdir() -> Iterator[Path]:
 
 class TestEscape:
     def test_utf8mb4_specials(self) -> None:
-        assert mysql_escape(b"a\0b\nc\rd\\e'f\"g\x1ah%_") == \
-            b"a\\0b\\nc\\rd\\\\e\\'f\\\"g\\Zh%_"
+        assert mysql_escape(b"a\0b\nc\rd\\e'f\"g\x1ah%_") == b"a\\0b\\nc\\rd\\\\e\\'f\\\"g\\Zh%_"
         assert mysql_escape("über'".encode()) == "über\\'".encode()
         assert mysql_escape(b"\xff\xfe'") == b"\xff\xfe\\'"  # invalid UTF-8 kept as is
 
@@ -169,10 +182,12 @@ class TestHosts:
         assert parse_host("db1", {}) == Endpoint("db1", host="db1", port=3306)
         assert parse_host("inet:db1:3307", {}) == Endpoint("inet:db1:3307", host="db1", port=3307)
         assert parse_host("db1:mysql", {}).port == 3306  # a service name
-        assert parse_host("inet:[::1]:3308", {}) == Endpoint("inet:[::1]:3308", host="::1",
-                                                              port=3308)
-        assert parse_host("unix:/run/x.sock", {}) == Endpoint("unix:/run/x.sock",
-                                                              unix_socket="/run/x.sock")
+        assert parse_host("inet:[::1]:3308", {}) == Endpoint(
+            "inet:[::1]:3308", host="::1", port=3308
+        )
+        assert parse_host("unix:/run/x.sock", {}) == Endpoint(
+            "unix:/run/x.sock", unix_socket="/run/x.sock"
+        )
         assert parse_host("db1", {"port": "3310"}).port == 3310  # from the option files
 
     def test_localhost_is_the_default_socket(self) -> None:
@@ -187,8 +202,10 @@ class TestHosts:
             parse_host("db1:nosuchservice", {})
 
     def test_unix_sockets_first_in_random_order(self) -> None:
-        states = [EndpointState(parse_host(text, {}), text)
-                  for text in ("inet:a:1", "unix:/s1", "inet:b:2", "unix:/s2")]
+        states = [
+            EndpointState(parse_host(text, {}), text)
+            for text in ("inet:a:1", "unix:/s1", "inet:b:2", "unix:/s2")
+        ]
         seen = set()
         for _ in range(200):
             order = [s.label for s in unix_first_random(states)]
@@ -207,12 +224,17 @@ class TestOptionFiles:
             "[mysqld]\nsocket = /server.sock\n"
             "[client]\nsocket = '/client sock'\nuser=u1\n"
             "[client-server]\ndefault_character_set = latin1\n"
-            "[postfix]\npassword = \"p\\tw\"\nuser = u2\n"
-            f"!includedir {tmp_path / 'inc'}\n")
+            '[postfix]\npassword = "p\\tw"\nuser = u2\n'
+            f"!includedir {tmp_path / 'inc'}\n"
+        )
         options = read_option_files(str(main), "postfix")
-        assert options == {"socket": "/client sock", "user": "u2",
-                           "default-character-set": "latin1", "password": "p\tw",
-                           "port": "4000"}
+        assert options == {
+            "socket": "/client sock",
+            "user": "u2",
+            "default-character-set": "latin1",
+            "password": "p\tw",
+            "port": "4000",
+        }
         assert read_option_files(str(main), "")["user"] == "u1"  # [client] only
 
     def test_no_file_and_no_group_reads_nothing(self) -> None:
@@ -232,17 +254,19 @@ class TestOpen:
         with pytest.raises(DictOpenError, match="requires O_RDONLY"):
             MysqlTable(str(path), os.O_RDWR, 0, context())
 
-    @pytest.mark.parametrize("text, message", [
-        ("query = SELECT 1\n", "bad string length 0 < 1: dbname"),
-        ("dbname = d\nquery = SELECT '%x'\n", "Invalid query template"),
-        ("dbname = d\n", "'table' parameter not defined|bad string length"),
-        ("dbname = d\nquery = SELECT 1\ncharset = nosuch\n", "unsupported character set"),
-        ("dbname = d\nquery = SELECT 1\nhosts = h:nosuchsvc\n", "unknown service"),
-        ("dbname = d\nquery = SELECT 1\nrequire_result_set = maybe\n", "bad boolean"),
-        ("dbname = d\nquery = SELECT 1\ntls_CAfile = /nonexistent/ca.pem\n", "TLS settings"),
-    ])
-    def test_errors_make_the_table_unavailable(self, cfdir: Path, text: str,
-                                               message: str) -> None:
+    @pytest.mark.parametrize(
+        "text, message",
+        [
+            ("query = SELECT 1\n", "bad string length 0 < 1: dbname"),
+            ("dbname = d\nquery = SELECT '%x'\n", "Invalid query template"),
+            ("dbname = d\n", "'table' parameter not defined|bad string length"),
+            ("dbname = d\nquery = SELECT 1\ncharset = nosuch\n", "unsupported character set"),
+            ("dbname = d\nquery = SELECT 1\nhosts = h:nosuchsvc\n", "unknown service"),
+            ("dbname = d\nquery = SELECT 1\nrequire_result_set = maybe\n", "bad boolean"),
+            ("dbname = d\nquery = SELECT 1\ntls_CAfile = /nonexistent/ca.pem\n", "TLS settings"),
+        ],
+    )
+    def test_errors_make_the_table_unavailable(self, cfdir: Path, text: str, message: str) -> None:
         path = cfdir / "t.cf"
         path.write_text(text)
         with pytest.raises(DictOpenError, match=message):
@@ -276,10 +300,19 @@ class TestOpen:
         assert [e.label for e in table.endpoints] == ["a", "unix:/s", "b:3307"]
         assert table.pool.size == 8 and table.timeout == 10
         assert table.pool.idle_limit == 60 and table.pool.backoff_max <= 2
-        bare = MysqlTable("src2", os.O_RDONLY, 0, context(
-            src2_dbname="d", src2_query="SELECT 1", src2_idle_interval="7",
-            src2_retry_interval="1", pyproxymap_mysql_connections="3",
-            pyproxymap_mysql_timeout="2.5"))
+        bare = MysqlTable(
+            "src2",
+            os.O_RDONLY,
+            0,
+            context(
+                src2_dbname="d",
+                src2_query="SELECT 1",
+                src2_idle_interval="7",
+                src2_retry_interval="1",
+                pyproxymap_mysql_connections="3",
+                pyproxymap_mysql_timeout="2.5",
+            ),
+        )
         assert [e.label for e in bare.endpoints] == ["localhost"]
         assert bare.pool.size == 3 and bare.timeout == 2.5
         assert bare.pool.idle_limit == 7 and bare.pool.backoff_max == 1
@@ -296,26 +329,27 @@ class TestLookups:
 
         async def main() -> None:
             assert await table.alookup(b"alice") == "alice@example.com,café".encode()
-            assert await table.alookup("über".encode()) == \
-                "uber@example.com,ünïcödé €".encode()
+            assert await table.alookup("über".encode()) == "uber@example.com,ünïcödé €".encode()
             assert await table.alookup(b"nul") == b"A,A"  # a value ends at its NUL
             assert await table.alookup(b"ALICE") is not None  # FOLD_FIX
             assert await table.alookup(b"nullval") is None
             assert await table.alookup(b"x'OR'1'='1") is None  # no injection
             assert await table.alookup(b"o'neil") == b"quote@example.com"
             assert await table.alookup(b"back\\slash") == b"backslash@example.com"
+
         run(main())
 
     def test_charset_setting(self, db: PrivateMariaDB, cfdir: Path) -> None:
-        table = table_for(cfdir, db, {"query": "SELECT l, v2 FROM aliases WHERE k='%s'",
-                                      "charset": "latin1"})
+        table = table_for(
+            cfdir, db, {"query": "SELECT l, v2 FROM aliases WHERE k='%s'", "charset": "latin1"}
+        )
 
         async def main() -> None:
             # The server converts to the connection's character set: é is one byte,
             # and "€" (not in latin1 proper) is cp1252's 0x80, as MariaDB's latin1 is.
             assert await table.alookup(b"alice") == b"caf\xe9"
-            assert await table.alookup("\xfcber".encode("latin1")) == \
-                "ünïcödé €".encode("cp1252")
+            assert await table.alookup("\xfcber".encode("latin1")) == "ünïcödé €".encode("cp1252")
+
         run(main())
 
     def test_no_backslash_escapes_server_mode(self, db: PrivateMariaDB, cfdir: Path) -> None:
@@ -327,6 +361,7 @@ class TestLookups:
                 assert await table.alookup(b"back\\slash") == b"backslash@example.com"
                 assert await table.alookup(b"o'neil") == b"quote@example.com"
                 assert await table.alookup(b"x' OR '1'='1") is None
+
             run(main())
         finally:
             db.execute("SET GLOBAL sql_mode = REPLACE(@@sql_mode, 'NO_BACKSLASH_ESCAPES', '')")
@@ -335,8 +370,9 @@ class TestLookups:
         one = table_for(cfdir, db, {"query": "CALL one_set('%s')"}, name="one.cf")
         two = table_for(cfdir, db, {"query": "CALL two_sets('%s')"}, name="two.cf")
         none = table_for(cfdir, db, {"query": "CALL no_set('%s')"}, name="none.cf")
-        allowed = table_for(cfdir, db, {"query": "DO '%s'", "require_result_set": "no"},
-                            name="allowed.cf")
+        allowed = table_for(
+            cfdir, db, {"query": "DO '%s'", "require_result_set": "no"}, name="allowed.cf"
+        )
         stacked = table_for(cfdir, db, {"query": QUERY + "; SELECT 1"}, name="stacked.cf")
 
         async def main() -> None:
@@ -346,16 +382,19 @@ class TestLookups:
                 with pytest.raises(DictRetry):
                     await table.alookup(b"bob")
             assert await allowed.alookup(b"bob") is None
+
         run(main())
 
 
 class TestConnections:
-    def test_health_check_and_idle_close(self, db: PrivateMariaDB, cfdir: Path,
-                                         caplog: pytest.LogCaptureFixture) -> None:
+    def test_health_check_and_idle_close(
+        self, db: PrivateMariaDB, cfdir: Path, caplog: pytest.LogCaptureFixture
+    ) -> None:
         db.create_user("idler", "pw", DBNAME)
         path = cfdir / "idle.cf"
-        path.write_text(cf_text(db, {"user": "idler", "password": "pw", "query": QUERY,
-                                     "idle_interval": "1"}))
+        path.write_text(
+            cf_text(db, {"user": "idler", "password": "pw", "query": QUERY, "idle_interval": "1"})
+        )
         table = MysqlTable(str(path), os.O_RDONLY, 0, context())
         table.pool.check_after = 0.05  # (5 s in service)
         caplog.set_level(logging.INFO, "proxymap")
@@ -364,9 +403,12 @@ class TestConnections:
             assert await table.alookup(b"alice") == b"alice@example.com"
             # The server drops the idle connection (wait_timeout, a restart...): the
             # ping before reuse notices, and the lookup gets a new connection.
-            await asyncio.to_thread(db.execute, "SELECT GROUP_CONCAT(CONCAT('KILL ', ID)) "
-                                    "FROM information_schema.PROCESSLIST WHERE USER='idler' "
-                                    "INTO @k; EXECUTE IMMEDIATE @k")
+            await asyncio.to_thread(
+                db.execute,
+                "SELECT GROUP_CONCAT(CONCAT('KILL ', ID)) "
+                "FROM information_schema.PROCESSLIST WHERE USER='idler' "
+                "INTO @k; EXECUTE IMMEDIATE @k",
+            )
             await asyncio.sleep(0.1)
             assert await table.alookup(b"alice") == b"alice@example.com"
             assert table.pool.connects == 2
@@ -375,26 +417,69 @@ class TestConnections:
             await asyncio.sleep(1.3)
             assert table.pool.open == 0
             assert await asyncio.to_thread(db.connection_count, "idler") == 0
+
         run(main())
         assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
-TLS_QUERY = ("SELECT GROUP_CONCAT(VARIABLE_VALUE ORDER BY VARIABLE_NAME SEPARATOR ' ') "
-             "FROM information_schema.SESSION_STATUS "
-             "WHERE VARIABLE_NAME IN ('Ssl_version', 'Ssl_cipher') AND '%s' <> ''")
+TLS_QUERY = (
+    "SELECT GROUP_CONCAT(VARIABLE_VALUE ORDER BY VARIABLE_NAME SEPARATOR ' ') "
+    "FROM information_schema.SESSION_STATUS "
+    "WHERE VARIABLE_NAME IN ('Ssl_version', 'Ssl_cipher') AND '%s' <> ''"
+)
 
 
 def make_certificates(directory: Path) -> None:
     """A CA and a server certificate for 127.0.0.1 and localhost (openssl CLI)."""
+
     def openssl(*args: str) -> None:
         subprocess.run(["openssl", *args], cwd=directory, check=True, capture_output=True)
-    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out",
-            "ca.pem", "-days", "2", "-subj", "/CN=pyproxymap test CA")
-    openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out",
-            "server.csr", "-subj", "/CN=127.0.0.1")
+
+    openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=pyproxymap test CA",
+    )
+    openssl(
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=127.0.0.1",
+    )
     (directory / "ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
-    openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-            "-CAcreateserial", "-out", "server.pem", "-days", "2", "-extfile", "ext")
+    openssl(
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "ext",
+    )
     for item in directory.iterdir():
         item.chmod(0o644)  # the server runs as mysql
 
@@ -406,9 +491,13 @@ def tls_db() -> Iterator[tuple[PrivateMariaDB, Path]]:
         certs = Path(name)
         certs.chmod(0o755)
         make_certificates(certs)
-        with PrivateMariaDB(extra_args=[f"--ssl-ca={certs}/ca.pem",
-                                        f"--ssl-cert={certs}/server.pem",
-                                        f"--ssl-key={certs}/server.key"]) as server:
+        with PrivateMariaDB(
+            extra_args=[
+                f"--ssl-ca={certs}/ca.pem",
+                f"--ssl-cert={certs}/server.pem",
+                f"--ssl-key={certs}/server.key",
+            ]
+        ) as server:
             server.create_user(USER, PASSWORD, DBNAME)
             yield server, certs
 
@@ -417,23 +506,34 @@ class TestTls:
     """tls_* settings, ours against the direct postmap (TLS version and cipher seen by
     the server, or the failure)."""
 
-    @pytest.mark.parametrize("settings, unix", [
-        (settings, unix) for unix in (False, True) for settings in (
-            "", "tls_CAfile = {c}/ca.pem", "tls_CAfile = {c}/ca.pem\ntls_verify_cert = yes",
-            "tls_cert_file = {c}/server.pem\ntls_key_file = {c}/server.key",
-            "tls_ciphers = ECDHE-RSA-AES128-GCM-SHA256\ntls_CAfile = {c}/ca.pem")
-    ] + [
-        ("tls_CApath = /etc/ssl/certs", False),  # the test CA is not there: refused
-        ("tls_CAfile = {c}/server.pem", True),  # not the CA: refused
-    ])
-    def test_against_postmap(self, tls_db: tuple[PrivateMariaDB, Path], cfdir: Path,
-                             settings: str, unix: bool) -> None:
+    @pytest.mark.parametrize(
+        "settings, unix",
+        [
+            (settings, unix)
+            for unix in (False, True)
+            for settings in (
+                "",
+                "tls_CAfile = {c}/ca.pem",
+                "tls_CAfile = {c}/ca.pem\ntls_verify_cert = yes",
+                "tls_cert_file = {c}/server.pem\ntls_key_file = {c}/server.key",
+                "tls_ciphers = ECDHE-RSA-AES128-GCM-SHA256\ntls_CAfile = {c}/ca.pem",
+            )
+        ]
+        + [
+            ("tls_CApath = /etc/ssl/certs", False),  # the test CA is not there: refused
+            ("tls_CAfile = {c}/server.pem", True),  # not the CA: refused
+        ],
+    )
+    def test_against_postmap(
+        self, tls_db: tuple[PrivateMariaDB, Path], cfdir: Path, settings: str, unix: bool
+    ) -> None:
         ensure_postfix()
         server, certs = tls_db
         hosts = f"unix:{server.socket}" if unix else f"inet:127.0.0.1:{server.port}"
         path = cfdir / "tls.cf"
-        path.write_text(cf_text(server, {"query": TLS_QUERY}, hosts)
-                        + settings.format(c=certs) + "\n")
+        path.write_text(
+            cf_text(server, {"query": TLS_QUERY}, hosts) + settings.format(c=certs) + "\n"
+        )
         settle_files(path)
         direct = postmap_lookup("x", f"mysql:{path}")
         table = MysqlTable(str(path), os.O_RDONLY, 0, context())
@@ -444,16 +544,17 @@ class TestTls:
             except DictRetry:
                 return ("E", "")
             return ("1", "") if value is None else ("0", value.decode())
+
         assert run(ours()) == direct.outcome(), direct.stderr
         assert ("TLSv1" in direct.stdout) == bool(settings) or direct.exit != 0
 
 
 class TestFailover:
-    def test_first_host_dead_second_answers(self, db: PrivateMariaDB, cfdir: Path,
-                                            caplog: pytest.LogCaptureFixture) -> None:
+    def test_first_host_dead_second_answers(
+        self, db: PrivateMariaDB, cfdir: Path, caplog: pytest.LogCaptureFixture
+    ) -> None:
         dead = f"inet:127.0.0.1:{closed_port()}"
-        table = table_for(cfdir, db, {"query": QUERY},
-                          hosts=f"{dead} inet:127.0.0.1:{db.port}")
+        table = table_for(cfdir, db, {"query": QUERY}, hosts=f"{dead} inet:127.0.0.1:{db.port}")
         caplog.set_level(logging.INFO, "proxymap")
 
         async def main() -> None:
@@ -461,12 +562,14 @@ class TestFailover:
                 assert await table.alookup(b"alice") == b"alice@example.com"
                 table.pool.discard_idle()  # every lookup makes a new connection
                 await asyncio.sleep(0.01)
+
         run(main())
         warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
         assert len(warnings) <= 1 and all(dead in r.getMessage() for r in warnings)
 
-    def test_all_hosts_dead_is_retry(self, cfdir: Path, db: PrivateMariaDB,
-                                     caplog: pytest.LogCaptureFixture) -> None:
+    def test_all_hosts_dead_is_retry(
+        self, cfdir: Path, db: PrivateMariaDB, caplog: pytest.LogCaptureFixture
+    ) -> None:
         hosts = f"inet:127.0.0.1:{closed_port()} unix:{cfdir}/none.sock"
         table = table_for(cfdir, db, {"query": QUERY}, hosts=hosts)
         caplog.set_level(logging.INFO, "proxymap")
@@ -475,17 +578,25 @@ class TestFailover:
             for _ in range(20):
                 with pytest.raises(DictRetry):
                     await table.alookup(b"alice")
+
         run(main())
         warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
         assert len(warnings) == 2, warnings  # one per server, not one per lookup
 
-    def test_restart_and_outage_recovery(self, mariadb: PrivateMariaDB,  # noqa: F811
-                                         cfdir: Path, caplog: pytest.LogCaptureFixture
-                                         ) -> None:
+    def test_restart_and_outage_recovery(
+        self,
+        mariadb: PrivateMariaDB,  # noqa: F811
+        cfdir: Path,
+        caplog: pytest.LogCaptureFixture,
+    ) -> None:
         fill(mariadb)
-        table = table_for(cfdir, mariadb, {"query": QUERY},
-                          hosts=f"unix:{mariadb.socket}", ctx=context(
-                              pyproxymap_mysql_timeout="3"))
+        table = table_for(
+            cfdir,
+            mariadb,
+            {"query": QUERY},
+            hosts=f"unix:{mariadb.socket}",
+            ctx=context(pyproxymap_mysql_timeout="3"),
+        )
         caplog.set_level(logging.INFO, "proxymap")
 
         async def until_found(limit: float) -> float:
@@ -511,6 +622,7 @@ class TestFailover:
                 await asyncio.sleep(0.02)
             await asyncio.to_thread(mariadb.start)
             assert await until_found(5.0) < 5.0
+
         run(main())
         warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
         assert len(warnings) == 1, warnings  # one line for the whole outage
@@ -518,14 +630,15 @@ class TestFailover:
 
 
 class TestConcurrency:
-    def test_stalled_query_holds_up_nobody_and_times_out(self, db: PrivateMariaDB,
-                                                         cfdir: Path) -> None:
+    def test_stalled_query_holds_up_nobody_and_times_out(
+        self, db: PrivateMariaDB, cfdir: Path
+    ) -> None:
         db.create_user("stall", "pw", DBNAME)
         slow_cf = cfdir / "slow.cf"
-        slow_cf.write_text(cf_text(db, {"query": "SELECT SLEEP('%s')", "user": "stall",
-                                        "password": "pw"}))
-        slow = MysqlTable(str(slow_cf), os.O_RDONLY, 0,
-                          context(pyproxymap_mysql_timeout="1"))
+        slow_cf.write_text(
+            cf_text(db, {"query": "SELECT SLEEP('%s')", "user": "stall", "password": "pw"})
+        )
+        slow = MysqlTable(str(slow_cf), os.O_RDONLY, 0, context(pyproxymap_mysql_timeout="1"))
         fast = table_for(cfdir, db, {"query": QUERY})
 
         async def main() -> None:
@@ -545,15 +658,18 @@ class TestConcurrency:
                 await stalled
             assert 0.9 < time.monotonic() - began < 2.0
             assert await slow.alookup(b"0") == b"0"  # the pool recovered
+
         run(main())
 
     def test_connection_bound_under_50_lookups(self, db: PrivateMariaDB, cfdir: Path) -> None:
         db.create_user("bound", "pw", DBNAME)
         path = cfdir / "bound.cf"
-        path.write_text(cf_text(db, {"user": "bound", "password": "pw",
-                                     "query": QUERY + " AND SLEEP(0.05) = 0"}))
-        table = MysqlTable(str(path), os.O_RDONLY, 0,
-                           context(pyproxymap_mysql_connections="4"))
+        path.write_text(
+            cf_text(
+                db, {"user": "bound", "password": "pw", "query": QUERY + " AND SLEEP(0.05) = 0"}
+            )
+        )
+        table = MysqlTable(str(path), os.O_RDONLY, 0, context(pyproxymap_mysql_connections="4"))
         counts: list[int] = []
 
         async def main() -> None:
@@ -562,6 +678,7 @@ class TestConcurrency:
                 counts.append(await asyncio.to_thread(db.connection_count, "bound"))
                 assert table.pool.open <= 4
             assert await lookups == [b"alice@example.com"] * 50
+
         run(main())
         assert max(counts) <= 4 and max(counts) >= 2, counts
         assert table.pool.connects <= 4
@@ -576,44 +693,115 @@ class TestConcurrency:
 # error); the wire status is what proxymap answers (0 found, 1 not found, 2 RETRY).
 RETRY = "2"
 CASES: dict[str, tuple[dict[str, str], list[str], list[tuple[str, str]]]] = {
-    "basic": ({"query": "SELECT v FROM aliases WHERE k='%s'"},
-              ["alice", "Alice", "bob", "o'neil", "back\\slash", "dq\"key", "100%",
-               "über", "ÜBER", "nope", "empty", "nullval", "x'OR'1'='1", "user@example.com",
-               "%s", "'", "\\", "\\'"],
-              [("a b", "0"), ("x' OR '1'='1", "1")]),
-    "columns": ({"query": "SELECT v, v2, l, b FROM aliases WHERE k='%s'"},
-                ["alice", "bob", "über", "nul", "nullval", "nope"], []),
-    "rows": ({"query": "SELECT v FROM multi WHERE k='%s' ORDER BY n"},
-             ["list", "one", "pair", "nope"], []),
-    "limit": ({"query": "SELECT v FROM multi WHERE k='%s' ORDER BY n",
-               "expansion_limit": "2"}, ["one", "pair", "nope"], [("list", RETRY)]),
-    "limit_columns": ({"query": "SELECT v, v2 FROM aliases WHERE k='%s'",
-                       "expansion_limit": "1"}, ["alice", "nope"], [("bob", RETRY)]),
-    "echo": ({"query": "SELECT '%s', '%u', '%d'"},
-             ["o'neil@ex.am", "q\"uote@d", "back\\sl@x", "100%@pct", "über@straße.de",
-              "bare", "@dom.ain", "user@", "a@b@c", "\\@\\"], []),
-    "labels": ({"query": "SELECT '%1|%2|%3|%U|%D'"},
-               ["a@b.c.d", "a@b.c", "a@c", "bare", "a@x..y.z", "A@B.C.D"], []),
-    "format": ({"query": "SELECT v FROM multi WHERE k='%u' ORDER BY n",
-                "result_format": "smtp:[%d] %u <%s> %S %U %D %1 %%"},
-               ["pair@dom.example", "one@a.b", "list@x.y", "pair", "one@b"], []),
-    "format_user": ({"query": "SELECT v FROM multi WHERE k='%s' ORDER BY n",
-                     "result_format": "%u"}, ["pair", "one", "list"], []),
-    "domain": ({"query": "SELECT v FROM aliases WHERE k='%s'",
-                "domain": "example.com, !other.org other.org"},
-               ["user@example.com", "user@EXAMPLE.COM", "user@other.org", "user",
-                "@example.com", "x@sub.example.com"], []),
-    "legacy": ({"table": "aliases", "select_field": "v", "where_field": "k",
-                "additional_conditions": "AND v <> 'bare-user'"},
-               ["alice", "user", "o'neil", "nope"], []),
+    "basic": (
+        {"query": "SELECT v FROM aliases WHERE k='%s'"},
+        [
+            "alice",
+            "Alice",
+            "bob",
+            "o'neil",
+            "back\\slash",
+            'dq"key',
+            "100%",
+            "über",
+            "ÜBER",
+            "nope",
+            "empty",
+            "nullval",
+            "x'OR'1'='1",
+            "user@example.com",
+            "%s",
+            "'",
+            "\\",
+            "\\'",
+        ],
+        [("a b", "0"), ("x' OR '1'='1", "1")],
+    ),
+    "columns": (
+        {"query": "SELECT v, v2, l, b FROM aliases WHERE k='%s'"},
+        ["alice", "bob", "über", "nul", "nullval", "nope"],
+        [],
+    ),
+    "rows": (
+        {"query": "SELECT v FROM multi WHERE k='%s' ORDER BY n"},
+        ["list", "one", "pair", "nope"],
+        [],
+    ),
+    "limit": (
+        {"query": "SELECT v FROM multi WHERE k='%s' ORDER BY n", "expansion_limit": "2"},
+        ["one", "pair", "nope"],
+        [("list", RETRY)],
+    ),
+    "limit_columns": (
+        {"query": "SELECT v, v2 FROM aliases WHERE k='%s'", "expansion_limit": "1"},
+        ["alice", "nope"],
+        [("bob", RETRY)],
+    ),
+    "echo": (
+        {"query": "SELECT '%s', '%u', '%d'"},
+        [
+            "o'neil@ex.am",
+            'q"uote@d',
+            "back\\sl@x",
+            "100%@pct",
+            "über@straße.de",
+            "bare",
+            "@dom.ain",
+            "user@",
+            "a@b@c",
+            "\\@\\",
+        ],
+        [],
+    ),
+    "labels": (
+        {"query": "SELECT '%1|%2|%3|%U|%D'"},
+        ["a@b.c.d", "a@b.c", "a@c", "bare", "a@x..y.z", "A@B.C.D"],
+        [],
+    ),
+    "format": (
+        {
+            "query": "SELECT v FROM multi WHERE k='%u' ORDER BY n",
+            "result_format": "smtp:[%d] %u <%s> %S %U %D %1 %%",
+        },
+        ["pair@dom.example", "one@a.b", "list@x.y", "pair", "one@b"],
+        [],
+    ),
+    "format_user": (
+        {"query": "SELECT v FROM multi WHERE k='%s' ORDER BY n", "result_format": "%u"},
+        ["pair", "one", "list"],
+        [],
+    ),
+    "domain": (
+        {
+            "query": "SELECT v FROM aliases WHERE k='%s'",
+            "domain": "example.com, !other.org other.org",
+        },
+        [
+            "user@example.com",
+            "user@EXAMPLE.COM",
+            "user@other.org",
+            "user",
+            "@example.com",
+            "x@sub.example.com",
+        ],
+        [],
+    ),
+    "legacy": (
+        {
+            "table": "aliases",
+            "select_field": "v",
+            "where_field": "k",
+            "additional_conditions": "AND v <> 'bare-user'",
+        },
+        ["alice", "user", "o'neil", "nope"],
+        [],
+    ),
     "procedure": ({"query": "CALL one_set('%s')"}, ["bob", "nope"], []),
     "no_result_set": ({"query": "DO '%s'", "require_result_set": "no"}, [], [("bob", "1")]),
-    "errors": ({"query": "SELECT nosuchcolumn FROM aliases WHERE k='%s'"}, [],
-               [("bob", RETRY)]),
+    "errors": ({"query": "SELECT nosuchcolumn FROM aliases WHERE k='%s'"}, [], [("bob", RETRY)]),
     "two_sets": ({"query": "CALL two_sets('%s')"}, [], [("bob", RETRY)]),
     "result_set_required": ({"query": "DO '%s'"}, [], [("bob", RETRY)]),
-    "stacked": ({"query": "SELECT v FROM aliases WHERE k='%s'; SELECT 1"}, [],
-                [("bob", RETRY)]),
+    "stacked": ({"query": "SELECT v FROM aliases WHERE k='%s'; SELECT 1"}, [], [("bob", RETRY)]),
     "dead": ({"query": "SELECT v FROM aliases WHERE k='%s'"}, [], [("bob", RETRY)]),
     "localhost": ({"query": "SELECT v FROM aliases WHERE k='%s'"}, ["alice", "nope"], []),
     # The server sends latin1 (the option file's character set): not UTF-8, which the
@@ -660,16 +848,24 @@ def postfixes(db: PrivateMariaDB) -> Iterator[dict[str, object]]:
         path = tables / f"{case}.cf"
         path.write_text(cf_text(db, settings, hosts))
         specs[case] = f"mysql:{path}"
-    main_cf = {f"{PREFIX}_{name}": value for name, value in
-               {"hosts": f"unix:{db.socket}", "user": USER, "password": PASSWORD,
-                "dbname": DBNAME, "query": "SELECT v FROM aliases WHERE k='%s'"}.items()}
+    main_cf = {
+        f"{PREFIX}_{name}": value
+        for name, value in {
+            "hosts": f"unix:{db.socket}",
+            "user": USER,
+            "password": PASSWORD,
+            "dbname": DBNAME,
+            "query": "SELECT v FROM aliases WHERE k='%s'",
+        }.items()
+    }
     specs["prefix"] = f"mysql:{PREFIX}"
     for item in tables.iterdir():
         item.chmod(0o644)
     settle_files(tables)
     read_maps = " ".join(f"proxy:{spec}" for spec in specs.values())
-    ours = PrivatePostfix(proxymap_program=OUR_PROXYMAP, proxy_read_maps=read_maps,
-                          main_cf=main_cf, name="mysql-ours")
+    ours = PrivatePostfix(
+        proxymap_program=OUR_PROXYMAP, proxy_read_maps=read_maps, main_cf=main_cf, name="mysql-ours"
+    )
     theirs = PrivatePostfix(proxy_read_maps=read_maps, main_cf=main_cf, name="mysql-c")
     try:
         with ours, theirs:
@@ -708,8 +904,9 @@ class TestAgainstPostfix:
         assert proxied == direct, ours.log_tail()
         assert _batch(theirs, keys, "proxy:" + spec) == direct
 
-    @pytest.mark.parametrize("case, key, status",
-                             [(c, k, st) for c in CASES for k, st in CASES[c][2]])
+    @pytest.mark.parametrize(
+        "case, key, status", [(c, k, st) for c in CASES for k, st in CASES[c][2]]
+    )
     def test_single(self, postfixes: dict, case: str, key: str, status: str) -> None:
         ours, theirs, spec = postfixes["ours"], postfixes["c"], postfixes["specs"][case]
         direct = ours.lookup(key, spec)
@@ -731,14 +928,20 @@ def test_expected_values_spot_check(postfixes: dict) -> None:
     """The differential cases above compare like with like; pin a few answers."""
     ours, specs = postfixes["ours"], postfixes["specs"]
     found = _batch(ours, ["alice", "ÜBER", "o'neil", "x'OR'1'='1"], "proxy:" + specs["basic"])
-    assert found == (0, {"alice": "alice@example.com", "ÜBER": "uber@example.com",
-                         "o'neil": "quote@example.com"})
+    assert found == (
+        0,
+        {"alice": "alice@example.com", "ÜBER": "uber@example.com", "o'neil": "quote@example.com"},
+    )
     assert _batch(ours, ["list"], "proxy:" + specs["rows"]) == (0, {"list": "a,b,c"})
     assert _batch(ours, ["nul"], "proxy:" + specs["columns"]) == (0, {"nul": "A,A"})
     assert _raw(ours, specs["dead"], "bob") == ("2", "")
-    assert _batch(ours, ["pair@dom.example"], "proxy:" + specs["format"]) == (0, {
-        "pair@dom.example": "smtp:[h.example] p1 <p1@h.example> pair@dom.example pair "
-                            "dom.example example %"})
+    assert _batch(ours, ["pair@dom.example"], "proxy:" + specs["format"]) == (
+        0,
+        {
+            "pair@dom.example": "smtp:[h.example] p1 <p1@h.example> pair@dom.example pair "
+            "dom.example example %"
+        },
+    )
 
 
 def test_server_restart_through_our_worker(postfixes: dict, db: PrivateMariaDB) -> None:

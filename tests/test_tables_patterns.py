@@ -95,28 +95,42 @@ def test_vectors_cover_every_type():
 # --- inline and composite forms, compared live with the real postmap --------------------
 
 LIVE_CASES = [
-    ("regexp:{}", "a"), ("regexp:{ }", "a"), ("regexp:{/a/ b}", "a"), ("regexp:{ {/a/ b} }x", "a"),
-    ("pcre:{{/a/ x}, {/b/}}", "b"), ("regexp:{{/(a)/ $1$1}}", "xa"),
+    ("regexp:{}", "a"),
+    ("regexp:{ }", "a"),
+    ("regexp:{/a/ b}", "a"),
+    ("regexp:{ {/a/ b} }x", "a"),
+    ("pcre:{{/a/ x}, {/b/}}", "b"),
+    ("regexp:{{/(a)/ $1$1}}", "xa"),
     ("cidr:{{1.2.3.4 x}, {if 10.0.0.0/8}, {10.1.1.1 y}, {endif}}", "10.1.1.1"),
-    ("cidr:{{!10.0.0.0/8 x}}", "11.0.0.1"), ("cidr:{{!10.0.0.0/8 x}}", "::1"),
-    ("regexp:{{ /a/ spaced }}", "a"), ("regexp:{{if /a/}, {/b/ ab}, {endif}}", "ab"),
-    ("regexp:{{/a/ {x} }}", "a"), ("pcre:{ {/a/ x } , {/b/ y} }", "b"),
-    ("randmap:{{a b}}", "k"), ("randmap:{ }", "k"), ("randmap:{a}x", "k"), ("unionmap:{}", "k"),
-    ("pipemap:{randmap:{x}}", "k"), ("unionmap:{regexp:{{/./ v}}, { randmap:{y} }}", "k"),
+    ("cidr:{{!10.0.0.0/8 x}}", "11.0.0.1"),
+    ("cidr:{{!10.0.0.0/8 x}}", "::1"),
+    ("regexp:{{ /a/ spaced }}", "a"),
+    ("regexp:{{if /a/}, {/b/ ab}, {endif}}", "ab"),
+    ("regexp:{{/a/ {x} }}", "a"),
+    ("pcre:{ {/a/ x } , {/b/ y} }", "b"),
+    ("randmap:{{a b}}", "k"),
+    ("randmap:{ }", "k"),
+    ("randmap:{a}x", "k"),
+    ("unionmap:{}", "k"),
+    ("pipemap:{randmap:{x}}", "k"),
+    ("unionmap:{regexp:{{/./ v}}, { randmap:{y} }}", "k"),
     ("unionmap:{regexp:{{/./ v}}, regexp:{{/./ w}}}", "k"),
     ("unionmap:{regexp:{{/./ v}}, regexp:{{/x/ w}}}", "k"),
     ("pipemap:{regexp:{{/(.*)/ $1-x}}, regexp:{{/-x$/ ok}}}", "k"),
     ("pipemap:{regexp:{{/(.*)/ $1-x}}, cidr:/nonexistent/file}", "k"),
     ("unionmap:{regexp:{{/./ v}}, pcre:/nonexistent/file}", "k"),
     ("unionmap:{cidr:{{0.0.0.0/0 any}}, regexp:{{/^1/ one}}}", "1.2.3.4"),
-    ("regexp:{{/a/ one},{/a/ two}}", "a"), ("regexp:{{/A/i upper}, {/a/ lower}}", "a"),
+    ("regexp:{{/a/ one},{/a/ two}}", "a"),
+    ("regexp:{{/A/i upper}, {/a/ lower}}", "a"),
 ]
 
 
 @pytest.mark.parametrize(("spec", "key"), LIVE_CASES)
 def test_inline_and_composite_forms_match_postmap(spec, key):
     ensure_postfix()
-    done = subprocess.run([postmap_path(), "-q", key, spec], capture_output=True, text=True, check=False)
+    done = subprocess.run(
+        [postmap_path(), "-q", key, spec], capture_output=True, text=True, check=False
+    )
     if done.returncode == 0:
         expected = ("0", done.stdout[:-1] if done.stdout.endswith("\n") else done.stdout)
     else:
@@ -209,7 +223,7 @@ def test_regexp_uses_c_locale_even_when_python_does_not(tmp_path):
 def test_warnings_name_file_and_line(tmp_path, caplog):
     path = write(tmp_path, "t", "# comment\n/ok/ fine\n/bad/q never\n")
     RegexpTable(path, 0, 0)
-    assert f"regexp map {path}, line 3: unknown regexp option \"q\"" in caplog.text
+    assert f'regexp map {path}, line 3: unknown regexp option "q"' in caplog.text
 
 
 def test_sequence_is_unsupported(tmp_path):
@@ -251,12 +265,17 @@ def test_pcre_thousand_rule_lookup_cost(tmp_path, capsys):
     assert table.lookup(hard_miss) is None
     with capsys.disabled():
         print()
-        for label, key in (("non-matching header", miss), ("all required bytes present", hard_miss)):
+        for label, key in (
+            ("non-matching header", miss),
+            ("all required bytes present", hard_miss),
+        ):
             rounds = 200
             started = time.perf_counter()
             for _ in range(rounds):
                 table.lookup(key)
             per_lookup_us = (time.perf_counter() - started) / rounds * 1e6
-            print(f"pcre 1000-rule table, {label}: {per_lookup_us:.0f} us/lookup "
-                  f"({per_lookup_us / 1000:.2f} us/rule)")
+            print(
+                f"pcre 1000-rule table, {label}: {per_lookup_us:.0f} us/lookup "
+                f"({per_lookup_us / 1000:.2f} us/rule)"
+            )
             assert per_lookup_us < 50_000

@@ -118,8 +118,13 @@ def write_cf(path: Path, lines: dict[str, str]) -> str:
 
 
 def tcp_settings(db: PrivatePostgres, **more: str) -> dict[str, str]:
-    return {"hosts": f"inet:127.0.0.1:{db.port}", "user": USER, "password": PASSWORD,
-            "dbname": DBNAME, **more}
+    return {
+        "hosts": f"inet:127.0.0.1:{db.port}",
+        "user": USER,
+        "password": PASSWORD,
+        "dbname": DBNAME,
+        **more,
+    }
 
 
 def socket_alias_dir(db: PrivatePostgres, base: Path) -> str:
@@ -144,8 +149,9 @@ def cf_dir() -> Iterator[Path]:
     shutil.rmtree(directory, ignore_errors=True)
 
 
-def make_table(cf: str, *, legacy: bool = True, flags: int = FIXED_FOLD,
-               params: dict[str, str] | None = None) -> PgsqlTable:
+def make_table(
+    cf: str, *, legacy: bool = True, flags: int = FIXED_FOLD, params: dict[str, str] | None = None
+) -> PgsqlTable:
     return PgsqlTable(cf, RO, flags, OpenContext(params=params or {}, legacy_client=legacy))
 
 
@@ -163,20 +169,23 @@ async def answer(table: PgsqlTable, key: bytes) -> bytes | None | str:
 
 
 class TestHosts:
-    @pytest.mark.parametrize("text, kind, name, port", [
-        ("unix:/run/postgresql", UNIX, "/run/postgresql", ""),
-        ("/run/postgresql", UNIX, "/run/postgresql", ""),
-        ("unix:", UNIX, "", ""),
-        ("inet:db.example.com:5433", INET, "db.example.com", "5433"),
-        ("inet:db.example.com", INET, "db.example.com", ""),
-        ("db.example.com:5433", INET, "db.example.com", "5433"),
-        ("localhost", INET, "localhost", ""),
-        ("postgresql://u:p@db/mail", URI, "postgresql://u:p@db/mail", ""),
-        ("postgresql:dbname=mail", URI, "postgresql:dbname=mail", ""),  # 3.7's test
-        ("postgres://db/mail?sslmode=require", URI, "postgres://db/mail?sslmode=require", ""),
-        ("a-b+1://x", URI, "a-b+1://x", ""),  # 3.12: any scheme
-        ("1abc://x", INET, "1abc", "//x"),  # not a scheme: host:port, as Postfix splits it
-    ])
+    @pytest.mark.parametrize(
+        "text, kind, name, port",
+        [
+            ("unix:/run/postgresql", UNIX, "/run/postgresql", ""),
+            ("/run/postgresql", UNIX, "/run/postgresql", ""),
+            ("unix:", UNIX, "", ""),
+            ("inet:db.example.com:5433", INET, "db.example.com", "5433"),
+            ("inet:db.example.com", INET, "db.example.com", ""),
+            ("db.example.com:5433", INET, "db.example.com", "5433"),
+            ("localhost", INET, "localhost", ""),
+            ("postgresql://u:p@db/mail", URI, "postgresql://u:p@db/mail", ""),
+            ("postgresql:dbname=mail", URI, "postgresql:dbname=mail", ""),  # 3.7's test
+            ("postgres://db/mail?sslmode=require", URI, "postgres://db/mail?sslmode=require", ""),
+            ("a-b+1://x", URI, "a-b+1://x", ""),  # 3.12: any scheme
+            ("1abc://x", INET, "1abc", "//x"),  # not a scheme: host:port, as Postfix splits it
+        ],
+    )
     def test_forms(self, text: str, kind: int, name: str, port: str) -> None:
         assert parse_host(text) == Host(text, kind, name, port)
 
@@ -205,13 +214,18 @@ class TestConfiguration:
         with pytest.raises(DictOpenError, match="requires O_RDONLY access mode"):
             PgsqlTable(cf, os.O_RDWR, 0, OpenContext())
 
-    @pytest.mark.parametrize("lines, message", [
-        ({"dbname": "d", "query": "SELECT '%x'"}, "Invalid query template"),
-        ({"dbname": "d", "select_field": "v"}, "bad string length 0 < 1: table = "),
-        ({"dbname": "d", "query": QUERY, "retry_interval": "0"},
-         "invalid retry_interval parameter value 0 < 1"),
-        ({"dbname": "d", "query": QUERY, "idle_interval": "x"}, "bad numerical configuration"),
-    ])
+    @pytest.mark.parametrize(
+        "lines, message",
+        [
+            ({"dbname": "d", "query": "SELECT '%x'"}, "Invalid query template"),
+            ({"dbname": "d", "select_field": "v"}, "bad string length 0 < 1: table = "),
+            (
+                {"dbname": "d", "query": QUERY, "retry_interval": "0"},
+                "invalid retry_interval parameter value 0 < 1",
+            ),
+            ({"dbname": "d", "query": QUERY, "idle_interval": "x"}, "bad numerical configuration"),
+        ],
+    )
     def test_errors(self, tmp_path: Path, lines: dict[str, str], message: str) -> None:
         cf = write_cf(tmp_path / "t.cf", lines)
         with pytest.raises(DictOpenError, match=message):
@@ -227,13 +241,16 @@ class TestConfiguration:
         cf = write_cf(tmp_path / "t.cf", {"dbname": "d", "query": QUERY})
         assert make_table(cf, legacy=True).backend.settings.encoding == "LATIN1"
         assert make_table(cf, legacy=False).backend.settings.encoding == "UTF8"
-        explicit = write_cf(tmp_path / "e.cf", {"dbname": "d", "query": QUERY,
-                                                "encoding": "UTF8"})
+        explicit = write_cf(tmp_path / "e.cf", {"dbname": "d", "query": QUERY, "encoding": "UTF8"})
         assert make_table(explicit, legacy=True).backend.settings.encoding == "UTF8"
 
     def test_main_cf_prefix(self) -> None:
-        params = {"src_dbname": "d", "src_query": QUERY, "src_hosts": "h1 h2",
-                  "src_idle_interval": "7"}
+        params = {
+            "src_dbname": "d",
+            "src_query": QUERY,
+            "src_hosts": "h1 h2",
+            "src_idle_interval": "7",
+        }
         table = PgsqlTable("src", RO, 0, OpenContext(params=params))
         assert [h.text for h in table.backend.settings.hosts] == ["h1", "h2"]
         assert table.pool.idle_limit == 7
@@ -251,11 +268,14 @@ class TestConfiguration:
 
 
 class TestLookups:
-    def test_answers(self, database: PrivatePostgres, tmp_path: Path,
-                     caplog: pytest.LogCaptureFixture) -> None:
+    def test_answers(
+        self, database: PrivatePostgres, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    ) -> None:
         cf = write_cf(tmp_path / "t.cf", tcp_settings(database, query=QUERY))
-        two = write_cf(tmp_path / "two.cf", tcp_settings(
-            database, query="SELECT a, b FROM twocol WHERE k = '%s'"))
+        two = write_cf(
+            tmp_path / "two.cf",
+            tcp_settings(database, query="SELECT a, b FROM twocol WHERE k = '%s'"),
+        )
         legacy, current = make_table(cf), make_table(cf, legacy=False)
         columns = make_table(two)
 
@@ -284,17 +304,28 @@ class TestLookups:
             assert run(main()) == [
                 b"alice@mail.example.com",
                 b"first@example.net,second@example.net,third@example.net",
-                b"quote-ok", b"backslash-row", None, None, b"\xfc", "RETRY",
-                "\N{EURO SIGN}".encode(), b"utf8-row", None, b"a1,b1,a2", None,
+                b"quote-ok",
+                b"backslash-row",
+                None,
+                None,
+                b"\xfc",
+                "RETRY",
+                "\N{EURO SIGN}".encode(),
+                b"utf8-row",
+                None,
+                b"a1,b1,a2",
+                None,
             ]
         # SQL NULL is libpq's "": skipped with Postfix's warning.
         assert 'empty lookup result for: "nullval" -- ignored' in caplog.text
         assert caplog.text.count('empty lookup result for: "nulls"') == 2
 
-    def test_escaping_is_pqescapestringconn(self, database: PrivatePostgres,
-                                            tmp_path: Path) -> None:
-        cf = write_cf(tmp_path / "t.cf", tcp_settings(
-            database, query="SELECT '%s' UNION ALL SELECT E'%s'"))
+    def test_escaping_is_pqescapestringconn(
+        self, database: PrivatePostgres, tmp_path: Path
+    ) -> None:
+        cf = write_cf(
+            tmp_path / "t.cf", tcp_settings(database, query="SELECT '%s' UNION ALL SELECT E'%s'")
+        )
         table = make_table(cf, flags=0)
 
         async def main() -> object:
@@ -307,8 +338,9 @@ class TestLookups:
         # then reads the backslash as an escape.
         assert run(main()) == b"a'b\\c,a'bc"
 
-    def test_invalid_utf8_key_with_utf8_encoding(self, database: PrivatePostgres,
-                                                 tmp_path: Path) -> None:
+    def test_invalid_utf8_key_with_utf8_encoding(
+        self, database: PrivatePostgres, tmp_path: Path
+    ) -> None:
         # PQescapeStringConn refuses it: Postfix marks the host down, here RETRY.
         cf = write_cf(tmp_path / "t.cf", tcp_settings(database, query=QUERY))
         table = make_table(cf, legacy=False)
@@ -321,20 +353,30 @@ class TestLookups:
 
         assert run(main()) == ["RETRY", b"bob-bare"]
 
-    def test_bad_encoding_name_is_retry(self, database: PrivatePostgres,
-                                        tmp_path: Path) -> None:
-        cf = write_cf(tmp_path / "t.cf", tcp_settings(database, query=QUERY,
-                                                      encoding="NO_SUCH"))
+    def test_bad_encoding_name_is_retry(self, database: PrivatePostgres, tmp_path: Path) -> None:
+        cf = write_cf(tmp_path / "t.cf", tcp_settings(database, query=QUERY, encoding="NO_SUCH"))
         table = make_table(cf)
         assert run(answer(table, b"bob")) == "RETRY"
 
     def test_uri_and_unix_hosts(self, database: PrivatePostgres, tmp_path: Path) -> None:
-        uri = write_cf(tmp_path / "uri.cf", {
-            "hosts": f"postgres://{USER}:{PASSWORD}@127.0.0.1:{database.port}/{DBNAME}",
-            "user": "nobody", "dbname": "ignored", "query": QUERY})
-        unix = write_cf(tmp_path / "unix.cf", {
-            "hosts": f"unix:{socket_alias_dir(database, tmp_path)}", "user": USER,
-            "dbname": DBNAME, "query": QUERY})  # the socket: no password checked
+        uri = write_cf(
+            tmp_path / "uri.cf",
+            {
+                "hosts": f"postgres://{USER}:{PASSWORD}@127.0.0.1:{database.port}/{DBNAME}",
+                "user": "nobody",
+                "dbname": "ignored",
+                "query": QUERY,
+            },
+        )
+        unix = write_cf(
+            tmp_path / "unix.cf",
+            {
+                "hosts": f"unix:{socket_alias_dir(database, tmp_path)}",
+                "user": USER,
+                "dbname": DBNAME,
+                "query": QUERY,
+            },
+        )  # the socket: no password checked
         tables = [make_table(uri), make_table(unix)]
 
         async def main() -> list[object]:
@@ -353,13 +395,17 @@ class TestLookups:
 
 
 class TestFailover:
-    def test_dead_hosts_are_passed_over(self, database: PrivatePostgres,
-                                        tmp_path: Path) -> None:
+    def test_dead_hosts_are_passed_over(self, database: PrivatePostgres, tmp_path: Path) -> None:
         dead_dir = tmp_path / "nothing-here"
         dead_dir.mkdir()
-        cf = write_cf(tmp_path / "t.cf", tcp_settings(
-            database, query=QUERY,
-            hosts=f"unix:{dead_dir} inet:127.0.0.1:{free_port()} 127.0.0.1:{database.port}"))
+        cf = write_cf(
+            tmp_path / "t.cf",
+            tcp_settings(
+                database,
+                query=QUERY,
+                hosts=f"unix:{dead_dir} inet:127.0.0.1:{free_port()} 127.0.0.1:{database.port}",
+            ),
+        )
         table = make_table(cf)
 
         async def main() -> list[object]:
@@ -374,8 +420,9 @@ class TestFailover:
         assert table.pool.connects == 1
 
     def test_all_dead_is_retry_at_once(self, tmp_path: Path) -> None:
-        cf = write_cf(tmp_path / "t.cf", {"hosts": f"127.0.0.1:{free_port()}",
-                                          "dbname": "d", "query": QUERY})
+        cf = write_cf(
+            tmp_path / "t.cf", {"hosts": f"127.0.0.1:{free_port()}", "dbname": "d", "query": QUERY}
+        )
         table = make_table(cf)
 
         async def main() -> tuple[list[object], float]:
@@ -388,15 +435,24 @@ class TestFailover:
         assert seconds < 1.0
 
     def test_query_error_fails_over_to_another_host(
-            self, database: PrivatePostgres, tmp_path: Path,
-            caplog: pytest.LogCaptureFixture) -> None:
+        self, database: PrivatePostgres, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    ) -> None:
         # Two ways to one server: the TCP host (tried before URIs) names a database
         # without the table, so its query fails, as on a host that lacks the data.
         database.execute("CREATE DATABASE other OWNER pf")
-        cf = write_cf(tmp_path / "t.cf", {
-            "hosts": (f"postgresql://{USER}:{PASSWORD}@127.0.0.1:{database.port}/{DBNAME} "
-                      f"inet:127.0.0.1:{database.port}"),
-            "user": USER, "password": PASSWORD, "dbname": "other", "query": QUERY})
+        cf = write_cf(
+            tmp_path / "t.cf",
+            {
+                "hosts": (
+                    f"postgresql://{USER}:{PASSWORD}@127.0.0.1:{database.port}/{DBNAME} "
+                    f"inet:127.0.0.1:{database.port}"
+                ),
+                "user": USER,
+                "password": PASSWORD,
+                "dbname": "other",
+                "query": QUERY,
+            },
+        )
         table = make_table(cf)
 
         async def main() -> list[object]:
@@ -410,21 +466,33 @@ class TestFailover:
         assert table.pool.connects == 2  # the failed host is then tried last
         assert [r.getMessage() for r in caplog.records] == [
             f"pgsql:{cf}: inet:127.0.0.1:{database.port}: query failed: "
-            'relation "aliases" does not exist']
+            'relation "aliases" does not exist'
+        ]
 
-
-    def test_lost_connection_is_retried_once(self, database: PrivatePostgres, tmp_path: Path,
-                                             caplog: pytest.LogCaptureFixture) -> None:
+    def test_lost_connection_is_retried_once(
+        self, database: PrivatePostgres, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    ) -> None:
         # The key "die" makes the backend terminate itself during the query.
-        cf = write_cf(tmp_path / "t.cf", tcp_settings(database, query=(
-            "SELECT CASE WHEN '%s' = 'die' THEN pg_terminate_backend(pg_backend_pid())::text "
-            "ELSE v END FROM aliases WHERE k = 'bob'")))
+        cf = write_cf(
+            tmp_path / "t.cf",
+            tcp_settings(
+                database,
+                query=(
+                    "SELECT CASE WHEN '%s' = 'die' THEN pg_terminate_backend(pg_backend_pid())::text "
+                    "ELSE v END FROM aliases WHERE k = 'bob'"
+                ),
+            ),
+        )
         table = make_table(cf)
 
         async def main() -> list[object]:
             try:
-                return [await answer(table, b"die"), table.pool.connects,
-                        await answer(table, b"bob"), table.pool.connects]
+                return [
+                    await answer(table, b"die"),
+                    table.pool.connects,
+                    await answer(table, b"bob"),
+                    table.pool.connects,
+                ]
             finally:
                 table.close()
 
@@ -436,16 +504,24 @@ class TestFailover:
 
 class TestConnectionState:
     def test_copy_is_a_failure_and_its_connection_is_closed(
-            self, database: PrivatePostgres, tmp_path: Path) -> None:
+        self, database: PrivatePostgres, tmp_path: Path
+    ) -> None:
         # PQexec stops at a COPY result; Postfix's client treats it as a failed query.
-        cf = write_cf(tmp_path / "t.cf", tcp_settings(
-            database, query="COPY (SELECT v FROM aliases WHERE k = '%s') TO STDOUT"))
+        cf = write_cf(
+            tmp_path / "t.cf",
+            tcp_settings(database, query="COPY (SELECT v FROM aliases WHERE k = '%s') TO STDOUT"),
+        )
         table = make_table(cf)
 
         async def main() -> list[object]:
             try:
-                return [await answer(table, b"bob"), table.pool.open, table.pool.in_use,
-                        await answer(table, b"bob"), table.pool.connects]
+                return [
+                    await answer(table, b"bob"),
+                    table.pool.open,
+                    table.pool.in_use,
+                    await answer(table, b"bob"),
+                    table.pool.connects,
+                ]
             finally:
                 table.close()
 
@@ -453,12 +529,19 @@ class TestConnectionState:
         assert run(main()) == ["RETRY", 0, 0, "RETRY", 2]
 
     def test_a_connection_closed_while_idle_is_not_lent_again(
-            self, database: PrivatePostgres, tmp_path: Path,
-            caplog: pytest.LogCaptureFixture) -> None:
+        self, database: PrivatePostgres, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    ) -> None:
         database.create_user("idler", PASSWORD, DBNAME)
-        cf = write_cf(tmp_path / "t.cf", {
-            "hosts": f"127.0.0.1:{database.port}", "user": "idler", "password": PASSWORD,
-            "dbname": DBNAME, "query": QUERY})
+        cf = write_cf(
+            tmp_path / "t.cf",
+            {
+                "hosts": f"127.0.0.1:{database.port}",
+                "user": "idler",
+                "password": PASSWORD,
+                "dbname": DBNAME,
+                "query": QUERY,
+            },
+        )
         table = make_table(cf)
 
         async def main() -> list[object]:
@@ -466,9 +549,14 @@ class TestConnectionState:
             try:
                 first = await answer(table, b"bob")
                 link = table.pool._idle[-1].connection
-                await loop.run_in_executor(None, database.execute, (
-                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                    "WHERE usename = 'idler'"))
+                await loop.run_in_executor(
+                    None,
+                    database.execute,
+                    (
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                        "WHERE usename = 'idler'"
+                    ),
+                )
                 started = time.monotonic()
                 while not link.broken:  # the connection's reader saw it go
                     assert time.monotonic() - started < 3
@@ -483,8 +571,12 @@ class TestConnectionState:
 
 
 class TestRecovery:
-    def test_restart_and_outage(self, postgres: PrivatePostgres,  # noqa: F811
-                                tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    def test_restart_and_outage(
+        self,
+        postgres: PrivatePostgres,  # noqa: F811
+        tmp_path: Path,
+        caplog: pytest.LogCaptureFixture,
+    ) -> None:
         postgres.create_user(USER, PASSWORD, DBNAME)
         postgres.execute(SCHEMA, dbname=DBNAME)
         cf = write_cf(tmp_path / "t.cf", tcp_settings(postgres, query=QUERY))
@@ -520,8 +612,7 @@ class TestRecovery:
 
 class TestTimeoutAndConcurrency:
     def test_stalled_query(self, database: PrivatePostgres, tmp_path: Path) -> None:
-        slow = write_cf(tmp_path / "slow.cf", tcp_settings(database,
-                                                           select_function="slow_alias"))
+        slow = write_cf(tmp_path / "slow.cf", tcp_settings(database, select_function="slow_alias"))
         fast = write_cf(tmp_path / "fast.cf", tcp_settings(database, query=QUERY))
         params = {"pyproxymap_pgsql_timeout": "1"}
         slow_table, fast_table = make_table(slow, params=params), make_table(fast)
@@ -563,9 +654,16 @@ class TestTimeoutAndConcurrency:
 
     def test_connection_bound(self, database: PrivatePostgres, tmp_path: Path) -> None:
         database.create_user("bound", PASSWORD, DBNAME)
-        cf = write_cf(tmp_path / "t.cf", {
-            "hosts": f"127.0.0.1:{database.port}", "user": "bound", "password": PASSWORD,
-            "dbname": DBNAME, "query": "SELECT v FROM aliases, pg_sleep(0.05) WHERE k = '%s'"})
+        cf = write_cf(
+            tmp_path / "t.cf",
+            {
+                "hosts": f"127.0.0.1:{database.port}",
+                "user": "bound",
+                "password": PASSWORD,
+                "dbname": DBNAME,
+                "query": "SELECT v FROM aliases, pg_sleep(0.05) WHERE k = '%s'",
+            },
+        )
         table = make_table(cf, params={"pyproxymap_pgsql_connections": "4"})
         counts: list[int] = []
         stop = threading.Event()
@@ -594,8 +692,9 @@ class TestTimeoutAndConcurrency:
 
 
 def active_queries(db: PrivatePostgres) -> str:
-    return db.execute("SELECT query FROM pg_stat_activity WHERE state = 'active' "
-                      "AND pid <> pg_backend_pid()")
+    return db.execute(
+        "SELECT query FROM pg_stat_activity WHERE state = 'active' AND pid <> pg_backend_pid()"
+    )
 
 
 async def close_tables(*tables: PgsqlTable) -> None:
@@ -609,38 +708,97 @@ async def close_tables(*tables: PgsqlTable) -> None:
 
 # name -> (settings beyond the connection, keys found or not, keys that fail)
 BASIC_KEYS = [
-    "alice@example.com", "multi@example.com", "Mixed@Example.com", "nosuch", "bob",
-    "o'brien@example.com", "quote'", 'dq"x', "back\\slash", "back\\\\slash", "100%", "%s",
-    "semi;colon", "x';DROP/**/TABLE/**/aliases;--", "nullval", "emptyval",
-    "ünï@example.com", "ÜNÏ@EXAMPLE.COM", "ü",
+    "alice@example.com",
+    "multi@example.com",
+    "Mixed@Example.com",
+    "nosuch",
+    "bob",
+    "o'brien@example.com",
+    "quote'",
+    'dq"x',
+    "back\\slash",
+    "back\\\\slash",
+    "100%",
+    "%s",
+    "semi;colon",
+    "x';DROP/**/TABLE/**/aliases;--",
+    "nullval",
+    "emptyval",
+    "ünï@example.com",
+    "ÜNÏ@EXAMPLE.COM",
+    "ü",
 ]
 CASES: dict[str, tuple[dict[str, str], list[str], list[str]]] = {
     "basic": ({"query": QUERY}, BASIC_KEYS, ["euro", "latin"]),
-    "twocol": ({"query": "SELECT a, b FROM twocol WHERE k = '%s'"},
-               ["alice@example.com", "nulls", "nosuch"], []),
-    "fancy": ({"query": "SELECT v FROM aliases WHERE k = '%u@%d'",
-               "result_format": "smtp:[%s] key=%S user=%U dom=%D tld=%1",
-               "domain": "example.com", "expansion_limit": "2"},
-              ["alice@example.com", "Alice@EXAMPLE.com", "bob", "@example.com",
-               "alice@other.org", "alice@sub.example.com"], ["multi@example.com"]),
-    "labels": ({"query": "SELECT v FROM aliases WHERE k = '%2.%1'"},
-               ["x@example.com", "x@mail.example.com", "x@com", "bare", "x@example..com",
-                "x@.example.com."], []),
-    "userpart": ({"query": "SELECT v FROM aliases WHERE k = '%u'"},
-                 ["bob@anywhere.example", "bob", "@bob", "bob@", "alice@example.com"], []),
-    "resultparts": ({"query": QUERY, "result_format": "%u at %d"},
-                    ["alice@example.com", "multi@example.com", "bob"], []),
-    "limit": ({"query": QUERY, "expansion_limit": "3"},
-              ["multi@example.com", "alice@example.com"], []),
-    "legacy": ({"table": "aliases", "select_field": "v", "where_field": "k",
-                "additional_conditions": "AND v <> 'second@example.net'"},
-               ["multi@example.com", "alice@example.com", "o'brien@example.com", "nosuch"],
-               []),
-    "function": ({"select_function": "alias_of"},
-                 ["alice@example.com", "multi@example.com", "o'brien@example.com", "nosuch"],
-                 []),
-    "statements": ({"query": f"SELECT 'not this one'; {QUERY}"},
-                   ["alice@example.com", "nosuch"], []),
+    "twocol": (
+        {"query": "SELECT a, b FROM twocol WHERE k = '%s'"},
+        ["alice@example.com", "nulls", "nosuch"],
+        [],
+    ),
+    "fancy": (
+        {
+            "query": "SELECT v FROM aliases WHERE k = '%u@%d'",
+            "result_format": "smtp:[%s] key=%S user=%U dom=%D tld=%1",
+            "domain": "example.com",
+            "expansion_limit": "2",
+        },
+        [
+            "alice@example.com",
+            "Alice@EXAMPLE.com",
+            "bob",
+            "@example.com",
+            "alice@other.org",
+            "alice@sub.example.com",
+        ],
+        ["multi@example.com"],
+    ),
+    "labels": (
+        {"query": "SELECT v FROM aliases WHERE k = '%2.%1'"},
+        [
+            "x@example.com",
+            "x@mail.example.com",
+            "x@com",
+            "bare",
+            "x@example..com",
+            "x@.example.com.",
+        ],
+        [],
+    ),
+    "userpart": (
+        {"query": "SELECT v FROM aliases WHERE k = '%u'"},
+        ["bob@anywhere.example", "bob", "@bob", "bob@", "alice@example.com"],
+        [],
+    ),
+    "resultparts": (
+        {"query": QUERY, "result_format": "%u at %d"},
+        ["alice@example.com", "multi@example.com", "bob"],
+        [],
+    ),
+    "limit": (
+        {"query": QUERY, "expansion_limit": "3"},
+        ["multi@example.com", "alice@example.com"],
+        [],
+    ),
+    "legacy": (
+        {
+            "table": "aliases",
+            "select_field": "v",
+            "where_field": "k",
+            "additional_conditions": "AND v <> 'second@example.net'",
+        },
+        ["multi@example.com", "alice@example.com", "o'brien@example.com", "nosuch"],
+        [],
+    ),
+    "function": (
+        {"select_function": "alias_of"},
+        ["alice@example.com", "multi@example.com", "o'brien@example.com", "nosuch"],
+        [],
+    ),
+    "statements": (
+        {"query": f"SELECT 'not this one'; {QUERY}"},
+        ["alice@example.com", "nosuch"],
+        [],
+    ),
     "uri": ({"query": QUERY}, ["alice@example.com", "nosuch"], []),
     "unix": ({"query": QUERY}, ["alice@example.com", "nosuch"], []),
     "failover": ({"query": QUERY}, ["alice@example.com", "nosuch"], []),
@@ -655,8 +813,9 @@ PREFIX_KEYS = ["alice@example.com", "nosuch"]
 C_DIFFERENCES: dict[str, str] = {}
 
 
-def case_settings(name: str, db: PrivatePostgres, directory: Path,
-                  dead_port: int) -> dict[str, str]:
+def case_settings(
+    name: str, db: PrivatePostgres, directory: Path, dead_port: int
+) -> dict[str, str]:
     settings = tcp_settings(db, **CASES[name][0]) if name in CASES else tcp_settings(db)
     if name == "uri":  # 3.7 requires a dbname even here, and ignores it
         settings["hosts"] = f"postgresql://{USER}:{PASSWORD}@127.0.0.1:{db.port}/{DBNAME}"
@@ -664,8 +823,7 @@ def case_settings(name: str, db: PrivatePostgres, directory: Path,
     elif name == "unix":
         settings["hosts"] = f"unix:{socket_alias_dir(db, directory)}"
     elif name == "failover":
-        settings["hosts"] = (f"unix:{directory} inet:127.0.0.1:{dead_port} "
-                             f"inet:127.0.0.1:{db.port}")
+        settings["hosts"] = f"unix:{directory} inet:127.0.0.1:{dead_port} inet:127.0.0.1:{db.port}"
     elif name == "alldead":
         settings["hosts"] = f"inet:127.0.0.1:{dead_port} unix:{directory}"
     return settings
@@ -676,34 +834,51 @@ class Oracle:
 
     def __init__(self, db: PrivatePostgres, directory: Path) -> None:
         dead_port = free_port()
-        self.tables = {name: write_cf(directory / f"{name}.cf",
-                                      case_settings(name, db, directory, dead_port))
-                       for name in CASES}
+        self.tables = {
+            name: write_cf(directory / f"{name}.cf", case_settings(name, db, directory, dead_port))
+            for name in CASES
+        }
         # A failing key gets a table of its own: the C proxymap refuses a host for 60 s
         # after a failed query, which would change what it answers to the next key.
-        self.failures = {(name, key): write_cf(directory / f"{name}-fail{number}.cf",
-                                               case_settings(name, db, directory, dead_port))
-                         for name, (_, _, keys) in CASES.items()
-                         for number, key in enumerate(keys)}
+        self.failures = {
+            (name, key): write_cf(
+                directory / f"{name}-fail{number}.cf", case_settings(name, db, directory, dead_port)
+            )
+            for name, (_, _, keys) in CASES.items()
+            for number, key in enumerate(keys)
+        }
         self.poison_cf = write_cf(directory / "poison.cf", tcp_settings(db, query=QUERY))
-        self.encoding_cf = write_cf(directory / "encoding.cf",
-                                    tcp_settings(db, query=QUERY, encoding="UTF8"))
+        self.encoding_cf = write_cf(
+            directory / "encoding.cf", tcp_settings(db, query=QUERY, encoding="UTF8")
+        )
         # For a server of its own, written by the test that starts it.
         self.restart_cf = str(directory / "restart.cf")
         settle_files(directory)
-        self.main_cf = {f"{PREFIX}_{name}": value
-                        for name, value in tcp_settings(db, query=QUERY).items()}
-        maps = [f"proxy:pgsql:{cf}" for cf in
-                [*self.tables.values(), *self.failures.values(), self.poison_cf,
-                 self.encoding_cf, self.restart_cf]]
+        self.main_cf = {
+            f"{PREFIX}_{name}": value for name, value in tcp_settings(db, query=QUERY).items()
+        }
+        maps = [
+            f"proxy:pgsql:{cf}"
+            for cf in [
+                *self.tables.values(),
+                *self.failures.values(),
+                self.poison_cf,
+                self.encoding_cf,
+                self.restart_cf,
+            ]
+        ]
         maps.append(f"proxy:pgsql:{PREFIX}")
-        self.ours = PrivatePostfix(proxymap_program=OUR_PROXYMAP, proxy_read_maps=maps,
-                                   main_cf=self.main_cf, name="pgsql-ours")
-        self.c = PrivatePostfix(proxymap_program=C_PROXYMAP, proxy_read_maps=maps,
-                                main_cf=self.main_cf, name="pgsql-c")
+        self.ours = PrivatePostfix(
+            proxymap_program=OUR_PROXYMAP,
+            proxy_read_maps=maps,
+            main_cf=self.main_cf,
+            name="pgsql-ours",
+        )
+        self.c = PrivatePostfix(
+            proxymap_program=C_PROXYMAP, proxy_read_maps=maps, main_cf=self.main_cf, name="pgsql-c"
+        )
 
-    def batch(self, instance: PrivatePostfix, table: str,
-              keys: list[str]) -> tuple[int | str, str]:
+    def batch(self, instance: PrivatePostfix, table: str, keys: list[str]) -> tuple[int | str, str]:
         """``postmap -q - TABLE``: (exit, output lines)."""
         data = "".join(f"{key}\n" for key in keys).encode("utf-8", "surrogateescape")
         result = instance.postmap(["-q", "-", table], stdin=data)
@@ -728,8 +903,9 @@ def oracle(database: PrivatePostgres, cf_dir: Path) -> Iterator[Oracle]:
 
 def table_names(oracle: Oracle) -> list[tuple[str, str, list[str]]]:
     """(case, pgsql:NAME, keys) for every batch."""
-    rows = [(name, f"pgsql:{oracle.tables[name]}", keys) for name, (_, keys, _) in
-            CASES.items() if keys]
+    rows = [
+        (name, f"pgsql:{oracle.tables[name]}", keys) for name, (_, keys, _) in CASES.items() if keys
+    ]
     rows.append((PREFIX, f"pgsql:{PREFIX}", PREFIX_KEYS))
     return rows
 
@@ -739,8 +915,11 @@ class TestAgainstPostfix:
         rows = table_names(oracle)
         jobs: list[tuple[str, PrivatePostfix, str, list[str]]] = []
         for name, table, keys in rows:
-            jobs += [(name, oracle.ours, table, keys), (name, oracle.ours, "proxy:" + table, keys),
-                     (name, oracle.c, "proxy:" + table, keys)]
+            jobs += [
+                (name, oracle.ours, table, keys),
+                (name, oracle.ours, "proxy:" + table, keys),
+                (name, oracle.c, "proxy:" + table, keys),
+            ]
         with ThreadPoolExecutor(max_workers=16) as pool:
             outputs = list(pool.map(lambda job: oracle.batch(*job[1:]), jobs))
         by_case: dict[str, list[tuple[int | str, str]]] = {}
@@ -771,16 +950,17 @@ class TestAgainstPostfix:
 
         def observe(case: tuple[str, str, str]) -> tuple[object, ...]:
             _, key, table = case
-            return (oracle.single(oracle.ours, table, key).outcome(),
-                    oracle.single(oracle.ours, "proxy:" + table, key).outcome(),
-                    oracle.single(oracle.c, "proxy:" + table, key).outcome(),
-                    oracle.raw_status(oracle.ours, table, key),
-                    oracle.raw_status(oracle.c, table, key))
+            return (
+                oracle.single(oracle.ours, table, key).outcome(),
+                oracle.single(oracle.ours, "proxy:" + table, key).outcome(),
+                oracle.single(oracle.c, "proxy:" + table, key).outcome(),
+                oracle.raw_status(oracle.ours, table, key),
+                oracle.raw_status(oracle.c, table, key),
+            )
 
         with ThreadPoolExecutor(max_workers=len(cases)) as pool:  # each fatal sleeps 1 s
             observed = list(pool.map(observe, cases))
-        for (name, key, _), (direct, ours, c, ours_raw, c_raw) in zip(cases, observed,
-                                                                      strict=True):
+        for (name, key, _), (direct, ours, c, ours_raw, c_raw) in zip(cases, observed, strict=True):
             assert direct == ("E", ""), (name, key, direct)
             assert ours == direct, (name, key, ours)
             assert c == direct, (name, key, c)
@@ -818,12 +998,15 @@ class TestAgainstPostfix:
         table = f"pgsql:{oracle.tables['basic']}"
         with oracle.ours.client(timeout=10) as client:
             opened = client.open(table, instance_flags=G2_POSTMAP_INSTANCE_FLAGS)
-            reply = client.lookup(table, "ünï@example.com", flags=int(opened["flags"]),
-                                  instance_flags=G2_POSTMAP_INSTANCE_FLAGS)
+            reply = client.lookup(
+                table,
+                "ünï@example.com",
+                flags=int(opened["flags"]),
+                instance_flags=G2_POSTMAP_INSTANCE_FLAGS,
+            )
         assert (reply["status"], reply.get("value")) == (b"0", b"utf8-row")
 
-    def test_worker_recovers_from_restart(self, oracle: Oracle,
-                                          postgres: PrivatePostgres) -> None:  # noqa: F811
+    def test_worker_recovers_from_restart(self, oracle: Oracle, postgres: PrivatePostgres) -> None:  # noqa: F811
         postgres.create_user(USER, PASSWORD, DBNAME)
         postgres.execute(SCHEMA, dbname=DBNAME)
         write_cf(Path(oracle.restart_cf), tcp_settings(postgres, query=QUERY))
@@ -836,4 +1019,3 @@ class TestAgainstPostfix:
             assert time.monotonic() - started < 5, oracle.ours.log_tail()
             time.sleep(0.05)
         assert oracle.ours.worker_pids() == workers  # the same worker, not a new one
-

@@ -67,8 +67,9 @@ def vector_rows() -> list[tuple[str, str, str, str]]:
 def this_host_entry(spec: str, key: str) -> str:
     """A unix: row's answer on this machine (ids differ between hosts), from getent(1)."""
     database = spec.partition(":")[2].split(".")[0]  # passwd or group
-    result = subprocess.run(["getent", database, key.lower()], capture_output=True,
-                            text=True, check=False)
+    result = subprocess.run(
+        ["getent", database, key.lower()], capture_output=True, text=True, check=False
+    )
     return result.stdout.strip()
 
 
@@ -117,12 +118,21 @@ def test_vector_row_through_a_g2_client(spec, key, exit_code, value):
     handler = RequestHandler("proxymap", [spec], PARAMS)
     opened = handler.handle(Request("open", spec, G2, instance_flags=G2_POSTMAP_INSTANCE_FLAGS))
     assert opened.status == OK
-    reply = handler.handle(Request("lookup", spec, G2, instance_flags=G2_POSTMAP_INSTANCE_FLAGS,
-                                   flags=opened.flags, key=key.encode("utf-8")))
+    reply = handler.handle(
+        Request(
+            "lookup",
+            spec,
+            G2,
+            instance_flags=G2_POSTMAP_INSTANCE_FLAGS,
+            flags=opened.flags,
+            key=key.encode("utf-8"),
+        )
+    )
     expect(reply, exit_code, value)
 
 
 # --- texthash -----------------------------------------------------------------------------
+
 
 def write(tmp_path: Path, text: bytes, name: str = "t.src") -> str:
     path = tmp_path / name
@@ -134,17 +144,25 @@ def ctx(utf8: bool = True) -> OpenContext:
     return OpenContext(params={}, utf8_enabled=utf8)
 
 
-@pytest.mark.parametrize(("flags", "expected"), [
-    (F.DUP_WARN, b"first"), (F.DUP_IGNORE, b"first"), (F.DUP_REPLACE, b"third"),
-])
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        (F.DUP_WARN, b"first"),
+        (F.DUP_IGNORE, b"first"),
+        (F.DUP_REPLACE, b"third"),
+    ],
+)
 def test_texthash_duplicate_policy(tmp_path, caplog, flags, expected):
     path = write(tmp_path, b"dup first\nDUP second\ndup third\n")
     with caplog.at_level(logging.WARNING, "proxymap"):
         table = open_table(f"texthash:{path}", RO, flags | F.FOLD_FIX, ctx())
     assert table.lookup(b"dup") == expected
     warned = [r.getMessage() for r in caplog.records if "duplicate entry" in r.getMessage()]
-    assert warned == ([f'{path}, line 2: duplicate entry: "dup"',
-                       f'{path}, line 3: duplicate entry: "dup"'] if flags == F.DUP_WARN else [])
+    assert warned == (
+        [f'{path}, line 2: duplicate entry: "dup"', f'{path}, line 3: duplicate entry: "dup"']
+        if flags == F.DUP_WARN
+        else []
+    )
 
 
 def test_texthash_duplicate_without_dup_flag_is_unavailable(tmp_path):
@@ -181,7 +199,10 @@ def test_texthash_sequence_and_next_before_first(tmp_path):
     table = open_table(f"texthash:{path}", RO, F.DUP_WARN, ctx())
     assert table.sequence(1) == (b"b", b"2")  # "next" first: starts at the top
     assert [table.sequence(0), table.sequence(1), table.sequence(1)] == [
-        (b"b", b"2"), (b"a", b"1"), None]
+        (b"b", b"2"),
+        (b"a", b"1"),
+        None,
+    ]
 
 
 def test_texthash_missing_file_and_read_write_open_are_unavailable(tmp_path, caplog):
@@ -195,10 +216,23 @@ def test_texthash_missing_file_and_read_write_open_are_unavailable(tmp_path, cap
 
 # --- inline / static ------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", [
-    "{ {key with spaces = v} }", "{a = 1}", "{a=x,y}", '{"a b"=1}', "{novalue}", "{}",
-    "{ a=1 }x", " {a=1}", "a=1", "{a=1", "{ {a=1 }",
-])
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "{ {key with spaces = v} }",
+        "{a = 1}",
+        "{a=x,y}",
+        '{"a b"=1}',
+        "{novalue}",
+        "{}",
+        "{ a=1 }x",
+        " {a=1}",
+        "a=1",
+        "{a=1",
+        "{ {a=1 }",
+    ],
+)
 def test_inline_syntax_errors_poison_the_table(name):
     table = open_table(f"inline:{name}", RO, F.FOLD_FIX, ctx())
     assert isinstance(table, SurrogateTable)
@@ -206,16 +240,19 @@ def test_inline_syntax_errors_poison_the_table(name):
         table.lookup(b"a")
 
 
-@pytest.mark.parametrize(("name", "key", "value"), [
-    ('{ {"key with spaces" = value, with comma} }', b'"key with spaces"', b"value, with comma"),
-    ("{ {a = 1} }", b"a", b"1"),
-    ("{ {a=x,y} }", b"a", b"x,y"),
-    ("{k\\=x=v}", b"k\\=x", b"v"),
-    ("{a==b}", b"a", b"=b"),
-    ("{=empty-key}", b"", b"empty-key"),
-    ("{e=}", b"e", b""),
-    ("{a=1, a=2}", b"a", b"2"),
-])
+@pytest.mark.parametrize(
+    ("name", "key", "value"),
+    [
+        ('{ {"key with spaces" = value, with comma} }', b'"key with spaces"', b"value, with comma"),
+        ("{ {a = 1} }", b"a", b"1"),
+        ("{ {a=x,y} }", b"a", b"x,y"),
+        ("{k\\=x=v}", b"k\\=x", b"v"),
+        ("{a==b}", b"a", b"=b"),
+        ("{=empty-key}", b"", b"empty-key"),
+        ("{e=}", b"e", b""),
+        ("{a=1, a=2}", b"a", b"2"),
+    ],
+)
 def test_inline_working_forms(name, key, value):
     table = open_table(f"inline:{name}", RO, F.FOLD_FIX, ctx())
     assert table.lookup(key) == value
@@ -228,9 +265,15 @@ def test_inline_non_utf8_name_unavailable_only_under_utf8():
     assert table.lookup(b"caf\xe9") == b"x"
 
 
-@pytest.mark.parametrize(("name", "value"), [
-    (" x ", b" x "), ("{ text here }", b"text here"), ("{}", b""), ("plain", b"plain"),
-])
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        (" x ", b" x "),
+        ("{ text here }", b"text here"),
+        ("{}", b""),
+        ("plain", b"plain"),
+    ],
+)
 def test_static_values(name, value):
     table = open_table(f"static:{name}", RO, F.FOLD_FIX, ctx())
     assert (table.lookup(b""), table.lookup(b"ANY")) == (value, value)
@@ -244,11 +287,16 @@ def test_static_bad_braces_unavailable(name):
 
 # --- fail / environ / internal / unix --------------------------------------------------------
 
+
 def test_fail_every_operation_retries_and_is_a_pattern_table():
     table = open_table("fail:x", RW, 0, ctx())
     assert table.flags == F.PATTERN
-    for call in (lambda: table.lookup(b"k"), lambda: table.update(b"k", b"v"),
-                 lambda: table.delete(b"k"), lambda: table.sequence(0)):
+    for call in (
+        lambda: table.lookup(b"k"),
+        lambda: table.update(b"k", b"v"),
+        lambda: table.delete(b"k"),
+        lambda: table.sequence(0),
+    ):
         with pytest.raises(DictRetry):
             call()
 
@@ -269,24 +317,34 @@ def test_environ_folds_and_updates_this_process(monkeypatch):
 def test_internal_update_delete_sequence():
     table = open_table("internal:t", RW, F.FOLD_FIX, ctx())
     assert table.lookup(b"k") is None
-    assert (table.update(b"K", b"1"), table.update(b"j", b"2"), table.update(b"k", b"3")) == (0, 0, 0)
+    assert (table.update(b"K", b"1"), table.update(b"j", b"2"), table.update(b"k", b"3")) == (
+        0,
+        0,
+        0,
+    )
     assert table.lookup(b"K") == b"3"
     assert [table.sequence(0), table.sequence(1), table.sequence(1)] == [
-        (b"k", b"3"), (b"j", b"2"), None]
+        (b"k", b"3"),
+        (b"j", b"2"),
+        None,
+    ]
     assert (table.delete(b"k"), table.delete(b"k")) == (0, 1)
 
 
 def getent(database: str, name: str) -> bytes:
-    return subprocess.run(["getent", database, name], capture_output=True,
-                          check=True).stdout.rstrip(b"\n")
+    return subprocess.run(
+        ["getent", database, name], capture_output=True, check=True
+    ).stdout.rstrip(b"\n")
 
 
-@pytest.mark.parametrize(("map_name", "database"), [
-    ("passwd.byname", "passwd"), ("group.byname", "group")])
+@pytest.mark.parametrize(
+    ("map_name", "database"), [("passwd.byname", "passwd"), ("group.byname", "group")]
+)
 def test_unix_matches_getent_for_every_entry(map_name, database):
     table = open_table(f"unix:{map_name}", RO, F.FOLD_FIX, ctx())
-    names = subprocess.run(["getent", database], capture_output=True, check=True,
-                           text=True).stdout.split("\n")
+    names = subprocess.run(
+        ["getent", database], capture_output=True, check=True, text=True
+    ).stdout.split("\n")
     names = [line.split(":")[0] for line in names if line][:50]
     assert names
     for name in names:
@@ -299,6 +357,7 @@ def test_unix_unknown_map_and_read_write_are_unavailable():
 
 
 # --- the UTF-8 layer ------------------------------------------------------------------------
+
 
 def test_utf8_layer_checks_keys_and_values(caplog):
     inner = open_table("internal:u", RW, F.FOLD_FIX | F.UTF8_REQUEST, ctx())
@@ -315,6 +374,7 @@ def test_utf8_layer_checks_keys_and_values(caplog):
     assert inner.entries == {b"strasse": b"v"}
     inner.entries[b"bad"] = b"\xe9"
     from proxymap.tables.base import DictConfig
+
     with pytest.raises(DictConfig):
         table.lookup(b"bad")
     assert activate(table) is table
@@ -365,13 +425,19 @@ def test_utf8_fold_is_python_casefold_and_idempotent(text):
     assert casefold_utf8(folded) == folded
 
 
-@pytest.mark.parametrize(("spec", "message"), [
-    ("inline:{a = 1}", 'missing \'=\' after attribute name: "inline:{a = 1}"; need "inline:{name=value...}"'),
-    ('inline:{"a b"=1}', 'unbalanced \'"\': "inline:{"a b"=1}"; need "inline:{name=value...}"'),
-    ("inline:{}", 'bad syntax: "inline:{}"; need "inline:{name=value...}"'),
-    ("static:{x}y", "bad static:name syntax: syntax error after '}' in \"{x}y\""),
-    ("unix:foo.byname", "unknown table: unix:foo.byname"),
-])
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        (
+            "inline:{a = 1}",
+            'missing \'=\' after attribute name: "inline:{a = 1}"; need "inline:{name=value...}"',
+        ),
+        ('inline:{"a b"=1}', 'unbalanced \'"\': "inline:{"a b"=1}"; need "inline:{name=value...}"'),
+        ("inline:{}", 'bad syntax: "inline:{}"; need "inline:{name=value...}"'),
+        ("static:{x}y", "bad static:name syntax: syntax error after '}' in \"{x}y\""),
+        ("unix:foo.byname", "unknown table: unix:foo.byname"),
+    ],
+)
 def test_open_errors_read_like_postmap(caplog, spec, message):
     with caplog.at_level(logging.ERROR, "proxymap"):
         assert isinstance(open_table(spec, RO, F.UTF8_REQUEST, ctx()), SurrogateTable)

@@ -21,8 +21,12 @@ from proxymap.tables.socketmap import SocketmapTable
 from proxymap.tables.tcp import TcpTable
 from proxymap.tables.unionmap import open_unionmap
 
-SHORT = {"pyproxymap_tcp_timeout": "0.3", "pyproxymap_tcp_max_tries": "2",
-         "pyproxymap_tcp_retry_delay": "0.05", "pyproxymap_socketmap_timeout": "0.3"}
+SHORT = {
+    "pyproxymap_tcp_timeout": "0.3",
+    "pyproxymap_tcp_max_tries": "2",
+    "pyproxymap_tcp_retry_delay": "0.05",
+    "pyproxymap_socketmap_timeout": "0.3",
+}
 
 
 def context(params=SHORT) -> OpenContext:
@@ -99,8 +103,12 @@ class SocketmapServer:
                     break  # closes without answering: the client retries once
                 if key.startswith(b"slow"):
                     await asyncio.sleep(0.2)
-                reply = {b"perm": b"PERM no", b"temp": b"TEMP later", b"bare": b"OK",
-                         b"miss": b"NOTFOUND "}.get(key, b"OK " + name + b"/" + key)
+                reply = {
+                    b"perm": b"PERM no",
+                    b"temp": b"TEMP later",
+                    b"bare": b"OK",
+                    b"miss": b"NOTFOUND ",
+                }.get(key, b"OK " + name + b"/" + key)
                 writer.write(b"%d:%s," % (len(reply), reply))
                 await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError, ValueError):
@@ -175,8 +183,9 @@ def test_tcp_hanging_lookup_does_not_block_others():
         hanging = asyncio.create_task(table.alookup(b"hang"))
         await asyncio.sleep(0.05)
         started = time.monotonic()
-        answers = await asyncio.gather(*(table.alookup(b"slow%d" % n) for n in range(5)),
-                                       other.alookup(b"quick"))
+        answers = await asyncio.gather(
+            *(table.alookup(b"slow%d" % n) for n in range(5)), other.alookup(b"quick")
+        )
         elapsed = time.monotonic() - started
         assert answers == [b"slow%d" % n for n in range(5)] + [b"quick!"]
         assert elapsed < 1.0, "slow lookups ran one after another"
@@ -234,8 +243,9 @@ def test_socketmap_slow_backend_does_not_serialize_clients():
         hanging = asyncio.create_task(one.alookup(b"hang"))
         await asyncio.sleep(0.05)
         started = time.monotonic()
-        answers = await asyncio.gather(*(one.alookup(b"slow%d" % n) for n in range(6)),
-                                       two.alookup(b"fast"))
+        answers = await asyncio.gather(
+            *(one.alookup(b"slow%d" % n) for n in range(6)), two.alookup(b"fast")
+        )
         assert time.monotonic() - started < 1.0
         assert answers == [b"one/slow%d" % n for n in range(6)] + [b"two/fast"]
         with pytest.raises(DictRetry):
@@ -249,15 +259,18 @@ def test_composite_with_network_member_is_asynchronous():
     async def scenario():
         server, port = await start(SocketmapServer().handle)
         ctx = context()
-        union = open_unionmap(f"{{socketmap:inet:127.0.0.1:{port}:u, randmap:{{r}}}}",
-                              os.O_RDONLY, 0, ctx)
+        union = open_unionmap(
+            f"{{socketmap:inet:127.0.0.1:{port}:u, randmap:{{r}}}}", os.O_RDONLY, 0, ctx
+        )
         assert isinstance(union, AsyncTable) and union.flags & F.PATTERN
         assert await union.alookup(b"k") == b"u/k,r"
-        pipe = open_pipemap(f"{{randmap:{{mid}}, socketmap:inet:127.0.0.1:{port}:p}}",
-                            os.O_RDONLY, 0, ctx)
+        pipe = open_pipemap(
+            f"{{randmap:{{mid}}, socketmap:inet:127.0.0.1:{port}:p}}", os.O_RDONLY, 0, ctx
+        )
         assert await pipe.alookup(b"any") == b"p/mid"
-        failing = open_pipemap(f"{{randmap:{{temp}}, socketmap:inet:127.0.0.1:{port}:p}}",
-                               os.O_RDONLY, 0, ctx)
+        failing = open_pipemap(
+            f"{{randmap:{{temp}}, socketmap:inet:127.0.0.1:{port}:p}}", os.O_RDONLY, 0, ctx
+        )
         with pytest.raises(DictRetry):
             await failing.alookup(b"any")
         server.close()

@@ -78,8 +78,20 @@ ALIASES: list[tuple[str | bytes, str | None, str]] = [
 ]
 RESULT_VALUES = ["a@b.c", None, "", "noat", "@dom", "loc@", "x@y@z"]
 # Column values of every storage class; rendered as sqlite3_column_text does.
-TYPED_SQL = ["42", "-7", "0.1", "1e20", "2.5", "1.0", "x'41004243'", "'a'||char(0)||'b'",
-             "9223372036854775807", "x''", "'plain'", "NULL"]
+TYPED_SQL = [
+    "42",
+    "-7",
+    "0.1",
+    "1e20",
+    "2.5",
+    "1.0",
+    "x'41004243'",
+    "'a'||char(0)||'b'",
+    "9223372036854775807",
+    "x''",
+    "'plain'",
+    "NULL",
+]
 DOMAINS = ["example.com", "mail.example.com"]
 
 
@@ -111,15 +123,44 @@ ALIAS_QUERY = "SELECT dest FROM aliases WHERE addr='%s'"
 VALUES_QUERY = "SELECT v FROM vals ORDER BY n"
 
 KEYS = [
-    "alice@example.com", "ALICE@EXAMPLE.COM", "multi@example.com", "nullval@example.com",
-    "emptyval@example.com", "o'brien@example.com", "O'Brien@Example.COM", "it's'twice",
-    "o''brien@example.com", 'dq"uote', "back\\slash@example.com", "pct%s@example.com", "%",
-    "%s", "%%", "semi;colon", "';drop", "Mixed@Example.com", "nodomain", "bob",
-    "\u00fcn\u00ef@example.com", "\u00dcN\u00cf@EXAMPLE.COM",
-    LATIN1_KEY.decode("utf-8", "surrogateescape"), "@example.com", "user@", "@",
-    "a@b@example.com", "x@example..com", "x@mail..example.com.", "x@mail.example.com",
-    "x@bad.example.com", "x@.example.org", "x@sub.example.org", "alice@other.org",
-    "alice@sub.example.com", "", "has space", "x@y@mail.example.com",
+    "alice@example.com",
+    "ALICE@EXAMPLE.COM",
+    "multi@example.com",
+    "nullval@example.com",
+    "emptyval@example.com",
+    "o'brien@example.com",
+    "O'Brien@Example.COM",
+    "it's'twice",
+    "o''brien@example.com",
+    'dq"uote',
+    "back\\slash@example.com",
+    "pct%s@example.com",
+    "%",
+    "%s",
+    "%%",
+    "semi;colon",
+    "';drop",
+    "Mixed@Example.com",
+    "nodomain",
+    "bob",
+    "\u00fcn\u00ef@example.com",
+    "\u00dcN\u00cf@EXAMPLE.COM",
+    LATIN1_KEY.decode("utf-8", "surrogateescape"),
+    "@example.com",
+    "user@",
+    "@",
+    "a@b@example.com",
+    "x@example..com",
+    "x@mail..example.com.",
+    "x@mail.example.com",
+    "x@bad.example.com",
+    "x@.example.org",
+    "x@sub.example.org",
+    "alice@other.org",
+    "alice@sub.example.com",
+    "",
+    "has space",
+    "x@y@mail.example.com",
 ]
 # Value tables ignore the key: a few keys show every rule there.
 VALUE_KEYS = ["k", "K@Mail.Example.com", "@a.b", "nodomain@x"]
@@ -131,23 +172,37 @@ CONFIGS: dict[str, tuple[dict[str, str], list[str]]] = {
     "semicolon": ({"query": ALIAS_QUERY + ";"}, KEYS),
     "two-statements": ({"query": ALIAS_QUERY + "; SELECT 'second statement'"}, KEYS),
     "twocol": ({"query": "SELECT dest, extra FROM aliases WHERE addr='%s'"}, KEYS),
-    "fancy": ({"query": "SELECT dest FROM aliases WHERE addr='%u@%d'",
-               "result_format": "smtp:[%s] key=%S user=%U dom=%D tld=%1",
-               "domain": "example.com", "expansion_limit": "2"}, KEYS),
+    "fancy": (
+        {
+            "query": "SELECT dest FROM aliases WHERE addr='%u@%d'",
+            "result_format": "smtp:[%s] key=%S user=%U dom=%D tld=%1",
+            "domain": "example.com",
+            "expansion_limit": "2",
+        },
+        KEYS,
+    ),
     "resultdomain": ({"query": ALIAS_QUERY, "result_format": "%u at %d"}, KEYS),
-    "legacy": ({"table": "aliases", "select_field": "dest", "where_field": "addr",
-                "additional_conditions": "AND extra <> 'x3'"}, KEYS),
+    "legacy": (
+        {
+            "table": "aliases",
+            "select_field": "dest",
+            "where_field": "addr",
+            "additional_conditions": "AND extra <> 'x3'",
+        },
+        KEYS,
+    ),
     "legacy-bare": ({"table": "aliases", "select_field": "dest", "where_field": "addr"}, KEYS),
     "echo-parts": ({"query": "SELECT '[%s|%u|%d|%S|%U|%D]'"}, KEYS),
     "echo-user": ({"query": "SELECT '[%s|%u|%U|%%]'"}, KEYS),
     "echo-labels": ({"query": "SELECT '[%3/%2.%1]'"}, KEYS),
     "pooled-domain": ({"query": "SELECT '%s'", "result_format": "%D:%s"}, KEYS),
     "pooled-labels": ({"query": "SELECT '%s'", "result_format": "<%2>"}, KEYS),
-    "domains": ({"query": ALIAS_QUERY,
-                 "domain": "Example.COM, !bad.example.com .example.org"}, KEYS),
+    "domains": (
+        {"query": ALIAS_QUERY, "domain": "Example.COM, !bad.example.com .example.org"},
+        KEYS,
+    ),
     "domains-file": ({"query": ALIAS_QUERY, "domain": "@DIR@/domains"}, KEYS),
-    "domains-table": ({"query": ALIAS_QUERY, "domain": "inline:{example.com=1} !x.example"},
-                      KEYS),
+    "domains-table": ({"query": ALIAS_QUERY, "domain": "inline:{example.com=1} !x.example"}, KEYS),
     "domains-sqlite": ({"query": ALIAS_QUERY, "domain": "sqlite:@DIR@/domainlist.cf"}, KEYS),
     "values": ({"query": VALUES_QUERY, "result_format": "<%s>"}, VALUE_KEYS),
     "values-user": ({"query": VALUES_QUERY, "result_format": "<%u>"}, VALUE_KEYS),
@@ -155,23 +210,32 @@ CONFIGS: dict[str, tuple[dict[str, str], list[str]]] = {
     "values-key": ({"query": VALUES_QUERY, "result_format": "<%S/%U/%D/%1>"}, VALUE_KEYS),
     "limit-5": ({"query": VALUES_QUERY, "expansion_limit": "5"}, VALUE_KEYS),
     "limit-4": ({"query": VALUES_QUERY, "expansion_limit": "4"}, VALUE_KEYS),
-    "limit-domain": ({"query": VALUES_QUERY, "result_format": "%d",
-                      "expansion_limit": "3"}, VALUE_KEYS),
+    "limit-domain": (
+        {"query": VALUES_QUERY, "result_format": "%d", "expansion_limit": "3"},
+        VALUE_KEYS,
+    ),
     "typed": ({"query": "SELECT v FROM typed ORDER BY n"}, VALUE_KEYS),
-    "typed-format": ({"query": "SELECT v FROM typed ORDER BY n", "result_format": "[%s]"},
-                     ["k"]),
+    "typed-format": ({"query": "SELECT v FROM typed ORDER BY n", "result_format": "[%s]"}, ["k"]),
     "nonutf8-value": ({"query": "SELECT x'41e9'"}, ["k"]),
     # Errors: prepare failures, step failures, a missing database, a write.
     "badsql": ({"query": "SELECT dest FROM nosuchtable WHERE addr='%s'"}, ERROR_KEYS),
-    "unquoted": ({"query": "SELECT dest FROM aliases WHERE rowid=%s"},
-                 ["1", "3", "0", "alice@example.com"]),
+    "unquoted": (
+        {"query": "SELECT dest FROM aliases WHERE rowid=%s"},
+        ["1", "3", "0", "alice@example.com"],
+    ),
     "stepfail": ({"query": "SELECT json('%s')"}, ["[1]", '{"a":2}', "x", "nojson"]),
-    "overflow": ({"query": "SELECT dest FROM aliases WHERE addr='%s' "
-                           "AND abs(-9223372036854775807 - 1) > 0"}, ERROR_KEYS),
+    "overflow": (
+        {"query": "SELECT dest FROM aliases WHERE addr='%s' AND abs(-9223372036854775807 - 1) > 0"},
+        ERROR_KEYS,
+    ),
     "nodb": ({"dbpath": "@DIR@/nosuch-@TARGET@.sqlite", "query": ALIAS_QUERY}, ERROR_KEYS),
-    "write": ({"dbpath": "@DIR@/write.sqlite",
-               "query": "UPDATE aliases SET extra='written' WHERE addr='%s'"},
-              ["alice@example.com"]),
+    "write": (
+        {
+            "dbpath": "@DIR@/write.sqlite",
+            "query": "UPDATE aliases SET extra='written' WHERE addr='%s'",
+        },
+        ["alice@example.com"],
+    ),
 }
 DOMAIN_LIST_CF = {"query": "SELECT 'yes' FROM doms WHERE name='%s'"}
 
@@ -209,19 +273,24 @@ def write_cf(path: Path, settings: dict[str, str]) -> None:
 
 def write_configs(directory: Path) -> list[Path]:
     """Every .cf of CONFIGS (nodb once per target) in ``directory``; their paths."""
-    (directory / "domains").write_text("example.com\n!bad.example.com\n#x.example.org\n"
-                                       "  .Example.ORG\n")
+    (directory / "domains").write_text(
+        "example.com\n!bad.example.com\n#x.example.org\n  .Example.ORG\n"
+    )
     (directory / "domains").chmod(0o644)
-    write_cf(directory / "domainlist.cf",
-             {"dbpath": str(directory / "test.sqlite"), **DOMAIN_LIST_CF})
-    write_cf(directory / "locked.cf",
-             {"dbpath": str(directory / "locked.sqlite"), "query": ALIAS_QUERY})
+    write_cf(
+        directory / "domainlist.cf", {"dbpath": str(directory / "test.sqlite"), **DOMAIN_LIST_CF}
+    )
+    write_cf(
+        directory / "locked.cf", {"dbpath": str(directory / "locked.sqlite"), "query": ALIAS_QUERY}
+    )
     paths = [directory / "locked.cf"]
     for config, (settings, _) in CONFIGS.items():
         for target in TARGETS if config == "nodb" else ("direct",):
             values = {"dbpath": str(directory / "test.sqlite"), **settings}
-            values = {name: value.replace("@DIR@", str(directory)).replace("@TARGET@", target)
-                      for name, value in values.items()}
+            values = {
+                name: value.replace("@DIR@", str(directory)).replace("@TARGET@", target)
+                for name, value in values.items()
+            }
             path = cf_path(directory, config, target)
             write_cf(path, values)
             paths.append(path)
@@ -237,8 +306,9 @@ def batchable(key: str) -> bool:
     return not any(char.isspace() for char in key)
 
 
-def batch(conf_dir: Path, table: str, keys: list[str], timeout: float
-          ) -> dict[str, tuple[str, str]] | None:
+def batch(
+    conf_dir: Path, table: str, keys: list[str], timeout: float
+) -> dict[str, tuple[str, str]] | None:
     """``postmap -q - TABLE`` with many keys; None when the run ended in an error."""
     data = "".join(f"{key}\n" for key in keys).encode("utf-8", "surrogateescape")
     result = run_postmap(["-q", "-", table], conf_dir=conf_dir, stdin=data, timeout=timeout)
@@ -273,10 +343,18 @@ def sites() -> Iterator[Sites]:
     ours.proxy_read_maps = maps
     # A proxymap that dies before its first request makes the master suspend the
     # service (default 60 s): keep that short for the C proxymap's fatal lookups.
-    c = PrivatePostfix(proxymap_program=C_PROXYMAP, proxy_read_maps=maps,
-                       main_cf={"service_throttle_time": "1s"}, name="sqlite-c")
-    plain = PrivatePostfix(proxymap_program=OUR_PROXYMAP, proxy_read_maps=maps,
-                           main_cf={"smtputf8_enable": "no"}, name="sqlite-plain")
+    c = PrivatePostfix(
+        proxymap_program=C_PROXYMAP,
+        proxy_read_maps=maps,
+        main_cf={"service_throttle_time": "1s"},
+        name="sqlite-c",
+    )
+    plain = PrivatePostfix(
+        proxymap_program=OUR_PROXYMAP,
+        proxy_read_maps=maps,
+        main_cf={"smtputf8_enable": "no"},
+        name="sqlite-plain",
+    )
     with ExitStack() as stack:
         for instance in (ours, c, plain):
             stack.enter_context(instance)
@@ -324,15 +402,19 @@ def results(sites: Sites) -> Results:
         spec = f"sqlite:{cf_path(sites.data, config, target)}"
         return spec if target == "direct" else "proxy:" + spec
 
-    def run_keys(config: str, target: str, keys: list[str], timeout: float,
-                 batched: bool = True) -> None:
+    def run_keys(
+        config: str, target: str, keys: list[str], timeout: float, batched: bool = True
+    ) -> None:
         many = [key for key in keys if batchable(key)] if batched else []
         answers = batch(conf[target], table(config, target), many, timeout) if many else None
         rest = keys if answers is None else [key for key in keys if not batchable(key)]
         answers = answers or {}
         with ThreadPoolExecutor(max_workers=8) as pool:  # an error costs postmap 1 s
-            singles = list(pool.map(
-                lambda key: single(conf[target], table(config, target), key, timeout), rest))
+            singles = list(
+                pool.map(
+                    lambda key: single(conf[target], table(config, target), key, timeout), rest
+                )
+            )
         for key, result in zip(rest, singles, strict=True):
             answers[key] = result.outcome()
             stderr[(config, key), target] = result.stderr
@@ -346,14 +428,21 @@ def results(sites: Sites) -> Results:
 
     # The C proxymap dies on some lookups, and with it every lookup it serves at the
     # time: those run last, by themselves (with a short client timeout).
-    in_parallel([(config, target, keys, 15.0) for config, (_, keys) in CONFIGS.items()
-                 for target in TARGETS if target != "c" or config not in C_FATAL_CONFIGS])
+    in_parallel(
+        [
+            (config, target, keys, 15.0)
+            for config, (_, keys) in CONFIGS.items()
+            for target in TARGETS
+            if target != "c" or config not in C_FATAL_CONFIGS
+        ]
+    )
     killers: list[Case] = []
     safe = []
     for config in C_FATAL_CONFIGS:
         keys = CONFIGS[config][1]
-        harmless = [key for key in keys if config != "write"
-                    and outcomes[config, key]["direct"] != E]
+        harmless = [
+            key for key in keys if config != "write" and outcomes[config, key]["direct"] != E
+        ]
         killers += [(config, key) for key in keys if key not in harmless]
         safe.append((config, "c", harmless, 15.0))
     in_parallel(safe)
@@ -364,13 +453,13 @@ def results(sites: Sites) -> Results:
         folded = client_key(key)
         assert folded is not None
         site = sites.ours if target == "ours" else sites.c
-        return raw_status(site, f"sqlite:{cf_path(sites.data, config, target)}", folded,
-                          C_TIMEOUT)
+        return raw_status(site, f"sqlite:{cf_path(sites.data, config, target)}", folded, C_TIMEOUT)
 
     # (nonutf8-value fails in the 3.7 client's own UTF-8 layer, not in the table; the
     # server's status there depends on which request created the shared instance.)
-    failed = [case for case, seen in outcomes.items()
-              if E in seen.values() and case[0] != "nonutf8-value"]
+    failed = [
+        case for case, seen in outcomes.items() if E in seen.values() and case[0] != "nonutf8-value"
+    ]
     jobs = [(case, "ours") for case in failed]
     jobs += [(case, "c") for case in failed if case not in killers]
     raw: dict[Case, dict[str, bytes | str]] = {}
@@ -387,6 +476,7 @@ def results(sites: Sites) -> Results:
 # ---------------------------------------------------------------------------------------
 # The differential
 # ---------------------------------------------------------------------------------------
+
 
 @pytest.mark.postfix
 def test_ours_equals_direct(results: Results) -> None:
@@ -406,12 +496,18 @@ def test_ours_equals_direct(results: Results) -> None:
 def test_matrix_exercises_every_outcome(results: Results) -> None:
     direct = {seen["direct"][0] for seen in results.outcomes.values()}
     assert direct == {"0", "1", "E"}
-    assert results.outcomes["basic", "O'Brien@Example.COM"]["direct"] == \
-        ("0", "quote-ok@example.com")
-    assert results.outcomes["typed", "k"]["direct"] == \
-        ("0", "42,-7,0.1,1.0e+20,2.5,1.0,A,a,9223372036854775807,plain")
-    assert results.outcomes["two-statements", "alice@example.com"]["direct"] == \
-        ("0", "alice@mail.example.com")
+    assert results.outcomes["basic", "O'Brien@Example.COM"]["direct"] == (
+        "0",
+        "quote-ok@example.com",
+    )
+    assert results.outcomes["typed", "k"]["direct"] == (
+        "0",
+        "42,-7,0.1,1.0e+20,2.5,1.0,A,a,9223372036854775807,plain",
+    )
+    assert results.outcomes["two-statements", "alice@example.com"]["direct"] == (
+        "0",
+        "alice@mail.example.com",
+    )
     # Postfix's own words say why the errors are errors (not just any failure).
     stderr = results.stderr
     assert "SQL prepare failed: no such table" in stderr[("badsql", "x"), "direct"]
@@ -466,8 +562,9 @@ def test_open_reply_flags_are_fixed(sites: Sites) -> None:
         for site in (sites.ours, sites.c):
             with site.client() as client:
                 replies.append(client.open(spec, 0))
-        assert [(r["status"], int(r["flags"]) & F.IMPL_MASK) for r in replies] == \
-            [(b"0", F.FIXED)] * 2, (config, replies)
+        assert [(r["status"], int(r["flags"]) & F.IMPL_MASK) for r in replies] == [
+            (b"0", F.FIXED)
+        ] * 2, (config, replies)
 
 
 @pytest.mark.postfix
@@ -491,8 +588,14 @@ def test_locked_database(sites: Sites) -> None:
     assert 0.4 < took < 5.0
 
 
-PLAIN_KEYS = ["ALICE@EXAMPLE.COM", "\u00fcn\u00ef@example.com", "\u00dcN\u00cf@EXAMPLE.COM",
-              LATIN1_KEY.decode("utf-8", "surrogateescape"), "Mixed@Example.com", "o'brien@example.com"]
+PLAIN_KEYS = [
+    "ALICE@EXAMPLE.COM",
+    "\u00fcn\u00ef@example.com",
+    "\u00dcN\u00cf@EXAMPLE.COM",
+    LATIN1_KEY.decode("utf-8", "surrogateescape"),
+    "Mixed@Example.com",
+    "o'brien@example.com",
+]
 
 
 @pytest.mark.postfix
@@ -502,7 +605,8 @@ def test_smtputf8_off(sites: Sites) -> None:
     with ThreadPoolExecutor(max_workers=2) as pool:
         direct, proxied = pool.map(
             lambda table: batch(sites.plain.conf_dir, table, PLAIN_KEYS, 15.0),
-            [spec, "proxy:" + spec])
+            [spec, "proxy:" + spec],
+        )
     assert direct is not None and proxied == direct
     assert direct["\u00dcN\u00cf@EXAMPLE.COM"] == NOT_FOUND  # ASCII folding only
     assert direct[LATIN1_KEY.decode("utf-8", "surrogateescape")] == NOT_FOUND  # row exists
@@ -520,8 +624,13 @@ def data(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def open_sqlite(directory: Path, settings: dict[str, str], params: dict[str, str] | None = None,
-                flags: int = F.FOLD_FIX, name: str = "t.cf") -> SqliteTable:
+def open_sqlite(
+    directory: Path,
+    settings: dict[str, str],
+    params: dict[str, str] | None = None,
+    flags: int = F.FOLD_FIX,
+    name: str = "t.cf",
+) -> SqliteTable:
     path = directory / name
     write_cf(path, {"dbpath": str(directory / "test.sqlite"), **settings})
     ctx = OpenContext(params=params or {})
@@ -538,8 +647,11 @@ def test_helpers() -> None:
     assert first_statement("SELECT 1; SELECT 2") == "SELECT 1;"
     assert first_statement("SELECT ';' ; x") == "SELECT ';' ;"
     assert first_statement("SELECT 'a;b'") == "SELECT 'a;b'"
-    assert unquoted_codes("SELECT a FROM t WHERE k=%s AND d='%d' AND \"%u\" = %% OR %1") == \
-        ["%s", "%u", "%1"]
+    assert unquoted_codes("SELECT a FROM t WHERE k=%s AND d='%d' AND \"%u\" = %% OR %1") == [
+        "%s",
+        "%u",
+        "%1",
+    ]
 
 
 def test_open(data: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -562,9 +674,11 @@ def test_open(data: Path, caplog: pytest.LogCaptureFixture) -> None:
 
 def test_main_cf_prefix(data: Path) -> None:
     """A name that is not a file path names main.cf parameters <name>_<parameter>."""
-    params = {"aliasdb_dbpath": str(data / "test.sqlite"),
-              "aliasdb_query": "SELECT dest FROM aliases WHERE addr='%u@%d'",
-              "aliasdb_domain": "example.com"}
+    params = {
+        "aliasdb_dbpath": str(data / "test.sqlite"),
+        "aliasdb_query": "SELECT dest FROM aliases WHERE addr='%u@%d'",
+        "aliasdb_domain": "example.com",
+    }
     table = SqliteTable("aliasdb", os.O_RDONLY, F.FOLD_FIX, OpenContext(params=params))
     assert run(table.alookup(b"Alice@Example.com")) == b"alice@mail.example.com"
     assert run(table.alookup(b"alice@example.org")) is None
@@ -617,8 +731,10 @@ def test_replaced_database_is_reopened(data: Path) -> None:
         run(table.alookup(b"alice@example.com"))
 
 
-SLOW_QUERY = ("WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c "
-              "WHERE x < 2500000) SELECT count(*) || ':%s' FROM c")
+SLOW_QUERY = (
+    "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c "
+    "WHERE x < 2500000) SELECT count(*) || ':%s' FROM c"
+)
 
 
 def test_runaway_query_is_stopped(data: Path) -> None:
@@ -715,18 +831,23 @@ def test_waiting_table_does_not_hold_up_other_tables(data: Path) -> None:
     scheduler rather than the worker.)
     """
     params = {"pyproxymap_sqlite_timeout": "5"}
-    locked = open_sqlite(data, {"query": "SELECT dest || ':%s' FROM aliases "
-                                         "WHERE addr='alice@example.com'"}, params,
-                         name="locked.cf")
-    other = open_sqlite(data, {"dbpath": str(data / "write.sqlite"), "query": ALIAS_QUERY},
-                        params, name="other.cf")
+    locked = open_sqlite(
+        data,
+        {"query": "SELECT dest || ':%s' FROM aliases WHERE addr='alice@example.com'"},
+        params,
+        name="locked.cf",
+    )
+    other = open_sqlite(
+        data, {"dbpath": str(data / "write.sqlite"), "query": ALIAS_QUERY}, params, name="other.cf"
+    )
     peak = count_running(locked)
     writer = Writer(data / "test.sqlite")
 
     async def scenario() -> tuple[list[float], list[bytes | None], float]:
         # Warm: the executor's threads and both tables' connections exist.
-        await asyncio.gather(other.alookup(b"alice@example.com"),
-                             *[locked.alookup(b"warm") for _ in range(4)])
+        await asyncio.gather(
+            other.alookup(b"alice@example.com"), *[locked.alookup(b"warm") for _ in range(4)]
+        )
         writer.lock()
         started = time.monotonic()
         tasks = [asyncio.create_task(locked.alookup(b"k%d" % n)) for n in range(8)]
@@ -742,12 +863,12 @@ def test_waiting_table_does_not_hold_up_other_tables(data: Path) -> None:
     assert_prompt(delays)
 
 
-def test_locked_database_waits_then_retries(data: Path,
-                                             caplog: pytest.LogCaptureFixture) -> None:
+def test_locked_database_waits_then_retries(data: Path, caplog: pytest.LogCaptureFixture) -> None:
     params = {"pyproxymap_sqlite_timeout": "0.5"}
     locked = open_sqlite(data, {"query": ALIAS_QUERY}, params, name="locked.cf")
-    other = open_sqlite(data, {"dbpath": str(data / "write.sqlite"), "query": ALIAS_QUERY},
-                        params, name="other.cf")
+    other = open_sqlite(
+        data, {"dbpath": str(data / "write.sqlite"), "query": ALIAS_QUERY}, params, name="other.cf"
+    )
     writer = Writer(data / "test.sqlite")
 
     async def scenario() -> tuple[float, list[float], bytes | None]:

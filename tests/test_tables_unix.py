@@ -17,9 +17,18 @@ from proxymap import flags as F
 from proxymap.tables import open_table, unix
 from proxymap.tables.base import OpenContext
 
-ROOT_ENTRY = ":".join(str(part) for part in (
-    "root", pwd.getpwnam("root").pw_passwd, 0, 0, pwd.getpwnam("root").pw_gecos,
-    pwd.getpwnam("root").pw_dir, pwd.getpwnam("root").pw_shell)).encode()
+ROOT_ENTRY = ":".join(
+    str(part)
+    for part in (
+        "root",
+        pwd.getpwnam("root").pw_passwd,
+        0,
+        0,
+        pwd.getpwnam("root").pw_gecos,
+        pwd.getpwnam("root").pw_dir,
+        pwd.getpwnam("root").pw_shell,
+    )
+).encode()
 
 
 def nsswitch(tmp_path, text: str, monkeypatch) -> None:
@@ -32,15 +41,18 @@ def open_unix(name: str = "passwd.byname"):
     return open_table(f"unix:{name}", os.O_RDONLY, F.LOCK | F.FOLD_FIX, OpenContext())
 
 
-@pytest.mark.parametrize(("text", "database", "expected"), [
-    ("passwd:         files systemd\ngroup: files\n", "passwd", ["files", "systemd"]),
-    ("passwd: files [NOTFOUND=return] ldap\n", "passwd", ["files", "ldap"]),
-    ("passwd: files [ NOTFOUND = return ] sss # comment\n", "passwd", ["files", "sss"]),
-    ("# passwd: ldap\npasswd: compat\n", "passwd", ["compat"]),
-    ("group: files winbind\n", "passwd", ["files"]),  # not listed: glibc's default
-    ("passwd:\n", "passwd", ["files"]),
-    ("passwd: files\ngroup: files nis\n", "group", ["files", "nis"]),
-])
+@pytest.mark.parametrize(
+    ("text", "database", "expected"),
+    [
+        ("passwd:         files systemd\ngroup: files\n", "passwd", ["files", "systemd"]),
+        ("passwd: files [NOTFOUND=return] ldap\n", "passwd", ["files", "ldap"]),
+        ("passwd: files [ NOTFOUND = return ] sss # comment\n", "passwd", ["files", "sss"]),
+        ("# passwd: ldap\npasswd: compat\n", "passwd", ["compat"]),
+        ("group: files winbind\n", "passwd", ["files"]),  # not listed: glibc's default
+        ("passwd:\n", "passwd", ["files"]),
+        ("passwd: files\ngroup: files nis\n", "group", ["files", "nis"]),
+    ],
+)
 def test_nss_sources(tmp_path, monkeypatch, text, database, expected):
     nsswitch(tmp_path, text, monkeypatch)
     assert unix.nss_sources(database) == expected
@@ -52,13 +64,16 @@ def test_missing_nsswitch_means_files(tmp_path, monkeypatch):
     assert not open_unix().asynchronous
 
 
-@pytest.mark.parametrize(("text", "asynchronous"), [
-    ("passwd: files systemd\n", False),
-    ("passwd: compat\n", False),
-    ("passwd: files ldap\n", True),
-    ("passwd: sss files\n", True),
-    ("passwd: files\ngroup: files nis\n", False),  # the group database is another table
-])
+@pytest.mark.parametrize(
+    ("text", "asynchronous"),
+    [
+        ("passwd: files systemd\n", False),
+        ("passwd: compat\n", False),
+        ("passwd: files ldap\n", True),
+        ("passwd: sss files\n", True),
+        ("passwd: files\ngroup: files nis\n", False),  # the group database is another table
+    ],
+)
 def test_remote_sources_make_the_table_asynchronous(tmp_path, monkeypatch, text, asynchronous):
     nsswitch(tmp_path, text, monkeypatch)
     assert open_unix().asynchronous is asynchronous

@@ -41,9 +41,15 @@ def test_last_line_without_newline_and_crlf():
     ("line", "expected"),
     [
         (b"alice alice@example.com", (b"alice", b"alice@example.com")),
-        (b'"john doe"@example.com quoted-localpart', (b'"john doe"@example.com', b"quoted-localpart")),
+        (
+            b'"john doe"@example.com quoted-localpart',
+            (b'"john doe"@example.com', b"quoted-localpart"),
+        ),
         (b"john\\ smith backslash-space-key", (b"john\\ smith", b"backslash-space-key")),
-        (b"trailing   value with   internal   spaces  \r", (b"trailing", b"value with   internal   spaces")),
+        (
+            b"trailing   value with   internal   spaces  \r",
+            (b"trailing", b"value with   internal   spaces"),
+        ),
         (b"colon-key: looks-like-alias", (b"colon-key:", b"looks-like-alias")),
         (b"lonely-key", None),
         (b'"unbalanced value', None),
@@ -66,11 +72,18 @@ def test_split_braced_rejects_unbalanced(bad):
 def test_strip_braces():
     assert strip_braces("{  a = 1 }") == "a = 1"
     assert strip_braces("{}") == ""
-    for bad, message in [("x{a}", "no '{' at start"), ("{a}x", "syntax error after '}'"),
-                         ("{a", "missing '}'")]:
+    for bad, message in [
+        ("x{a}", "no '{' at start"),
+        ("{a}x", "syntax error after '}'"),
+        ("{a", "missing '}'"),
+    ]:
         with pytest.raises(BraceError, match=message):
             strip_braces(bad)
 
 
 def test_braced_elements():
-    assert braced_elements("{ alice=A1, {k = v}, {n = {b} i} }") == ["alice=A1", "{k = v}", "{n = {b} i}"]
+    assert braced_elements("{ alice=A1, {k = v}, {n = {b} i} }") == [
+        "alice=A1",
+        "{k = v}",
+        "{n = {b} i}",
+    ]

@@ -36,8 +36,20 @@ from tests.support.vectors import (
 pytestmark = pytest.mark.postfix
 
 OUR_PROXYMAP = Path(os.environ.get("PYPROXYMAP_WORKER") or Path(sys.executable).parent / "proxymap")
-TYPES = ("hash", "btree", "lmdb", "cdb", "regexp", "pcre", "cidr", "pipemap", "unionmap",
-         "randmap", "tcp", "socketmap")
+TYPES = (
+    "hash",
+    "btree",
+    "lmdb",
+    "cdb",
+    "regexp",
+    "pcre",
+    "cidr",
+    "pipemap",
+    "unionmap",
+    "randmap",
+    "tcp",
+    "socketmap",
+)
 NOT_FOUND = ("1", "")
 
 
@@ -70,8 +82,9 @@ def test_every_type_has_rows():
     assert {row.map_type for row in DIRECT_ROWS} == set(TYPES)
 
 
-@pytest.mark.parametrize("row", DIRECT_ROWS,
-                         ids=[f"L{r.line}-{r.map[:24]}-{r.key[:20]!r}" for r in DIRECT_ROWS])
+@pytest.mark.parametrize(
+    "row", DIRECT_ROWS, ids=[f"L{r.line}-{r.map[:24]}-{r.key[:20]!r}" for r in DIRECT_ROWS]
+)
 def test_proxy_is_transparent(vector_postfix, row):
     table = absolute_map(row.map, vector_postfix.vectors)
     direct = vector_postfix.lookup(row.key, table).outcome()

@@ -79,12 +79,11 @@ def open_table(spec: str, open_mode: int, flags: int, ctx: OpenContext) -> Table
     table is opened directly.
     """
     while spec.startswith("proxy:"):
-        spec = spec[len("proxy:"):]
+        spec = spec[len("proxy:") :]
     dict_type, sep, name = spec.partition(":")
     try:
         if not sep:
-            raise DictOpenError(
-                f"need dictionary_type:dictionary_name format instead of \"{spec}\"")
+            raise DictOpenError(f'need dictionary_type:dictionary_name format instead of "{spec}"')
         cls = table_class(dict_type)
         return cls(name, open_mode, flags, ctx)
     except DictOpenError as exc:

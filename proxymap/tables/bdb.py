@@ -99,7 +99,9 @@ class _BerkeleyTable(IndexedFileTable):
         (its parsing of a garbled meta page is the least robust part of libdb)."""
         head = os.pread(fd, _META_SIZE, 0)
         if len(head) < _META_SIZE or self.magic not in (
-                int.from_bytes(head[12:16], "little"), int.from_bytes(head[12:16], "big")):
+            int.from_bytes(head[12:16], "little"),
+            int.from_bytes(head[12:16], "big"),
+        ):
             raise damaged_error(self.path, f"not a Berkeley DB {self.dict_type} file")
 
     def _backend_close(self) -> None:

@@ -53,8 +53,9 @@ def configure(params: Mapping[str, str]) -> None:
     try:
         _threads = max(1, int(text))
     except ValueError:
-        log.warning('pyproxymap_blocking_threads: bad numerical value "%s", using %d',
-                    text, DEFAULT_THREADS)
+        log.warning(
+            'pyproxymap_blocking_threads: bad numerical value "%s", using %d', text, DEFAULT_THREADS
+        )
 
 
 def executor() -> ThreadPoolExecutor:
@@ -115,8 +116,9 @@ class BlockingTable(AsyncTable):
         try:
             await asyncio.wait_for(gate.acquire(), self.timeout)
         except TimeoutError:
-            raise DictRetry(f"{self.spec}: all {self.concurrency} driver threads busy "
-                            f"for {self.timeout:g}s") from None
+            raise DictRetry(
+                f"{self.spec}: all {self.concurrency} driver threads busy for {self.timeout:g}s"
+            ) from None
         future = asyncio.get_running_loop().run_in_executor(executor(), function, *args)
         future.add_done_callback(lambda done: self._finished(gate, done))
         try:

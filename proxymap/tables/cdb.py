@@ -110,8 +110,8 @@ class CdbReader:
                 return None
             if slot_hash == h:
                 start, key_length, value_length = self._record(position)
-                if key_length == len(key) and data[start:start + key_length] == key:
-                    return data[start + key_length:start + key_length + value_length]
+                if key_length == len(key) and data[start : start + key_length] == key:
+                    return data[start + key_length : start + key_length + value_length]
             slot = slot + 1 if slot + 1 < slots else 0
         return None
 
@@ -120,8 +120,8 @@ class CdbReader:
         data = self._data
         while position < self.data_end:
             start, key_length, value_length = self._record(position)
-            key = data[start:start + key_length]
-            value = data[start + key_length:start + key_length + value_length]
+            key = data[start : start + key_length]
+            value = data[start + key_length : start + key_length + value_length]
             position = start + key_length + value_length
             yield position, key, value
 

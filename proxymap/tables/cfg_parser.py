@@ -98,8 +98,7 @@ def parse_config_text(data: bytes, origin: str) -> dict[str, str]:
             raise DictOpenError(f'{origin}, line {number}: {exc}: "{line}"') from None
         old = values.get(name)
         if old is not None and old != value:
-            log.warning("%s, line %d: overriding earlier entry: %s=%s",
-                        origin, number, name, old)
+            log.warning("%s, line %d: overriding earlier entry: %s=%s", origin, number, name, old)
         values[name] = value
     return values
 

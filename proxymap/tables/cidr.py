@@ -73,25 +73,26 @@ def parse_network(pattern: bytes) -> tuple[int, int, int]:
         if not bracket:
             raise RuleError(f"missing ']' character after \"{_show(pattern)}\"")
         if after and not after.startswith(b"/"):
-            raise RuleError(f"garbage after \"{_show(pattern)}\"")
+            raise RuleError(f'garbage after "{_show(pattern)}"')
         address, slash, length = (inside, b"/", after[1:]) if after else inside.partition(b"/")
     else:
         address, slash, length = pattern.partition(b"/")
     family = socket.AF_INET6 if b":" in address else socket.AF_INET
     bits = _BITS[family]
     if slash and (not length.isdigit() or int(length) > bits):
-        raise RuleError(f"bad mask value in \"{_show(address)}/{_show(length)}\"")
+        raise RuleError(f'bad mask value in "{_show(address)}/{_show(length)}"')
     parsed = parse_address(address)
     if parsed is None or parsed[0] != family:
-        raise RuleError(f"bad address pattern: \"{_show(address)}\"")
+        raise RuleError(f'bad address pattern: "{_show(address)}"')
     prefix = int(length) if slash else bits
     mask = _mask(family, prefix)
     network = parsed[1]
     if network & ~mask:
         proper = socket.inet_ntop(family, (network & mask).to_bytes(bits // 8, "big"))
         raise RuleError(
-            f"non-null host address bits in \"{_show(address)}/{_show(length)}\", "
-            f"perhaps you should use \"{proper}/{prefix}\" instead")
+            f'non-null host address bits in "{_show(address)}/{_show(length)}", '
+            f'perhaps you should use "{proper}/{prefix}" instead'
+        )
     return family, network, mask
 
 
@@ -119,7 +120,7 @@ class CidrTable(SyncTable):
             rule.matcher = parse_network(line[pos:])
             return rule
         if keyword_at(line, b"ENDIF"):
-            if line[skip_space(line, 5):]:
+            if line[skip_space(line, 5) :]:
                 raise RuleError("garbage after ENDIF")
             if nesting == 0:
                 raise RuleError("ENDIF without IF")

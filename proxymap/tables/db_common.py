@@ -85,8 +85,19 @@ from proxymap.tables.cfg_parser import CfgParser
 from proxymap.tables.utf8 import casefold_utf8, is_valid_utf8
 
 __all__ = [
-    "DomainFilter", "Escape", "Need", "Needs", "QueryContext", "ResultJoiner", "Skip",
-    "Template", "expand", "expand_or_skip", "legacy_query", "list_tokens", "split_address",
+    "DomainFilter",
+    "Escape",
+    "Need",
+    "Needs",
+    "QueryContext",
+    "ResultJoiner",
+    "Skip",
+    "Template",
+    "expand",
+    "expand_or_skip",
+    "legacy_query",
+    "list_tokens",
+    "split_address",
 ]
 
 log = logging.getLogger("proxymap")
@@ -192,8 +203,7 @@ class Template:
             flags |= _code_need(code, is_query)
         labels = max((code - ord("0") for code in codes if code in _LABEL_CODES), default=0)
         dynamic = any(code != ord("%") for code in codes)
-        return cls(raw, what, is_query, Needs(flags, labels), dynamic, pieces,
-                   _joints(pieces))
+        return cls(raw, what, is_query, Needs(flags, labels), dynamic, pieces, _joints(pieces))
 
     @property
     def uses_domain(self) -> bool:
@@ -250,7 +260,7 @@ def _split_pieces(raw: bytes) -> tuple[tuple[bytes | int, ...], list[int] | None
 def split_address(text: bytes) -> tuple[bytes, bytes | None]:
     """(local part, domain) at the last ``@``; the domain is None without an ``@``."""
     at = text.rfind(b"@")
-    return (text, None) if at < 0 else (text[:at], text[at + 1:])
+    return (text, None) if at < 0 else (text[:at], text[at + 1 :])
 
 
 class Skip(enum.Enum):
@@ -263,8 +273,7 @@ class Skip(enum.Enum):
     LABELS = "key domain has too few labels"
 
 
-def _fits(local: bytes, domain: bytes | None, flags: int, need_domain: int,
-          need_user: int) -> bool:
+def _fits(local: bytes, domain: bytes | None, flags: int, need_domain: int, need_user: int) -> bool:
     if flags & need_domain and not domain:
         return False
     return not (flags & need_user and domain is not None and not local)
@@ -323,8 +332,13 @@ def _substitute(code: int, parts: _Inputs) -> bytes:
     return parts.labels[-(code - ord("0"))]
 
 
-def expand_or_skip(template: Template, value: bytes | None, key: bytes | None,
-                   escape: Escape | None = None, needs: Needs | None = None) -> bytes | Skip:
+def expand_or_skip(
+    template: Template,
+    value: bytes | None,
+    key: bytes | None,
+    escape: Escape | None = None,
+    needs: Needs | None = None,
+) -> bytes | Skip:
     """Like ``expand``, but says why nothing was produced."""
     if value is None:
         return Skip.NULL
@@ -351,8 +365,13 @@ def expand_or_skip(template: Template, value: bytes | None, key: bytes | None,
     return bytes(out)
 
 
-def expand(template: Template, value: bytes | None, key: bytes | None,
-           escape: Escape | None = None, needs: Needs | None = None) -> bytes | None:
+def expand(
+    template: Template,
+    value: bytes | None,
+    key: bytes | None,
+    escape: Escape | None = None,
+    needs: Needs | None = None,
+) -> bytes | None:
     """Expand ``template``; None when the expansion is suppressed (see module doc).
 
     Query: ``value`` is the lookup key and ``key`` None (or the key again). Result:
@@ -426,8 +445,12 @@ class _ListParser:
     def parse(self, text: str, match: bool = True, depth: int = 0) -> None:
         for token, rest in list_tokens(text):
             if token.startswith("#"):
-                log.warning("%s: comment at end of line is not supported: %s %s",
-                            self.pname, token, rest.rstrip())
+                log.warning(
+                    "%s: comment at end of line is not supported: %s %s",
+                    self.pname,
+                    token,
+                    rest.rstrip(),
+                )
                 return
             item = token.lstrip("!")
             polarity = match if (len(token) - len(item)) % 2 == 0 else not match
@@ -453,8 +476,9 @@ class _ListParser:
             with open(path.encode("utf-8", "surrogateescape"), "rb") as source:
                 data = source.read()
         except IsADirectoryError as exc:
-            raise DictOpenError(f"match_list_parse: read file {path}: "
-                                f"{os.strerror(exc.errno or 0)}") from None
+            raise DictOpenError(
+                f"match_list_parse: read file {path}: {os.strerror(exc.errno or 0)}"
+            ) from None
         except OSError as exc:
             reason = f"open file {path}: {os.strerror(exc.errno or 0)}"
             log.error("%s", reason)
@@ -529,8 +553,9 @@ class DomainFilter:
     def _lookup(self, entry: _Entry, subject: bytes) -> bool:
         table = entry.table
         if getattr(table, "asynchronous", False):
-            raise DictRetry(f"{self.pname}: {entry.spec}: asynchronous table in a "
-                            "synchronous domain check")
+            raise DictRetry(
+                f"{self.pname}: {entry.spec}: asynchronous table in a synchronous domain check"
+            )
         try:
             return table.lookup(subject) is not None  # type: ignore[attr-defined]
         except DictError as error:
@@ -609,8 +634,9 @@ class ResultJoiner:
         if self._limit > 0 and self.count > self._limit:
             ctx = self.context
             shown = _shown(self.key)
-            log.warning("%s: expansion limit %d exceeded for key '%s'", ctx.table,
-                        self._limit, shown)
+            log.warning(
+                "%s: expansion limit %d exceeded for key '%s'", ctx.table, self._limit, shown
+            )
             raise DictRetry(f"{ctx.table}: expansion limit exceeded for key '{shown}'")
 
     def extend(self, values: Iterable[bytes | None]) -> None:
@@ -629,9 +655,17 @@ def _shown(data: bytes | None) -> str:
 class QueryContext:
     """The templates, limit and domain filter of one table (Postfix's db_common ctx)."""
 
-    def __init__(self, cfg: CfgParser, query: Template, result_format: Template,
-                 expansion_limit: int, domain: DomainFilter | None, *,
-                 table: str | None = None, extra: Sequence[Template] = ()) -> None:
+    def __init__(
+        self,
+        cfg: CfgParser,
+        query: Template,
+        result_format: Template,
+        expansion_limit: int,
+        domain: DomainFilter | None,
+        *,
+        table: str | None = None,
+        extra: Sequence[Template] = (),
+    ) -> None:
         """``table`` ("type:name") names the table in warnings; ``extra`` are further
         query-side templates expanded with ``expand_query`` (LDAP ``search_base``)."""
         self.cfg = cfg
@@ -645,12 +679,13 @@ class QueryContext:
             self.needs = self.needs | template.needs
         # Precomputed for the hot path: a value passes through as it is, a key
         # needs no checks, the domain check needs no await.
-        self.verbatim_results = (result_format.text == b"%s" and self.needs.trivial)
+        self.verbatim_results = result_format.text == b"%s" and self.needs.trivial
         self.domain_asynchronous = domain is not None and domain.asynchronous
 
     @classmethod
-    def for_sql(cls, cfg: CfgParser, ctx: OpenContext, dict_type: str, *,
-                table: str | None = None) -> QueryContext:
+    def for_sql(
+        cls, cfg: CfgParser, ctx: OpenContext, dict_type: str, *, table: str | None = None
+    ) -> QueryContext:
         """mysql/pgsql/sqlite: ``query`` (or the legacy fields), ``result_format``,
         ``expansion_limit``, ``domain``, read and checked as Postfix does."""
         query_text = cfg.get_optional("query") or legacy_query(cfg, dict_type)
@@ -659,8 +694,9 @@ class QueryContext:
         query = Template.parse(query_text, "query", table=cfg.name)
         result_format = Template.parse(result_text, "result", table=cfg.name)
         domain = DomainFilter.from_config(cfg, ctx)
-        return cls(cfg, query, result_format, limit, domain,
-                   table=table or f"{dict_type}:{cfg.name}")
+        return cls(
+            cfg, query, result_format, limit, domain, table=table or f"{dict_type}:{cfg.name}"
+        )
 
     # --- diagnostics -------------------------------------------------------------------
     def report_skip(self, why: Skip, key: bytes, value: bytes | None, *, query: bool) -> None:
@@ -668,8 +704,9 @@ class QueryContext:
         if why is Skip.EMPTY and query:
             log.warning('table "%s": empty query string -- ignored', self.table)
         elif why is Skip.EMPTY:
-            log.warning('table "%s": empty lookup result for: "%s" -- ignored',
-                        self.table, _shown(key))
+            log.warning(
+                'table "%s": empty lookup result for: "%s" -- ignored', self.table, _shown(key)
+            )
         elif why is Skip.KEY and not query:
             log.warning("%s: lookup key '%s' skipped after the query", self.table, _shown(key))
 
@@ -731,5 +768,7 @@ def legacy_query(cfg: CfgParser, dict_type: str) -> str:
             raise DictOpenError(f"db_common_sql_build_query: '{name}' parameter not defined")
         fields[name] = value
     conditions = cfg.get_str("additional_conditions", "")
-    return (f"SELECT {fields['select_field']} FROM {fields['table']} "
-            f"WHERE {fields['where_field']}='%s' {conditions}")
+    return (
+        f"SELECT {fields['select_field']} FROM {fields['table']} "
+        f"WHERE {fields['where_field']}='%s' {conditions}"
+    )

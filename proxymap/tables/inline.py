@@ -77,8 +77,9 @@ def parse_inline(name: str) -> list[tuple[str, str]]:
         pair = split_inline_element(text)
         if pair is None:
             unbalanced = text.count('"') % 2
-            raise _syntax_error("unbalanced '\"'" if unbalanced
-                                else "missing '=' after attribute name", name)
+            raise _syntax_error(
+                "unbalanced '\"'" if unbalanced else "missing '=' after attribute name", name
+            )
         pairs.append(pair)
     return pairs
 

@@ -136,8 +136,13 @@ DRAIN_BATCH = 256  # messages read per wake-up before yielding to other clients
 TICK = 0.1  # while searches are out: also read (pending writes, referral connections)
 
 BIND_NONE, BIND_SIMPLE, BIND_SASL = 0, 1, 2
-_BIND_NAMES = {"no": BIND_NONE, "none": BIND_NONE, "yes": BIND_SIMPLE, "simple": BIND_SIMPLE,
-               "sasl": BIND_SASL}
+_BIND_NAMES = {
+    "no": BIND_NONE,
+    "none": BIND_NONE,
+    "yes": BIND_SIMPLE,
+    "simple": BIND_SIMPLE,
+    "sasl": BIND_SASL,
+}
 _SCOPES = {"one": ldap.SCOPE_ONELEVEL, "base": ldap.SCOPE_BASE, "sub": ldap.SCOPE_SUBTREE}
 _LIST_SEPARATORS = ", \t\r\n"
 _DN_FILTER = "objectclass=*"  # what Postfix reads a referenced DN with
@@ -273,8 +278,13 @@ class _LibLdap:
                 while (attr := url.lud_attrs[index]) is not None:
                     attrs.append(_text(attr) or "")
                     index += 1
-            return LdapUrl(_text(url.lud_scheme) or "", _text(url.lud_dn), tuple(attrs),
-                           url.lud_scope, _text(url.lud_filter))
+            return LdapUrl(
+                _text(url.lud_scheme) or "",
+                _text(url.lud_dn),
+                tuple(attrs),
+                url.lud_scope,
+                _text(url.lud_filter),
+            )
         finally:
             self.lib.ldap_free_urldesc(desc)
 
@@ -364,13 +374,16 @@ def _server_urls(cfg: CfgParser, port: int, version: int) -> tuple[list[str], in
             continue
         parsed = libldap().parse_url(raw)
         if isinstance(parsed, int):
-            log.error("dict_ldap_open: error parsing URL %s: %d: %s; skipping",
-                      host, parsed, _url_error(parsed))
+            log.error(
+                "dict_ldap_open: error parsing URL %s: %d: %s; skipping",
+                host,
+                parsed,
+                _url_error(parsed),
+            )
             continue
         scheme = parsed.scheme.lower()
         if scheme != "ldap" and version != 3:
-            log.warning("dict_ldap_open: URL scheme %s requires protocol version 3",
-                        parsed.scheme)
+            log.warning("dict_ldap_open: URL scheme %s requires protocol version 3", parsed.scheme)
             version = 3
         ldap_ssl = ldap_ssl or scheme == "ldaps"
         urls.append(host)
@@ -379,18 +392,26 @@ def _server_urls(cfg: CfgParser, port: int, version: int) -> tuple[list[str], in
 
 
 def _url_error(code: int) -> str:
-    names = {1: "can't allocate memory space", 2: "parameter is bad",
-             3: "URL doesn't begin with \"ldap[si]://\"", 4: "URL is missing trailing \">\"",
-             5: "URL is bad", 6: "URL scheme is bad", 7: "bad or missing port",
-             8: "bad or missing scope", 9: "bad or missing DN"}
+    names = {
+        1: "can't allocate memory space",
+        2: "parameter is bad",
+        3: 'URL doesn\'t begin with "ldap[si]://"',
+        4: 'URL is missing trailing ">"',
+        5: "URL is bad",
+        6: "URL scheme is bad",
+        7: "bad or missing port",
+        8: "bad or missing scope",
+        9: "bad or missing DN",
+    }
     return names.get(code, "unknown URL error")
 
 
 def _version(cfg: CfgParser) -> int:
     version = cfg.get_int("version", DEFAULT_VERSION, 2)
     if version not in (2, 3):
-        log.warning("dict_ldap_open: %s Unknown version %d, using %d.", cfg.name, version,
-                    DEFAULT_VERSION)
+        log.warning(
+            "dict_ldap_open: %s Unknown version %d, using %d.", cfg.name, version, DEFAULT_VERSION
+        )
         version = DEFAULT_VERSION
     return version
 
@@ -399,8 +420,11 @@ def _scope(cfg: CfgParser) -> int:
     text = cfg.get_str("scope", "sub", 1)
     scope = _SCOPES.get(text.lower()) if text.isascii() else None
     if scope is None:
-        log.warning("dict_ldap_open: %s: Unrecognized value %s specified for scope; "
-                    "using sub", cfg.name, text)
+        log.warning(
+            "dict_ldap_open: %s: Unrecognized value %s specified for scope; using sub",
+            cfg.name,
+            text,
+        )
         scope = ldap.SCOPE_SUBTREE
     return scope
 
@@ -415,11 +439,15 @@ def _bind(cfg: CfgParser) -> int:
 
 def _templates(cfg: CfgParser) -> tuple[Template, Template, Template]:
     base = Template.parse(cfg.get_str("search_base", ""), "search_base", table=cfg.name)
-    query = Template.parse(cfg.get_str("query_filter", DEFAULT_FILTER), "query_filter",
-                           table=cfg.name)
+    query = Template.parse(
+        cfg.get_str("query_filter", DEFAULT_FILTER), "query_filter", table=cfg.name
+    )
     if not query.dynamic:
-        log.warning("dict_ldap_open: %s: Fixed query_filter %s is probably useless",
-                    cfg.name, query.text.decode("utf-8", "backslashreplace"))
+        log.warning(
+            "dict_ldap_open: %s: Fixed query_filter %s is probably useless",
+            cfg.name,
+            query.text.decode("utf-8", "backslashreplace"),
+        )
     # An empty result_format counts as unset, as in Postfix (its default is NULL).
     result_text = cfg.get_optional("result_format") or cfg.get_str("result_filter", "%s", 1)
     return base, query, Template.parse(result_text, "result_format", table=cfg.name)
@@ -436,14 +464,23 @@ def _ignored_cache_settings(cfg: CfgParser) -> None:
 def _dereference(cfg: CfgParser) -> int:
     value = cfg.get_int("dereference", 0)
     if not 0 <= value <= 3:
-        log.warning("dict_ldap_open: %s Unrecognized value %d specified for dereference; "
-                    "using 0", cfg.name, value)
+        log.warning(
+            "dict_ldap_open: %s Unrecognized value %d specified for dereference; using 0",
+            cfg.name,
+            value,
+        )
         value = 0
     return value
 
 
-_TLS_FILES = ("tls_ca_cert_file", "tls_ca_cert_dir", "tls_cert", "tls_key",
-              "tls_random_file", "tls_cipher_suite")
+_TLS_FILES = (
+    "tls_ca_cert_file",
+    "tls_ca_cert_dir",
+    "tls_cert",
+    "tls_key",
+    "tls_random_file",
+    "tls_cipher_suite",
+)
 
 
 def read_settings(cfg: CfgParser) -> LdapSettings:
@@ -453,19 +490,40 @@ def read_settings(cfg: CfgParser) -> LdapSettings:
     scope = _scope(cfg)
     timeout = cfg.get_int("timeout", 10)
     search_base, query, result_format = _templates(cfg)
-    attribute_lists = [split_list(cfg.get_str(name, default)) for name, default in (
-        ("terminal_result_attribute", ""), ("leaf_result_attribute", ""),
-        ("result_attribute", "maildrop"), ("special_result_attribute", ""))]
+    attribute_lists = [
+        split_list(cfg.get_str(name, default))
+        for name, default in (
+            ("terminal_result_attribute", ""),
+            ("leaf_result_attribute", ""),
+            ("result_attribute", "maildrop"),
+            ("special_result_attribute", ""),
+        )
+    ]
     bind = _bind(cfg)
     bind_dn, bind_pw = cfg.get_str("bind_dn", ""), cfg.get_str("bind_pw", "")
     _ignored_cache_settings(cfg)
     recursion_limit = cfg.get_int("recursion_limit", 1000, 1)
     expansion_limit = cfg.get_int("expansion_limit", 0)
     settings = LdapSettings(
-        urls, version, ldap_ssl, scope, timeout, search_base, query, result_format,
-        *attribute_lists, bind, bind_dn, bind_pw, recursion_limit, expansion_limit,
-        cfg.get_int("size_limit", expansion_limit), _dereference(cfg),
-        cfg.get_bool("chase_referrals", False), 0)
+        urls,
+        version,
+        ldap_ssl,
+        scope,
+        timeout,
+        search_base,
+        query,
+        result_format,
+        *attribute_lists,
+        bind,
+        bind_dn,
+        bind_pw,
+        recursion_limit,
+        expansion_limit,
+        cfg.get_int("size_limit", expansion_limit),
+        _dereference(cfg),
+        cfg.get_bool("chase_referrals", False),
+        0,
+    )
     if bind == BIND_SASL:
         settings.sasl_mechs = cfg.get_str("sasl_mechs", "")
         settings.sasl_realm = cfg.get_str("sasl_realm", "")
@@ -551,8 +609,10 @@ class Connector:
             for name, option in _TLS_OPTIONS.items():
                 if s.tls_files[name]:
                     conn.set_option(option, s.tls_files[name])
-            conn.set_option(ldap.OPT_X_TLS_REQUIRE_CERT,
-                            ldap.OPT_X_TLS_DEMAND if s.tls_require_cert else ldap.OPT_X_TLS_NEVER)
+            conn.set_option(
+                ldap.OPT_X_TLS_REQUIRE_CERT,
+                ldap.OPT_X_TLS_DEMAND if s.tls_require_cert else ldap.OPT_X_TLS_NEVER,
+            )
             conn.set_option(ldap.OPT_X_TLS_NEWCTX, 0)
 
     def _bind(self, conn: Any, url: str) -> None:
@@ -563,18 +623,24 @@ class Connector:
                 conn.result3(msgid, 1, s.timeout if s.timeout > 0 else -1)
             elif s.bind == BIND_SASL:
                 conn.set_option(ldap.OPT_X_SASL_SECPROPS, f"minssf={s.sasl_minssf}")
-                auth = ldap.sasl.sasl({ldap.sasl.CB_AUTHNAME: s.bind_dn,
-                                       ldap.sasl.CB_PASS: s.bind_pw,
-                                       ldap.sasl.CB_GETREALM: s.sasl_realm,
-                                       ldap.sasl.CB_USER: s.sasl_authz_id}, s.sasl_mechs)
+                auth = ldap.sasl.sasl(
+                    {
+                        ldap.sasl.CB_AUTHNAME: s.bind_dn,
+                        ldap.sasl.CB_PASS: s.bind_pw,
+                        ldap.sasl.CB_GETREALM: s.sasl_realm,
+                        ldap.sasl.CB_USER: s.sasl_authz_id,
+                    },
+                    s.sasl_mechs,
+                )
                 conn.sasl_interactive_bind_s("", auth)
             else:
                 # No bind: make libldap connect now, not on the event loop later.
                 conn.abandon_ext(conn.search_ext("", ldap.SCOPE_BASE, _ALL_OBJECTS, ["1.1"]))
         except ldap.LDAPError as exc:
             dn = s.bind_dn or "empty or implicit"
-            raise ConnectionError(f"unable to bind to server {url} with dn {dn}: "
-                                  f"{_describe(exc)}") from None
+            raise ConnectionError(
+                f"unable to bind to server {url} with dn {dn}: {_describe(exc)}"
+            ) from None
 
 
 def _info(exc: BaseException) -> dict[str, Any]:
@@ -647,15 +713,17 @@ class Channel:
     def usable(self) -> bool:
         return self.state == OPEN and self.users < self.owner.per_connection
 
-    async def search(self, base: str, scope: int, filterstr: str, attrs: list[str],
-                     sizelimit: int, timeout: int) -> list[Entry]:
+    async def search(
+        self, base: str, scope: int, filterstr: str, attrs: list[str], sizelimit: int, timeout: int
+    ) -> list[Entry]:
         """The entries found; SearchFailed, SearchTimeout or ConnectionLost."""
         if self.state == CLOSED:
             raise ConnectionLost(f"connection to {self.link.url} already lost")
         limit = timeout if timeout >= 0 else -1  # 0 is refused by libldap, as in Postfix
         try:
-            msgid = self.link.conn.search_ext(base, scope, filterstr, attrs, 0, None, None,
-                                              limit, sizelimit)
+            msgid = self.link.conn.search_ext(
+                base, scope, filterstr, attrs, 0, None, None, limit, sizelimit
+            )
         except _CONNECTION_ERRORS as exc:
             self.lose(exc)
             raise ConnectionLost(_describe(exc)) from None
@@ -665,8 +733,9 @@ class Channel:
         # The pool's sweeper: no timer per search (uvloop's cost ~3 us each).
         sweeper = self.owner.pool.sweeper
         if timeout > 0:
-            sweeper.watch(pending.future, self.loop.time() + timeout,
-                          lambda: _expire(pending, timeout))
+            sweeper.watch(
+                pending.future, self.loop.time() + timeout, lambda: _expire(pending, timeout)
+            )
         self._start_ticking()
         try:
             return await pending.future
@@ -719,8 +788,7 @@ class Channel:
             self.lose(exc)
             return False
         if not pending.future.done():
-            pending.future.set_exception(
-                SearchFailed(_info(exc).get("result", -1), _describe(exc)))
+            pending.future.set_exception(SearchFailed(_info(exc).get("result", -1), _describe(exc)))
         return True
 
     def _start_ticking(self) -> None:
@@ -804,8 +872,9 @@ class Channels:
     and no room for another wait in line, woken one per freed place.
     """
 
-    def __init__(self, pool: ConnectionPool[Link, str],
-                 per_connection: int = LOOKUPS_PER_CONNECTION) -> None:
+    def __init__(
+        self, pool: ConnectionPool[Link, str], per_connection: int = LOOKUPS_PER_CONNECTION
+    ) -> None:
         self.pool = pool
         self.per_connection = per_connection
         self.active: list[Channel] = []
@@ -874,8 +943,9 @@ class Channels:
         try:
             await waiter
         except TimeoutError:
-            raise PoolUnavailable(f"{self.pool.name}: all {self.pool.size} connections "
-                                  f"busy for {timeout:g}s") from None
+            raise PoolUnavailable(
+                f"{self.pool.name}: all {self.pool.size} connections busy for {timeout:g}s"
+            ) from None
         except asyncio.CancelledError:
             if waiter.done() and not waiter.cancelled():
                 self._wake(1)  # woken, but gone: pass the place on
@@ -929,17 +999,24 @@ class Channels:
 class LdapTable(AsyncTable):
     dict_type = "ldap"
 
-    def __init__(self, name: str, open_mode: int, flags: int,
-                 ctx: OpenContext | None = None) -> None:
+    def __init__(
+        self, name: str, open_mode: int, flags: int, ctx: OpenContext | None = None
+    ) -> None:
         super().__init__(name, open_mode, flags | F.FIXED)
         if open_mode != os.O_RDONLY:
             raise DictOpenError(f"{self.spec} map requires O_RDONLY access mode")
         ctx = ctx or OpenContext()
         cfg = CfgParser(name, ctx.params)
         self.settings = s = read_settings(cfg)
-        self.qc = QueryContext(cfg, s.query, s.result_format, s.expansion_limit,
-                               DomainFilter.from_config(cfg, ctx), table=self.spec,
-                               extra=(s.search_base,))
+        self.qc = QueryContext(
+            cfg,
+            s.query,
+            s.result_format,
+            s.expansion_limit,
+            DomainFilter.from_config(cfg, ctx),
+            table=self.spec,
+            extra=(s.search_base,),
+        )
         self.attributes = s.attributes
         self.num_terminal = len(s.terminal)
         self.num_leaf = len(s.leaf)
@@ -955,9 +1032,14 @@ class LdapTable(AsyncTable):
 
         size = connection_limit(self.dict_type, ctx.params) or DEFAULT_CONNECTIONS
         self.pool: ConnectionPool[Link, str] = ConnectionPool(
-            self.spec, s.urls, connect, Link.close, size=size,
+            self.spec,
+            s.urls,
+            connect,
+            Link.close,
+            size=size,
             connect_timeout=2.0 * (s.timeout if s.timeout > 0 else 10) + 1.0,
-            label=lambda url: url or "(libldap default)")
+            label=lambda url: url or "(libldap default)",
+        )
         self.channels = Channels(self.pool)
 
     # --- the lookup ---------------------------------------------------------------------
@@ -969,8 +1051,8 @@ class LdapTable(AsyncTable):
             key = key.lower()
         qc = self.qc
         if qc.domain is not None and not (
-                await qc.acheck_domain(key) if qc.domain_asynchronous
-                else qc.check_domain(key)):
+            await qc.acheck_domain(key) if qc.domain_asynchronous else qc.check_domain(key)
+        ):
             return None
         try:
             value = await self._lookup(key)
@@ -1001,9 +1083,14 @@ class LdapTable(AsyncTable):
             return None
         base_text = base.decode("utf-8", "surrogateescape")
         try:
-            entries = await channel.search(base_text, s.scope,
-                                           query.decode("utf-8", "surrogateescape"),
-                                           self.attributes, s.size_limit, self.timeout)
+            entries = await channel.search(
+                base_text,
+                s.scope,
+                query.decode("utf-8", "surrogateescape"),
+                self.attributes,
+                s.size_limit,
+                self.timeout,
+            )
         except SearchFailed as exc:
             if exc.code == ldap.NO_SUCH_OBJECT.errnum and s.search_base.dynamic:
                 return None  # the base names the key: no such key
@@ -1026,8 +1113,10 @@ class LdapTable(AsyncTable):
         ``len(attributes)`` when none."""
         index = self._kinds.get(name)
         if index is None:
-            index = next((i for i, attr in enumerate(self.attributes)
-                          if attrdesc_subtype(attr, name) > 0), len(self.attributes))
+            index = next(
+                (i for i, attr in enumerate(self.attributes) if attrdesc_subtype(attr, name) > 0),
+                len(self.attributes),
+            )
             if len(self._kinds) < 1024:
                 self._kinds[name] = index
         return index
@@ -1092,8 +1181,9 @@ class _Walk:
                 if values:
                     await self._attribute(name, values, depth, is_leaf, is_terminal)
 
-    async def _attribute(self, name: str, values: list[bytes], depth: int,
-                         is_leaf: bool, is_terminal: bool) -> None:
+    async def _attribute(
+        self, name: str, values: list[bytes], depth: int, is_leaf: bool, is_terminal: bool
+    ) -> None:
         t = self.table
         index = t.kind(name)
         if index < t.num_attributes or is_terminal:
@@ -1105,8 +1195,9 @@ class _Walk:
         elif index < len(t.attributes):
             if depth >= self.settings.recursion_limit:
                 shown = c_string(values[0]).decode("utf-8", "backslashreplace")
-                log.warning("%s: Recursion limit exceeded for special attribute %s=%s",
-                            t.spec, name, shown)
+                log.warning(
+                    "%s: Recursion limit exceeded for special attribute %s=%s", t.spec, name, shown
+                )
                 raise DictRetry(f"{t.spec}: recursion limit exceeded")
             for value in values:
                 await self._follow(c_string(value), depth)
@@ -1130,8 +1221,9 @@ class _Walk:
             base = value.decode("utf-8", "surrogateescape")
             scope, filterstr, attrs = ldap.SCOPE_BASE, _DN_FILTER, list(t.attributes)
         try:
-            found = await self.channel.search(base, scope, filterstr, attrs,
-                                              self.settings.size_limit, t.timeout)
+            found = await self.channel.search(
+                base, scope, filterstr, attrs, self.settings.size_limit, t.timeout
+            )
         except SearchFailed as exc:
             if exc.code == ldap.NO_SUCH_OBJECT.errnum:
                 log.warning("%s: DN %s not found, skipping", t.spec, shown)

@@ -88,17 +88,30 @@ class LmdbTable(IndexedFileTable):
         map_size = max(self._map_size, os.fstat(fd).st_size) if self.writable else 0
 
         def open_environment(writable: bool) -> lmdb.Environment:
-            return lmdb.open(self.path, subdir=False, lock=False, readonly=not writable,
-                             create=create, map_size=map_size if writable else 0,
-                             max_dbs=0, sync=False, readahead=False, meminit=False)
+            return lmdb.open(
+                self.path,
+                subdir=False,
+                lock=False,
+                readonly=not writable,
+                create=create,
+                map_size=map_size if writable else 0,
+                max_dbs=0,
+                sync=False,
+                readahead=False,
+                meminit=False,
+            )
 
         size = os.fstat(fd).st_size
         if size == 0 and not self.writable:
             raise damaged_error(self.path, "empty file")
         try:
             shared = SharedEnvironment.acquire(fd, self.writable, open_environment)
-        except (lmdb.InvalidError, lmdb.CorruptedError, lmdb.PageNotFoundError,
-                lmdb.VersionMismatchError) as exc:
+        except (
+            lmdb.InvalidError,
+            lmdb.CorruptedError,
+            lmdb.PageNotFoundError,
+            lmdb.VersionMismatchError,
+        ) as exc:
             raise damaged_error(self.path, _reason(exc))
         except lmdb.Error as exc:
             raise DictOpenError(f"open database {self.path}: {_reason(exc)}")

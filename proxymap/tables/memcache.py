@@ -359,8 +359,9 @@ def _one_call(call: Call) -> Generator[Call, Any, Any]:
 class MemcacheTable(AsyncTable):
     dict_type = "memcache"
 
-    def __init__(self, name: str, open_mode: int, flags: int,
-                 ctx: OpenContext | None = None) -> None:
+    def __init__(
+        self, name: str, open_mode: int, flags: int, ctx: OpenContext | None = None
+    ) -> None:
         super().__init__(name, open_mode, flags)
         if flags & F.NO_UNAUTH:
             raise DictOpenError(f"{self.spec} map is not allowed for security-sensitive data")
@@ -391,9 +392,14 @@ class MemcacheTable(AsyncTable):
             return _Connection(await opener(target))
 
         self.pool: ConnectionPool[_Connection, str] = ConnectionPool(
-            self.spec, [endpoint], connect, _close, size=size,
+            self.spec,
+            [endpoint],
+            connect,
+            _close,
+            size=size,
             connect_timeout=settings.timeout or 3600.0,
-            label=lambda _endpoint: settings.server)
+            label=lambda _endpoint: settings.server,
+        )
 
     # --- keys --------------------------------------------------------------------------
     async def _memcache_key(self, key: bytes, flags: int, operation: str) -> bytes | None:
@@ -414,13 +420,11 @@ class MemcacheTable(AsyncTable):
                 return wanted
         # Postfix is silent about skipped lookups and deletes, noisy about updates.
         level = logging.WARNING if operation == "update" else logging.DEBUG
-        log.log(level, '%s: skipping %s for name "%s": %s', self.name, operation,
-                _shown(key), why)
+        log.log(level, '%s: skipping %s for name "%s": %s', self.name, operation, _shown(key), why)
         return None
 
     # --- commands with tries -----------------------------------------------------------
-    async def _command(self, what: str,
-                       command: Callable[[_Wire], Awaitable[T]]) -> T:
+    async def _command(self, what: str, command: Callable[[_Wire], Awaitable[T]]) -> T:
         """Up to max_try tries with retry_pause in between; DictRetry when all fail or
         no connection can be had."""
         settings = self.settings
@@ -486,11 +490,16 @@ class MemcacheTable(AsyncTable):
         settings = self.settings
         value = value.split(b"\0", 1)[0]  # Postfix stores a C string
         if len(value) > settings.data_limit:
-            log.warning("database %s: data for key %s is too long (data_size_limit=%d) "
-                        "-- not stored", self.spec, _shown(key), settings.data_limit)
+            log.warning(
+                "database %s: data for key %s is too long (data_size_limit=%d) -- not stored",
+                self.spec,
+                _shown(key),
+                settings.data_limit,
+            )
             return 1
-        return await self._command("update", lambda wire: _set(
-            wire, key, value, settings.mc_flags, settings.ttl))
+        return await self._command(
+            "update", lambda wire: _set(wire, key, value, settings.mc_flags, settings.ttl)
+        )
 
     async def _mc_delete(self, key: bytes) -> int:
         return await self._command("delete", lambda wire: _delete(wire, key))

@@ -138,22 +138,31 @@ _HOST_SEPARATORS = re.compile(r"[, \t\r\n]+")
 _DEFAULT_OPTION_FILES = ("/etc/my.cnf", "/etc/mysql/my.cnf")
 _OPTION_GROUPS = ("client", "client-server", "client-mariadb")
 # Client errors and server errors that mean "this connection is gone".
-_LOST_CODES = frozenset({
-    2006,  # CR_SERVER_GONE_ERROR
-    2013,  # CR_SERVER_LOST
-    2055,  # CR_SERVER_LOST_EXTENDED
-    1053,  # ER_SERVER_SHUTDOWN
-    1927,  # ER_CONNECTION_KILLED
-    4031,  # ER_CLIENT_INTERACTION_TIMEOUT (MySQL 8)
-})
+_LOST_CODES = frozenset(
+    {
+        2006,  # CR_SERVER_GONE_ERROR
+        2013,  # CR_SERVER_LOST
+        2055,  # CR_SERVER_LOST_EXTENDED
+        1053,  # ER_SERVER_SHUTDOWN
+        1927,  # ER_CONNECTION_KILLED
+        4031,  # ER_CLIENT_INTERACTION_TIMEOUT (MySQL 8)
+    }
+)
 
 
 # ---------------------------------------------------------------------------------------
 # Escaping (mysql_real_escape_string)
 # ---------------------------------------------------------------------------------------
 
-_BACKSLASHED = {0x00: b"\\0", 0x0A: b"\\n", 0x0D: b"\\r", 0x5C: b"\\\\", 0x27: b"\\'",
-                0x22: b'\\"', 0x1A: b"\\Z"}
+_BACKSLASHED = {
+    0x00: b"\\0",
+    0x0A: b"\\n",
+    0x0D: b"\\r",
+    0x5C: b"\\\\",
+    0x27: b"\\'",
+    0x22: b'\\"',
+    0x1A: b"\\Z",
+}
 _SPECIAL = re.compile(rb"[\x00\n\r\\'\"\x1a]")
 
 
@@ -162,30 +171,43 @@ def _in(byte: int, *ranges: tuple[int, int]) -> bool:
 
 
 def _mb_big5(data: bytes, pos: int) -> int:
-    if len(data) - pos >= 2 and _in(data[pos], (0xA1, 0xF9)) and _in(
-            data[pos + 1], (0x40, 0x7E), (0xA1, 0xFE)):
+    if (
+        len(data) - pos >= 2
+        and _in(data[pos], (0xA1, 0xF9))
+        and _in(data[pos + 1], (0x40, 0x7E), (0xA1, 0xFE))
+    ):
         return 2
     return 0
 
 
 def _mb_sjis(data: bytes, pos: int) -> int:
-    if len(data) - pos >= 2 and _in(data[pos], (0x81, 0x9F), (0xE0, 0xFC)) and _in(
-            data[pos + 1], (0x40, 0x7E), (0x80, 0xFC)):
+    if (
+        len(data) - pos >= 2
+        and _in(data[pos], (0x81, 0x9F), (0xE0, 0xFC))
+        and _in(data[pos + 1], (0x40, 0x7E), (0x80, 0xFC))
+    ):
         return 2
     return 0
 
 
 def _mb_gbk(data: bytes, pos: int) -> int:
-    if len(data) - pos >= 2 and _in(data[pos], (0x81, 0xFE)) and _in(
-            data[pos + 1], (0x40, 0x7E), (0x80, 0xFE)):
+    if (
+        len(data) - pos >= 2
+        and _in(data[pos], (0x81, 0xFE))
+        and _in(data[pos + 1], (0x40, 0x7E), (0x80, 0xFE))
+    ):
         return 2
     return 0
 
 
 def _mb_gb18030(data: bytes, pos: int) -> int:
-    if (len(data) - pos >= 4 and _in(data[pos], (0x81, 0xFE))
-            and _in(data[pos + 1], (0x30, 0x39)) and _in(data[pos + 2], (0x81, 0xFE))
-            and _in(data[pos + 3], (0x30, 0x39))):
+    if (
+        len(data) - pos >= 4
+        and _in(data[pos], (0x81, 0xFE))
+        and _in(data[pos + 1], (0x30, 0x39))
+        and _in(data[pos + 2], (0x81, 0xFE))
+        and _in(data[pos + 3], (0x30, 0x39))
+    ):
         return 4
     return _mb_gbk(data, pos)
 
@@ -193,7 +215,10 @@ def _mb_gb18030(data: bytes, pos: int) -> int:
 # Character sets whose multi-byte characters may contain the byte of "\" or "'": a
 # byte-wise escape would split them (and open an injection), so they are kept whole.
 _MULTIBYTE: dict[str, Callable[[bytes, int], int]] = {
-    "big5": _mb_big5, "cp932": _mb_sjis, "sjis": _mb_sjis, "gbk": _mb_gbk,
+    "big5": _mb_big5,
+    "cp932": _mb_sjis,
+    "sjis": _mb_sjis,
+    "gbk": _mb_gbk,
     "gb18030": _mb_gb18030,
 }
 # Not usable as a client character set (the server would refuse or misread queries).
@@ -223,8 +248,9 @@ def escaper(charset: str, no_backslash_escapes: bool = False) -> Callable[[bytes
     return lambda data: mysql_escape(data, charset, no_backslash_escapes)
 
 
-def mysql_escape(data: bytes, charset: str = DEFAULT_CHARSET,
-                 no_backslash_escapes: bool = False) -> bytes:
+def mysql_escape(
+    data: bytes, charset: str = DEFAULT_CHARSET, no_backslash_escapes: bool = False
+) -> bytes:
     """``data`` as mysql_real_escape_string writes it for a connection in ``charset``."""
     mb_length = _MULTIBYTE.get(charset)
     if mb_length is None:
@@ -236,7 +262,7 @@ def mysql_escape(data: bytes, charset: str = DEFAULT_CHARSET,
     while pos < len(data):
         length = mb_length(data, pos)
         if length:
-            out += data[pos:pos + length]
+            out += data[pos : pos + length]
             pos += length
             continue
         byte = data[pos]
@@ -253,8 +279,16 @@ def mysql_escape(data: bytes, charset: str = DEFAULT_CHARSET,
 # ---------------------------------------------------------------------------------------
 
 _MAX_INCLUDE_DEPTH = 64
-_VALUE_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "b": "\b", "s": " ", '"': '"', "'": "'",
-                  "\\": "\\"}
+_VALUE_ESCAPES = {
+    "n": "\n",
+    "t": "\t",
+    "r": "\r",
+    "b": "\b",
+    "s": " ",
+    '"': '"',
+    "'": "'",
+    "\\": "\\",
+}
 
 
 def _option_value(text: str) -> str:
@@ -277,8 +311,9 @@ def _option_value(text: str) -> str:
     return "".join(out)
 
 
-def _read_option_file(path: str, groups: frozenset[str], options: dict[str, str],
-                      depth: int) -> None:
+def _read_option_file(
+    path: str, groups: frozenset[str], options: dict[str, str], depth: int
+) -> None:
     try:
         with open(path, encoding="utf-8", errors="surrogateescape") as source:
             lines = source.read().splitlines()
@@ -306,8 +341,9 @@ def _read_option_file(path: str, groups: frozenset[str], options: dict[str, str]
             options[key] = _option_value(value) if sep else ""
 
 
-def read_option_files(option_file: str | None, option_group: str | None,
-                      environ: Mapping[str, str] | None = None) -> dict[str, str]:
+def read_option_files(
+    option_file: str | None, option_group: str | None, environ: Mapping[str, str] | None = None
+) -> dict[str, str]:
     """The client settings the MariaDB C client would read (later ones win)."""
     if not option_file and not option_group:
         return {}
@@ -352,8 +388,9 @@ def _port_number(text: str) -> int:
         raise DictOpenError(f"unknown service: {text}/tcp") from None
 
 
-def parse_host(text: str, options: Mapping[str, str],
-               environ: Mapping[str, str] | None = None) -> Endpoint:
+def parse_host(
+    text: str, options: Mapping[str, str], environ: Mapping[str, str] | None = None
+) -> Endpoint:
     """One ``hosts`` entry, read as Postfix does; ``localhost`` is the default socket."""
     environ = os.environ if environ is None else environ
     unix = text.startswith("unix:")
@@ -451,10 +488,20 @@ class _QueryFailed(Exception):
 
 async def _connect(login: _Login, endpoint: Endpoint) -> Connection:
     connection = Connection(
-        user=login.user, password=login.password, database=login.dbname,
-        host=endpoint.host, port=endpoint.port, unix_socket=endpoint.unix_socket,
-        charset=login.charset, conv={}, use_unicode=False, autocommit=None,
-        connect_timeout=login.connect_timeout, ssl=login.tls, program_name="pyproxymap")
+        user=login.user,
+        password=login.password,
+        database=login.dbname,
+        host=endpoint.host,
+        port=endpoint.port,
+        unix_socket=endpoint.unix_socket,
+        charset=login.charset,
+        conv={},
+        use_unicode=False,
+        autocommit=None,
+        connect_timeout=login.connect_timeout,
+        ssl=login.tls,
+        program_name="pyproxymap",
+    )
     # Postfix sends CLIENT_MULTI_RESULTS only: "SELECT 1; SELECT 2" is a syntax error.
     connection._client_flag &= ~MULTI_STATEMENTS
     await connection.connect()
@@ -554,8 +601,9 @@ class _IdleReaper:
 class MysqlTable(AsyncTable):
     dict_type = "mysql"
 
-    def __init__(self, name: str, open_mode: int, flags: int,
-                 ctx: OpenContext | None = None) -> None:
+    def __init__(
+        self, name: str, open_mode: int, flags: int, ctx: OpenContext | None = None
+    ) -> None:
         super().__init__(name, open_mode, flags)
         if open_mode != os.O_RDONLY:
             raise DictOpenError(f"{self.spec} map requires O_RDONLY access mode")
@@ -573,10 +621,19 @@ class MysqlTable(AsyncTable):
         self.endpoints = self._read_hosts(cfg)
         size = connection_limit("mysql", ctx.params) or DEFAULT_CONNECTIONS
         self.pool: ConnectionPool[Connection, Endpoint] = ConnectionPool(
-            self.spec, self.endpoints, self._connect, _close_connection, size=size,
-            connect_timeout=self.timeout, idle_limit=idle_interval, health_check=_ping,
-            check_after=CHECK_AFTER, backoff_max=min(float(retry_interval), BACKOFF_MAX),
-            order=unix_first_random, label=lambda endpoint: endpoint.label)
+            self.spec,
+            self.endpoints,
+            self._connect,
+            _close_connection,
+            size=size,
+            connect_timeout=self.timeout,
+            idle_limit=idle_interval,
+            health_check=_ping,
+            check_after=CHECK_AFTER,
+            backoff_max=min(float(retry_interval), BACKOFF_MAX),
+            order=unix_first_random,
+            label=lambda endpoint: endpoint.label,
+        )
         self.outage = OutageLog(self.spec)
         self.reaper = _IdleReaper(float(idle_interval))
         self._abandoned: set[asyncio.Future[None]] = set()
@@ -591,14 +648,21 @@ class MysqlTable(AsyncTable):
         option_file = cfg.get_optional("option_file")
         option_group = cfg.get_str("option_group", "client")
         self.options = read_option_files(option_file, option_group)
-        charset = (cfg.get_optional("charset") or self.options.get("default-character-set")
-                   or DEFAULT_CHARSET)
+        charset = (
+            cfg.get_optional("charset")
+            or self.options.get("default-character-set")
+            or DEFAULT_CHARSET
+        )
         if charset_by_name(charset) is None or charset in _NOT_CLIENT_CHARSETS:
             raise DictOpenError(f"{self.spec}: unsupported character set: {charset}")
         return _Login(
             user=_as_bytes(user or self.options.get("user", "")),
-            password=_as_bytes(password), dbname=_as_bytes(dbname), charset=charset,
-            tls=_tls_context(cfg, self.options), connect_timeout=max(1.0, self.timeout))
+            password=_as_bytes(password),
+            dbname=_as_bytes(dbname),
+            charset=charset,
+            tls=_tls_context(cfg, self.options),
+            connect_timeout=max(1.0, self.timeout),
+        )
 
     def _read_hosts(self, cfg: CfgParser) -> list[Endpoint]:
         names = [name for name in _HOST_SEPARATORS.split(cfg.get_str("hosts", "")) if name]
@@ -626,7 +690,7 @@ class MysqlTable(AsyncTable):
             for value in row:
                 # Postfix reads values as C strings: a NUL ends them.
                 if value is not None and b"\0" in value:
-                    value = value[:value.index(b"\0")]
+                    value = value[: value.index(b"\0")]
                 add(value)
         return joined.value()
 
@@ -647,8 +711,9 @@ class MysqlTable(AsyncTable):
                 raise self._failed(f"lost connection to {lease.endpoint.label}: {exc}")
             except TimeoutError:
                 self._abandon(lease)
-                raise self._failed(f"no answer from {lease.endpoint.label} within "
-                                   f"{self.timeout:g}s") from None
+                raise self._failed(
+                    f"no answer from {lease.endpoint.label} within {self.timeout:g}s"
+                ) from None
             except _QueryFailed as exc:
                 pool.release(lease, reusable=False)
                 raise self._failed(str(exc)) from None
@@ -660,12 +725,17 @@ class MysqlTable(AsyncTable):
             return self._check_sets(sets)
         raise AssertionError("not reached")
 
-    async def _query(self, lease: Lease[Connection, Endpoint], key: bytes, query: bytes,
-                     deadline: float, loop: asyncio.AbstractEventLoop) -> list[tuple]:
+    async def _query(
+        self,
+        lease: Lease[Connection, Endpoint],
+        key: bytes,
+        query: bytes,
+        deadline: float,
+        loop: asyncio.AbstractEventLoop,
+    ) -> list[tuple]:
         connection = lease.connection
         if connection.server_status & SERVER_STATUS_NO_BACKSLASH_ESCAPES:
-            query = self.queries.expand_query(self.queries.query, key, self._escape_quotes) \
-                or query
+            query = self.queries.expand_query(self.queries.query, key, self._escape_quotes) or query
         if deadline <= loop.time():
             raise TimeoutError
         # The deadline on the pool's sweeper: no task and no timer per query
@@ -693,12 +763,14 @@ class MysqlTable(AsyncTable):
 
     def _check_sets(self, sets: list[tuple]) -> tuple | None:
         if len(sets) > 1:
-            raise self._failed("query failed: multiple result sets returning data are "
-                               "not supported")
+            raise self._failed(
+                "query failed: multiple result sets returning data are not supported"
+            )
         if not sets:
             if self.require_result_set:
-                raise self._failed("query failed: query returned no result set "
-                                   "(require_result_set = yes)")
+                raise self._failed(
+                    "query failed: query returned no result set (require_result_set = yes)"
+                )
             self.outage.ok()
             return None
         self.outage.ok()

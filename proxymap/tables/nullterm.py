@@ -97,6 +97,7 @@ T = TypeVar("T")
 
 # --- the NUL convention, as pure functions -----------------------------------------------
 
+
 def initial_flags(flags: int, impl_flags: int) -> int:
     """Flags of a freshly opened instance: the table's own bits, and both TRY bits
     unless the opener chose one."""
@@ -142,6 +143,7 @@ def cut_at_nul(data: bytes) -> bytes:
 
 # --- file identity --------------------------------------------------------------------------
 
+
 class FileStamp:
     """What a handle was opened on: content stamps, and whether they can be trusted."""
 
@@ -171,14 +173,18 @@ def open_error(path: str, exc: BaseException) -> DictOpenError:
 
 def damaged_remedy(path: str) -> str:
     """What the operator does about a file the library cannot use."""
-    return (f"if {path} is a cache (address_verify_map, postscreen_cache_map), remove it: "
-            "verify(8) and postscreen(8) create it anew; otherwise rebuild it with postmap(1)")
+    return (
+        f"if {path} is a cache (address_verify_map, postscreen_cache_map), remove it: "
+        "verify(8) and postscreen(8) create it anew; otherwise rebuild it with postmap(1)"
+    )
 
 
 def damaged_error(path: str, reason: str) -> DictOpenError:
     """The open failure of a damaged (or foreign) file, with the remedy."""
-    return DictOpenError(f"open database {path}: {reason}: the file is damaged or not of "
-                         f"this type; {damaged_remedy(path)}")
+    return DictOpenError(
+        f"open database {path}: {reason}: the file is damaged or not of "
+        f"this type; {damaged_remedy(path)}"
+    )
 
 
 _NO_SPACE = (os.strerror(errno.ENOSPC), os.strerror(errno.EDQUOT))
@@ -200,14 +206,16 @@ def free_bytes(path: str) -> int | None:
 def failure_advice(path: str, reason: str) -> str:
     """The remedy for a failure met while using an open file."""
     free = free_bytes(path)
-    if any(text in reason for text in _NO_SPACE) or (free is not None
-                                                      and free < LOW_SPACE_BYTES):
-        return (f"the file system of {path} is full ({free} bytes free): free space; "
-                "until then updates of this table are answered RETRY")
+    if any(text in reason for text in _NO_SPACE) or (free is not None and free < LOW_SPACE_BYTES):
+        return (
+            f"the file system of {path} is full ({free} bytes free): free space; "
+            "until then updates of this table are answered RETRY"
+        )
     return damaged_remedy(path)
 
 
 # --- the table skeleton ---------------------------------------------------------------------
+
 
 class IndexedFileTable(SyncTable):
     """A table kept in one file ``NAME + suffix`` with NUL-convention probing.
@@ -277,8 +285,9 @@ class IndexedFileTable(SyncTable):
         pass
 
     # --- opening and freshness ---------------------------------------------------------------
-    def _open_file(self, initial: bool = False, held_fd: int | None = None,
-                   exclusive: bool = False) -> None:
+    def _open_file(
+        self, initial: bool = False, held_fd: int | None = None, exclusive: bool = False
+    ) -> None:
         """Open (or reopen) the lock descriptor and the backend on what the path names now.
 
         The backend reads the file's metadata while opening: hold the lock meanwhile, so
@@ -448,7 +457,8 @@ class IndexedFileTable(SyncTable):
         with_nul, self.flags = storage_form(self.flags)
         raw_key, raw_value = (key + NUL, value + NUL) if with_nul else (key, value)
         stored = self._exclusively(
-            lambda: self._backend_put(raw_key, raw_value, bool(self.flags & F.DUP_REPLACE)))
+            lambda: self._backend_put(raw_key, raw_value, bool(self.flags & F.DUP_REPLACE))
+        )
         if stored:
             return 0
         if self.flags & F.DUP_IGNORE:
@@ -456,8 +466,11 @@ class IndexedFileTable(SyncTable):
         elif self.flags & F.DUP_WARN:
             log.warning('%s: duplicate entry: "%s"', self.name, key.decode("utf-8", "replace"))
         else:
-            log.error('%s: duplicate entry: "%s" (not replaced)', self.name,
-                      key.decode("utf-8", "replace"))
+            log.error(
+                '%s: duplicate entry: "%s" (not replaced)',
+                self.name,
+                key.decode("utf-8", "replace"),
+            )
         return 1
 
     def delete(self, key: bytes) -> int:

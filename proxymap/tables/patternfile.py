@@ -92,7 +92,7 @@ def warn(dict_type: str, origin: str, lineno: int, message: str) -> None:
 def keyword_at(line: bytes, word: bytes) -> bool:
     """True if the line starts with WORD (any case) not followed by a letter or digit."""
     size = len(word)
-    return line[:size].upper() == word and not line[size:size + 1].isalnum()
+    return line[:size].upper() == word and not line[size : size + 1].isalnum()
 
 
 def skip_space(line: bytes, pos: int) -> int:
@@ -147,8 +147,7 @@ def take_pattern(line: bytes, pos: int, *, regexp_syntax: bool) -> tuple[bool, b
             break
         pos += 1
     if not terminated:
-        raise RuleError(
-            f"no closing regexp delimiter \"{chr(delimiter)}\": skipping this rule")
+        raise RuleError(f'no closing regexp delimiter "{chr(delimiter)}": skipping this rule')
     pattern = line[start:pos]
     pos += 1
     flags_start = pos
@@ -212,20 +211,20 @@ def _macro_tokens(text: bytes) -> list[tuple[bool, bytes]]:
             start = pos
             while level > 0:
                 if pos >= end:
-                    raise RuleError(f"truncated macro reference: \"{_show(text)}\"")
+                    raise RuleError(f'truncated macro reference: "{_show(text)}"')
                 if text[pos] == opener:
                     level += 1
                 elif text[pos] == closer:
                     level -= 1
                 pos += 1
-            name = text[start:pos - 1]
+            name = text[start : pos - 1]
         else:
             start = pos
-            while pos < end and (text[pos:pos + 1].isalnum() or text[pos] == 0x5F):
+            while pos < end and (text[pos : pos + 1].isalnum() or text[pos] == 0x5F):
                 pos += 1
             name = text[start:pos]
         if not name:
-            raise RuleError(f"empty macro name: \"{_show(text)}\"")
+            raise RuleError(f'empty macro name: "{_show(text)}"')
         tokens.append((True, name))
     if literal:
         tokens.append((False, bytes(literal)))
@@ -241,10 +240,10 @@ def parse_replacement(text: bytes) -> Replacement:
             parts.append(value)
             continue
         if not value.isdigit() or not value.isascii():
-            raise RuleError(f"non-numeric replacement index \"{_show(value)}\"")
+            raise RuleError(f'non-numeric replacement index "{_show(value)}"')
         number = int(value)
         if number < 1:
-            raise RuleError(f"out-of-range replacement index \"{_show(value)}\"")
+            raise RuleError(f'out-of-range replacement index "{_show(value)}"')
         max_sub = max(max_sub, number)
         parts.append(number)
     if max_sub == 0:
@@ -264,8 +263,20 @@ def _show(text: bytes) -> str:
 class Rule:
     """One compiled rule. ``kind`` is MATCH, IF or ENDIF; the table fills the rest."""
 
-    __slots__ = ("kind", "lineno", "positive", "matcher", "second", "second_positive",
-                 "replacement", "endif", "value", "prefix", "caseless", "suffix")
+    __slots__ = (
+        "kind",
+        "lineno",
+        "positive",
+        "matcher",
+        "second",
+        "second_positive",
+        "replacement",
+        "endif",
+        "value",
+        "prefix",
+        "caseless",
+        "suffix",
+    )
 
     def __init__(self, kind: int, lineno: int, positive: bool = True, matcher=None) -> None:
         self.kind = kind

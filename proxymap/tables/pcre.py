@@ -92,8 +92,14 @@ _lib = _load_library()
 _p, _size, _u32 = ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint32
 
 _compile = _lib.pcre2_compile_8
-_compile.argtypes = [ctypes.c_char_p, _size, _u32, ctypes.POINTER(ctypes.c_int),
-                     ctypes.POINTER(_size), _p]
+_compile.argtypes = [
+    ctypes.c_char_p,
+    _size,
+    _u32,
+    ctypes.POINTER(ctypes.c_int),
+    ctypes.POINTER(_size),
+    _p,
+]
 _compile.restype = _p
 _match = _lib.pcre2_match_8
 _match.argtypes = [_p, ctypes.c_char_p, _size, _size, _u32, _p, _p]
@@ -158,29 +164,44 @@ def error_message(code: int) -> str:
 class PcrePattern:
     """A compiled pattern with its own match data (offsets of the last match)."""
 
-    __slots__ = ("code", "match_data", "ovector", "capture_count", "code_arg", "match_data_arg",
-                 "min_length", "anchored_first", "required", "prefix",
-                 "caseless", "suffix")
+    __slots__ = (
+        "code",
+        "match_data",
+        "ovector",
+        "capture_count",
+        "code_arg",
+        "match_data_arg",
+        "min_length",
+        "anchored_first",
+        "required",
+        "prefix",
+        "caseless",
+        "suffix",
+    )
 
     def __init__(self, pattern: bytes, options: int) -> None:
         self.code = self.match_data = None
         error = ctypes.c_int()
         offset = ctypes.c_size_t()
         pattern = pattern.split(b"\0", 1)[0]  # Postfix passes a C string
-        code = _compile(pattern, len(pattern), options, ctypes.byref(error),
-                        ctypes.byref(offset), None)
+        code = _compile(
+            pattern, len(pattern), options, ctypes.byref(error), ctypes.byref(offset), None
+        )
         if not code:
             raise RuleError(
-                f"error in regex at offset {offset.value}: {error_message(error.value)}")
+                f"error in regex at offset {offset.value}: {error_message(error.value)}"
+            )
         self.code = code
         self.capture_count = _info(code, PCRE2_INFO_CAPTURECOUNT)
         self._learn_prefilter(code)
         self.prefix = self._learn_prefix(pattern, options, code)
         self.caseless = bool(options & PCRE2_CASELESS)
-        self.suffix = pcre_literal_suffix(pattern, bool(options & PCRE2_MULTILINE),
-                                          bool(options & PCRE2_EXTENDED))
-        if not _SUFFIX_INDEX or (self.required is not None
-                                 and self.suffix[-1:].lower() not in (b"", self.required)):
+        self.suffix = pcre_literal_suffix(
+            pattern, bool(options & PCRE2_MULTILINE), bool(options & PCRE2_EXTENDED)
+        )
+        if not _SUFFIX_INDEX or (
+            self.required is not None and self.suffix[-1:].lower() not in (b"", self.required)
+        ):
             self.suffix = b""  # odd newlines, or PCRE2 disagrees on the last literal
         _jit_compile(code, PCRE2_JIT_COMPLETE)  # failure is fine: the interpreter runs
         self.match_data = _match_data_create(code, None)
@@ -217,9 +238,12 @@ class PcrePattern:
         PCRE2 must agree that the pattern is anchored, and on its first byte when it
         knows one; otherwise (which our parser should never cause) no prefix is used.
         """
-        prefix = pcre_literal_prefix(pattern, bool(options & PCRE2_ANCHORED),
-                                     bool(options & PCRE2_MULTILINE),
-                                     bool(options & PCRE2_EXTENDED))
+        prefix = pcre_literal_prefix(
+            pattern,
+            bool(options & PCRE2_ANCHORED),
+            bool(options & PCRE2_MULTILINE),
+            bool(options & PCRE2_EXTENDED),
+        )
         if not prefix or not _info(code, PCRE2_INFO_ALLOPTIONS) & PCRE2_ANCHORED:
             return b""
         if _info(code, PCRE2_INFO_FIRSTCODETYPE) == 1:
@@ -261,11 +285,11 @@ def _options(flag_letters: bytes, warn_line) -> int:
     options = PCRE2_CASELESS | PCRE2_DOTALL
     for letter in flag_letters:
         if letter == ord("X"):
-            warn_line(f"ignoring obsolete regexp option \"{chr(letter)}\"")
+            warn_line(f'ignoring obsolete regexp option "{chr(letter)}"')
             continue
         bit = _FLAG_BITS.get(letter)
         if bit is None:
-            raise RuleError(f"unknown regexp option \"{chr(letter)}\": skipping this rule")
+            raise RuleError(f'unknown regexp option "{chr(letter)}": skipping this rule')
         options ^= bit
     return options
 
@@ -310,8 +334,9 @@ class PcreTable(SyncTable):
                     compiled = rules[index].matcher
                     if rules[index].positive:
                         byte = None if compiled.required is None else compiled.required[0]
-                        filing.append((index, compiled.prefix, compiled.caseless, byte,
-                                       compiled.suffix))
+                        filing.append(
+                            (index, compiled.prefix, compiled.caseless, byte, compiled.suffix)
+                        )
                     else:
                         filing.append((index, b"", False, None, b""))
                 run = RunIndex(end, filing)
@@ -324,8 +349,16 @@ class PcreTable(SyncTable):
         compiled = rule.matcher
         if compiled is None:  # ENDIF
             return (rule.kind, rule.positive, None, None, 0, None, None, rule)
-        return (rule.kind, rule.positive, compiled.code_arg, compiled.match_data_arg,
-                compiled.min_length, compiled.required, compiled.anchored_first, rule)
+        return (
+            rule.kind,
+            rule.positive,
+            compiled.code_arg,
+            compiled.match_data_arg,
+            compiled.min_length,
+            compiled.required,
+            compiled.anchored_first,
+            rule,
+        )
 
     # --- loading ------------------------------------------------------------------------
     def _parse_rule(self, line: bytes, lineno: int, nesting: int) -> Rule:
@@ -335,7 +368,7 @@ class PcreTable(SyncTable):
         if not line[:1].isalnum():
             positive, pattern, letters, pos = take_pattern(line, 0, regexp_syntax=False)
             options = _options(letters, note)
-            text = line[skip_space(line, pos):]
+            text = line[skip_space(line, pos) :]
             if not text:
                 note("no replacement text: using empty string")
             try:
@@ -346,31 +379,33 @@ class PcreTable(SyncTable):
             max_sub = replacement.max_sub
             if max_sub and not positive:
                 raise RuleError(
-                    "$number found in negative match replacement text: skipping this rule")
+                    "$number found in negative match replacement text: skipping this rule"
+                )
             if max_sub and self._no_regsub:
                 raise RuleError(
-                    "regular expression substitution is not allowed: skipping this rule")
+                    "regular expression substitution is not allowed: skipping this rule"
+                )
             compiled = PcrePattern(pattern, options)
             if max_sub > compiled.capture_count:
                 compiled.free()
-                raise RuleError(
-                    f"out of range replacement index \"{max_sub}\": skipping this rule")
+                raise RuleError(f'out of range replacement index "{max_sub}": skipping this rule')
             rule = Rule(MATCH, lineno, positive, compiled)
             rule.replacement = replacement
             return rule
         if keyword_at(line, b"IF"):
-            positive, pattern, letters, pos = take_pattern(line, skip_space(line, 2),
-                                                           regexp_syntax=False)
+            positive, pattern, letters, pos = take_pattern(
+                line, skip_space(line, 2), regexp_syntax=False
+            )
             options = _options(letters, note)
-            extra = line[skip_space(line, pos):]
+            extra = line[skip_space(line, pos) :]
             if extra:
-                note(f"ignoring extra text after IF statement: \"{_show(extra)}\"")
+                note(f'ignoring extra text after IF statement: "{_show(extra)}"')
                 note("do not prepend whitespace to statements between IF and ENDIF")
             return Rule(IF, lineno, positive, PcrePattern(pattern, options))
         if keyword_at(line, b"ENDIF"):
             if nesting == 0:
                 raise RuleError("ignoring ENDIF without matching IF")
-            if line[skip_space(line, 5):]:
+            if line[skip_space(line, 5) :]:
                 note("ignoring extra text after ENDIF")
             return Rule(ENDIF, lineno)
         raise RuleError("ignoring unrecognized request")
@@ -401,8 +436,11 @@ class PcreTable(SyncTable):
             if kind == ENDIF:
                 continue
             # PcrePattern.cannot_match, inlined: this loop runs once per rule.
-            if (klen < min_length or (required is not None and required not in lowered)
-                    or (first is not None and lowered[:1] != first)):
+            if (
+                klen < min_length
+                or (required is not None and required not in lowered)
+                or (first is not None and lowered[:1] != first)
+            ):
                 status = PCRE2_ERROR_NOMATCH
             else:
                 status = match(code, key, length, _ZERO, 0, data, None)
@@ -425,8 +463,11 @@ class PcreTable(SyncTable):
     def _try(self, step: tuple, key: bytes, lowered: bytes, length) -> bytes | None:
         """One match rule of an indexed run: its result, or None when it does not fire."""
         _, positive, code, data, min_length, required, first, rule = step
-        if (len(key) < min_length or (required is not None and required not in lowered)
-                or (first is not None and lowered[:1] != first)):
+        if (
+            len(key) < min_length
+            or (required is not None and required not in lowered)
+            or (first is not None and lowered[:1] != first)
+        ):
             status = PCRE2_ERROR_NOMATCH
         else:
             status = _fast_match(code, key, length, _ZERO, 0, data, None)

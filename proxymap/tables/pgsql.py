@@ -139,8 +139,9 @@ _URI_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+-]*://", re.ASCII)
 _URI_PASSWORD = re.compile(r"^([^/]*//[^:@/]*:)[^@/]*@")
 # Plain ints: enum comparisons cost on every lookup.
 _OK_STATUSES = frozenset({int(pq.ExecStatus.TUPLES_OK), int(pq.ExecStatus.COMMAND_OK)})
-_COPY_STATUSES = frozenset({int(pq.ExecStatus.COPY_IN), int(pq.ExecStatus.COPY_OUT),
-                            int(pq.ExecStatus.COPY_BOTH)})
+_COPY_STATUSES = frozenset(
+    {int(pq.ExecStatus.COPY_IN), int(pq.ExecStatus.COPY_OUT), int(pq.ExecStatus.COPY_BOTH)}
+)
 _FATAL_ERROR = int(pq.ExecStatus.FATAL_ERROR)
 _CONNECTION_BAD = int(pq.ConnStatus.BAD)
 CANCEL_TIMEOUT = 5.0  # for the cancel request, and then for the cancelled query's end
@@ -208,9 +209,14 @@ class Settings:
         malformed URI is a connect failure, as in Postfix)."""
         if host.kind == URI:
             return make_conninfo(host.name, client_encoding=self.encoding)
-        params = {"host": host.name, "port": host.port, "dbname": self.dbname,
-                  "user": self.user, "password": self.password,
-                  "client_encoding": self.encoding}
+        params = {
+            "host": host.name,
+            "port": host.port,
+            "dbname": self.dbname,
+            "user": self.user,
+            "password": self.password,
+            "client_encoding": self.encoding,
+        }
         return make_conninfo("", **{name: value for name, value in params.items() if value})
 
 
@@ -255,11 +261,22 @@ class Link:
     marked broken and the pool never lends it again.
     """
 
-    __slots__ = ("connection", "pgconn", "escape", "encoding", "loop", "fd", "waiter",
-                 "timer", "broken", "sweeper")
+    __slots__ = (
+        "connection",
+        "pgconn",
+        "escape",
+        "encoding",
+        "loop",
+        "fd",
+        "waiter",
+        "timer",
+        "broken",
+        "sweeper",
+    )
 
-    def __init__(self, connection: Connection, loop: asyncio.AbstractEventLoop,
-                 sweeper: Sweeper) -> None:
+    def __init__(
+        self, connection: Connection, loop: asyncio.AbstractEventLoop, sweeper: Sweeper
+    ) -> None:
         self.connection = connection
         self.sweeper = sweeper  # the pool's: watches query deadlines
         self.pgconn = connection.pgconn
@@ -458,16 +475,25 @@ class Backend:
         self._penalties: dict[str, float] = {}  # host label -> end of its retry_interval
         self._cancelling: set[asyncio.Future[None]] = set()
         self.pool: ConnectionPool[Link, Host] = ConnectionPool(
-            spec, settings.hosts, self._connect, close_connection, size=size,
-            connect_timeout=timeout, idle_limit=settings.idle_interval,
-            health_check=connection_is_idle, check_after=CHECK_AFTER,
-            order=self._order, label=lambda host: host.label,
-            usable=_link_usable)
+            spec,
+            settings.hosts,
+            self._connect,
+            close_connection,
+            size=size,
+            connect_timeout=timeout,
+            idle_limit=settings.idle_interval,
+            health_check=connection_is_idle,
+            check_after=CHECK_AFTER,
+            order=self._order,
+            label=lambda host: host.label,
+            usable=_link_usable,
+        )
 
     async def _connect(self, host: Host) -> Link:
         try:
             connection = await psycopg.AsyncConnection.connect(
-                self.settings.conninfo(host), autocommit=True, prepare_threshold=None)
+                self.settings.conninfo(host), autocommit=True, prepare_threshold=None
+            )
         except psycopg.Error as exc:  # libpq's message has hint lines: keep a log line one
             raise ConnectError(_reason(exc)) from None
         try:
@@ -480,8 +506,10 @@ class Backend:
         """Random within each kind, UNIX first; hosts whose query failed lately last."""
         now = time.monotonic()
         random.shuffle(states)
-        return sorted(states, key=lambda state: (
-            self._penalties.get(state.label, 0.0) > now, state.endpoint.kind))
+        return sorted(
+            states,
+            key=lambda state: (self._penalties.get(state.label, 0.0) > now, state.endpoint.kind),
+        )
 
     def outage(self, host: EndpointState[Host]) -> OutageLog:
         """Query failures of one host, logged once per outage (the pool logs the
@@ -568,8 +596,9 @@ class Backend:
         self.pool.release(lease, reusable=False)
         self.pool.suspect(lease)
 
-    async def _attempt(self, lease: PgLease, context: QueryContext, key: bytes,
-                       deadline: float) -> pq.abc.PGresult:
+    async def _attempt(
+        self, lease: PgLease, context: QueryContext, key: bytes, deadline: float
+    ) -> pq.abc.PGresult:
         link = lease.connection
         try:
             query = context.expand_query(context.query, key, link.escape)
@@ -643,8 +672,9 @@ def backend_for(spec: str, settings: Settings, ctx: OpenContext | None) -> Backe
 class PgsqlTable(AsyncTable):
     dict_type = "pgsql"
 
-    def __init__(self, name: str, open_mode: int, flags: int,
-                 ctx: OpenContext | None = None) -> None:
+    def __init__(
+        self, name: str, open_mode: int, flags: int, ctx: OpenContext | None = None
+    ) -> None:
         super().__init__(name, open_mode, flags | F.FIXED)
         if open_mode != os.O_RDONLY:
             raise DictOpenError(f"{self.spec} map requires O_RDONLY access mode")
@@ -664,8 +694,10 @@ class PgsqlTable(AsyncTable):
         key = self.fold(key)  # before any await: the flag word is shared
         context = self.query_context
         if context.domain is not None and not (
-                await context.acheck_domain(key) if context.domain_asynchronous
-                else context.check_domain(key)):
+            await context.acheck_domain(key)
+            if context.domain_asynchronous
+            else context.check_domain(key)
+        ):
             return None
         if context.expand_query(context.query, key, None) is None:
             return None  # the key cannot fill the templates: no query

@@ -27,21 +27,23 @@ from proxymap.tables.textsyntax import BraceError, braced_elements
 _KIND = F.FIXED | F.PATTERN
 
 
-def open_members(dict_type: str, name: str, open_mode: int, flags: int,
-                 ctx: OpenContext) -> tuple[list[Table], int]:
+def open_members(
+    dict_type: str, name: str, open_mode: int, flags: int, ctx: OpenContext
+) -> tuple[list[Table], int]:
     """Open the members of ``{t1:n1, ...}``; returns them and the composite's flags."""
     if open_mode != os.O_RDONLY:
         raise DictOpenError(f"{dict_type}:{name} map requires O_RDONLY access mode")
     try:
         specs = braced_elements(name)
     except BraceError as exc:
-        raise DictOpenError(f"bad syntax: \"{dict_type}:{name}\"; {exc}") from None
+        raise DictOpenError(f'bad syntax: "{dict_type}:{name}"; {exc}') from None
     if not specs:
-        raise DictOpenError(f"bad syntax: \"{dict_type}:{name}\"; need at least one table")
+        raise DictOpenError(f'bad syntax: "{dict_type}:{name}"; need at least one table')
     for spec in specs:
         if ":" not in spec:
             raise DictOpenError(
-                f"bad syntax: \"{dict_type}:{name}\"; need \"type:name\" instead of \"{spec}\"")
+                f'bad syntax: "{dict_type}:{name}"; need "type:name" instead of "{spec}"'
+            )
     if ctx is None or ctx.open_table is None:
         raise DictOpenError(f"{dict_type}:{name}: no way to open member tables")
     members = [ctx.open_table(spec, open_mode, flags) for spec in specs]

@@ -245,8 +245,7 @@ class ConnectionPool(Generic[C, E]):
                 self.sweeper.unwatch(waiter)
         if not granted:
             self._forget(waiter)
-            raise PoolUnavailable(f"{self.name}: all {self.size} connections busy "
-                                  f"for {timeout:g}s")
+            raise PoolUnavailable(f"{self.name}: all {self.size} connections busy for {timeout:g}s")
 
     def _forget(self, waiter: asyncio.Future[bool]) -> None:
         try:
@@ -298,7 +297,8 @@ class ConnectionPool(Generic[C, E]):
             lease = idle[-1]
             now = time.monotonic()
             if self._expired(lease, now) or (
-                    self._usable is not None and not self._usable(lease.connection)):
+                self._usable is not None and not self._usable(lease.connection)
+            ):
                 idle.pop()
                 self._dispose(lease)
                 continue
@@ -312,11 +312,15 @@ class ConnectionPool(Generic[C, E]):
             lease = self._idle.pop()
             now = time.monotonic()
             if self._expired(lease, now) or (
-                    self._usable is not None and not self._usable(lease.connection)):
+                self._usable is not None and not self._usable(lease.connection)
+            ):
                 self._dispose(lease)
                 continue
-            if (self.health_check is not None and now - lease.last_used > self.check_after
-                    and not await self._healthy(lease)):
+            if (
+                self.health_check is not None
+                and now - lease.last_used > self.check_after
+                and not await self._healthy(lease)
+            ):
                 self._dispose(lease)
                 continue
             return lease
@@ -343,8 +347,9 @@ class ConnectionPool(Generic[C, E]):
                 self.failovers += 1
             state.probing = state.down
             try:
-                connection = await asyncio.wait_for(self._connect(state.endpoint),
-                                                    self.connect_timeout)
+                connection = await asyncio.wait_for(
+                    self._connect(state.endpoint), self.connect_timeout
+                )
             except Exception as exc:  # noqa: BLE001 - OSError, timeout, a driver's own type
                 self._mark_down(state, _reason(exc))
                 reasons.append(f"{state.label}: {state.reason}")
@@ -507,13 +512,22 @@ class SweptTimeout:
         assert self.task is not None
         self.task.cancel()
 
-    async def __aexit__(self, kind: type[BaseException] | None, error: BaseException | None,
-                        traceback: TracebackType | None) -> None:
+    async def __aexit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
         if self.when is None:
             return
         self.sweeper.unwatch(self)
-        if (self.fired and kind is not None and issubclass(kind, asyncio.CancelledError)
-                and self.task is not None and self.task.uncancel() == 0):
+        if (
+            self.fired
+            and kind is not None
+            and issubclass(kind, asyncio.CancelledError)
+            and self.task is not None
+            and self.task.uncancel() == 0
+        ):
             raise TimeoutError from error
 
 
@@ -534,8 +548,12 @@ class _Borrowed(Generic[C, E]):
         self.lease = lease
         return lease
 
-    async def __aexit__(self, kind: type[BaseException] | None, error: BaseException | None,
-                        traceback: TracebackType | None) -> None:
+    async def __aexit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
         lease, self.lease = self.lease, None
         if lease is not None:
             self.pool.release(lease, reusable=kind is None)

@@ -81,8 +81,13 @@ _regcomp.argtypes = [ctypes.POINTER(_RegexT), ctypes.c_char_p, ctypes.c_int]
 _regcomp.restype = ctypes.c_int
 
 _regexec = _libc.regexec
-_regexec.argtypes = [ctypes.POINTER(_RegexT), ctypes.c_char_p, ctypes.c_size_t,
-                     ctypes.c_void_p, ctypes.c_int]
+_regexec.argtypes = [
+    ctypes.POINTER(_RegexT),
+    ctypes.c_char_p,
+    ctypes.c_size_t,
+    ctypes.c_void_p,
+    ctypes.c_int,
+]
 _regexec.restype = ctypes.c_int
 
 # Hot path: regexec without argtypes on pre-converted arguments (ctypes then skips its
@@ -110,7 +115,7 @@ _uselocale.restype = ctypes.c_void_p
 # One C locale object for the life of the process (never freed: it is tiny and shared).
 _C_LOCALE = _newlocale(_LC_ALL_MASK, b"C", None)
 if not _C_LOCALE:
-    raise ImportError("newlocale(LC_ALL_MASK, \"C\") failed")
+    raise ImportError('newlocale(LC_ALL_MASK, "C") failed')
 
 
 @contextmanager
@@ -130,8 +135,17 @@ class RegexCompileError(ValueError):
 class PosixRegex:
     """One compiled pattern. Compile and search inside ``c_locale()``."""
 
-    __slots__ = ("_regex", "nsub", "_nmatch", "_matches", "_matches_address", "_freed",
-                 "_regex_arg", "_nmatch_arg", "_matches_arg")
+    __slots__ = (
+        "_regex",
+        "nsub",
+        "_nmatch",
+        "_matches",
+        "_matches_address",
+        "_freed",
+        "_regex_arg",
+        "_nmatch_arg",
+        "_matches_arg",
+    )
 
     def __init__(self, pattern: bytes, cflags: int, nmatch: int = 0) -> None:
         """Compile; ``nmatch`` = how many leading sub-matches (incl. group 0) to report."""

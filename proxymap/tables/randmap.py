@@ -24,17 +24,18 @@ from proxymap.tables.textsyntax import BraceError, braced_elements
 class RandmapTable(SyncTable):
     dict_type = "randmap"
 
-    def __init__(self, name: str, open_mode: int, flags: int,
-                 ctx: OpenContext | None = None) -> None:
+    def __init__(
+        self, name: str, open_mode: int, flags: int, ctx: OpenContext | None = None
+    ) -> None:
         super().__init__(name, open_mode, (flags & ~F.FIXED) | F.PATTERN)
         if open_mode != os.O_RDONLY:
             raise DictOpenError(f"{self.spec} map requires O_RDONLY access mode")
         try:
             values = braced_elements(name)
         except BraceError as exc:
-            raise DictOpenError(f"bad syntax: \"{self.spec}\"; {exc}") from None
+            raise DictOpenError(f'bad syntax: "{self.spec}"; {exc}') from None
         if not values:
-            raise DictOpenError(f"bad syntax: \"{self.spec}\"; empty table")
+            raise DictOpenError(f'bad syntax: "{self.spec}"; empty table')
         self.values = [v.encode("utf-8", "surrogateescape") for v in values]
 
     def lookup(self, key: bytes) -> bytes | None:

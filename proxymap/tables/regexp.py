@@ -61,7 +61,7 @@ def _options(flag_letters: bytes) -> int:
     for letter in flag_letters:
         bit = _FLAG_BITS.get(letter)
         if bit is None:
-            raise RuleError(f"unknown regexp option \"{chr(letter)}\": skipping this rule")
+            raise RuleError(f'unknown regexp option "{chr(letter)}": skipping this rule')
         options ^= bit
     return options
 
@@ -89,18 +89,19 @@ class RegexpTable(SyncTable):
         if not line[:1].isalnum():
             return self._parse_match(line, lineno)
         if keyword_at(line, b"IF"):
-            positive, pattern, letters, pos = take_pattern(line, skip_space(line, 2),
-                                                           regexp_syntax=True)
+            positive, pattern, letters, pos = take_pattern(
+                line, skip_space(line, 2), regexp_syntax=True
+            )
             options = _options(letters)
-            extra = line[skip_space(line, pos):]
+            extra = line[skip_space(line, pos) :]
             if extra:
-                self._warn(lineno, f"ignoring extra text after IF statement: \"{_show(extra)}\"")
+                self._warn(lineno, f'ignoring extra text after IF statement: "{_show(extra)}"')
                 self._warn(lineno, "do not prepend whitespace to statements between IF and ENDIF")
             return Rule(IF, lineno, positive, self._compile(pattern, options | rx.REG_NOSUB))
         if keyword_at(line, b"ENDIF"):
             if nesting == 0:
                 raise RuleError("ignoring ENDIF without matching IF")
-            if line[skip_space(line, 5):]:
+            if line[skip_space(line, 5) :]:
                 self._warn(lineno, "ignoring extra text after ENDIF")
             return Rule(ENDIF, lineno)
         raise RuleError("ignoring unrecognized request")
@@ -111,9 +112,10 @@ class RegexpTable(SyncTable):
         second = None
         if pos < len(line) and line[pos] == 0x21:  # "!": /pattern1/!/pattern2/
             second_positive, second_pattern, second_letters, pos = take_pattern(
-                line, pos, regexp_syntax=True)
+                line, pos, regexp_syntax=True
+            )
             second = (second_positive, second_pattern, _options(second_letters))
-        text = line[skip_space(line, pos):]
+        text = line[skip_space(line, pos) :]
         if not text:
             self._warn(lineno, "no replacement text: using empty string")
         try:
@@ -133,11 +135,12 @@ class RegexpTable(SyncTable):
             rule_suffix = ere_literal_suffix(pattern, extended, newline)
         if max_sub == 0:
             options |= rx.REG_NOSUB
-        rule = Rule(MATCH, lineno, positive,
-                    self._compile(pattern, options, max_sub + 1 if max_sub else 0))
+        rule = Rule(
+            MATCH, lineno, positive, self._compile(pattern, options, max_sub + 1 if max_sub else 0)
+        )
         if max_sub > rule.matcher.nsub:
             rule.matcher.free()
-            raise RuleError(f"out of range replacement index \"{max_sub}\": skipping this rule")
+            raise RuleError(f'out of range replacement index "{max_sub}": skipping this rule')
         if second is not None:
             second_positive, second_pattern, second_options = second
             try:
@@ -222,7 +225,8 @@ class RegexpTable(SyncTable):
         elif not self._holds(rule.matcher, rule.positive, key, rule.lineno):
             return None
         if rule.second is not None and not self._holds(
-                rule.second, rule.second_positive, key, rule.lineno):
+            rule.second, rule.second_positive, key, rule.lineno
+        ):
             return None
         if replacement.literal is not None:
             return replacement.literal
@@ -248,8 +252,13 @@ def _index_runs(rules: list[Rule]) -> list[RunIndex | None]:
         while end < len(rules) and rules[end].kind == MATCH:
             end += 1
         if end - start >= _MIN_RUN:
-            runs[start] = RunIndex(end, [(index, rules[index].prefix, rules[index].caseless, None,
-                                          rules[index].suffix) for index in range(start, end)])
+            runs[start] = RunIndex(
+                end,
+                [
+                    (index, rules[index].prefix, rules[index].caseless, None, rules[index].suffix)
+                    for index in range(start, end)
+                ],
+            )
         start = max(end, start + 1)
     return runs
 

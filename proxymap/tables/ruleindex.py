@@ -98,8 +98,7 @@ def _top_level_alternation(pattern: bytes, give_up_on: tuple[bytes, ...]) -> boo
     return False
 
 
-def pcre_literal_prefix(pattern: bytes, anchored: bool, multiline: bool,
-                        extended: bool) -> bytes:
+def pcre_literal_prefix(pattern: bytes, anchored: bool, multiline: bool, extended: bool) -> bytes:
     """Bytes every subject matching this PCRE2 pattern starts with (b"" = none known).
 
     ``anchored`` is the ANCHORED compile option (flag ``A``), not PCRE2's own
@@ -163,7 +162,7 @@ def _inline_options(pattern: bytes) -> bool:
     """True if some ``(?`` may set options (a letter, ``^`` or ``-`` follows it)."""
     start = pattern.find(b"(?")
     while start >= 0:
-        after = pattern[start + 2:start + 3]
+        after = pattern[start + 2 : start + 3]
         if after.isalpha() or after in (b"^", b"-"):
             return True
         start = pattern.find(b"(?", start + 2)
@@ -179,7 +178,7 @@ def _only_short_escapes(pattern: bytes) -> bool:
     pos, end = 0, len(pattern)
     while pos < end:
         if pattern[pos] == _BACKSLASH:
-            escaped = pattern[pos + 1:pos + 2]
+            escaped = pattern[pos + 1 : pos + 2]
             if escaped.isalnum() and escaped[0] not in _SHORT_PCRE_ESCAPES:
                 return False
             pos += 2
@@ -241,9 +240,15 @@ class RunIndex:
         choices = []
         sharing: dict[object, int] = {}
         for _, prefix, caseless, byte, suffix in rules:
-            slots = [slot for slot in (_prefix_slot(prefix, caseless) if prefix else None,
-                                       _suffix_slot(suffix) if suffix else None, byte)
-                     if slot is not None]
+            slots = [
+                slot
+                for slot in (
+                    _prefix_slot(prefix, caseless) if prefix else None,
+                    _suffix_slot(suffix) if suffix else None,
+                    byte,
+                )
+                if slot is not None
+            ]
             for slot in slots:
                 sharing[slot] = sharing.get(slot, 0) + 1
             choices.append(slots)

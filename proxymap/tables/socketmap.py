@@ -116,17 +116,18 @@ def interpret_reply(spec: str, payload: bytes) -> bytes | None:
 class SocketmapTable(AsyncTable):
     dict_type = "socketmap"
 
-    def __init__(self, name: str, open_mode: int, flags: int,
-                 ctx: OpenContext | None = None) -> None:
+    def __init__(
+        self, name: str, open_mode: int, flags: int, ctx: OpenContext | None = None
+    ) -> None:
         super().__init__(name, open_mode, (flags & ~F.FIXED) | F.PATTERN)
         require_network_open(self.spec, open_mode, flags)
         endpoint, sep, map_name = name.rpartition(":")
         if not sep or not endpoint or not map_name:
-            raise DictOpenError(f"{self.spec}: expected \"transport:endpoint:mapname\"")
+            raise DictOpenError(f'{self.spec}: expected "transport:endpoint:mapname"')
         transport = endpoint.partition(":")[0]
         try:
             if transport not in ("inet", "unix", "local"):
-                raise ValueError(f"invalid endpoint \"{endpoint}\"")
+                raise ValueError(f'invalid endpoint "{endpoint}"')
             check_endpoint(endpoint)
         except ValueError as exc:
             raise DictOpenError(f"{self.spec}: {exc}") from None
@@ -137,9 +138,15 @@ class SocketmapTable(AsyncTable):
         pool = _POOLS.get(endpoint)
         if pool is None:
             pool = _POOLS[endpoint] = ConnectionPool(
-                f"socketmap:{endpoint}", [endpoint], stream_opener(), close_stream,
-                size=size, connect_timeout=self.timeout, idle_limit=IDLE_LIMIT,
-                age_limit=AGE_LIMIT)
+                f"socketmap:{endpoint}",
+                [endpoint],
+                stream_opener(),
+                close_stream,
+                size=size,
+                connect_timeout=self.timeout,
+                idle_limit=IDLE_LIMIT,
+                age_limit=AGE_LIMIT,
+            )
         self.pool = pool
 
     async def alookup(self, key: bytes) -> bytes | None:

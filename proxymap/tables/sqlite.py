@@ -121,8 +121,8 @@ def first_statement(sql: str) -> str:
     """The first complete statement of ``sql`` (sqlite3_prepare ignores the rest)."""
     position = sql.find(";")
     while position >= 0:
-        if sqlite3.complete_statement(sql[:position + 1]):
-            return sql[:position + 1]
+        if sqlite3.complete_statement(sql[: position + 1]):
+            return sql[: position + 1]
         position = sql.find(";", position + 1)
     return sql
 
@@ -178,10 +178,15 @@ class SqliteTable(BlockingTable):
         cfg = CfgParser(name, ctx.params)
         self.dbpath = cfg.get_str("dbpath", "", 1)
         self.query = QueryContext.for_sql(cfg, ctx, self.dict_type, table=self.spec)
-        for code in dict.fromkeys(unquoted_codes(self.query.query.text.decode(
-                "utf-8", "surrogateescape"))):
-            log.warning("%s: %s is used outside '...' quotes in the query: the key is "
-                        "quoted for string literals only", self.spec, code)
+        for code in dict.fromkeys(
+            unquoted_codes(self.query.query.text.decode("utf-8", "surrogateescape"))
+        ):
+            log.warning(
+                "%s: %s is used outside '...' quotes in the query: the key is "
+                "quoted for string literals only",
+                self.spec,
+                code,
+            )
         self.concurrency = connection_limit(self.dict_type, ctx.params) or DEFAULT_CONNECTIONS
         self.query_timeout = param_number(ctx, "pyproxymap_sqlite_timeout", DEFAULT_TIMEOUT)
         # A backstop only: the driver thread itself gives up after query_timeout.
@@ -283,11 +288,9 @@ class SqliteTable(BlockingTable):
     def _reason(self, exc: sqlite3.Error, sql: str) -> str:
         name = getattr(exc, "sqlite_errorname", "")
         if name == "SQLITE_INTERRUPT":
-            return (f"query stopped after {self.query_timeout:g}s "
-                    f"(pyproxymap_sqlite_timeout): {sql}")
+            return f"query stopped after {self.query_timeout:g}s (pyproxymap_sqlite_timeout): {sql}"
         if name in ("SQLITE_BUSY", "SQLITE_LOCKED"):
-            return (f"database {self.dbpath} still locked by a writer after "
-                    f"{self.query_timeout:g}s")
+            return f"database {self.dbpath} still locked by a writer after {self.query_timeout:g}s"
         return f"SQL query failed: {exc}: {sql}"
 
     # --- connections -------------------------------------------------------------------
@@ -296,8 +299,9 @@ class SqliteTable(BlockingTable):
         try:
             st = os.stat(self.dbpath)
         except OSError as exc:
-            raise _Unavailable(self.spec, f"cannot open database {self.dbpath}: "
-                               f"{os.strerror(exc.errno or 0)}") from None
+            raise _Unavailable(
+                self.spec, f"cannot open database {self.dbpath}: {os.strerror(exc.errno or 0)}"
+            ) from None
         identity = (st.st_dev, st.st_ino)
         if identity != self._identity:
             with self._lock:
@@ -326,9 +330,14 @@ class SqliteTable(BlockingTable):
 
     def _connect(self, identity: tuple[int, int]) -> _Connection:
         try:
-            db = sqlite3.connect(self._uri, uri=True, timeout=self.query_timeout,
-                                 isolation_level=None, check_same_thread=False,
-                                 cached_statements=_CACHED_STATEMENTS)
+            db = sqlite3.connect(
+                self._uri,
+                uri=True,
+                timeout=self.query_timeout,
+                isolation_level=None,
+                check_same_thread=False,
+                cached_statements=_CACHED_STATEMENTS,
+            )
         except sqlite3.Error as exc:
             raise _Unavailable(self.spec, f"cannot open database {self.dbpath}: {exc}") from None
         db.text_factory = bytes  # the bytes as stored; no decoding

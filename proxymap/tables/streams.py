@@ -41,15 +41,15 @@ def split_host_port(text: str) -> tuple[str, int]:
     """``host:port`` or ``[v6addr]:port`` -> (host, port); ValueError when malformed."""
     host, sep, port = text.rpartition(":")
     if not sep or not host or not port:
-        raise ValueError(f"need host:port, not \"{text}\"")
+        raise ValueError(f'need host:port, not "{text}"')
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
     if not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"bad port in \"{text}\"")
+        raise ValueError(f'bad port in "{text}"')
     return host, int(port)
 
 
-def stream_opener(limit: int = 2 ** 16) -> StreamOpener:
+def stream_opener(limit: int = 2**16) -> StreamOpener:
     """A connect function for endpoints ``inet:host:port``, ``host:port``, ``unix:/path``
     (also ``local:/path``); ValueError from it means a malformed endpoint."""
 
@@ -58,8 +58,7 @@ def stream_opener(limit: int = 2 ** 16) -> StreamOpener:
         if colon and transport in ("unix", "local"):
             reader, writer = await asyncio.open_unix_connection(address, limit=limit)
         else:
-            host, port = split_host_port(address if colon and transport == "inet"
-                                         else endpoint)
+            host, port = split_host_port(address if colon and transport == "inet" else endpoint)
             reader, writer = await asyncio.open_connection(host, port, limit=limit)
         return Stream(reader, writer)
 
@@ -71,7 +70,7 @@ def check_endpoint(endpoint: str) -> None:
     transport, colon, address = endpoint.partition(":")
     if colon and transport in ("unix", "local"):
         if not address:
-            raise ValueError(f"invalid endpoint \"{endpoint}\"")
+            raise ValueError(f'invalid endpoint "{endpoint}"')
         return
     split_host_port(address if colon and transport == "inet" else endpoint)
 
@@ -94,5 +93,5 @@ def param_number(ctx: OpenContext | None, name: str, default: float) -> float:
     try:
         return float(text[:-1] if scale else text) * (scale or 1)
     except ValueError:
-        log.warning("%s: bad numerical value \"%s\", using %s", name, text, default)
+        log.warning('%s: bad numerical value "%s", using %s', name, text, default)
         return default

@@ -85,7 +85,7 @@ def unquote_text(text: bytes) -> bytes:
             out.append(byte)
             pos += 1
             continue
-        digits = text[pos + 1:pos + 3]
+        digits = text[pos + 1 : pos + 3]
         if len(digits) != 2 or digits[0] not in _HEX_DIGITS or digits[1] not in _HEX_DIGITS:
             raise ProtocolError("bad % encoding")
         out.append(int(digits, 16))
@@ -105,8 +105,9 @@ def parse_reply(line: bytes) -> tuple[int, bytes]:
 class TcpTable(AsyncTable):
     dict_type = "tcp"
 
-    def __init__(self, name: str, open_mode: int, flags: int,
-                 ctx: OpenContext | None = None) -> None:
+    def __init__(
+        self, name: str, open_mode: int, flags: int, ctx: OpenContext | None = None
+    ) -> None:
         super().__init__(name, open_mode, (flags & ~F.FIXED) | F.PATTERN)
         require_network_open(self.spec, open_mode, flags)
         try:
@@ -119,9 +120,15 @@ class TcpTable(AsyncTable):
         size = connection_limit("tcp", ctx.params if ctx else None) or 16
         # Postfix sleeps retry_delay between attempts: the pool's back-off is no longer.
         self.pool: ConnectionPool[Stream, str] = ConnectionPool(
-            self.spec, [name], stream_opener(_STREAM_LIMIT), close_stream, size=size,
-            connect_timeout=self.timeout, backoff_min=min(self.retry_delay, 0.25),
-            backoff_max=self.retry_delay)
+            self.spec,
+            [name],
+            stream_opener(_STREAM_LIMIT),
+            close_stream,
+            size=size,
+            connect_timeout=self.timeout,
+            backoff_min=min(self.retry_delay, 0.25),
+            backoff_max=self.retry_delay,
+        )
 
     async def alookup(self, key: bytes) -> bytes | None:
         request = b"get " + quote_key(self.fold(key)) + b"\n"

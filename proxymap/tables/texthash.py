@@ -82,13 +82,16 @@ class TexthashTable(SyncTable):
         fold = bool(self.flags & F.FOLD_FIX)
         for number, line in logical_lines(data, self.name):
             if utf8 and not is_valid_utf8(line):
-                log.warning('%s, line %d: non-UTF-8 input "%s" -- ignoring this line',
-                            self.name, number, line.decode("utf-8", "backslashreplace"))
+                log.warning(
+                    '%s, line %d: non-UTF-8 input "%s" -- ignoring this line',
+                    self.name,
+                    number,
+                    line.decode("utf-8", "backslashreplace"),
+                )
                 continue
             pair = split_postmap_line(line)
             if pair is None:
-                log.warning("%s, line %d: expected format: key whitespace value",
-                            self.name, number)
+                log.warning("%s, line %d: expected format: key whitespace value", self.name, number)
                 continue
             key, value = pair
             if fold:
@@ -99,8 +102,9 @@ class TexthashTable(SyncTable):
                 entries[key] = value
         return entries
 
-    def _duplicate(self, entries: dict[bytes, bytes], key: bytes, value: bytes,
-                   number: int) -> None:
+    def _duplicate(
+        self, entries: dict[bytes, bytes], key: bytes, value: bytes, number: int
+    ) -> None:
         text = key.decode("utf-8", "backslashreplace")
         if self.flags & F.DUP_IGNORE:
             return

@@ -24,7 +24,11 @@ import logging
 from master.readlline import logical_lines
 
 __all__ = [
-    "BraceError", "braced_elements", "logical_lines", "split_braced", "split_postmap_line",
+    "BraceError",
+    "braced_elements",
+    "logical_lines",
+    "split_braced",
+    "split_postmap_line",
     "strip_braces",
 ]
 
@@ -105,7 +109,7 @@ def strip_braces(text: str) -> str:
         elif char == "}":
             depth -= 1
             if depth == 0:
-                if text[index + 1:].strip(" \t\r\n"):
+                if text[index + 1 :].strip(" \t\r\n"):
                     raise BraceError(f"syntax error after '}}' in \"{text}\"")
                 return text[1:index].strip(" \t\r\n")
     raise BraceError(f"missing '}}' in \"{text}\"")

@@ -36,8 +36,17 @@ from proxymap.tables.texthash import require_read_only
 
 def _passwd_entry(name: str) -> str:
     pw = pwd.getpwnam(name)
-    return ":".join((pw.pw_name, pw.pw_passwd, str(pw.pw_uid), str(pw.pw_gid),
-                     pw.pw_gecos, pw.pw_dir, pw.pw_shell))
+    return ":".join(
+        (
+            pw.pw_name,
+            pw.pw_passwd,
+            str(pw.pw_uid),
+            str(pw.pw_gid),
+            pw.pw_gecos,
+            pw.pw_dir,
+            pw.pw_shell,
+        )
+    )
 
 
 def _group_entry(name: str) -> str:
@@ -106,8 +115,9 @@ class UnixResolver:
             try:
                 self._root()
             except (KeyError, OSError):
-                raise DictRetry(f"{self.spec}: cannot look up id 0 either: "
-                                "the name service seems unavailable")
+                raise DictRetry(
+                    f"{self.spec}: cannot look up id 0 either: the name service seems unavailable"
+                )
             _SANE.add(self._root)
         return None
 

@@ -59,8 +59,10 @@ COUNT_NAME = b"__count__"
 
 # --- the backend ----------------------------------------------------------------------------
 
-async def _answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                  delay: float, counter: list[int]) -> None:
+
+async def _answer(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, delay: float, counter: list[int]
+) -> None:
     try:
         while True:
             length = await reader.readuntil(b":")
@@ -71,7 +73,9 @@ async def _answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
             else:
                 await asyncio.sleep(delay)
                 counter[0] += 1
-                reply = b"NOTFOUND " if key.startswith(b"nobody") else b"OK " + key + b"@slow.example"
+                reply = (
+                    b"NOTFOUND " if key.startswith(b"nobody") else b"OK " + key + b"@slow.example"
+                )
             writer.write(b"%d:%s," % (len(reply), reply))
             await writer.drain()
     except (asyncio.IncompleteReadError, ConnectionError, ValueError):
@@ -81,7 +85,8 @@ async def _answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
 async def _serve(port: int, delay: float) -> None:
     counter = [0]
     server = await asyncio.start_server(
-        lambda reader, writer: _answer(reader, writer, delay, counter), "127.0.0.1", port)
+        lambda reader, writer: _answer(reader, writer, delay, counter), "127.0.0.1", port
+    )
     async with server:
         await server.serve_forever()
 
@@ -94,10 +99,19 @@ class CountingBackend:
             probe.bind(("127.0.0.1", 0))
             self.port = probe.getsockname()[1]
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "tests.bench.cache_workload", "--serve", str(self.port),
-             "--delay-ms", str(delay_ms)],
+            [
+                sys.executable,
+                "-m",
+                "tests.bench.cache_workload",
+                "--serve",
+                str(self.port),
+                "--delay-ms",
+                str(delay_ms),
+            ],
             cwd=Path(__file__).resolve().parents[2],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             try:
@@ -132,12 +146,12 @@ class CountingBackend:
 
 # --- the workload ---------------------------------------------------------------------------
 
+
 def write_keys(path: Path, lines: int, repeated: float, seed: int) -> Path:
     """Hot keys with probability REPEATED, else keys no other file (seed) has."""
     rng = random.Random(seed)
     hot = [f"nobody{n}" if n % 10 == 0 else f"user{n}" for n in range(HOT_KEYS)]
-    keys = [rng.choice(hot) if rng.random() < repeated else f"once{seed}-{n}"
-            for n in range(lines)]
+    keys = [rng.choice(hot) if rng.random() < repeated else f"once{seed}-{n}" for n in range(lines)]
     path.write_text("".join(f"{key}\n" for key in keys))
     path.chmod(0o644)
     return path
@@ -147,33 +161,58 @@ def cache_settings(spec: str) -> dict[str, str]:
     return {"pyproxymap_cache_maps": f"proxy:{spec}", "pyproxymap_cache_ttl": "60s"}
 
 
-def make_instance(program: Path, spec: str, base: Path, cached: bool,
-                  tables: Path) -> PrivatePostfix:
+def make_instance(
+    program: Path, spec: str, base: Path, cached: bool, tables: Path
+) -> PrivatePostfix:
     main_cf = {"max_use": "1000000", "max_idle": "3600", "default_process_limit": "100"}
     if cached:
         main_cf.update(cache_settings(spec))
-    return PrivatePostfix(proxymap_program=program, proxy_read_maps=f"proxy:{spec}",
-                          main_cf=main_cf, readable_paths=[tables], base_dir=base,
-                          name="cache-on" if cached else "cache-off")
+    return PrivatePostfix(
+        proxymap_program=program,
+        proxy_read_maps=f"proxy:{spec}",
+        main_cf=main_cf,
+        readable_paths=[tables],
+        base_dir=base,
+        name="cache-on" if cached else "cache-off",
+    )
 
 
-def measure(pmload: Path, instance: PrivatePostfix, backend: CountingBackend, keyfile: Path,
-            conns: int, seconds: float) -> dict[str, float]:
+def measure(
+    pmload: Path,
+    instance: PrivatePostfix,
+    backend: CountingBackend,
+    keyfile: Path,
+    conns: int,
+    seconds: float,
+) -> dict[str, float]:
     before = backend.count()
-    load = run_pmload(pmload, instance.socket_path(), backend.spec, conns, seconds, keyfile,
-                      False)
+    load = run_pmload(pmload, instance.socket_path(), backend.spec, conns, seconds, keyfile, False)
     queries = backend.count() - before
     if load.exit or not load.requests:
         raise RuntimeError(f"pmload failed: exit {load.exit} {load.error}")
-    return {"rps": load.rps, "p50_us": load.p50_us, "p99_us": load.p99_us,
-            "lookups": load.requests, "queries": queries,
-            "queries_per_s": queries / seconds, "queries_per_lookup": queries / load.requests,
-            "workers": len(instance.worker_pids("proxymap"))}
+    return {
+        "rps": load.rps,
+        "p50_us": load.p50_us,
+        "p99_us": load.p99_us,
+        "lookups": load.requests,
+        "queries": queries,
+        "queries_per_s": queries / seconds,
+        "queries_per_lookup": queries / load.requests,
+        "workers": len(instance.worker_pids("proxymap")),
+    }
 
 
-def cache_rows(pmload: Path, base: Path, program: Path, *, seconds: float = 4.0,
-               conns: int = 32, delay_ms: float = 5.0, repeated: float = 0.9,
-               repeat: int = 3) -> list[dict[str, object]]:
+def cache_rows(
+    pmload: Path,
+    base: Path,
+    program: Path,
+    *,
+    seconds: float = 4.0,
+    conns: int = 32,
+    delay_ms: float = 5.0,
+    repeated: float = 0.9,
+    repeat: int = 3,
+) -> list[dict[str, object]]:
     """One row per setting (cache off, cache on): medians over REPEAT runs."""
     tables = base / "cache-tables"
     tables.mkdir(mode=0o755, parents=True, exist_ok=True)
@@ -188,12 +227,19 @@ def cache_rows(pmload: Path, base: Path, program: Path, *, seconds: float = 4.0,
             instance = make_instance(program, backend.spec, base, cached, tables)
             with instance:
                 instance.wait_until_serving("user1", backend.spec)
-                run_pmload(pmload, instance.socket_path(), backend.spec, conns, 1.0,
-                           keyfiles[0], False)
-                samples = [measure(pmload, instance, backend, keyfile, conns, seconds)
-                           for keyfile in keyfiles[1:]]
-            row: dict[str, object] = {"cache": "on" if cached else "off", "conns": conns,
-                                      "delay_ms": delay_ms, "repeated": repeated}
+                run_pmload(
+                    pmload, instance.socket_path(), backend.spec, conns, 1.0, keyfiles[0], False
+                )
+                samples = [
+                    measure(pmload, instance, backend, keyfile, conns, seconds)
+                    for keyfile in keyfiles[1:]
+                ]
+            row: dict[str, object] = {
+                "cache": "on" if cached else "off",
+                "conns": conns,
+                "delay_ms": delay_ms,
+                "repeated": repeated,
+            }
             for name in samples[0]:
                 row[name] = statistics.median(sample[name] for sample in samples)
             rows.append(row)
@@ -203,20 +249,25 @@ def cache_rows(pmload: Path, base: Path, program: Path, *, seconds: float = 4.0,
 
 
 def cache_markdown(rows: list[dict[str, object]]) -> list[str]:
-    lines = ["| cache | conns | lookups/s | p50 ms | p99 ms | backend queries/s "
-             "| queries per lookup | workers |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| cache | conns | lookups/s | p50 ms | p99 ms | backend queries/s "
+        "| queries per lookup | workers |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for row in rows:
         lines.append(
             f"| {row['cache']} | {row['conns']} | {row['rps']:.0f} "
             f"| {row['p50_us'] / 1000:.2f} | {row['p99_us'] / 1000:.2f} "
             f"| {row['queries_per_s']:.0f} | {row['queries_per_lookup']:.3f} "
-            f"| {row['workers']:.0f} |")
+            f"| {row['workers']:.0f} |"
+        )
     return lines
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tests.bench.cache_workload",
-                                     description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m tests.bench.cache_workload", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--seconds", type=float, default=4.0)
     parser.add_argument("--conns", type=int, default=32)
     parser.add_argument("--delay-ms", type=float, default=5.0)
@@ -231,9 +282,16 @@ def main(argv: list[str] | None = None) -> int:
     base = Path(tempfile.mkdtemp(prefix="pmbench-cache-", dir="/tmp"))
     base.chmod(0o755)
     try:
-        rows = cache_rows(build_pmload(), base, Path(options.ours), seconds=options.seconds,
-                          conns=options.conns, delay_ms=options.delay_ms,
-                          repeated=options.repeated, repeat=options.repeat)
+        rows = cache_rows(
+            build_pmload(),
+            base,
+            Path(options.ours),
+            seconds=options.seconds,
+            conns=options.conns,
+            delay_ms=options.delay_ms,
+            repeated=options.repeated,
+            repeat=options.repeat,
+        )
     finally:
         shutil.rmtree(base, ignore_errors=True)
     print("\n".join(cache_markdown(rows)))

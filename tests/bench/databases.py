@@ -213,8 +213,7 @@ class DatabaseBackends(contextlib.AbstractContextManager):
             path = tables_dir / f"{kind}-{side}.cf"
             path.write_text(self._cf_text(kind, side))
             specs[side] = f"{dict_type(kind)}:{path}"
-        return DatabaseTable(kind, specs, keyfile, "user1@example.com",
-                             self._counter(kind))
+        return DatabaseTable(kind, specs, keyfile, "user1@example.com", self._counter(kind))
 
     def _cf_text(self, kind: str, side: str) -> str:
         kind_type = dict_type(kind)

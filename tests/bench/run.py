@@ -170,21 +170,27 @@ class LoadResult:
 
 
 def run_pmload(
-    pmload: Path, socket_path: Path, table: str, conns: int, seconds: float, keyfile: Path,
-    v311: bool, watch: ConnectionWatch | None = None,
+    pmload: Path,
+    socket_path: Path,
+    table: str,
+    conns: int,
+    seconds: float,
+    keyfile: Path,
+    v311: bool,
+    watch: ConnectionWatch | None = None,
 ) -> LoadResult:
     """One closed-loop run; WATCH (if any) samples the database server meanwhile."""
     command = [str(pmload), str(socket_path), table, str(conns), str(seconds), str(keyfile)]
     if v311:
         command.append("--v311")
     began = time.monotonic()
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         if watch is not None:
             watch.during(began, seconds)
-        stdout, stderr = process.communicate(timeout=max(1.0, began + seconds + 30
-                                                         - time.monotonic()))
+        stdout, stderr = process.communicate(
+            timeout=max(1.0, began + seconds + 30 - time.monotonic())
+        )
     except subprocess.TimeoutExpired:
         process.kill()
         process.communicate()
@@ -220,7 +226,9 @@ class BenchTable:
 
 
 def build_tables(
-    directory: Path, kinds: list[str], slow_port: int = 0,
+    directory: Path,
+    kinds: list[str],
+    slow_port: int = 0,
     backends: DatabaseBackends | None = None,
 ) -> dict[str, BenchTable]:
     """Write sources and key files, build indexed files with the real postmap."""
@@ -244,13 +252,15 @@ def build_tables(
             tables[kind] = BenchTable(kind, f"{kind}:{source}", keyfile, "user1@example.com")
         elif kind == "pcre":
             rules = directory / "rules.pcre"
-            rules.write_text(
-                "".join(f"/^user{i}@example\\.com$/ rule{i}\n" for i in range(RULES))
-            )
-            keys = [f"user{(i * 37) % RULES}@example.com" if i % 10 else "nomatch@x"
-                    for i in range(KEYS_PER_TABLE)]
+            rules.write_text("".join(f"/^user{i}@example\\.com$/ rule{i}\n" for i in range(RULES)))
+            keys = [
+                f"user{(i * 37) % RULES}@example.com" if i % 10 else "nomatch@x"
+                for i in range(KEYS_PER_TABLE)
+            ]
             tables[kind] = BenchTable(
-                kind, f"pcre:{rules}", write_keys(directory / "keys-pcre", keys),
+                kind,
+                f"pcre:{rules}",
+                write_keys(directory / "keys-pcre", keys),
                 "user1@example.com",
             )
         elif kind == "cidr":
@@ -258,8 +268,10 @@ def build_tables(
             rules.write_text(
                 "".join(f"10.{i // 256}.{i % 256}.0/24 net{i}\n" for i in range(RULES))
             )
-            keys = [f"10.{(j := (i * 37) % RULES) // 256}.{j % 256}.9" if i % 10 else "192.0.2.1"
-                    for i in range(KEYS_PER_TABLE)]
+            keys = [
+                f"10.{(j := (i * 37) % RULES) // 256}.{j % 256}.9" if i % 10 else "192.0.2.1"
+                for i in range(KEYS_PER_TABLE)
+            ]
             tables[kind] = BenchTable(
                 kind, f"cidr:{rules}", write_keys(directory / "keys-cidr", keys), "10.0.1.9"
             )
@@ -272,13 +284,21 @@ def build_tables(
             # A remote backend answering after a fixed delay (started by run_benchmark).
             keys = [f"user{i}" for i in range(KEYS_PER_TABLE)]
             tables[kind] = BenchTable(
-                kind, f"socketmap:inet:127.0.0.1:{slow_port}:slow",
-                write_keys(directory / "keys-slow", keys), "user1",
+                kind,
+                f"socketmap:inet:127.0.0.1:{slow_port}:slow",
+                write_keys(directory / "keys-slow", keys),
+                "user1",
             )
         elif is_database_kind(kind) and backends is not None:
             made = backends.table(kind, directory)
-            tables[kind] = BenchTable(kind, made.specs["c"], made.keyfile, made.probe_key,
-                                      made.specs, made.count_connections)
+            tables[kind] = BenchTable(
+                kind,
+                made.specs["c"],
+                made.keyfile,
+                made.probe_key,
+                made.specs,
+                made.count_connections,
+            )
         else:
             raise SystemExit(f"unknown table kind {kind!r}; choose from {', '.join(ALL_TABLES)}")
     for path in directory.iterdir():
@@ -385,13 +405,21 @@ def listed_tables(tables: dict[str, BenchTable], own: str | None) -> dict[str, B
     worker), so an instance lists a database table only when it measures that table:
     the figures of the other tables (RSS, cold start) stay those of a site without one.
     """
-    listed = {kind: table for kind, table in tables.items()
-              if not is_database_kind(kind) or kind == own}
+    listed = {
+        kind: table for kind, table in tables.items() if not is_database_kind(kind) or kind == own
+    }
     return listed or dict([next(iter(tables.items()))])
 
 
-def make_instance(program: Path, tables: dict[str, BenchTable], base: Path, tag: str,
-                  impl: str, db_pool: int = 0, own: str | None = None):
+def make_instance(
+    program: Path,
+    tables: dict[str, BenchTable],
+    base: Path,
+    tag: str,
+    impl: str,
+    db_pool: int = 0,
+    own: str | None = None,
+):
     tables = listed_tables(tables, own)
     main_cf = {
         # No recycling during a run, the same process limit for both.
@@ -417,8 +445,9 @@ def pool_settings(tables: dict[str, BenchTable], db_pool: int) -> dict[str, str]
     return {f"pyproxymap_{kind}_connections": str(db_pool) for kind in sorted(types)}
 
 
-def measure_cold_start(program: Path, tables, base: Path, tag: str, repeat: int,
-                       impl: str, db_pool: int) -> list[float]:
+def measure_cold_start(
+    program: Path, tables, base: Path, tag: str, repeat: int, impl: str, db_pool: int
+) -> list[float]:
     """Milliseconds from master start to the first OK answer; empty if none came."""
     # The simplest table type, so that the figure is about starting, not about loading.
     tables = listed_tables(tables, None)
@@ -428,8 +457,10 @@ def measure_cold_start(program: Path, tables, base: Path, tag: str, repeat: int,
         instance = make_instance(program, tables, base, tag, impl, db_pool)
         try:
             instance.start()
-            times.append(instance.time_to_first_answer(
-                table.probe_key, table.spec_for(impl), timeout=10) * 1000)
+            times.append(
+                instance.time_to_first_answer(table.probe_key, table.spec_for(impl), timeout=10)
+                * 1000
+            )
         except (TimeoutError, RuntimeError) as error:
             log(f"cold start {tag}: {error}")
             return []
@@ -446,8 +477,10 @@ def run_benchmark(options: argparse.Namespace) -> Report:
         raise SystemExit(f"Postfix is not installed: {missing_postfix_parts()}")
     if system_postfix_running():
         # Never stopped for a benchmark: this may be a mail server. Its load is noise.
-        print("note: a system Postfix is running; its activity may disturb the figures",
-              file=sys.stderr)
+        print(
+            "note: a system Postfix is running; its activity may disturb the figures",
+            file=sys.stderr,
+        )
     pmload = build_pmload()
     base = Path(tempfile.mkdtemp(prefix="pmbench-", dir="/tmp"))
     base.chmod(0o755)
@@ -456,8 +489,7 @@ def run_benchmark(options: argparse.Namespace) -> Report:
     report = Report(
         started=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         options={k: v for k, v in vars(options).items()},
-        host={"cpus": os.cpu_count(), "uname": " ".join(os.uname()),
-              "postfix": postfix_version()},
+        host={"cpus": os.cpu_count(), "uname": " ".join(os.uname()), "postfix": postfix_version()},
     )
     if not programs["ours"].exists() and "ours" in implementations:
         report.not_available["ours"] = f"{programs['ours']} does not exist"
@@ -468,24 +500,37 @@ def run_benchmark(options: argparse.Namespace) -> Report:
         raise_open_file_limit(options.scale + 4096)
     kinds = [kind for kind in options.tables if kind != CACHE_KIND]
     try:
-        tables = build_tables(base / "tables", kinds, backend.port if backend else 0,
-                              backends) if kinds else {}
-        report.db_limits = {dict_type(kind): our_connection_limit(kind, options.db_pool)
-                            for kind in tables if is_database_kind(kind)}
+        tables = (
+            build_tables(base / "tables", kinds, backend.port if backend else 0, backends)
+            if kinds
+            else {}
+        )
+        report.db_limits = {
+            dict_type(kind): our_connection_limit(kind, options.db_pool)
+            for kind in tables
+            if is_database_kind(kind)
+        }
         for impl in implementations if tables else ():
-            times = measure_cold_start(programs[impl], tables, base, f"cold-{impl}",
-                                       options.repeat, impl, options.db_pool)
+            times = measure_cold_start(
+                programs[impl], tables, base, f"cold-{impl}", options.repeat, impl, options.db_pool
+            )
             report.cold_start_ms[impl] = statistics.median(times) if times else None
             log(f"cold start {impl}: {_fmt(report.cold_start_ms[impl], 1)} ms ({len(times)} runs)")
         for kind, table in tables.items():
-            instances = {impl: make_instance(programs[impl], tables, base, f"{impl}-{kind}",
-                                             impl, options.db_pool, own=kind)
-                         for impl in implementations}
+            instances = {
+                impl: make_instance(
+                    programs[impl], tables, base, f"{impl}-{kind}", impl, options.db_pool, own=kind
+                )
+                for impl in implementations
+            }
             with running(instances):
                 measure_table(options, pmload, table, instances, report)
         if options.scale and "ours" in implementations:
-            instances = {"ours": make_instance(programs["ours"], tables, base, "ours-scale",
-                                               "ours", options.db_pool)}
+            instances = {
+                "ours": make_instance(
+                    programs["ours"], tables, base, "ours-scale", "ours", options.db_pool
+                )
+            }
             with running(instances):
                 measure_scale(options, pmload, instances["ours"], tables, report)
         if CACHE_KIND in options.tables and "ours" in implementations:
@@ -505,11 +550,20 @@ def measure_cache(options, pmload: Path, program: Path, base: Path, report: Repo
     from tests.bench.cache_workload import cache_rows  # it imports this module
 
     conns = max(options.slow_conns)
-    report.cache = cache_rows(pmload, base, program, seconds=options.seconds, conns=conns,
-                              delay_ms=options.slow_ms, repeat=options.repeat)
+    report.cache = cache_rows(
+        pmload,
+        base,
+        program,
+        seconds=options.seconds,
+        conns=conns,
+        delay_ms=options.slow_ms,
+        repeat=options.repeat,
+    )
     for row in report.cache:
-        log(f"ours {CACHE_KIND} cache {row['cache']}: {row['rps']:.0f} lookups/s, "
-            f"p99 {row['p99_us']:.0f} us, {row['queries_per_lookup']:.3f} queries/lookup")
+        log(
+            f"ours {CACHE_KIND} cache {row['cache']}: {row['rps']:.0f} lookups/s, "
+            f"p99 {row['p99_us']:.0f} us, {row['queries_per_lookup']:.3f} queries/lookup"
+        )
 
 
 @contextlib.contextmanager
@@ -540,11 +594,20 @@ def measure_table(options, pmload, table, instances, report) -> None:
         # Warm-up: open the table, spawn workers.
         if is_database_kind(table.kind):
             rounds = warm_up_database(options, pmload, instance, impl, table)
-            log(f"{impl} {table.kind}: warm-up {rounds} rounds, "
-                f"{len(instance.worker_pids('proxymap'))} workers")
+            log(
+                f"{impl} {table.kind}: warm-up {rounds} rounds, "
+                f"{len(instance.worker_pids('proxymap'))} workers"
+            )
         else:
-            run_pmload(pmload, instance.socket_path(), table.spec_for(impl), 16, 0.5,
-                       table.keyfile, options.v311 and impl == "ours")
+            run_pmload(
+                pmload,
+                instance.socket_path(),
+                table.spec_for(impl),
+                16,
+                0.5,
+                table.keyfile,
+                options.v311 and impl == "ours",
+            )
     for conns in conns_for(table.kind, options):
         for repeat in range(options.repeat):
             order = list(instances) if repeat % 2 == 0 else list(reversed(instances))
@@ -573,8 +636,15 @@ def warm_up_database(options, pmload, instance, impl, table) -> int:
     conns = max(16, *conns_for(table.kind, options))
     seen: list[int] = []
     for _ in range(WARM_UP_ROUNDS):
-        run_pmload(pmload, instance.socket_path(), table.spec_for(impl), conns, 0.5,
-                   table.keyfile, options.v311 and impl == "ours")
+        run_pmload(
+            pmload,
+            instance.socket_path(),
+            table.spec_for(impl),
+            conns,
+            0.5,
+            table.keyfile,
+            options.v311 and impl == "ours",
+        )
         seen.append(len(instance.worker_pids("proxymap")))
         if len(seen) >= 3 and seen[-1] == seen[-3]:
             break
@@ -598,7 +668,8 @@ class SlowBackend:
             self.port = probe_socket.getsockname()[1]
         self.process = subprocess.Popen(
             [sys.executable, str(SLOW_BACKEND), str(self.port), str(delay_ms)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
@@ -640,26 +711,39 @@ def measure_scale(options, pmload, instance, tables, report) -> None:
     """256 active connections with and without SCALE idle ones held open (ours only)."""
     table = tables.get("hash") or tables.get("texthash") or next(iter(tables.values()))
     active = 256
-    baseline = run_pmload(pmload, instance.socket_path(), table.spec, active,
-                          options.seconds, table.keyfile, False)
+    baseline = run_pmload(
+        pmload, instance.socket_path(), table.spec, active, options.seconds, table.keyfile, False
+    )
     idle = open_idle_connections(instance.socket_path(), options.scale)
     try:
         time.sleep(1.0)  # let the workers accept them all
-        loaded = run_pmload(pmload, instance.socket_path(), table.spec, active,
-                            options.seconds, table.keyfile, False)
+        loaded = run_pmload(
+            pmload,
+            instance.socket_path(),
+            table.spec,
+            active,
+            options.seconds,
+            table.keyfile,
+            False,
+        )
         alive = sum(1 for client in idle if _still_open(client))
     finally:
         for client in idle:
             client.close()
     report.scale = {
-        "table": table.kind, "idle": options.scale, "active": active,
+        "table": table.kind,
+        "idle": options.scale,
+        "active": active,
         "idle_still_open": alive,
-        "baseline": asdict(baseline), "with_idle": asdict(loaded),
+        "baseline": asdict(baseline),
+        "with_idle": asdict(loaded),
         "workers": len(instance.worker_pids()),
     }
-    log(f"scale: {options.scale} idle + {active} active: p99 {loaded.p99_us:.0f} us "
+    log(
+        f"scale: {options.scale} idle + {active} active: p99 {loaded.p99_us:.0f} us "
         f"(without idle {baseline.p99_us:.0f} us), errors {loaded.other}, "
-        f"idle still open {alive}")
+        f"idle still open {alive}"
+    )
 
 
 def _still_open(client: socket.socket) -> bool:
@@ -688,16 +772,23 @@ def connection_watch(options, instance, impl, table) -> ConnectionWatch | None:
     return ConnectionWatch(
         count=lambda: count(impl),
         workers=lambda: len(instance.worker_pids("proxymap")),
-        per_worker=our_connection_limit(table.kind, options.db_pool) if impl == "ours"
-        else None,
+        per_worker=our_connection_limit(table.kind, options.db_pool) if impl == "ours" else None,
     )
 
 
 def measure_one(options, pmload, instance, impl, table, conns) -> Sample:
     watch = connection_watch(options, instance, impl, table)
     before = worker_ticks(instance)
-    load = run_pmload(pmload, instance.socket_path(), table.spec_for(impl), conns,
-                      options.seconds, table.keyfile, options.v311 and impl == "ours", watch)
+    load = run_pmload(
+        pmload,
+        instance.socket_path(),
+        table.spec_for(impl),
+        conns,
+        options.seconds,
+        table.keyfile,
+        options.v311 and impl == "ours",
+        watch,
+    )
     after = worker_ticks(instance)
     served = load.requests
     cpu = cpu_seconds_between(before, after)
@@ -729,14 +820,17 @@ def describe(sample: Sample) -> str:
         bound = f"/{sample.db_bound}" if sample.db_bound is not None else ""
         over = f" OVER BOUND in {sample.db_over_bound} samples" if sample.db_over_bound else ""
         database = f" db_conns={sample.db_connections}{bound}{over}"
-    return (f"{sample.implementation:4} {sample.table:9} conns={sample.conns:<3} "
-            f"rps={load.rps:8.0f} p50={load.p50_us:8.1f}us p99={load.p99_us:8.1f}us "
-            f"cpu={cpu}us/lookup workers={sample.workers}{database}{problem}")
+    return (
+        f"{sample.implementation:4} {sample.table:9} conns={sample.conns:<3} "
+        f"rps={load.rps:8.0f} p50={load.p50_us:8.1f}us p99={load.p99_us:8.1f}us "
+        f"cpu={cpu}us/lookup workers={sample.workers}{database}{problem}"
+    )
 
 
 def postfix_version() -> str:
-    done = subprocess.run(["postconf", "-dh", "mail_version"], capture_output=True, text=True,
-                          check=False)
+    done = subprocess.run(
+        ["postconf", "-dh", "mail_version"], capture_output=True, text=True, check=False
+    )
     return done.stdout.strip()
 
 
@@ -761,24 +855,26 @@ def summarize(report: Report) -> list[dict]:
     rows = []
     for (table, conns, impl), samples in groups.items():
         good = [s for s in samples if s.load.exit == 0 and s.load.requests]
-        rows.append({
-            "table": table,
-            "conns": conns,
-            "implementation": impl,
-            "runs": len(samples),
-            "failed_runs": len(samples) - len(good),
-            "rps": _median([s.load.rps for s in good]),
-            "p50_us": _median([s.load.p50_us for s in good]),
-            "p99_us": _median([s.load.p99_us for s in good]),
-            "cpu_us_per_lookup": _median([s.cpu_us_per_lookup for s in good]),
-            "rss_mib": _median([s.rss_mib for s in good]),
-            "pss_mib": _median([s.pss_mib for s in good]),
-            "workers": max((s.workers for s in samples), default=0),
-            "db_connections": _max([s.db_connections for s in samples]),
-            "db_bound": _max([s.db_bound for s in samples]),
-            "db_over_bound": sum(s.db_over_bound for s in samples),
-            "errors": sum(s.load.other for s in samples),
-        })
+        rows.append(
+            {
+                "table": table,
+                "conns": conns,
+                "implementation": impl,
+                "runs": len(samples),
+                "failed_runs": len(samples) - len(good),
+                "rps": _median([s.load.rps for s in good]),
+                "p50_us": _median([s.load.p50_us for s in good]),
+                "p99_us": _median([s.load.p99_us for s in good]),
+                "cpu_us_per_lookup": _median([s.cpu_us_per_lookup for s in good]),
+                "rss_mib": _median([s.rss_mib for s in good]),
+                "pss_mib": _median([s.pss_mib for s in good]),
+                "workers": max((s.workers for s in samples), default=0),
+                "db_connections": _max([s.db_connections for s in samples]),
+                "db_bound": _max([s.db_bound for s in samples]),
+                "db_over_bound": sum(s.db_over_bound for s in samples),
+                "errors": sum(s.load.other for s in samples),
+            }
+        )
     return rows
 
 
@@ -801,8 +897,9 @@ def _ratio(ours, c) -> str:
 
 def markdown(report: Report) -> str:
     by_key = {(r["table"], r["conns"], r["implementation"]): r for r in report.summary}
-    tables = list(dict.fromkeys(r["table"] for r in report.summary
-                                if not is_database_kind(r["table"])))
+    tables = list(
+        dict.fromkeys(r["table"] for r in report.summary if not is_database_kind(r["table"]))
+    )
     conns = sorted({r["conns"] for r in report.summary})
     lines = [
         f"# proxymap benchmark, {report.started}",
@@ -841,11 +938,15 @@ def markdown(report: Report) -> str:
         from tests.bench.cache_workload import cache_markdown  # it imports this module
 
         first = report.cache[0]
-        lines += ["", f"Result cache (ours only; the C proxymap has none): a "
-                  f"{first['delay_ms']:g} ms socketmap backend, "
-                  f"{first['repeated']:.0%} of lookups for 1000 hot keys, the rest for keys "
-                  "used once; pyproxymap_cache_ttl = 60s; backend queries counted by the "
-                  "backend.", ""]
+        lines += [
+            "",
+            f"Result cache (ours only; the C proxymap has none): a "
+            f"{first['delay_ms']:g} ms socketmap backend, "
+            f"{first['repeated']:.0%} of lookups for 1000 hot keys, the rest for keys "
+            "used once; pyproxymap_cache_ttl = 60s; backend queries counted by the "
+            "backend.",
+            "",
+        ]
         lines += cache_markdown(report.cache)
     lines += ["", "Cold start (master start to first answer on a fresh connection, median):", ""]
     for impl in IMPLEMENTATIONS:
@@ -855,17 +956,23 @@ def markdown(report: Report) -> str:
         scale = report.scale
         base, loaded = scale["baseline"], scale["with_idle"]
         ratio = _ratio(loaded["p99_us"], base["p99_us"])
-        lines += ["", f"Scale (ours): {scale['idle']:,} idle + {scale['active']} active "
-                  f"connections on {scale['table']}, {scale['workers']} workers: "
-                  f"{loaded['rps']:,.0f} lookups/s, p99 {loaded['p99_us']:,.0f} µs vs "
-                  f"{base['p99_us']:,.0f} µs without the idle ones (ratio {ratio}); "
-                  f"errors {loaded['other']}, pmload exit {loaded['exit']}, "
-                  f"idle connections still open {scale['idle_still_open']:,}."]
+        lines += [
+            "",
+            f"Scale (ours): {scale['idle']:,} idle + {scale['active']} active "
+            f"connections on {scale['table']}, {scale['workers']} workers: "
+            f"{loaded['rps']:,.0f} lookups/s, p99 {loaded['p99_us']:,.0f} µs vs "
+            f"{base['p99_us']:,.0f} µs without the idle ones (ratio {ratio}); "
+            f"errors {loaded['other']}, pmload exit {loaded['exit']}, "
+            f"idle connections still open {scale['idle_still_open']:,}.",
+        ]
     failed = [r for r in report.summary if r["failed_runs"]]
     if failed:
         lines += ["", "Runs with errors (pmload exit != 0 or no requests):", ""]
-        lines += [f"- {r['implementation']} {r['table']} conns={r['conns']}: "
-                  f"{r['failed_runs']} of {r['runs']}" for r in failed]
+        lines += [
+            f"- {r['implementation']} {r['table']} conns={r['conns']}: "
+            f"{r['failed_runs']} of {r['runs']}"
+            for r in failed
+        ]
     if report.not_available:
         lines += ["", "Not available:", ""]
         lines += [f"- {what}: {why}" for what, why in sorted(report.not_available.items())]
@@ -873,8 +980,12 @@ def markdown(report: Report) -> str:
 
 
 # The targets of the database workloads: (throughput ratio ours/C at least, p99 at most).
-TARGETS = {"mysql-5ms": (5.0, 15_000.0), "pgsql-5ms": (5.0, 15_000.0),
-           "mysql": (1.0, None), "pgsql": (1.0, None)}
+TARGETS = {
+    "mysql-5ms": (5.0, 15_000.0),
+    "pgsql-5ms": (5.0, 15_000.0),
+    "mysql": (1.0, None),
+    "pgsql": (1.0, None),
+}
 
 
 def target_verdict(kind: str, c: dict, ours: dict) -> str:
@@ -886,21 +997,22 @@ def target_verdict(kind: str, c: dict, ours: dict) -> str:
     if not c.get("rps") or ours.get("rps") is None:
         return f"{wanted}: n/a"
     met = ours["rps"] >= ratio * c["rps"] and (
-        p99_max is None or (ours.get("p99_us") or 0) <= p99_max)
+        p99_max is None or (ours.get("p99_us") or 0) <= p99_max
+    )
     met = met and not ours.get("failed_runs") and not ours.get("db_over_bound")
     return f"{wanted}: {'met' if met else 'NOT met'}"
 
 
 def database_markdown(report: Report, by_key: dict, conns: list[int]) -> list[str]:
     """The database rows: throughput, latency, and the connections each side held."""
-    kinds = list(dict.fromkeys(r["table"] for r in report.summary
-                               if is_database_kind(r["table"])))
+    kinds = list(dict.fromkeys(r["table"] for r in report.summary if is_database_kind(r["table"])))
     if not kinds:
         return []
     limits = ", ".join(f"{kind} {limit}" for kind, limit in report.db_limits.items())
     source = "--db-pool" if report.options.get("db_pool") else "the defaults"
     lines = [
-        "", "Database tables (private MariaDB / PostgreSQL / slapd, 10 000 rows, 20 % misses). "
+        "",
+        "Database tables (private MariaDB / PostgreSQL / slapd, 10 000 rows, 20 % misses). "
         "DB conns: the most connections the server listed for each side during its runs "
         "(sampled 4 times per run: MariaDB PROCESSLIST and pg_stat_activity by user, "
         "slapd's established TCP connections, one slapd per side); bound: our workers x "
@@ -950,33 +1062,62 @@ def write_results(report: Report, directory: Path) -> Path:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m tests.bench.run", description=__doc__.split(
-        "\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true",
-                        help="1.5 s runs, one repeat, 1 and 16 connections")
-    parser.add_argument("--tables", default=",".join(ALL_TABLES),
-                        help=f"comma-separated subset of {','.join(ALL_TABLES)}")
+    parser = argparse.ArgumentParser(
+        prog="python -m tests.bench.run",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="1.5 s runs, one repeat, 1 and 16 connections"
+    )
+    parser.add_argument(
+        "--tables",
+        default=",".join(ALL_TABLES),
+        help=f"comma-separated subset of {','.join(ALL_TABLES)}",
+    )
     parser.add_argument("--conns", default="1,16,256", help="connection counts")
     parser.add_argument("--seconds", type=float, default=4.0, help="length of one run")
     parser.add_argument("--repeat", type=int, default=3, help="runs per cell (median)")
-    parser.add_argument("--v311", action="store_true",
-                        help="send the 3.11+ request form to our server")
+    parser.add_argument(
+        "--v311", action="store_true", help="send the 3.11+ request form to our server"
+    )
     parser.add_argument("--only", choices=IMPLEMENTATIONS, help="measure one implementation")
-    parser.add_argument("--ours", default=str(Path(sys.executable).parent / "proxymap"),
-                        help="our worker executable (default: the venv's proxymap script)")
+    parser.add_argument(
+        "--ours",
+        default=str(Path(sys.executable).parent / "proxymap"),
+        help="our worker executable (default: the venv's proxymap script)",
+    )
     parser.add_argument("--results", default=str(RESULTS_DIR), help="where to write results")
-    parser.add_argument("--slow-ms", type=float, default=5.0,
-                        help="delay of the socketmap backend (table kind socketmap)")
-    parser.add_argument("--slow-conns", default="32",
-                        help="connection counts for the socketmap workload")
-    parser.add_argument("--db-conns", default="1,16",
-                        help="connection counts for the mysql, pgsql and ldap workloads "
-                             "(the -5ms ones use --slow-conns)")
-    parser.add_argument("--db-pool", type=int, default=0, metavar="N",
-                        help="pyproxymap_<type>_connections in our main.cf for the database "
-                             "tables (default: unset, the types' defaults)")
-    parser.add_argument("--scale", type=int, default=0, metavar="IDLE",
-                        help="also run 256 active connections next to IDLE idle ones (ours)")
+    parser.add_argument(
+        "--slow-ms",
+        type=float,
+        default=5.0,
+        help="delay of the socketmap backend (table kind socketmap)",
+    )
+    parser.add_argument(
+        "--slow-conns", default="32", help="connection counts for the socketmap workload"
+    )
+    parser.add_argument(
+        "--db-conns",
+        default="1,16",
+        help="connection counts for the mysql, pgsql and ldap workloads "
+        "(the -5ms ones use --slow-conns)",
+    )
+    parser.add_argument(
+        "--db-pool",
+        type=int,
+        default=0,
+        metavar="N",
+        help="pyproxymap_<type>_connections in our main.cf for the database "
+        "tables (default: unset, the types' defaults)",
+    )
+    parser.add_argument(
+        "--scale",
+        type=int,
+        default=0,
+        metavar="IDLE",
+        help="also run 256 active connections next to IDLE idle ones (ours)",
+    )
     options = parser.parse_args(argv)
     if options.quick:
         options.seconds = min(options.seconds, 1.5)

@@ -23,15 +23,38 @@ from pathlib import Path
 
 import atheris
 
-TABLE_MODULES = ("texthash", "inline", "static", "fail", "bdb", "lmdb", "cdb", "regexp",
-                 "pcre", "cidr", "unionmap", "pipemap", "composite", "socketmap", "pool",
-                 "streams", "utf8", "nullterm", "base")
+TABLE_MODULES = (
+    "texthash",
+    "inline",
+    "static",
+    "fail",
+    "bdb",
+    "lmdb",
+    "cdb",
+    "regexp",
+    "pcre",
+    "cidr",
+    "unionmap",
+    "pipemap",
+    "composite",
+    "socketmap",
+    "pool",
+    "streams",
+    "utf8",
+    "nullterm",
+    "base",
+)
 
 
 def _instrumented() -> None:
     with atheris.instrument_imports(include=["proxymap", "master"]):
-        for name in ("proxymap.attr", "proxymap.protocol", "proxymap.connection",
-                     "proxymap.handler", "master.multi_server"):
+        for name in (
+            "proxymap.attr",
+            "proxymap.protocol",
+            "proxymap.connection",
+            "proxymap.handler",
+            "master.multi_server",
+        ):
             importlib.import_module(name)
         for name in TABLE_MODULES:
             importlib.import_module(f"proxymap.tables.{name}")
@@ -66,8 +89,14 @@ def main(argv: list[str]) -> None:
         (corpus_dir / f"seed-{index:04d}").write_bytes(seed)
     dictionary = workdir / "dict"
     dictionary.write_text("\n".join(seeds.dictionary_lines(tables)) + "\n")
-    defaults = [f"-dict={dictionary}", f"-artifact_prefix={workdir}/", "-max_len=3000",
-                "-timeout=30", "-rss_limit_mb=3072", "-print_final_stats=1"]
+    defaults = [
+        f"-dict={dictionary}",
+        f"-artifact_prefix={workdir}/",
+        "-max_len=3000",
+        "-timeout=30",
+        "-rss_limit_mb=3072",
+        "-print_final_stats=1",
+    ]
     atheris.Setup([argv[0], *defaults, *options, str(corpus_dir)], one_input)
     atheris.Fuzz()
 

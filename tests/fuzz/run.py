@@ -61,8 +61,10 @@ class Outcome:
     def line(self) -> str:
         rate = self.runs / self.seconds if self.seconds else 0.0
         verdict = "ok" if self.ok else f"FAILED (exit {self.returncode})"
-        return (f"{self.target:<11} {self.runs:>9} inputs  cov {self.cov:>5}  ft {self.features:>6}"
-                f"  corpus {self.corpus:>5}  {self.seconds:7.1f} s  {rate:7.0f}/s  {verdict}")
+        return (
+            f"{self.target:<11} {self.runs:>9} inputs  cov {self.cov:>5}  ft {self.features:>6}"
+            f"  corpus {self.corpus:>5}  {self.seconds:7.1f} s  {rate:7.0f}/s  {verdict}"
+        )
 
 
 def parse_log(text: str) -> tuple[int, int, int, int]:
@@ -75,11 +77,24 @@ def parse_log(text: str) -> tuple[int, int, int, int]:
 
 def fuzz_one(target: str, runs: int, options: list[str], base: Path) -> Outcome:
     workdir = Path(tempfile.mkdtemp(prefix=f"{target}-", dir=base))
-    command = [sys.executable, "-m", "tests.fuzz.child", target, str(workdir),
-               f"-runs={runs}", *options]
+    command = [
+        sys.executable,
+        "-m",
+        "tests.fuzz.child",
+        target,
+        str(workdir),
+        f"-runs={runs}",
+        *options,
+    ]
     started = time.monotonic()
-    done = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True, errors="replace", check=False)
+    done = subprocess.run(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        errors="replace",
+        check=False,
+    )
     seconds = time.monotonic() - started
     count, cov, features, corpus = parse_log(done.stdout)
     crashes = [p for p in workdir.iterdir() if p.name.startswith(("crash-", "timeout-", "oom-"))]
@@ -88,8 +103,9 @@ def fuzz_one(target: str, runs: int, options: list[str], base: Path) -> Outcome:
         for crash in crashes:
             shutil.copy(crash, ARTIFACTS / f"{target}-{crash.name}")
     shutil.rmtree(workdir, ignore_errors=True)
-    return Outcome(target, count, runs, cov, features, corpus, seconds, done.returncode,
-                   done.stdout)
+    return Outcome(
+        target, count, runs, cov, features, corpus, seconds, done.returncode, done.stdout
+    )
 
 
 def share(total: int, targets: list[str]) -> dict[str, int]:
@@ -104,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     options: list[str] = []
     if "--" in argv:
         cut = argv.index("--")
-        argv, options = argv[:cut], argv[cut + 1:]
+        argv, options = argv[:cut], argv[cut + 1 :]
     parser = argparse.ArgumentParser(prog="python -m tests.fuzz.run")
     parser.add_argument("targets", nargs="*", choices=[*TARGETS, []], default=[])
     parser.add_argument("--runs", type=int, default=DEFAULT_RUNS, help="inputs in all")
@@ -112,11 +128,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     targets = list(args.targets or TARGETS)
     runs = share(args.runs, targets)
-    base = Path(tempfile.mkdtemp(prefix="pmfz-", dir="/dev/shm" if os.path.isdir("/dev/shm")
-                                 else None))
+    base = Path(
+        tempfile.mkdtemp(prefix="pmfz-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+    )
     base.chmod(0o755)
-    print(f"fuzzing {', '.join(f'{t} {runs[t]}' for t in targets)} inputs, "
-          f"{args.jobs} at a time", flush=True)
+    print(
+        f"fuzzing {', '.join(f'{t} {runs[t]}' for t in targets)} inputs, {args.jobs} at a time",
+        flush=True,
+    )
     started = time.monotonic()
     # The slowest target first, so that the others share the remaining CPU.
     order = sorted(targets, key=lambda t: -WEIGHTS[t])

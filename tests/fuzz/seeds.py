@@ -24,8 +24,15 @@ FLAG_WORDS = (b"524353", b"16448", b"64", b"0", b"4294967295")
 KEYS = (b"alice", b"a", b"tx", b"px", b"nx", b"127.0.0.1", b"ALICE", b"\xc3\xa9")
 
 
-def request(op: str, table: bytes, generation: int, flags: bytes = b"64",
-            key: bytes = b"alice", value: bytes = b"v", function: bytes = b"0") -> bytes:
+def request(
+    op: str,
+    table: bytes,
+    generation: int,
+    flags: bytes = b"64",
+    key: bytes = b"alice",
+    value: bytes = b"v",
+    function: bytes = b"0",
+) -> bytes:
     pairs = [(b"request", op.encode()), (b"table", table)]
     if generation == 2:
         pairs.append((b"instance_flags", flags))
@@ -68,8 +75,9 @@ def requests_for(tables: Sequence[str]) -> list[bytes]:
 
 def attr_seeds() -> list[bytes]:
     raw = requests_for(["hash:h", "texthash:a"])
-    return [bytes([control, 0, 9]) + body for control in (0x00, 0x85) for body in raw[:12]] + \
-        [b"\x00\x00\x01" + b"".join(raw[:6])]
+    return [bytes([control, 0, 9]) + body for control in (0x00, 0x85) for body in raw[:12]] + [
+        b"\x00\x00\x01" + b"".join(raw[:6])
+    ]
 
 
 def scanner_seeds() -> list[bytes]:
@@ -87,15 +95,37 @@ def connection_seeds(read_tables: Iterable[str], write_tables: Iterable[str]) ->
     return seeds
 
 
-WORDS = (b"request", b"lookup", b"open", b"update", b"delete", b"sequence", b"table",
-         b"flags", b"instance_flags", b"key", b"value", b"function", b"proxy:", b"status",
-         b"4294967295", b"4294967296", b"-1", b" +64", b"524353", b"65600", b"0x40",
-         b"18446744073709551616", b"\xff\xfe", b"\xc3\xa9", b"\x00\x00")
+WORDS = (
+    b"request",
+    b"lookup",
+    b"open",
+    b"update",
+    b"delete",
+    b"sequence",
+    b"table",
+    b"flags",
+    b"instance_flags",
+    b"key",
+    b"value",
+    b"function",
+    b"proxy:",
+    b"status",
+    b"4294967295",
+    b"4294967296",
+    b"-1",
+    b" +64",
+    b"524353",
+    b"65600",
+    b"0x40",
+    b"18446744073709551616",
+    b"\xff\xfe",
+    b"\xc3\xa9",
+    b"\x00\x00",
+)
 
 
 def _escape(token: bytes) -> str:
-    return "".join(chr(b) if 32 <= b < 127 and b not in b'"\\' else f"\\x{b:02x}"
-                   for b in token)
+    return "".join(chr(b) if 32 <= b < 127 and b not in b'"\\' else f"\\x{b:02x}" for b in token)
 
 
 def dictionary_lines(tables: Iterable[str] = ()) -> list[str]:

@@ -50,19 +50,24 @@ def require(condition: bool, message: str, *details: object) -> None:
 
 # --- numbers, as glibc reads them ----------------------------------------------------------
 
+
 def sscanf_u32(text: bytes) -> int | None:
     """``sscanf(text, "%u%c")`` as attr_scan0 uses it: the value, or None if malformed."""
     value, extra = ctypes.c_uint(), ctypes.c_char()
-    if b"\x00" in text or _LIBC.sscanf(text, b"%u%c", ctypes.byref(value),
-                                       ctypes.byref(extra)) != 1:
+    if (
+        b"\x00" in text
+        or _LIBC.sscanf(text, b"%u%c", ctypes.byref(value), ctypes.byref(extra)) != 1
+    ):
         return None
     return value.value
 
 
 def sscanf_ulong(text: bytes) -> int | None:
     value, extra = ctypes.c_ulong(), ctypes.c_char()
-    if b"\x00" in text or _LIBC.sscanf(text, b"%lu%c", ctypes.byref(value),
-                                       ctypes.byref(extra)) != 1:
+    if (
+        b"\x00" in text
+        or _LIBC.sscanf(text, b"%lu%c", ctypes.byref(value), ctypes.byref(extra)) != 1
+    ):
         return None
     return value.value
 
@@ -76,8 +81,7 @@ def _ours(parse, text: bytes) -> int | None:
 
 def check_numbers(text: bytes) -> None:
     require(_ours(attr.parse_u32, text) == sscanf_u32(text), "parse_u32 != sscanf %u", text)
-    require(_ours(attr.parse_ulong, text) == sscanf_ulong(text), "parse_ulong != sscanf %lu",
-            text)
+    require(_ours(attr.parse_ulong, text) == sscanf_ulong(text), "parse_ulong != sscanf %lu", text)
 
 
 # --- reply shapes -------------------------------------------------------------------------
@@ -102,8 +106,12 @@ def generation_of(pairs: attr.Pairs) -> int:
 
 
 def _decimal(text: bytes, limit: int) -> bool:
-    return text.isdigit() and len(text) <= 10 and int(text) <= limit and \
-        (text == b"0" or not text.startswith(b"0"))
+    return (
+        text.isdigit()
+        and len(text) <= 10
+        and int(text) <= limit
+        and (text == b"0" or not text.startswith(b"0"))
+    )
 
 
 def check_reply(op: str | None, generation: int | tuple[int, ...], pairs: attr.Pairs) -> None:
@@ -117,14 +125,20 @@ def check_reply(op: str | None, generation: int | tuple[int, ...], pairs: attr.P
         require(pairs == [(b"status", b"3")], "unknown request: not status 3 alone", pairs)
         return
     generations = generation if isinstance(generation, tuple) else (generation,)
-    require(any(names == _SHAPES[op, g] for g in generations),
-            f"reply shape for {op} {generations}", pairs)
+    require(
+        any(names == _SHAPES[op, g] for g in generations),
+        f"reply shape for {op} {generations}",
+        pairs,
+    )
     require(_decimal(values[b"status"], 5), "status out of range", pairs)
     if b"flags" in values:
         require(_decimal(values[b"flags"], _U32), "flags not a 32-bit decimal", pairs)
     if values[b"status"] != b"0":
-        require(values.get(b"value", b"") == b"" and values.get(b"key", b"") == b"",
-                "key/value sent with a status other than OK", pairs)
+        require(
+            values.get(b"value", b"") == b"" and values.get(b"key", b"") == b"",
+            "key/value sent with a status other than OK",
+            pairs,
+        )
 
 
 def expected_op(pairs: attr.Pairs) -> tuple[bool, str | None]:
@@ -136,6 +150,7 @@ def expected_op(pairs: attr.Pairs) -> tuple[bool, str | None]:
 
 
 # --- the attribute decoder ----------------------------------------------------------------
+
 
 def _pieces(data: bytes, seed: bytes) -> list[bytes]:
     """``data`` cut at pseudo-random points (reproducible from ``seed``)."""
@@ -158,8 +173,13 @@ def _decode(chunks: list[bytes], limit: int) -> tuple[list[attr.Pairs], bool, tu
             lists += exc.complete
             require(not decoder.pending, "decoder not reset after AttrTooLarge")
             return lists, True, ()
-    state = (decoder.pending, decoder.reading, decoder.in_field, list(decoder.pairs_so_far),
-             decoder.pending_name)
+    state = (
+        decoder.pending,
+        decoder.reading,
+        decoder.in_field,
+        list(decoder.pairs_so_far),
+        decoder.pending_name,
+    )
     return lists, False, state
 
 
@@ -178,18 +198,21 @@ def attr_one(data: bytes) -> None:
     encoded = b"".join(map(attr.encode, lists))
     require(payload.startswith(encoded), "lists do not re-encode to the input", lists)
     if not raised:
-        rest = _decode([payload[len(encoded):]], limit)
+        rest = _decode([payload[len(encoded) :]], limit)
         require(rest[0] == [] and rest[2] == state, "leftover decodes differently", rest, state)
         pending = state[3]
         if pending:
-            require(payload[len(encoded):].startswith(attr.encode(pending)[:-1]),
-                    "pending pairs are not the input's")
+            require(
+                payload[len(encoded) :].startswith(attr.encode(pending)[:-1]),
+                "pending pairs are not the input's",
+            )
     # A field of the input, read as a number both ways.
     field = payload.split(b"\x00", 1)[0][:64]
     check_numbers(field)
 
 
 # --- the request scanner ------------------------------------------------------------------
+
 
 def _valid_by_rules(pairs: attr.Pairs, op: str, generation: int) -> dict[bytes, object] | None:
     """The values an accepted request carries, read independently of the scanner."""
@@ -224,8 +247,7 @@ def _check_parsed(pairs: attr.Pairs) -> None:
     generation = generation_of(pairs)
     values = _valid_by_rules(pairs, op, generation)
     if values is None:
-        require(parsed == P.BAD_REPLIES[op, generation], "malformed request not BAD", pairs,
-                parsed)
+        require(parsed == P.BAD_REPLIES[op, generation], "malformed request not BAD", pairs, parsed)
         return
     require(isinstance(parsed, P.Request), "well-formed request refused", pairs, parsed)
     assert isinstance(parsed, P.Request)
@@ -246,8 +268,12 @@ def _check_parsed(pairs: attr.Pairs) -> None:
         exact = len(pairs) == len(P.EXPECTED[op, generation]) + 1
         require((prefix is not None) == exact, "lookup_prefix on an inexact list", pairs)
         if prefix is not None:
-            require(attr.encode(pairs) == prefix + parsed.key + b"\x00\x00",
-                    "lookup prefix is not the wire form", pairs, prefix)
+            require(
+                attr.encode(pairs) == prefix + parsed.key + b"\x00\x00",
+                "lookup prefix is not the wire form",
+                pairs,
+                prefix,
+            )
 
 
 def _one_list(wire: bytes) -> attr.Pairs:
@@ -270,8 +296,13 @@ def scanner_one(data: bytes) -> None:
         due, op = expected_op(head)
         require((reply is not None) == due, "truncated request: reply iff request came", head)
         if reply is not None:
-            generation = G2 if (generation_of(head) == G2 or (
-                len(head) == 2 and next_name == b"instance_flags")) else G1
+            generation = (
+                G2
+                if (
+                    generation_of(head) == G2 or (len(head) == 2 and next_name == b"instance_flags")
+                )
+                else G1
+            )
             check_reply(op, generation, _one_list(reply))
             require(op is None or _one_list(reply)[0] == (b"status", b"3"), "truncated not BAD")
     # Any reply the handler could produce encodes to one well-formed list.

@@ -71,9 +71,20 @@ ALIASES = {b"alice": b"alice@example.com", b"bob": b"bob@example.com", b"a": b"1
 
 #: Approved names (relative: each world serves the same names from its own directory).
 READ_TABLES = (
-    "texthash:a", "hash:h", "btree:b", "lmdb:a", "cdb:a", "regexp:r", "pcre:p", "cidr:c",
-    "inline:{a=1,b=2}", "static:s", "fail:f", "hash:missing",
-    "unionmap:{hash:h,inline:{a=2}}", "pipemap:{inline:{a=b},inline:{b=c}}",
+    "texthash:a",
+    "hash:h",
+    "btree:b",
+    "lmdb:a",
+    "cdb:a",
+    "regexp:r",
+    "pcre:p",
+    "cidr:c",
+    "inline:{a=1,b=2}",
+    "static:s",
+    "fail:f",
+    "hash:missing",
+    "unionmap:{hash:h,inline:{a=2}}",
+    "pipemap:{inline:{a=b},inline:{b=c}}",
 )
 WRITE_TABLES = ("btree:w", "hash:x", "lmdb:w", "texthash:a", "inline:{a=1}")
 SOCKETMAP = "socketmap:unix:{dir}/sm:m"
@@ -92,8 +103,11 @@ class _Unexpected(logging.Handler):
         self.records: list[logging.LogRecord] = []
 
     def emit(self, record: logging.LogRecord) -> None:
-        if record.exc_info or "failed:" in record.getMessage() \
-                or "handler returned" in record.getMessage():
+        if (
+            record.exc_info
+            or "failed:" in record.getMessage()
+            or "handler returned" in record.getMessage()
+        ):
             self.records.append(record)
 
 
@@ -181,6 +195,7 @@ class Skeleton:
 
 # --- table files --------------------------------------------------------------------------
 
+
 def _write_indexed(spec: str, entries: dict[bytes, bytes]) -> None:
     table = open_table(spec, os.O_RDWR | os.O_CREAT, 0, _context())
     for key, value in entries.items():
@@ -191,6 +206,7 @@ def _write_indexed(spec: str, entries: dict[bytes, bytes]) -> None:
 
 def _context():
     from proxymap.tables.base import OpenContext
+
     return OpenContext(params={})
 
 
@@ -213,6 +229,7 @@ def make_tables(directory: Path) -> None:
 
 # --- the socketmap server -----------------------------------------------------------------
 
+
 async def _socketmap_session(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     """Answers by the key's first byte: t TEMP, p PERM, n NOTFOUND, else OK (echo)."""
     try:
@@ -223,7 +240,8 @@ async def _socketmap_session(reader: asyncio.StreamReader, writer: asyncio.Strea
             key = payload.partition(b" ")[2]
             first = key[:1]
             answer = {b"t": b"TEMP busy", b"p": b"PERM no", b"n": b"NOTFOUND"}.get(
-                first, b"OK sm:" + key)
+                first, b"OK sm:" + key
+            )
             writer.write(b"%d:%s," % (len(answer), answer))
             await writer.drain()
     except (asyncio.IncompleteReadError, ConnectionError, ValueError, asyncio.LimitOverrunError):
@@ -233,6 +251,7 @@ async def _socketmap_session(reader: asyncio.StreamReader, writer: asyncio.Strea
 
 
 # --- one world: a handler per service, in its own directory -------------------------------
+
 
 class Replica:
     """One copy of the worker's state: its directory and its two services' handlers."""
@@ -273,7 +292,8 @@ class World:
         logger.setLevel(logging.ERROR)
         logger.propagate = False
         self.server = self.loop.run_until_complete(
-            asyncio.start_unix_server(_socketmap_session, str(base / "sm")))
+            asyncio.start_unix_server(_socketmap_session, str(base / "sm"))
+        )
         #: The approved names that depend on where the world is (the socketmap server).
         self.extra_tables = (SOCKETMAP.format(dir=base), ASYNC_UNION.format(dir=base))
         self.generation = 0
@@ -286,8 +306,9 @@ class World:
         for replica in self.replicas:
             replica.close()
         self.generation += 1
-        self.replicas = [Replica(self.base / f"g{self.generation}r{i}", self.extra_tables)
-                         for i in range(3)]
+        self.replicas = [
+            Replica(self.base / f"g{self.generation}r{i}", self.extra_tables) for i in range(3)
+        ]
 
     def close(self) -> None:
         os.chdir(self.base.parent)
@@ -327,15 +348,17 @@ class World:
         for replica, chunks in zip(self.replicas, deliveries, strict=True):
             os.chdir(replica.directory)
             handler = replica.handlers[service]
-            results.append(self.loop.run_until_complete(
-                self._converse(handler, chunks, eof, squeeze)))
+            results.append(
+                self.loop.run_until_complete(self._converse(handler, chunks, eof, squeeze))
+            )
         whole = results[0]
         require(results[1] == whole, f"split at {cut} answers differently", whole, results[1])
         require(results[2] == whole, "small pieces answer differently", whole, results[2])
         check_output(payload, eof, *whole)
 
-    async def _converse(self, handler: RequestHandler, chunks: list[bytes], eof: bool,
-                        squeeze: bool) -> tuple[bytes, bool]:
+    async def _converse(
+        self, handler: RequestHandler, chunks: list[bytes], eof: bool, squeeze: bool
+    ) -> tuple[bytes, bool]:
         loop = self.loop
         skeleton = Skeleton(loop)
         transport = MemoryTransport(loop)
@@ -387,7 +410,7 @@ class World:
 
 def _small_pieces(payload: bytes, seed: bytes) -> list[bytes]:
     if len(payload) <= 64:
-        return [payload[i:i + 1] for i in range(len(payload))]
+        return [payload[i : i + 1] for i in range(len(payload))]
     rng = random.Random(seed)
     out, start = [], 0
     while start < len(payload):
@@ -406,13 +429,13 @@ def check_output(payload: bytes, eof: bool, output: bytes, closed: bool) -> None
         requests = decoder.feed(payload)
     except attr.AttrTooLarge as exc:
         requests, oversized = exc.complete, True
-    replies, rest = attr.decode_all(output[len(P.ANNOUNCEMENT):])
+    replies, rest = attr.decode_all(output[len(P.ANNOUNCEMENT) :])
     require(not rest.pending, "output ends inside a list", output[-40:])
     due = [(pairs, op) for pairs in requests for wanted, op in [expected_op(pairs)] if wanted]
     require(len(replies) >= len(due), "a request got no reply", len(due), len(replies))
     for (pairs, op), reply in zip(due, replies, strict=False):
         check_reply(op, _generation(pairs), reply)
-    extra = replies[len(due):]
+    extra = replies[len(due) :]
     require(len(extra) <= 1, "more replies than requests", extra)
     if extra:
         # The answer to a request cut short (half-close or oversized list): BAD or status 3.

@@ -114,8 +114,10 @@ def ensure_postfix() -> None:
     missing = missing_postfix_parts()
     if missing:
         if not install_wanted():
-            pytest.skip(f"Postfix not installed ({', '.join(missing)}); run as root with "
-                        "PYPROXYMAP_INSTALL=1 (or CI=true) to have the tests install it")
+            pytest.skip(
+                f"Postfix not installed ({', '.join(missing)}); run as root with "
+                "PYPROXYMAP_INSTALL=1 (or CI=true) to have the tests install it"
+            )
         if os.geteuid() != 0:
             pytest.skip(f"Postfix not installed and not root: {missing}")
         if not shutil.which("apt-get"):
@@ -238,7 +240,11 @@ def run_postmap(
 
 
 def postmap_lookup(
-    key: str, table: str, *, conf_dir: str | os.PathLike | None = None, timeout: float = CLIENT_TIMEOUT
+    key: str,
+    table: str,
+    *,
+    conf_dir: str | os.PathLike | None = None,
+    timeout: float = CLIENT_TIMEOUT,
 ) -> PostmapResult:
     """`postmap -q KEY TABLE` (direct, or through proxy: when TABLE says so)."""
     return run_postmap(["-q", key, table], conf_dir=conf_dir, timeout=timeout)
@@ -359,8 +365,10 @@ def paths_unreadable_by_postfix(paths: Iterable[str | os.PathLike]) -> list[str]
     paths = [str(p) for p in paths]
     if not paths:
         return []
-    check = 'for p; do if [ -d "$p" ]; then [ -r "$p" ] && [ -x "$p" ] || echo "$p"; ' \
+    check = (
+        'for p; do if [ -d "$p" ]; then [ -r "$p" ] && [ -x "$p" ] || echo "$p"; '
         'else [ -r "$p" ] || echo "$p"; fi; done'
+    )
     done = subprocess.run(
         ["/bin/sh", "-c", check, "sh", *paths],
         user=POSTFIX_USER,
@@ -383,10 +391,12 @@ def python_paths_of(program: Path) -> dict[str, str]:
     if not first_line.startswith(b"#!"):
         return {}
     interpreter = first_line[2:].decode().split()[0]
-    probe = "import json, sys, sysconfig; p = sysconfig.get_paths(); " \
-        "print(json.dumps({'interpreter': sys.executable, 'realpath': __import__('os')." \
-        "path.realpath(sys.executable), 'stdlib': p['stdlib'], 'platstdlib': p['platstdlib'], " \
+    probe = (
+        "import json, sys, sysconfig; p = sysconfig.get_paths(); "
+        "print(json.dumps({'interpreter': sys.executable, 'realpath': __import__('os')."
+        "path.realpath(sys.executable), 'stdlib': p['stdlib'], 'platstdlib': p['platstdlib'], "
         "'purelib': p['purelib'], 'platlib': p['platlib']}))"
+    )
     done = subprocess.run([interpreter, "-c", probe], capture_output=True, text=True, check=False)
     if done.returncode != 0:
         return {}
@@ -605,7 +615,9 @@ class PrivatePostfix:
             self.stop()
             raise RuntimeError(f"master did not create {socket_file}:\n{self.diagnostics()}")
         if self.master.poll() is not None:
-            raise RuntimeError(f"master exited with {self.master.returncode}:\n{self.diagnostics()}")
+            raise RuntimeError(
+                f"master exited with {self.master.returncode}:\n{self.diagnostics()}"
+            )
         return self
 
     def reload(self, settle: float = 0.3) -> None:
@@ -746,9 +758,7 @@ class PrivatePostfix:
     def client(self, service: str = "proxymap", timeout: float = 5.0) -> ProxymapClient:
         return ProxymapClient(self.socket_path(service), timeout=timeout)
 
-    def time_to_first_answer(
-        self, key: str, table: str, timeout: float = 20.0
-    ) -> float:
+    def time_to_first_answer(self, key: str, table: str, timeout: float = 20.0) -> float:
         """Seconds from start() until a raw lookup on a fresh connection succeeds."""
         assert self.started_at is not None, "not started"
         deadline = time.monotonic() + timeout
@@ -771,8 +781,9 @@ class PrivatePostfix:
         try:
             self.time_to_first_answer(key, table, timeout=timeout)
         except TimeoutError as error:
-            raise RuntimeError(f"{error}; the proxymap service does not answer:\n"
-                               f"{self.log_tail(40)}") from None
+            raise RuntimeError(
+                f"{error}; the proxymap service does not answer:\n{self.log_tail(40)}"
+            ) from None
 
 
 def _as_value(value: str | Iterable[str]) -> str:
@@ -885,12 +896,18 @@ class ProxymapClient:
         )
 
     def update(
-        self, table: str, key: str | bytes, value: str | bytes, flags: int = 0x40,
+        self,
+        table: str,
+        key: str | bytes,
+        value: str | bytes,
+        flags: int = 0x40,
         instance_flags: int | None = None,
     ) -> dict[str, bytes]:
         return self.request(
             *self._head("update", table, instance_flags),
-            ("flags", flags), ("key", key), ("value", value),
+            ("flags", flags),
+            ("key", key),
+            ("value", value),
         )
 
     def delete(
@@ -905,5 +922,6 @@ class ProxymapClient:
     ) -> dict[str, bytes]:
         return self.request(
             *self._head("sequence", table, instance_flags),
-            ("flags", flags), ("function", function),
+            ("flags", flags),
+            ("function", function),
         )

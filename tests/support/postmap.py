@@ -82,11 +82,11 @@ def _decode(data: bytes) -> str:
     return data.decode("utf-8", "surrogateescape")
 
 
-def _run(command: Sequence[str], stdin: bytes = b"", timeout: float = CLIENT_TIMEOUT * 4
-         ) -> subprocess.CompletedProcess:
+def _run(
+    command: Sequence[str], stdin: bytes = b"", timeout: float = CLIENT_TIMEOUT * 4
+) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "MAIL_CONFIG"}
-    return subprocess.run(list(command), input=stdin, capture_output=True, timeout=timeout,
-                          env=env)
+    return subprocess.run(list(command), input=stdin, capture_output=True, timeout=timeout, env=env)
 
 
 def _checked(command: Sequence[str], stdin: bytes = b"") -> bytes:
@@ -98,6 +98,7 @@ def _checked(command: Sequence[str], stdin: bytes = b"") -> bytes:
 
 # --- building ---------------------------------------------------------------------------
 
+
 def write_source(path: str | os.PathLike, entries: Iterable[tuple[str, str]]) -> Path:
     """Write a postmap source file: one ``key<TAB>value`` line per entry."""
     path = Path(path)
@@ -105,9 +106,12 @@ def write_source(path: str | os.PathLike, entries: Iterable[tuple[str, str]]) ->
     return path
 
 
-def build_table(dict_type: str, source: str | os.PathLike,
-                entries: Iterable[tuple[str, str]] | None = None,
-                options: Sequence[str] = ()) -> str:
+def build_table(
+    dict_type: str,
+    source: str | os.PathLike,
+    entries: Iterable[tuple[str, str]] | None = None,
+    options: Sequence[str] = (),
+) -> str:
     """``postmap [options] TYPE:SOURCE`` (writing SOURCE from ``entries`` first); the spec.
 
     Source lines postmap rejects only produce warnings; a fatal error raises.
@@ -119,8 +123,9 @@ def build_table(dict_type: str, source: str | os.PathLike,
     return spec
 
 
-def build_aliases(dict_type: str, source: str | os.PathLike, text: str | None = None,
-                  options: Sequence[str] = ()) -> str:
+def build_aliases(
+    dict_type: str, source: str | os.PathLike, text: str | None = None, options: Sequence[str] = ()
+) -> str:
     """``postalias [options] TYPE:SOURCE`` (writing SOURCE from ``text`` first); the spec."""
     if text is not None:
         Path(source).write_bytes(_encode(text))
@@ -136,6 +141,7 @@ def table_file(spec: str) -> Path:
 
 
 # --- asking -----------------------------------------------------------------------------
+
 
 def query(spec: str, key: str, options: Sequence[str] = ()) -> str | None:
     """``postmap -q KEY SPEC``: the value, None when not found, PostmapError when fatal."""
@@ -178,6 +184,7 @@ def dump(spec: str, options: Sequence[str] = ()) -> list[tuple[str, str]]:
 
 # --- our side of a comparison -----------------------------------------------------------
 
+
 def client_folded_key(key: str) -> bytes:
     """The key a 3.7 client sends for KEY: casefolded when UTF-8, else ASCII-lowered."""
     raw = _encode(key)
@@ -187,8 +194,9 @@ def client_folded_key(key: str) -> bytes:
         return raw.lower()
 
 
-def open_indexed(spec: str, open_mode: int = os.O_RDONLY, flags: int = 0,
-                 ctx: OpenContext | None = None) -> Table:
+def open_indexed(
+    spec: str, open_mode: int = os.O_RDONLY, flags: int = 0, ctx: OpenContext | None = None
+) -> Table:
     """Construct our table class for SPEC directly (DictOpenError propagates)."""
     from proxymap.tables import table_class
 
@@ -227,9 +235,15 @@ def our_dump(table: Table) -> list[tuple[str, str]]:
 
 # --- benchmark --------------------------------------------------------------------------
 
-def benchmark_lookups(dict_type: str, entries: int = 10_000, lookups: int = 200_000,
-                      hit_ratio: float = 0.8, flags: int = CLIENT_LOOKUP_FLAGS,
-                      workdir: str | os.PathLike | None = None) -> dict[str, float]:
+
+def benchmark_lookups(
+    dict_type: str,
+    entries: int = 10_000,
+    lookups: int = 200_000,
+    hit_ratio: float = 0.8,
+    flags: int = CLIENT_LOOKUP_FLAGS,
+    workdir: str | os.PathLike | None = None,
+) -> dict[str, float]:
     """Lookups per second of our DICT_TYPE table class on a postmap-built table.
 
     The table holds ENTRIES ``userN@example.com`` keys; the lookup mix has HIT_RATIO
@@ -239,13 +253,20 @@ def benchmark_lookups(dict_type: str, entries: int = 10_000, lookups: int = 200_
     """
     with tempfile.TemporaryDirectory(prefix="indexed-bench-", dir=workdir) as tmp:
         source = Path(tmp) / "bench"
-        spec = build_table(dict_type, source,
-                           ((f"user{n}@example.com", f"mailbox-{n}") for n in range(entries)))
+        spec = build_table(
+            dict_type, source, ((f"user{n}@example.com", f"mailbox-{n}") for n in range(entries))
+        )
         table = open_indexed(spec)
         table.flags = (table.flags & ~F.RQST_MASK) | (flags & F.RQST_MASK)
         rng = random.Random(1)
-        keys = [(f"user{rng.randrange(entries)}@example.com" if rng.random() < hit_ratio
-                 else f"nobody{n}@example.org").encode() for n in range(min(lookups, 50_000))]
+        keys = [
+            (
+                f"user{rng.randrange(entries)}@example.com"
+                if rng.random() < hit_ratio
+                else f"nobody{n}@example.org"
+            ).encode()
+            for n in range(min(lookups, 50_000))
+        ]
         # Let the racy-stamp window of the fresh file pass: measure the steady state.
         time.sleep(max(0.0, 2.05 - (time.time() - source.stat().st_mtime)))
         lookup = table.lookup
@@ -254,13 +275,18 @@ def benchmark_lookups(dict_type: str, entries: int = 10_000, lookups: int = 200_
             lookup(keys[n % len(keys)])
         elapsed = time.perf_counter() - started
         table.close()
-    return {"lookups_per_second": lookups / elapsed,
-            "microseconds_per_lookup": elapsed / lookups * 1e6,
-            "entries": float(entries), "lookups": float(lookups)}
+    return {
+        "lookups_per_second": lookups / elapsed,
+        "microseconds_per_lookup": elapsed / lookups * 1e6,
+        "entries": float(entries),
+        "lookups": float(lookups),
+    }
 
 
 if __name__ == "__main__":
     for kind in INDEXED_TYPES:
         figures = benchmark_lookups(kind)
-        print(f"{kind:6} {figures['lookups_per_second']:>10,.0f} lookups/s"
-              f"  ({figures['microseconds_per_lookup']:.2f} us/lookup)")
+        print(
+            f"{kind:6} {figures['lookups_per_second']:>10,.0f} lookups/s"
+            f"  ({figures['microseconds_per_lookup']:.2f} us/lookup)"
+        )

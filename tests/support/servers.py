@@ -383,7 +383,8 @@ def instance_pids(leader: int, *, descendants: bool = True) -> list[int]:
     table = _proc_table()
     if not descendants:
         return sorted(
-            pid for pid, (state, _, pgrp) in table.items()
+            pid
+            for pid, (state, _, pgrp) in table.items()
             if pgrp == leader and pid != leader and state not in ("Z", "X")
         )
     children: dict[int, list[int]] = {}
@@ -419,9 +420,7 @@ def _wait_until(condition: Callable[[], bool], timeout: float, interval: float =
 
 def _client_env(**extra: str) -> dict[str, str]:
     env = {
-        key: value
-        for key, value in os.environ.items()
-        if not key.startswith(_CLIENT_ENV_PREFIXES)
+        key: value for key, value in os.environ.items() if not key.startswith(_CLIENT_ENV_PREFIXES)
     }
     env["PATH"] = env.get("PATH", "") + ":" + _SBIN_PATH
     env["LDAPNOINIT"] = "1"
@@ -493,8 +492,14 @@ def _tmp_base() -> str:
     return "/tmp" if os.path.isdir("/tmp") else tempfile.gettempdir()
 
 
-def _probe(family: int, address: str | tuple[str, int], send: bytes, expect: Callable[[bytes], bool],
-           need: int, timeout: float = 1.0) -> bool:
+def _probe(
+    family: int,
+    address: str | tuple[str, int],
+    send: bytes,
+    expect: Callable[[bytes], bool],
+    need: int,
+    timeout: float = 1.0,
+) -> bool:
     """Connect, send SEND, read up to NEED bytes; whether EXPECT likes them."""
     try:
         with socket.socket(family, socket.SOCK_STREAM) as conn:
@@ -888,7 +893,9 @@ class PrivateMariaDB(PrivateServer):
         accounts = [f"{_sql_string(user)}@{_sql_string(host)}" for host in ("%", "localhost")]
         statements = [f"CREATE DATABASE IF NOT EXISTS {_sql_ident(dbname)}"]
         for account in accounts:
-            statements.append(f"CREATE USER IF NOT EXISTS {account} IDENTIFIED BY {_sql_string(password)}")
+            statements.append(
+                f"CREATE USER IF NOT EXISTS {account} IDENTIFIED BY {_sql_string(password)}"
+            )
             statements.append(f"ALTER USER {account} IDENTIFIED BY {_sql_string(password)}")
             statements.append(f"GRANT ALL PRIVILEGES ON {_sql_ident(dbname)}.* TO {account}")
         self.execute(";\n".join(statements) + ";")
@@ -954,9 +961,12 @@ class PrivatePostgres(PrivateServer):
             _chown_tree(path, "postgres")
         command = self._as_postgres(
             str(self.bin_dir / "initdb"),
-            "-D", str(self.data_dir),
-            "-U", "postgres",
-            "-E", "UTF8",
+            "-D",
+            str(self.data_dir),
+            "-U",
+            "postgres",
+            "-E",
+            "UTF8",
             "--no-locale",
             "--auth-local=trust",
             "--auth-host=scram-sha-256",
@@ -970,9 +980,12 @@ class PrivatePostgres(PrivateServer):
     def server_command(self) -> list[str]:
         command = [
             str(self.bin_dir / "postgres"),
-            "-D", str(self.data_dir),
-            "-p", str(self.port),
-            "-k", self.socket_dir,
+            "-D",
+            str(self.data_dir),
+            "-p",
+            str(self.port),
+            "-k",
+            self.socket_dir,
         ]
         for name, value in self.settings.items():
             command += ["-c", f"{name}={value}"]
@@ -1010,12 +1023,20 @@ class PrivatePostgres(PrivateServer):
         """The `psql -X -A -t` command line for USER over the socket or TCP."""
         return [
             _program("psql"),
-            "-X", "-A", "-t", "-q",
-            "-v", "ON_ERROR_STOP=1",
-            "-h", HOST if tcp else self.socket_dir,
-            "-p", str(self.port),
-            "-U", user,
-            "-d", dbname,
+            "-X",
+            "-A",
+            "-t",
+            "-q",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-h",
+            HOST if tcp else self.socket_dir,
+            "-p",
+            str(self.port),
+            "-U",
+            user,
+            "-d",
+            dbname,
         ]
 
     def execute(self, sql: str, dbname: str = "postgres") -> str:
@@ -1027,7 +1048,9 @@ class PrivatePostgres(PrivateServer):
     ) -> str:
         """Run SQL as USER over TCP (scram-sha-256, default) or the socket (trust)."""
         env = _client_env(PGPASSWORD=password, PGCONNECT_TIMEOUT="10")
-        return run_client([*self.client_command(user=user, dbname=dbname, tcp=tcp), "-c", sql], env=env)
+        return run_client(
+            [*self.client_command(user=user, dbname=dbname, tcp=tcp), "-c", sql], env=env
+        )
 
     def create_user(self, user: str, password: str, dbname: str) -> None:
         """Login role USER (PASSWORD, scram) owning DBNAME, or with ALL on it if it exists.
@@ -1139,7 +1162,10 @@ class PrivateSlapd(PrivateServer):
         def q(path: Path) -> str:
             return '"' + str(path).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
-        schemas = [LDAP_SCHEMA_DIR / f"{name}.schema" for name in ("core", "cosine", "inetorgperson", "nis")]
+        schemas = [
+            LDAP_SCHEMA_DIR / f"{name}.schema"
+            for name in ("core", "cosine", "inetorgperson", "nis")
+        ]
         lines = [f"include {q(path)}" for path in schemas]
         lines += [
             f"include {q(self.schema_path)}",
@@ -1168,7 +1194,12 @@ class PrivateSlapd(PrivateServer):
         self.data_dir.mkdir()
         self.run_dir.mkdir()
         command = [
-            _program("slapadd"), "-q", "-f", str(self.conf_path), "-l", str(self.ldif_path),
+            _program("slapadd"),
+            "-q",
+            "-f",
+            str(self.conf_path),
+            "-l",
+            str(self.ldif_path),
         ]
         try:
             run_client(command, cwd=self.directory, timeout=max(self.start_timeout, 60))
@@ -1178,14 +1209,21 @@ class PrivateSlapd(PrivateServer):
             _chown_tree(path, "openldap")
 
     def _launch(self) -> None:
-        self._popen([
-            _program("slapd"),
-            "-d", self.debug,
-            "-f", str(self.conf_path),
-            "-h", f"{self.url} {self.ldapi_url}",
-            "-u", "openldap",
-            "-g", "openldap",
-        ])
+        self._popen(
+            [
+                _program("slapd"),
+                "-d",
+                self.debug,
+                "-f",
+                str(self.conf_path),
+                "-h",
+                f"{self.url} {self.ldapi_url}",
+                "-u",
+                "openldap",
+                "-g",
+                "openldap",
+            ]
+        )
 
     def _ready(self) -> bool:
         return self.ldapi_path.exists() and _probe(
@@ -1216,9 +1254,19 @@ class PrivateSlapd(PrivateServer):
     ) -> str:
         """Anonymous ldapsearch -LLL; the LDIF it prints."""
         command = [
-            _program("ldapsearch"), "-x", "-LLL", "-o", "ldif-wrap=no",
-            "-H", self.ldapi_url if ldapi else self.url,
-            "-b", base or self.suffix, "-s", scope, filter, *attributes,
+            _program("ldapsearch"),
+            "-x",
+            "-LLL",
+            "-o",
+            "ldif-wrap=no",
+            "-H",
+            self.ldapi_url if ldapi else self.url,
+            "-b",
+            base or self.suffix,
+            "-s",
+            scope,
+            filter,
+            *attributes,
         ]
         return run_client(command)
 
@@ -1251,7 +1299,11 @@ def established_connections(port: int) -> int:
             continue
         for line in lines:
             fields = line.split()
-            if len(fields) > 3 and fields[3] == "01" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+            if (
+                len(fields) > 3
+                and fields[3] == "01"
+                and int(fields[1].rsplit(":", 1)[1], 16) == port
+            ):
                 count += 1
     return count
 

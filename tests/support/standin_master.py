@@ -248,8 +248,9 @@ class StandinMaster:
                     messages.put(unpack_status(data[:STATUS_SIZE]))
                     data = data[STATUS_SIZE:]
 
-        self._reader = threading.Thread(target=reader, args=(self.status, self._messages),
-                                        daemon=True)
+        self._reader = threading.Thread(
+            target=reader, args=(self.status, self._messages), daemon=True
+        )
         self._reader.start()
 
     def read_status(self, timeout: float = 5.0) -> StatusMessage:

@@ -43,7 +43,9 @@ REPOSITORY = Path(__file__).resolve().parents[2]
 VECTORS_DIR = REPOSITORY / "tests" / "vectors"
 
 # Types whose name part is a file; relative names are relative to the vectors dir.
-FILE_TYPES = "hash|btree|lmdb|cdb|dbm|sdbm|texthash|regexp|pcre|cidr|sqlite|memcache|mysql|pgsql|ldap"
+FILE_TYPES = (
+    "hash|btree|lmdb|cdb|dbm|sdbm|texthash|regexp|pcre|cidr|sqlite|memcache|mysql|pgsql|ldap"
+)
 _RELATIVE_FILE = re.compile(r"(?<![\w-])(" + FILE_TYPES + r"):(?![{/])([^\s,{}]+)")
 
 # Indexed tables the vectors use, built from their .src files like `postmap TYPE:FILE`.
@@ -87,9 +89,7 @@ def unescape(field: str) -> str:
 
 def escape(text: str) -> str:
     """The inverse of unescape, for showing rows in documents."""
-    return (
-        text.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
-    )
+    return text.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
 
 
 @dataclass(frozen=True)
@@ -208,19 +208,19 @@ def build_vector_tables(workdir: str | os.PathLike) -> Path:
 SQLITE_SCHEMA = "CREATE TABLE aliases (addr TEXT, dest TEXT, extra TEXT)"
 SQLITE_ALIASES = (
     # addr                      dest                        extra
-    ("alice@example.com",        "alice@mail.example.com",  "x1"),
-    ("multi@example.com",        "first@example.net",       "x2"),
-    ("multi@example.com",        "second@example.net",      "x3"),
-    ("multi@example.com",        "third@example.net",       "x4"),
-    ("nullval@example.com",      None,                      "x5"),   # SQL NULL
-    ("emptyval@example.com",     "",                        "x6"),
-    ("o'brien@example.com",      "quote-ok@example.com",    "x7"),
-    ("Mixed@Example.com",        "mixed-case-row",          "x8"),
-    ("mixed@example.com",        "lower-case-row",          "x9"),
-    ("nodomain",                 "bare-user",               "x10"),
-    ("bob",                      "unqualified-result",      "x11"),
-    ("%",                        "percent-row",             "x12"),
-    ("\u00fcn\u00ef@example.com", "utf8-row",                "x13"),  # ünï
+    ("alice@example.com", "alice@mail.example.com", "x1"),
+    ("multi@example.com", "first@example.net", "x2"),
+    ("multi@example.com", "second@example.net", "x3"),
+    ("multi@example.com", "third@example.net", "x4"),
+    ("nullval@example.com", None, "x5"),  # SQL NULL
+    ("emptyval@example.com", "", "x6"),
+    ("o'brien@example.com", "quote-ok@example.com", "x7"),
+    ("Mixed@Example.com", "mixed-case-row", "x8"),
+    ("mixed@example.com", "lower-case-row", "x9"),
+    ("nodomain", "bare-user", "x10"),
+    ("bob", "unqualified-result", "x11"),
+    ("%", "percent-row", "x12"),
+    ("\u00fcn\u00ef@example.com", "utf8-row", "x13"),  # ünï
 )
 
 
