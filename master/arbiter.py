@@ -169,7 +169,7 @@ class Arbiter:
     def setup(self) -> None:
         main, entries = load_configuration(self.config_dir)
         self.main = main
-        self.queue_directory = main.get("queue_directory") or "/var/spool/postfix"
+        self.queue_directory = main["queue_directory"]
         if not os.path.isabs(self.queue_directory):
             raise ArbiterError(
                 f"queue_directory must be absolute: {self.queue_directory!r}", EX_CONFIG
@@ -486,7 +486,7 @@ class Arbiter:
             log.error("reload failed, keeping the running configuration: %s", err)
             return
         self.notifier.reloading()
-        queue = main.get("queue_directory") or "/var/spool/postfix"
+        queue = main["queue_directory"]
         if queue != self.queue_directory:
             log.warning("queue_directory change ignored until restart: %s", queue)
         wanted = {entry.identity: entry for entry in entries}

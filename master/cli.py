@@ -179,7 +179,7 @@ def _queue_directory(config_dir: str) -> str:
     """Only main.cf: stop/reload/status must work while master.cf is being edited."""
     try:
         main_cf = MainConfig.load(config_dir)
-        return main_cf.get("queue_directory") or "/var/spool/postfix"
+        return main_cf["queue_directory"]
     except MainConfigError as err:
         fail(str(err), EX_CONFIG)
 
@@ -585,7 +585,7 @@ def check(ctx: click.Context) -> None:
     problems = 0
     # Like `postfix check`, create what is missing: workers chdir to queue_directory.
     try:
-        queue_directory = main_cf.get("queue_directory") or "/var/spool/postfix"
+        queue_directory = main_cf["queue_directory"]
         owner = owner_ids(main_cf.get("mail_owner") or "postfix")
         prepare_queue_directory(queue_directory, owner, main_cf.get("data_directory"))
     except OSError as err:

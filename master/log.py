@@ -46,6 +46,8 @@ import time
 from collections.abc import Mapping
 from typing import NoReturn
 
+from master.postfix_defaults import DEFAULTS
+
 PANIC = 60
 FATAL = logging.CRITICAL
 logging.addLevelName(PANIC, "PANIC")
@@ -269,7 +271,8 @@ def postlog_path(config: Mapping[str, str]) -> str:
     if path:
         return path
     service = config.get("postlog_service_name", "postlog")
-    return os.path.join(config.get("queue_directory", "/var/spool/postfix"), "public", service)
+    queue = config.get("queue_directory") or DEFAULTS["queue_directory"]
+    return os.path.join(queue, "public", service)
 
 
 def postlog_hostname(config: Mapping[str, str]) -> str:

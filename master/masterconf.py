@@ -36,6 +36,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from master.postfix_defaults import DEFAULTS
 from master.readlline import logical_lines
 
 log = logging.getLogger("master")
@@ -348,7 +349,7 @@ def child_environment(
     base["MAIL_CONFIG"] = config_dir
     base["MAIL_LOGTAG"] = main.get("syslog_name") or "postfix"
     if main.get("maillog_file"):
-        queue = main.get("queue_directory") or "/var/spool/postfix"
+        queue = main.get("queue_directory") or DEFAULTS["queue_directory"]
         service = main.get("postlog_service_name") or "postlog"
         base["POSTLOG_SERVICE"] = f"{queue}/public/{service}"
         hostname = main.get("myhostname") or socket.gethostname()

@@ -44,6 +44,9 @@ MAX_LIST_BYTES = 1 << 20
 
 NUL = b"\x00"
 
+# An INT attribute is a C unsigned int: values wrap to 32 bits both ways.
+UINT_MASK = 0xFFFFFFFF
+
 
 class AttrTooLarge(ValueError):
     """A list grew beyond the decoder's size limit.
@@ -195,7 +198,7 @@ def encode(pairs: Iterable[tuple[bytes, bytes]]) -> bytes:
 
 def encode_uint(value: int) -> bytes:
     """An INT attribute value: the 32-bit pattern as an unsigned decimal (-1 -> 4294967295)."""
-    return b"%d" % (value & 0xFFFFFFFF)
+    return b"%d" % (value & UINT_MASK)
 
 
 # -- numbers ---------------------------------------------------------------------------------
@@ -221,4 +224,4 @@ def parse_u32(text: bytes) -> int:
     # Fast path: what real clients send (plain decimal, fits in 32 bits).
     if text.isdigit() and len(text) < 10:
         return int(text)
-    return parse_ulong(text) & 0xFFFFFFFF
+    return parse_ulong(text) & UINT_MASK

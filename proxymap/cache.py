@@ -111,7 +111,7 @@ DEFAULTS = {TTL: "60s", NEGATIVE_TTL: "30s", STALE_TTL: "10m", SIZE: "10000"}
 # sync-on-update, debug, and the obsolete FOLD_KEY. Every other bit is part of the key.
 ANSWER_BITS = (
     ~(F.DUP_ANY | F.LOCK | F.SYNC_UPDATE | F.DEBUG | F.FOLD_KEY | F.OPEN_LOCK | F.BULK_UPDATE)
-    & 0xFFFFFFFF
+    & F.ALL
 )
 _PROXY = "proxy:"
 _LIST_SEPARATORS = str.maketrans(",;", "  ")

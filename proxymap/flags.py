@@ -34,10 +34,13 @@ FOLD_ANY = FOLD_FIX | FOLD_MUL
 DUP_ANY = DUP_WARN | DUP_IGNORE | DUP_REPLACE
 TRY_ANY = TRY0NULL | TRY1NULL
 
+# The flag word is a C unsigned int: every computed mask is cut to 32 bits.
+ALL = 0xFFFFFFFF
+
 # Postfix 3.7-3.10 split of the flag word (removed in 3.11, where clients send everything).
 IMPL_MASK = FIXED | PATTERN | MULTI_WRITER  # 0x00040030: set by the table itself
 RQST_MASK = 0x0008F9C3  # per-request bits a client may vary
-INST_MASK = ~(IMPL_MASK | RQST_MASK) & 0xFFFFFFFF  # 0xFFF3060C: select the instance
+INST_MASK = ~(IMPL_MASK | RQST_MASK) & ALL  # 0xFFF3060C: select the instance
 
 _NAMES = [
     (DUP_WARN, "warn_dup"),
@@ -68,7 +71,7 @@ _NAMES = [
 def flag_names(flags: int) -> str:
     """Render flags like Postfix's ``dict_flags_str`` (``fixed|lock``; unknown bits in hex)."""
     parts = []
-    rest = flags & 0xFFFFFFFF
+    rest = flags & ALL
     for bit, name in _NAMES:
         if rest & bit:
             parts.append(name)

@@ -512,7 +512,7 @@ class RequestHandler:
                     return None
                 except Exception as exc:  # noqa: BLE001 - every failure becomes a status
                     return failed(exc, G2)
-                reply_flags = (table.flags | echo) & 0xFFFFFFFF
+                reply_flags = (table.flags | echo) & F.ALL
                 if value is None:
                     return b"status\x001\x00flags\x00%d\x00value\x00\x00\x00" % reply_flags
                 if b"\x00" in value:
@@ -559,7 +559,7 @@ class RequestHandler:
                 flags |= instance.fresh_flags & F.TRY_ANY
             flags &= ~_SANITISED
             answer_bits = flags & ANSWER_BITS
-            reply_flags = (flags | echo) & 0xFFFFFFFF
+            reply_flags = (flags | echo) & F.ALL
             found = b"status\x000\x00flags\x00%d\x00value\x00" % reply_flags
             not_found = b"status\x001\x00flags\x00%d\x00value\x00\x00\x00" % reply_flags
 
@@ -707,7 +707,7 @@ def _counted_g2(
             return None
         except Exception as exc:  # noqa: BLE001 - every failure becomes a status
             return failed(exc, G2)
-        reply_flags = (table.flags | echo) & 0xFFFFFFFF
+        reply_flags = (table.flags | echo) & F.ALL
         if value is None:
             stats.misses += 1
             return b"status\x001\x00flags\x00%d\x00value\x00\x00\x00" % reply_flags

@@ -109,7 +109,7 @@ _NUMERIC_WANTED = {names: tuple(n for n in names if n in _NUMERIC) for names in 
 #: in G2 replies. G2 ``flags`` (the per-request word) is left alone: the server echoes
 #: it back and the client stores it, so it must round-trip unchanged.
 SERVER_IGNORED_FLAGS = F.UTF8_ACTIVE | F.SURROGATE | 0xFF800000
-_KEEP = ~SERVER_IGNORED_FLAGS & 0xFFFFFFFF
+_KEEP = ~SERVER_IGNORED_FLAGS & F.ALL
 
 
 def stream_name(service_name: str) -> str:
@@ -243,7 +243,7 @@ _STATUS = [b"status\x00%d\x00" % status for status in range(6)]
 
 
 def _status(status: int) -> bytes:
-    return _STATUS[status] if 0 <= status < 6 else b"status\x00%d\x00" % (status & 0xFFFFFFFF)
+    return _STATUS[status] if 0 <= status < 6 else b"status\x00%d\x00" % (status & attr.UINT_MASK)
 
 
 def _c_string(data: bytes) -> bytes:
@@ -256,7 +256,7 @@ def encode_reply(op: str, generation: int, reply: Reply) -> bytes:
     status = reply.status
     head = _status(status)
     if generation == G2 or op == "open":
-        head += b"flags\x00%d\x00" % (reply.flags & 0xFFFFFFFF)
+        head += b"flags\x00%d\x00" % (reply.flags & F.ALL)
     if op == "lookup":
         value = _c_string(reply.value) if status == OK else b""
         return head + b"value\x00" + value + b"\x00\x00"
