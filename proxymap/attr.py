@@ -117,7 +117,7 @@ class AttrDecoder:
         Raises ``AttrTooLarge`` when a list exceeds the limit; the decoder
         is then reset (the caller closes the connection: there is no way to resynchronise).
         """
-        if NUL not in data:
+        if 0 not in data:  # the byte value: `bytes in bytes` first raises and clears an error
             # Still inside one field: accumulate without splitting (amortised O(1), so a
             # large value arriving in small pieces stays linear).
             self._partial += data

@@ -47,11 +47,14 @@ from proxymap.tables.patternfile import (
 
 _BITS = {socket.AF_INET: 32, socket.AF_INET6: 128}
 _MIN_RUN = 4  # shorter runs are scanned
+# Byte values, not one-byte strings: `b":" in text` first tries (and fails) to read
+# its left side as an integer, which costs a formatted exception per test.
+_COLON = ord(":")
 
 
 def parse_address(text: bytes) -> tuple[int, int] | None:
     """(family, address as an integer), or None when inet_pton rejects the text."""
-    family = socket.AF_INET6 if b":" in text else socket.AF_INET
+    family = socket.AF_INET6 if _COLON in text else socket.AF_INET
     try:
         packed = socket.inet_pton(family, text.decode("latin-1"))
     except (OSError, ValueError):
@@ -77,7 +80,7 @@ def parse_network(pattern: bytes) -> tuple[int, int, int]:
         address, slash, length = (inside, b"/", after[1:]) if after else inside.partition(b"/")
     else:
         address, slash, length = pattern.partition(b"/")
-    family = socket.AF_INET6 if b":" in address else socket.AF_INET
+    family = socket.AF_INET6 if _COLON in address else socket.AF_INET
     bits = _BITS[family]
     if slash and (not length.isdigit() or int(length) > bits):
         raise RuleError(f'bad mask value in "{_show(address)}/{_show(length)}"')
@@ -139,7 +142,7 @@ class CidrTable(SyncTable):
         return rule
 
     def lookup(self, key: bytes) -> bytes | None:
-        if b"\0" in key:
+        if 0 in key:
             key = key.split(b"\0", 1)[0]
         parsed = parse_address(key)
         if parsed is None:

@@ -156,9 +156,14 @@ class LmdbTable(IndexedFileTable):
                 raise DictRetry(f"error writing {self.path}: {_reason(exc)}")
 
     def _backend_get(self, raw_key: bytes) -> bytes | None:
-        if not raw_key or len(raw_key) > self._handle.env.max_key_size():
+        env: lmdb.Environment = self._handle.env
+        if not raw_key or len(raw_key) > env.max_key_size():
             return None
-        return self._read(lambda txn: txn.get(raw_key))
+        try:  # _read's first attempt, without the closure: this is every lookup
+            with env.begin(buffers=False) as txn:
+                return txn.get(raw_key)
+        except lmdb.Error:
+            return self._read(lambda txn: txn.get(raw_key))  # resized map, or the error
 
     def _backend_put(self, raw_key: bytes, raw_value: bytes, replace: bool) -> bool:
         return self._write(lambda txn: txn.put(raw_key, raw_value, overwrite=replace))

@@ -689,7 +689,7 @@ class MysqlTable(AsyncTable):
         for row in rows:
             for value in row:
                 # Postfix reads values as C strings: a NUL ends them.
-                if value is not None and b"\0" in value:
+                if value is not None and 0 in value:
                     value = value[: value.index(b"\0")]
                 add(value)
         return joined.value()

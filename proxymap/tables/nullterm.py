@@ -430,22 +430,42 @@ class IndexedFileTable(SyncTable):
             self.flags |= F.TRY_ANY
 
     def lookup(self, key: bytes) -> bytes | None:
-        self._normalize_flags()
-        key = cut_at_nul(self.fold(key))
+        # The hot path of the most used tables: _normalize_flags, fold, cut_at_nul and
+        # probe written out (every call costs about as much as the fstat does).
+        flags = self.flags | self.impl_flags
+        if not flags & F.TRY_ANY:
+            flags |= F.TRY_ANY
+        self.flags = flags
+        if flags & F.FOLD_FIX:  # indexed tables are FIXED: fold() would pick this bit
+            key = key.lower()
+        if 0 in key:  # the byte value: `NUL in key` first raises and clears a TypeError
+            key = key[: key.index(NUL)]
         if not key:
             return None  # never stored by postmap; LMDB would even reject it
+        get = self._backend_get
         try:
             held = self._enter(exclusive=False)
             try:
-                value, self.flags = probe(self.flags, self._backend_get, key)
+                value = None
+                if flags & F.TRY1NULL:
+                    value = get(key + NUL)
+                    if value is not None:
+                        self.flags = flags & ~F.TRY0NULL
+                if value is None and flags & F.TRY0NULL:
+                    value = get(key)
+                    if value is not None:
+                        self.flags = flags & ~F.TRY1NULL
             finally:
-                self._leave(held)
+                if held:
+                    self._leave(held)
         except DictRetry as exc:
             self._failed(exc)
             raise
         if self._trouble is not None:
             self._succeeded()
-        return None if value is None else cut_at_nul(value)
+        if value is None or 0 not in value:
+            return value
+        return value[: value.index(NUL)]
 
     def update(self, key: bytes, value: bytes) -> int:
         self._normalize_flags()

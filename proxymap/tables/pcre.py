@@ -413,7 +413,7 @@ class PcreTable(SyncTable):
     # --- lookup -------------------------------------------------------------------------
     def lookup(self, key: bytes) -> bytes | None:
         key = self.fold(key)
-        if b"\0" in key:
+        if 0 in key:  # the byte value: faster than `b"\0" in key`
             key = key.split(b"\0", 1)[0]
         klen = len(key)
         length = ctypes.c_size_t(klen)

@@ -178,7 +178,7 @@ class RegexpTable(SyncTable):
 
     def lookup(self, key: bytes) -> bytes | None:
         key = self.fold(key)
-        if b"\0" in key:
+        if 0 in key:  # the byte value: faster than `b"\0" in key`
             key = key.split(b"\0", 1)[0]
         with rx.c_locale():
             return self._first_match(key)
