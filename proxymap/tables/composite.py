@@ -112,10 +112,8 @@ async def _perform(call: Call) -> Any:
             table.flags = flags  # another request may have used the member meanwhile
 
 
-class Composite:
+class Composite(Table):
     """The plans of a composite table; what a type does not support raises at once."""
-
-    spec: str
 
     def lookup_plan(self, key: bytes) -> Plan[bytes | None]:
         raise DictUnsupported(f"{self.spec}: lookup is not supported")

@@ -298,7 +298,7 @@ class PcreTable(SyncTable):
     dict_type = "pcre"
 
     def __init__(self, name: str, open_mode: int, flags: int, ctx: OpenContext | None = None):
-        super().__init__(name, open_mode, (flags & ~F.FIXED) | F.PATTERN)
+        super().__init__(name, open_mode, (flags & ~F.FIXED) | F.PATTERN, ctx)
         require_read_only(self.dict_type, name, open_mode)
         self._no_regsub = bool(flags & F.NO_REGSUB)
         source = rule_source(self.dict_type, name)

@@ -119,7 +119,7 @@ class SocketmapTable(AsyncTable):
     def __init__(
         self, name: str, open_mode: int, flags: int, ctx: OpenContext | None = None
     ) -> None:
-        super().__init__(name, open_mode, (flags & ~F.FIXED) | F.PATTERN)
+        super().__init__(name, open_mode, (flags & ~F.FIXED) | F.PATTERN, ctx)
         require_network_open(self.spec, open_mode, flags)
         endpoint, sep, map_name = name.rpartition(":")
         if not sep or not endpoint or not map_name:

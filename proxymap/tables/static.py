@@ -25,7 +25,7 @@ class StaticTable(SyncTable):
     dict_type = "static"
 
     def __init__(self, name: str, open_mode: int, flags: int, ctx: OpenContext) -> None:
-        super().__init__(name, open_mode, flags | F.FIXED)
+        super().__init__(name, open_mode, flags | F.FIXED, ctx)
         text = name
         if name.startswith("{"):
             try:
