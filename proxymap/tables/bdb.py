@@ -53,7 +53,7 @@ _META_SIZE = 24
 DEFAULT_CACHE_SIZE = 128 * 1024
 
 
-class _BerkeleyTable(IndexedFileTable):
+class _BerkeleyTable(IndexedFileTable[bdb.DB]):
     """Common code of hash and btree; subclasses choose the access method."""
 
     suffix = ".db"
@@ -65,7 +65,7 @@ class _BerkeleyTable(IndexedFileTable):
         self._cache_size = _cache_size(ctx)
         self._cursor: bdb.DBCursor | None = None
         self._last_key: bytes | None = None
-        super().__init__(name, open_mode, flags)
+        super().__init__(name, open_mode, flags, ctx)
 
     # --- locking: flock on the .db file, like postmap -----------------------------------------
     def _lock(self, fd: int, exclusive: bool, wait: bool = True) -> None:
@@ -106,20 +106,23 @@ class _BerkeleyTable(IndexedFileTable):
 
     def _backend_close(self) -> None:
         self._close_cursor()
-        self._handle.close()
+        self._live_handle().close()
 
     def _backend_get(self, raw_key: bytes) -> bytes | None:
         try:
-            return self._handle.get(raw_key)
+            return self._live_handle().get(raw_key)
         except bdb.DBError as exc:
             raise DictRetry(f"error reading {self.path}: {_reason(exc)}")
 
     def _backend_put(self, raw_key: bytes, raw_value: bytes, replace: bool) -> bool:
         try:
             if replace:
-                self._handle.put(raw_key, raw_value)
+                self._live_handle().put(raw_key, raw_value)
                 return True
-            return self._handle.put(raw_key, raw_value, flags=bdb.DB_NOOVERWRITE) != bdb.DB_KEYEXIST
+            return (
+                self._live_handle().put(raw_key, raw_value, flags=bdb.DB_NOOVERWRITE)
+                != bdb.DB_KEYEXIST
+            )
         except bdb.DBKeyExistError:
             return False
         except bdb.DBError as exc:
@@ -127,7 +130,7 @@ class _BerkeleyTable(IndexedFileTable):
 
     def _backend_remove(self, raw_key: bytes) -> bool:
         try:
-            self._handle.delete(raw_key)
+            self._live_handle().delete(raw_key)
             return True
         except bdb.DBNotFoundError:
             return False
@@ -136,14 +139,14 @@ class _BerkeleyTable(IndexedFileTable):
 
     def _backend_sync(self) -> None:
         try:
-            self._handle.sync()
+            self._live_handle().sync()
         except bdb.DBError as exc:
             raise DictRetry(f"error syncing {self.path}: {_reason(exc)}")
 
     def _backend_first(self) -> tuple[bytes, bytes] | None:
         self._close_cursor()
         try:
-            self._cursor = self._handle.cursor()
+            self._cursor = self._live_handle().cursor()
             return self._remember(self._cursor.first())
         except bdb.DBError as exc:
             raise DictRetry(f"error reading {self.path}: {_reason(exc)}")
@@ -160,7 +163,7 @@ class _BerkeleyTable(IndexedFileTable):
         """Continue a walk whose cursor was lost when the handle was reopened."""
         if self._last_key is None:
             return None
-        self._cursor = self._handle.cursor()
+        self._cursor = self._live_handle().cursor()
         if self._cursor.set(self._last_key) is None:
             return None  # the key is gone from the rebuilt file; nothing sensible follows
         return self._remember(self._cursor.next())
@@ -199,7 +202,7 @@ class BtreeTable(_BerkeleyTable):
         # Key order survives a rebuild: continue after the last key returned.
         if self._last_key is None:
             return None
-        self._cursor = self._handle.cursor()
+        self._cursor = self._live_handle().cursor()
         item = self._cursor.set_range(self._last_key)
         if item is not None and item[0] == self._last_key:
             item = self._cursor.next()

@@ -148,7 +148,7 @@ class CdbWriter:
             raise CdbFormatError("cdb file would exceed 4 GiB")
 
     def finish(self) -> None:
-        header = []
+        header: list[int] = []
         for entries in self._entries:
             slots = 2 * len(entries)  # half full: short probe chains
             table = [(0, 0)] * slots
@@ -179,7 +179,7 @@ def write_cdb(path: str, items: Iterable[tuple[bytes, bytes]]) -> None:
     os.rename(temporary, path)
 
 
-class CdbTable(IndexedFileTable):
+class CdbTable(IndexedFileTable[CdbReader]):
     """``cdb:NAME``: read-only constant database ``NAME.cdb``."""
 
     dict_type = "cdb"
@@ -190,7 +190,7 @@ class CdbTable(IndexedFileTable):
         if (open_mode & os.O_ACCMODE) != os.O_RDONLY:
             raise DictOpenError(f"cdb:{name} map requires O_RDONLY access mode")
         self._next_position: int | None = None
-        super().__init__(name, open_mode, flags)
+        super().__init__(name, open_mode, flags, ctx)
 
     # cdb readers never lock: files are replaced whole, never rewritten in place.
 
@@ -208,11 +208,11 @@ class CdbTable(IndexedFileTable):
         return reader
 
     def _backend_close(self) -> None:
-        self._handle.close()
+        self._live_handle().close()
 
     def _backend_get(self, raw_key: bytes) -> bytes | None:
         try:
-            return self._handle.get(raw_key)
+            return self._live_handle().get(raw_key)
         except CdbFormatError as exc:
             raise DictRetry(f"error reading {self.path}: Protocol error ({exc})")
 
@@ -224,7 +224,7 @@ class CdbTable(IndexedFileTable):
         if self._next_position is None:
             return None
         try:
-            for position, key, value in self._handle.records_from(self._next_position):
+            for position, key, value in self._live_handle().records_from(self._next_position):
                 self._next_position = position
                 return key, value
         except CdbFormatError as exc:

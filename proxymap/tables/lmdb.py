@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+from typing import cast
 
 import lmdb
 
@@ -54,7 +55,7 @@ from proxymap.tables.nullterm import IndexedFileTable, damaged_error
 DEFAULT_MAP_SIZE = 16 * 1024 * 1024  # Postfix lmdb_map_size
 
 
-class LmdbTable(IndexedFileTable):
+class LmdbTable(IndexedFileTable["SharedEnvironment"]):
     """``lmdb:NAME``: LMDB file ``NAME.lmdb``."""
 
     dict_type = "lmdb"
@@ -65,7 +66,7 @@ class LmdbTable(IndexedFileTable):
     def __init__(self, name: str, open_mode: int, flags: int, ctx: OpenContext) -> None:
         self._map_size = _configured_map_size(ctx)
         self._last_key: bytes | None = None
-        super().__init__(name, open_mode, flags)
+        super().__init__(name, open_mode, flags, ctx)
         self.always_lock = self.writable  # see LOCKING
 
     def changed(self) -> bool:
@@ -124,11 +125,11 @@ class LmdbTable(IndexedFileTable):
         return shared
 
     def _backend_close(self) -> None:
-        self._handle.release()
+        self._live_handle().release()
 
     def _read(self, operation):
         """Run ``operation(txn)`` in a fresh read transaction (sees the latest commit)."""
-        env: lmdb.Environment = self._handle.env
+        env: lmdb.Environment = self._live_handle().env
         for _attempt in range(2):
             try:
                 with env.begin(buffers=False) as txn:
@@ -141,7 +142,7 @@ class LmdbTable(IndexedFileTable):
 
     def _write(self, operation):
         """Run ``operation(txn)`` in a write transaction, growing the map when full."""
-        env: lmdb.Environment = self._handle.env
+        env: lmdb.Environment = self._live_handle().env
         while True:
             try:
                 with env.begin(write=True) as txn:
@@ -156,7 +157,7 @@ class LmdbTable(IndexedFileTable):
                 raise DictRetry(f"error writing {self.path}: {_reason(exc)}")
 
     def _backend_get(self, raw_key: bytes) -> bytes | None:
-        if not raw_key or len(raw_key) > self._handle.env.max_key_size():
+        if not raw_key or len(raw_key) > self._live_handle().env.max_key_size():
             return None
         return self._read(lambda txn: txn.get(raw_key))
 
@@ -164,13 +165,13 @@ class LmdbTable(IndexedFileTable):
         return self._write(lambda txn: txn.put(raw_key, raw_value, overwrite=replace))
 
     def _backend_remove(self, raw_key: bytes) -> bool:
-        if not raw_key or len(raw_key) > self._handle.env.max_key_size():
+        if not raw_key or len(raw_key) > self._live_handle().env.max_key_size():
             return False
         return self._write(lambda txn: txn.delete(raw_key))
 
     def _backend_sync(self) -> None:
         try:
-            self._handle.env.sync(True)
+            self._live_handle().env.sync(True)
         except lmdb.Error as exc:
             raise DictRetry(f"error syncing {self.path}: {_reason(exc)}")
 
@@ -241,7 +242,7 @@ def _used_bytes(env: lmdb.Environment) -> int:
 
 
 def _first(cursor: lmdb.Cursor) -> tuple[bytes, bytes] | None:
-    return cursor.item() if cursor.first() else None
+    return _item(cursor) if cursor.first() else None
 
 
 def _after(cursor: lmdb.Cursor, last: bytes) -> tuple[bytes, bytes] | None:
@@ -249,7 +250,13 @@ def _after(cursor: lmdb.Cursor, last: bytes) -> tuple[bytes, bytes] | None:
         return None
     if cursor.key() == last and not cursor.next():
         return None
-    return cursor.item()
+    return _item(cursor)
+
+
+def _item(cursor: lmdb.Cursor) -> tuple[bytes, bytes]:
+    # ``_read`` begins its transactions with buffers=False: the binding returns bytes
+    # (its annotations also allow the memoryviews of buffers=True).
+    return cast(tuple[bytes, bytes], cursor.item())
 
 
 def _configured_map_size(ctx: OpenContext) -> int:
