@@ -45,7 +45,7 @@ from proxymap.tables.patternfile import (
     warn,
 )
 
-_BITS = {socket.AF_INET: 32, socket.AF_INET6: 128}
+_BITS: dict[int, int] = {socket.AF_INET: 32, socket.AF_INET6: 128}
 _MIN_RUN = 4  # shorter runs are scanned
 
 
@@ -100,7 +100,7 @@ class CidrTable(SyncTable):
     dict_type = "cidr"
 
     def __init__(self, name: str, open_mode: int, flags: int, ctx: OpenContext | None = None):
-        super().__init__(name, open_mode, (flags & ~F.FIXED) | F.PATTERN)
+        super().__init__(name, open_mode, (flags & ~F.FIXED) | F.PATTERN, ctx)
         require_read_only(self.dict_type, name, open_mode)
         source = rule_source(self.dict_type, name)
         rules = RuleList(self.dict_type, name)

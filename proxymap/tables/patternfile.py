@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Any
 
 from proxymap.tables.base import DictOpenError
 from proxymap.tables.textsyntax import BraceError, braced_elements, logical_lines, strip_braces
@@ -175,7 +176,7 @@ class Replacement:
         """Fill in groups from ``spans`` (indexable by group: (start, end), start < 0 = unset)."""
         out = []
         for part in self.parts:
-            if part.__class__ is int:
+            if isinstance(part, int):
                 start, end = spans[part]
                 if 0 <= start < end:
                     out.append(key[start:end])
@@ -278,14 +279,15 @@ class Rule:
         "suffix",
     )
 
-    def __init__(self, kind: int, lineno: int, positive: bool = True, matcher=None) -> None:
+    def __init__(self, kind: int, lineno: int, positive: bool = True, matcher: Any = None) -> None:
         self.kind = kind
         self.lineno = lineno
         self.positive = positive
+        # The driver's compiled patterns (PcrePattern, PosixRegex): one type per table.
         self.matcher = matcher
-        self.second = None
+        self.second: Any = None
         self.second_positive = True
-        self.replacement: Replacement | None = None
+        self.replacement: Replacement | None = None  # set on every MATCH rule
         self.endif = -1  # IF: index of its ENDIF, -1 when it has none
         self.value = b""
         self.prefix = b""  # literal text every match starts with (ruleindex), if known

@@ -70,7 +70,7 @@ class RegexpTable(SyncTable):
     dict_type = "regexp"
 
     def __init__(self, name: str, open_mode: int, flags: int, ctx: OpenContext | None = None):
-        super().__init__(name, open_mode, (flags & ~F.FIXED) | F.PATTERN)
+        super().__init__(name, open_mode, (flags & ~F.FIXED) | F.PATTERN, ctx)
         require_read_only(self.dict_type, name, open_mode)
         self._no_regsub = bool(flags & F.NO_REGSUB)
         source = rule_source(self.dict_type, name)
@@ -215,6 +215,7 @@ class RegexpTable(SyncTable):
     def _match_value(self, rule: Rule, key: bytes) -> bytes | None:
         """The result of a match rule for this key, or None when the rule does not fire."""
         replacement = rule.replacement
+        assert replacement is not None  # the parser gives every MATCH rule one
         spans = None
         if replacement.max_sub:
             spans = rule.matcher.search(key)

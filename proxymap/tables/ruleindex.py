@@ -257,7 +257,7 @@ class RunIndex:
                 self.always.append(index)
                 continue
             best = min(slots, key=sharing.__getitem__)  # ties: prefix, then suffix
-            if best.__class__ is int:
+            if isinstance(best, int):
                 self.by_byte.setdefault(best, []).append(index)
             elif best[0] == _SUFFIX:
                 self._file(self.by_suffix, (best[1],), best[2], index)
