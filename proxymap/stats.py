@@ -346,8 +346,7 @@ def backend_figures(tables: list) -> dict | None:
             if getattr(endpoint, "down", False):
                 reason = getattr(endpoint, "reason", "") or "down"
                 down.append(f"{getattr(endpoint, 'label', '?')}: {reason}")
-    figures["down"] = down
-    return figures
+    return {**figures, "down": down}
 
 
 # --- the snapshot directory ------------------------------------------------------------------
