@@ -134,7 +134,9 @@ class Exporter:
             if not isinstance(figures, dict):
                 continue
             total = self.retired.setdefault((service, str(name)), {})
-            backend = figures.get("backend") if isinstance(figures.get("backend"), dict) else {}
+            backend = figures.get("backend")
+            if not isinstance(backend, dict):
+                backend = {}
             for field, value in [
                 *((f, figures.get(f)) for f in RETIRED),
                 *((f, backend.get(f)) for f in BACKEND_RETIRED),
