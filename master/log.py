@@ -143,7 +143,7 @@ class _DatagramHandler(logging.Handler):
                 sock = self._connected()
                 if sock is not None:
                     sock.send(data)
-        except Exception:
+        except Exception:  # noqa: BLE001 - Handler.emit's contract: handleError reports it
             self.handleError(record)
 
     def close_socket(self) -> None:
@@ -309,5 +309,5 @@ def _flush() -> None:
     for handler in logging.getLogger().handlers:
         try:
             handler.flush()
-        except Exception:
+        except Exception:  # noqa: BLE001 - a broken handler must not keep us from exiting
             pass

@@ -249,7 +249,7 @@ def render(services: dict, retired: dict | None = None) -> str:
 class _Handler(BaseHTTPRequestHandler):
     exporter: Exporter
 
-    def do_GET(self) -> None:  # noqa: N802 - the http.server interface
+    def do_GET(self) -> None:  # the name http.server calls
         if self.path.split("?")[0] not in ("/metrics", "/"):
             self.send_error(404)
             return
@@ -260,7 +260,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+    def log_message(self, format: str, *args: object) -> None:
         pass  # a scrape every 15 s is not worth a log line
 
 

@@ -407,7 +407,7 @@ class Reporter:
     def _tick(self, loop) -> None:
         try:
             self.update()
-        except Exception:  # noqa: BLE001 - statistics must never take a worker down
+        except Exception:  # statistics must never take a worker down
             log.exception("statistics update failed")
         self._timer = loop.call_later(1.0, self._tick, loop)
 

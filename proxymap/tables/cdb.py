@@ -194,7 +194,7 @@ class CdbTable(IndexedFileTable[CdbReader]):
 
     # cdb readers never lock: files are replaced whole, never rewritten in place.
 
-    def _backend_open(self, fd: int, create: bool, truncate: bool) -> CdbReader:
+    def _backend_open(self, fd: int, _create: bool, _truncate: bool) -> CdbReader:  # read-only
         try:
             size = os.fstat(fd).st_size
             if size < HEADER_SIZE:

@@ -27,7 +27,7 @@ from __future__ import annotations
 import socket
 
 from proxymap import flags as F
-from proxymap.tables.base import DictUnsupported, OpenContext, SyncTable
+from proxymap.tables.base import OpenContext, SyncTable
 from proxymap.tables.patternfile import (
     C_SPACE,
     ENDIF,
@@ -171,9 +171,6 @@ class CidrTable(SyncTable):
                     return None
                 index = rule.endif + 1
         return None
-
-    def sequence(self, function: int) -> tuple[bytes, bytes] | None:
-        raise DictUnsupported(f"table {self.spec}: sequence operation is not supported")
 
 
 class NetworkRun:

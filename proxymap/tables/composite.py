@@ -74,7 +74,7 @@ def run_sync(plan: Plan[R]) -> R:
         while True:
             try:
                 result = getattr(call.table, call.op)(*call.args)
-            except BaseException as exc:  # the plan decides: its try/finally runs
+            except BaseException as exc:  # noqa: BLE001 - thrown into the plan: its try/finally runs
                 call = plan.throw(exc)
             else:
                 call = plan.send(result)
@@ -89,7 +89,7 @@ async def run_async(plan: Plan[R]) -> R:
         while True:
             try:
                 result = await _perform(call)
-            except BaseException as exc:
+            except BaseException as exc:  # noqa: BLE001 - thrown into the plan, as above
                 call = plan.throw(exc)
             else:
                 call = plan.send(result)

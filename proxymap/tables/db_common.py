@@ -629,7 +629,7 @@ class ResultJoiner:
             ctx = self.context
             expanded = expand_or_skip(ctx.result_format, value, self.key, None, ctx.needs)
             if isinstance(expanded, Skip):
-                ctx.report_skip(expanded, self.key, value, query=False)
+                ctx.report_skip(expanded, self.key, query=False)
                 return
             piece = expanded
         self._pieces.append(piece)
@@ -702,7 +702,7 @@ class QueryContext:
         )
 
     # --- diagnostics -------------------------------------------------------------------
-    def report_skip(self, why: Skip, key: bytes, value: bytes | None, *, query: bool) -> None:
+    def report_skip(self, why: Skip, key: bytes, *, query: bool) -> None:
         """Log what Postfix logs for a skipped expansion (most are silent)."""
         if why is Skip.EMPTY and query:
             log.warning('table "%s": empty query string -- ignored', self.table)
@@ -724,7 +724,7 @@ class QueryContext:
         """A query-side template for ``key`` with the table's pooled requirements."""
         text = expand_or_skip(template, key, None, escape, self.needs)
         if isinstance(text, Skip):
-            self.report_skip(text, key, None, query=True)
+            self.report_skip(text, key, query=True)
             return None
         return text
 

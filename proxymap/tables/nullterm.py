@@ -374,7 +374,7 @@ class IndexedFileTable(SyncTable, Generic[H]):
         except DictOpenError as exc:
             raise DictRetry(str(exc))
         except Exception as exc:  # the library refused the new file: unavailable for now
-            raise DictRetry(f"open database {self.path}: {exc}")
+            raise DictRetry(f"open database {self.path}: {exc}") from exc
 
     def _enter(self, exclusive: bool) -> tuple[int, ...]:
         """Start one access: a handle on the current file, locked as the request asks.

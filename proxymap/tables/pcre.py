@@ -27,7 +27,7 @@ import ctypes
 import logging
 
 from proxymap import flags as F
-from proxymap.tables.base import DictUnsupported, OpenContext, SyncTable
+from proxymap.tables.base import OpenContext, SyncTable
 from proxymap.tables.patternfile import (
     ENDIF,
     IF,
@@ -277,7 +277,7 @@ class PcrePattern:
     def __del__(self) -> None:
         try:
             self.free()
-        except Exception:  # interpreter shutdown
+        except Exception:  # noqa: BLE001 - interpreter shutdown: the library may be gone
             pass
 
 
@@ -487,9 +487,6 @@ class PcreTable(SyncTable):
             warn(self.dict_type, self.name, lineno, error_message(status))
             return -2
         return status
-
-    def sequence(self, function: int) -> tuple[bytes, bytes] | None:
-        raise DictUnsupported(f"table {self.spec}: sequence operation is not supported")
 
     def close(self) -> None:
         for rule in self._rules:

@@ -477,7 +477,7 @@ class Sweeper:
             _, expire = watched.pop(key)
             try:
                 expire()
-            except Exception:  # noqa: BLE001 - one failing callback must not stop the rest
+            except Exception:  # one failing callback must not stop the rest
                 log.exception("deadline callback failed")
         if watched:
             self._timer = self._loop.call_later(self.resolution, self._sweep)

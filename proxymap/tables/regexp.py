@@ -30,7 +30,7 @@ import logging
 
 from proxymap import flags as F
 from proxymap.tables import posix_regex as rx
-from proxymap.tables.base import DictUnsupported, OpenContext, SyncTable
+from proxymap.tables.base import OpenContext, SyncTable
 from proxymap.tables.patternfile import (
     ENDIF,
     IF,
@@ -232,9 +232,6 @@ class RegexpTable(SyncTable):
         if replacement.literal is not None:
             return replacement.literal
         return replacement.expand(key, spans)
-
-    def sequence(self, function: int) -> tuple[bytes, bytes] | None:
-        raise DictUnsupported(f"table {self.spec}: sequence operation is not supported")
 
     def close(self) -> None:
         for rule in self._rules:
