@@ -298,13 +298,6 @@ def fatal(message: str, *args: object, logger: str = "master") -> NoReturn:
     sys.exit(1)
 
 
-def panic(message: str, *args: object, logger: str = "master") -> NoReturn:
-    """Log ``panic: <message>`` and abort (a bug, not a configuration problem)."""
-    logging.getLogger(logger).log(PANIC, message, *args)
-    _flush()
-    os.abort()
-
-
 def _flush() -> None:
     for handler in logging.getLogger().handlers:
         try:

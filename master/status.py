@@ -43,10 +43,6 @@ class StatusMessage(NamedTuple):
     generation: int
     avail: int
 
-    @property
-    def is_taken(self) -> bool:
-        return self.avail == STATUS_TAKEN
-
 
 def pack_status(pid: int, generation: int, avail: int) -> bytes:
     return _FORMAT.pack(pid, generation, avail)
