@@ -36,6 +36,7 @@ from proxymap.tables.patternfile import (
     Rule,
     RuleError,
     RuleList,
+    index_runs,
     keyword_at,
     require_read_only,
     rule_lines,
@@ -46,7 +47,6 @@ from proxymap.tables.patternfile import (
 )
 
 _BITS: dict[int, int] = {socket.AF_INET: 32, socket.AF_INET6: 128}
-_MIN_RUN = 4  # shorter runs are scanned
 
 
 def parse_address(text: bytes) -> tuple[int, int] | None:
@@ -198,16 +198,11 @@ class NetworkRun:
 
 def _index_runs(rules: list[Rule]) -> list[NetworkRun | None]:
     """Entry i is the index of the run of plain match rules that starts at rule i."""
-    runs: list[NetworkRun | None] = [None] * len(rules)
-    start = 0
-    while start < len(rules):
-        end = start
-        while end < len(rules) and rules[end].kind == MATCH and rules[end].positive:
-            end += 1
-        if end - start >= _MIN_RUN:
-            runs[start] = NetworkRun(rules, start, end)
-        start = max(end, start + 1)
-    return runs
+    return index_runs(
+        len(rules),
+        lambda index: rules[index].kind == MATCH and rules[index].positive,
+        lambda start, end: NetworkRun(rules, start, end),
+    )
 
 
 def _show(text: bytes) -> str:

@@ -111,6 +111,7 @@ from proxymap.tables.pool import (
     PoolUnavailable,
     Sweeper,
     connection_limit,
+    failure_reason,
 )
 from proxymap.tables.streams import Stream, stream_opener
 
@@ -463,7 +464,7 @@ class MemcacheTable(AsyncTable):
                 self._discard(lease)
                 if isinstance(exc, ConnectionError) and reused:
                     continue  # reset by a restarted server before we sent anything
-                raise _Failure(_reason(exc)) from None
+                raise _Failure(failure_reason(exc)) from None
             except BaseException:
                 self._discard(lease)
                 raise
@@ -585,9 +586,3 @@ def _open_backup(spec: str | None, access: int, flags: int, ctx: OpenContext) ->
 
 def _close(connection: _Connection) -> None:
     connection.stream.close()
-
-
-def _reason(exc: BaseException) -> str:
-    if isinstance(exc, TimeoutError):
-        return "timeout"
-    return str(exc) or exc.__class__.__name__

@@ -26,13 +26,18 @@ DESCRIPTION
     ``RuleList`` links each IF to its ENDIF while rules are added, so that a lookup
     whose IF condition fails jumps over the block (and ends, not found, when the IF has
     no ENDIF). An ENDIF without an open IF is ignored with a warning.
+
+    ``index_runs`` finds the long runs of consecutive rules a table indexes (match
+    rules: ``ruleindex.RunIndex`` for pcre and regexp, ``cidr.NetworkRun``); a lookup
+    asks a run's index for candidates instead of trying each of its rules.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from proxymap.tables.base import DictOpenError
 from proxymap.tables.textsyntax import BraceError, braced_elements, logical_lines, strip_braces
@@ -40,6 +45,8 @@ from proxymap.tables.textsyntax import BraceError, braced_elements, logical_line
 log = logging.getLogger("proxymap")
 
 C_SPACE = b" \t\n\v\f\r"  # isspace() in the C locale
+MIN_RUN = 4  # shorter runs of rules are scanned: an index would not pay for itself
+RunT = TypeVar("RunT")
 _BACKSLASH = 0x5C
 _BANG = 0x21
 
@@ -321,6 +328,23 @@ class RuleList:
             warn(self.dict_type, self.origin, rule.lineno, "IF has no matching ENDIF")
         self._open_ifs.clear()
         return self.rules
+
+
+def index_runs(
+    count: int, in_run: Callable[[int], bool], build: Callable[[int, int], RunT]
+) -> list[RunT | None]:
+    """Entry i is ``build(i, end)`` for the run of rules i..end-1 that ``in_run`` accepts,
+    when it has at least MIN_RUN rules and no accepted rule just before it; else None."""
+    runs: list[RunT | None] = [None] * count
+    start = 0
+    while start < count:
+        end = start
+        while end < count and in_run(end):
+            end += 1
+        if end - start >= MIN_RUN:
+            runs[start] = build(start, end)
+        start = max(end, start + 1)
+    return runs
 
 
 def require_read_only(dict_type: str, name: str, open_mode: int) -> None:

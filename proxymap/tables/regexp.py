@@ -38,6 +38,7 @@ from proxymap.tables.patternfile import (
     Rule,
     RuleError,
     RuleList,
+    index_runs,
     keyword_at,
     parse_replacement,
     require_read_only,
@@ -51,7 +52,6 @@ from proxymap.tables.ruleindex import RunIndex, ere_literal_prefix, ere_literal_
 
 log = logging.getLogger("proxymap")
 
-_MIN_RUN = 4  # shorter runs of match rules are scanned
 
 _FLAG_BITS = {ord("i"): rx.REG_ICASE, ord("m"): rx.REG_NEWLINE, ord("x"): rx.REG_EXTENDED}
 
@@ -243,22 +243,15 @@ class RegexpTable(SyncTable):
 
 def _index_runs(rules: list[Rule]) -> list[RunIndex | None]:
     """Entry i is the index of the run of match rules that starts at rule i."""
-    runs: list[RunIndex | None] = [None] * len(rules)
-    start = 0
-    while start < len(rules):
-        end = start
-        while end < len(rules) and rules[end].kind == MATCH:
-            end += 1
-        if end - start >= _MIN_RUN:
-            runs[start] = RunIndex(
-                end,
-                [
-                    (index, rules[index].prefix, rules[index].caseless, None, rules[index].suffix)
-                    for index in range(start, end)
-                ],
-            )
-        start = max(end, start + 1)
-    return runs
+
+    def build(start: int, end: int) -> RunIndex:
+        filing = [
+            (index, rules[index].prefix, rules[index].caseless, None, rules[index].suffix)
+            for index in range(start, end)
+        ]
+        return RunIndex(end, filing)
+
+    return index_runs(len(rules), lambda index: rules[index].kind == MATCH, build)
 
 
 def _show(text: bytes) -> str:

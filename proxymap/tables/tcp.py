@@ -41,7 +41,12 @@ from proxymap.tables.base import (
     OpenContext,
     require_network_open,
 )
-from proxymap.tables.pool import ConnectionPool, PoolUnavailable, connection_limit
+from proxymap.tables.pool import (
+    ConnectionPool,
+    PoolUnavailable,
+    connection_limit,
+    failure_reason,
+)
 from proxymap.tables.streams import (
     Stream,
     close_stream,
@@ -189,8 +194,6 @@ class TcpTable(AsyncTable):
 
 
 def _reason(exc: BaseException) -> str:
-    if isinstance(exc, asyncio.TimeoutError):
-        return "timeout"
     if isinstance(exc, asyncio.IncompleteReadError):
         return "connection closed before a complete reply"
-    return str(exc) or exc.__class__.__name__
+    return failure_reason(exc)
