@@ -11,7 +11,7 @@ DESCRIPTION
     Files are read and written with the ``berkeleydb`` binding (libdb 5.3, the library
     Debian's postmap links), so a file built by ``postmap`` is read byte for byte and a
     file written here is read by ``postmap -q``/``-s``. Keys and values follow the
-    trailing-NUL convention of ``nullterm``. Opening a hash table on a btree file (or
+    trailing-NUL convention of ``indexed``. Opening a hash table on a btree file (or
     the reverse), a missing, empty or corrupt file is an open error shaped like
     Postfix's: ``open database /p/name.db: Invalid argument``.
 
@@ -21,7 +21,7 @@ DESCRIPTION
     checked with the library's verifier (a few milliseconds per megabyte, once per
     open): libdb 5.3 crashes the process when it updates a garbled hash page, and
     what a full disk leaves behind must not take the service down. A damaged file is
-    an open error naming the file and the remedy (nullterm, DAMAGED FILES).
+    an open error naming the file and the remedy (indexed, DAMAGED FILES).
 
 LOCKING
     Each access holds ``flock(LOCK_SH)`` (``LOCK_EX`` for update/delete) on ``NAME.db``,
@@ -29,10 +29,10 @@ LOCKING
     locks only when the request carries LOCK (every stock client does); we lock always,
     because an unlocked read racing a rebuild can crash the process. Berkeley DB caches
     pages inside the process, so after such a rebuild the handle is reopened (see
-    ``nullterm``) instead of reading stale pages.
+    ``indexed``) instead of reading stale pages.
 
 SEE ALSO
-    nullterm.py, docs/TABLES.md 3.1, postmap(1).
+    indexed.py, docs/TABLES.md 3.1, postmap(1).
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ import os
 from berkeleydb import db as bdb
 
 from proxymap.tables.base import DictOpenError, DictRetry, OpenContext
-from proxymap.tables.nullterm import IndexedFileTable, damaged_error, open_error
+from proxymap.tables.indexed import IndexedFileTable, damaged_error, open_error
 
 # The generic meta-page header: LSN, page number, magic (offset 12), version, page size.
 _META_SIZE = 24
@@ -59,7 +59,7 @@ class _BerkeleyTable(IndexedFileTable[bdb.DB]):
     suffix = ".db"
     access_method = bdb.DB_UNKNOWN
     magic = 0  # the access method's number in the file's first page
-    always_lock = True  # see nullterm LOCKING: an unlocked read during a rebuild can SIGBUS
+    always_lock = True  # see indexed LOCKING: an unlocked read during a rebuild can SIGBUS
 
     def __init__(self, name: str, open_mode: int, flags: int, ctx: OpenContext) -> None:
         self._cache_size = _cache_size(ctx)

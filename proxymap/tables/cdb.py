@@ -16,7 +16,7 @@ DESCRIPTION
     bits choose the table, the rest (modulo the slot count) the first slot to probe.
 
     The table reads the file through ``mmap``. postmap writes cdb keys and values
-    without a trailing NUL; the usual ``nullterm`` probing applies. ``postmap``
+    without a trailing NUL; the usual ``indexed`` probing applies. ``postmap``
     rebuilds a cdb file as ``NAME.cdb.tmp`` and renames it: the next access notices
     the new file and maps it instead. Sequence returns the records in file order.
 
@@ -25,7 +25,7 @@ DESCRIPTION
     whole file (temporary file, then rename) for tools and tests.
 
 SEE ALSO
-    nullterm.py, docs/TABLES.md 3.3, https://cr.yp.to/cdb/cdb.txt
+    indexed.py, docs/TABLES.md 3.3, https://cr.yp.to/cdb/cdb.txt
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ import struct
 from collections.abc import Iterable, Iterator
 
 from proxymap.tables.base import DictOpenError, DictRetry, OpenContext
-from proxymap.tables.nullterm import IndexedFileTable, damaged_error, open_error
+from proxymap.tables.indexed import IndexedFileTable, damaged_error, open_error
 
 HEADER_SIZE = 2048
 TABLE_COUNT = 256

@@ -21,7 +21,7 @@ DESCRIPTION
     A file that LMDB refuses, an empty file opened for reading, or a file shorter than
     the pages its tree counts (truncated: reading it through the mapping would kill
     the process with SIGBUS) is an open error naming the file and the remedy
-    (nullterm, DAMAGED FILES). The check is a lower bound: a file cut short by less
+    (indexed, DAMAGED FILES). The check is a lower bound: a file cut short by less
     than its free pages passes it.
 
     An empty or over-long key is "not found" (LMDB rejects such keys; Postfix would
@@ -37,7 +37,7 @@ LOCKING
     the handler keeps from tables), not LOCK.
 
 SEE ALSO
-    nullterm.py, docs/TABLES.md 3.2, postmap(1).
+    indexed.py, docs/TABLES.md 3.2, postmap(1).
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ import lmdb
 
 from proxymap import flags as F
 from proxymap.tables.base import DictConfig, DictOpenError, DictRetry, OpenContext
-from proxymap.tables.nullterm import IndexedFileTable, damaged_error
+from proxymap.tables.indexed import IndexedFileTable, damaged_error
 
 DEFAULT_MAP_SIZE = 16 * 1024 * 1024  # Postfix lmdb_map_size
 

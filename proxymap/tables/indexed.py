@@ -1,7 +1,7 @@
 """Behaviour shared by the indexed-file tables: hash, btree, lmdb and cdb.
 
 NAME
-    nullterm -- trailing-NUL probing and learning, folding, file freshness
+    indexed -- the indexed-file tables: trailing-NUL probing, folding, file freshness
 
 SYNOPSIS
     class HashTable(IndexedFileTable): ...   # implements the _backend_* primitives
