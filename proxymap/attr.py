@@ -179,12 +179,6 @@ class AttrDecoder:
             raise AttrTooLarge(f"attribute list exceeds {self.limit} bytes", done or [], pairs)
 
 
-def decode_all(data: bytes) -> tuple[list[Pairs], AttrDecoder]:
-    """Decode a whole buffer at once (tests, stand-alone mode): lists and the leftover state."""
-    decoder = AttrDecoder()
-    return decoder.feed(data), decoder
-
-
 # -- encoding --------------------------------------------------------------------------------
 def encode(pairs: Iterable[tuple[bytes, bytes]]) -> bytes:
     """One attribute list, terminator included. Names and values must not contain NUL."""

@@ -58,7 +58,7 @@ def test_proxy_prefixes_are_the_only_accepted_variation(approved):
         assert (reply.status, reply.value) == (OK, b"alice@example.com")
 
 
-def test_unapproved_table_is_never_opened(tmp_path, caplog):
+def test_unapproved_table_is_never_opened(tmp_path):
     """A refused name is not opened: a FIFO would block an open for ever."""
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)

@@ -172,7 +172,7 @@ class SqliteTable(BlockingTable):
     dict_type = "sqlite"
 
     def __init__(self, name: str, open_mode: int, flags: int, ctx: OpenContext) -> None:
-        super().__init__(name, open_mode, flags | F.FIXED)
+        super().__init__(name, open_mode, flags | F.FIXED, ctx)
         require_read_only(self.dict_type, name, open_mode)
         configure(ctx.params)
         cfg = CfgParser(name, ctx.params)
