@@ -53,7 +53,8 @@ DESCRIPTION
     arithmetic and ``Reply`` objects. The connection keeps these functions in
     ``lookup_shortcuts`` under the request bytes that precede the key.
 
-    G1 and G2 instances of one table are never shared. Member tables of
+    G1 and G2 instances of one table are never shared. A table has at most 8 instances
+    (``proxymap.instances``): a request that would open another gets RETRY. Member tables of
     pipemap/unionmap are opened through ``open_nested``, which adds the UTF-8 layer
     whenever their flags ask for it, as Postfix's dict_open does, in both generations.
 
