@@ -161,9 +161,7 @@ class ClientProtocol(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         if self._write_timer is None:
-            self._write_timer = self.server.active_loop.call_later(
-                self.server.ipc_timeout, self._timed_out, "write"
-            )
+            self._write_timer = self._ipc_timer("write")
 
     def resume_writing(self) -> None:
         if self._write_timer is not None:
@@ -173,12 +171,17 @@ class ClientProtocol(asyncio.Protocol):
     def input_pending(self, pending: bool) -> None:
         """Start (True) or stop (False) the ipc_timeout clock for a partial request."""
         if pending and self._read_timer is None:
-            self._read_timer = self.server.active_loop.call_later(
-                self.server.ipc_timeout, self._timed_out, "read"
-            )
+            self._read_timer = self._ipc_timer("read")
         elif not pending and self._read_timer is not None:
             self._read_timer.cancel()
             self._read_timer = None
+
+    def _ipc_timer(self, what: str) -> asyncio.TimerHandle:
+        # server.loop, not active_loop: test harnesses stand in for the server with
+        # just the attributes a protocol uses.
+        loop = self.server.loop
+        assert loop is not None, "a connection without an event loop"
+        return loop.call_later(self.server.ipc_timeout, self._timed_out, what)
 
     def _timed_out(self, what: str) -> None:
         if what == "write":
