@@ -139,6 +139,8 @@ from urllib.parse import quote
 
 import pytest
 
+from tests.support.locks import APT_WAIT_FOR_LOCK, PACKAGE_INSTALL_LOCK, exclusive
+
 # ---------------------------------------------------------------------------
 # Constants
 # ---------------------------------------------------------------------------
@@ -302,7 +304,11 @@ def ensure_server_packages(*names: str) -> None:
             pytest.skip(f"server packages not installed and not root: {described}")
         if not _which("apt-get"):
             pytest.skip(f"server packages not installed and no apt-get: {described}")
-        install_server_packages(*missing)
+        with exclusive(PACKAGE_INSTALL_LOCK):
+            # Another test process (a parallel worker) may have installed them meanwhile.
+            again = missing_binaries(*missing)
+            if again:
+                install_server_packages(*again)
         still = missing_binaries(*missing)
         if still:
             pytest.fail(f"server package installation incomplete: {still}")
@@ -327,11 +333,12 @@ def install_server_packages(*packages: str) -> None:
     policy.chmod(0o755)
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     env["PATH"] = env.get("PATH", "") + ":" + _SBIN_PATH
-    install = ["apt-get", "install", "-y", "-q", "--no-install-recommends", *packages]
+    install = ["apt-get", *APT_WAIT_FOR_LOCK, "install", "-y", "-q", "--no-install-recommends"]
+    install += packages
     try:
         if subprocess.run(install, env=env, check=False).returncode != 0:
             # A fresh machine has no package lists yet.
-            subprocess.run(["apt-get", "update", "-q"], env=env, check=True)
+            subprocess.run(["apt-get", *APT_WAIT_FOR_LOCK, "update", "-q"], env=env, check=True)
             subprocess.run(install, env=env, check=True)
     finally:
         policy.unlink(missing_ok=True)
