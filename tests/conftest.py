@@ -37,6 +37,27 @@ def pytest_runtest_makereport(item, call):
         report.longrepr = f"skipped under CI=true (a skip is a failure here): {reason}"
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_report_to_serializable(config: pytest.Config, report):
+    # A worker sends its reports as UTF-8; a test's captured log may hold a key or table
+    # name that is not (surrogate escapes of raw bytes), which would kill the worker.
+    outcome = yield
+    data = outcome.get_result()
+    if data is not None and _is_worker(config):
+        outcome.force_result(_utf8_encodable(data))
+
+
+def _utf8_encodable(value):
+    """VALUE (nested dicts, lists, tuples, strings) with lone surrogates as \\udcNN."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, dict):
+        return {key: _utf8_encodable(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_utf8_encodable(item) for item in value)
+    return value
+
+
 def _is_worker(config: pytest.Config) -> bool:
     return hasattr(config, "workerinput")
 
