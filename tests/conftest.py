@@ -16,6 +16,8 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -56,6 +58,15 @@ def _utf8_encodable(value):
     if isinstance(value, list | tuple):
         return type(value)(_utf8_encodable(item) for item in value)
     return value
+
+
+@pytest.fixture
+def short_tmp_path() -> Iterator[Path]:
+    """A new directory right under /tmp, for trees that hold UNIX sockets (107 bytes at
+    most): pytest's tmp_path is long, and longer in a parallel worker (.../popen-gw0/...)."""
+    directory = Path(tempfile.mkdtemp(prefix="pmt-", dir="/tmp"))
+    yield directory
+    shutil.rmtree(directory, ignore_errors=True)
 
 
 def _is_worker(config: pytest.Config) -> bool:
