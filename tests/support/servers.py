@@ -407,6 +407,16 @@ def instance_pids(leader: int, *, descendants: bool = True) -> list[int]:
     return sorted(pid for pid in found if table.get(pid, ("X",))[0] not in ("Z", "X"))
 
 
+def _all_threads_stopped(pid: int) -> bool:
+    """Whether every thread of PID is in the stopped state (T) of a SIGSTOP."""
+    task = Path(f"/proc/{pid}/task")
+    try:
+        stats = [(task / tid / "stat").read_text() for tid in os.listdir(task)]
+    except OSError:
+        return False
+    return all(stat.rsplit(")", 1)[1].split()[0] == "T" for stat in stats)
+
+
 def process_state(pid: int) -> str | None:
     """The /proc state letter of PID (R, S, T, Z, ...), None when it does not exist."""
     try:
@@ -1278,11 +1288,17 @@ class PrivateSlapd(PrivateServer):
         return run_client(command)
 
     def stop_signal(self) -> None:
-        """SIGSTOP slapd: a hung directory (the kernel still completes TCP handshakes)."""
+        """SIGSTOP slapd: a hung directory (the kernel still completes TCP handshakes).
+
+        Returns once every thread is stopped: kill() only queues the signal, and a thread
+        running on another CPU meanwhile would still answer a request sent right after.
+        """
         pid = self.pid
         if pid is None:
             raise RuntimeError("slapd is not running")
         os.kill(pid, signal.SIGSTOP)
+        if not _wait_until(lambda: _all_threads_stopped(pid), STOP_TIMEOUT, interval=0.001):
+            raise RuntimeError(f"slapd (pid {pid}) did not stop on SIGSTOP")
 
     def cont_signal(self) -> None:
         """SIGCONT slapd after stop_signal."""
