@@ -52,8 +52,12 @@ venv install: $(VENV)/.installed
 run: install
 	$(VENV)/bin/proxymap-master -c $(CONF) start
 
+# pytest-xdist: one worker per CPU (2 here); a module is one unit of work, so that its
+# private servers start once, and timing tests run alone (tests/conftest.py).
+# PYTEST_WORKERS=0: everything in one process.
+PYTEST_WORKERS ?= auto
 test: install lint
-	$(PY) -m pytest -ra $(PYTEST_ARGS)
+	$(PY) -m pytest -ra -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check .

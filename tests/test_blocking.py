@@ -74,6 +74,7 @@ def test_at_most_concurrency_calls_at_once_and_the_loop_keeps_running():
     assert table.peak == 2 and ticks >= 20  # three rounds of 0.1 s, loop never blocked
 
 
+@pytest.mark.serial
 def test_a_hung_driver_answers_retry_at_the_timeout_and_holds_its_slots():
     table = SleepyTable(0.6, timeout=0.1)
 

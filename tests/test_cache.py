@@ -652,6 +652,7 @@ def test_concurrent_misses_make_one_query(database: PrivatePostgres, cf_dir: Pat
     assert (figures["misses"], figures["coalesced"]) == (20, 19)
 
 
+@pytest.mark.serial
 def test_stopped_backend_stale_then_retry(
     postgres: PrivatePostgres,  # noqa: F811
     cf_dir: Path,

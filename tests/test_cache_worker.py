@@ -93,6 +93,7 @@ RETRY = (b"2", b"")
 UPDATE = 0x4040  # LOCK|FOLD_FIX: a 3.7 client's update and delete, keys folded
 
 
+@pytest.mark.serial
 def test_stale_answers_through_an_outage(stale_worker) -> None:
     instance, cached, plain, server = stale_worker
     [worker] = instance.worker_pids("proxymap")

@@ -176,6 +176,7 @@ def test_slow_request_then_fast_ones_keep_order(table):
     run(main())
 
 
+@pytest.mark.serial
 def test_second_client_served_while_first_waits(table):
     async def main():
         server = RecordingServer()
@@ -208,6 +209,7 @@ def test_partial_request_completed_within_deadline_is_answered(table):
     run(main())
 
 
+@pytest.mark.serial
 def test_deadline_closes_the_connection(table, caplog):
     async def main():
         handler = RequestHandler("proxymap", {table}, {})

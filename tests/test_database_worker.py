@@ -135,6 +135,7 @@ def timed_lookup(client, table: str, key: str) -> tuple[dict[str, bytes], float]
     return reply, time.monotonic() - started
 
 
+@pytest.mark.serial
 @pytest.mark.parametrize("stalled", ["mysql", "pgsql"])
 def test_a_stalled_query_holds_up_no_other_client(worker, stalled):
     instance, names, mariadb, postgres = worker

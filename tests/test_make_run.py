@@ -25,11 +25,11 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
-def running_make_run(tmp_path):
+def running_make_run(short_tmp_path):
     ensure_postfix()
-    shutil.copytree(REPO / "conf", tmp_path / "conf")
-    (tmp_path / ".venv").symlink_to(Path(sys.executable).parent.parent)
-    conf = tmp_path / "conf"
+    shutil.copytree(REPO / "conf", short_tmp_path / "conf")
+    (short_tmp_path / ".venv").symlink_to(Path(sys.executable).parent.parent)
+    conf = short_tmp_path / "conf"
     process = subprocess.Popen(
         ["make", "-s", "-C", str(REPO), "run", f"CONF={conf}"],
         stdout=subprocess.PIPE,

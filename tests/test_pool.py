@@ -172,6 +172,7 @@ def test_failover_in_order_and_one_warning_per_outage(caplog):
     run(scenario())
 
 
+@pytest.mark.serial
 def test_all_down_fails_fast_then_a_restarted_server_is_used_again():
     async def scenario():
         loop = asyncio.get_running_loop()

@@ -57,14 +57,14 @@ def children_of(pid: int) -> list[int]:
 
 
 @pytest.mark.parametrize("settle", [0.0, 1.0], ids=["while-workers-start", "serving"])
-def test_ctrl_c_on_make_run_is_quiet(tmp_path, settle):
+def test_ctrl_c_on_make_run_is_quiet(short_tmp_path, settle):
     """Right after the hints (workers are still importing) and once they serve."""
     ensure_postfix()
-    shutil.copytree(REPO / "conf", tmp_path / "conf")
-    (tmp_path / ".venv").symlink_to(Path(sys.executable).parent.parent)
+    shutil.copytree(REPO / "conf", short_tmp_path / "conf")
+    (short_tmp_path / ".venv").symlink_to(Path(sys.executable).parent.parent)
     pid, terminal = pty.fork()
     if pid == 0:  # the child: make run on a terminal, as a newcomer types it
-        os.execvp("make", ["make", "-s", "-C", str(REPO), "run", f"CONF={tmp_path}/conf"])
+        os.execvp("make", ["make", "-s", "-C", str(REPO), "run", f"CONF={short_tmp_path}/conf"])
     try:
         shown = read_until(terminal, b" or: ", 60)
         assert b" or: " in shown, shown.decode(errors="replace")
@@ -111,14 +111,14 @@ def test_worker_dies_quietly_on_sigint(tmp_path):
 
 
 @pytest.mark.parametrize("journal", [False, True], ids=["terminal-or-file", "journal"])
-def test_master_records_reach_the_journal_once(tmp_path, journal):
+def test_master_records_reach_the_journal_once(short_tmp_path, journal):
     """Under systemd stderr is the journal ($JOURNAL_STREAM), which also receives the
     syslog records: the master then writes its records to syslog only (the hints, which
     are not records, still go to stderr)."""
     ensure_postfix()
-    shutil.copytree(REPO / "conf", tmp_path / "conf")
-    (tmp_path / ".venv").symlink_to(Path(sys.executable).parent.parent)
-    output = tmp_path / "stderr"
+    shutil.copytree(REPO / "conf", short_tmp_path / "conf")
+    (short_tmp_path / ".venv").symlink_to(Path(sys.executable).parent.parent)
+    output = short_tmp_path / "stderr"
     with open(output, "wb") as stderr:
         info = os.fstat(stderr.fileno())
         env = dict(os.environ)
@@ -129,7 +129,7 @@ def test_master_records_reach_the_journal_once(tmp_path, journal):
             [
                 str(Path(sys.executable).parent / "proxymap-master"),
                 "-c",
-                str(tmp_path / "conf"),
+                str(short_tmp_path / "conf"),
                 "start",
             ],
             stdin=subprocess.DEVNULL,

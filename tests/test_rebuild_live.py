@@ -93,6 +93,7 @@ def test_rebuild_while_serving(table_type):
             )
 
 
+@pytest.mark.serial
 def test_a_locked_table_does_not_hold_up_the_other_clients():
     """While a writer holds the hash file's exclusive lock (postmap rebuilding it), a
     lookup on it waits -- and so does that client's next request -- but the worker's

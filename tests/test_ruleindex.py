@@ -375,6 +375,7 @@ def average_lookup_us(table, keys: list[bytes], rounds: int = 3) -> float:
         (CidrTable, "10.{hi}.{lo}.0/24 rule{i}", "10.{hi}.{lo}.9"),
     ],
 )
+@pytest.mark.serial
 def test_thousand_rule_tables_are_indexed(tmp_path, cls, line, key):
     path = tmp_path / "rules"
     path.write_text("".join(line.format(i=i, hi=i // 256, lo=i % 256) + "\n" for i in range(1000)))

@@ -178,6 +178,7 @@ def query_stats(conf: Path) -> dict:
     return json.loads(done.stdout)
 
 
+@pytest.mark.serial
 def test_figures_under_the_postfix_master(slow_server):
     ensure_postfix()
     instance = PrivatePostfix(
@@ -339,6 +340,7 @@ def postmap_status(master: OurMaster, table: str, key: str) -> int:
     raise AssertionError(f"postmap: {result}")
 
 
+@pytest.mark.serial
 def test_figures_under_our_master(slow_server):
     ensure_postfix()
     master = OurMaster(slow_server)

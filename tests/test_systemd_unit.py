@@ -10,18 +10,22 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.locks import APT_WAIT_FOR_LOCK, PACKAGE_INSTALL_LOCK, exclusive
+
 UNIT = Path(__file__).resolve().parent.parent / "conf" / "pyproxymap.service"
 
 
 def systemd_analyze() -> str:
     found = shutil.which("systemd-analyze")
     if found is None and os.geteuid() == 0:
-        subprocess.run(
-            ["apt-get", "install", "-y", "-q", "systemd"],
-            check=False,
-            env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
-            capture_output=True,
-        )
+        with exclusive(PACKAGE_INSTALL_LOCK):  # one apt-get at a time (parallel workers)
+            if shutil.which("systemd-analyze") is None:
+                subprocess.run(
+                    ["apt-get", *APT_WAIT_FOR_LOCK, "install", "-y", "-q", "systemd"],
+                    check=False,
+                    env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
+                    capture_output=True,
+                )
         found = shutil.which("systemd-analyze")
     if found is None:
         pytest.skip("systemd-analyze is not installed (package systemd)")

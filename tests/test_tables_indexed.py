@@ -512,6 +512,7 @@ with open(sys.argv[1], "rb+") as table_file:
 """
 
 
+@pytest.mark.serial
 @pytest.mark.postfix
 @pytest.mark.parametrize("dict_type", ["hash", "btree", "lmdb"])
 def test_a_writer_lock_makes_an_access_busy_not_blocked(tmp_path, dict_type):

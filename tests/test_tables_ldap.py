@@ -767,6 +767,7 @@ class TestOutages:
             assert time.monotonic() - began < 5, stack.ours.log_tail()
             time.sleep(0.05)
 
+    @pytest.mark.serial
     def test_hung_directory_holds_up_no_other_table(self, stack: Stack) -> None:
         """slapd stopped (SIGSTOP): the worker's other tables answer at once; the hung
         lookups answer RETRY at the table's timeout (2 s)."""
@@ -875,6 +876,7 @@ class TestSharedConnections:
         assert seen.pool_open == connections
         assert seen.results == [b"one-ok@example.com"] * count
 
+    @pytest.mark.serial
     def test_hung_lookups_leave_the_loop_free(self, slapd: PrivateSlapd, tmp_path: Path) -> None:  # noqa: F811
         slapd.add(ONE_ENTRY)
         table = open_table(write_cf(tmp_path / "h.cf", slapd, "timeout = 1\n"))

@@ -556,6 +556,7 @@ def test_delete_as_postmap_d(rig: Rig, cf: str, key: str) -> None:
 # ---------------------------------------------------------------------------
 
 
+@pytest.mark.serial
 def test_memcached_down_then_back(rig: Rig) -> None:
     victim = rig.victim
     victim.kill()
@@ -593,6 +594,7 @@ def test_memcached_down_then_back(rig: Rig) -> None:
     assert len(warnings) == 1, warnings
 
 
+@pytest.mark.serial
 def test_restart_with_idle_connections(rig: Rig) -> None:
     """Connections a restarted memcached closed are replaced at once: no failed try,
     no retry_pause (the C proxymap's event loop notices the close likewise)."""
@@ -609,6 +611,7 @@ def test_restart_with_idle_connections(rig: Rig) -> None:
     assert elapsed < 0.5, elapsed
 
 
+@pytest.mark.serial
 def test_hung_memcached(rig: Rig) -> None:
     """SIGSTOP: other tables of the same worker answer at once; the hung lookups answer
     RETRY after max_try tries (timeout 1 + pause 1 + timeout 1), as Postfix does."""

@@ -630,6 +630,7 @@ class TestFailover:
 
 
 class TestConcurrency:
+    @pytest.mark.serial
     def test_stalled_query_holds_up_nobody_and_times_out(
         self, db: PrivateMariaDB, cfdir: Path
     ) -> None:

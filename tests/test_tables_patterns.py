@@ -13,6 +13,7 @@ import asyncio
 import os
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,13 +25,14 @@ from proxymap.tables.cidr import CidrTable
 from proxymap.tables.pcre import PcreTable
 from proxymap.tables.randmap import RandmapTable
 from proxymap.tables.regexp import RegexpTable
+from tests.support.fake_vector_servers import FakeVectorServers
 from tests.support.postfix import ensure_postfix, postmap_path
 from tests.support.vectors import (
     absolute_map,
     build_vector_tables,
+    fake_servers_on_free_ports,
     load_vectors,
 )
-from tests.support.vectors import fake_servers as running_fake_servers
 
 TYPES = ("regexp", "pcre", "cidr", "pipemap", "unionmap", "randmap", "tcp", "socketmap")
 REQUEST_FLAGS = 524353  # what postmap -q sends: utf8_request | lock | warn_dup
@@ -73,17 +75,17 @@ def vector_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def fake_servers(tmp_path_factory):
-    """The shared tcp/socketmap fake servers; started unless someone already runs them."""
-    with running_fake_servers(tmp_path_factory.mktemp("wire")):
-        yield
+def fake_servers(tmp_path_factory) -> Iterator[FakeVectorServers]:
+    """The vectors' tcp/socketmap fakes, on ports of their own (no other test waits)."""
+    with fake_servers_on_free_ports(tmp_path_factory.mktemp("wire")) as fakes:
+        yield fakes
 
 
 @pytest.mark.parametrize("row", ROWS, ids=[f"{r.line}:{r.map[:40]}:{r.key[:20]}" for r in ROWS])
 def test_vector_row_like_direct_postmap(row, vector_dir, request):
-    if row.map_type in ("tcp", "socketmap"):
-        request.getfixturevalue("fake_servers")
     spec = absolute_map(row.map, vector_dir)
+    if row.map_type in ("tcp", "socketmap"):
+        spec = request.getfixturevalue("fake_servers").on_own_ports(spec)
     assert lookup_like_postmap(spec, row.key) == row.outcome
 
 

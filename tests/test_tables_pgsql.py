@@ -419,6 +419,7 @@ class TestFailover:
         assert table.pool.failovers >= 1
         assert table.pool.connects == 1
 
+    @pytest.mark.serial
     def test_all_dead_is_retry_at_once(self, tmp_path: Path) -> None:
         cf = write_cf(
             tmp_path / "t.cf", {"hosts": f"127.0.0.1:{free_port()}", "dbname": "d", "query": QUERY}
@@ -611,6 +612,7 @@ class TestRecovery:
 
 
 class TestTimeoutAndConcurrency:
+    @pytest.mark.serial
     def test_stalled_query(self, database: PrivatePostgres, tmp_path: Path) -> None:
         slow = write_cf(tmp_path / "slow.cf", tcp_settings(database, select_function="slow_alias"))
         fast = write_cf(tmp_path / "fast.cf", tcp_settings(database, query=QUERY))

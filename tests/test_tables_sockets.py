@@ -173,6 +173,7 @@ def test_tcp_and_socketmap_refuse_no_unauth_and_read_write():
     assert isinstance(open_table("socketmap:bogus:x:m", 0, 0, ctx), SurrogateTable)
 
 
+@pytest.mark.serial
 def test_tcp_hanging_lookup_does_not_block_others():
     async def scenario():
         fake = TcpServer()
@@ -234,6 +235,7 @@ def test_socketmap_answers_and_failures(tmp_path):
     run(scenario())
 
 
+@pytest.mark.serial
 def test_socketmap_slow_backend_does_not_serialize_clients():
     async def scenario():
         server, port = await start(SocketmapServer().handle)

@@ -737,6 +737,7 @@ SLOW_QUERY = (
 )
 
 
+@pytest.mark.serial
 def test_runaway_query_is_stopped(data: Path) -> None:
     table = open_sqlite(data, {"query": SLOW_QUERY}, {"pyproxymap_sqlite_timeout": "0.2"})
     started = time.monotonic()
@@ -824,6 +825,7 @@ def assert_prompt(delays: list[float]) -> None:
     assert ordered[-1] < 0.100, ordered[-5:]
 
 
+@pytest.mark.serial
 def test_waiting_table_does_not_hold_up_other_tables(data: Path) -> None:
     """Eight lookups wait for a writer's lock: four threads, and the other table answers.
 
@@ -863,6 +865,7 @@ def test_waiting_table_does_not_hold_up_other_tables(data: Path) -> None:
     assert_prompt(delays)
 
 
+@pytest.mark.serial
 def test_locked_database_waits_then_retries(data: Path, caplog: pytest.LogCaptureFixture) -> None:
     params = {"pyproxymap_sqlite_timeout": "0.5"}
     locked = open_sqlite(data, {"query": ALIAS_QUERY}, params, name="locked.cf")

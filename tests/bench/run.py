@@ -74,7 +74,9 @@ DESCRIPTION
     server does not speak it, so its column keeps the 3.7 form as the baseline.
 
 FILES
-    tests/bench/results/<UTC timestamp>.json and .md, and latest.md (a copy of the last).
+    tests/bench/results/runs/<UTC timestamp>.json (every sample) and .md: every run's,
+    untracked (.gitignore); tests/bench/results/latest.md: a copy of the last .md, the one
+    to commit. --results DIR puts both under DIR instead (DIR/runs/, DIR/latest.md).
 """
 
 from __future__ import annotations
@@ -157,7 +159,7 @@ def build_pmload() -> Path:
     binary = cache_dir() / f"pmload-{digest}"
     if not binary.exists():
         binary.parent.mkdir(parents=True, exist_ok=True)
-        partial = binary.with_suffix(".tmp")
+        partial = binary.with_suffix(f".{os.getpid()}.tmp")  # two builds may race
         subprocess.run(["gcc", "-O2", "-o", str(partial), str(source)], check=True)
         partial.rename(binary)
     return binary
@@ -1088,14 +1090,17 @@ def _ms(value_us) -> str:
 
 
 def write_results(report: Report, directory: Path) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
+    """Every sample and the summary into DIRECTORY/runs/ (kept out of git: a run's JSON is
+    thousands of lines), the summary also into DIRECTORY/latest.md (the one committed)."""
+    runs = directory / "runs"
+    runs.mkdir(parents=True, exist_ok=True)
     stamp = report.started.replace(":", "").replace("-", "")
     data = asdict(report)
-    (directory / f"{stamp}.json").write_text(json.dumps(data, indent=1, default=str) + "\n")
+    (runs / f"{stamp}.json").write_text(json.dumps(data, indent=1, default=str) + "\n")
     text = markdown(report)
-    (directory / f"{stamp}.md").write_text(text)
+    (runs / f"{stamp}.md").write_text(text)
     (directory / "latest.md").write_text(text)
-    return directory / f"{stamp}.md"
+    return runs / f"{stamp}.md"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -1124,7 +1129,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=str(Path(sys.executable).parent / "proxymap"),
         help="our worker executable (default: the venv's proxymap script)",
     )
-    parser.add_argument("--results", default=str(RESULTS_DIR), help="where to write results")
+    parser.add_argument(
+        "--results",
+        default=str(RESULTS_DIR),
+        help="where to write results (runs/ for every run's files, latest.md)",
+    )
     parser.add_argument(
         "--slow-ms",
         type=float,
@@ -1176,7 +1185,7 @@ def main(argv: list[str] | None = None) -> int:
     report = run_benchmark(options)
     path = write_results(report, Path(options.results))
     print(markdown(report))
-    print(f"results: {path} (and .json, latest.md)")
+    print(f"results: {path} (and .json), {Path(options.results) / 'latest.md'}")
     return 0
 
 

@@ -31,6 +31,10 @@ DESCRIPTION
 
     The fakes run on their own event loop in a daemon thread of the test process. Every
     request is appended (as repr of the bytes) to the wire log when one is given.
+
+    ``ports=(0, 0, 0)`` makes them listen on free ports instead, for a test that rewrites
+    the map specs (``on_own_ports``) and so need not wait for another test process
+    holding the recorded ones (see tests/support/vectors.py, fake_servers).
 """
 
 from __future__ import annotations
@@ -122,8 +126,15 @@ Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]
 class FakeVectorServers:
     """The three fakes, started by ``start()`` (or ``with``), stopped by ``stop()``."""
 
-    def __init__(self, wire_log: str | os.PathLike | None = None, host: str = HOST) -> None:
+    def __init__(
+        self,
+        wire_log: str | os.PathLike | None = None,
+        host: str = HOST,
+        ports: tuple[int, int, int] = PORTS,
+    ) -> None:
         self.host = host
+        # (tcp, socketmap, memcache); 0 = any free port, the one taken replaces it on start.
+        self.ports = ports
         self.wire_log = Path(wire_log) if wire_log is not None else None
         self.memcache: dict[bytes, bytes] = {}
         self._log: TextIO | None = None
@@ -166,16 +177,22 @@ class FakeVectorServers:
         self.stop()
 
     async def _listen(self) -> None:
-        for handler, port in (
-            (self._tcp, TCP_PORT),
-            (self._socketmap, SOCKETMAP_PORT),
-            (self._memcache, MEMCACHE_PORT),
+        taken = []
+        for handler, port in zip(
+            (self._tcp, self._socketmap, self._memcache), self.ports, strict=True
         ):
-            self._servers.append(
-                await asyncio.start_server(
-                    self._guarded(handler), self.host, port, reuse_address=True
-                )
+            server = await asyncio.start_server(
+                self._guarded(handler), self.host, port, reuse_address=True
             )
+            self._servers.append(server)
+            taken.append(server.sockets[0].getsockname()[1])
+        self.ports = (taken[0], taken[1], taken[2])
+
+    def on_own_ports(self, spec: str) -> str:
+        """SPEC (a map naming the recorded ports) with the ports these fakes listen on."""
+        for recorded, own in zip(PORTS, self.ports, strict=True):
+            spec = spec.replace(f"{self.host}:{recorded}", f"{self.host}:{own}")
+        return spec
 
     def _shutdown(self) -> None:
         loop = self._loop

@@ -57,6 +57,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from tests.support.locks import APT_WAIT_FOR_LOCK, PACKAGE_INSTALL_LOCK, exclusive
+
 POSTFIX_SBIN = Path("/usr/lib/postfix/sbin")
 POSTFIX_LIB = Path("/usr/lib/postfix")
 MASTER = POSTFIX_SBIN / "master"
@@ -122,7 +124,10 @@ def ensure_postfix() -> None:
             pytest.skip(f"Postfix not installed and not root: {missing}")
         if not shutil.which("apt-get"):
             pytest.skip("Postfix not installed and no apt-get to install it")
-        install_postfix()
+        with exclusive(PACKAGE_INSTALL_LOCK):
+            # Another test process (a parallel worker) may have installed it meanwhile.
+            if missing_postfix_parts():
+                install_postfix()
         if missing_postfix_parts():
             pytest.fail(f"Postfix installation incomplete: {missing_postfix_parts()}")
     if os.geteuid() != 0:
@@ -152,10 +157,10 @@ def install_postfix() -> None:
             env=env,
             check=False,
         )
-        install = ["apt-get", "install", "-y", "-q", *DEBIAN_PACKAGES]
+        install = ["apt-get", *APT_WAIT_FOR_LOCK, "install", "-y", "-q", *DEBIAN_PACKAGES]
         if subprocess.run(install, env=env, check=False).returncode != 0:
             # A fresh machine has no package lists yet.
-            subprocess.run(["apt-get", "update", "-q"], env=env, check=True)
+            subprocess.run(["apt-get", *APT_WAIT_FOR_LOCK, "update", "-q"], env=env, check=True)
             subprocess.run(install, env=env, check=True)
     finally:
         if created_policy:

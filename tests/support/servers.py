@@ -139,6 +139,8 @@ from urllib.parse import quote
 
 import pytest
 
+from tests.support.locks import APT_WAIT_FOR_LOCK, PACKAGE_INSTALL_LOCK, exclusive
+
 # ---------------------------------------------------------------------------
 # Constants
 # ---------------------------------------------------------------------------
@@ -302,7 +304,11 @@ def ensure_server_packages(*names: str) -> None:
             pytest.skip(f"server packages not installed and not root: {described}")
         if not _which("apt-get"):
             pytest.skip(f"server packages not installed and no apt-get: {described}")
-        install_server_packages(*missing)
+        with exclusive(PACKAGE_INSTALL_LOCK):
+            # Another test process (a parallel worker) may have installed them meanwhile.
+            again = missing_binaries(*missing)
+            if again:
+                install_server_packages(*again)
         still = missing_binaries(*missing)
         if still:
             pytest.fail(f"server package installation incomplete: {still}")
@@ -327,11 +333,12 @@ def install_server_packages(*packages: str) -> None:
     policy.chmod(0o755)
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     env["PATH"] = env.get("PATH", "") + ":" + _SBIN_PATH
-    install = ["apt-get", "install", "-y", "-q", "--no-install-recommends", *packages]
+    install = ["apt-get", *APT_WAIT_FOR_LOCK, "install", "-y", "-q", "--no-install-recommends"]
+    install += packages
     try:
         if subprocess.run(install, env=env, check=False).returncode != 0:
             # A fresh machine has no package lists yet.
-            subprocess.run(["apt-get", "update", "-q"], env=env, check=True)
+            subprocess.run(["apt-get", *APT_WAIT_FOR_LOCK, "update", "-q"], env=env, check=True)
             subprocess.run(install, env=env, check=True)
     finally:
         policy.unlink(missing_ok=True)
@@ -398,6 +405,16 @@ def instance_pids(leader: int, *, descendants: bool = True) -> list[int]:
             found.add(pid)
         todo.extend(child for child in children.get(pid, ()) if child not in found)
     return sorted(pid for pid in found if table.get(pid, ("X",))[0] not in ("Z", "X"))
+
+
+def _all_threads_stopped(pid: int) -> bool:
+    """Whether every thread of PID is in the stopped state (T) of a SIGSTOP."""
+    task = Path(f"/proc/{pid}/task")
+    try:
+        stats = [(task / tid / "stat").read_text() for tid in os.listdir(task)]
+    except OSError:
+        return False
+    return all(stat.rsplit(")", 1)[1].split()[0] == "T" for stat in stats)
 
 
 def process_state(pid: int) -> str | None:
@@ -1271,11 +1288,17 @@ class PrivateSlapd(PrivateServer):
         return run_client(command)
 
     def stop_signal(self) -> None:
-        """SIGSTOP slapd: a hung directory (the kernel still completes TCP handshakes)."""
+        """SIGSTOP slapd: a hung directory (the kernel still completes TCP handshakes).
+
+        Returns once every thread is stopped: kill() only queues the signal, and a thread
+        running on another CPU meanwhile would still answer a request sent right after.
+        """
         pid = self.pid
         if pid is None:
             raise RuntimeError("slapd is not running")
         os.kill(pid, signal.SIGSTOP)
+        if not _wait_until(lambda: _all_threads_stopped(pid), STOP_TIMEOUT, interval=0.001):
+            raise RuntimeError(f"slapd (pid {pid}) did not stop on SIGSTOP")
 
     def cont_signal(self) -> None:
         """SIGCONT slapd after stop_signal."""

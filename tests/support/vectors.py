@@ -31,12 +31,14 @@ import shutil
 import socket
 import sqlite3
 import subprocess
+import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from tests.support.fake_vector_servers import PORTS as FAKE_SERVER_PORTS
 from tests.support.fake_vector_servers import FakeVectorServers
+from tests.support.locks import exclusive
 from tests.support.postfix import postmap_path, settle_files
 
 REPOSITORY = Path(__file__).resolve().parents[2]
@@ -326,14 +328,31 @@ def _port_open(port: int) -> bool:
         return probe.connect_ex(("127.0.0.1", port)) == 0
 
 
+# The recorded ports are fixed: one test process at a time on this machine runs the fakes
+# (pytest-xdist workers, test runs of other checkouts). A module that holds them must
+# have no @pytest.mark.serial test: that test would wait for a worker waiting for them.
+FAKE_SERVERS_LOCK = Path(tempfile.gettempdir()) / "pyproxymap-tests-vector-ports.lock"
+
+
 @contextlib.contextmanager
 def fake_servers(log_dir: str | os.PathLike) -> Iterator[None]:
     """Run our fake tcp/socketmap/memcache servers unless something already listens there.
 
     Requests are logged to LOG_DIR/wire.log. The fakes live in this process (a thread).
+    Another test process using them is waited for (FAKE_SERVERS_LOCK).
     """
-    if all(_port_open(port) for port in FAKE_SERVER_PORTS):
-        yield
-        return
-    with FakeVectorServers(wire_log=Path(log_dir) / "wire.log"):
-        yield
+    with exclusive(FAKE_SERVERS_LOCK):
+        if all(_port_open(port) for port in FAKE_SERVER_PORTS):
+            yield
+            return
+        with FakeVectorServers(wire_log=Path(log_dir) / "wire.log"):
+            yield
+
+
+@contextlib.contextmanager
+def fake_servers_on_free_ports(log_dir: str | os.PathLike) -> Iterator[FakeVectorServers]:
+    """The same fakes on free ports, for callers that rewrite the map specs with
+    ``on_own_ports``: no waiting for the recorded ports (a test that compares with the
+    real Postfix, which reads the specs from main.cf, keeps using ``fake_servers``)."""
+    with FakeVectorServers(wire_log=Path(log_dir) / "wire.log", ports=(0, 0, 0)) as fakes:
+        yield fakes
