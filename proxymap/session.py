@@ -154,7 +154,8 @@ class Session:
             answer = self._shortcuts.get(data[:cut]) if cut <= len(data) - 2 else None
             if answer is not None:
                 key = data[cut:-2]
-                if b"\x00" not in key:
+                # A list over the size cap is refused whatever its chunking.
+                if b"\x00" not in key and len(data) <= self.decoder.limit + 1:
                     hooks = self.hooks
                     hooks.request_started()
                     reply = answer(key)
