@@ -57,6 +57,7 @@ class ProxymapProtocol(ClientProtocol):
     def __init__(self, server: MultiServer, handler: RequestHandler, stream: str) -> None:
         super().__init__(server)
         self.session = Session(handler, stream, server)
+        self._receive_data = self.session.receive_data  # bound once: the hot path's call
         self._slow: asyncio.Future[None] | None = None  # the task awaiting slow requests
         self._deadline: asyncio.TimerHandle | None = None
         self._timed: int | None = None  # the session's deadline key the clock runs for
@@ -94,11 +95,10 @@ class ProxymapProtocol(ClientProtocol):
             self.transport.resume_reading()  # type: ignore[union-attr]
 
     def data_received(self, data: bytes) -> None:
-        session = self.session
-        out = session.receive_data(data)
+        out = self._receive_data(data)
         if out:
             self.transport.write(out)  # type: ignore[union-attr]
-        if session.idle and self._deadline is None:
+        if self.session.idle and self._deadline is None:
             return  # between requests, no clock to stop: the fast path ends here
         self._follow()
 

@@ -50,7 +50,7 @@ DESCRIPTION
     Fast path: ``compile_lookup(request)`` returns a function key -> encoded reply
     for every lookup that differs from ``request`` only in its key; it does what
     ``handle`` and ``encode_reply`` do, minus the per-request routing, flag
-    arithmetic and ``Reply`` objects. The connection keeps these functions in
+    arithmetic and ``Reply`` objects. The session keeps these functions in
     ``lookup_shortcuts`` under the request bytes that precede the key.
 
     G1 and G2 instances of one table are never shared. Member tables of
@@ -63,12 +63,12 @@ DESCRIPTION
     that raised DictBusy (a writer holds the table file locked): the coroutine tries
     it again after 1, 2, 4 ... 50 ms until the lock is gone, where Postfix would wait
     in flock() with all its clients; a compiled lookup then answers None and the
-    connection takes the general path.
+    session takes the general path.
 
     Result cache (``proxymap.cache``, off by default): an asynchronous instance of a
     table named in ``pyproxymap_cache_maps`` gets its table's cache when it is
     opened. A lookup with a fresh entry is answered inline, as a local table's (the
-    connection then learns a compiled lookup for it that answers hits and hands
+    session then learns a compiled lookup for it that answers hits and hands
     anything else to the general path); a miss awaits ``TableCache.fill`` (one query
     per key, stale entries when the backend fails temporarily). An update or delete
     invalidates the key. Synchronous tables never see the cache: their paths are
@@ -222,7 +222,7 @@ class RequestHandler:
         )
         self.legacy_context = replace(self.context, legacy_client=True)
         self._routes: dict[tuple[str, int, int], Instance | Refusal] = {}
-        #: Filled by the connection: request bytes before the key -> compiled lookup
+        #: Filled by the sessions: request bytes before the key -> compiled lookup
         #: (None: that request shape takes the general path).
         self.lookup_shortcuts: dict[bytes, LookupFunction | None] = {}
         self._instances: dict[tuple[str, int, int, int], Instance] = {}

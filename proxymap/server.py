@@ -46,11 +46,12 @@ DESCRIPTION
         the waiting client is accepted by a fresh process.
 
     ``-S``: one request is read from stdin and answered on stdout, without the
-    announcement; a slow table is awaited on a private event loop.
+    announcement, by a ``Session`` as on a connection; a slow table is awaited on a
+    private event loop.
 
 SEE ALSO
-    proxymap.connection (one client), proxymap.handler (one request),
-    docs/PROTOCOL.md sections 2 and 4.
+    proxymap.session (one client), proxymap.connection (its event-loop driver),
+    proxymap.handler (one request), docs/PROTOCOL.md sections 2 and 4.
 """
 
 from __future__ import annotations

@@ -148,21 +148,23 @@ class Session:
         if self.idle and data[-2:] == _LIST_END:
             # One whole lookup whose prefix was seen before? The key is what follows
             # the last "key" name; a NUL in it means more than one list: general path.
+            size = len(data)
             cut = data.rfind(_KEY_NAME) + 5
             # ``key NUL NUL`` ends the chunk: an empty key value, but no list terminator
-            # yet (the fuzzer found it answered as a lookup of the empty key).
-            answer = self._shortcuts.get(data[:cut]) if cut <= len(data) - 2 else None
-            if answer is not None:
-                key = data[cut:-2]
-                # A list over the size cap is refused whatever its chunking.
-                if b"\x00" not in key and len(data) <= self.decoder.limit + 1:
-                    hooks = self.hooks
-                    hooks.request_started()
-                    reply = answer(key)
-                    hooks.request_done()
-                    if reply is not None:
-                        return reply
-                    # None: the table is busy, the general path waits for it.
+            # yet (the fuzzer found it answered as a lookup of the empty key). A list
+            # over the size cap is refused, as in any other chunking.
+            if cut <= size - 2 and size <= self.decoder.limit + 1:
+                answer = self._shortcuts.get(data[:cut])
+                if answer is not None:
+                    key = data[cut:-2]
+                    if b"\x00" not in key:
+                        hooks = self.hooks
+                        hooks.request_started()
+                        reply = answer(key)
+                        hooks.request_done()
+                        if reply is not None:
+                            return reply
+                        # None: the table is busy, the general path waits for it.
         return self._decode_and_serve(data)
 
     def _decode_and_serve(self, data: bytes) -> bytes:
