@@ -177,19 +177,21 @@ class Session:
             lists = exc.complete
             self.closing = True
             self._final_reply = reply_to_truncated(exc.partial)
-        out = b""
-        if lists:
-            self._lists += len(lists)
-            if self.one_request:
-                lists = lists[:1]
-                self.closing = True
-                self._final_reply = None
-                self.decoder.reset()
-            if self.slow is not None:
-                self._queue.extend(lists)
-                return b""
-            out = self._serve(lists)
-        return out + self._settle() if self.slow is None else out
+        if not lists:
+            return self._settle() if self.slow is None else b""
+        self._lists += len(lists)
+        if self.one_request:
+            lists = lists[:1]
+            self.closing = True
+            self._final_reply = None
+            self.decoder.reset()
+        if self.slow is not None:
+            self._queue.extend(lists)  # their turn comes after the slow reply
+            return b""
+        out = self._serve(lists)
+        if self.slow is not None:
+            return out
+        return out + self._settle()
 
     def receive_eof(self) -> bytes:
         """End of input: the answer to a request it cut short, if any."""
