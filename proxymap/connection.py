@@ -57,7 +57,7 @@ class ProxymapProtocol(ClientProtocol):
     def __init__(self, server: MultiServer, handler: RequestHandler, stream: str) -> None:
         super().__init__(server)
         self.session = Session(handler, stream, server)
-        self._receive_data = self.session.receive_data  # bound once: the hot path's call
+        self._answer_whole = self.session.answer_whole  # bound once: the fast path's call
         self._slow: asyncio.Future[None] | None = None  # the task awaiting slow requests
         self._deadline: asyncio.TimerHandle | None = None
         self._timed: int | None = None  # the session's deadline key the clock runs for
@@ -95,11 +95,15 @@ class ProxymapProtocol(ClientProtocol):
             self.transport.resume_reading()  # type: ignore[union-attr]
 
     def data_received(self, data: bytes) -> None:
-        out = self._receive_data(data)
+        reply = self._answer_whole(data)
+        if reply is not None:  # the fast path: the session stays idle, no clock runs
+            self.transport.write(reply)  # type: ignore[union-attr]
+            return
+        out = self.session.decode_and_serve(data)
         if out:
             self.transport.write(out)  # type: ignore[union-attr]
         if self.session.idle and self._deadline is None:
-            return  # between requests, no clock to stop: the fast path ends here
+            return  # between requests, no clock to stop
         self._follow()
 
     def eof_received(self) -> bool:

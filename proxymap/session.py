@@ -145,9 +145,17 @@ class Session:
 
     def receive_data(self, data: bytes) -> bytes:
         """Take received bytes; return the replies they complete."""
+        reply = self.answer_whole(data)
+        return reply if reply is not None else self.decode_and_serve(data)
+
+    def answer_whole(self, data: bytes) -> bytes | None:
+        """The fast path alone: the reply when ``data`` is one whole lookup, between
+        requests, whose prefix was seen before; else None, and nothing changed (the
+        caller goes on with ``decode_and_serve``). A driver calls them apart to skip
+        looking at the state after a fast answer: it leaves the session idle."""
         if self.idle and data[-2:] == _LIST_END:
-            # One whole lookup whose prefix was seen before? The key is what follows
-            # the last "key" name; a NUL in it means more than one list: general path.
+            # The key is what follows the last "key" name; a NUL in it means more than
+            # one list: general path.
             size = len(data)
             cut = data.rfind(_KEY_NAME) + 5
             # ``key NUL NUL`` ends the chunk: an empty key value, but no list terminator
@@ -162,12 +170,12 @@ class Session:
                         hooks.request_started()
                         reply = answer(key)
                         hooks.request_done()
-                        if reply is not None:
-                            return reply
-                        # None: the table is busy, the general path waits for it.
-        return self._decode_and_serve(data)
+                        return reply  # None: the table is busy, the general path waits
+        return None
 
-    def _decode_and_serve(self, data: bytes) -> bytes:
+    def decode_and_serve(self, data: bytes) -> bytes:
+        """The general path of ``receive_data``: decode, answer in order, queue behind
+        a slow request."""
         if self.closing:
             return b""  # after end of input, an oversized list or the one request
         try:
