@@ -54,6 +54,8 @@ def _first_step() -> Generator[None, None, None]:
 class ProxymapProtocol(ClientProtocol):
     """Serves one client through its ``Session``."""
 
+    transport: asyncio.Transport  # set by connection_made, before any other call
+
     def __init__(self, server: MultiServer, handler: RequestHandler, stream: str) -> None:
         super().__init__(server)
         self.session = Session(handler, stream, server)
@@ -86,22 +88,22 @@ class ProxymapProtocol(ClientProtocol):
         super().pause_writing()
         self._write_blocked = True
         if not self._closed:
-            self.transport.pause_reading()  # type: ignore[union-attr]
+            self.transport.pause_reading()
 
     def resume_writing(self) -> None:
         super().resume_writing()
         self._write_blocked = False
         if not self._closed and self._slow is None and not self.session.closing:
-            self.transport.resume_reading()  # type: ignore[union-attr]
+            self.transport.resume_reading()
 
     def data_received(self, data: bytes) -> None:
         reply = self._answer_whole(data)
         if reply is not None:  # the fast path: the session stays idle, no clock runs
-            self.transport.write(reply)  # type: ignore[union-attr]
+            self.transport.write(reply)
             return
         out = self.session.decode_and_serve(data)
         if out:
-            self.transport.write(out)  # type: ignore[union-attr]
+            self.transport.write(out)
         if self.session.idle and self._deadline is None:
             return  # between requests, no clock to stop
         self._follow()
@@ -110,7 +112,7 @@ class ProxymapProtocol(ClientProtocol):
         session = self.session
         out = session.receive_eof()
         if out:
-            self.transport.write(out)  # type: ignore[union-attr]
+            self.transport.write(out)
         self._cancel_deadline()
         # Keep the transport while a slow request's reply (and the queue) still go out.
         return session.slow is not None
@@ -131,13 +133,13 @@ class ProxymapProtocol(ClientProtocol):
                 self._deadline = loop.call_later(REQUEST_DEADLINE, self._deadline_expired)
                 self._timed = key
         if session.finished:
-            self.transport.close()  # type: ignore[union-attr]
+            self.transport.close()
 
     def _start_slow(self) -> None:
         serve = self._serve_slow()
         serve.send(None)  # into its try block: a task cancelled before it ran is answered
         self._slow = asyncio.ensure_future(serve)
-        self.transport.pause_reading()  # type: ignore[union-attr]
+        self.transport.pause_reading()
 
     async def _serve_slow(self) -> None:
         session = self.session
@@ -155,12 +157,12 @@ class ProxymapProtocol(ClientProtocol):
                 outcome = exc
             out = session.slow_answered(outcome)
             if out and not self._closed:
-                self.transport.write(out)  # type: ignore[union-attr]
+                self.transport.write(out)
         self._slow = None
         if self._closed:
             return
         if not session.finished and not self._write_blocked:
-            self.transport.resume_reading()  # type: ignore[union-attr]
+            self.transport.resume_reading()
         self._follow()
 
     # --- the deadline --------------------------------------------------------------------
@@ -170,7 +172,7 @@ class ProxymapProtocol(ClientProtocol):
             return
         self.session.deadline_expired()
         if self.session.finished:
-            self.transport.close()  # type: ignore[union-attr]
+            self.transport.close()
 
     def _cancel_deadline(self) -> None:
         if self._deadline is not None:
