@@ -140,6 +140,10 @@ def default_prefork(main: MainConfig) -> int:
 class Arbiter:
     """The master process."""
 
+    # Made by ``run``, in the process that runs the loop (after daemonizing), like the
+    # signal pipe; ``setup`` opens the rest.
+    selector: selectors.BaseSelector
+
     def __init__(
         self,
         config_dir: str,
@@ -158,7 +162,6 @@ class Arbiter:
         self.leaving: list[ServiceState] = []  # removed by a reload, children still alive
         self.respawn_hold: dict[tuple[str, str], float] = {}
         self.stopping = False
-        self.selector: selectors.BaseSelector | None = None
         self._listening: set[tuple[str, str]] = set()
         self.started = time.monotonic()
 

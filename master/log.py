@@ -110,20 +110,21 @@ class _DatagramHandler(logging.Handler):
         super().__init__()
         self.path = path
         self.sock: socket.socket | None = None
-        self._connect()
+        self._connected()
 
-    def _connect(self) -> bool:
+    def _connected(self) -> socket.socket | None:
+        """The socket, connected now if it was not; None when the daemon is not there."""
         if self.sock is not None:
-            return True
+            return self.sock
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         try:
             sock.connect(self.path)
         except OSError:
             sock.close()
-            return False
+            return None
         os.set_inheritable(sock.fileno(), False)
         self.sock = sock
-        return True
+        return sock
 
     def datagram(self, record: logging.LogRecord) -> bytes:
         raise NotImplementedError
@@ -131,16 +132,18 @@ class _DatagramHandler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         try:
             data = self.datagram(record)
-            if not self._connect():
+            sock = self._connected()
+            if sock is None:
                 return
             try:
-                self.sock.send(data)
+                sock.send(data)
             except OSError:
                 # The daemon restarted (ECONNREFUSED) or went away: retry once, fresh.
                 self.close_socket()
-                if self._connect():
-                    self.sock.send(data)
-        except Exception:
+                sock = self._connected()
+                if sock is not None:
+                    sock.send(data)
+        except Exception:  # noqa: BLE001 - Handler.emit's contract: handleError reports it
             self.handleError(record)
 
     def close_socket(self) -> None:
@@ -295,16 +298,9 @@ def fatal(message: str, *args: object, logger: str = "master") -> NoReturn:
     sys.exit(1)
 
 
-def panic(message: str, *args: object, logger: str = "master") -> NoReturn:
-    """Log ``panic: <message>`` and abort (a bug, not a configuration problem)."""
-    logging.getLogger(logger).log(PANIC, message, *args)
-    _flush()
-    os.abort()
-
-
 def _flush() -> None:
     for handler in logging.getLogger().handlers:
         try:
             handler.flush()
-        except Exception:
+        except Exception:  # noqa: BLE001 - a broken handler must not keep us from exiting
             pass

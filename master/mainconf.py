@@ -46,6 +46,7 @@ import os
 import re
 import socket
 from collections.abc import Iterable, Iterator, Mapping
+from typing import TypeVar
 
 from master.postfix_defaults import DEFAULTS
 from master.readlline import logical_lines
@@ -60,6 +61,8 @@ MAX_EXPANSION_DEPTH = 100
 
 _BLANKS = " \t\r\n\v\f"
 _NAME_CHARS = re.compile(r"[A-Za-z0-9_]*")
+# What the relational operators compare: compatibility levels, numbers or strings.
+_Ordered = TypeVar("_Ordered", tuple[int, int, int], int, bytes)
 _ALL_DIGITS = re.compile(r"[0-9]+")
 _COMPAT_LEVEL = re.compile(r"([0-9]+)(?:\.([0-9]+)(?:\.([0-9]+))?)?")
 # Longest operators first, so that "<=" is not read as "<" followed by "=".
@@ -197,16 +200,25 @@ def _compat_level(text: str) -> tuple[int, int, int]:
     return major, minor, patch
 
 
+def _name_at(text: str, index: int) -> str:
+    """The (possibly empty) run of parameter-name characters at ``index``."""
+    found = _NAME_CHARS.match(text, index)
+    return found.group() if found else ""
+
+
 def _compare(left: str, operator: str, right: str) -> bool:
     """Postfix relational operators; ``<level`` etc. compare compatibility levels."""
     if operator.endswith("level"):
-        operator = operator[: -len("level")]
-        a, b = _compat_level(left), _compat_level(right)
-    elif _ALL_DIGITS.fullmatch(left) and _ALL_DIGITS.fullmatch(right):
-        a, b = int(left), int(right)
-    else:
-        # strcmp() order: compare the UTF-8 bytes.
-        a, b = left.encode("utf-8", "surrogateescape"), right.encode("utf-8", "surrogateescape")
+        return _relation(operator[: -len("level")], _compat_level(left), _compat_level(right))
+    if _ALL_DIGITS.fullmatch(left) and _ALL_DIGITS.fullmatch(right):
+        return _relation(operator, int(left), int(right))
+    # strcmp() order: compare the UTF-8 bytes.
+    return _relation(
+        operator, left.encode("utf-8", "surrogateescape"), right.encode("utf-8", "surrogateescape")
+    )
+
+
+def _relation(operator: str, a: _Ordered, b: _Ordered) -> bool:
     return {
         "==": a == b,
         "!=": a != b,
@@ -243,7 +255,7 @@ class Expander:
             if opener in ("{", "("):
                 reference, index = self._parenthesized(text, index)
             else:
-                name = _NAME_CHARS.match(text, index).group()
+                name = _name_at(text, index)
                 reference, index = name, index + len(name)
             if not reference:
                 raise MainConfigError(f'empty macro name: "{text}"')
@@ -269,7 +281,7 @@ class Expander:
         body = reference.lstrip(_BLANKS)
         if body.startswith("{"):
             return self._relational(body, depth)
-        name = _NAME_CHARS.match(body).group()
+        name = _name_at(body, 0)
         rest = body[len(name) :].lstrip(_BLANKS)
         if not name or (rest and rest[0] not in "?:"):
             raise MainConfigError(f'attribute name syntax error at: "...{name}>>>{rest}"')
@@ -401,7 +413,7 @@ def mynetworks_default(style: str, inet_interfaces: str, inet_protocols: str) ->
 def _classful_network(address: ipaddress.IPv4Address) -> ipaddress.IPv4Network:
     first = int(address) >> 24
     prefix = 8 if first < 128 else 16 if first < 192 else 24 if first < 224 else 32
-    return ipaddress.ip_network(f"{address}/{prefix}", strict=False)
+    return ipaddress.IPv4Network(f"{address}/{prefix}", strict=False)
 
 
 # ---------------------------------------------------------------------------

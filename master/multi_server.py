@@ -41,7 +41,10 @@ DESCRIPTION
     silent: a sibling won the race), then the connection goes to the service's
     protocol (a ``ClientProtocol``), whose ``connection_made`` is the post-accept hook.
     A worker that already has N clients waits N x 50 us (at most 1 ms) before it
-    accepts, so that a new client goes to the least loaded worker awake.
+    accepts, so that a new client goes to the least loaded worker awake. In a
+    flood (clients still waiting after 32 such waits in a row) it takes a growing
+    batch of clients (up to 128) after each wait, so that a new client does not
+    wait 1 ms for each of the clients ahead of it (``Backlog``).
 
     Status: the service calls ``server.request_started()`` and
     ``server.request_done()`` around each request it serves. The master hears TAKEN
@@ -76,6 +79,7 @@ import asyncio
 import inspect
 import logging
 import os
+import select
 import signal
 import socket
 import stat
@@ -157,9 +161,7 @@ class ClientProtocol(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         if self._write_timer is None:
-            self._write_timer = self.server.loop.call_later(
-                self.server.ipc_timeout, self._timed_out, "write"
-            )
+            self._write_timer = self._ipc_timer("write")
 
     def resume_writing(self) -> None:
         if self._write_timer is not None:
@@ -169,12 +171,17 @@ class ClientProtocol(asyncio.Protocol):
     def input_pending(self, pending: bool) -> None:
         """Start (True) or stop (False) the ipc_timeout clock for a partial request."""
         if pending and self._read_timer is None:
-            self._read_timer = self.server.loop.call_later(
-                self.server.ipc_timeout, self._timed_out, "read"
-            )
+            self._read_timer = self._ipc_timer("read")
         elif not pending and self._read_timer is not None:
             self._read_timer.cancel()
             self._read_timer = None
+
+    def _ipc_timer(self, what: str) -> asyncio.TimerHandle:
+        # server.loop, not active_loop: test harnesses stand in for the server with
+        # just the attributes a protocol uses.
+        loop = self.server.loop
+        assert loop is not None, "a connection without an event loop"
+        return loop.call_later(self.server.ipc_timeout, self._timed_out, what)
 
     def _timed_out(self, what: str) -> None:
         if what == "write":
@@ -317,6 +324,13 @@ class MultiServer:
         setproctitle.setproctitle(f"{title} {status}" if status else title)
 
     @property
+    def active_loop(self) -> asyncio.AbstractEventLoop:
+        """``loop``, for the code that runs only once ``serve`` has made it."""
+        loop = self.loop
+        assert loop is not None, "the event loop is not made yet"
+        return loop
+
+    @property
     def requests_in_progress(self) -> int:
         """Requests started and not yet done (``request_started``/``request_done``)."""
         return self._requests_in_progress
@@ -387,7 +401,7 @@ class MultiServer:
             return
         if self._started_this_turn:
             self._started_this_turn = False
-            self.loop.call_soon(self._check_idle)  # runs after the next turn's poll
+            self.active_loop.call_soon(self._check_idle)  # runs after the next turn's poll
             return
         self._idle_check_pending = False
         self._report_available()
@@ -457,6 +471,7 @@ class MultiServer:
     def new_event_loop(self) -> asyncio.AbstractEventLoop:
         if self._loop_factory is None:
             self.choose_event_loop()
+        assert self._loop_factory is not None
         return self._loop_factory()
 
     def open_listen_sockets(self) -> None:
@@ -474,20 +489,21 @@ class MultiServer:
     def serve(self) -> NoReturn:
         """Step 6: the event loop until a reason to exit."""
         self.open_listen_sockets()
-        self.loop = self.new_event_loop()
-        asyncio.set_event_loop(self.loop)
+        loop = self.loop = self.new_event_loop()
+        asyncio.set_event_loop(loop)
         self._protocol_factory = self.service.protocol_factory(self)
         for sock in self.listen_sockets:
-            self.loop.add_reader(sock.fileno(), self._accept_ready, sock)
+            backlog = Backlog(sock)
+            loop.add_reader(backlog.fd, self._accept_ready, backlog)
         if self.status_fd is not None:
-            self.loop.add_reader(self.status_fd, self._master_gone)
+            loop.add_reader(self.status_fd, self._master_gone)
             # libuv (uvloop) makes a polled descriptor non-blocking. Postfix writes
             # status messages blocking: a busy master must delay us, not lose AVAIL.
             os.set_blocking(self.status_fd, True)
         self._start_idle_timer()
         self._start_watchdog()
         try:
-            self.loop.run_forever()
+            loop.run_forever()
         finally:
             status = self._exit_status if self._exit_status is not None else 0
         self._finish(status)
@@ -507,7 +523,7 @@ class MultiServer:
 
         def rearm() -> None:
             signal.alarm(self.daemon_timeout)
-            self.loop.call_later(interval, rearm)
+            self.active_loop.call_later(interval, rearm)
 
         rearm()
 
@@ -517,13 +533,13 @@ class MultiServer:
         if self.max_idle <= 0:
             return
         self._cancel_idle_timer()
-        self._idle_timer = self.loop.call_later(
+        self._idle_timer = self.active_loop.call_later(
             self.max_idle if delay is None else max(0.0, delay), self._idle_expired
         )
 
     def _cancel_idle_timer(self) -> None:
         if self._idle_timer is not None:
-            self._idle_remaining = self._idle_timer.when() - self.loop.time()
+            self._idle_remaining = self._idle_timer.when() - self.active_loop.time()
             self._idle_timer.cancel()
             self._idle_timer = None
 
@@ -546,33 +562,52 @@ class MultiServer:
     ACCEPT_DELAY_PER_CLIENT = 0.00005
     ACCEPT_DELAY_MAX = 0.001
 
+    # A flood is different: thousands of clients connect at once, the backlog stays
+    # full, and one wait per client puts a new client behind the whole backlog
+    # (100 clients x 1 ms). So once clients were still waiting after many waits in
+    # a row (more than a burst the siblings share leaves), the wait is per batch
+    # of clients, and the batch doubles while clients keep waiting: see Backlog.
+    # Siblings that are flooded too wait and grow alike, so they still share the
+    # clients; a less loaded one waits less, so it still takes more. (The load
+    # stays the open connections, idle ones too: the clients of a burst have sent
+    # nothing yet when the next ones are accepted.)
+
     def _accept_delay(self) -> float:
         return min(self.open_connections * self.ACCEPT_DELAY_PER_CLIENT, self.ACCEPT_DELAY_MAX)
 
-    def _accept_ready(self, listen_socket: socket.socket) -> None:
+    def _accept_ready(self, backlog: Backlog) -> None:
         if self.exiting:
             return
         delay = self._accept_delay()
         if delay:
             # Stop polling meanwhile: the socket stays readable until someone accepts.
-            self.loop.remove_reader(listen_socket.fileno())
-            self.loop.call_later(delay, self._accept_after_delay, listen_socket)
+            self.active_loop.remove_reader(backlog.fd)
+            self.active_loop.call_later(delay, self._accept_after_delay, backlog)
             return
-        self._accept(listen_socket)
+        self._accept(backlog.sock)
 
-    def _accept_after_delay(self, listen_socket: socket.socket) -> None:
+    def _accept_after_delay(self, backlog: Backlog) -> None:
         if self.exiting:
             return
-        self.loop.add_reader(listen_socket.fileno(), self._accept_ready, listen_socket)
-        self._accept(listen_socket)  # EAGAIN (silent) when a sibling was faster
+        loop = self.active_loop
+        loop.add_reader(backlog.fd, self._accept_ready, backlog)
+        for _ in range(backlog.batch_size(loop.time())):
+            if not self._accept(backlog.sock):  # a sibling was faster, or none left
+                backlog.drained()
+                return
+        if backlog.clients_waiting():
+            backlog.still_deep(loop.time())
+        else:
+            backlog.drained()
 
-    def _accept(self, listen_socket: socket.socket) -> None:
+    def _accept(self, listen_socket: socket.socket) -> bool:
+        """Accept one client; False when there was none (or the process exits)."""
         was_idle = self.open_connections == 0
         if was_idle:
             self._cancel_idle_timer()
         self.service.pre_accept(self)
         if self.exiting:
-            return
+            return False
         try:
             connection, _ = listen_socket.accept()
         except (BlockingIOError, InterruptedError):
@@ -583,14 +618,14 @@ class MultiServer:
         if connection is None:
             if was_idle and self.open_connections == 0:
                 self._start_idle_timer(self._idle_remaining)
-            return
+            return False
         connection.setblocking(False)
         # Counted now, not in connection_made: that runs one loop turn later.
         self.open_connections += 1
-        task = self.loop.create_task(
-            self.loop.connect_accepted_socket(self._protocol_factory, connection)
-        )
+        loop = self.active_loop
+        task = loop.create_task(loop.connect_accepted_socket(self._protocol_factory, connection))
         task.add_done_callback(self._connection_setup_done)
+        return True
 
     def _connection_setup_done(self, task: asyncio.Task) -> None:
         if task.cancelled() or task.exception() is not None:
@@ -616,6 +651,53 @@ class MultiServer:
             self.exit(0)
             return
         self._start_idle_timer()
+
+
+class Backlog:
+    """A listen socket, and how many clients to accept there after each wait.
+
+    One, until clients were still waiting after DEEP_AFTER waits in a row: a burst
+    that two siblings share takes fewer (two workers split a burst of 64 with 32
+    waits each). From then on twice as many after each wait that leaves clients
+    waiting, up to BATCH_MAX. A wait after which none is left halves the batch: a
+    flood whose clients come a little slower than they are taken stays a flood.
+    After QUIET seconds without clients left waiting the flood is over: one again.
+    """
+
+    DEEP_AFTER = 32
+    BATCH_MAX = 128  # more than the master's listen backlog (100): one wait takes all
+    QUIET = 0.1
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.batch = 1
+        self.deep_waits = 0  # waits in a row after which clients were still waiting
+        self.deep_at = 0.0  # loop time of the last of those
+        self._poll = select.poll()
+        self._poll.register(self.fd, select.POLLIN)
+
+    def clients_waiting(self) -> bool:
+        """A client is waiting to be accepted (the listen socket is readable)."""
+        return bool(self._poll.poll(0))
+
+    def batch_size(self, now: float) -> int:
+        """How many clients to accept after the wait that ends now."""
+        if now - self.deep_at > self.QUIET:
+            self.batch = 1
+            self.deep_waits = 0
+        return self.batch
+
+    def still_deep(self, now: float) -> None:
+        self.deep_at = now
+        self.deep_waits += 1
+        if self.deep_waits >= self.DEEP_AFTER:
+            self.batch = min(self.batch * 2, self.BATCH_MAX)
+
+    def drained(self) -> None:
+        self.batch = max(1, self.batch // 2)
+        if self.batch == 1:
+            self.deep_waits = 0
 
 
 def _isatty(fd: int) -> bool:

@@ -134,7 +134,9 @@ class Exporter:
             if not isinstance(figures, dict):
                 continue
             total = self.retired.setdefault((service, str(name)), {})
-            backend = figures.get("backend") if isinstance(figures.get("backend"), dict) else {}
+            backend = figures.get("backend")
+            if not isinstance(backend, dict):
+                backend = {}
             for field, value in [
                 *((f, figures.get(f)) for f in RETIRED),
                 *((f, backend.get(f)) for f in BACKEND_RETIRED),
@@ -247,7 +249,7 @@ def render(services: dict, retired: dict | None = None) -> str:
 class _Handler(BaseHTTPRequestHandler):
     exporter: Exporter
 
-    def do_GET(self) -> None:  # noqa: N802 - the http.server interface
+    def do_GET(self) -> None:  # the name http.server calls
         if self.path.split("?")[0] not in ("/metrics", "/"):
             self.send_error(404)
             return
@@ -258,7 +260,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+    def log_message(self, format: str, *args: object) -> None:
         pass  # a scrape every 15 s is not worth a log line
 
 

@@ -20,7 +20,7 @@ import signal
 HANDLED = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD)
 
 
-def _ignore_here(signum, frame) -> None:  # noqa: ARG001 -- the wake-up byte is the event
+def _ignore_here(signum, frame) -> None:  # the wake-up byte is the event
     """Installed so that the interpreter writes the wake-up byte; the loop does the work."""
 
 

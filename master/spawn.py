@@ -96,7 +96,7 @@ def _child_side(
             os.write(2, f"fatal: exec {path}: {err.strerror}\n".encode())
         finally:
             os._exit(1)
-    except BaseException:
+    except BaseException:  # noqa: BLE001 - the forked child must never return to our code
         os._exit(1)
 
 

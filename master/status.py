@@ -43,10 +43,6 @@ class StatusMessage(NamedTuple):
     generation: int
     avail: int
 
-    @property
-    def is_taken(self) -> bool:
-        return self.avail == STATUS_TAKEN
-
 
 def pack_status(pid: int, generation: int, avail: int) -> bytes:
     return _FORMAT.pack(pid, generation, avail)
@@ -85,27 +81,29 @@ class StatusChannel:
         }
 
     def _send(self, avail: int) -> bool:
-        if self.fd is None:
+        fd = self.fd
+        if fd is None:
             return True
         message = self._messages[avail]
         written = 0
         try:
             while written < len(message):
-                written += os.write(self.fd, message[written:])
+                written += os.write(fd, message[written:])
         except BlockingIOError:
             # Someone made the descriptor non-blocking (libuv does when it polls a
             # descriptor) and the master is behind: wait for it like a blocking write,
             # and send only what is left (a restarted message would desynchronise it).
-            return self._send_slowly(message, written)
+            return self._send_slowly(fd, message, written)
         except OSError:
             return False
         return True
 
-    def _send_slowly(self, message: bytes, written: int) -> bool:
+    @staticmethod
+    def _send_slowly(fd: int, message: bytes, written: int) -> bool:
         while written < len(message):
             try:
-                select.select([], [self.fd], [])
-                written += os.write(self.fd, message[written:])
+                select.select([], [fd], [])
+                written += os.write(fd, message[written:])
             except (BlockingIOError, InterruptedError):
                 continue
             except OSError:

@@ -117,7 +117,7 @@ class AttrDecoder:
         Raises ``AttrTooLarge`` when a list exceeds the limit; the decoder
         is then reset (the caller closes the connection: there is no way to resynchronise).
         """
-        if NUL not in data:
+        if 0 not in data:  # the byte value: `bytes in bytes` first raises and clears an error
             # Still inside one field: accumulate without splitting (amortised O(1), so a
             # large value arriving in small pieces stays linear).
             self._partial += data
@@ -177,12 +177,6 @@ class AttrDecoder:
             pairs = self._pairs
             self.reset()
             raise AttrTooLarge(f"attribute list exceeds {self.limit} bytes", done or [], pairs)
-
-
-def decode_all(data: bytes) -> tuple[list[Pairs], AttrDecoder]:
-    """Decode a whole buffer at once (tests, stand-alone mode): lists and the leftover state."""
-    decoder = AttrDecoder()
-    return decoder.feed(data), decoder
 
 
 # -- encoding --------------------------------------------------------------------------------

@@ -53,7 +53,8 @@ DESCRIPTION
     arithmetic and ``Reply`` objects. The session keeps these functions in
     ``lookup_shortcuts`` under the request bytes that precede the key.
 
-    G1 and G2 instances of one table are never shared. Member tables of
+    G1 and G2 instances of one table are never shared. A table has at most 8 instances
+    (``proxymap.instances``): a request that would open another gets RETRY. Member tables of
     pipemap/unionmap are opened through ``open_nested``, which adds the UTF-8 layer
     whenever their flags ask for it, as Postfix's dict_open does, in both generations.
 
@@ -93,6 +94,7 @@ from typing import cast
 
 from proxymap import flags as F
 from proxymap.cache import ANSWER_BITS, MAPS, CacheKey, CacheSettings, TableCache
+from proxymap.instances import InstanceLimit
 from proxymap.protocol import (
     BAD,
     CONFIG,
@@ -226,6 +228,7 @@ class RequestHandler:
         #: (None: that request shape takes the general path).
         self.lookup_shortcuts: dict[bytes, LookupFunction | None] = {}
         self._instances: dict[tuple[str, int, int, int], Instance] = {}
+        self.instance_limit = InstanceLimit()
         self.cache_settings = CacheSettings.from_params(params)
         #: canonical table name -> the result cache of its instances (pyproxymap_cache_*)
         self.caches: dict[str, TableCache] = {}
@@ -252,6 +255,11 @@ class RequestHandler:
         key = (canonical, self.open_mode, generation, instance_flags)
         instance = self._instances.get(key)
         if instance is None:
+            if not self.instance_limit.admits(canonical):  # not kept: proxymap.instances
+                return self._open_instance(
+                    canonical, generation, instance_flags, self.instance_limit.stand_in
+                )
+            self.instance_limit.opened(canonical)
             instance = self._open_instance(canonical, generation, instance_flags)
             if self.cache_settings.wants(canonical):
                 self._attach_cache(canonical, instance)
@@ -290,16 +298,26 @@ class RequestHandler:
         instance.cache = cache
         instance.cache_token = len(self._instances)
 
-    def _open_instance(self, canonical: str, generation: int, instance_flags: int) -> Instance:
+    def _open_instance(
+        self,
+        canonical: str,
+        generation: int,
+        instance_flags: int,
+        stand_in: Callable[[str, int, int], Table] | None = None,
+    ) -> Instance:
+        """The instance, or with stand_in (beyond the bound) its unavailable stand-in."""
         echo = instance_flags & _SANITISED
         if generation == G2:
-            table = self.open_nested(canonical, self.open_mode, instance_flags)
+            table = (stand_in or self.open_nested)(canonical, self.open_mode, instance_flags)
             fresh = table.flags
             open_reply = fresh | echo
             registered = f"{canonical}({self.open_mode:o},{F.flag_names(instance_flags)})"
         else:
             flags = (instance_flags | _G1_OPEN_EXTRA) & ~_SANITISED
-            table = open_table(canonical, self.open_mode, flags, self.legacy_context)
+            if stand_in is not None:
+                table = stand_in(canonical, self.open_mode, flags)
+            else:
+                table = open_table(canonical, self.open_mode, flags, self.legacy_context)
             fresh = table.flags
             open_reply = fresh & ~F.RQST_MASK & ~F.SURROGATE
             registered = f"{canonical}:{F.flag_names(instance_flags)}"

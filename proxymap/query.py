@@ -49,7 +49,8 @@ from __future__ import annotations
 
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import click
 
@@ -83,6 +84,15 @@ class QueryError(Exception):
     def __init__(self, message: str, status: int) -> None:
         super().__init__(message)
         self.status = status
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A reply: its status, its flags (when it has them) and every attribute as sent."""
+
+    status: int
+    flags: int | None
+    values: dict[bytes, bytes]
 
 
 class ProxymapClient:
@@ -138,7 +148,7 @@ class ProxymapClient:
                     raise QueryError(f"{self.stream}: unsolicited data", EXIT_CONNECTION)
                 return lists[0]
 
-    def call(self, pairs: list[tuple[bytes, bytes]], reply_names: Sequence[bytes]) -> dict:
+    def call(self, pairs: list[tuple[bytes, bytes]], reply_names: Sequence[bytes]) -> Reply:
         """Send one request; return the reply attributes (strict order, like the client)."""
         try:
             self.sock.sendall(attr.encode(pairs))
@@ -154,14 +164,13 @@ class ProxymapClient:
             )
         values = dict(reply[: len(reply_names)])
         try:
-            values[b"status"] = attr.parse_u32(values[b"status"])
-            if b"flags" in values:
-                values[b"flags"] = attr.parse_u32(values[b"flags"])
+            status = attr.parse_u32(values[b"status"])
+            flags = attr.parse_u32(values[b"flags"]) if b"flags" in values else None
         except ValueError:
             raise QueryError(f"{self.stream}: malformed number in reply {reply!r}", EXIT_CONNECTION)
-        if self.v311 and b"flags" in values and values[b"status"] not in (BAD, DENY):
-            self.flags = values[b"flags"]  # the G2 client keeps what the server says
-        return values
+        if self.v311 and flags is not None and status not in (BAD, DENY):
+            self.flags = flags  # the G2 client keeps what the server says
+        return Reply(status, flags, values)
 
     # --- requests ------------------------------------------------------------------------
     def _head(self, op: bytes) -> list[tuple[bytes, bytes]]:
@@ -177,13 +186,15 @@ class ProxymapClient:
         if not self.v311:
             pairs.append((b"flags", attr.encode_uint(dict_flags & F.INST_MASK)))
         reply = self.call(pairs, (b"status", b"flags"))
-        self._fail_unless_ok(reply[b"status"], "open")
+        self._fail_unless_ok(reply.status, "open")
+        reply_flags = reply.flags
+        assert reply_flags is not None  # asked for above; ``call`` checked it came
         if self.v311:
-            self.flags = reply[b"flags"]
+            self.flags = reply_flags
             self.server_utf8 = bool(self.flags & F.UTF8_ACTIVE)
         else:
             self.flags = dict_flags
-        self.table_flags = reply[b"flags"] & F.IMPL_MASK
+        self.table_flags = reply_flags & F.IMPL_MASK
 
     def _client_utf8(self) -> bool:
         """True when this client runs its own UTF-8 layer (checks and folds keys itself)."""
@@ -219,20 +230,20 @@ class ProxymapClient:
     def lookup(self, key: str) -> bytes | None:
         pairs = [*self._with_flags(b"lookup"), (b"key", self._key(key))]
         reply = self.call(pairs, self._reply_names(b"value"))
-        if reply[b"status"] == NOKEY:
+        if reply.status == NOKEY:
             return None
-        self._fail_unless_ok(reply[b"status"], "lookup", key)
-        return reply[b"value"]
+        self._fail_unless_ok(reply.status, "lookup", key)
+        return reply.values[b"value"]
 
-    def sequence(self):
+    def sequence(self) -> Iterator[tuple[bytes, bytes]]:
         function = 0
         while True:
             pairs = [*self._with_flags(b"sequence"), (b"function", b"%d" % function)]
             reply = self.call(pairs, self._reply_names(b"key", b"value"))
-            if reply[b"status"] == NOKEY:
+            if reply.status == NOKEY:
                 return
-            self._fail_unless_ok(reply[b"status"], "sequence")
-            yield reply[b"key"], reply[b"value"]
+            self._fail_unless_ok(reply.status, "sequence")
+            yield reply.values[b"key"], reply.values[b"value"]
             function = 1
 
     def update(self, key: str, value: str) -> int:
@@ -241,14 +252,14 @@ class ProxymapClient:
             (b"key", self._key(key)),
             (b"value", value.encode("utf-8", "surrogateescape")),
         ]
-        status = self.call(pairs, self._reply_names())[b"status"]
+        status = self.call(pairs, self._reply_names()).status
         if status != NOKEY:
             self._fail_unless_ok(status, "update", key)
         return status
 
     def delete(self, key: str) -> int:
         pairs = [*self._with_flags(b"delete"), (b"key", self._key(key))]
-        status = self.call(pairs, self._reply_names())[b"status"]
+        status = self.call(pairs, self._reply_names()).status
         if status != NOKEY:
             self._fail_unless_ok(status, "delete", key)
         return status
@@ -418,10 +429,10 @@ def run(socket_path, config_dir, v311, write, sequence, update, delete, no_utf8,
                 sys.stdout.buffer.write(key + b"\t" + value + b"\n")
             sys.stdout.buffer.flush()
             return EXIT_FOUND if found else EXIT_NOT_FOUND
-        value = client.lookup(args[0])
-        if value is None:
+        answer = client.lookup(args[0])
+        if answer is None:
             return EXIT_NOT_FOUND
-        sys.stdout.buffer.write(value + b"\n")
+        sys.stdout.buffer.write(answer + b"\n")
         sys.stdout.buffer.flush()
         return EXIT_FOUND
     finally:

@@ -346,8 +346,7 @@ def backend_figures(tables: list) -> dict | None:
             if getattr(endpoint, "down", False):
                 reason = getattr(endpoint, "reason", "") or "down"
                 down.append(f"{getattr(endpoint, 'label', '?')}: {reason}")
-    figures["down"] = down
-    return figures
+    return {**figures, "down": down}
 
 
 # --- the snapshot directory ------------------------------------------------------------------
@@ -408,7 +407,7 @@ class Reporter:
     def _tick(self, loop) -> None:
         try:
             self.update()
-        except Exception:  # noqa: BLE001 - statistics must never take a worker down
+        except Exception:  # statistics must never take a worker down
             log.exception("statistics update failed")
         self._timer = loop.call_later(1.0, self._tick, loop)
 

@@ -84,7 +84,7 @@ def test_writer_uses_proxy_write_maps_only(example):
     assert approved_tables(params, "proxywrite") == ["internal:w312", f"texthash:{directory}/w312"]
 
 
-def test_restriction_classes_only_for_the_reader(tmp_path):
+def test_restriction_classes_only_for_the_reader():
     params = {
         "proxy_read_maps": "",
         "proxy_write_maps": "",

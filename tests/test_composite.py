@@ -48,7 +48,7 @@ class ChainPlans(Composite):
     spec = "chain:test"
 
     def __init__(self, members) -> None:
-        super().__init__("chain", 0, 0)  # type: ignore[call-arg]
+        super().__init__("chain", 0, 0)
         self.members = members
         self.cleanups = 0
 

@@ -21,6 +21,7 @@ from master.mainconf import MainConfig
 from proxymap import flags as F
 from proxymap.approval import approved_tables
 from proxymap.handler import RequestHandler
+from proxymap.instances import InstanceLimit
 from proxymap.protocol import (
     BAD,
     CONFIG,
@@ -539,7 +540,10 @@ def r312_static(tmp_path_factory):
     path = tmp_path_factory.mktemp("r312") / "r312"
     path.write_text("alice alice@example.com\n")
     spec = f"texthash:{path}"
-    return reader(spec), spec
+    handler = reader(spec)
+    # The property sends every kind of flag word on purpose: no bound on instances here.
+    handler.instance_limit = InstanceLimit(max_per_table=2**32)
+    return handler, spec
 
 
 # --- the compiled lookup (fast path) gives what handle + encode_reply give --------------------

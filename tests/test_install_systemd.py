@@ -107,7 +107,7 @@ def test_layout(installed):
     assert settings["ReadWritePaths"] == ["/var/spool/pyproxymap /var/lib/pyproxymap"]
 
 
-def test_a_second_install_keeps_the_configuration(installed, tmp_path):
+def test_a_second_install_keeps_the_configuration(installed):
     main_cf = installed / "etc/pyproxymap/main.cf"
     edited = main_cf.read_text() + "# edited by the administrator\n"
     main_cf.write_text(edited)

@@ -43,7 +43,7 @@ def slot_path(tables: Path, table_type: str, index: int) -> Path:
 
 
 @pytest.fixture(scope="module")
-def worker(tmp_path_factory):
+def worker():
     ensure_postfix()
     assert OUR_PROXYMAP.exists(), f"our worker is not installed: {OUR_PROXYMAP}"
     instance = PrivatePostfix(proxymap_program=OUR_PROXYMAP, name="proxy-props")

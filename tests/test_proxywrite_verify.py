@@ -211,7 +211,7 @@ class Updater(threading.Thread):
     def run(self) -> None:
         try:
             self._run()
-        except BaseException as exc:  # reported by the test
+        except BaseException as exc:  # noqa: BLE001 - kept for the test to report
             self.error = exc
 
     def _run(self) -> None:

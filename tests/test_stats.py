@@ -255,7 +255,7 @@ def dead_pid() -> int:
 
 
 @pytest.fixture
-def server(tmp_path: Path) -> MultiServer:
+def server() -> MultiServer:
     server = MultiServer(ProxymapService(), ["proxymap", "-t", "unix"])
     server.max_use = 100
     return server
@@ -313,7 +313,7 @@ def test_readers_drop_the_files_of_dead_and_reused_pids(tmp_path):
     )
 
 
-def test_aggregate_sums_workers_and_formats(tmp_path):
+def test_aggregate_sums_workers_and_formats():
     one = snapshot(
         {
             "mysql:/m.cf": {

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from proxymap import flags as F
-from proxymap.tables import nullterm, open_table
+from proxymap.tables import indexed, open_table
 from proxymap.tables.base import (
     DictBusy,
     DictOpenError,
@@ -453,7 +453,7 @@ def test_cdb_writer_output_is_read_by_postmap(tmp_path):
 def test_changed_after_rebuild_and_replacement(tmp_path, dict_type, monkeypatch):
     require_postmap()
     # Trust every stamp: the rebuild must be noticed by its stamps, not by distrust.
-    monkeypatch.setattr(nullterm, "RACY_WINDOW_NS", 0)
+    monkeypatch.setattr(indexed, "RACY_WINDOW_NS", 0)
     source = tmp_path / "t"
     spec = build_table(dict_type, source, [("k", "one")])
     table = open_indexed(spec)
@@ -488,7 +488,7 @@ def test_replacement_of_a_hard_linked_file_waits_for_changed(tmp_path, dict_type
     stamps (its own commits move them), so it serves the old file until the worker's
     ``changed()`` check before the next accept restarts it."""
     require_postmap()
-    monkeypatch.setattr(nullterm, "RACY_WINDOW_NS", 0)
+    monkeypatch.setattr(indexed, "RACY_WINDOW_NS", 0)
     source = tmp_path / "t"
     spec = build_table(dict_type, source, [("k", "one")])
     table = open_indexed(spec)

@@ -112,8 +112,8 @@ class Table:
     (``lookup`` ...) and ``AsyncTable`` (``alookup`` ...). ``asynchronous`` says which;
     it is a property of the class, decided once when the table is opened.
 
-    Constructor contract (the registry's): ``cls(name, open_mode, flags, ctx)``;
-    ``DictOpenError`` when the table cannot be opened.
+    Constructor contract (the registry's): ``cls(name, open_mode, flags, ctx)``, as
+    ``Table.__init__`` declares it; ``DictOpenError`` when the table cannot be opened.
     """
 
     dict_type = "?"
@@ -122,7 +122,14 @@ class Table:
     # before accept). Tables that keep no file leave this empty.
     watched_files: tuple[str, ...] = ()
 
-    def __init__(self, name: str, open_mode: int, flags: int) -> None:
+    def __init__(
+        self, name: str, open_mode: int, flags: int, ctx: OpenContext | None = None
+    ) -> None:
+        """What the registry passes to every table type it opens.
+
+        The base keeps nothing of ``ctx``: a table reads what it needs from it in its own
+        constructor. Tables the registry does not open (stand-ins, layers) pass ``None``.
+        """
         self.name = name
         self.open_mode = open_mode
         self.flags = flags

@@ -11,7 +11,7 @@ DESCRIPTION
     Files are read and written with the ``berkeleydb`` binding (libdb 5.3, the library
     Debian's postmap links), so a file built by ``postmap`` is read byte for byte and a
     file written here is read by ``postmap -q``/``-s``. Keys and values follow the
-    trailing-NUL convention of ``nullterm``. Opening a hash table on a btree file (or
+    trailing-NUL convention of ``indexed``. Opening a hash table on a btree file (or
     the reverse), a missing, empty or corrupt file is an open error shaped like
     Postfix's: ``open database /p/name.db: Invalid argument``.
 
@@ -21,7 +21,7 @@ DESCRIPTION
     checked with the library's verifier (a few milliseconds per megabyte, once per
     open): libdb 5.3 crashes the process when it updates a garbled hash page, and
     what a full disk leaves behind must not take the service down. A damaged file is
-    an open error naming the file and the remedy (nullterm, DAMAGED FILES).
+    an open error naming the file and the remedy (indexed, DAMAGED FILES).
 
 LOCKING
     Each access holds ``flock(LOCK_SH)`` (``LOCK_EX`` for update/delete) on ``NAME.db``,
@@ -29,10 +29,10 @@ LOCKING
     locks only when the request carries LOCK (every stock client does); we lock always,
     because an unlocked read racing a rebuild can crash the process. Berkeley DB caches
     pages inside the process, so after such a rebuild the handle is reopened (see
-    ``nullterm``) instead of reading stale pages.
+    ``indexed``) instead of reading stale pages.
 
 SEE ALSO
-    nullterm.py, docs/TABLES.md 3.1, postmap(1).
+    indexed.py, docs/TABLES.md 3.1, postmap(1).
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ import os
 from berkeleydb import db as bdb
 
 from proxymap.tables.base import DictOpenError, DictRetry, OpenContext
-from proxymap.tables.nullterm import IndexedFileTable, damaged_error, open_error
+from proxymap.tables.indexed import IndexedFileTable, damaged_error, open_error
 
 # The generic meta-page header: LSN, page number, magic (offset 12), version, page size.
 _META_SIZE = 24
@@ -53,19 +53,19 @@ _META_SIZE = 24
 DEFAULT_CACHE_SIZE = 128 * 1024
 
 
-class _BerkeleyTable(IndexedFileTable):
+class _BerkeleyTable(IndexedFileTable[bdb.DB]):
     """Common code of hash and btree; subclasses choose the access method."""
 
     suffix = ".db"
     access_method = bdb.DB_UNKNOWN
     magic = 0  # the access method's number in the file's first page
-    always_lock = True  # see nullterm LOCKING: an unlocked read during a rebuild can SIGBUS
+    always_lock = True  # see indexed LOCKING: an unlocked read during a rebuild can SIGBUS
 
     def __init__(self, name: str, open_mode: int, flags: int, ctx: OpenContext) -> None:
         self._cache_size = _cache_size(ctx)
         self._cursor: bdb.DBCursor | None = None
         self._last_key: bytes | None = None
-        super().__init__(name, open_mode, flags)
+        super().__init__(name, open_mode, flags, ctx)
 
     # --- locking: flock on the .db file, like postmap -----------------------------------------
     def _lock(self, fd: int, exclusive: bool, wait: bool = True) -> None:
@@ -106,20 +106,23 @@ class _BerkeleyTable(IndexedFileTable):
 
     def _backend_close(self) -> None:
         self._close_cursor()
-        self._handle.close()
+        self._live_handle().close()
 
     def _backend_get(self, raw_key: bytes) -> bytes | None:
         try:
-            return self._handle.get(raw_key)
+            return self._live_handle().get(raw_key)
         except bdb.DBError as exc:
             raise DictRetry(f"error reading {self.path}: {_reason(exc)}")
 
     def _backend_put(self, raw_key: bytes, raw_value: bytes, replace: bool) -> bool:
         try:
             if replace:
-                self._handle.put(raw_key, raw_value)
+                self._live_handle().put(raw_key, raw_value)
                 return True
-            return self._handle.put(raw_key, raw_value, flags=bdb.DB_NOOVERWRITE) != bdb.DB_KEYEXIST
+            return (
+                self._live_handle().put(raw_key, raw_value, flags=bdb.DB_NOOVERWRITE)
+                != bdb.DB_KEYEXIST
+            )
         except bdb.DBKeyExistError:
             return False
         except bdb.DBError as exc:
@@ -127,7 +130,7 @@ class _BerkeleyTable(IndexedFileTable):
 
     def _backend_remove(self, raw_key: bytes) -> bool:
         try:
-            self._handle.delete(raw_key)
+            self._live_handle().delete(raw_key)
             return True
         except bdb.DBNotFoundError:
             return False
@@ -136,14 +139,14 @@ class _BerkeleyTable(IndexedFileTable):
 
     def _backend_sync(self) -> None:
         try:
-            self._handle.sync()
+            self._live_handle().sync()
         except bdb.DBError as exc:
             raise DictRetry(f"error syncing {self.path}: {_reason(exc)}")
 
     def _backend_first(self) -> tuple[bytes, bytes] | None:
         self._close_cursor()
         try:
-            self._cursor = self._handle.cursor()
+            self._cursor = self._live_handle().cursor()
             return self._remember(self._cursor.first())
         except bdb.DBError as exc:
             raise DictRetry(f"error reading {self.path}: {_reason(exc)}")
@@ -160,7 +163,7 @@ class _BerkeleyTable(IndexedFileTable):
         """Continue a walk whose cursor was lost when the handle was reopened."""
         if self._last_key is None:
             return None
-        self._cursor = self._handle.cursor()
+        self._cursor = self._live_handle().cursor()
         if self._cursor.set(self._last_key) is None:
             return None  # the key is gone from the rebuilt file; nothing sensible follows
         return self._remember(self._cursor.next())
@@ -199,7 +202,7 @@ class BtreeTable(_BerkeleyTable):
         # Key order survives a rebuild: continue after the last key returned.
         if self._last_key is None:
             return None
-        self._cursor = self._handle.cursor()
+        self._cursor = self._live_handle().cursor()
         item = self._cursor.set_range(self._last_key)
         if item is not None and item[0] == self._last_key:
             item = self._cursor.next()

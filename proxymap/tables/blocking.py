@@ -31,9 +31,9 @@ import asyncio
 import logging
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from typing import Any, TypeVar
 
-from proxymap.tables.base import AsyncTable, DictRetry, DictUnsupported
+from proxymap.tables.base import AsyncTable, DictRetry, DictUnsupported, OpenContext
 
 log = logging.getLogger("proxymap")
 
@@ -80,8 +80,10 @@ class BlockingTable(AsyncTable):
     concurrency = 4
     timeout: float | None = None
 
-    def __init__(self, name: str, open_mode: int, flags: int) -> None:
-        super().__init__(name, open_mode, flags)
+    def __init__(
+        self, name: str, open_mode: int, flags: int, ctx: OpenContext | None = None
+    ) -> None:
+        super().__init__(name, open_mode, flags, ctx)
         self._gate: asyncio.Semaphore | None = None
         self._gate_loop: asyncio.AbstractEventLoop | None = None
 
@@ -134,7 +136,7 @@ class BlockingTable(AsyncTable):
             self._gate_loop = loop
         return self._gate
 
-    def _finished(self, gate: asyncio.Semaphore, done: asyncio.Future[object]) -> None:
+    def _finished(self, gate: asyncio.Semaphore, done: asyncio.Future[Any]) -> None:
         if not done.cancelled():
             done.exception()  # retrieved: a call that timed out may still fail later
         if gate is self._gate:

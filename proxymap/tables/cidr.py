@@ -27,7 +27,7 @@ from __future__ import annotations
 import socket
 
 from proxymap import flags as F
-from proxymap.tables.base import DictUnsupported, OpenContext, SyncTable
+from proxymap.tables.base import OpenContext, SyncTable
 from proxymap.tables.patternfile import (
     C_SPACE,
     ENDIF,
@@ -36,6 +36,7 @@ from proxymap.tables.patternfile import (
     Rule,
     RuleError,
     RuleList,
+    index_runs,
     keyword_at,
     require_read_only,
     rule_lines,
@@ -45,13 +46,15 @@ from proxymap.tables.patternfile import (
     warn,
 )
 
-_BITS = {socket.AF_INET: 32, socket.AF_INET6: 128}
-_MIN_RUN = 4  # shorter runs are scanned
+_BITS: dict[int, int] = {socket.AF_INET: 32, socket.AF_INET6: 128}
+# Byte values, not one-byte strings: `b":" in text` first tries (and fails) to read
+# its left side as an integer, which costs a formatted exception per test.
+_COLON = ord(":")
 
 
 def parse_address(text: bytes) -> tuple[int, int] | None:
     """(family, address as an integer), or None when inet_pton rejects the text."""
-    family = socket.AF_INET6 if b":" in text else socket.AF_INET
+    family = socket.AF_INET6 if _COLON in text else socket.AF_INET
     try:
         packed = socket.inet_pton(family, text.decode("latin-1"))
     except (OSError, ValueError):
@@ -77,7 +80,7 @@ def parse_network(pattern: bytes) -> tuple[int, int, int]:
         address, slash, length = (inside, b"/", after[1:]) if after else inside.partition(b"/")
     else:
         address, slash, length = pattern.partition(b"/")
-    family = socket.AF_INET6 if b":" in address else socket.AF_INET
+    family = socket.AF_INET6 if _COLON in address else socket.AF_INET
     bits = _BITS[family]
     if slash and (not length.isdigit() or int(length) > bits):
         raise RuleError(f'bad mask value in "{_show(address)}/{_show(length)}"')
@@ -100,7 +103,7 @@ class CidrTable(SyncTable):
     dict_type = "cidr"
 
     def __init__(self, name: str, open_mode: int, flags: int, ctx: OpenContext | None = None):
-        super().__init__(name, open_mode, (flags & ~F.FIXED) | F.PATTERN)
+        super().__init__(name, open_mode, (flags & ~F.FIXED) | F.PATTERN, ctx)
         require_read_only(self.dict_type, name, open_mode)
         source = rule_source(self.dict_type, name)
         rules = RuleList(self.dict_type, name)
@@ -139,7 +142,7 @@ class CidrTable(SyncTable):
         return rule
 
     def lookup(self, key: bytes) -> bytes | None:
-        if b"\0" in key:
+        if 0 in key:
             key = key.split(b"\0", 1)[0]
         parsed = parse_address(key)
         if parsed is None:
@@ -172,9 +175,6 @@ class CidrTable(SyncTable):
                 index = rule.endif + 1
         return None
 
-    def sequence(self, function: int) -> tuple[bytes, bytes] | None:
-        raise DictUnsupported(f"table {self.spec}: sequence operation is not supported")
-
 
 class NetworkRun:
     """Consecutive non-negated match rules, as {network: first rule} per family and mask."""
@@ -201,16 +201,11 @@ class NetworkRun:
 
 def _index_runs(rules: list[Rule]) -> list[NetworkRun | None]:
     """Entry i is the index of the run of plain match rules that starts at rule i."""
-    runs: list[NetworkRun | None] = [None] * len(rules)
-    start = 0
-    while start < len(rules):
-        end = start
-        while end < len(rules) and rules[end].kind == MATCH and rules[end].positive:
-            end += 1
-        if end - start >= _MIN_RUN:
-            runs[start] = NetworkRun(rules, start, end)
-        start = max(end, start + 1)
-    return runs
+    return index_runs(
+        len(rules),
+        lambda index: rules[index].kind == MATCH and rules[index].positive,
+        lambda start, end: NetworkRun(rules, start, end),
+    )
 
 
 def _show(text: bytes) -> str:

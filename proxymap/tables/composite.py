@@ -74,7 +74,7 @@ def run_sync(plan: Plan[R]) -> R:
         while True:
             try:
                 result = getattr(call.table, call.op)(*call.args)
-            except BaseException as exc:  # the plan decides: its try/finally runs
+            except BaseException as exc:  # noqa: BLE001 - thrown into the plan: its try/finally runs
                 call = plan.throw(exc)
             else:
                 call = plan.send(result)
@@ -89,7 +89,7 @@ async def run_async(plan: Plan[R]) -> R:
         while True:
             try:
                 result = await _perform(call)
-            except BaseException as exc:
+            except BaseException as exc:  # noqa: BLE001 - thrown into the plan, as above
                 call = plan.throw(exc)
             else:
                 call = plan.send(result)
@@ -112,10 +112,8 @@ async def _perform(call: Call) -> Any:
             table.flags = flags  # another request may have used the member meanwhile
 
 
-class Composite:
+class Composite(Table):
     """The plans of a composite table; what a type does not support raises at once."""
-
-    spec: str
 
     def lookup_plan(self, key: bytes) -> Plan[bytes | None]:
         raise DictUnsupported(f"{self.spec}: lookup is not supported")

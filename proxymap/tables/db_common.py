@@ -74,11 +74,13 @@ from dataclasses import dataclass
 
 from proxymap import flags as F
 from proxymap.tables.base import (
+    AsyncTable,
     DictError,
     DictOpenError,
     DictRetry,
     OpenContext,
     SurrogateTable,
+    SyncTable,
     Table,
 )
 from proxymap.tables.cfg_parser import CfgParser
@@ -527,7 +529,7 @@ class DomainFilter:
     @property
     def asynchronous(self) -> bool:
         """True when some entry is an asynchronous table: use ``aallows``."""
-        return any(getattr(e.table, "asynchronous", False) for e in self.entries)
+        return any(isinstance(e.table, AsyncTable) for e in self.entries)
 
     # --- matching ----------------------------------------------------------------------
     @staticmethod
@@ -552,21 +554,21 @@ class DomainFilter:
 
     def _lookup(self, entry: _Entry, subject: bytes) -> bool:
         table = entry.table
-        if getattr(table, "asynchronous", False):
+        if not isinstance(table, SyncTable):  # the plan yields only table entries
             raise DictRetry(
                 f"{self.pname}: {entry.spec}: asynchronous table in a synchronous domain check"
             )
         try:
-            return table.lookup(subject) is not None  # type: ignore[attr-defined]
+            return table.lookup(subject) is not None
         except DictError as error:
             raise self._failed(entry, error) from None
 
     async def _alookup(self, entry: _Entry, subject: bytes) -> bool:
         table = entry.table
-        if not getattr(table, "asynchronous", False):
+        if not isinstance(table, AsyncTable):
             return self._lookup(entry, subject)
         try:
-            return await table.alookup(subject) is not None  # type: ignore[attr-defined]
+            return await table.alookup(subject) is not None
         except DictError as error:
             raise self._failed(entry, error) from None
 
@@ -622,13 +624,14 @@ class ResultJoiner:
     def add(self, value: bytes | None) -> None:
         """One value from the database (None = SQL NULL, skipped silently)."""
         if value and self._verbatim:
-            piece: bytes | Skip = value  # result_format "%s", nothing to check
+            piece = value  # result_format "%s", nothing to check
         else:
             ctx = self.context
-            piece = expand_or_skip(ctx.result_format, value, self.key, None, ctx.needs)
-            if isinstance(piece, Skip):
-                ctx.report_skip(piece, self.key, value, query=False)
+            expanded = expand_or_skip(ctx.result_format, value, self.key, None, ctx.needs)
+            if isinstance(expanded, Skip):
+                ctx.report_skip(expanded, self.key, query=False)
                 return
+            piece = expanded
         self._pieces.append(piece)
         self.count += 1
         if self._limit > 0 and self.count > self._limit:
@@ -699,7 +702,7 @@ class QueryContext:
         )
 
     # --- diagnostics -------------------------------------------------------------------
-    def report_skip(self, why: Skip, key: bytes, value: bytes | None, *, query: bool) -> None:
+    def report_skip(self, why: Skip, key: bytes, *, query: bool) -> None:
         """Log what Postfix logs for a skipped expansion (most are silent)."""
         if why is Skip.EMPTY and query:
             log.warning('table "%s": empty query string -- ignored', self.table)
@@ -721,7 +724,7 @@ class QueryContext:
         """A query-side template for ``key`` with the table's pooled requirements."""
         text = expand_or_skip(template, key, None, escape, self.needs)
         if isinstance(text, Skip):
-            self.report_skip(text, key, None, query=True)
+            self.report_skip(text, key, query=True)
             return None
         return text
 

@@ -24,7 +24,7 @@ class EnvironTable(SyncTable):
     dict_type = "environ"
 
     def __init__(self, name: str, open_mode: int, flags: int, ctx: OpenContext) -> None:
-        super().__init__(name, open_mode, flags | F.FIXED)
+        super().__init__(name, open_mode, flags | F.FIXED, ctx)
 
     def lookup(self, key: bytes) -> bytes | None:
         return os.environb.get(self.fold(key))

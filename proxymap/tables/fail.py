@@ -19,7 +19,7 @@ class FailTable(FailingTable):
     dict_type = "fail"
 
     def __init__(self, name: str, open_mode: int, flags: int, ctx: OpenContext) -> None:
-        super().__init__(name, open_mode, flags | F.PATTERN)
+        super().__init__(name, open_mode, flags | F.PATTERN, ctx)
 
     def _fail(self) -> DictRetry:
         return DictRetry(f"{self.spec}: table lookup failed on purpose")

@@ -89,7 +89,7 @@ class InlineTable(SyncTable):
 
     def __init__(self, name: str, open_mode: int, flags: int, ctx: OpenContext) -> None:
         require_read_only(self.dict_type, name, open_mode)
-        super().__init__(name, open_mode, flags | F.FIXED)
+        super().__init__(name, open_mode, flags | F.FIXED, ctx)
         utf8 = utf8_wanted(flags, ctx.utf8_enabled)
         if utf8 and not is_valid_utf8(name.encode("utf-8", "surrogateescape")):
             raise _syntax_error("bad UTF-8 syntax", name)

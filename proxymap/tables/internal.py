@@ -22,7 +22,7 @@ class InternalTable(SyncTable):
     dict_type = "internal"
 
     def __init__(self, name: str, open_mode: int, flags: int, ctx: OpenContext) -> None:
-        super().__init__(name, open_mode, flags | F.FIXED)
+        super().__init__(name, open_mode, flags | F.FIXED, ctx)
         self.entries: dict[bytes, bytes] = {}
         self._cursor = SequenceCursor()
 

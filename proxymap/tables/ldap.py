@@ -176,7 +176,8 @@ def quote_filter_value(piece: bytes) -> bytes:
 
 def split_list(text: str) -> list[str]:
     """Postfix's split on blanks and commas (empty words dropped)."""
-    words, word = [], []
+    words: list[str] = []
+    word: list[str] = []
     for char in text:
         if char in _LIST_SEPARATORS:
             if word:
@@ -490,7 +491,7 @@ def read_settings(cfg: CfgParser) -> LdapSettings:
     scope = _scope(cfg)
     timeout = cfg.get_int("timeout", 10)
     search_base, query, result_format = _templates(cfg)
-    attribute_lists = [
+    terminal, leaf, regular, special = (
         split_list(cfg.get_str(name, default))
         for name, default in (
             ("terminal_result_attribute", ""),
@@ -498,7 +499,7 @@ def read_settings(cfg: CfgParser) -> LdapSettings:
             ("result_attribute", "maildrop"),
             ("special_result_attribute", ""),
         )
-    ]
+    )
     bind = _bind(cfg)
     bind_dn, bind_pw = cfg.get_str("bind_dn", ""), cfg.get_str("bind_pw", "")
     _ignored_cache_settings(cfg)
@@ -513,7 +514,10 @@ def read_settings(cfg: CfgParser) -> LdapSettings:
         search_base,
         query,
         result_format,
-        *attribute_lists,
+        terminal,
+        leaf,
+        regular,
+        special,
         bind,
         bind_dn,
         bind_pw,
@@ -1002,7 +1006,7 @@ class LdapTable(AsyncTable):
     def __init__(
         self, name: str, open_mode: int, flags: int, ctx: OpenContext | None = None
     ) -> None:
-        super().__init__(name, open_mode, flags | F.FIXED)
+        super().__init__(name, open_mode, flags | F.FIXED, ctx)
         if open_mode != os.O_RDONLY:
             raise DictOpenError(f"{self.spec} map requires O_RDONLY access mode")
         ctx = ctx or OpenContext()

@@ -21,7 +21,7 @@ DESCRIPTION
     A file that LMDB refuses, an empty file opened for reading, or a file shorter than
     the pages its tree counts (truncated: reading it through the mapping would kill
     the process with SIGBUS) is an open error naming the file and the remedy
-    (nullterm, DAMAGED FILES). The check is a lower bound: a file cut short by less
+    (indexed, DAMAGED FILES). The check is a lower bound: a file cut short by less
     than its free pages passes it.
 
     An empty or over-long key is "not found" (LMDB rejects such keys; Postfix would
@@ -37,24 +37,25 @@ LOCKING
     the handler keeps from tables), not LOCK.
 
 SEE ALSO
-    nullterm.py, docs/TABLES.md 3.2, postmap(1).
+    indexed.py, docs/TABLES.md 3.2, postmap(1).
 """
 
 from __future__ import annotations
 
 import fcntl
 import os
+from typing import cast
 
 import lmdb
 
 from proxymap import flags as F
 from proxymap.tables.base import DictConfig, DictOpenError, DictRetry, OpenContext
-from proxymap.tables.nullterm import IndexedFileTable, damaged_error
+from proxymap.tables.indexed import IndexedFileTable, damaged_error
 
 DEFAULT_MAP_SIZE = 16 * 1024 * 1024  # Postfix lmdb_map_size
 
 
-class LmdbTable(IndexedFileTable):
+class LmdbTable(IndexedFileTable["SharedEnvironment"]):
     """``lmdb:NAME``: LMDB file ``NAME.lmdb``."""
 
     dict_type = "lmdb"
@@ -65,7 +66,7 @@ class LmdbTable(IndexedFileTable):
     def __init__(self, name: str, open_mode: int, flags: int, ctx: OpenContext) -> None:
         self._map_size = _configured_map_size(ctx)
         self._last_key: bytes | None = None
-        super().__init__(name, open_mode, flags)
+        super().__init__(name, open_mode, flags, ctx)
         self.always_lock = self.writable  # see LOCKING
 
     def changed(self) -> bool:
@@ -124,11 +125,11 @@ class LmdbTable(IndexedFileTable):
         return shared
 
     def _backend_close(self) -> None:
-        self._handle.release()
+        self._live_handle().release()
 
     def _read(self, operation):
         """Run ``operation(txn)`` in a fresh read transaction (sees the latest commit)."""
-        env: lmdb.Environment = self._handle.env
+        env: lmdb.Environment = self._live_handle().env
         for _attempt in range(2):
             try:
                 with env.begin(buffers=False) as txn:
@@ -141,7 +142,7 @@ class LmdbTable(IndexedFileTable):
 
     def _write(self, operation):
         """Run ``operation(txn)`` in a write transaction, growing the map when full."""
-        env: lmdb.Environment = self._handle.env
+        env: lmdb.Environment = self._live_handle().env
         while True:
             try:
                 with env.begin(write=True) as txn:
@@ -156,21 +157,26 @@ class LmdbTable(IndexedFileTable):
                 raise DictRetry(f"error writing {self.path}: {_reason(exc)}")
 
     def _backend_get(self, raw_key: bytes) -> bytes | None:
-        if not raw_key or len(raw_key) > self._handle.env.max_key_size():
+        env: lmdb.Environment = self._live_handle().env
+        if not raw_key or len(raw_key) > env.max_key_size():
             return None
-        return self._read(lambda txn: txn.get(raw_key))
+        try:  # _read's first attempt, without the closure: this is every lookup
+            with env.begin(buffers=False) as txn:
+                return txn.get(raw_key)
+        except lmdb.Error:
+            return self._read(lambda txn: txn.get(raw_key))  # resized map, or the error
 
     def _backend_put(self, raw_key: bytes, raw_value: bytes, replace: bool) -> bool:
         return self._write(lambda txn: txn.put(raw_key, raw_value, overwrite=replace))
 
     def _backend_remove(self, raw_key: bytes) -> bool:
-        if not raw_key or len(raw_key) > self._handle.env.max_key_size():
+        if not raw_key or len(raw_key) > self._live_handle().env.max_key_size():
             return False
         return self._write(lambda txn: txn.delete(raw_key))
 
     def _backend_sync(self) -> None:
         try:
-            self._handle.env.sync(True)
+            self._live_handle().env.sync(True)
         except lmdb.Error as exc:
             raise DictRetry(f"error syncing {self.path}: {_reason(exc)}")
 
@@ -241,7 +247,7 @@ def _used_bytes(env: lmdb.Environment) -> int:
 
 
 def _first(cursor: lmdb.Cursor) -> tuple[bytes, bytes] | None:
-    return cursor.item() if cursor.first() else None
+    return _item(cursor) if cursor.first() else None
 
 
 def _after(cursor: lmdb.Cursor, last: bytes) -> tuple[bytes, bytes] | None:
@@ -249,7 +255,13 @@ def _after(cursor: lmdb.Cursor, last: bytes) -> tuple[bytes, bytes] | None:
         return None
     if cursor.key() == last and not cursor.next():
         return None
-    return cursor.item()
+    return _item(cursor)
+
+
+def _item(cursor: lmdb.Cursor) -> tuple[bytes, bytes]:
+    # ``_read`` begins its transactions with buffers=False: the binding returns bytes
+    # (its annotations also allow the memoryviews of buffers=True).
+    return cast(tuple[bytes, bytes], cursor.item())
 
 
 def _configured_map_size(ctx: OpenContext) -> int:

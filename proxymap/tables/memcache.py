@@ -111,6 +111,7 @@ from proxymap.tables.pool import (
     PoolUnavailable,
     Sweeper,
     connection_limit,
+    failure_reason,
 )
 from proxymap.tables.streams import Stream, stream_opener
 
@@ -255,6 +256,9 @@ class _Wire:
         self.sweeper = sweeper  # the pool's: no timer per read (asyncio.timeout's)
         self.line_limit = settings.line_limit
         self.started = False  # a reply byte has arrived
+        # False after a reply that was usable but did not end as it should: keep what
+        # it brought, drop the connection (as Postfix does).
+        self.reusable = True
 
     async def send(self, data: bytes) -> None:
         self.writer.write(data)
@@ -309,17 +313,8 @@ async def _get(wire: _Wire, key: bytes, data_limit: int) -> bytes | None:
     except (_Failure, OSError, TimeoutError):
         complete = False
     if not complete:
-        raise _ValueButBroken(value.split(b"\0", 1)[0])
+        wire.reusable = False  # the value arrived, END did not
     return value.split(b"\0", 1)[0]
-
-
-class _ValueButBroken(Exception):
-    """The value arrived but the reply did not end with END: keep the value, drop
-    the connection (as Postfix does)."""
-
-    def __init__(self, value: bytes) -> None:
-        super().__init__("no END after the value")
-        self.value = value
 
 
 async def _set(wire: _Wire, key: bytes, value: bytes, mc_flags: int, ttl: int) -> int:
@@ -362,7 +357,7 @@ class MemcacheTable(AsyncTable):
     def __init__(
         self, name: str, open_mode: int, flags: int, ctx: OpenContext | None = None
     ) -> None:
-        super().__init__(name, open_mode, flags)
+        super().__init__(name, open_mode, flags, ctx)
         if flags & F.NO_UNAUTH:
             raise DictOpenError(f"{self.spec} map is not allowed for security-sensitive data")
         access = open_mode & (os.O_ACCMODE | os.O_APPEND)
@@ -454,11 +449,9 @@ class MemcacheTable(AsyncTable):
                 self.pool.release(lease, False)
                 continue
             connection.commands += 1
+            wire = _Wire(connection, self.settings, self.pool.sweeper)
             try:
-                result = await command(_Wire(connection, self.settings, self.pool.sweeper))
-            except _ValueButBroken as broken:
-                self.pool.release(lease, False)
-                return broken.value  # type: ignore[return-value]
+                result = await command(wire)
             except _ClosedEarly:
                 self._discard(lease)
                 if reused:
@@ -471,11 +464,11 @@ class MemcacheTable(AsyncTable):
                 self._discard(lease)
                 if isinstance(exc, ConnectionError) and reused:
                     continue  # reset by a restarted server before we sent anything
-                raise _Failure(_reason(exc)) from None
+                raise _Failure(failure_reason(exc)) from None
             except BaseException:
                 self._discard(lease)
                 raise
-            self.pool.release(lease, True)
+            self.pool.release(lease, wire.reusable)
             return result
 
     def _discard(self, lease: Any) -> None:
@@ -593,9 +586,3 @@ def _open_backup(spec: str | None, access: int, flags: int, ctx: OpenContext) ->
 
 def _close(connection: _Connection) -> None:
     connection.stream.close()
-
-
-def _reason(exc: BaseException) -> str:
-    if isinstance(exc, TimeoutError):
-        return "timeout"
-    return str(exc) or exc.__class__.__name__

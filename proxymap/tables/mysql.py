@@ -503,7 +503,7 @@ async def _connect(login: _Login, endpoint: Endpoint) -> Connection:
         program_name="pyproxymap",
     )
     # Postfix sends CLIENT_MULTI_RESULTS only: "SELECT 1; SELECT 2" is a syntax error.
-    connection._client_flag &= ~MULTI_STATEMENTS
+    connection._client_flag &= ~MULTI_STATEMENTS  # type: ignore[attr-defined]  # not in asyncmy's stub
     await connection.connect()
     return connection
 
@@ -511,8 +511,9 @@ async def _connect(login: _Login, endpoint: Endpoint) -> Connection:
 def _close_connection(connection: Connection) -> None:
     """Say QUIT when the connection still works (else the server logs an aborted
     connection), without waiting for anything."""
-    transport = connection._transport
-    if connection._connected and transport is not None and not transport.is_closing():
+    transport = connection._transport  # type: ignore[attr-defined]  # not in asyncmy's stub
+    connected = connection._connected  # type: ignore[attr-defined]  # not in asyncmy's stub
+    if connected and transport is not None and not transport.is_closing():
         try:
             transport.write(_QUIT_PACKET)
         except Exception:  # noqa: BLE001 - its event loop may be gone; close anyway
@@ -545,7 +546,7 @@ async def _result_sets(connection: Connection, query: bytes) -> list[tuple]:
     nothing); the protocol is read to its end so that the connection stays usable."""
     try:
         await connection.query(query)
-        result = connection._result
+        result = connection._result  # type: ignore[attr-defined]  # not in asyncmy's stub
         if result is not None and not result.has_next:  # the usual: one result
             return [result.rows or ()] if result.field_count else []
         sets = []
@@ -555,7 +556,7 @@ async def _result_sets(connection: Connection, query: bytes) -> list[tuple]:
             if result is None or not result.has_next:
                 return sets
             await connection.next_result()
-            result = connection._result
+            result = connection._result  # type: ignore[attr-defined]  # not in asyncmy's stub
     except (mysql_errors.MySQLError, OSError, EOFError) as exc:
         if _is_lost(exc):
             raise _LostConnection(_error_text(exc)) from None
@@ -604,7 +605,7 @@ class MysqlTable(AsyncTable):
     def __init__(
         self, name: str, open_mode: int, flags: int, ctx: OpenContext | None = None
     ) -> None:
-        super().__init__(name, open_mode, flags)
+        super().__init__(name, open_mode, flags, ctx)
         if open_mode != os.O_RDONLY:
             raise DictOpenError(f"{self.spec} map requires O_RDONLY access mode")
         ctx = ctx or OpenContext()
@@ -689,7 +690,7 @@ class MysqlTable(AsyncTable):
         for row in rows:
             for value in row:
                 # Postfix reads values as C strings: a NUL ends them.
-                if value is not None and b"\0" in value:
+                if value is not None and 0 in value:
                     value = value[: value.index(b"\0")]
                 add(value)
         return joined.value()
@@ -734,7 +735,8 @@ class MysqlTable(AsyncTable):
         loop: asyncio.AbstractEventLoop,
     ) -> list[tuple]:
         connection = lease.connection
-        if connection.server_status & SERVER_STATUS_NO_BACKSLASH_ESCAPES:
+        status = connection.server_status  # type: ignore[attr-defined]  # not in asyncmy's stub
+        if status & SERVER_STATUS_NO_BACKSLASH_ESCAPES:
             query = self.queries.expand_query(self.queries.query, key, self._escape_quotes) or query
         if deadline <= loop.time():
             raise TimeoutError

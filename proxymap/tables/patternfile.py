@@ -26,12 +26,18 @@ DESCRIPTION
     ``RuleList`` links each IF to its ENDIF while rules are added, so that a lookup
     whose IF condition fails jumps over the block (and ends, not found, when the IF has
     no ENDIF). An ENDIF without an open IF is ignored with a warning.
+
+    ``index_runs`` finds the long runs of consecutive rules a table indexes (match
+    rules: ``ruleindex.RunIndex`` for pcre and regexp, ``cidr.NetworkRun``); a lookup
+    asks a run's index for candidates instead of trying each of its rules.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from proxymap.tables.base import DictOpenError
 from proxymap.tables.textsyntax import BraceError, braced_elements, logical_lines, strip_braces
@@ -39,6 +45,8 @@ from proxymap.tables.textsyntax import BraceError, braced_elements, logical_line
 log = logging.getLogger("proxymap")
 
 C_SPACE = b" \t\n\v\f\r"  # isspace() in the C locale
+MIN_RUN = 4  # shorter runs of rules are scanned: an index would not pay for itself
+RunT = TypeVar("RunT")
 _BACKSLASH = 0x5C
 _BANG = 0x21
 
@@ -175,7 +183,7 @@ class Replacement:
         """Fill in groups from ``spans`` (indexable by group: (start, end), start < 0 = unset)."""
         out = []
         for part in self.parts:
-            if part.__class__ is int:
+            if isinstance(part, int):
                 start, end = spans[part]
                 if 0 <= start < end:
                     out.append(key[start:end])
@@ -278,14 +286,15 @@ class Rule:
         "suffix",
     )
 
-    def __init__(self, kind: int, lineno: int, positive: bool = True, matcher=None) -> None:
+    def __init__(self, kind: int, lineno: int, positive: bool = True, matcher: Any = None) -> None:
         self.kind = kind
         self.lineno = lineno
         self.positive = positive
+        # The driver's compiled patterns (PcrePattern, PosixRegex): one type per table.
         self.matcher = matcher
-        self.second = None
+        self.second: Any = None
         self.second_positive = True
-        self.replacement: Replacement | None = None
+        self.replacement: Replacement | None = None  # set on every MATCH rule
         self.endif = -1  # IF: index of its ENDIF, -1 when it has none
         self.value = b""
         self.prefix = b""  # literal text every match starts with (ruleindex), if known
@@ -319,6 +328,23 @@ class RuleList:
             warn(self.dict_type, self.origin, rule.lineno, "IF has no matching ENDIF")
         self._open_ifs.clear()
         return self.rules
+
+
+def index_runs(
+    count: int, in_run: Callable[[int], bool], build: Callable[[int, int], RunT]
+) -> list[RunT | None]:
+    """Entry i is ``build(i, end)`` for the run of rules i..end-1 that ``in_run`` accepts,
+    when it has at least MIN_RUN rules and no accepted rule just before it; else None."""
+    runs: list[RunT | None] = [None] * count
+    start = 0
+    while start < count:
+        end = start
+        while end < count and in_run(end):
+            end += 1
+        if end - start >= MIN_RUN:
+            runs[start] = build(start, end)
+        start = max(end, start + 1)
+    return runs
 
 
 def require_read_only(dict_type: str, name: str, open_mode: int) -> None:

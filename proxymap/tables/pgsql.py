@@ -675,7 +675,7 @@ class PgsqlTable(AsyncTable):
     def __init__(
         self, name: str, open_mode: int, flags: int, ctx: OpenContext | None = None
     ) -> None:
-        super().__init__(name, open_mode, flags | F.FIXED)
+        super().__init__(name, open_mode, flags | F.FIXED, ctx)
         if open_mode != os.O_RDONLY:
             raise DictOpenError(f"{self.spec} map requires O_RDONLY access mode")
         context = ctx or OpenContext()

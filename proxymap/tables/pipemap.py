@@ -55,7 +55,7 @@ class MemberPlans(Composite):
     """A composite of member tables (pipemap, unionmap): keeps and closes them."""
 
     def __init__(self, name: str, open_mode: int, flags: int, members: list[Table]) -> None:
-        super().__init__(name, open_mode, flags)  # type: ignore[call-arg]  # Table's
+        super().__init__(name, open_mode, flags)
         self.members = members
 
     def close(self) -> None:

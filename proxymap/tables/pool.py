@@ -351,7 +351,7 @@ class ConnectionPool(Generic[C, E]):
                     self._connect(state.endpoint), self.connect_timeout
                 )
             except Exception as exc:  # noqa: BLE001 - OSError, timeout, a driver's own type
-                self._mark_down(state, _reason(exc))
+                self._mark_down(state, failure_reason(exc))
                 reasons.append(f"{state.label}: {state.reason}")
                 continue
             finally:
@@ -477,7 +477,7 @@ class Sweeper:
             _, expire = watched.pop(key)
             try:
                 expire()
-            except Exception:  # noqa: BLE001 - one failing callback must not stop the rest
+            except Exception:  # one failing callback must not stop the rest
                 log.exception("deadline callback failed")
         if watched:
             self._timer = self._loop.call_later(self.resolution, self._sweep)
@@ -564,7 +564,8 @@ def _ignore_failure(task: asyncio.Future[object]) -> None:
         task.exception()
 
 
-def _reason(exc: BaseException) -> str:
+def failure_reason(exc: BaseException) -> str:
+    """How a connection failure reads in a log line or a RETRY reason."""
     if isinstance(exc, TimeoutError):
         return "timeout"
     return str(exc) or exc.__class__.__name__

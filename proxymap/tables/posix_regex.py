@@ -188,7 +188,7 @@ class PosixRegex:
     def __del__(self) -> None:
         try:
             self.free()
-        except Exception:  # interpreter shutdown: the library may be gone already
+        except Exception:  # noqa: BLE001 - interpreter shutdown: the library may be gone
             pass
 
 

@@ -27,7 +27,7 @@ class RandmapTable(SyncTable):
     def __init__(
         self, name: str, open_mode: int, flags: int, ctx: OpenContext | None = None
     ) -> None:
-        super().__init__(name, open_mode, (flags & ~F.FIXED) | F.PATTERN)
+        super().__init__(name, open_mode, (flags & ~F.FIXED) | F.PATTERN, ctx)
         if open_mode != os.O_RDONLY:
             raise DictOpenError(f"{self.spec} map requires O_RDONLY access mode")
         try:
@@ -38,5 +38,5 @@ class RandmapTable(SyncTable):
             raise DictOpenError(f'bad syntax: "{self.spec}"; empty table')
         self.values = [v.encode("utf-8", "surrogateescape") for v in values]
 
-    def lookup(self, key: bytes) -> bytes | None:
+    def lookup(self, _key: bytes) -> bytes | None:  # any key: a random value
         return random.choice(self.values)

@@ -30,7 +30,7 @@ import logging
 
 from proxymap import flags as F
 from proxymap.tables import posix_regex as rx
-from proxymap.tables.base import DictUnsupported, OpenContext, SyncTable
+from proxymap.tables.base import OpenContext, SyncTable
 from proxymap.tables.patternfile import (
     ENDIF,
     IF,
@@ -38,6 +38,7 @@ from proxymap.tables.patternfile import (
     Rule,
     RuleError,
     RuleList,
+    index_runs,
     keyword_at,
     parse_replacement,
     require_read_only,
@@ -51,7 +52,6 @@ from proxymap.tables.ruleindex import RunIndex, ere_literal_prefix, ere_literal_
 
 log = logging.getLogger("proxymap")
 
-_MIN_RUN = 4  # shorter runs of match rules are scanned
 
 _FLAG_BITS = {ord("i"): rx.REG_ICASE, ord("m"): rx.REG_NEWLINE, ord("x"): rx.REG_EXTENDED}
 
@@ -70,7 +70,7 @@ class RegexpTable(SyncTable):
     dict_type = "regexp"
 
     def __init__(self, name: str, open_mode: int, flags: int, ctx: OpenContext | None = None):
-        super().__init__(name, open_mode, (flags & ~F.FIXED) | F.PATTERN)
+        super().__init__(name, open_mode, (flags & ~F.FIXED) | F.PATTERN, ctx)
         require_read_only(self.dict_type, name, open_mode)
         self._no_regsub = bool(flags & F.NO_REGSUB)
         source = rule_source(self.dict_type, name)
@@ -178,7 +178,7 @@ class RegexpTable(SyncTable):
 
     def lookup(self, key: bytes) -> bytes | None:
         key = self.fold(key)
-        if b"\0" in key:
+        if 0 in key:  # the byte value: faster than `b"\0" in key`
             key = key.split(b"\0", 1)[0]
         with rx.c_locale():
             return self._first_match(key)
@@ -215,6 +215,7 @@ class RegexpTable(SyncTable):
     def _match_value(self, rule: Rule, key: bytes) -> bytes | None:
         """The result of a match rule for this key, or None when the rule does not fire."""
         replacement = rule.replacement
+        assert replacement is not None  # the parser gives every MATCH rule one
         spans = None
         if replacement.max_sub:
             spans = rule.matcher.search(key)
@@ -232,9 +233,6 @@ class RegexpTable(SyncTable):
             return replacement.literal
         return replacement.expand(key, spans)
 
-    def sequence(self, function: int) -> tuple[bytes, bytes] | None:
-        raise DictUnsupported(f"table {self.spec}: sequence operation is not supported")
-
     def close(self) -> None:
         for rule in self._rules:
             for regex in (rule.matcher, rule.second):
@@ -245,22 +243,15 @@ class RegexpTable(SyncTable):
 
 def _index_runs(rules: list[Rule]) -> list[RunIndex | None]:
     """Entry i is the index of the run of match rules that starts at rule i."""
-    runs: list[RunIndex | None] = [None] * len(rules)
-    start = 0
-    while start < len(rules):
-        end = start
-        while end < len(rules) and rules[end].kind == MATCH:
-            end += 1
-        if end - start >= _MIN_RUN:
-            runs[start] = RunIndex(
-                end,
-                [
-                    (index, rules[index].prefix, rules[index].caseless, None, rules[index].suffix)
-                    for index in range(start, end)
-                ],
-            )
-        start = max(end, start + 1)
-    return runs
+
+    def build(start: int, end: int) -> RunIndex:
+        filing = [
+            (index, rules[index].prefix, rules[index].caseless, None, rules[index].suffix)
+            for index in range(start, end)
+        ]
+        return RunIndex(end, filing)
+
+    return index_runs(len(rules), lambda index: rules[index].kind == MATCH, build)
 
 
 def _show(text: bytes) -> str:

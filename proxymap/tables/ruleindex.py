@@ -38,6 +38,8 @@ DESCRIPTION
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 _BACKSLASH = 0x5C
 _PUNCTUATION = frozenset(b"!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~ ")
 _QUANTIFIERS = frozenset(b"?*+{")
@@ -227,7 +229,9 @@ class RunIndex:
 
     __slots__ = ("end", "always", "by_prefix", "by_suffix", "by_byte")
 
-    def __init__(self, end: int, rules: list[tuple[int, bytes, bool, int | None, bytes]]) -> None:
+    def __init__(
+        self, end: int, rules: Sequence[tuple[int, bytes, bool, int | None, bytes]]
+    ) -> None:
         """``rules``: (index, prefix, caseless, required byte or None, suffix), ascending.
 
         An empty prefix or suffix means none is known.
@@ -257,7 +261,7 @@ class RunIndex:
                 self.always.append(index)
                 continue
             best = min(slots, key=sharing.__getitem__)  # ties: prefix, then suffix
-            if best.__class__ is int:
+            if isinstance(best, int):
                 self.by_byte.setdefault(best, []).append(index)
             elif best[0] == _SUFFIX:
                 self._file(self.by_suffix, (best[1],), best[2], index)

@@ -38,7 +38,7 @@ from proxymap.tables.base import (
     OpenContext,
     require_network_open,
 )
-from proxymap.tables.pool import ConnectionPool, connection_limit
+from proxymap.tables.pool import ConnectionPool, connection_limit, failure_reason
 from proxymap.tables.streams import (
     Stream,
     check_endpoint,
@@ -119,7 +119,7 @@ class SocketmapTable(AsyncTable):
     def __init__(
         self, name: str, open_mode: int, flags: int, ctx: OpenContext | None = None
     ) -> None:
-        super().__init__(name, open_mode, (flags & ~F.FIXED) | F.PATTERN)
+        super().__init__(name, open_mode, (flags & ~F.FIXED) | F.PATTERN, ctx)
         require_network_open(self.spec, open_mode, flags)
         endpoint, sep, map_name = name.rpartition(":")
         if not sep or not endpoint or not map_name:
@@ -172,7 +172,7 @@ class SocketmapTable(AsyncTable):
             raise _EarlyEOF() from None
         except (TimeoutError, OSError, NetstringError) as exc:
             self.pool.release(lease, False)
-            raise DictRetry(f"{self.spec}: {_reason(exc)}") from None
+            raise DictRetry(f"{self.spec}: {failure_reason(exc)}") from None
         except BaseException:
             self.pool.release(lease, False)
             raise
@@ -181,9 +181,3 @@ class SocketmapTable(AsyncTable):
 
     def close(self) -> None:
         pass  # the pool belongs to the endpoint, shared with other tables
-
-
-def _reason(exc: BaseException) -> str:
-    if isinstance(exc, TimeoutError):
-        return "timeout"
-    return str(exc) or exc.__class__.__name__

@@ -172,7 +172,7 @@ class SqliteTable(BlockingTable):
     dict_type = "sqlite"
 
     def __init__(self, name: str, open_mode: int, flags: int, ctx: OpenContext) -> None:
-        super().__init__(name, open_mode, flags | F.FIXED)
+        super().__init__(name, open_mode, flags | F.FIXED, ctx)
         require_read_only(self.dict_type, name, open_mode)
         configure(ctx.params)
         cfg = CfgParser(name, ctx.params)
@@ -276,7 +276,7 @@ class SqliteTable(BlockingTable):
     def _column_text(db: sqlite3.Connection, value: object) -> bytes | None:
         """A value as sqlite3_column_text renders it, cut at a NUL as a C string is."""
         if value is None or isinstance(value, bytes):
-            return value if value is None or b"\0" not in value else value.split(b"\0", 1)[0]
+            return value if value is None or 0 not in value else value.split(b"\0", 1)[0]
         if isinstance(value, int):
             return b"%d" % value
         cursor = db.execute("SELECT CAST(? AS TEXT)", (value,))  # sqlite's own %!.15g

@@ -25,7 +25,7 @@ class StaticTable(SyncTable):
     dict_type = "static"
 
     def __init__(self, name: str, open_mode: int, flags: int, ctx: OpenContext) -> None:
-        super().__init__(name, open_mode, flags | F.FIXED)
+        super().__init__(name, open_mode, flags | F.FIXED, ctx)
         text = name
         if name.startswith("{"):
             try:
@@ -34,5 +34,5 @@ class StaticTable(SyncTable):
                 raise DictOpenError(f"bad static:name syntax: {exc}")
         self.value = text.encode("utf-8", "surrogateescape")
 
-    def lookup(self, key: bytes) -> bytes | None:
+    def lookup(self, _key: bytes) -> bytes | None:  # any key: the one value
         return self.value

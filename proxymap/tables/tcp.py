@@ -29,7 +29,9 @@ SECURITY
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
+from typing import Final, Literal
 
 from proxymap import flags as F
 from proxymap.tables.base import (
@@ -39,7 +41,12 @@ from proxymap.tables.base import (
     OpenContext,
     require_network_open,
 )
-from proxymap.tables.pool import ConnectionPool, PoolUnavailable, connection_limit
+from proxymap.tables.pool import (
+    ConnectionPool,
+    PoolUnavailable,
+    connection_limit,
+    failure_reason,
+)
 from proxymap.tables.streams import (
     Stream,
     close_stream,
@@ -58,7 +65,11 @@ _HEX_DIGITS = frozenset(b"0123456789abcdefABCDEF")
 _C_SPACE = b" \t\n\v\f\r"
 
 
-_TRANSPORT_FAILED = object()  # marker: the exchange failed below the protocol; try again
+class _Outcome(enum.Enum):
+    TRANSPORT_FAILED = enum.auto()  # the exchange failed below the protocol; try again
+
+
+_TRANSPORT_FAILED: Final = _Outcome.TRANSPORT_FAILED
 
 
 class ProtocolError(Exception):
@@ -108,7 +119,7 @@ class TcpTable(AsyncTable):
     def __init__(
         self, name: str, open_mode: int, flags: int, ctx: OpenContext | None = None
     ) -> None:
-        super().__init__(name, open_mode, (flags & ~F.FIXED) | F.PATTERN)
+        super().__init__(name, open_mode, (flags & ~F.FIXED) | F.PATTERN, ctx)
         require_network_open(self.spec, open_mode, flags)
         try:
             split_host_port(name)
@@ -137,10 +148,10 @@ class TcpTable(AsyncTable):
                 await asyncio.sleep(self.retry_delay)
             outcome = await self._exchange(request)
             if outcome is not _TRANSPORT_FAILED:
-                return outcome  # type: ignore[return-value]
+                return outcome
         raise DictRetry(f"{self.spec}: giving up after {self.max_tries} attempts")
 
-    async def _exchange(self, request: bytes) -> bytes | None | object:
+    async def _exchange(self, request: bytes) -> bytes | None | Literal[_Outcome.TRANSPORT_FAILED]:
         """One request on one connection: the answer, or _TRANSPORT_FAILED (try again)."""
         try:
             lease = await self.pool.acquire(self.timeout)
@@ -183,8 +194,6 @@ class TcpTable(AsyncTable):
 
 
 def _reason(exc: BaseException) -> str:
-    if isinstance(exc, asyncio.TimeoutError):
-        return "timeout"
     if isinstance(exc, asyncio.IncompleteReadError):
         return "connection closed before a complete reply"
-    return str(exc) or exc.__class__.__name__
+    return failure_reason(exc)

@@ -67,7 +67,7 @@ class TexthashTable(SyncTable):
 
     def __init__(self, name: str, open_mode: int, flags: int, ctx: OpenContext) -> None:
         require_read_only(self.dict_type, name, open_mode)
-        super().__init__(name, open_mode, flags | F.FIXED)
+        super().__init__(name, open_mode, flags | F.FIXED, ctx)
         self._cursor = SequenceCursor()
         path = name.encode("utf-8", "surrogateescape")
         try:

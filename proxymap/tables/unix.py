@@ -127,8 +127,8 @@ class UnixTable(UnixResolver, SyncTable):
 
     dict_type = "unix"
 
-    def __init__(self, name: str, open_mode: int, flags: int) -> None:
-        super().__init__(name, open_mode, flags | F.FIXED)
+    def __init__(self, name: str, open_mode: int, flags: int, ctx: OpenContext) -> None:
+        super().__init__(name, open_mode, flags | F.FIXED, ctx)
         self._setup(name)
 
     def lookup(self, key: bytes) -> bytes | None:
@@ -140,8 +140,8 @@ class RemoteUnixTable(UnixResolver, BlockingTable):
 
     dict_type = "unix"
 
-    def __init__(self, name: str, open_mode: int, flags: int) -> None:
-        super().__init__(name, open_mode, flags | F.FIXED)
+    def __init__(self, name: str, open_mode: int, flags: int, ctx: OpenContext) -> None:
+        super().__init__(name, open_mode, flags | F.FIXED, ctx)
         self._setup(name)
 
     def blocking_lookup(self, key: bytes, flags: int) -> bytes | None:
@@ -154,6 +154,6 @@ def open_unix(name: str, open_mode: int, flags: int, ctx: OpenContext) -> Table:
         raise DictOpenError(f"unknown table: unix:{name}")
     database = name.split(".", 1)[0]  # passwd or group
     if set(nss_sources(database)) <= LOCAL_SOURCES:
-        return UnixTable(name, open_mode, flags)
+        return UnixTable(name, open_mode, flags, ctx)
     configure(ctx.params)
-    return RemoteUnixTable(name, open_mode, flags)
+    return RemoteUnixTable(name, open_mode, flags, ctx)

@@ -36,7 +36,7 @@ import logging
 from typing import Any
 
 from proxymap import flags as F
-from proxymap.tables.base import DictConfig, SurrogateTable, Table
+from proxymap.tables.base import DictConfig, SurrogateTable, SyncTable, Table
 from proxymap.tables.composite import AsyncComposite, Call, Composite, Plan, SyncComposite, choose
 
 log = logging.getLogger("proxymap")
@@ -103,7 +103,7 @@ class Utf8Plans(Composite):
         inner.flags |= F.UTF8_ACTIVE
 
     @property
-    def spec(self) -> str:  # type: ignore[override]
+    def spec(self) -> str:
         return self.inner.spec
 
     @property
@@ -117,6 +117,10 @@ class Utf8Plans(Composite):
     @property
     def watched_files(self) -> tuple[str, ...]:
         return self.inner.watched_files
+
+    @watched_files.setter
+    def watched_files(self, value: tuple[str, ...]) -> None:
+        self.inner.watched_files = value
 
     # --- checks ---------------------------------------------------------------------------
     def _checked_key(self, key: bytes) -> bytes | None:
@@ -185,6 +189,8 @@ class Utf8Plans(Composite):
 class Utf8Table(Utf8Plans, SyncComposite):
     """The UTF-8 layer over a synchronous table."""
 
+    inner: SyncTable  # ``activate`` chooses this class for a synchronous table only
+
     def lookup(self, key: bytes) -> bytes | None:
         # Every lookup of a 3.11+ client passes here: ``lookup_plan``'s steps without a
         # generator to drive (0.6 instead of 2.9 us per lookup, measured in-process).
@@ -195,7 +201,7 @@ class Utf8Table(Utf8Plans, SyncComposite):
         saved = inner.flags & F.FOLD_ANY
         inner.flags &= ~F.FOLD_ANY
         try:
-            value = inner.lookup(folded)  # type: ignore[attr-defined]
+            value = inner.lookup(folded)
         finally:
             inner.flags |= saved
         return self._checked_value(value)

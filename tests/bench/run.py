@@ -49,6 +49,11 @@ DESCRIPTION
     in ten for 1000 hot keys, at the largest --slow-conns count; the report gives
     lookups/s, p50, p99 and backend queries per lookup for each.
 
+    Kind ``statistics`` (ours only, stats_workload.py): the cost of live statistics,
+    pyproxymap_statistics = no against yes on texthash and hash at 16 connections, in
+    pairs of runs (at least seven); the report gives each setting's medians and the
+    median of the paired ratios (target: at most 3 % fewer lookups/s).
+
     Database table kinds (databases.py): ``mysql-5ms`` and ``pgsql-5ms`` (a query that
     takes 5 ms, hit or miss, measured at --slow-conns connections), ``mysql``, ``pgsql``
     and ``ldap`` (the server's own cost, at --db-conns connections), on a private
@@ -116,7 +121,10 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 LOCAL_TABLES = ("hash", "lmdb", "texthash", "pcre", "cidr", "unix", "socketmap")
 # Not a table of both sides: our worker with its result cache off and on (ours only).
 CACHE_KIND = "cache-5ms"
-ALL_TABLES = LOCAL_TABLES + DATABASE_KINDS + (CACHE_KIND,)
+# Neither: our worker with pyproxymap_statistics off and on (ours only).
+STATS_KIND = "statistics"
+OURS_ONLY = (CACHE_KIND, STATS_KIND)
+ALL_TABLES = LOCAL_TABLES + DATABASE_KINDS + OURS_ONLY
 BENCH_DIR = Path(__file__).resolve().parent
 # The load generator and the slow backend live here, beside this file: the
 # benchmark reads nothing outside the repository at run time.
@@ -395,6 +403,8 @@ class Report:
     db_limits: dict = field(default_factory=dict)
     # cache_workload.cache_rows: our worker with the result cache off and on.
     cache: list = field(default_factory=list)
+    # stats_workload.stats_rows: our worker with pyproxymap_statistics off and on.
+    stats_cost: list = field(default_factory=list)
 
 
 def listed_tables(tables: dict[str, BenchTable], own: str | None) -> dict[str, BenchTable]:
@@ -498,7 +508,7 @@ def run_benchmark(options: argparse.Namespace) -> Report:
     backends = DatabaseBackends(base / "servers")
     if options.scale:
         raise_open_file_limit(options.scale + 4096)
-    kinds = [kind for kind in options.tables if kind != CACHE_KIND]
+    kinds = [kind for kind in options.tables if kind not in OURS_ONLY]
     try:
         tables = (
             build_tables(base / "tables", kinds, backend.port if backend else 0, backends)
@@ -535,6 +545,8 @@ def run_benchmark(options: argparse.Namespace) -> Report:
                 measure_scale(options, pmload, instances["ours"], tables, report)
         if CACHE_KIND in options.tables and "ours" in implementations:
             measure_cache(options, pmload, programs["ours"], base, report)
+        if STATS_KIND in options.tables and "ours" in implementations:
+            measure_statistics(options, pmload, programs["ours"], base, report)
     finally:
         if backend:
             backend.stop()
@@ -563,6 +575,21 @@ def measure_cache(options, pmload: Path, program: Path, base: Path, report: Repo
         log(
             f"ours {CACHE_KIND} cache {row['cache']}: {row['rps']:.0f} lookups/s, "
             f"p99 {row['p99_us']:.0f} us, {row['queries_per_lookup']:.3f} queries/lookup"
+        )
+
+
+def measure_statistics(options, pmload: Path, program: Path, base: Path, report: Report) -> None:
+    """pyproxymap_statistics off and on, texthash and hash at 16 connections, in
+    pairs of runs (stats_workload.py); at least seven pairs."""
+    from tests.bench.stats_workload import stats_rows  # it imports this module
+
+    report.stats_cost = stats_rows(
+        pmload, base, program, seconds=options.seconds, repeat=max(options.repeat, 7)
+    )
+    for row in report.stats_cost:
+        log(
+            f"ours {row['table']} statistics on/off: lookups/s {row['rps_ratio']:.3f}, "
+            f"CPU per lookup {row['cpu_ratio']:.3f}"
         )
 
 
@@ -948,6 +975,16 @@ def markdown(report: Report) -> str:
             "",
         ]
         lines += cache_markdown(report.cache)
+    if report.stats_cost:
+        from tests.bench.stats_workload import stats_markdown  # it imports this module
+
+        lines += [
+            "",
+            "Live statistics (ours only): pyproxymap_statistics = no against yes, "
+            "two workers each, paired runs in alternating order; ratios on/off.",
+            "",
+        ]
+        lines += stats_markdown(report.stats_cost)
     lines += ["", "Cold start (master start to first answer on a fresh connection, median):", ""]
     for impl in IMPLEMENTATIONS:
         cold = report.cold_start_ms.get(impl)

@@ -41,7 +41,7 @@ TABLE_MODULES = (
     "pool",
     "streams",
     "utf8",
-    "nullterm",
+    "indexed",
     "base",
 )
 

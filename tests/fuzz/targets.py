@@ -277,13 +277,15 @@ def _check_parsed(pairs: attr.Pairs) -> None:
 
 
 def _one_list(wire: bytes) -> attr.Pairs:
-    lists, decoder = attr.decode_all(wire)
+    decoder = attr.AttrDecoder()
+    lists = decoder.feed(wire)
     require(len(lists) == 1 and not decoder.pending, "not exactly one list", wire)
     return lists[0]
 
 
 def scanner_one(data: bytes) -> None:
-    lists, decoder = attr.decode_all(data)
+    decoder = attr.AttrDecoder()
+    lists = decoder.feed(data)
     for pairs in lists:
         _check_parsed(pairs)
     # A request cut short at any attribute, with or without a name whose value never came.

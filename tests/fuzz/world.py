@@ -429,7 +429,8 @@ def check_output(payload: bytes, eof: bool, output: bytes, closed: bool) -> None
         requests = decoder.feed(payload)
     except attr.AttrTooLarge as exc:
         requests, oversized = exc.complete, True
-    replies, rest = attr.decode_all(output[len(P.ANNOUNCEMENT) :])
+    rest = attr.AttrDecoder()
+    replies = rest.feed(output[len(P.ANNOUNCEMENT) :])
     require(not rest.pending, "output ends inside a list", output[-40:])
     due = [(pairs, op) for pairs in requests for wanted, op in [expected_op(pairs)] if wanted]
     require(len(replies) >= len(due), "a request got no reply", len(due), len(replies))

@@ -16,6 +16,7 @@ DESCRIPTION
       @service     the service name (-n, else the command name)
       @loop        the module of the event loop class (asyncio... or uvloop)
       @ids         "uid gid cwd" of the process
+      @pid         the process id (which sibling took this client)
       anything     echoed back
 
     Parameters (``-o`` or main.cf):
@@ -49,6 +50,8 @@ def answer(server: MultiServer, line: bytes) -> bytes:
         text = server.service_name
     elif text == "@loop":
         text = type(server.loop).__module__
+    elif text == "@pid":
+        text = str(os.getpid())
     elif text == "@ids":
         text = f"{os.getuid()} {os.getgid()} {os.getcwd()}"
     return text.encode("utf-8", "surrogateescape") + b"\n"

@@ -38,6 +38,9 @@ DESCRIPTION
       socket_path   where the listen socket goes (default: a fresh temporary dir)
       generation    the number sent as GENERATION (default 0o123, i.e. "123")
       backlog       listen backlog (default 100, the master's default_process_limit)
+      listener      a listening socket to share (default: a new one): two stand-ins
+                    given the same socket start two sibling children, as the master
+                    does for a service with a process limit above 1
       status_fd     False: give the child no fd 5 (a degraded test run)
       stdout, stderr  what subprocess.Popen accepts (default: PIPE for both)
       cwd           working directory of the child (default: the repository root)
@@ -93,6 +96,7 @@ class StandinMaster:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         cwd: str | os.PathLike | None = None,
+        listener: socket.socket | None = None,
     ) -> None:
         self.argv = [str(a) for a in argv]
         self.generation = generation
@@ -102,7 +106,10 @@ class StandinMaster:
         self.stderr_spec = stderr
         self.cwd = str(cwd or REPO_ROOT)
         self._tempdir: str | None = None
-        if socket_path is None:
+        self.shared_listener = listener
+        if listener is not None:
+            socket_path = listener.getsockname()
+        elif socket_path is None:
             self._tempdir = tempfile.mkdtemp(prefix="standin-master-")
             socket_path = os.path.join(self._tempdir, "service")
         self.socket_path = str(socket_path)
@@ -126,11 +133,14 @@ class StandinMaster:
         self.stop()
 
     def start(self) -> StandinMaster:
-        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        if os.path.exists(self.socket_path):
-            os.unlink(self.socket_path)
-        self.listener.bind(self.socket_path)
-        self.listener.listen(self.backlog)
+        if self.shared_listener is not None:
+            self.listener = self.shared_listener.dup()  # ours to close in stop()
+        else:
+            self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            if os.path.exists(self.socket_path):
+                os.unlink(self.socket_path)
+            self.listener.bind(self.socket_path)
+            self.listener.listen(self.backlog)
         self.listener.setblocking(False)
         flow_read, flow_write = os.pipe()
         sources = [flow_read, flow_write]

@@ -1,7 +1,7 @@
 """Behaviour shared by the indexed-file tables: hash, btree, lmdb and cdb.
 
 NAME
-    nullterm -- trailing-NUL probing and learning, folding, file freshness
+    indexed -- the indexed-file tables: trailing-NUL probing, folding, file freshness
 
 SYNOPSIS
     class HashTable(IndexedFileTable): ...   # implements the _backend_* primitives
@@ -66,7 +66,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Generic, TypeVar
 
 from proxymap import flags as F
 from proxymap.tables.base import (
@@ -75,6 +75,7 @@ from proxymap.tables.base import (
     DictOpenError,
     DictRetry,
     DictUnsupported,
+    OpenContext,
     SyncTable,
 )
 
@@ -93,6 +94,7 @@ RACY_WINDOW_NS = 2_000_000_000
 _LOCK_BUSY = frozenset({errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES})
 
 T = TypeVar("T")
+H = TypeVar("H")  # a backend's handle on the open file
 
 
 # --- the NUL convention, as pure functions -----------------------------------------------
@@ -217,7 +219,7 @@ def failure_advice(path: str, reason: str) -> str:
 # --- the table skeleton ---------------------------------------------------------------------
 
 
-class IndexedFileTable(SyncTable):
+class IndexedFileTable(SyncTable, Generic[H]):
     """A table kept in one file ``NAME + suffix`` with NUL-convention probing.
 
     Subclasses provide the backend primitives (all called with the file locked as the
@@ -225,6 +227,7 @@ class IndexedFileTable(SyncTable):
     None), ``_backend_put`` (False when the key exists and ``replace`` is false),
     ``_backend_remove`` (True when removed), ``_backend_first``/``_backend_next`` (raw
     key/value pairs), ``_backend_sync``; and ``_lock``/``_unlock`` for their lock style.
+    ``H`` is the type of the backend's handle, which they reach through ``_live_handle``.
     """
 
     suffix = ""
@@ -239,12 +242,14 @@ class IndexedFileTable(SyncTable):
     # reading it while postmap truncates it in place is a crash (SIGBUS), not an error.
     always_lock = False
 
-    def __init__(self, name: str, open_mode: int, flags: int) -> None:
-        super().__init__(name, open_mode, initial_flags(flags, self.impl_flags))
+    def __init__(
+        self, name: str, open_mode: int, flags: int, ctx: OpenContext | None = None
+    ) -> None:
+        super().__init__(name, open_mode, initial_flags(flags, self.impl_flags), ctx)
         self.path = name + self.suffix
         self.writable = (open_mode & os.O_ACCMODE) != os.O_RDONLY
         self._fd: int | None = None  # the lock descriptor; also pins the inode
-        self._handle: object = None  # the backend's handle on that inode
+        self._handle: H | None = None  # the backend's handle on that inode
         self._stamp: FileStamp | None = None
         self._new_fd_locked = False
         self._trouble: str | None = None  # the failure reported once, until a success
@@ -252,13 +257,20 @@ class IndexedFileTable(SyncTable):
         self.watch(self.path)
 
     # --- subclass hooks --------------------------------------------------------------------
-    def _backend_open(self, fd: int, create: bool, truncate: bool) -> object:
+    def _backend_open(self, fd: int, create: bool, truncate: bool) -> H:
         """Open the library on ``self.path`` (``fd`` is locked); return the new handle."""
         raise NotImplementedError
 
     def _backend_close(self) -> None:
         """Close ``self._handle``."""
         raise NotImplementedError
+
+    def _live_handle(self) -> H:
+        """The backend's handle; none once the table is closed (an access then fails)."""
+        handle = self._handle
+        if handle is None:
+            raise DictRetry(f"{self.path}: table is closed")
+        return handle
 
     def _backend_get(self, raw_key: bytes) -> bytes | None:
         raise NotImplementedError
@@ -340,10 +352,10 @@ class IndexedFileTable(SyncTable):
         links, but its ctime moved: tables that check stamps reopen; lmdb, which does
         not, serves it until ``changed`` (before the next accept) restarts the worker.
         """
-        stamp = self._stamp
-        if stamp is None:
-            return False
-        st = os.fstat(self._fd)
+        stamp, fd = self._stamp, self._fd
+        if stamp is None or fd is None:
+            return False  # closed: nothing to reopen, the access fails in the backend
+        st = os.fstat(fd)
         if st.st_nlink == 0:
             try:
                 os.stat(self.path)
@@ -362,7 +374,7 @@ class IndexedFileTable(SyncTable):
         except DictOpenError as exc:
             raise DictRetry(str(exc))
         except Exception as exc:  # the library refused the new file: unavailable for now
-            raise DictRetry(f"open database {self.path}: {exc}")
+            raise DictRetry(f"open database {self.path}: {exc}") from exc
 
     def _enter(self, exclusive: bool) -> tuple[int, ...]:
         """Start one access: a handle on the current file, locked as the request asks.
@@ -430,22 +442,42 @@ class IndexedFileTable(SyncTable):
             self.flags |= F.TRY_ANY
 
     def lookup(self, key: bytes) -> bytes | None:
-        self._normalize_flags()
-        key = cut_at_nul(self.fold(key))
+        # The hot path of the most used tables: _normalize_flags, fold, cut_at_nul and
+        # probe written out (every call costs about as much as the fstat does).
+        flags = self.flags | self.impl_flags
+        if not flags & F.TRY_ANY:
+            flags |= F.TRY_ANY
+        self.flags = flags
+        if flags & F.FOLD_FIX:  # indexed tables are FIXED: fold() would pick this bit
+            key = key.lower()
+        if 0 in key:  # the byte value: `NUL in key` first raises and clears a TypeError
+            key = key[: key.index(NUL)]
         if not key:
             return None  # never stored by postmap; LMDB would even reject it
+        get = self._backend_get
         try:
             held = self._enter(exclusive=False)
             try:
-                value, self.flags = probe(self.flags, self._backend_get, key)
+                value = None
+                if flags & F.TRY1NULL:
+                    value = get(key + NUL)
+                    if value is not None:
+                        self.flags = flags & ~F.TRY0NULL
+                if value is None and flags & F.TRY0NULL:
+                    value = get(key)
+                    if value is not None:
+                        self.flags = flags & ~F.TRY1NULL
             finally:
-                self._leave(held)
+                if held:
+                    self._leave(held)
         except DictRetry as exc:
             self._failed(exc)
             raise
         if self._trouble is not None:
             self._succeeded()
-        return None if value is None else cut_at_nul(value)
+        if value is None or 0 not in value:
+            return value
+        return value[: value.index(NUL)]
 
     def update(self, key: bytes, value: bytes) -> int:
         self._normalize_flags()
@@ -532,4 +564,4 @@ class IndexedFileTable(SyncTable):
         if self._fd is not None:
             self._backend_close()
             os.close(self._fd)
-            self._fd = self._handle = None
+            self._fd = self._handle = self._stamp = None
