@@ -211,7 +211,7 @@ class ProxymapService:
 
         return new_connection
 
-    def serve_standalone(self, server: MultiServer, infile: BinaryIO, outfile: BinaryIO) -> None:
+    def serve_standalone(self, _server: MultiServer, infile: BinaryIO, outfile: BinaryIO) -> None:
         assert self.handler is not None, "post_init makes the handler"
         reply = answer_standalone(self.handler, infile)
         if reply:

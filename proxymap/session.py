@@ -266,7 +266,7 @@ class Session:
                 request = parsed
                 try:
                     result = self.handler.handle(request)
-                except Exception as exc:  # noqa: BLE001 - a handler bug must not kill the worker
+                except Exception as exc:  # a handler bug must not kill the worker
                     log.error(
                         "%s request for %s failed: %r", request.op, request.table, exc, exc_info=exc
                     )
