@@ -50,7 +50,7 @@ DESCRIPTION
     Fast path: ``compile_lookup(request)`` returns a function key -> encoded reply
     for every lookup that differs from ``request`` only in its key; it does what
     ``handle`` and ``encode_reply`` do, minus the per-request routing, flag
-    arithmetic and ``Reply`` objects. The connection keeps these functions in
+    arithmetic and ``Reply`` objects. The session keeps these functions in
     ``lookup_shortcuts`` under the request bytes that precede the key.
 
     G1 and G2 instances of one table are never shared. A table has at most 8 instances
@@ -64,12 +64,12 @@ DESCRIPTION
     that raised DictBusy (a writer holds the table file locked): the coroutine tries
     it again after 1, 2, 4 ... 50 ms until the lock is gone, where Postfix would wait
     in flock() with all its clients; a compiled lookup then answers None and the
-    connection takes the general path.
+    session takes the general path.
 
     Result cache (``proxymap.cache``, off by default): an asynchronous instance of a
     table named in ``pyproxymap_cache_maps`` gets its table's cache when it is
     opened. A lookup with a fresh entry is answered inline, as a local table's (the
-    connection then learns a compiled lookup for it that answers hits and hands
+    session then learns a compiled lookup for it that answers hits and hands
     anything else to the general path); a miss awaits ``TableCache.fill`` (one query
     per key, stale entries when the backend fails temporarily). An update or delete
     invalidates the key. Synchronous tables never see the cache: their paths are
@@ -90,6 +90,7 @@ import os
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
 from time import perf_counter
+from typing import cast
 
 from proxymap import flags as F
 from proxymap.cache import ANSWER_BITS, MAPS, CacheKey, CacheSettings, TableCache
@@ -100,12 +101,15 @@ from proxymap.protocol import (
     DENY,
     G1,
     G2,
+    LOOKUP_END,
     NOKEY,
     OK,
     RETRY,
     Reply,
     Request,
     encode_reply,
+    g2_lookup_templates,
+    lookup_replies,
 )
 from proxymap.stats import StatsSettings, TableStats
 from proxymap.tables import open_table
@@ -119,6 +123,7 @@ from proxymap.tables.base import (
     DictRetry,
     DictUnsupported,
     OpenContext,
+    SyncTable,
     Table,
 )
 from proxymap.tables.utf8 import activate, utf8_wanted
@@ -141,9 +146,9 @@ _MAX_ROUTES = 4096
 MAX_DENIED_NAMES = 64
 OTHER_DENIED = "(other unapproved tables)"
 # G1 lookup replies carry no flags (docs/PROTOCOL.md 2.5): a constant head before the value
-# of a hit, a constant reply for a miss.
-_G1_FOUND = encode_reply("lookup", G1, Reply(OK))[:-2]
-_G1_NOT_FOUND = encode_reply("lookup", G1, Reply(NOKEY))
+# of a hit, a constant reply for a miss. G2 replies carry the flags after the lookup.
+_G1_FOUND, _G1_NOT_FOUND = lookup_replies(G1)
+_G2_FOUND, _G2_NOT_FOUND = g2_lookup_templates()
 
 # A compiled lookup answers with the encoded reply, or None when the request must take
 # the general path after all (the table is locked by a writer: see DictBusy).
@@ -201,7 +206,7 @@ def _cached_reply(
         return not_found
     if b"\x00" in value:
         value = value[: value.index(b"\x00")]
-    return found + value + b"\x00\x00"
+    return found + value + LOOKUP_END
 
 
 class RequestHandler:
@@ -219,7 +224,7 @@ class RequestHandler:
         )
         self.legacy_context = replace(self.context, legacy_client=True)
         self._routes: dict[tuple[str, int, int], Instance | Refusal] = {}
-        #: Filled by the connection: request bytes before the key -> compiled lookup
+        #: Filled by the sessions: request bytes before the key -> compiled lookup
         #: (None: that request shape takes the general path).
         self.lookup_shortcuts: dict[bytes, LookupFunction | None] = {}
         self._instances: dict[tuple[str, int, int, int], Instance] = {}
@@ -371,7 +376,7 @@ class RequestHandler:
             return Reply(DENY)
         g2 = req.generation == G2
         instance = self._routed(req)
-        if instance.__class__ is Refusal:
+        if isinstance(instance, Refusal):
             return self._refuse(instance)
         if op == "open":
             return Reply(OK, instance.open_reply)
@@ -441,7 +446,7 @@ class RequestHandler:
 
     def _run_sync(self, instance: Instance, req: Request, echo: int, function: int) -> Reply:
         """One operation on a synchronous table; DictBusy passes through."""
-        table = instance.table
+        table: SyncTable = instance.table  # type: ignore[assignment]  # not asynchronous
         op = req.op
         try:
             if op == "lookup":
@@ -499,11 +504,11 @@ class RequestHandler:
         if req.op != "lookup":
             return None
         instance = self._routed(req)
-        if instance.__class__ is Refusal:
+        if isinstance(instance, Refusal):
             return None
         if instance.table.asynchronous:
             return None if instance.cache is None else self._compile_cached(req, instance)
-        table = instance.table
+        table = cast(SyncTable, instance.table)
         echo = req.flags & _SANITISED
         error_status = self._error_status
         stats = instance.stats
@@ -532,10 +537,10 @@ class RequestHandler:
                     return failed(exc, G2)
                 reply_flags = (table.flags | echo) & F.ALL
                 if value is None:
-                    return b"status\x001\x00flags\x00%d\x00value\x00\x00\x00" % reply_flags
+                    return _G2_NOT_FOUND % reply_flags
                 if b"\x00" in value:
                     value = value[: value.index(b"\x00")]
-                return b"status\x000\x00flags\x00%d\x00value\x00%s\x00\x00" % (reply_flags, value)
+                return _G2_FOUND % (reply_flags, value)
 
             return lookup_g2
 
@@ -557,7 +562,7 @@ class RequestHandler:
                 return _G1_NOT_FOUND
             if b"\x00" in value:
                 value = value[: value.index(b"\x00")]
-            return _G1_FOUND + value + b"\x00\x00"
+            return _G1_FOUND + value + LOOKUP_END
 
         return lookup_g1
 
@@ -577,9 +582,7 @@ class RequestHandler:
                 flags |= instance.fresh_flags & F.TRY_ANY
             flags &= ~_SANITISED
             answer_bits = flags & ANSWER_BITS
-            reply_flags = (flags | echo) & F.ALL
-            found = b"status\x000\x00flags\x00%d\x00value\x00" % reply_flags
-            not_found = b"status\x001\x00flags\x00%d\x00value\x00\x00\x00" % reply_flags
+            found, not_found = lookup_replies(G2, flags | echo)
 
             def cached_g2(key: bytes) -> bytes | None:
                 entry = fresh((token, answer_bits, key))
@@ -606,7 +609,7 @@ class RequestHandler:
         # Flags are set here, not in handle(): other requests may run in between.
         # The reply reports the flags this request ran with: with concurrent
         # requests on one instance the table's own word may belong to another.
-        table = instance.table
+        table: AsyncTable = instance.table  # type: ignore[assignment]  # asynchronous
         op = req.op
         table.flags = flags
         reply_flags = flags | echo
@@ -704,7 +707,7 @@ async def _flagged_lookup(table: AsyncTable, flags: int, key: bytes) -> bytes | 
 # clock on the lookups the table's sample mask selects. Separate functions, so that with
 # pyproxymap_statistics = no the fast path is exactly the one without figures.
 def _counted_g2(
-    table: Table,
+    table: SyncTable,
     flags: int,
     echo: int,
     stats: TableStats,
@@ -728,16 +731,16 @@ def _counted_g2(
         reply_flags = (table.flags | echo) & F.ALL
         if value is None:
             stats.misses += 1
-            return b"status\x001\x00flags\x00%d\x00value\x00\x00\x00" % reply_flags
+            return _G2_NOT_FOUND % reply_flags
         if b"\x00" in value:
             value = value[: value.index(b"\x00")]
-        return b"status\x000\x00flags\x00%d\x00value\x00%s\x00\x00" % (reply_flags, value)
+        return _G2_FOUND % (reply_flags, value)
 
     return lookup_g2
 
 
 def _counted_g1(
-    table: Table,
+    table: SyncTable,
     kept_bits: int,
     request_bits: int,
     stats: TableStats,
@@ -763,6 +766,6 @@ def _counted_g1(
             return _G1_NOT_FOUND
         if b"\x00" in value:
             value = value[: value.index(b"\x00")]
-        return _G1_FOUND + value + b"\x00\x00"
+        return _G1_FOUND + value + LOOKUP_END
 
     return lookup_g1

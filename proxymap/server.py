@@ -46,11 +46,12 @@ DESCRIPTION
         the waiting client is accepted by a fresh process.
 
     ``-S``: one request is read from stdin and answered on stdout, without the
-    announcement; a slow table is awaited on a private event loop.
+    announcement, by a ``Session`` as on a connection; a slow table is awaited on a
+    private event loop.
 
 SEE ALSO
-    proxymap.connection (one client), proxymap.handler (one request),
-    docs/PROTOCOL.md sections 2 and 4.
+    proxymap.session (one client), proxymap.connection (its event-loop driver),
+    proxymap.handler (one request), docs/PROTOCOL.md sections 2 and 4.
 """
 
 from __future__ import annotations
@@ -60,35 +61,26 @@ import logging
 import os
 import re
 import sys
-from collections.abc import Callable
-from typing import TYPE_CHECKING, BinaryIO
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, BinaryIO, TypeVar, cast
 
 from master.log import fatal
-from proxymap import attr
 from proxymap import flags as F
 from proxymap.approval import approved_tables
 from proxymap.connection import ProxymapProtocol
 from proxymap.handler import RequestHandler
-from proxymap.protocol import (
-    BAD_REPLIES,
-    RETRY,
-    STANDALONE_STREAM,
-    Reply,
-    Request,
-    encode_reply,
-    parse_request,
-    reply_to_truncated,
-    stream_name,
-)
+from proxymap.protocol import STANDALONE_STREAM, stream_name
+from proxymap.session import Session
 from proxymap.stats import Reporter, StatsSettings, open_directory
 from proxymap.tables import TABLE_TYPES, table_class
-from proxymap.tables.base import DictBusy, DictOpenError, Table
+from proxymap.tables.base import AsyncTable, DictBusy, DictOpenError, SyncTable
 from proxymap.tables.pool import connection_limit
 
 if TYPE_CHECKING:
     from master.multi_server import MultiServer
 
 log = logging.getLogger("proxymap")
+T = TypeVar("T")
 
 READER, WRITER = "proxymap", "proxywrite"
 EXPORT_PREFIXES = (("export-proxy-", False), ("export-all-", True))
@@ -155,15 +147,13 @@ class ProxymapService:
             for name, limit in connection_bounds(approved, server.config):
                 sys.stdout.write(f"{name}\t{limit}\n")
             sys.stdout.flush()
-            server.exit(0)
-            raise SystemExit(0)
+            server.exit(0)  # before the loop runs, exit() leaves the process
         if export is not None:
             out = sys.stdout
             for name in sorted_bytewise(set(approved)):
                 out.write(name + "\n")
             out.flush()
             server.exit(0)
-            raise SystemExit(0)
         self.approved = frozenset(approved)
         preload_table_modules(self.approved)
         if (
@@ -200,7 +190,6 @@ class ProxymapService:
             sys.stdout.flush()
             failed = any(outcome != "ok" for _, outcome in results)
             server.exit(1 if failed else 0)
-            raise SystemExit(1 if failed else 0)
 
     def pre_accept(self, server: MultiServer) -> None:
         if self.service_name != READER or self.handler is None:
@@ -212,6 +201,7 @@ class ProxymapService:
 
     def protocol_factory(self, server: MultiServer) -> Callable[[], asyncio.Protocol]:
         handler = self.handler
+        assert handler is not None, "post_init makes the handler"
         stream = stream_name(self.service_name)
         if self.reporter is not None:
             self.reporter.start(server.loop)
@@ -221,9 +211,10 @@ class ProxymapService:
 
         return new_connection
 
-    def serve_standalone(self, server: MultiServer, infile: BinaryIO, outfile: BinaryIO) -> None:
-        reply = answer_one(self.handler, read_one_request(infile))
-        if reply is not None:
+    def serve_standalone(self, _server: MultiServer, infile: BinaryIO, outfile: BinaryIO) -> None:
+        assert self.handler is not None, "post_init makes the handler"
+        reply = answer_standalone(self.handler, infile)
+        if reply:
             outfile.write(reply)
             outfile.flush()
 
@@ -277,7 +268,7 @@ def check_tables(handler: RequestHandler, names) -> list[tuple[str, str]]:
     concurrently, so a hung backend costs one timeout, not one per table.
     """
     outcomes: dict[str, str] = {}
-    waiting: dict[str, Table] = {}
+    waiting: dict[str, AsyncTable] = {}
     for name in sorted_bytewise(set(names)):
         try:
             table = handler.open_nested(name, handler.open_mode, CHECK_FLAGS)
@@ -285,15 +276,15 @@ def check_tables(handler: RequestHandler, names) -> list[tuple[str, str]]:
             outcomes[name] = _failure(exc)
             continue
         if table.asynchronous:
-            waiting[name] = table
+            waiting[name] = cast(AsyncTable, table)
         else:
-            outcomes[name] = _probe(table)
+            outcomes[name] = _probe(cast(SyncTable, table))
     if waiting:
         outcomes.update(_await_privately(_probe_all(waiting)))
     return [(name, outcomes[name]) for name in sorted_bytewise(outcomes)]
 
 
-def _probe(table: Table) -> str:
+def _probe(table: SyncTable) -> str:
     try:
         table.lookup(CHECK_KEY)
     except DictBusy:
@@ -303,8 +294,8 @@ def _probe(table: Table) -> str:
     return "ok"
 
 
-async def _probe_all(tables: dict[str, Table]) -> dict[str, str]:
-    async def probe(table: Table) -> str:
+async def _probe_all(tables: dict[str, AsyncTable]) -> dict[str, str]:
+    async def probe(table: AsyncTable) -> str:
         try:
             await asyncio.wait_for(table.alookup(CHECK_KEY), CHECK_TIMEOUT)
         except TimeoutError:
@@ -324,63 +315,29 @@ def _failure(exc: BaseException) -> str:
 
 
 # --- stand-alone mode (-S) -------------------------------------------------------------------
-def read_one_request(infile: BinaryIO) -> attr.Pairs | bytes | None:
-    """The first list on ``infile``; or the reply to a cut-short one; None at plain EOF."""
-    decoder = attr.AttrDecoder()
+def answer_standalone(handler: RequestHandler, infile: BinaryIO) -> bytes:
+    """-S: the first list on ``infile`` answered as a connection would answer it
+    (a slow table awaited on a private loop); b"" when it gets no reply."""
+    session = Session(handler, STANDALONE_STREAM, one_request=True)
     try:
-        fd = infile.fileno()
+        fd: int | None = infile.fileno()
     except (AttributeError, OSError, ValueError):
-        fd = None
-    while True:
+        fd = None  # not a real file (tests): read it as a stream
+    out: list[bytes] = []
+    while not session.finished:
         data = os.read(fd, 65536) if fd is not None else infile.read(65536)
-        if not data:
-            if not decoder.pending:
-                return None  # end of input before any byte: silence, as Postfix
-            where = decoder.reading
-            if decoder.in_field:
-                log.warning(
-                    "unexpected end-of-input from %s while reading input attribute %s",
-                    STANDALONE_STREAM,
-                    where,
-                )
-            else:
-                log.warning(
-                    "premature end-of-input on %s while reading input attribute %s",
-                    STANDALONE_STREAM,
-                    where,
-                )
-            return reply_to_truncated(decoder.pairs_so_far, decoder.pending_name)
-        try:
-            lists = decoder.feed(data)
-        except attr.AttrTooLarge as exc:
-            if exc.complete:
-                return exc.complete[0]
-            return reply_to_truncated(exc.partial)
-        if lists:
-            return lists[0]
+        out.append(session.receive_data(data) if data else session.receive_eof())
+        while (slow := session.slow) is not None:
+            try:
+                outcome: object = _await_privately(slow)
+            except Exception as exc:  # noqa: BLE001 - the session logs it and answers RETRY
+                outcome = exc
+            out.append(session.slow_answered(outcome))
+    return b"".join(out)
 
 
-def answer_one(handler: RequestHandler, received: attr.Pairs | bytes | None) -> bytes | None:
-    """Handle one received list in stand-alone mode; the encoded reply, or None."""
-    if received is None or received.__class__ is bytes:
-        return received
-    parsed = parse_request(received, STANDALONE_STREAM)
-    if parsed.__class__ is not Request:
-        return parsed
-    try:
-        result = handler.handle(parsed)
-        if result.__class__ is not Reply:
-            result = _await_privately(result)
-    except Exception as exc:  # noqa: BLE001 - a handler bug still gets an answer
-        log.error("%s request for %s failed: %r", parsed.op, parsed.table, exc, exc_info=exc)
-        result = Reply(RETRY)
-    if result.__class__ is not Reply:
-        return BAD_REPLIES[parsed.op, parsed.generation]
-    return encode_reply(parsed.op, parsed.generation, result)
-
-
-def _await_privately(awaitable):
-    async def wait():
+def _await_privately(awaitable: Awaitable[T]) -> T:
+    async def wait() -> T:
         return await awaitable
 
     loop = asyncio.new_event_loop()
