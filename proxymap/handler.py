@@ -204,7 +204,7 @@ def _cached_reply(
             stats.misses += 1
     if value is None:
         return not_found
-    if b"\x00" in value:
+    if 0 in value:  # the byte value: `b"\x00" in value` raises and clears a TypeError
         value = value[: value.index(b"\x00")]
     return found + value + LOOKUP_END
 
@@ -538,7 +538,7 @@ class RequestHandler:
                 reply_flags = (table.flags | echo) & F.ALL
                 if value is None:
                     return _G2_NOT_FOUND % reply_flags
-                if b"\x00" in value:
+                if 0 in value:
                     value = value[: value.index(b"\x00")]
                 return _G2_FOUND % (reply_flags, value)
 
@@ -560,7 +560,7 @@ class RequestHandler:
                 return failed(exc, G1)
             if value is None:
                 return _G1_NOT_FOUND
-            if b"\x00" in value:
+            if 0 in value:
                 value = value[: value.index(b"\x00")]
             return _G1_FOUND + value + LOOKUP_END
 
@@ -732,7 +732,7 @@ def _counted_g2(
         if value is None:
             stats.misses += 1
             return _G2_NOT_FOUND % reply_flags
-        if b"\x00" in value:
+        if 0 in value:
             value = value[: value.index(b"\x00")]
         return _G2_FOUND % (reply_flags, value)
 
@@ -764,7 +764,7 @@ def _counted_g1(
         if value is None:
             stats.misses += 1
             return _G1_NOT_FOUND
-        if b"\x00" in value:
+        if 0 in value:
             value = value[: value.index(b"\x00")]
         return _G1_FOUND + value + LOOKUP_END
 

@@ -255,7 +255,7 @@ def _status(status: int) -> bytes:
 
 def _c_string(data: bytes) -> bytes:
     """Values are C strings on the wire: anything from a NUL on cannot be sent."""
-    return data.split(b"\x00", 1)[0] if b"\x00" in data else data
+    return data.split(b"\x00", 1)[0] if 0 in data else data
 
 
 def encode_reply(op: str, generation: int, reply: Reply) -> bytes:

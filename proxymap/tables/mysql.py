@@ -130,6 +130,7 @@ DEFAULT_PORT = 3306
 DEFAULT_CHARSET = "utf8mb4"
 DEFAULT_CONNECTIONS = 8
 DEFAULT_TIMEOUT = 10.0
+_QUOTE = ord("'")  # a byte value: `b"'" in data` costs a raised TypeError per test
 DEFAULT_INTERVAL = 60  # idle_interval and retry_interval, seconds
 CHECK_AFTER = 5.0  # ping a connection idle longer than this before reusing it
 SERVER_STATUS_NO_BACKSLASH_ESCAPES = 0x200
@@ -238,7 +239,7 @@ def _escape_backslashes(data: bytes) -> bytes:
 
 def _escape_quotes(data: bytes) -> bytes:
     """The same under NO_BACKSLASH_ESCAPES: only ``'`` is doubled."""
-    return data.replace(b"'", b"''") if b"'" in data else data
+    return data.replace(b"'", b"''") if _QUOTE in data else data
 
 
 def escaper(charset: str, no_backslash_escapes: bool = False) -> Callable[[bytes], bytes]:

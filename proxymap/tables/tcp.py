@@ -63,6 +63,9 @@ _STREAM_LIMIT = 2 * MAX_REPLY_LINE
 _QUOTED = [bytes([b]) if 0x21 <= b <= 0x7E and b != 0x25 else b"%%%02X" % b for b in range(256)]
 _HEX_DIGITS = frozenset(b"0123456789abcdefABCDEF")
 _C_SPACE = b" \t\n\v\f\r"
+# A byte value: `b"%" in text` first tries its left side as an integer (a raised and
+# cleared TypeError per test).
+_PERCENT = ord("%")
 
 
 class _Outcome(enum.Enum):
@@ -86,7 +89,7 @@ def quote_key(key: bytes) -> bytes:
 
 
 def unquote_text(text: bytes) -> bytes:
-    if b"%" not in text:
+    if _PERCENT not in text:
         return text
     out = bytearray()
     pos, end = 0, len(text)
