@@ -339,6 +339,27 @@ class TestLookups:
 
         run(main())
 
+    def test_answers_of_every_size(self, db: PrivateMariaDB, cfdir: Path) -> None:
+        # The one-pass parser takes an answer whole or not at all: one that needs
+        # several reads (a 300 kB value, 2 000 rows) is read by asyncmy, and the
+        # connection stays in step for the lookups after it.
+        big = table_for(
+            cfdir, db, {"query": "SELECT REPEAT('%s', 100000), NULL, ''"}, name="big.cf"
+        )
+        rows = table_for(
+            cfdir, db, {"query": "SELECT seq FROM seq_1_to_2000 WHERE '%s' <> ''"}, name="rows.cf"
+        )
+        small = table_for(cfdir, db, {"query": QUERY}, name="small.cf")
+
+        async def main() -> None:
+            for _ in range(3):
+                assert await big.alookup(b"xyz") == b"xyz" * 100000
+                assert await rows.alookup(b"k") == b",".join(b"%d" % n for n in range(1, 2001))
+                assert await small.alookup(b"bob") == b"bob@example.com"
+                assert await small.alookup(b"nobody") is None
+
+        run(main())
+
     def test_charset_setting(self, db: PrivateMariaDB, cfdir: Path) -> None:
         table = table_for(
             cfdir, db, {"query": "SELECT l, v2 FROM aliases WHERE k='%s'", "charset": "latin1"}

@@ -93,6 +93,7 @@ import random
 import re
 import socket
 import ssl
+import struct
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -101,6 +102,7 @@ from asyncmy import errors as mysql_errors
 from asyncmy.charset import charset_by_name
 from asyncmy.connection import Connection
 from asyncmy.constants.CLIENT import MULTI_STATEMENTS
+from asyncmy.protocol import parse_rows_from_buffer, skip_packets_from_buffer
 
 from proxymap import flags as F
 from proxymap.tables.base import (
@@ -134,6 +136,12 @@ DEFAULT_INTERVAL = 60  # idle_interval and retry_interval, seconds
 CHECK_AFTER = 5.0  # ping a connection idle longer than this before reusing it
 SERVER_STATUS_NO_BACKSLASH_ESCAPES = 0x200
 _QUIT_PACKET = b"\x01\x00\x00\x00\x01"  # length 1, sequence 0, COM_QUIT
+_COM_QUERY = 3
+_QUERY_HEADER = struct.Struct("<iB")  # payload length (3 bytes), sequence 0, command
+_MAX_PAYLOAD = 0xFFFFFF  # a packet this long continues in the next one
+_MORE_RESULTS = 0x08  # SERVER_MORE_RESULTS_EXISTS
+_NOT_MINE = object()  # an answer that asyncmy reads
+_BYTES_CONVERTERS: dict[int, tuple] = {}
 _HOST_SEPARATORS = re.compile(r"[, \t\r\n]+")
 _DEFAULT_OPTION_FILES = ("/etc/my.cnf", "/etc/mysql/my.cnf")
 _OPTION_GROUPS = ("client", "client-server", "client-mariadb")
@@ -542,9 +550,38 @@ def _is_lost(exc: BaseException) -> bool:
 
 async def _result_sets(connection: Connection, query: bytes) -> list[tuple]:
     """The rows of every result set the query returns (statements without one add
-    nothing); the protocol is read to its end so that the connection stays usable."""
+    nothing); the protocol is read to its end so that the connection stays usable.
+
+    The usual answer -- one result set, complete in the receive buffer after at most
+    one wake-up -- is parsed here in one pass over the buffer (``_one_result_set``);
+    anything else (an error, an OK packet, several result sets, a large or slow
+    answer) is left unread for asyncmy to read from its first packet. asyncmy's own
+    path costs a quarter of a lookup: a coroutine per packet, and column
+    descriptions built and thrown away on every query."""
     try:
-        await connection.query(query)
+        previous = connection._result
+        if (
+            connection._connected
+            and len(query) < _MAX_PAYLOAD
+            and (previous is None or not (previous.has_next or previous.unbuffered_active))
+        ):
+            connection._result = None
+            connection._write_bytes(_QUERY_HEADER.pack(len(query) + 1, _COM_QUERY) + query)
+            connection._next_seq_id = 1
+            proto = connection._proto
+            parsed = _one_result_set(proto, connection._deprecate_eof)
+            if parsed is None and not proto.eof and proto.exc is None:
+                await _more_data(connection, proto)
+                parsed = _one_result_set(proto, connection._deprecate_eof)
+            if parsed is not None and parsed is not _NOT_MINE:
+                rows, proto.pos, connection._next_seq_id, status = parsed
+                connection._affected_rows = len(rows)
+                if status:
+                    connection.server_status = status
+                return [rows]
+            await connection._read_query_result()  # asyncmy reads it from the start
+        else:
+            await connection.query(query)
         result = connection._result
         if result is not None and not result.has_next:  # the usual: one result
             return [result.rows or ()] if result.field_count else []
@@ -560,6 +597,97 @@ async def _result_sets(connection: Connection, query: bytes) -> list[tuple]:
         if _is_lost(exc):
             raise _LostConnection(_error_text(exc)) from None
         raise _QueryFailed(f"query failed: {_error_text(exc)}") from None
+
+
+async def _more_data(connection: Connection, proto: object) -> None:
+    """Wait for the next bytes of the answer (asyncmy's protocol wakes its read
+    waiter on data, end of file and loss alike)."""
+    waiter = connection._loop.create_future()
+    proto._read_waiter = waiter  # type: ignore[attr-defined]
+    try:
+        await waiter
+    except asyncio.CancelledError:
+        connection._close_on_cancel()  # as asyncmy: the answer is half read
+        raise
+    finally:
+        if proto._read_waiter is waiter:  # type: ignore[attr-defined]
+            proto._read_waiter = None  # type: ignore[attr-defined]
+
+
+def _as_bytes_columns(count: int) -> tuple:
+    """asyncmy's row converters for COUNT columns, each value as the server's bytes."""
+    converters = _BYTES_CONVERTERS.get(count)
+    if converters is None:
+        converters = _BYTES_CONVERTERS[count] = ((0, None, None),) * count
+    return converters
+
+
+def _one_result_set(proto: object, deprecate_eof: bool) -> tuple | object | None:
+    """Parse the answer to a COM_QUERY in asyncmy's receive buffer without consuming
+    it: (rows, end position, next sequence id, server status) for one whole result
+    set; None when more bytes are needed; _NOT_MINE for anything else."""
+    buffer = proto.buffer  # type: ignore[attr-defined]
+    pos = proto.pos  # type: ignore[attr-defined]
+    end = proto.length  # type: ignore[attr-defined]
+    size = _complete_packet(buffer, pos, end, 1)
+    if size is None or size is _NOT_MINE:
+        return size
+    columns = buffer[pos + 4]
+    if columns == 0 or columns >= 0xFB:  # OK, LOCAL INFILE, error; or 251+ columns
+        return _NOT_MINE
+    pos, seq, skipped = skip_packets_from_buffer(buffer, pos + 4 + size, end, 2, columns)
+    if skipped < columns:  # stopped at a packet not all there, or not a column's
+        return None if _complete_packet(buffer, pos, end, seq) is None else _NOT_MINE
+    if not deprecate_eof:  # an EOF packet after the column definitions
+        size = _terminator(buffer, pos, end, seq, deprecate_eof)
+        if size is None or size is _NOT_MINE:
+            return size
+        pos += 4 + size
+        seq = (seq + 1) & 0xFF
+    rows: list[tuple] = []
+    pos, seq = parse_rows_from_buffer(
+        buffer, pos, end, _as_bytes_columns(columns), seq, rows, deprecate_eof
+    )
+    size = _terminator(buffer, pos, end, seq, deprecate_eof)
+    if size is None or size is _NOT_MINE:
+        return size
+    if deprecate_eof:  # an OK packet: affected rows, insert id, then the status
+        at = _skip_length_encoded(buffer, _skip_length_encoded(buffer, pos + 5))
+    else:  # an EOF packet: the warning count, then the status
+        at = pos + 7
+    status = buffer[at] | buffer[at + 1] << 8
+    if status & _MORE_RESULTS:
+        return _NOT_MINE
+    return rows, pos + 4 + size, (seq + 1) & 0xFF, status
+
+
+def _complete_packet(buffer: bytearray, pos: int, end: int, seq: int) -> int | object | None:
+    """The payload size of the packet at POS; None when it is not all there yet;
+    _NOT_MINE when it is empty, out of sequence, an error or a 16 MB one."""
+    if end - pos < 5:
+        return None
+    size = buffer[pos] | buffer[pos + 1] << 8 | buffer[pos + 2] << 16
+    if buffer[pos + 3] != seq or size == 0 or size == _MAX_PAYLOAD:
+        return _NOT_MINE
+    if end - pos - 4 < size:
+        return None
+    return _NOT_MINE if buffer[pos + 4] == 0xFF else size
+
+
+def _terminator(buffer: bytearray, pos: int, end: int, seq: int, deprecate_eof: bool) -> object:
+    """The payload size of the EOF packet (or, with DEPRECATE_EOF, the OK packet with
+    an 0xFE header) at POS; None or _NOT_MINE as ``_complete_packet``."""
+    size = _complete_packet(buffer, pos, end, seq)
+    if size is None or size is _NOT_MINE:
+        return size
+    if buffer[pos + 4] != 0xFE or not (deprecate_eof or size < 9):
+        return _NOT_MINE
+    return size
+
+
+def _skip_length_encoded(buffer: bytearray, pos: int) -> int:
+    first = buffer[pos]
+    return pos + (1 if first < 0xFB else 3 if first == 0xFC else 4 if first == 0xFD else 9)
 
 
 # ---------------------------------------------------------------------------------------
