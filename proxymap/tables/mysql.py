@@ -810,8 +810,12 @@ class MysqlTable(AsyncTable):
         if query is None:
             return None
         rows = await self._rows(key, query)
-        if rows is None:
+        if not rows:
             return None
+        if len(rows) == 1 and len(rows[0]) == 1 and queries.verbatim_results:
+            value = rows[0][0]
+            if value and 0 not in value:
+                return value  # what the joiner makes of one value, without it
         joined = queries.results(key)
         add = joined.add
         for row in rows:
@@ -823,14 +827,35 @@ class MysqlTable(AsyncTable):
         return joined.value()
 
     async def _rows(self, key: bytes, query: bytes) -> tuple | None:
-        """The rows of the query's one result set; None when it has none (allowed)."""
+        """The rows of the query's one result set; None when it has none (allowed).
+
+        The deadline is watched by the pool's sweeper, which cancels this task past
+        it, as asyncio.timeout would (then TimeoutError): no task, timer or context
+        manager per query."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout
         pool = self.pool
+        sweeper = pool.sweeper
+        task = asyncio.current_task(loop)
+        assert task is not None
         for attempt in range(2):
             lease = pool.lend() or await pool.acquire(max(0.0, deadline - loop.time()))
+            connection = lease.connection
             try:
-                sets = await self._query(lease, key, query, deadline, loop)
+                if connection.server_status & SERVER_STATUS_NO_BACKSLASH_ESCAPES:
+                    queries = self.queries
+                    query = queries.expand_query(queries.query, key, self._escape_quotes) or query
+                if deadline <= loop.time():
+                    raise TimeoutError
+                sweeper.watch(task, deadline, task.cancel)
+                try:
+                    sets = await _result_sets(connection, query)
+                except asyncio.CancelledError:
+                    if not sweeper.watching(task) and task.uncancel() == 0:
+                        raise TimeoutError from None  # the sweeper's cancellation
+                    raise
+                finally:
+                    sweeper.unwatch(task)
             except _LostConnection as exc:
                 pool.release(lease, reusable=False)
                 pool.suspect(lease)
@@ -850,26 +875,12 @@ class MysqlTable(AsyncTable):
                 raise
             pool.release(lease, reusable=True)
             self.reaper.touch(pool, loop)
+            if len(sets) == 1:
+                if self.outage.failing:
+                    self.outage.ok()
+                return sets[0]
             return self._check_sets(sets)
         raise AssertionError("not reached")
-
-    async def _query(
-        self,
-        lease: Lease[Connection, Endpoint],
-        key: bytes,
-        query: bytes,
-        deadline: float,
-        loop: asyncio.AbstractEventLoop,
-    ) -> list[tuple]:
-        connection = lease.connection
-        if connection.server_status & SERVER_STATUS_NO_BACKSLASH_ESCAPES:
-            query = self.queries.expand_query(self.queries.query, key, self._escape_quotes) or query
-        if deadline <= loop.time():
-            raise TimeoutError
-        # The deadline on the pool's sweeper: no task and no timer per query
-        # (asyncio.timeout would cost a tenth of the lookup).
-        async with self.pool.sweeper.deadline(deadline):
-            return await _result_sets(connection, query)
 
     def _abandon(self, lease: Lease[Connection, Endpoint]) -> None:
         """A query that timed out still runs on the server, on a connection the server

@@ -458,6 +458,10 @@ class Sweeper:
     def unwatch(self, key: object) -> None:
         self._watched.pop(key, None)
 
+    def watching(self, key: object) -> bool:
+        """Whether ``key`` is still watched: False once its ``expire`` was called."""
+        return key in self._watched
+
     def deadline(self, when: float | None) -> SweptTimeout:
         """``async with``: asyncio.timeout_at on this sweeper (loop time; None: none)."""
         return SweptTimeout(self, when)
