@@ -694,7 +694,9 @@ class PgsqlTable(AsyncTable):
             else context.check_domain(key)
         ):
             return None
-        if context.expand_query(context.query, key, None) is None:
+        if not (key and context.any_key_fills) and (
+            context.expand_query(context.query, key, None) is None
+        ):
             return None  # the key cannot fill the templates: no query
         result = await self.backend.query(context, key)
         rows = result.ntuples

@@ -197,9 +197,21 @@ class ConnectionPool(Generic[C, E]):
         """A lease at once, without an await, when a slot is free and an idle
         connection needs neither replacing nor a health check; else None (then
         ``acquire``). Must run in the pool's event loop."""
-        if self._free <= 0 or not self._idle or self._loop is not _get_running_loop():
+        idle = self._idle
+        if self._free <= 0 or not idle or self._loop is not _get_running_loop():
             return None
-        lease = self._take_idle()
+        lease = idle[-1]
+        idle_for = time.monotonic() - lease.last_used
+        # Idle no longer than check_after and idle_limit: lent without another look.
+        if (
+            idle_for <= self.check_after
+            and (self.idle_limit is None or idle_for <= self.idle_limit)
+            and self.age_limit is None
+            and (self._usable is None or self._usable(lease.connection))
+        ):
+            idle.pop()  # the usual case, without _take_idle's checks one by one
+        else:
+            lease = self._take_idle()
         if lease is not None:
             self._free -= 1
             self.in_use += 1
@@ -272,7 +284,10 @@ class ConnectionPool(Generic[C, E]):
         else:
             self._dispose(lease)
         if self._loop is not None and _get_running_loop() is self._loop:
-            self._release_slot()
+            if self._waiters:
+                self._release_slot()
+            else:
+                self._free += 1
 
     def suspect(self, lease: Lease[C, E]) -> None:
         """The connection failed in use: its idle siblings to that server go too."""
