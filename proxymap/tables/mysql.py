@@ -569,10 +569,19 @@ async def _result_sets(connection: Connection, query: bytes) -> list[tuple]:
             connection._write_bytes(_QUERY_HEADER.pack(len(query) + 1, _COM_QUERY) + query)
             connection._next_seq_id = 1
             proto = connection._proto
+            if proto.length == proto.pos and not proto.eof and proto.exc is None:
+                # Wait for the answer (asyncmy's protocol wakes its read waiter on
+                # data, end of file and loss alike).
+                waiter = proto._read_waiter = connection._loop.create_future()
+                try:
+                    await waiter
+                except asyncio.CancelledError:
+                    connection._close_on_cancel()  # as asyncmy: the answer is unread
+                    raise
+                finally:
+                    if proto._read_waiter is waiter:
+                        proto._read_waiter = None
             parsed = _one_result_set(proto, connection._deprecate_eof)
-            if parsed is None and not proto.eof and proto.exc is None:
-                await _more_data(connection, proto)
-                parsed = _one_result_set(proto, connection._deprecate_eof)
             if parsed is not None and parsed is not _NOT_MINE:
                 rows, proto.pos, connection._next_seq_id, status = parsed
                 connection._affected_rows = len(rows)
@@ -599,26 +608,10 @@ async def _result_sets(connection: Connection, query: bytes) -> list[tuple]:
         raise _QueryFailed(f"query failed: {_error_text(exc)}") from None
 
 
-async def _more_data(connection: Connection, proto: object) -> None:
-    """Wait for the next bytes of the answer (asyncmy's protocol wakes its read
-    waiter on data, end of file and loss alike)."""
-    waiter = connection._loop.create_future()
-    proto._read_waiter = waiter  # type: ignore[attr-defined]
-    try:
-        await waiter
-    except asyncio.CancelledError:
-        connection._close_on_cancel()  # as asyncmy: the answer is half read
-        raise
-    finally:
-        if proto._read_waiter is waiter:  # type: ignore[attr-defined]
-            proto._read_waiter = None  # type: ignore[attr-defined]
-
-
 def _as_bytes_columns(count: int) -> tuple:
-    """asyncmy's row converters for COUNT columns, each value as the server's bytes."""
-    converters = _BYTES_CONVERTERS.get(count)
-    if converters is None:
-        converters = _BYTES_CONVERTERS[count] = ((0, None, None),) * count
+    """asyncmy's row converters for COUNT columns, each value as the server's bytes
+    (kept in _BYTES_CONVERTERS)."""
+    converters = _BYTES_CONVERTERS[count] = ((0, None, None),) * count
     return converters
 
 
@@ -645,16 +638,17 @@ def _one_result_set(proto: object, deprecate_eof: bool) -> tuple | object | None
         pos += 4 + size
         seq = (seq + 1) & 0xFF
     rows: list[tuple] = []
-    pos, seq = parse_rows_from_buffer(
-        buffer, pos, end, _as_bytes_columns(columns), seq, rows, deprecate_eof
-    )
+    converters = _BYTES_CONVERTERS.get(columns) or _as_bytes_columns(columns)
+    pos, seq = parse_rows_from_buffer(buffer, pos, end, converters, seq, rows, deprecate_eof)
     size = _terminator(buffer, pos, end, seq, deprecate_eof)
     if size is None or size is _NOT_MINE:
         return size
-    if deprecate_eof:  # an OK packet: affected rows, insert id, then the status
+    # An EOF packet: the warning count (2 bytes), then the status. An OK packet
+    # (DEPRECATE_EOF): affected rows and insert id (length-encoded, one byte each
+    # after a SELECT), then the status.
+    at = pos + 7
+    if deprecate_eof and (buffer[pos + 5] >= 0xFB or buffer[pos + 6] >= 0xFB):
         at = _skip_length_encoded(buffer, _skip_length_encoded(buffer, pos + 5))
-    else:  # an EOF packet: the warning count, then the status
-        at = pos + 7
     status = buffer[at] | buffer[at + 1] << 8
     if status & _MORE_RESULTS:
         return _NOT_MINE
