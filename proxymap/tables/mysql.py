@@ -833,7 +833,7 @@ class MysqlTable(AsyncTable):
         task = asyncio.current_task(loop)
         assert task is not None
         for attempt in range(2):
-            lease = pool.lend() or await pool.acquire(max(0.0, deadline - loop.time()))
+            lease = pool.lend(loop) or await pool.acquire(max(0.0, deadline - loop.time()))
             connection = lease.connection
             try:
                 if connection.server_status & SERVER_STATUS_NO_BACKSLASH_ESCAPES:
@@ -841,7 +841,7 @@ class MysqlTable(AsyncTable):
                     query = queries.expand_query(queries.query, key, self._escape_quotes) or query
                 if deadline <= loop.time():
                     raise TimeoutError
-                sweeper.watch(task, deadline, task.cancel)
+                sweeper.watch(task, deadline, task.cancel, loop)
                 try:
                     sets = await _result_sets(connection, query)
                 except asyncio.CancelledError:
@@ -867,7 +867,7 @@ class MysqlTable(AsyncTable):
             except BaseException:
                 pool.release(lease, reusable=False)
                 raise
-            pool.release(lease, reusable=True)
+            pool.release(lease, True, loop)
             self.reaper.touch(pool, loop)
             if len(sets) == 1:
                 if self.outage.failing:

@@ -360,7 +360,7 @@ class Link:
             raise _Lost(self.broken)
         pgconn = self.pgconn
         if deadline is not None:
-            self.sweeper.watch(self, deadline, self._expire)
+            self.sweeper.watch(self, deadline, self._expire, self.loop)
         try:
             try:
                 pgconn.send_query(query)
@@ -535,7 +535,7 @@ class Backend:
         reason = "no host answered"
         pool = self.pool
         for _ in range(len(self.settings.hosts) + 1):
-            lease = pool.lend()
+            lease = pool.lend(loop)
             if lease is None:
                 remaining = deadline - loop.time()
                 if remaining <= 0:
@@ -576,7 +576,7 @@ class Backend:
             except BaseException:
                 pool.release(lease, reusable=False)
                 raise
-            pool.release(lease)
+            pool.release(lease, True, loop)
             outage = self._outages.get(host.label)
             if outage is not None:
                 outage.ok()
