@@ -387,6 +387,26 @@ class TestLookups:
         finally:
             db.execute("SET GLOBAL sql_mode = REPLACE(@@sql_mode, 'NO_BACKSLASH_ESCAPES', '')")
 
+    def test_retry_escapes_for_the_new_connection(self, db: PrivateMariaDB, cfdir: Path) -> None:
+        # A query escaped for a NO_BACKSLASH_ESCAPES connection that is then lost is
+        # escaped again for the connection that retries it (here in the default
+        # mode, where a lone quote-doubling would let a backslash end the string).
+        table = table_for(cfdir, db, {"query": QUERY}, name="modes.cf")
+
+        async def main() -> None:
+            db.execute("SET GLOBAL sql_mode = CONCAT(@@sql_mode, ',NO_BACKSLASH_ESCAPES')")
+            try:
+                assert await table.alookup(b"o'neil") == b"quote@example.com"
+            finally:
+                db.execute("SET GLOBAL sql_mode = REPLACE(@@sql_mode, 'NO_BACKSLASH_ESCAPES', '')")
+            db.execute(f"KILL {table.pool._idle[-1].connection.thread_id()}")
+            await asyncio.sleep(0.2)  # the server has closed it
+            assert await table.alookup(b"x\\' OR '1'='1") is None
+            assert table.pool.connects == 2  # the retry made a new connection
+            assert await table.alookup(b"back\\slash") == b"backslash@example.com"
+
+        run(main())
+
     def test_result_set_rules(self, db: PrivateMariaDB, cfdir: Path) -> None:
         one = table_for(cfdir, db, {"query": "CALL one_set('%s')"}, name="one.cf")
         two = table_for(cfdir, db, {"query": "CALL two_sets('%s')"}, name="two.cf")

@@ -836,14 +836,15 @@ class MysqlTable(AsyncTable):
             lease = pool.lend(loop) or await pool.acquire(max(0.0, deadline - loop.time()))
             connection = lease.connection
             try:
+                text = query  # as escaped for the server mode of this connection
                 if connection.server_status & SERVER_STATUS_NO_BACKSLASH_ESCAPES:
                     queries = self.queries
-                    query = queries.expand_query(queries.query, key, self._escape_quotes) or query
+                    text = queries.expand_query(queries.query, key, self._escape_quotes) or query
                 if deadline <= loop.time():
                     raise TimeoutError
                 sweeper.watch(task, deadline, task.cancel, loop)
                 try:
-                    sets = await _result_sets(connection, query)
+                    sets = await _result_sets(connection, text)
                 except asyncio.CancelledError:
                     if not sweeper.watching(task) and task.uncancel() == 0:
                         raise TimeoutError from None  # the sweeper's cancellation
