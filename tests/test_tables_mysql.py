@@ -339,6 +339,27 @@ class TestLookups:
 
         run(main())
 
+    def test_answers_of_every_size(self, db: PrivateMariaDB, cfdir: Path) -> None:
+        # The one-pass parser takes an answer whole or not at all: one that needs
+        # several reads (a 300 kB value, 2 000 rows) is read by asyncmy, and the
+        # connection stays in step for the lookups after it.
+        big = table_for(
+            cfdir, db, {"query": "SELECT REPEAT('%s', 100000), NULL, ''"}, name="big.cf"
+        )
+        rows = table_for(
+            cfdir, db, {"query": "SELECT seq FROM seq_1_to_2000 WHERE '%s' <> ''"}, name="rows.cf"
+        )
+        small = table_for(cfdir, db, {"query": QUERY}, name="small.cf")
+
+        async def main() -> None:
+            for _ in range(3):
+                assert await big.alookup(b"xyz") == b"xyz" * 100000
+                assert await rows.alookup(b"k") == b",".join(b"%d" % n for n in range(1, 2001))
+                assert await small.alookup(b"bob") == b"bob@example.com"
+                assert await small.alookup(b"nobody") is None
+
+        run(main())
+
     def test_charset_setting(self, db: PrivateMariaDB, cfdir: Path) -> None:
         table = table_for(
             cfdir, db, {"query": "SELECT l, v2 FROM aliases WHERE k='%s'", "charset": "latin1"}
@@ -365,6 +386,26 @@ class TestLookups:
             run(main())
         finally:
             db.execute("SET GLOBAL sql_mode = REPLACE(@@sql_mode, 'NO_BACKSLASH_ESCAPES', '')")
+
+    def test_retry_escapes_for_the_new_connection(self, db: PrivateMariaDB, cfdir: Path) -> None:
+        # A query escaped for a NO_BACKSLASH_ESCAPES connection that is then lost is
+        # escaped again for the connection that retries it (here in the default
+        # mode, where a lone quote-doubling would let a backslash end the string).
+        table = table_for(cfdir, db, {"query": QUERY}, name="modes.cf")
+
+        async def main() -> None:
+            db.execute("SET GLOBAL sql_mode = CONCAT(@@sql_mode, ',NO_BACKSLASH_ESCAPES')")
+            try:
+                assert await table.alookup(b"o'neil") == b"quote@example.com"
+            finally:
+                db.execute("SET GLOBAL sql_mode = REPLACE(@@sql_mode, 'NO_BACKSLASH_ESCAPES', '')")
+            db.execute(f"KILL {table.pool._idle[-1].connection.thread_id()}")
+            await asyncio.sleep(0.2)  # the server has closed it
+            assert await table.alookup(b"x\\' OR '1'='1") is None
+            assert table.pool.connects == 2  # the retry made a new connection
+            assert await table.alookup(b"back\\slash") == b"backslash@example.com"
+
+        run(main())
 
     def test_result_set_rules(self, db: PrivateMariaDB, cfdir: Path) -> None:
         one = table_for(cfdir, db, {"query": "CALL one_set('%s')"}, name="one.cf")

@@ -683,6 +683,8 @@ class QueryContext:
         # Precomputed for the hot path: a value passes through as it is, a key
         # needs no checks, the domain check needs no await.
         self.verbatim_results = result_format.text == b"%s" and self.needs.trivial
+        # Any non-empty key fills the query (it holds only %s, nothing to check).
+        self.any_key_fills = query.joints is not None and self.needs.trivial
         self.domain_asynchronous = domain is not None and domain.asynchronous
 
     @classmethod

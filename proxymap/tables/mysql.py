@@ -87,20 +87,24 @@ SEE ALSO
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import os
 import random
 import re
 import socket
 import ssl
+import struct
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any, Final
 
 from asyncmy import errors as mysql_errors
 from asyncmy.charset import charset_by_name
 from asyncmy.connection import Connection
 from asyncmy.constants.CLIENT import MULTI_STATEMENTS
+from asyncmy.protocol import parse_rows_from_buffer, skip_packets_from_buffer
 
 from proxymap import flags as F
 from proxymap.tables.base import (
@@ -135,6 +139,18 @@ DEFAULT_INTERVAL = 60  # idle_interval and retry_interval, seconds
 CHECK_AFTER = 5.0  # ping a connection idle longer than this before reusing it
 SERVER_STATUS_NO_BACKSLASH_ESCAPES = 0x200
 _QUIT_PACKET = b"\x01\x00\x00\x00\x01"  # length 1, sequence 0, COM_QUIT
+_COM_QUERY = 3
+_QUERY_HEADER = struct.Struct("<iB")  # payload length (3 bytes), sequence 0, command
+_MAX_PAYLOAD = 0xFFFFFF  # a packet this long continues in the next one
+_MORE_RESULTS = 0x08  # SERVER_MORE_RESULTS_EXISTS
+
+
+class _Answer(enum.Enum):
+    NOT_MINE = "an answer that asyncmy reads"
+
+
+_NOT_MINE: Final = _Answer.NOT_MINE
+_BYTES_CONVERTERS: dict[int, tuple] = {}
 _HOST_SEPARATORS = re.compile(r"[, \t\r\n]+")
 _DEFAULT_OPTION_FILES = ("/etc/my.cnf", "/etc/mysql/my.cnf")
 _OPTION_GROUPS = ("client", "client-server", "client-mariadb")
@@ -544,10 +560,51 @@ def _is_lost(exc: BaseException) -> bool:
 
 async def _result_sets(connection: Connection, query: bytes) -> list[tuple]:
     """The rows of every result set the query returns (statements without one add
-    nothing); the protocol is read to its end so that the connection stays usable."""
+    nothing); the protocol is read to its end so that the connection stays usable.
+
+    The usual answer -- one result set, complete in the receive buffer after at most
+    one wake-up -- is parsed here in one pass over the buffer (``_one_result_set``);
+    anything else (an error, an OK packet, several result sets, a large or slow
+    answer) is left unread for asyncmy to read from its first packet. asyncmy's own
+    path costs a quarter of a lookup: a coroutine per packet, and column
+    descriptions built and thrown away on every query."""
+    # asyncmy's internals (its receive buffer, write path and read waiter), as of the
+    # versions setup.cfg allows; tests/test_tables_mysql.py covers every branch.
+    raw: Any = connection
     try:
-        await connection.query(query)
-        result = connection._result  # type: ignore[attr-defined]  # not in asyncmy's stub
+        previous = raw._result
+        if (
+            raw._connected
+            and len(query) < _MAX_PAYLOAD
+            and (previous is None or not (previous.has_next or previous.unbuffered_active))
+        ):
+            raw._result = None
+            raw._write_bytes(_QUERY_HEADER.pack(len(query) + 1, _COM_QUERY) + query)
+            raw._next_seq_id = 1
+            proto = raw._proto
+            if proto.length == proto.pos and not proto.eof and proto.exc is None:
+                # Wait for the answer (asyncmy's protocol wakes its read waiter on
+                # data, end of file and loss alike).
+                waiter = proto._read_waiter = raw._loop.create_future()
+                try:
+                    await waiter
+                except asyncio.CancelledError:
+                    raw._close_on_cancel()  # as asyncmy: the answer is unread
+                    raise
+                finally:
+                    if proto._read_waiter is waiter:
+                        proto._read_waiter = None
+            parsed = _one_result_set(proto, raw._deprecate_eof)
+            if parsed is not None and parsed is not _NOT_MINE:
+                rows, proto.pos, raw._next_seq_id, status = parsed
+                raw._affected_rows = len(rows)
+                if status:
+                    raw.server_status = status
+                return [rows]
+            await raw._read_query_result()  # asyncmy reads it from the start
+        else:
+            await connection.query(query)
+        result = raw._result
         if result is not None and not result.has_next:  # the usual: one result
             return [result.rows or ()] if result.field_count else []
         sets = []
@@ -557,11 +614,89 @@ async def _result_sets(connection: Connection, query: bytes) -> list[tuple]:
             if result is None or not result.has_next:
                 return sets
             await connection.next_result()
-            result = connection._result  # type: ignore[attr-defined]  # not in asyncmy's stub
+            result = raw._result
     except (mysql_errors.MySQLError, OSError, EOFError) as exc:
         if _is_lost(exc):
             raise _LostConnection(_error_text(exc)) from None
         raise _QueryFailed(f"query failed: {_error_text(exc)}") from None
+
+
+def _as_bytes_columns(count: int) -> tuple:
+    """asyncmy's row converters for COUNT columns, each value as the server's bytes
+    (kept in _BYTES_CONVERTERS)."""
+    converters = _BYTES_CONVERTERS[count] = ((0, None, None),) * count
+    return converters
+
+
+def _one_result_set(proto: Any, deprecate_eof: bool) -> tuple | _Answer | None:
+    """Parse the answer to a COM_QUERY in asyncmy's receive buffer without consuming
+    it: (rows, end position, next sequence id, server status) for one whole result
+    set; None when more bytes are needed; _NOT_MINE for anything else."""
+    buffer = proto.buffer
+    pos = proto.pos
+    end = proto.length
+    size = _complete_packet(buffer, pos, end, 1)
+    if size is None or size is _NOT_MINE:
+        return size
+    columns = buffer[pos + 4]
+    if columns == 0 or columns >= 0xFB:  # OK, LOCAL INFILE, error; or 251+ columns
+        return _NOT_MINE
+    pos, seq, skipped = skip_packets_from_buffer(buffer, pos + 4 + size, end, 2, columns)
+    if skipped < columns:  # stopped at a packet not all there, or not a column's
+        return None if _complete_packet(buffer, pos, end, seq) is None else _NOT_MINE
+    if not deprecate_eof:  # an EOF packet after the column definitions
+        size = _terminator(buffer, pos, end, seq, deprecate_eof)
+        if size is None or size is _NOT_MINE:
+            return size
+        pos += 4 + size
+        seq = (seq + 1) & 0xFF
+    rows: list[tuple] = []
+    converters = _BYTES_CONVERTERS.get(columns) or _as_bytes_columns(columns)
+    pos, seq = parse_rows_from_buffer(buffer, pos, end, converters, seq, rows, deprecate_eof)
+    size = _terminator(buffer, pos, end, seq, deprecate_eof)
+    if size is None or size is _NOT_MINE:
+        return size
+    # An EOF packet: the warning count (2 bytes), then the status. An OK packet
+    # (DEPRECATE_EOF): affected rows and insert id (length-encoded, one byte each
+    # after a SELECT), then the status.
+    at = pos + 7
+    if deprecate_eof and (buffer[pos + 5] >= 0xFB or buffer[pos + 6] >= 0xFB):
+        at = _skip_length_encoded(buffer, _skip_length_encoded(buffer, pos + 5))
+    status = buffer[at] | buffer[at + 1] << 8
+    if status & _MORE_RESULTS:
+        return _NOT_MINE
+    return rows, pos + 4 + size, (seq + 1) & 0xFF, status
+
+
+def _complete_packet(buffer: bytearray, pos: int, end: int, seq: int) -> int | _Answer | None:
+    """The payload size of the packet at POS; None when it is not all there yet;
+    _NOT_MINE when it is empty, out of sequence, an error or a 16 MB one."""
+    if end - pos < 5:
+        return None
+    size = buffer[pos] | buffer[pos + 1] << 8 | buffer[pos + 2] << 16
+    if buffer[pos + 3] != seq or size == 0 or size == _MAX_PAYLOAD:
+        return _NOT_MINE
+    if end - pos - 4 < size:
+        return None
+    return _NOT_MINE if buffer[pos + 4] == 0xFF else size
+
+
+def _terminator(
+    buffer: bytearray, pos: int, end: int, seq: int, deprecate_eof: bool
+) -> int | _Answer | None:
+    """The payload size of the EOF packet (or, with DEPRECATE_EOF, the OK packet with
+    an 0xFE header) at POS; None or _NOT_MINE as ``_complete_packet``."""
+    size = _complete_packet(buffer, pos, end, seq)
+    if size is None or size is _NOT_MINE:
+        return size
+    if buffer[pos + 4] != 0xFE or not (deprecate_eof or size < 9):
+        return _NOT_MINE
+    return size
+
+
+def _skip_length_encoded(buffer: bytearray, pos: int) -> int:
+    first = buffer[pos]
+    return pos + (1 if first < 0xFB else 3 if first == 0xFC else 4 if first == 0xFD else 9)
 
 
 # ---------------------------------------------------------------------------------------
@@ -684,8 +819,12 @@ class MysqlTable(AsyncTable):
         if query is None:
             return None
         rows = await self._rows(key, query)
-        if rows is None:
+        if not rows:
             return None
+        if len(rows) == 1 and len(rows[0]) == 1 and queries.verbatim_results:
+            value = rows[0][0]
+            if value and 0 not in value:
+                return value  # what the joiner makes of one value, without it
         joined = queries.results(key)
         add = joined.add
         for row in rows:
@@ -697,14 +836,36 @@ class MysqlTable(AsyncTable):
         return joined.value()
 
     async def _rows(self, key: bytes, query: bytes) -> tuple | None:
-        """The rows of the query's one result set; None when it has none (allowed)."""
+        """The rows of the query's one result set; None when it has none (allowed).
+
+        The deadline is watched by the pool's sweeper, which cancels this task past
+        it, as asyncio.timeout would (then TimeoutError): no task, timer or context
+        manager per query."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout
         pool = self.pool
+        sweeper = pool.sweeper
+        task = asyncio.current_task(loop)
+        assert task is not None
         for attempt in range(2):
-            lease = pool.lend() or await pool.acquire(max(0.0, deadline - loop.time()))
+            lease = pool.lend(loop) or await pool.acquire(max(0.0, deadline - loop.time()))
+            connection = lease.connection
             try:
-                sets = await self._query(lease, key, query, deadline, loop)
+                text = query  # as escaped for the server mode of this connection
+                if connection.server_status & SERVER_STATUS_NO_BACKSLASH_ESCAPES:  # type: ignore[attr-defined]  # not in the stub
+                    queries = self.queries
+                    text = queries.expand_query(queries.query, key, self._escape_quotes) or query
+                if deadline <= loop.time():
+                    raise TimeoutError
+                sweeper.watch(task, deadline, task.cancel, loop)
+                try:
+                    sets = await _result_sets(connection, text)
+                except asyncio.CancelledError:
+                    if not sweeper.watching(task) and task.uncancel() == 0:
+                        raise TimeoutError from None  # the sweeper's cancellation
+                    raise
+                finally:
+                    sweeper.unwatch(task)
             except _LostConnection as exc:
                 pool.release(lease, reusable=False)
                 pool.suspect(lease)
@@ -722,29 +883,14 @@ class MysqlTable(AsyncTable):
             except BaseException:
                 pool.release(lease, reusable=False)
                 raise
-            pool.release(lease, reusable=True)
+            pool.release(lease, True, loop)
             self.reaper.touch(pool, loop)
+            if len(sets) == 1:
+                if self.outage.failing:
+                    self.outage.ok()
+                return sets[0]
             return self._check_sets(sets)
         raise AssertionError("not reached")
-
-    async def _query(
-        self,
-        lease: Lease[Connection, Endpoint],
-        key: bytes,
-        query: bytes,
-        deadline: float,
-        loop: asyncio.AbstractEventLoop,
-    ) -> list[tuple]:
-        connection = lease.connection
-        status = connection.server_status  # type: ignore[attr-defined]  # not in asyncmy's stub
-        if status & SERVER_STATUS_NO_BACKSLASH_ESCAPES:
-            query = self.queries.expand_query(self.queries.query, key, self._escape_quotes) or query
-        if deadline <= loop.time():
-            raise TimeoutError
-        # The deadline on the pool's sweeper: no task and no timer per query
-        # (asyncio.timeout would cost a tenth of the lookup).
-        async with self.pool.sweeper.deadline(deadline):
-            return await _result_sets(connection, query)
 
     def _abandon(self, lease: Lease[Connection, Endpoint]) -> None:
         """A query that timed out still runs on the server, on a connection the server

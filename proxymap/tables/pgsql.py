@@ -352,40 +352,41 @@ class Link:
     async def run(self, query: bytes, deadline: float | None) -> pq.abc.PGresult:
         """Send ``query`` as one simple query and return its last result (PQexec's),
         which is TUPLES_OK or COMMAND_OK; else _Failed or _Lost. Past ``deadline``
-        (loop time) TimeoutError, the query still running."""
+        (loop time) TimeoutError, the query still running.
+
+        One coroutine frame from sending to the result: every nested await level
+        costs again on each resumption."""
         if self.broken:
             raise _Lost(self.broken)
+        pgconn = self.pgconn
         if deadline is not None:
-            self.sweeper.watch(self, deadline, self._expire)
+            self.sweeper.watch(self, deadline, self._expire, self.loop)
         try:
-            return await self._exchange(query)
+            try:
+                pgconn.send_query(query)
+                if pgconn.flush():  # the rest when the socket takes it (libpq is non-blocking)
+                    self.loop.add_writer(self.fd, self._writable)
+                    await self._wait()
+            except psycopg.Error as exc:
+                raise self._failure(_reason(exc)) from None
+            last = None
+            while True:
+                if pgconn.is_busy():
+                    waiter = self.waiter = self.loop.create_future()
+                    await waiter
+                result = pgconn.get_result()
+                if result is None:
+                    break
+                last = result
+                if result.status in _COPY_STATUSES:
+                    # PQexec stops here too; the connection is stuck in COPY: discard it.
+                    self.broken = "COPY in a lookup query"
+                    self._unregister()
+                    break
         finally:
             self.waiter = None
             if deadline is not None:
                 self.sweeper.unwatch(self)
-
-    async def _exchange(self, query: bytes) -> pq.abc.PGresult:
-        pgconn = self.pgconn
-        try:
-            pgconn.send_query(query)
-            if pgconn.flush():  # the rest when the socket takes it (libpq is non-blocking)
-                self.loop.add_writer(self.fd, self._writable)
-                await self._wait()
-        except psycopg.Error as exc:
-            raise self._failure(_reason(exc)) from None
-        last = None
-        while True:
-            if pgconn.is_busy():
-                await self._wait()
-            result = pgconn.get_result()
-            if result is None:
-                break
-            last = result
-            if result.status in _COPY_STATUSES:
-                # PQexec stops here too; the connection is stuck in COPY: discard it.
-                self.broken = "COPY in a lookup query"
-                self._unregister()
-                break
         if last is None:
             raise self._failure("no result")
         status = last.status
@@ -534,7 +535,7 @@ class Backend:
         reason = "no host answered"
         pool = self.pool
         for _ in range(len(self.settings.hosts) + 1):
-            lease = pool.lend()
+            lease = pool.lend(loop)
             if lease is None:
                 remaining = deadline - loop.time()
                 if remaining <= 0:
@@ -544,8 +545,14 @@ class Backend:
             if failed and host.label in failed:
                 pool.release(lease)  # no other host to fail over to
                 break
+            link = lease.connection
             try:
-                result = await self._attempt(lease, context, key, deadline)
+                try:
+                    query = context.expand_query(context.query, key, link.escape)
+                except psycopg.Error as exc:
+                    raise link._failure(f"cannot escape the key: {_reason(exc)}") from None
+                assert query is not None  # the caller checked that the key fills the templates
+                result = await link.run(query, deadline)
             except _Lost as lost:
                 losses += 1
                 reason = self._after_loss(lease, str(lost), losses, failed)
@@ -555,12 +562,21 @@ class Backend:
                 if self._after_failure(lease, str(error), failed):
                     break
                 continue
-            except (_Abandoned, asyncio.CancelledError):
-                raise  # the cancelling task gives the connection back
+            except TimeoutError:
+                self._abandon(lease)
+                self.outage(host).failed(f"query timed out after {self.timeout:g}s")
+                raise _Abandoned(f"{self.spec}: query timed out after {self.timeout:g}s") from None
+            except asyncio.CancelledError:
+                self._abandon(lease)  # the cancelling task gives the connection back
+                raise
+            except OSError as exc:  # below the driver: treat the connection as lost
+                losses += 1
+                reason = self._after_loss(lease, str(exc) or exc.__class__.__name__, losses, failed)
+                continue
             except BaseException:
                 pool.release(lease, reusable=False)
                 raise
-            pool.release(lease)
+            pool.release(lease, True, loop)
             outage = self._outages.get(host.label)
             if outage is not None:
                 outage.ok()
@@ -595,27 +611,6 @@ class Backend:
         self._penalize(lease.endpoint)
         self.pool.release(lease, reusable=False)
         self.pool.suspect(lease)
-
-    async def _attempt(
-        self, lease: PgLease, context: QueryContext, key: bytes, deadline: float
-    ) -> pq.abc.PGresult:
-        link = lease.connection
-        try:
-            query = context.expand_query(context.query, key, link.escape)
-        except psycopg.Error as exc:
-            raise link._failure(f"cannot escape the key: {_reason(exc)}") from None
-        assert query is not None  # the caller checked that the key fills the templates
-        try:
-            return await link.run(query, deadline)
-        except TimeoutError:
-            self._abandon(lease)
-            self.outage(lease.endpoint).failed(f"query timed out after {self.timeout:g}s")
-            raise _Abandoned(f"{self.spec}: query timed out after {self.timeout:g}s") from None
-        except asyncio.CancelledError:
-            self._abandon(lease)
-            raise
-        except OSError as exc:  # below the driver: treat the connection as lost
-            raise _Lost(str(exc) or exc.__class__.__name__) from None
 
     def _abandon(self, lease: PgLease) -> None:
         """The lookup answers at once; the query is cancelled on the server in the
@@ -699,14 +694,23 @@ class PgsqlTable(AsyncTable):
             else context.check_domain(key)
         ):
             return None
-        if context.expand_query(context.query, key, None) is None:
+        if not (key and context.any_key_fills) and (
+            context.expand_query(context.query, key, None) is None
+        ):
             return None  # the key cannot fill the templates: no query
         result = await self.backend.query(context, key)
+        rows = result.ntuples
+        if not rows:
+            return None
+        if rows == 1 and result.nfields == 1 and context.verbatim_results:
+            value = result.get_value(0, 0)
+            if value:
+                return value  # what the joiner makes of one value, without it
         joined = context.results(key)
         add = joined.add
         get_value = result.get_value
         columns = range(result.nfields)
-        for row in range(result.ntuples):
+        for row in range(rows):
             for column in columns:
                 # libpq gives NULL as "": Postfix skips it with a warning, like "".
                 add(get_value(row, column) or b"")

@@ -193,13 +193,27 @@ class ConnectionPool(Generic[C, E]):
         """``async with``: a connection for one request; discarded when the block raises."""
         return _Borrowed(self, timeout)
 
-    def lend(self) -> Lease[C, E] | None:
+    def lend(self, loop: asyncio.AbstractEventLoop | None = None) -> Lease[C, E] | None:
         """A lease at once, without an await, when a slot is free and an idle
         connection needs neither replacing nor a health check; else None (then
-        ``acquire``). Must run in the pool's event loop."""
-        if self._free <= 0 or not self._idle or self._loop is not _get_running_loop():
+        ``acquire``). ``loop``: the running loop, when the caller has it (asking
+        for it costs a getpid() system call in Python 3.11)."""
+        idle = self._idle
+        if self._free <= 0 or not idle or self._loop is not (loop or _get_running_loop()):
             return None
-        lease = self._take_idle()
+        top = idle[-1]
+        idle_for = time.monotonic() - top.last_used
+        # Idle no longer than check_after and idle_limit: lent without another look.
+        lease: Lease[C, E] | None
+        if (
+            idle_for <= self.check_after
+            and (self.idle_limit is None or idle_for <= self.idle_limit)
+            and self.age_limit is None
+            and (self._usable is None or self._usable(top.connection))
+        ):
+            lease = idle.pop()  # the usual case, without _take_idle's checks one by one
+        else:
+            lease = self._take_idle()
         if lease is not None:
             self._free -= 1
             self.in_use += 1
@@ -263,16 +277,25 @@ class ConnectionPool(Generic[C, E]):
                 return
         self._free += 1
 
-    def release(self, lease: Lease[C, E], reusable: bool = True) -> None:
-        """Give a connection back; ``reusable=False`` closes it (it failed in use)."""
+    def release(
+        self,
+        lease: Lease[C, E],
+        reusable: bool = True,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        """Give a connection back; ``reusable=False`` closes it (it failed in use).
+        ``loop``: the running loop, as for ``lend``."""
         self.in_use -= 1
         if reusable and self._loop is not None:
             lease.last_used = time.monotonic()
             self._idle.append(lease)  # from another loop: closed when the pool rebinds
         else:
             self._dispose(lease)
-        if self._loop is not None and _get_running_loop() is self._loop:
-            self._release_slot()
+        if self._loop is not None and (loop or _get_running_loop()) is self._loop:
+            if self._waiters:
+                self._release_slot()
+            else:
+                self._free += 1
 
     def suspect(self, lease: Lease[C, E]) -> None:
         """The connection failed in use: its idle siblings to that server go too."""
@@ -442,10 +465,17 @@ class Sweeper:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
 
-    def watch(self, key: object, deadline: float, expire: Callable[[], object]) -> None:
+    def watch(
+        self,
+        key: object,
+        deadline: float,
+        expire: Callable[[], object],
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
         """Call ``expire`` once the loop's time passes ``deadline``, unless
-        ``unwatch(key)`` comes first. Must run in an event loop."""
-        loop = _get_running_loop()
+        ``unwatch(key)`` comes first. Must run in an event loop; ``loop`` is the
+        running one, when the caller has it (as for ``ConnectionPool.lend``)."""
+        loop = loop or _get_running_loop()
         if loop is not self._loop:  # a new loop (tests): what the old one watched is gone
             self._watched.clear()
             self._loop = loop
@@ -457,6 +487,10 @@ class Sweeper:
 
     def unwatch(self, key: object) -> None:
         self._watched.pop(key, None)
+
+    def watching(self, key: object) -> bool:
+        """Whether ``key`` is still watched: False once its ``expire`` was called."""
+        return key in self._watched
 
     def deadline(self, when: float | None) -> SweptTimeout:
         """``async with``: asyncio.timeout_at on this sweeper (loop time; None: none)."""
