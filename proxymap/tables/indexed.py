@@ -520,14 +520,23 @@ class IndexedFileTable(SyncTable, Generic[H]):
         return True if self._backend_remove(raw_key) else None
 
     def _exclusively(self, write: Callable[[], bool]) -> bool:
-        """One write under the exclusive lock (synced when it changed the file); a
-        failure or the end of one goes to the table's trouble log."""
+        """One write under the exclusive lock, synced when it changed the file."""
+
+        def write_and_sync() -> bool:
+            changed = write()
+            if changed:
+                self._after_write()
+            return changed
+
+        return self._access(True, write_and_sync)
+
+    def _access(self, exclusive: bool, operation: Callable[[], T]) -> T:
+        """``operation`` on a fresh handle, locked as asked; a failure or the end of one
+        goes to the table's trouble log. (``lookup`` writes the same steps out.)"""
         try:
-            held = self._enter(exclusive=True)
+            held = self._enter(exclusive)
             try:
-                changed = write()
-                if changed:
-                    self._after_write()
+                result = operation()
             finally:
                 self._leave(held)
         except DictRetry as exc:
@@ -535,7 +544,7 @@ class IndexedFileTable(SyncTable, Generic[H]):
             raise
         if self._trouble is not None:
             self._succeeded()
-        return changed
+        return result
 
     def sequence(self, function: int) -> tuple[bytes, bytes] | None:
         self._normalize_flags()
@@ -545,17 +554,7 @@ class IndexedFileTable(SyncTable, Generic[H]):
             step = self._backend_next
         else:
             raise DictConfig(f"{self.spec}: invalid sequence function {function}")
-        try:
-            held = self._enter(exclusive=False)
-            try:
-                item = step()
-            finally:
-                self._leave(held)
-        except DictRetry as exc:
-            self._failed(exc)
-            raise
-        if self._trouble is not None:
-            self._succeeded()
+        item = self._access(False, step)
         if item is None:
             return None
         return cut_at_nul(item[0]), cut_at_nul(item[1])
