@@ -40,6 +40,11 @@ DESCRIPTION
     no worker is recycled during a run. A table type our worker cannot serve yet (the
     probe lookup does not answer OK) is reported as n/a.
 
+    Table kind ``hash-busy`` is a hash table as a busy site has it: 20 000 entries, 5 000
+    keys drawn at random with one in five absent, and a 2-second warm-up at the largest
+    connection count, so that both masters spawn the workers they would under that load
+    before the first measured run.
+
     Table kind ``socketmap`` is a remote backend (slow_socketmap.py beside this file)
     that answers after --slow-ms milliseconds, measured at --slow-conns connections: the
     C proxymap serialises lookups in each process, ours overlaps them.
@@ -86,6 +91,7 @@ import contextlib
 import hashlib
 import json
 import os
+import random
 import resource
 import shutil
 import socket
@@ -120,7 +126,13 @@ from tests.support.postfix import (
 )
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-LOCAL_TABLES = ("hash", "lmdb", "texthash", "pcre", "cidr", "unix", "socketmap")
+# A hash table as a busy site has it: twice the entries, one key in five missing, keys in
+# no particular order, and a warm-up long enough for both masters to spawn what they will.
+BUSY_KIND = "hash-busy"
+BUSY_ENTRIES = 20_000
+BUSY_KEYS = 5_000
+BUSY_WARM_UP = 2.0
+LOCAL_TABLES = ("hash", "lmdb", "texthash", "pcre", "cidr", "unix", "socketmap", BUSY_KIND)
 # Not a table of both sides: our worker with its result cache off and on (ours only).
 CACHE_KIND = "cache-5ms"
 # Neither: our worker with pyproxymap_statistics off and on (ours only).
@@ -260,6 +272,8 @@ def build_tables(
                 run_checked([f"{kind}:{source}"])
             keyfile = write_keys(directory / "keys-users", user_keys)
             tables[kind] = BenchTable(kind, f"{kind}:{source}", keyfile, "user1@example.com")
+        elif kind == BUSY_KIND:
+            tables[kind] = busy_table(directory)
         elif kind == "pcre":
             rules = directory / "rules.pcre"
             rules.write_text("".join(f"/^user{i}@example\\.com$/ rule{i}\n" for i in range(RULES)))
@@ -315,6 +329,24 @@ def build_tables(
         path.chmod(0o644)
     settle_files(directory)
     return tables
+
+
+def busy_table(directory: Path) -> BenchTable:
+    """BUSY_ENTRIES addresses; BUSY_KEYS keys drawn at random, one in five absent."""
+    source = directory / "users-busy"
+    source.write_text(
+        "".join(f"busy{i}@example.org busy{i}@mail.example.net\n" for i in range(BUSY_ENTRIES))
+    )
+    run_checked([f"hash:{source}"])
+    rng = random.Random(17)
+    keys = [
+        f"busy{rng.randrange(BUSY_ENTRIES)}@example.org"
+        if rng.random() >= 0.2
+        else f"absent{rng.randrange(10**6)}@example.org"
+        for _ in range(BUSY_KEYS)
+    ]
+    keyfile = write_keys(directory / "keys-busy", keys)
+    return BenchTable(BUSY_KIND, f"hash:{source}", keyfile, "busy1@example.org")
 
 
 def write_keys(path: Path, keys: list[str]) -> Path:
@@ -628,12 +660,13 @@ def measure_table(options, pmload, table, instances, report) -> None:
                 f"{len(instance.worker_pids('proxymap'))} workers"
             )
         else:
+            busy = table.kind == BUSY_KIND
             run_pmload(
                 pmload,
                 instance.socket_path(),
                 table.spec_for(impl),
-                16,
-                0.5,
+                max(conns_for(table.kind, options)) if busy else 16,
+                BUSY_WARM_UP if busy else 0.5,
                 table.keyfile,
                 options.v311 and impl == "ours",
             )
