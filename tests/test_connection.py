@@ -445,6 +445,7 @@ class MemoryTransport:
         self.output = bytearray()
         self.closed = False
         self.reading = True
+        self.pauses = 0
 
     def write(self, data):
         self.output += data
@@ -456,9 +457,12 @@ class MemoryTransport:
         pass
 
     def pause_reading(self):
+        assert self.reading, "paused twice"
         self.reading = False
+        self.pauses += 1
 
     def resume_reading(self):
+        assert not self.reading, "resumed while reading"
         self.reading = True
 
     def is_closing(self):
@@ -473,7 +477,7 @@ def test_slow_request_cancelled_before_its_task_ran_is_answered_and_counted(tabl
         transport = MemoryTransport()
         protocol.connection_made(transport)
         protocol.data_received(lookup("slow:0.2", b"x"))
-        assert server.busy == 1 and not transport.reading
+        assert server.busy == 1 and transport.reading
         protocol._slow.cancel()  # e.g. the loop shutting down: before its first step
         await asyncio.sleep(0)
         await asyncio.sleep(0)
@@ -484,6 +488,51 @@ def test_slow_request_cancelled_before_its_task_ran_is_answered_and_counted(tabl
 
     run(main())
     assert not [w for w in recwarn if "never awaited" in str(w.message)]
+
+
+def test_a_client_waiting_for_a_slow_reply_is_never_paused(table):
+    """Real clients send one request and wait: no pause and resume per slow request."""
+
+    async def main():
+        server = RecordingServer()
+        handler = RequestHandler("proxymap", {"slow:0.01"}, {})
+        protocol = ProxymapProtocol(server, handler, stream_name("proxymap"))
+        transport = MemoryTransport()
+        protocol.connection_made(transport)
+        for key in (b"a", b"b", b"c"):
+            protocol.data_received(lookup("slow:0.01", key))
+            while protocol._slow is not None:
+                await asyncio.sleep(0.005)
+        assert transport.pauses == 0 and transport.reading
+        assert bytes(transport.output).count(b"status\x00") == 3
+        protocol.connection_lost(None)
+
+    run(main())
+
+
+def test_input_behind_a_slow_request_pauses_reading_until_it_is_answered(table):
+    """A pipelining client: its next chunk is queued, reading stops until the slow
+    reply (and the queued one) are out, then resumes; replies stay in order."""
+
+    async def main():
+        server = RecordingServer()
+        handler = RequestHandler("proxymap", {"slow:0.05", table}, {})
+        protocol = ProxymapProtocol(server, handler, stream_name("proxymap"))
+        transport = MemoryTransport()
+        protocol.connection_made(transport)
+        protocol.data_received(lookup("slow:0.05", b"first"))
+        assert transport.reading
+        protocol.data_received(lookup(table, b"alice"))  # behind the slow one
+        assert not transport.reading and transport.pauses == 1
+        assert bytes(transport.output) == ANNOUNCEMENT  # nothing answered out of order
+        while protocol._slow is not None:
+            await asyncio.sleep(0.005)
+        assert transport.reading and server.busy == 0
+        replies = bytes(transport.output)[len(ANNOUNCEMENT) :]
+        assert replies.index(b"first") < replies.index(b"alice")
+        protocol.connection_lost(None)
+
+    run(main())
 
 
 @settings(

@@ -377,10 +377,10 @@ class World:
                 protocol.pause_writing()  # the kernel took nothing more...
                 await asyncio.sleep(0)
                 protocol.resume_writing()  # ...and then all of it
-        await self._until_readable(transport)
+        await self._until_readable(transport, protocol)
         if eof and not transport.closed and not protocol.eof_received():
             transport.close()
-        await self._until_readable(transport)
+        await self._until_readable(transport, protocol)
         if not transport.closed and protocol.decoder.pending:
             loop.offset += 1.5  # past the 1-second request deadline
             for _ in range(3):
@@ -399,10 +399,16 @@ class World:
             raise PropertyViolation("unexpected error logged: " + records[0].getMessage())
         return bytes(transport.output), closed
 
-    async def _until_readable(self, transport: MemoryTransport) -> None:
-        """Let slow requests finish: a paused transport delivers nothing until resumed."""
+    async def _until_readable(
+        self, transport: MemoryTransport, protocol: ProxymapProtocol | None = None
+    ) -> None:
+        """Wait while the transport is paused (it delivers nothing until resumed); with
+        ``protocol``, also until its slow requests are answered (a client that waits
+        for its replies is read from meanwhile)."""
         started = time.monotonic()
-        while not transport.reading and not transport.closed:
+        while not transport.closed and (
+            not transport.reading or (protocol is not None and protocol._slow is not None)
+        ):
             if time.monotonic() - started > HANG_SECONDS:
                 raise HangError("reading stayed paused")
             await asyncio.sleep(0.0005)
