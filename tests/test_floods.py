@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 
 from proxymap.protocol import ANNOUNCEMENT
+from tests.support.echo_service import ask
 from tests.support.standin_master import REPO_ROOT, StandinMaster, python_module
 from tests.test_server_worker import (
     ALICE_REPLY,
@@ -158,17 +159,6 @@ def test_a_flood_does_not_delay_a_new_client(tmp_path, descriptors, event_loop, 
 ECHO = "tests.support.echo_service"
 BURST = 64
 BURSTS = 5
-
-
-def ask(client: socket.socket, line: str) -> str:
-    client.sendall(line.encode() + b"\n")
-    data = b""
-    while not data.endswith(b"\n"):
-        chunk = client.recv(4096)
-        if not chunk:
-            raise EOFError(f"connection closed after {data!r}")
-        data += chunk
-    return data[:-1].decode()
 
 
 def echo_conf(tmp_path: Path) -> Path:

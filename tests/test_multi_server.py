@@ -35,6 +35,7 @@ from master.status import (
     parse_generation,
     unpack_status,
 )
+from tests.support.echo_service import ask
 from tests.support.standin_master import REPO_ROOT, StandinMaster, python_module
 
 ECHO = "tests.support.echo_service"
@@ -65,17 +66,6 @@ def echo(*args: str) -> list[str]:
 def child_env(**extra: str) -> dict[str, str]:
     # The child must find this repository; the real master passes no PATH either.
     return {"PYTHONPATH": str(REPO_ROOT), **extra}
-
-
-def ask(client: socket.socket, line: str) -> str:
-    client.sendall(line.encode() + b"\n")
-    data = b""
-    while not data.endswith(b"\n"):
-        chunk = client.recv(4096)
-        if not chunk:
-            raise EOFError(f"connection closed after {data!r}")
-        data += chunk
-    return data[:-1].decode()
 
 
 def wait_gone(master: StandinMaster, timeout: float) -> float:

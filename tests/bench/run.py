@@ -463,7 +463,9 @@ def make_instance(
     impl: str,
     db_pool: int = 0,
     own: str | None = None,
+    settings: dict[str, str] | None = None,
 ):
+    """A private Postfix instance serving TABLES with IMPL; SETTINGS go to its main.cf."""
     tables = listed_tables(tables, own)
     main_cf = {
         # No recycling during a run, the same process limit for both.
@@ -473,6 +475,7 @@ def make_instance(
     }
     if impl == "ours" and db_pool:
         main_cf.update(pool_settings(tables, db_pool))
+    main_cf.update(settings or {})
     return PrivatePostfix(
         proxymap_program=program,
         proxy_read_maps=" ".join(f"proxy:{t.spec_for(impl)}" for t in tables.values()),

@@ -44,6 +44,7 @@ from tests.bench.run import (
     build_pmload,
     build_tables,
     cpu_seconds_between,
+    make_instance,
     run_pmload,
     worker_ticks,
 )
@@ -54,25 +55,16 @@ TARGET_COST = 0.03
 WORKERS = 2
 
 
-def make_instance(
+def stats_instance(
     program: Path, tables: dict[str, BenchTable], base: Path, setting: str
 ) -> PrivatePostfix:
-    main_cf = {
-        "max_use": "1000000",
-        "max_idle": "3600",
+    settings = {
         # Two workers on both sides from the first run on: the master's spawning, which
         # varies from run to run, would otherwise weigh more than the figures do.
         "default_process_limit": str(WORKERS),
         "pyproxymap_statistics": "yes" if setting == "on" else "no",
     }
-    return PrivatePostfix(
-        proxymap_program=program,
-        proxy_read_maps=" ".join(f"proxy:{t.spec}" for t in tables.values()),
-        main_cf=main_cf,
-        readable_paths=[t.keyfile.parent for t in tables.values()],
-        base_dir=base,
-        name=f"stats-{setting}",
-    )
+    return make_instance(program, tables, base, f"stats-{setting}", "ours", settings=settings)
 
 
 def measure(
@@ -150,7 +142,7 @@ def stats_rows(
     repeat: int = 7,
 ) -> list[dict]:
     tables = build_tables(base / "stats-tables", list(kinds))
-    instances = {s: make_instance(program, tables, base, s) for s in SETTINGS}
+    instances = {s: stats_instance(program, tables, base, s) for s in SETTINGS}
     rows = []
     try:
         for instance in instances.values():

@@ -31,12 +31,25 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from collections.abc import Callable
 from typing import BinaryIO
 
 from master.multi_server import ClientProtocol, MultiServer, run
 
 log = logging.getLogger("echo")
+
+
+def ask(client: socket.socket, line: str) -> str:
+    """The client side: send one line, return the answer line."""
+    client.sendall(line.encode() + b"\n")
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = client.recv(4096)
+        if not chunk:
+            raise EOFError(f"connection closed after {data!r}")
+        data += chunk
+    return data[:-1].decode()
 
 
 def answer(server: MultiServer, line: bytes) -> bytes:
