@@ -599,7 +599,8 @@ class PrivatePostfix:
     # -- life cycle ---------------------------------------------------------
 
     def start(self, timeout: float = 20.0) -> PrivatePostfix:
-        """Write the configuration, start master -d and wait for the proxymap socket."""
+        """Write the configuration, start master -d and wait for the proxymap and
+        proxywrite sockets (the master creates them one after the other)."""
         self.write_config()
         self.check_permissions()
         env = {k: v for k, v in os.environ.items() if k != "MAIL_CONFIG"}
@@ -615,10 +616,13 @@ class PrivatePostfix:
                 env=env,
                 cwd=str(self.tree),
             )
-        socket_file = self.socket_path("proxymap")
-        if not _wait_until(lambda: socket_file.exists() or self.master.poll() is not None, timeout):
-            self.stop()
-            raise RuntimeError(f"master did not create {socket_file}:\n{self.diagnostics()}")
+        for service in ("proxymap", "proxywrite"):
+            socket_file = self.socket_path(service)
+            if not _wait_until(
+                lambda path=socket_file: path.exists() or self.master.poll() is not None, timeout
+            ):
+                self.stop()
+                raise RuntimeError(f"master did not create {socket_file}:\n{self.diagnostics()}")
         if self.master.poll() is not None:
             raise RuntimeError(
                 f"master exited with {self.master.returncode}:\n{self.diagnostics()}"
