@@ -54,6 +54,11 @@ DESCRIPTION
     in ten for 1000 hot keys, at the largest --slow-conns count; the report gives
     lookups/s, p50, p99 and backend queries per lookup for each.
 
+    Kind ``floor`` (floor_workload.py): one connection against a C fixed-reply epoll
+    server (echo_floor.c), the same in Python on our event loop, and both proxymaps on
+    texthash, each with the server and the load where the kernel puts them, both on
+    one CPU, and on two; the floor of a one-connection lookup on this machine.
+
     Kind ``statistics`` (ours only, stats_workload.py): the cost of live statistics,
     pyproxymap_statistics = no against yes on texthash and hash at 16 connections, in
     pairs of runs (at least seven); the report gives each setting's medians and the
@@ -137,8 +142,10 @@ LOCAL_TABLES = ("hash", "lmdb", "texthash", "pcre", "cidr", "unix", "socketmap",
 CACHE_KIND = "cache-5ms"
 # Neither: our worker with pyproxymap_statistics off and on (ours only).
 STATS_KIND = "statistics"
-OURS_ONLY = (CACHE_KIND, STATS_KIND)
-ALL_TABLES = LOCAL_TABLES + DATABASE_KINDS + OURS_ONLY
+# Nor this: fixed-reply servers and both proxymaps at one connection, pinned to CPUs.
+FLOOR_KIND = "floor"
+WORKLOAD_KINDS = (CACHE_KIND, STATS_KIND, FLOOR_KIND)  # each its own workload module
+ALL_TABLES = LOCAL_TABLES + DATABASE_KINDS + WORKLOAD_KINDS
 BENCH_DIR = Path(__file__).resolve().parent
 # The load generator and the slow backend live here, beside this file: the
 # benchmark reads nothing outside the repository at run time.
@@ -200,13 +207,17 @@ def run_pmload(
     keyfile: Path,
     v311: bool,
     watch: ConnectionWatch | None = None,
+    cpus: set[int] | None = None,
 ) -> LoadResult:
-    """One closed-loop run; WATCH (if any) samples the database server meanwhile."""
+    """One closed-loop run; WATCH (if any) samples the database server meanwhile;
+    CPUS (if any) is where pmload may run."""
     command = [str(pmload), str(socket_path), table, str(conns), str(seconds), str(keyfile)]
     if v311:
         command.append("--v311")
     began = time.monotonic()
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if cpus is not None:
+        os.sched_setaffinity(process.pid, cpus)  # before it has connected: a few syscalls in
     try:
         if watch is not None:
             watch.during(began, seconds)
@@ -439,6 +450,8 @@ class Report:
     cache: list = field(default_factory=list)
     # stats_workload.stats_rows: our worker with pyproxymap_statistics off and on.
     stats_cost: list = field(default_factory=list)
+    # floor_workload.floor_rows: one connection, fixed-reply servers, CPU placements.
+    floor: list = field(default_factory=list)
 
 
 def listed_tables(tables: dict[str, BenchTable], own: str | None) -> dict[str, BenchTable]:
@@ -545,7 +558,7 @@ def run_benchmark(options: argparse.Namespace) -> Report:
     backends = DatabaseBackends(base / "servers")
     if options.scale:
         raise_open_file_limit(options.scale + 4096)
-    kinds = [kind for kind in options.tables if kind not in OURS_ONLY]
+    kinds = [kind for kind in options.tables if kind not in WORKLOAD_KINDS]
     try:
         tables = (
             build_tables(base / "tables", kinds, backend.port if backend else 0, backends)
@@ -584,6 +597,8 @@ def run_benchmark(options: argparse.Namespace) -> Report:
             measure_cache(options, pmload, programs["ours"], base, report)
         if STATS_KIND in options.tables and "ours" in implementations:
             measure_statistics(options, pmload, programs["ours"], base, report)
+        if FLOOR_KIND in options.tables and "ours" in implementations:
+            measure_floor(options, pmload, programs["ours"], base, report)
     finally:
         if backend:
             backend.stop()
@@ -628,6 +643,14 @@ def measure_statistics(options, pmload: Path, program: Path, base: Path, report:
             f"ours {row['table']} statistics on/off: lookups/s {row['rps_ratio']:.3f}, "
             f"CPU per lookup {row['cpu_ratio']:.3f}"
         )
+
+
+def measure_floor(options, pmload: Path, program: Path, base: Path, report: Report) -> None:
+    """One connection against fixed-reply servers and both proxymaps, in three CPU
+    placements (floor_workload.py)."""
+    from tests.bench.floor_workload import floor_rows  # it imports this module
+
+    report.floor = floor_rows(pmload, base, program, seconds=options.seconds, repeat=options.repeat)
 
 
 @contextlib.contextmanager
@@ -1023,6 +1046,17 @@ def markdown(report: Report) -> str:
             "",
         ]
         lines += stats_markdown(report.stats_cost)
+    if report.floor:
+        from tests.bench.floor_workload import floor_markdown  # it imports this module
+
+        lines += [
+            "",
+            "One-connection floor: fixed-reply servers (C epoll, Python on our event loop) "
+            "and both proxymaps on texthash, one worker each; free = the kernel places "
+            "server and load, one-cpu = both on CPU 0, two-cpus = server on 0, load on 1.",
+            "",
+        ]
+        lines += floor_markdown(report.floor)
     lines += ["", "Cold start (master start to first answer on a fresh connection, median):", ""]
     for impl in IMPLEMENTATIONS:
         cold = report.cold_start_ms.get(impl)
