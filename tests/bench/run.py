@@ -40,6 +40,10 @@ DESCRIPTION
     no worker is recycled during a run. A table type our worker cannot serve yet (the
     probe lookup does not answer OK) is reported as n/a.
 
+    Local table kinds: hash, btree, lmdb, cdb (10 000 entries, built by postmap),
+    texthash (their source), pcre, regexp, cidr (1 000 rules), inline (30 entries),
+    static, unix:passwd.byname; one key in ten absent.
+
     Table kind ``hash-busy`` is a hash table as a busy site has it: 20 000 entries, 5 000
     keys drawn at random with one in five absent, and a 2-second warm-up at the largest
     connection count, so that both masters spawn the workers they would under that load
@@ -137,7 +141,19 @@ BUSY_KIND = "hash-busy"
 BUSY_ENTRIES = 20_000
 BUSY_KEYS = 5_000
 BUSY_WARM_UP = 2.0
-LOCAL_TABLES = ("hash", "lmdb", "texthash", "pcre", "cidr", "unix", "socketmap", BUSY_KIND)
+# Indexed files built by postmap from one source (texthash reads the source itself).
+INDEXED_KINDS = ("hash", "btree", "lmdb", "cdb", "texthash")
+LOCAL_TABLES = (
+    *INDEXED_KINDS,
+    "pcre",
+    "regexp",
+    "cidr",
+    "inline",
+    "static",
+    "unix",
+    "socketmap",
+    BUSY_KIND,
+)
 # Not a table of both sides: our worker with its result cache off and on (ours only).
 CACHE_KIND = "cache-5ms"
 # Neither: our worker with pyproxymap_statistics off and on (ours only).
@@ -159,6 +175,7 @@ IMPLEMENTATIONS = ("c", "ours")
 INDEXED_ENTRIES = 10_000
 RULES = 1_000
 KEYS_PER_TABLE = 1_000
+INLINE_ENTRIES = 30  # inline: lives in main.cf (a list, not a database); pmload sends <4 KiB
 
 
 # ---------------------------------------------------------------------------
@@ -278,15 +295,17 @@ def build_tables(
     ]
     tables: dict[str, BenchTable] = {}
     for kind in kinds:
-        if kind in ("hash", "lmdb", "texthash"):
+        if kind in INDEXED_KINDS:
             if kind != "texthash":
                 run_checked([f"{kind}:{source}"])
             keyfile = write_keys(directory / "keys-users", user_keys)
             tables[kind] = BenchTable(kind, f"{kind}:{source}", keyfile, "user1@example.com")
+        elif kind in ("inline", "static"):
+            tables[kind] = small_table(directory, kind)
         elif kind == BUSY_KIND:
             tables[kind] = busy_table(directory)
-        elif kind == "pcre":
-            rules = directory / "rules.pcre"
+        elif kind in ("pcre", "regexp"):
+            rules = directory / f"rules.{kind}"
             rules.write_text("".join(f"/^user{i}@example\\.com$/ rule{i}\n" for i in range(RULES)))
             keys = [
                 f"user{(i * 37) % RULES}@example.com" if i % 10 else "nomatch@x"
@@ -294,8 +313,8 @@ def build_tables(
             ]
             tables[kind] = BenchTable(
                 kind,
-                f"pcre:{rules}",
-                write_keys(directory / "keys-pcre", keys),
+                f"{kind}:{rules}",
+                write_keys(directory / f"keys-{kind}", keys),
                 "user1@example.com",
             )
         elif kind == "cidr":
@@ -340,6 +359,23 @@ def build_tables(
         path.chmod(0o644)
     settle_files(directory)
     return tables
+
+
+def small_table(directory: Path, kind: str) -> BenchTable:
+    """inline: (INLINE_ENTRIES entries written in the table name) or static: (every
+    key found); keys as for the other tables, one in ten absent from inline:."""
+    if kind == "static":
+        spec = "static:user@mail.example.net"
+    else:
+        entries = ",".join(
+            f"user{i}@example.com=user{i}@mail.example.net" for i in range(INLINE_ENTRIES)
+        )
+        spec = f"inline:{{{entries}}}"
+    keys = [
+        f"user{(i * 37) % INLINE_ENTRIES}@example.com" if i % 10 else f"nobody{i}@example.com"
+        for i in range(KEYS_PER_TABLE)
+    ]
+    return BenchTable(kind, spec, write_keys(directory / f"keys-{kind}", keys), "user1@example.com")
 
 
 def busy_table(directory: Path) -> BenchTable:
