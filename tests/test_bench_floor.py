@@ -75,7 +75,7 @@ def test_the_report_compares_each_placement_with_its_c_floor() -> None:
         {"placement": "two-cpus", "server": "ours", "rps": 40_000.0, "p50_us": 18.0},
     ]
     for row in rows:
-        row.update(p99_us=30.0, cpu_us=5.0)
+        row.update(conns=1, p99_us=30.0, cpu_us=5.0)
     lines = floor_markdown(rows)
     assert lines[3].endswith("| 0.50 |") and lines[5].endswith("| 0.80 |")
 

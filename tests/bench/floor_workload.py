@@ -24,11 +24,13 @@ DESCRIPTION
       c-proxymap   the installed C proxymap on a texthash table, under the real master;
       ours         our worker on the same table, under the real master.
 
-    Each runs in three placements: ``free`` (the kernel places the server and pmload),
-    ``one-cpu`` (both on CPU 0: every wake-up is a switch on a warm CPU) and
-    ``two-cpus`` (server on CPU 0, pmload on CPU 1: every wake-up crosses CPUs, and the
+    Each runs at one connection in three placements: ``free`` (the kernel places the
+    server and pmload), ``one-cpu`` (both on CPU 0: every wake-up is a switch on a warm
+    CPU) and ``two-cpus`` (server on CPU 0, pmload on CPU 1: every wake-up crosses CPUs, and the
     waking CPU was idle). Affinity is set on the server processes (the proxymaps'
-    workers after the warm-up; each instance has a process limit of one) and on pmload.
+    workers after the warm-up) and on pmload. Then each at 16 connections, ``free``: the
+    fixed-reply servers in their one process, the proxymaps with the workers their
+    masters spawn (process limit 2, this machine's CPUs, for both).
 
     The rows give medians of --repeat runs: lookups/s, p50, p99 and the server's CPU per
     lookup (utime+stime from /proc, divided by the lookups served).
@@ -68,6 +70,9 @@ PLACEMENTS: dict[str, tuple[set[int] | None, set[int] | None]] = {
     "one-cpu": ({0}, {0}),
     "two-cpus": ({0}, {1}),
 }
+# (connections, placement): one connection in every placement; 16 where the kernel likes
+# (the proxymaps then have the workers their masters spawn, the fixed-reply servers one).
+CELLS = [(1, placement) for placement in PLACEMENTS] + [(16, "free")]
 ANNOUNCEMENT = b"protocol\0proxymap_protocol\0\0"
 FIXED_REPLY = b"status\x000\x00value\x00floor\x00\x00"
 
@@ -147,13 +152,15 @@ def place(pids: list[int], cpus: set[int] | None) -> None:
         os.sched_setaffinity(pid, cpus if cpus is not None else every)
 
 
-def measure(pmload: Path, server: Server, keyfile: Path, placement: str, seconds: float) -> dict:
+def measure(
+    pmload: Path, server: Server, keyfile: Path, placement: str, conns: int, seconds: float
+) -> dict:
     server_cpus, load_cpus = PLACEMENTS[placement]
     pids = server.pids()
     place(pids, server_cpus)
     before = {pid: proc_cpu_ticks(pid) for pid in pids}
     load = run_pmload(
-        pmload, server.socket_path, server.table, 1, seconds, keyfile, False, cpus=load_cpus
+        pmload, server.socket_path, server.table, conns, seconds, keyfile, False, cpus=load_cpus
     )
     after = {pid: proc_cpu_ticks(pid) for pid in server.pids()}
     if load.exit or not load.requests:
@@ -179,7 +186,7 @@ def floor_rows(
             base,
             f"floor-{impl}",
             impl,
-            settings={"default_process_limit": "1"},
+            settings={"default_process_limit": "2"},
         )
         for impl, prog in (("c", C_PROXYMAP), ("ours", program))
     }
@@ -206,18 +213,18 @@ def floor_rows(
                 lambda instance=instance: instance.worker_pids("proxymap"),
             )
         rows = []
-        for placement in PLACEMENTS:
+        for conns, placement in CELLS:
             for name in SERVERS:
                 runs = [
-                    measure(pmload, servers[name], table.keyfile, placement, seconds)
+                    measure(pmload, servers[name], table.keyfile, placement, conns, seconds)
                     for _ in range(repeat)
                 ]
-                row = {"placement": placement, "server": name, "runs": len(runs)}
+                row = {"conns": conns, "placement": placement, "server": name, "runs": len(runs)}
                 for figure in ("rps", "p50_us", "p99_us", "cpu_us"):
                     row[figure] = statistics.median(run[figure] for run in runs)
                 print(
-                    f"floor {placement} {name}: {row['rps']:.0f}/s p50 {row['p50_us']:.1f} us "
-                    f"cpu {row['cpu_us']:.2f} us",
+                    f"floor {conns} {placement} {name}: {row['rps']:.0f}/s "
+                    f"p50 {row['p50_us']:.1f} us cpu {row['cpu_us']:.2f} us",
                     file=sys.stderr,
                     flush=True,
                 )
@@ -234,16 +241,19 @@ def floor_rows(
 
 def floor_markdown(rows: list[dict]) -> list[str]:
     lines = [
-        "| placement | server | lookups/s | p50 µs | p99 µs | server CPU µs/lookup "
+        "| conns | placement | server | lookups/s | p50 µs | p99 µs | server CPU µs/lookup "
         "| lookups/s vs c-echo |",
-        "|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    floor = {row["placement"]: row["rps"] for row in rows if row["server"] == "c-echo"}
+    floor = {
+        (row["conns"], row["placement"]): row["rps"] for row in rows if row["server"] == "c-echo"
+    }
     for row in rows:
+        cell = (row["conns"], row["placement"])
         lines.append(
-            f"| {row['placement']} | {row['server']} | {row['rps']:,.0f} | {row['p50_us']:.1f} "
-            f"| {row['p99_us']:.1f} | {row['cpu_us']:.2f} "
-            f"| {row['rps'] / floor[row['placement']]:.2f} |"
+            f"| {row['conns']} | {row['placement']} | {row['server']} | {row['rps']:,.0f} "
+            f"| {row['p50_us']:.1f} | {row['p99_us']:.1f} | {row['cpu_us']:.2f} "
+            f"| {row['rps'] / floor[cell]:.2f} |"
         )
     return lines
 
