@@ -26,8 +26,8 @@ DESCRIPTION
 
     Each runs at one connection in three placements: ``free`` (the kernel places the
     server and pmload), ``one-cpu`` (both on CPU 0: every wake-up is a switch on a warm
-    CPU) and ``two-cpus`` (server on CPU 0, pmload on CPU 1: every wake-up crosses CPUs, and the
-    waking CPU was idle). Affinity is set on the server processes (the proxymaps'
+    CPU) and ``two-cpus`` (server on CPU 0, pmload on CPU 1: every wake-up crosses CPUs,
+    and the waking CPU was idle). Affinity is set on the server processes (the proxymaps'
     workers after the warm-up) and on pmload. Then each at 16 connections, ``free``: the
     fixed-reply servers in their one process, the proxymaps with the workers their
     masters spawn (process limit 2, this machine's CPUs, for both).
