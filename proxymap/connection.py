@@ -14,7 +14,8 @@ DESCRIPTION
     the session, as from a Postfix daemon.
 
     Fast path: a chunk the session answers between requests is one call and one
-    write -- no task, no future, no timer.
+    write -- no task, no future, no timer. A slow table's lookup on the fast path
+    (``answer_whole`` gives b"") starts its task at once.
 
     A slow (asynchronous) table: one task awaits it, and the slow requests queued
     behind it, and writes their replies itself (no done callback: no extra loop
@@ -102,8 +103,11 @@ class ProxymapProtocol(ClientProtocol):
 
     def data_received(self, data: bytes) -> None:
         reply = self._answer_whole(data)
-        if reply is not None:  # the fast path: the session stays idle, no clock runs
+        if reply:  # the fast path: the session stays idle, no clock runs
             self.transport.write(reply)
+            return
+        if reply is not None:  # the fast path of a slow table: nothing else is running
+            self._start_slow()
             return
         out = self.session.decode_and_serve(data)
         if out:
