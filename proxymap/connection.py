@@ -19,7 +19,9 @@ DESCRIPTION
 
     A slow (asynchronous) table: one task awaits it, and the slow requests queued
     behind it, and writes their replies itself (no done callback: no extra loop
-    turn), while the other clients of the process are served. A client that sends
+    turn), while the other clients of the process are served. The task is made
+    with ``loop.create_task``, not ``ensure_future`` (which raises and clears an
+    AttributeError to learn that a coroutine is no future). A client that sends
     more meanwhile (pipelining) has that chunk queued and is not read from again
     until the slow reply is out; a client that waits for its reply, as real clients
     do, costs no pause and resume (two system calls per slow request).
@@ -64,6 +66,7 @@ class ProxymapProtocol(ClientProtocol):
         self.session = Session(handler, stream, server)
         self._answer_whole = self.session.answer_whole  # bound once: the fast path's call
         self._slow: asyncio.Future[None] | None = None  # the task awaiting slow requests
+        self._loop: asyncio.AbstractEventLoop | None = None  # known from the first slow one
         self._deadline: asyncio.TimerHandle | None = None
         self._timed: int | None = None  # the session's deadline key the clock runs for
         self._closed = False
@@ -150,7 +153,12 @@ class ProxymapProtocol(ClientProtocol):
     def _start_slow(self) -> None:
         serve = self._serve_slow()
         serve.send(None)  # into its try block: a task cancelled before it ran is answered
-        self._slow = asyncio.ensure_future(serve)
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        # Not ensure_future: it asks whether a coroutine is a future (an AttributeError
+        # raised and cleared) and looks the loop up again (a getpid() in Python 3.11).
+        self._slow = loop.create_task(serve)
 
     async def _serve_slow(self) -> None:
         session = self.session
