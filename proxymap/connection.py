@@ -222,9 +222,10 @@ class ProxymapProtocol(ClientProtocol):
             return False
         self._paused_behind_slow = False
         session = self.session
-        if not session.finished and not self._write_blocked:
+        if self._reading_paused and not session.finished and not self._write_blocked:
             self._resume_reading()
-        self._follow()
+        if not session.idle or self._deadline is not None:
+            self._follow()  # as data_received: idle and no clock to stop, nothing to do
         task = self._slow_task
         return not session.finished and task is not None and not task.cancelling()
 
