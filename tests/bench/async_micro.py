@@ -20,9 +20,10 @@ path), ``nothing`` answers without waiting (an asynchronous table with no I/O),
 readiness, no system call), ``mysql`` and ``pgsql`` query private servers started here
 (tests/bench/databases.py: 10 000 rows, one key in five misses).
 
-Before/after: run the same file against another checkout, e.g.
-    PYTHONPATH=/path/to/other/checkout .venv/bin/python -m tests.bench.async_micro
-(the child inherits PYTHONPATH, so it imports that checkout's proxymap).
+Before/after: run it from the other checkout's directory (with this file copied
+there if it lacks it), e.g. ``cd /other && /this/.venv/bin/python -m
+tests.bench.async_micro``: ``-m`` puts the current directory first on sys.path, ahead
+of the venv's own checkout, and the children inherit it.
 """
 
 from __future__ import annotations
