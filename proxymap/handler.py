@@ -50,8 +50,11 @@ DESCRIPTION
     Fast path: ``compile_lookup(request)`` returns a function key -> encoded reply
     for every lookup that differs from ``request`` only in its key; it does what
     ``handle`` and ``encode_reply`` do, minus the per-request routing, flag
-    arithmetic and ``Reply`` objects. The session keeps these functions in
-    ``lookup_shortcuts`` under the request bytes that precede the key.
+    arithmetic and ``Reply`` objects. For an asynchronous table the function gives
+    a coroutine of the encoded reply (``SlowLookup``: one coroutine frame over the
+    table's, where the general path has ``_counted_async`` and ``_run_async``). The
+    session keeps these functions in ``lookup_shortcuts`` under the request bytes
+    that precede the key.
 
     G1 and G2 instances of one table are never shared. A table has at most 8 instances
     (``proxymap.instances``): a request that would open another gets RETRY. Member tables of
@@ -68,10 +71,9 @@ DESCRIPTION
 
     Result cache (``proxymap.cache``, off by default): an asynchronous instance of a
     table named in ``pyproxymap_cache_maps`` gets its table's cache when it is
-    opened. A lookup with a fresh entry is answered inline, as a local table's (the
-    session then learns a compiled lookup for it that answers hits and hands
-    anything else to the general path); a miss awaits ``TableCache.fill`` (one query
-    per key, stale entries when the backend fails temporarily). An update or delete
+    opened. A lookup with a fresh entry is answered inline, as a local table's (so
+    does the compiled lookup); a miss awaits ``TableCache.fill`` (one query per key,
+    stale entries when the backend fails temporarily). An update or delete
     invalidates the key. Synchronous tables never see the cache: their paths are
     unchanged.
 
@@ -79,7 +81,9 @@ BUGS
     An asynchronous table shares one flag word between concurrent requests on the
     same instance; the handler sets it right before each call, so a driver must
     read what it needs from ``flags`` before its first ``await``. Replies report
-    the flags the request ran with.
+    the flags the request ran with. A compiled G1 lookup takes the instance's own
+    bits from the shared word when it starts, the general path when it is handled
+    (a turn of the event loop earlier).
 """
 
 from __future__ import annotations
@@ -150,9 +154,10 @@ OTHER_DENIED = "(other unapproved tables)"
 _G1_FOUND, _G1_NOT_FOUND = lookup_replies(G1)
 _G2_FOUND, _G2_NOT_FOUND = g2_lookup_templates()
 
-# A compiled lookup answers with the encoded reply, or None when the request must take
-# the general path after all (the table is locked by a writer: see DictBusy).
-LookupFunction = Callable[[bytes], bytes | None]
+# A compiled lookup answers with the encoded reply, an awaitable of it (an asynchronous
+# table), or None when the request must take the general path after all (the table is
+# locked by a writer: see DictBusy).
+LookupFunction = Callable[[bytes], bytes | Awaitable[bytes] | None]
 
 
 @dataclass(slots=True, eq=False)
@@ -498,8 +503,9 @@ class RequestHandler:
 
         ``compile_lookup(req)(key)`` equals ``encode_reply("lookup", generation,
         handle(req with key))``: same table instance, same flags before and after,
-        same status mapping. None when such a request needs more than a
-        synchronous lookup: a refusal (logged per request) or an asynchronous table.
+        same status mapping, same figures. For an asynchronous table it is a coroutine
+        of those bytes (a fresh cache entry's bytes at once). None for a refusal
+        (logged per request).
         """
         if req.op != "lookup":
             return None
@@ -507,7 +513,7 @@ class RequestHandler:
         if isinstance(instance, Refusal):
             return None
         if instance.table.asynchronous:
-            return None if instance.cache is None else self._compile_cached(req, instance)
+            return self._compile_async(req, instance)
         table = cast(SyncTable, instance.table)
         echo = req.flags & _SANITISED
         error_status = self._error_status
@@ -520,10 +526,7 @@ class RequestHandler:
             return encode_reply("lookup", generation, Reply(status, table.flags | echo))
 
         if req.generation == G2:
-            flags = req.flags
-            if not flags & F.TRY_ANY:
-                flags |= instance.fresh_flags & F.TRY_ANY
-            flags &= ~_SANITISED
+            flags = _g2_flags(req, instance)
             if stats is not None:
                 return _counted_g2(table, flags, echo, stats, failed)
 
@@ -566,44 +569,31 @@ class RequestHandler:
 
         return lookup_g1
 
-    def _compile_cached(self, req: Request, instance: Instance) -> LookupFunction:
-        """The fast path of a cached asynchronous table: a fresh entry is answered
-        inline (as ``handle`` would), anything else (None) takes the general path."""
-        table = instance.table
-        cache = instance.cache
-        assert cache is not None
-        fresh = cache.fresh
-        token = instance.cache_token
+    def _compile_async(self, req: Request, instance: Instance) -> LookupFunction:
+        """The fast path of an asynchronous table: a coroutine of the encoded reply per
+        key; with the result cache, a fresh entry's reply at once (as ``handle``)."""
         echo = req.flags & _SANITISED
-        stats = instance.stats
         if req.generation == G2:
-            flags = req.flags
-            if not flags & F.TRY_ANY:
-                flags |= instance.fresh_flags & F.TRY_ANY
-            flags &= ~_SANITISED
-            answer_bits = flags & ANSWER_BITS
-            found, not_found = lookup_replies(G2, flags | echo)
-
-            def cached_g2(key: bytes) -> bytes | None:
-                entry = fresh((token, answer_bits, key))
-                if entry is None:
-                    return None
-                return _cached_reply(entry.value, stats, found, not_found)
-
-            return cached_g2
-
-        kept_bits = ~F.RQST_MASK & ~_SANITISED
-        request_bits = req.flags & F.RQST_MASK & ~_SANITISED
-
-        def cached_g1(key: bytes) -> bytes | None:
-            # As handle(): the instance's own bits from the (shared) flag word.
-            answer_bits = ((table.flags & kept_bits) | request_bits) & ANSWER_BITS
-            entry = fresh((token, answer_bits, key))
-            if entry is None:
-                return None
-            return _cached_reply(entry.value, stats, _G1_FOUND, _G1_NOT_FOUND)
-
-        return cached_g1
+            kept_bits, request_bits = 0, _g2_flags(req, instance)
+            found, not_found = lookup_replies(G2, request_bits | echo)
+        else:
+            kept_bits = ~F.RQST_MASK & ~_SANITISED
+            request_bits = req.flags & F.RQST_MASK & ~_SANITISED
+            found, not_found = _G1_FOUND, _G1_NOT_FOUND
+        slow = SlowLookup(
+            instance,
+            cast(AsyncTable, instance.table),
+            kept_bits,
+            request_bits,
+            echo,
+            req.generation,
+            found,
+            not_found,
+            self._error_status,
+        )
+        if instance.cache is not None:
+            return slow.cached
+        return slow.answer if instance.stats is None else slow.answer_counted
 
     async def _run_async(self, instance: Instance, req: Request, flags: int, echo: int) -> Reply:
         # Flags are set here, not in handle(): other requests may run in between.
@@ -700,6 +690,107 @@ async def _flagged_lookup(table: AsyncTable, flags: int, key: bytes) -> bytes | 
     here, right before the driver reads it."""
     table.flags = flags
     return await table.alookup(key)
+
+
+def _g2_flags(req: Request, instance: Instance) -> int:
+    """The flag word a G2 request runs with: its own, with the instance's fresh TRY bits
+    when it has neither, minus the build-time locking bits."""
+    flags = req.flags
+    if not flags & F.TRY_ANY:
+        flags |= instance.fresh_flags & F.TRY_ANY
+    return flags & ~_SANITISED
+
+
+@dataclass(slots=True, eq=False)
+class SlowLookup:
+    """The compiled lookup of an asynchronous table (``RequestHandler.compile_lookup``).
+
+    ``answer(key)`` is a coroutine of the encoded reply: what ``handle``, ``_run_async``
+    (``_counted_async`` with statistics) and ``encode_reply`` give, in one coroutine
+    frame. ``cached(key)`` answers a fresh cache entry at once, else a coroutine that
+    fills it. The flag word is set when the coroutine starts, as ``_run_async`` does:
+    the instance's own bits (``kept_bits``: G1's TRY learning) and the request's.
+    """
+
+    instance: Instance
+    table: AsyncTable
+    kept_bits: int  # 0 for G2: the request sets the whole word
+    request_bits: int
+    echo: int  # OPEN_LOCK and BULK_UPDATE: echoed, never set on the table
+    generation: int
+    found: bytes  # the reply heads: a hit is found + value + LOOKUP_END
+    not_found: bytes
+    error_status: Callable[[Exception, Instance, str], int]
+
+    async def answer(self, key: bytes) -> bytes:
+        table = self.table
+        flags = table.flags = (table.flags & self.kept_bits) | self.request_bits
+        try:
+            if self.instance.cache is None:
+                value = await table.alookup(key)
+            else:
+                value = await self._fill(key, flags)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes a status
+            return self._failed(exc, flags)
+        if value is None:
+            return self.not_found
+        if 0 in value:  # the byte value: `b"\x00" in value` raises and clears a TypeError
+            value = value[: value.index(b"\x00")]
+        return self.found + value + LOOKUP_END
+
+    async def answer_counted(self, key: bytes) -> bytes:
+        """``answer`` with the figures: every lookup timed and counted."""
+        stats = self.instance.stats
+        assert stats is not None
+        started = perf_counter()
+        table = self.table
+        flags = table.flags = (table.flags & self.kept_bits) | self.request_bits
+        try:
+            if self.instance.cache is None:
+                value = await table.alookup(key)
+            else:
+                value = await self._fill(key, flags)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes a status
+            stats.record(perf_counter() - started)
+            stats.lookups += 1
+            return self._failed(exc, flags)
+        stats.record(perf_counter() - started)
+        stats.lookups += 1
+        if value is None:
+            stats.misses += 1
+            return self.not_found
+        if 0 in value:
+            value = value[: value.index(b"\x00")]
+        return self.found + value + LOOKUP_END
+
+    def cached(self, key: bytes) -> bytes | Awaitable[bytes]:
+        """A fresh entry's reply (counted as ``handle`` counts it), else ``answer``."""
+        instance = self.instance
+        cache = instance.cache
+        assert cache is not None
+        flags = (self.table.flags & self.kept_bits) | self.request_bits
+        entry = cache.fresh((instance.cache_token, flags & ANSWER_BITS, key))
+        if entry is not None:
+            return _cached_reply(entry.value, instance.stats, self.found, self.not_found)
+        if instance.stats is not None:
+            return self.answer_counted(key)
+        return self.answer(key)
+
+    def _fill(self, key: bytes, flags: int) -> Awaitable[bytes | None]:
+        instance = self.instance
+        cache = instance.cache
+        assert cache is not None
+        table = self.table
+        return cache.fill(
+            (instance.cache_token, flags & ANSWER_BITS, key),
+            lambda: _flagged_lookup(table, flags, key),
+        )
+
+    def _failed(self, exc: Exception, flags: int) -> bytes:
+        status = self.error_status(exc, self.instance, "lookup")
+        if self.instance.stats is not None:
+            self.instance.stats.failed(status)
+        return encode_reply("lookup", self.generation, Reply(status, flags | self.echo))
 
 
 # --- the fast path with statistics -----------------------------------------------------------

@@ -31,12 +31,15 @@ DESCRIPTION
     Fast path: one whole lookup in one chunk, between requests, whose bytes before the
     key were seen before, is answered by the handler's compiled lookup for that prefix
     (``RequestHandler.compile_lookup``): a dictionary hit, a slice and a call, no
-    decoding or parsing.
+    decoding or parsing. A slow table's compiled lookup gives an awaitable of the
+    encoded reply instead: it becomes ``slow`` as below (``answer_whole`` returns
+    b""), and only if it fails is the request parsed, for its log line and its
+    RETRY reply.
 
     Slow (asynchronous) tables: the handler's awaitable becomes ``slow``; the driver
-    awaits it, stops reading, and hands the outcome (a ``Reply``, or the exception
-    that ended the wait) to ``slow_answered``. Requests received meanwhile wait in
-    order behind it, so replies keep their order.
+    awaits it, stops reading, and hands the outcome (a ``Reply``, the encoded reply of
+    a fast-path lookup, or the exception that ended the wait) to ``slow_answered``.
+    Requests received meanwhile wait in order behind it, so replies keep their order.
 
     Deadline: a request must arrive complete within ``REQUEST_DEADLINE`` seconds of
     waiting for it (Postfix's deadline-mode stream). ``deadline_key`` names the
@@ -128,9 +131,12 @@ class Session:
         #: Between requests: nothing buffered, nothing slow, not closing -- the only
         #: state in which a chunk may take the fast path (and no clock runs).
         self.idle = True
-        #: What the driver must await before anything else is answered.
-        self.slow: Awaitable[Reply] | None = None
-        self._slow_request: Request | None = None
+        #: What the driver must await before anything else is answered: the handler's
+        #: ``Reply``, or the encoded reply of a fast-path lookup.
+        self.slow: Awaitable[Reply] | Awaitable[bytes] | None = None
+        #: The request ``slow`` answers; a fast-path lookup's bytes, parsed only if
+        #: it fails.
+        self._slow_request: Request | bytes | None = None
         self._queue: deque[attr.Pairs] = deque()  # received, waiting behind a slow request
         self.closing = False  # no more input is served: end of input, size, deadline
         self.finished = False  # everything is answered: the driver closes the connection
@@ -152,7 +158,8 @@ class Session:
         """The fast path alone: the reply when ``data`` is one whole lookup, between
         requests, whose prefix was seen before; else None, and nothing changed (the
         caller goes on with ``decode_and_serve``). A driver calls them apart to skip
-        looking at the state after a fast answer: it leaves the session idle."""
+        looking at the state after a fast answer: it leaves the session idle. b""
+        when the table is slow: ``slow`` is then set, as on the general path."""
         if self.idle and data[-2:] == _LIST_END:
             # The key is what follows the last "key" name; a NUL in it means more than
             # one list: general path.
@@ -169,9 +176,21 @@ class Session:
                         hooks = self.hooks
                         hooks.request_started()
                         reply = answer(key)
-                        hooks.request_done()
-                        return reply  # None: the table is busy, the general path waits
+                        if isinstance(reply, bytes):
+                            hooks.request_done()
+                            return reply
+                        if reply is None:  # the table is busy: the general path waits
+                            hooks.request_done()
+                            return None
+                        return self._await_answer(reply, data)
         return None
+
+    def _await_answer(self, answer: Awaitable[bytes], request: bytes) -> bytes:
+        """A fast-path lookup of a slow table: ``slow`` is its encoded reply."""
+        self.slow = answer
+        self._slow_request = request  # parsed only if it fails
+        self.idle = False
+        return b""
 
     def decode_and_serve(self, data: bytes) -> bytes:
         """The general path of ``receive_data``: decode, answer in order, queue behind
@@ -271,6 +290,8 @@ class Session:
                         "%s request for %s failed: %r", request.op, request.table, exc, exc_info=exc
                     )
                     result = Reply(RETRY)
+                if request.op == "lookup":
+                    self._learn_shortcut(pairs, request)
                 if not isinstance(result, Reply):
                     # A slow table: what is ready goes out, the rest waits behind it.
                     self.slow = result
@@ -279,8 +300,6 @@ class Session:
                     self.idle = False
                     return b"".join(out)
                 out.append(encode_reply(request.op, request.generation, result))
-                if request.op == "lookup":
-                    self._learn_shortcut(pairs, request)
             elif parsed is not None:
                 out.append(parsed)
             hooks.request_done()
@@ -301,12 +320,17 @@ class Session:
         request = self._slow_request
         assert request is not None, "slow_answered without a slow request"
         self.slow = self._slow_request = None
-        if not isinstance(outcome, Reply):
-            if not isinstance(outcome, BaseException):
-                outcome = TypeError(f"handler result {outcome!r} is not a Reply")
-            log.error("%s request for %s failed: %r", request.op, request.table, outcome)
-            outcome = Reply(RETRY)
-        reply = encode_reply(request.op, request.generation, outcome)
+        if isinstance(outcome, bytes) and isinstance(request, bytes):
+            reply = outcome  # a fast-path lookup's reply, encoded by the handler
+        else:
+            if isinstance(request, bytes):
+                request = self._parsed(request)
+            if not isinstance(outcome, Reply):
+                if not isinstance(outcome, BaseException):
+                    outcome = TypeError(f"handler result {outcome!r} is not a Reply")
+                log.error("%s request for %s failed: %r", request.op, request.table, outcome)
+                outcome = Reply(RETRY)
+            reply = encode_reply(request.op, request.generation, outcome)
         self.hooks.request_done()
         if self._lost:
             return b""
@@ -317,6 +341,13 @@ class Session:
             if self.slow is not None:
                 return reply
         return reply + self._settle()
+
+    def _parsed(self, request: bytes) -> Request:
+        """The ``Request`` of a fast-path lookup (the prefix was learnt from one)."""
+        (pairs,) = attr.AttrDecoder().feed(request)
+        parsed = parse_request(pairs, self.stream)
+        assert isinstance(parsed, Request), "a fast-path lookup that does not parse"
+        return parsed
 
     # --- between requests ----------------------------------------------------------------
     def _settle(self) -> bytes:

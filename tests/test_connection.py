@@ -490,6 +490,71 @@ def test_slow_request_cancelled_before_its_task_ran_is_answered_and_counted(tabl
     assert not [w for w in recwarn if "never awaited" in str(w.message)]
 
 
+def test_one_task_serves_a_clients_slow_requests_and_ends_with_the_connection(table):
+    """No task per slow request: the connection's task waits between them, and ends
+    when the client goes."""
+
+    async def main():
+        server = RecordingServer()
+        handler = RequestHandler("proxymap", {"slow:0"}, {})
+        protocol = ProxymapProtocol(server, handler, stream_name("proxymap"))
+        transport = MemoryTransport()
+        protocol.connection_made(transport)
+        tasks = set()
+        for key in (b"a", b"b", b"c"):  # the general path, then the fast path
+            protocol.data_received(lookup("slow:0", key))
+            tasks.add(protocol._slow_task)
+            while protocol._slow is not None:
+                await asyncio.sleep(0)
+            assert server.busy == 0
+        (task,) = tasks
+        assert not task.done() and protocol._wake is not None
+        assert bytes(transport.output).count(b"status\x000\x00value\x00slow:") == 3
+        protocol.connection_lost(None)
+        await asyncio.sleep(0)
+        assert task.cancelled() and protocol._slow_task is None
+
+    run(main())
+
+
+@pytest.mark.parametrize("while_serving", [False, True])
+def test_a_cancelled_task_is_replaced_by_the_next_slow_request(table, while_serving):
+    """The loop closing cancels every task: one that waits between requests ends at
+    once; one serving a request answers it RETRY and ends after it (so that the
+    loop's teardown, which waits for cancelled tasks, is not held up). The next slow
+    request gets a task of its own."""
+
+    async def main():
+        server = RecordingServer()
+        handler = RequestHandler("proxymap", {"slow:0.01"}, {})
+        protocol = ProxymapProtocol(server, handler, stream_name("proxymap"))
+        transport = MemoryTransport()
+        protocol.connection_made(transport)
+        protocol.data_received(lookup("slow:0.01", b"a"))
+        first = protocol._slow_task
+        if not while_serving:
+            while protocol._slow is not None:
+                await asyncio.sleep(0.005)
+        else:
+            await asyncio.sleep(0.001)  # under way: the table waits
+        first.cancel()
+        while not first.done():
+            await asyncio.sleep(0)
+        assert server.busy == 0 and protocol._slow_task is None and protocol._wake is None
+        protocol.data_received(lookup("slow:0.01", b"b"))
+        assert protocol._slow_task is not first
+        while protocol._slow is not None:
+            await asyncio.sleep(0.005)
+        replies = bytes(transport.output)[len(ANNOUNCEMENT) :]
+        first_reply = b"status\x002\x00" if while_serving else b"status\x000\x00"
+        assert replies.startswith(first_reply)
+        assert replies.endswith(b"status\x000\x00value\x00slow:b\x00\x00")
+        assert server.busy == 0
+        protocol.connection_lost(None)
+
+    run(main())
+
+
 def test_a_client_waiting_for_a_slow_reply_is_never_paused(table):
     """Real clients send one request and wait: no pause and resume per slow request."""
 

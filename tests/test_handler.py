@@ -36,7 +36,7 @@ from proxymap.protocol import (
     encode_reply,
 )
 from proxymap.tables import TABLE_TYPES, table_class
-from proxymap.tables.base import AsyncTable, DictOpenError
+from proxymap.tables.base import AsyncTable, DictConfig, DictOpenError, DictRetry
 from proxymap.tables.internal import InternalTable
 from tests.support.postfix import ensure_postfix, postmap_path
 from tests.support.vectors import vectors_dir
@@ -592,14 +592,128 @@ def test_compiled_lookup_maps_failures_like_handle(caplog):
         assert fast_reply.startswith(b"status\x002\x00")
 
 
-def test_no_compiled_lookup_for_refusals_async_tables_and_other_ops(monkeypatch, r312):
-    monkeypatch.setitem(TABLE_TYPES, "amem", "tests.test_handler:AsyncMemoryTable")
-    handler = reader(r312, "amem:t")
+def test_no_compiled_lookup_for_refusals_and_other_ops(r312):
+    handler = reader(r312)
     assert handler.compile_lookup(g1("lookup", "texthash:/unapproved", 524353)) is None
     assert handler.compile_lookup(g1("lookup", "nocolon", 524353)) is None
-    assert handler.compile_lookup(g2("lookup", "amem:t", 0, 16)) is None
     assert handler.compile_lookup(g1("open", r312)) is None
     assert handler.compile_lookup(g1("lookup", r312, 524353)) is not None
+
+
+class AsyncOutcomes(AsyncTable):
+    """An asynchronous table whose key chooses the outcome, after one loop turn: a
+    value naming the flag word the lookup started with (read before the first await,
+    as drivers must), not found, a NUL in the value, DictRetry, DictConfig, a bug."""
+
+    dict_type = "aout"
+
+    async def alookup(self, key: bytes) -> bytes | None:
+        flags = self.flags
+        await asyncio.sleep(0)
+        if key == b"retry":
+            raise DictRetry("aout: server gone")
+        if key == b"config":
+            raise DictConfig("aout: bad query")
+        if key == b"boom":
+            raise RuntimeError("driver bug")
+        if key.startswith(b"nobody"):
+            return None
+        if key == b"nul":
+            return b"before\x00after"
+        return b"%s ran with %d" % (key, flags)
+
+
+ASYNC_KEYS = [b"alice", b"nobody", b"nul", b"retry", b"config", b"boom", b"alice"]
+ASYNC_REQUESTS = [
+    ("G1 postmap -q", G1, 524353, 524353),
+    ("G1 OPEN_LOCK", G1, 524353 | F.OPEN_LOCK, 524353 | F.OPEN_LOCK),
+    ("G2 postmap -q", G2, POSTMAP_Q, POSTMAP_Q | 28),
+    ("G2 no TRY bits", G2, POSTMAP_Q, POSTMAP_Q & ~F.TRY_ANY),
+    ("G2 BULK_UPDATE", G2, POSTMAP_Q, POSTMAP_Q | F.BULK_UPDATE),
+]
+COUNTED = ("lookups", "hits", "misses", "retry", "config")
+
+
+async def _compiled_answer(handler: RequestHandler, request: Request) -> bytes:
+    compiled = handler.compile_lookup(request)
+    assert compiled is not None
+    reply = compiled(request.key)
+    assert reply is not None
+    return reply if isinstance(reply, bytes) else await reply
+
+
+async def _general_answer(handler: RequestHandler, request: Request) -> bytes:
+    reply = handler.handle(request)
+    if not isinstance(reply, Reply):
+        reply = await reply
+    return encode_reply("lookup", request.generation, reply)
+
+
+def _figures(handler: RequestHandler) -> tuple:
+    """What the handler counted: table flags, statistics, cache figures."""
+    flags = [instance.table.flags for instance in handler._instances.values()]
+    stats = {
+        name: ({k: v for k, v in s.figures().items() if k in COUNTED}, s.latency.figures())
+        for name, s in (handler.statistics or {}).items()
+    }
+    counts = {name: (counted, latency["samples"]) for name, (counted, latency) in stats.items()}
+    return flags, counts, handler.cache_figures()
+
+
+@pytest.mark.parametrize("statistics", ["yes", "no"])
+@pytest.mark.parametrize("cached", [False, True])
+def test_compiled_asynchronous_lookup_answers_as_handle(monkeypatch, caplog, statistics, cached):
+    """The fast path of an asynchronous table gives, byte for byte, what handle and
+    encode_reply give, and counts the same: hits, misses, a NUL in a value, failures
+    (RETRY, CONFIG), both generations, echoed flags, statistics and the result cache
+    (a second round of the same keys: fresh entries answered at once)."""
+    monkeypatch.setitem(TABLE_TYPES, "aout", f"{__name__}:AsyncOutcomes")
+    params = {"pyproxymap_statistics": statistics}
+    if cached:
+        params["pyproxymap_cache_maps"] = "aout:t"
+    fast, general = reader("aout:t", **params), reader("aout:t", **params)
+
+    async def scenario() -> None:
+        for _ in range(2 if cached else 1):
+            for name, generation, flags, request_flags in ASYNC_REQUESTS:
+                for key in ASYNC_KEYS:
+                    if generation == G1:
+                        request = g1("lookup", "aout:t", request_flags, key=key)
+                    else:
+                        request = g2("lookup", "aout:t", flags, request_flags, key=key)
+                    fast_reply = await _compiled_answer(fast, request)
+                    assert fast_reply == await _general_answer(general, request), (name, key)
+                    assert _figures(fast) == _figures(general), (name, key)
+
+    with caplog.at_level(logging.ERROR, "proxymap"):
+        asyncio.run(scenario())
+    logged = [m for m in caplog.messages if m == "aout:t lookup failed: RuntimeError('driver bug')"]
+    assert len(logged) == 2 * len(ASYNC_REQUESTS) * (2 if cached else 1)
+    if statistics == "yes":
+        (stats,) = fast.statistics.values()  # type: ignore[union-attr]
+        assert stats.lookups == len(ASYNC_KEYS) * len(ASYNC_REQUESTS) * (2 if cached else 1)
+    if cached:
+        (cache,) = fast.caches.values()
+        assert cache.figures.hits > 0
+
+
+def test_compiled_asynchronous_lookup_sets_flags_when_it_starts(monkeypatch):
+    """As on the general path, the flag word is set when the lookup starts, not when
+    it is compiled or called: a request in between may have changed it."""
+    monkeypatch.setitem(TABLE_TYPES, "aout", f"{__name__}:AsyncOutcomes")
+    for request in (
+        g2("lookup", "aout:t", POSTMAP_Q, POSTMAP_Q | 28, key=b"alice"),
+        g1("lookup", "aout:t", 524353, key=b"alice"),
+    ):
+        handler = reader("aout:t")
+        compiled = handler.compile_lookup(request)
+        assert compiled is not None
+        pending = compiled(b"alice")
+        (instance,) = handler._instances.values()
+        instance.table.flags = 0  # another request's word, before this one starts
+        expected = asyncio.run(_general_answer(reader("aout:t"), request))
+        assert str(request.flags).encode() in expected
+        assert asyncio.run(pending) == expected  # type: ignore[arg-type]
 
 
 @settings(max_examples=200, deadline=None)

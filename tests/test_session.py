@@ -275,3 +275,138 @@ def test_size_cap_boundary_is_the_same_on_the_fast_path():
             session.decoder.limit = limit
             outcomes.add(converse(session, pieces))
         assert outcomes == {expected}, limit
+
+
+# --- the fast path of a slow table -------------------------------------------------------------
+SLOW_Y = b"status\x000\x00value\x00slow:y\x00\x00"
+
+
+def learnt_session(hooks: Hooks | None = None, **options) -> Session:
+    """A session whose handler has learnt the slow and the inline table's lookups."""
+    session = new_session(hooks, **options)
+    assert converse(session, [lookup(SLOW, b"x"), lookup(TABLE, b"alice")]) == SLOW_X + ALICE
+    assert len(session.handler.lookup_shortcuts) == 2
+    return session
+
+
+def converse_eagerly(session: Session, chunks: list[bytes], eof: bool = False) -> bytes:
+    """A driver fed faster than the slow table answers: everything is received (and
+    queued behind the slow request) before the first await."""
+    out = [session.receive_data(chunk) for chunk in chunks]
+    if eof:
+        out.append(session.receive_eof())
+    while session.slow is not None:
+        out.append(session.slow_answered(await_privately(session.slow)))
+    return b"".join(out)
+
+
+def every_split_learnt(data: bytes, eof: bool = False) -> set[tuple[bytes, bool]]:
+    """Like every_split, on a learnt session, with both drivers."""
+    outcomes = set()
+    cuts = [[data[:cut], data[cut:]] for cut in range(len(data) + 1)]
+    cuts.append([data[i : i + 1] for i in range(len(data))])
+    for chunks in cuts:
+        for drive in (converse, converse_eagerly):
+            hooks = Hooks()
+            session = learnt_session(hooks)
+            output = drive(session, chunks, eof)
+            assert hooks.busy == 0 and hooks.events == ["TAKEN", "AVAIL"] * (len(hooks.events) // 2)
+            outcomes.add((output, session.finished))
+    return outcomes
+
+
+def test_a_learnt_slow_lookup_takes_the_fast_path():
+    hooks = Hooks()
+    session = learnt_session(hooks)
+    hooks.events.clear()
+    assert session.answer_whole(lookup(SLOW, b"y")) == b""  # taken: the reply is awaited
+    assert session.slow is not None and hooks.busy == 1
+    assert not session.idle and session.deadline_key is None and not session.finished
+    assert session.slow_answered(await_privately(session.slow)) == SLOW_Y
+    assert session.idle and hooks.events == ["TAKEN", "AVAIL"]
+    # Input received meanwhile waits behind it, in order, whatever path it would take.
+    assert session.receive_data(lookup(SLOW, b"x")) == b""
+    assert session.receive_data(lookup(TABLE, b"alice")) == b""
+    assert session.receive_data(lookup(SLOW, b"y")) == b""
+    assert session.slow_answered(await_privately(session.slow)) == SLOW_X + ALICE
+    assert session.slow_answered(await_privately(session.slow)) == SLOW_Y
+    assert session.slow is None and session.idle and hooks.busy == 0
+
+
+def test_fast_slow_lookups_keep_their_order_at_every_split():
+    data = lookup(SLOW, b"x") + lookup(TABLE, b"alice") + lookup(SLOW, b"y")
+    data += lookup(TABLE, b"nobody") + lookup(SLOW, b"x")
+    expected = SLOW_X + ALICE + SLOW_Y + NOT_FOUND + SLOW_X
+    assert every_split_learnt(data) == {(expected, False)}
+    cut_short = data + b"request\x00lookup\x00"
+    assert every_split_learnt(cut_short, eof=True) == {(expected + BAD_LOOKUP, True)}
+
+
+def test_end_of_input_during_a_fast_slow_lookup():
+    hooks = Hooks()
+    session = learnt_session(hooks)
+    assert session.receive_data(lookup(SLOW, b"y")) == b""
+    assert session.receive_eof() == b""  # its reply still goes out
+    assert not session.finished and hooks.busy == 1
+    assert session.slow_answered(await_privately(session.slow)) == SLOW_Y  # type: ignore[arg-type]
+    assert session.finished and hooks.busy == 0
+
+
+def test_client_gone_during_a_fast_slow_lookup_still_balances():
+    hooks = Hooks()
+    session = learnt_session(hooks)
+    hooks.events.clear()
+    session.receive_data(lookup(SLOW, b"y"))
+    session.receive_data(lookup(TABLE, b"alice"))
+    session.connection_lost()
+    assert session.slow_answered(await_privately(session.slow)) == b""  # type: ignore[arg-type]
+    assert hooks.events == ["TAKEN", "AVAIL"] and session.slow is None
+
+
+def test_no_clock_runs_behind_a_fast_slow_lookup():
+    session = learnt_session()
+    session.receive_data(lookup(SLOW, b"y"))
+    session.receive_data(b"request\x00lookup\x00")
+    assert session.deadline_key is None  # the slow request is ahead
+    assert session.slow_answered(await_privately(session.slow)) == SLOW_Y  # type: ignore[arg-type]
+    assert session.deadline_key is not None  # now the partial request is waited for
+
+
+def g2_lookup(table: str, key: bytes) -> bytes:
+    return attr.encode(
+        [
+            (b"request", b"lookup"),
+            (b"table", table.encode()),
+            (b"instance_flags", b"540737"),
+            (b"flags", b"540737"),
+            (b"key", key),
+        ]
+    )
+
+
+@pytest.mark.parametrize(
+    "form, retry",
+    [
+        (lookup, b"status\x002\x00value\x00\x00\x00"),
+        (g2_lookup, b"status\x002\x00flags\x000\x00value\x00\x00\x00"),
+    ],
+)
+def test_a_failed_fast_slow_lookup_is_answered_as_on_the_general_path(caplog, form, retry):
+    """Cancelled (the driver's task, before or while it ran): RETRY in the request's
+    generation and the same log line, whichever path the request took."""
+    replies = []
+    for learnt in (False, True):
+        hooks = Hooks()
+        session = new_session(hooks)
+        if learnt:
+            assert converse(session, [form(SLOW, b"x")]) != b""
+            assert session.answer_whole(form(SLOW, b"y")) == b""
+        else:
+            assert session.receive_data(form(SLOW, b"y")) == b""
+        session.slow.close()  # type: ignore[union-attr]  # never started
+        caplog.clear()
+        with caplog.at_level(logging.ERROR, logger="proxymap"):
+            replies.append(session.slow_answered(asyncio.CancelledError()))
+        assert caplog.messages == [f"lookup request for {SLOW} failed: CancelledError()"]
+        assert hooks.busy == 0 and session.idle
+    assert replies == [retry, retry]
