@@ -40,21 +40,25 @@ DESCRIPTION
     stays in the kernel backlog for a sibling or successor), ``accept`` (EAGAIN is
     silent: a sibling won the race), then the connection goes to the service's
     protocol (a ``ClientProtocol``), whose ``connection_made`` is the post-accept hook.
-    A worker that already has N clients waits N x 50 us (at most 1 ms) before it
-    accepts, so that a new client goes to the least loaded worker awake. In a
+    A worker that already has N clients waits N x 50 us (at most 1 ms; a saturated
+    worker always 1 ms) before it accepts, so that a new client goes to the least
+    loaded worker awake. In a
     flood (clients still waiting after 32 such waits in a row) it takes a growing
     batch of clients (up to 128) after each wait, so that a new client does not
     wait 1 ms for each of the clients ahead of it (``Backlog``).
 
     Status: the service calls ``server.request_started()`` and
     ``server.request_done()`` around each request it serves. The master hears TAKEN
-    when the process goes from idle to busy (a failure is ignored) and AVAIL once no
-    request is in progress and a whole turn of the event loop found no new one (a
-    failure means the master is gone, so the process exits 0). A client that
-    waits for each reply still sees TAKEN and AVAIL around every request, as from
-    Postfix; clients that keep the process busy cost no messages at all. See the
-    comment above ``MultiServer.request_started`` for why this is what the
-    master needs.
+    only from a saturated process -- busy nine tenths of the time, as a moving
+    average over about 50 ms -- when a client waits to be accepted (a failure is
+    ignored), and AVAIL when it is no longer saturated or a whole turn of the event
+    loop found no new request (a failure means the master is gone, so the process
+    exits 0). Other work is reported after it is done, TAKEN and AVAIL in one
+    write per loop turn, for the first turns of a busy spell: a client that waits
+    for each reply still sees TAKEN and AVAIL around every request, as from
+    Postfix, and a steady load that one process carries makes the master spawn
+    nothing. See the comment above ``MultiServer.request_started`` for why this is
+    what the master needs.
 
     Without fd 5 (a test harness, or run by hand with ``-d``) no status is written
     and nothing is watched; a missing listen socket is fatal.
@@ -246,7 +250,7 @@ class MultiServer:
         self._reported_busy = False  # the last status message sent was TAKEN
         self._busy_since: float | None = None  # when the busy spell began; None: idle
         self._young_turns = 0  # busy turns left in which a request still says TAKEN
-        self._load = 0.0  # share of time busy (see _load_at), as of _load_time
+        self._load = 0.0  # share of time busy (see _load_at) at the end of the last spell
         self._load_time = time.monotonic()
         self._idle_check_pending = False  # _check_idle is scheduled
         self._started_this_turn = False  # a request started since the last _check_idle
@@ -392,9 +396,7 @@ class MultiServer:
         self._requests_in_progress += 1
         self._started_this_turn = True
         if self._busy_since is None:
-            now = time.monotonic()
-            self._fold_load(now)
-            self._busy_since = now
+            self._busy_since = time.monotonic()
             self._young_turns = self.YOUNG_TURNS
 
     def request_done(self) -> None:
@@ -426,29 +428,29 @@ class MultiServer:
         self._end_busy_spell()
 
     def _report_turn(self) -> None:
-        """A turn of a young spell served requests: a use, or TAKEN if saturated."""
-        if self._saturated():
-            self._report_busy(True)
-        elif self._reported_busy:
-            self._report_busy(False)
-        elif not self.status.used():
+        """A turn of a young spell served requests: a use, unless the master already
+        hears TAKEN (a saturated worker: a client is waiting, see _accept_ready)."""
+        if not self._reported_busy and not self.status.used():
             self.exit(0)  # the master is gone
 
     def _end_busy_spell(self) -> None:
-        self._fold_load(time.monotonic())
+        now = time.monotonic()
+        self._load = self._load_at(now)
+        self._load_time = now
         self._busy_since = None
         self._report_busy(False)
 
     def _load_at(self, now: float) -> float:
-        """The share of the recent past spent busy (exponentially weighted)."""
-        current = 0.0 if self._busy_since is None else 1.0
-        decay = math.exp((self._load_time - now) / self.LOAD_TIME_CONSTANT)
-        return current + (self._load - current) * decay
-
-    def _fold_load(self, now: float) -> None:
-        """The process turns busy or idle at NOW: the past period joins the average."""
-        self._load = self._load_at(now)
-        self._load_time = now
+        """The share of the recent past spent busy (exponentially weighted): the load
+        as of the end of the last spell, decayed over the idle time since then and
+        raised over the current spell."""
+        busy_since = self._busy_since
+        tau = self.LOAD_TIME_CONSTANT
+        idle_until = now if busy_since is None else busy_since
+        load = self._load * math.exp((self._load_time - idle_until) / tau)
+        if busy_since is not None:
+            load = 1.0 + (load - 1.0) * math.exp((busy_since - now) / tau)
+        return load
 
     def _saturated(self) -> bool:
         return self._busy_since is not None and (
@@ -608,9 +610,9 @@ class MultiServer:
     # clients of a burst (the others woke a moment later) and use one CPU while
     # its siblings idle. So a worker that already has clients lets the others go
     # first, longer the more clients it has: new clients go to the least loaded
-    # worker that is awake. The wait is short and bounded; a client nobody else
-    # takes is accepted after it. Short also because while it lasts the master may
-    # see a waiting client and every worker busy, and spawn one more process.
+    # worker that is awake. A saturated worker waits the longest: it has asked the
+    # master for a sibling (TAKEN), and the sibling should get the new clients. The
+    # wait is short and bounded; a client nobody else takes is accepted after it.
     ACCEPT_DELAY_PER_CLIENT = 0.00005
     ACCEPT_DELAY_MAX = 0.001
 
