@@ -42,10 +42,9 @@ DESCRIPTION
     protocol (a ``ClientProtocol``), whose ``connection_made`` is the post-accept hook.
     A worker that already has N clients waits N x 50 us (at most 1 ms; a saturated
     worker always 1 ms) before it accepts, so that a new client goes to the least
-    loaded worker awake. In a
-    flood (clients still waiting after 32 such waits in a row) it takes a growing
-    batch of clients (up to 128) after each wait, so that a new client does not
-    wait 1 ms for each of the clients ahead of it (``Backlog``).
+    loaded worker awake. In a flood (clients still waiting after 32 such waits in a
+    row) it takes a growing batch of clients (up to 128) after each wait, so that a
+    new client does not wait 1 ms for each of the clients ahead of it (``Backlog``).
 
     Status: the service calls ``server.request_started()`` and
     ``server.request_done()`` around each request it serves. The master hears TAKEN
@@ -249,7 +248,7 @@ class MultiServer:
         self._requests_in_progress = 0
         self._reported_busy = False  # the last status message sent was TAKEN
         self._busy_since: float | None = None  # when the busy spell began; None: idle
-        self._young_turns = 0  # busy turns left in which a request still says TAKEN
+        self._young_turns = 0  # busy turns of this spell left that report their use
         self._load = 0.0  # share of time busy (see _load_at) at the end of the last spell
         self._load_time = time.monotonic()
         self._idle_check_pending = False  # _check_idle is scheduled
