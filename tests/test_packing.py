@@ -1,9 +1,10 @@
-"""Keeping clients packed on few workers (README, "Concurrency model"), under our master.
+"""Keeping clients packed on few workers (README, "Concurrency model").
 
 Our master (proxymap-master) runs the echo service (tests/support/echo_service.py) with
 one pre-forked worker and spawns on demand exactly as Postfix's master does: when a
-client waits in the listen queue while no worker reports itself available. What a
-worker reports decides how many processes a load gets:
+client waits in the listen queue while no worker reports itself available; the last
+test runs our proxymap under Postfix's own master. What a worker reports decides how
+many processes a load gets:
 
 * a steady load that one worker carries, with new clients connecting all the while,
   gets no second worker (a worker that still takes new clients promptly is available);
@@ -13,6 +14,7 @@ worker reports decides how many processes a load gets:
 
 from __future__ import annotations
 
+import os
 import socket
 import sys
 import threading
@@ -23,9 +25,11 @@ from pathlib import Path
 import pytest
 
 from tests.support.echo_service import ask
+from tests.support.postfix import PrivatePostfix, ensure_postfix, settle_files
 from tests.test_arbiter import Instance, require_root_and_postfix, wait_until
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+OUR_PROXYMAP = Path(os.environ.get("PYPROXYMAP_WORKER") or Path(sys.executable).parent / "proxymap")
 ECHO_WRAPPER = f"""#!{sys.executable}
 import sys
 sys.path.insert(0, {str(REPO_ROOT)!r})
@@ -135,3 +139,54 @@ def test_a_saturated_worker_gets_a_sibling_that_takes_the_new_clients(echo_insta
     assert not errors, errors
     assert taken[second] >= 5, taken
     assert pf.service("echo")["total"] == 2
+
+
+def keep_looking_up(pf: PrivatePostfix, table: str, stop: threading.Event, errors: list):
+    """A Postfix-like client: one lookup, its reply, 2 ms of something else, until STOP."""
+    try:
+        with pf.client(timeout=10) as client:
+            while not stop.is_set():
+                assert client.lookup(table, "alice").get("value") == b"alice@example.com"
+                time.sleep(0.002)
+    except Exception as error:  # noqa: BLE001 - reported by the test
+        errors.append(error)
+
+
+@pytest.mark.postfix
+def test_postfix_master_gives_a_carried_load_one_worker():
+    """The same carried load under Postfix's master, our proxymap as its worker, with
+    lookups: eight steady clients and a new client every 20 ms for three seconds are
+    served by the one process the first client brought up."""
+    ensure_postfix()
+    assert OUR_PROXYMAP.exists(), f"our worker is not installed: {OUR_PROXYMAP}"
+    pf = PrivatePostfix(
+        proxymap_program=OUR_PROXYMAP, name="packing", main_cf={"max_use": "1000000"}
+    )
+    (pf.tables / "aliases").write_text("alice alice@example.com\n")
+    settle_files(pf.tables)
+    table = f"texthash:{pf.tables}/aliases"
+    pf.set_main(proxy_read_maps=f"proxy:{table}")
+    with pf:
+        pf.wait_until_serving("alice", table)
+        stop = threading.Event()
+        errors: list = []
+        threads = [
+            threading.Thread(target=keep_looking_up, args=(pf, table, stop, errors), daemon=True)
+            for _ in range(8)
+        ]
+        for thread in threads:
+            thread.start()
+        workers = set()
+        try:
+            deadline = time.monotonic() + 3
+            while time.monotonic() < deadline:
+                with pf.client(timeout=10) as newcomer:
+                    assert newcomer.lookup(table, "alice").get("status") == b"0"
+                workers.update(pf.worker_pids("proxymap"))
+                time.sleep(0.02)
+        finally:
+            stop.set()
+            for thread in threads:
+                thread.join(10)
+        assert not errors, errors
+        assert len(workers) == 1, workers
