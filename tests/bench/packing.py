@@ -14,13 +14,16 @@ the implementations alternating. During a run the clients of every worker are co
 lookup, workers, the clients per worker and each worker's share of a CPU during the run
 (a worker that idles beside a saturated one shows as a low share).
 
-Runs as root, like the bench.
+``--master ours`` runs the same instances under our master (``proxymap-master``, with
+``pyproxymap_prefork = --prefork``, default 1) instead of Postfix's. Runs as root, like
+the bench.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -210,30 +213,8 @@ def fmt_row(row: Row) -> str:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tests.bench.packing", description=__doc__)
-    parser.add_argument("--tables", default="hash,texthash")
-    parser.add_argument("--conns", default="1,16,256")
-    parser.add_argument("--seconds", type=float, default=3.0)
-    parser.add_argument("--repeat", type=int, default=2)
-    parser.add_argument("--impl", action="append", help="c or NAME=PATH (repeatable)")
-    parser.add_argument(
-        "--master", choices=("postfix", "ours"), default="postfix", help="which master spawns"
-    )
-    parser.add_argument(
-        "--prefork", type=int, default=1, help="pyproxymap_prefork under our master"
-    )
-    options = parser.parse_args(argv)
-    if os.geteuid() != 0:
-        print("runs private Postfix masters: run as root", file=sys.stderr)
-        return 2
-    impls = parse_impls(options.impl)
-    conns = [int(c) for c in options.conns.split(",") if c]
-    kinds = [k for k in options.tables.split(",") if k]
-    pmload = build_pmload()
-    base = Path(tempfile.mkdtemp(prefix="pmpack-", dir="/tmp"))
-    base.chmod(0o755)
-    print(f"master: {options.master}; load average before: {os.getloadavg()[0]:.2f}", flush=True)
+def measure_all(options, pmload: Path, base: Path, impls, kinds, conns) -> list[Row]:
+    """Every table, connection count and repeat; fresh instances per table."""
     tables = build_tables(base / "tables", kinds)
     rows: list[Row] = []
     for kind, table in tables.items():
@@ -261,6 +242,37 @@ def main(argv: list[str] | None = None) -> int:
                         row = measure(pmload, instances[name], name, table, count, options.seconds)
                         rows.append(row)
                         print(fmt_row(row), flush=True)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tests.bench.packing", description=__doc__)
+    parser.add_argument("--tables", default="hash,texthash")
+    parser.add_argument("--conns", default="1,16,256")
+    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--impl", action="append", help="c or NAME=PATH (repeatable)")
+    parser.add_argument(
+        "--master", choices=("postfix", "ours"), default="postfix", help="which master spawns"
+    )
+    parser.add_argument(
+        "--prefork", type=int, default=1, help="pyproxymap_prefork under our master"
+    )
+    options = parser.parse_args(argv)
+    if os.geteuid() != 0:
+        print("runs private Postfix masters: run as root", file=sys.stderr)
+        return 2
+    impls = parse_impls(options.impl)
+    conns = [int(c) for c in options.conns.split(",") if c]
+    kinds = [k for k in options.tables.split(",") if k]
+    pmload = build_pmload()
+    base = Path(tempfile.mkdtemp(prefix="pmpack-", dir="/tmp"))
+    base.chmod(0o755)
+    print(f"master: {options.master}; load average before: {os.getloadavg()[0]:.2f}", flush=True)
+    try:
+        rows = measure_all(options, pmload, base, impls, kinds, conns)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
     print(f"load average after: {os.getloadavg()[0]:.2f}")
     print()
     print(
