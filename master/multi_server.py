@@ -40,21 +40,24 @@ DESCRIPTION
     stays in the kernel backlog for a sibling or successor), ``accept`` (EAGAIN is
     silent: a sibling won the race), then the connection goes to the service's
     protocol (a ``ClientProtocol``), whose ``connection_made`` is the post-accept hook.
-    A worker that already has N clients waits N x 50 us (at most 1 ms) before it
-    accepts, so that a new client goes to the least loaded worker awake. In a
-    flood (clients still waiting after 32 such waits in a row) it takes a growing
-    batch of clients (up to 128) after each wait, so that a new client does not
-    wait 1 ms for each of the clients ahead of it (``Backlog``).
+    A worker that already has N clients waits N x 50 us (at most 1 ms; a saturated
+    worker always 1 ms) before it accepts, so that a new client goes to the least
+    loaded worker awake. In a flood (clients still waiting after 32 such waits in a
+    row) it takes a growing batch of clients (up to 128) after each wait, so that a
+    new client does not wait 1 ms for each of the clients ahead of it (``Backlog``).
 
     Status: the service calls ``server.request_started()`` and
     ``server.request_done()`` around each request it serves. The master hears TAKEN
-    when the process goes from idle to busy (a failure is ignored) and AVAIL once no
-    request is in progress and a whole turn of the event loop found no new one (a
-    failure means the master is gone, so the process exits 0). A client that
-    waits for each reply still sees TAKEN and AVAIL around every request, as from
-    Postfix; clients that keep the process busy cost no messages at all. See the
-    comment above ``MultiServer.request_started`` for why this is what the
-    master needs.
+    only from a saturated process -- busy nine tenths of the time, as a moving
+    average over about 50 ms -- when a client waits to be accepted (a failure is
+    ignored), and AVAIL when it is no longer saturated or a whole turn of the event
+    loop found no new request (a failure means the master is gone, so the process
+    exits 0). Other work is reported after it is done, TAKEN and AVAIL in one
+    write per loop turn, for the first turns of a busy spell: a client that waits
+    for each reply still sees TAKEN and AVAIL around every request, as from
+    Postfix, and a steady load that one process carries makes the master spawn
+    nothing. See the comment above ``MultiServer.request_started`` for why this is
+    what the master needs.
 
     Without fd 5 (a test harness, or run by hand with ``-d``) no status is written
     and nothing is watched; a missing listen socket is fatal.
@@ -78,12 +81,14 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import math
 import os
 import select
 import signal
 import socket
 import stat
 import sys
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, NoReturn
 
@@ -242,6 +247,10 @@ class MultiServer:
         self._loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None
         self._requests_in_progress = 0
         self._reported_busy = False  # the last status message sent was TAKEN
+        self._busy_since: float | None = None  # when the busy spell began; None: idle
+        self._young_turns = 0  # busy turns of this spell left that report their use
+        self._load = 0.0  # share of time busy (see _load_at) at the end of the last spell
+        self._load_time = time.monotonic()
         self._idle_check_pending = False  # _check_idle is scheduled
         self._started_this_turn = False  # a request started since the last _check_idle
 
@@ -352,65 +361,109 @@ class MultiServer:
     # The master keeps one bit per child, busy or idle, and acts on it in one place:
     # while no child is idle it watches the listen socket itself, and a connection
     # left waiting there makes it spawn another child (up to the process limit).
-    # So "idle" must mean "will call accept() promptly", and "busy" "a new client
-    # would wait for us". Postfix reports around every request because its daemons
-    # serve one request at a time. We report the same transitions without the
-    # per-request cost:
+    # A Postfix daemon serves one request at a time and says TAKEN before each and
+    # AVAIL after it. A worker that multiplexes clients takes a new client within a
+    # loop turn even while it works: a sibling helps only once it is saturated, its
+    # loop busy SATURATED_LOAD of the time (a moving average over about
+    # LOAD_TIME_CONSTANT; a busy spell runs from a request after an idle loop turn
+    # to the next loop turn that finds no work). So:
     #
-    # * TAKEN when the first request starts in an idle process: from then on the
-    #   master may bring up a sibling for a new client, as it should for a process
-    #   that is working (the CPU it runs on is taken).
-    # * AVAIL when the loop runs out of work: once no request is in progress and
-    #   one whole turn of the event loop (its poll for input and the callbacks that
-    #   follow) started no new request. While clients keep the loop busy -- every
-    #   poll finds requests -- no message is sent at all; the turn that finds
-    #   nothing comes immediately (the loop polls without waiting while a callback
-    #   is ready), so AVAIL goes out before the process goes to sleep: it is never
-    #   reported busy while it waits.
-    # * A slow (asynchronous) request keeps the process busy until it completes,
-    #   like a slow table in Postfix: the master may add processes meanwhile.
+    # * The master hears TAKEN only from a saturated worker, and then only when it
+    #   matters: when a client waits to be accepted (the master may then spawn for
+    #   it, and this worker lets its siblings accept first, see _accept_delay).
+    #   AVAIL as soon as it is no longer saturated or at the end of the spell.
+    # * The rest of the work is reported as it is done: after a turn that served
+    #   requests, TAKEN and AVAIL in one write (a "use"; it gives the master nothing
+    #   to act on), for the first YOUNG_TURNS turns of a spell. A client that waits
+    #   for each reply so sees Postfix's TAKEN and AVAIL around every request (after
+    #   its reply, which they no longer delay); clients that keep the loop busy cost
+    #   a few messages per spell.
+    # * AVAIL at the end of a spell is the last callback before the loop would sleep.
+    # * A slow (asynchronous) request in progress keeps the spell going, like a slow
+    #   table in Postfix: a worker that keeps waiting for backends is saturated.
     #
-    # Under load a busy process therefore stays TAKEN and the master spreads new
-    # clients over more processes (more CPUs); with one client that waits for each
-    # reply the messages are Postfix's: TAKEN and AVAIL around every request.
+    # A steady load that one worker carries therefore never makes the master spawn,
+    # however many clients connect meanwhile; once one worker is saturated the next
+    # client brings up a sibling, and the new clients go to the sibling.
+
+    LOAD_TIME_CONSTANT = 0.05  # seconds; from idle, 0.12 s of work make 0.9
+    SATURATED_LOAD = 0.9
+    YOUNG_TURNS = 2
 
     def request_started(self) -> None:
-        """A request starts: tell the master TAKEN if the process was idle."""
+        """A request starts (a busy spell, if the loop was idle: see above)."""
         self._requests_in_progress += 1
         self._started_this_turn = True
-        if not self._reported_busy:
-            self._reported_busy = True
-            self.status.taken()  # a failure is ignored, as in Postfix
+        if self._busy_since is None:
+            self._busy_since = time.monotonic()
+            self._young_turns = self.YOUNG_TURNS
 
     def request_done(self) -> None:
-        """A request is done: AVAIL once the loop has a turn without work (see above)."""
+        """A request is done: its use is reported after the loop turn (see above)."""
         self._requests_in_progress -= 1
-        if self._requests_in_progress or self._idle_check_pending or not self._reported_busy:
+        if self._requests_in_progress or self._idle_check_pending or self._busy_since is None:
             return
         loop = self.loop
         if loop is None or not loop.is_running():
-            self._report_available()  # no loop turn to wait for (-S, tests)
+            self._report_turn()  # no loop turn to wait for (-S, tests)
+            self._end_busy_spell()
             return
         self._idle_check_pending = True
         loop.call_soon(self._check_idle)
 
     def _check_idle(self) -> None:
-        """Runs once per loop turn until a turn started no request, then AVAIL."""
+        """Runs once per busy loop turn until a turn started no request, then AVAIL."""
         if self._requests_in_progress:
             self._idle_check_pending = False  # request_done will schedule it again
             return
         if self._started_this_turn:
             self._started_this_turn = False
+            if self._young_turns:
+                self._young_turns -= 1
+                self._report_turn()
             self.active_loop.call_soon(self._check_idle)  # runs after the next turn's poll
             return
         self._idle_check_pending = False
-        self._report_available()
+        self._end_busy_spell()
 
-    def _report_available(self) -> None:
-        if not self._reported_busy:
+    def _report_turn(self) -> None:
+        """A turn of a young spell served requests: a use, unless the master already
+        hears TAKEN (a saturated worker: a client is waiting, see _accept_ready)."""
+        if not self._reported_busy and not self.status.used():
+            self.exit(0)  # the master is gone
+
+    def _end_busy_spell(self) -> None:
+        now = time.monotonic()
+        self._load = self._load_at(now)
+        self._load_time = now
+        self._busy_since = None
+        self._report_busy(False)
+
+    def _load_at(self, now: float) -> float:
+        """The share of the recent past spent busy (exponentially weighted): the load
+        as of the end of the last spell, decayed over the idle time since then and
+        raised over the current spell."""
+        busy_since = self._busy_since
+        tau = self.LOAD_TIME_CONSTANT
+        idle_until = now if busy_since is None else busy_since
+        load = self._load * math.exp((self._load_time - idle_until) / tau)
+        if busy_since is not None:
+            load = 1.0 + (load - 1.0) * math.exp((busy_since - now) / tau)
+        return load
+
+    def _saturated(self) -> bool:
+        return self._busy_since is not None and (
+            self._load_at(time.monotonic()) >= self.SATURATED_LOAD
+        )
+
+    def _report_busy(self, busy: bool) -> None:
+        """Tell the master TAKEN (busy) or AVAIL, when that is news to it."""
+        if busy == self._reported_busy:
             return
-        self._reported_busy = False
-        if not self.status.available():
+        self._reported_busy = busy
+        if busy:
+            self.status.taken()  # a failure is ignored, as in Postfix
+        elif not self.status.available():
             self.exit(0)  # the master is gone
 
     # -- exit ------------------------------------------------------------------
@@ -556,9 +609,9 @@ class MultiServer:
     # clients of a burst (the others woke a moment later) and use one CPU while
     # its siblings idle. So a worker that already has clients lets the others go
     # first, longer the more clients it has: new clients go to the least loaded
-    # worker that is awake. The wait is short and bounded; a client nobody else
-    # takes is accepted after it. Short also because while it lasts the master may
-    # see a waiting client and every worker busy, and spawn one more process.
+    # worker that is awake. A saturated worker waits the longest: it has asked the
+    # master for a sibling (TAKEN), and the sibling should get the new clients. The
+    # wait is short and bounded; a client nobody else takes is accepted after it.
     ACCEPT_DELAY_PER_CLIENT = 0.00005
     ACCEPT_DELAY_MAX = 0.001
 
@@ -572,13 +625,19 @@ class MultiServer:
     # stays the open connections, idle ones too: the clients of a burst have sent
     # nothing yet when the next ones are accepted.)
 
-    def _accept_delay(self) -> float:
+    def _accept_delay(self, saturated: bool) -> float:
+        if saturated:
+            return self.ACCEPT_DELAY_MAX  # any sibling that is not saturated goes first
         return min(self.open_connections * self.ACCEPT_DELAY_PER_CLIENT, self.ACCEPT_DELAY_MAX)
 
     def _accept_ready(self, backlog: Backlog) -> None:
         if self.exiting:
             return
-        delay = self._accept_delay()
+        saturated = self._saturated()
+        delay = self._accept_delay(saturated)
+        if self._busy_since is not None:
+            # A client waits: the master may spawn for it only if we are saturated.
+            self._report_busy(saturated)
         if delay:
             # Stop polling meanwhile: the socket stays readable until someone accepts.
             self.active_loop.remove_reader(backlog.fd)

@@ -19,8 +19,8 @@ DESCRIPTION
 
     A service's connection protocol subclasses ``master.multi_server.ClientProtocol``
     (an ``asyncio.Protocol``) and must call ``server.request_started()`` before and
-    ``server.request_done()`` after each request it serves, so that the master sees
-    TAKEN/AVAIL exactly as from a Postfix daemon.
+    ``server.request_done()`` after each request it serves: the skeleton derives the
+    TAKEN/AVAIL messages from them (see ``master.multi_server``).
 """
 
 from __future__ import annotations

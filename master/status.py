@@ -8,6 +8,7 @@ SYNOPSIS
     channel.taken()              # before serving a request
     if not channel.available():  # after it; False: the master is gone
         exit(0)
+    channel.used()               # both at once, after the work
 
 DESCRIPTION
     A message is 12 bytes in native byte order: pid (int32), generation (uint32) and
@@ -79,12 +80,15 @@ class StatusChannel:
         self._messages = {
             avail: pack_status(pid, generation, avail) for avail in (STATUS_TAKEN, STATUS_AVAIL)
         }
+        self._use = self._messages[STATUS_TAKEN] + self._messages[STATUS_AVAIL]
 
     def _send(self, avail: int) -> bool:
+        return self._write(self._messages[avail])
+
+    def _write(self, message: bytes) -> bool:
         fd = self.fd
         if fd is None:
             return True
-        message = self._messages[avail]
         written = 0
         try:
             while written < len(message):
@@ -117,3 +121,8 @@ class StatusChannel:
     def available(self) -> bool:
         """Tell the master this process is idle; False means the master is gone."""
         return self._send(STATUS_AVAIL)
+
+    def used(self) -> bool:
+        """TAKEN and AVAIL in one write: work done that the master need not act on
+        (it counts a use; both arrive together). False means the master is gone."""
+        return self._write(self._use)

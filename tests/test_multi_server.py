@@ -743,3 +743,21 @@ def test_a_status_message_cut_short_is_finished_not_resent(monkeypatch):
         os.close(write_end)
     assert received == status_module.pack_status(os.getpid(), 0o17, 0)
     assert len(received) == 12
+
+
+def test_a_use_is_taken_and_avail_in_one_write():
+    """Work the master need not act on: both messages arrive together, in Postfix's
+    order, so a master never reads TAKEN alone; a master gone reads as False."""
+    master_end, child_end = socket.socketpair()
+    channel = StatusChannel(child_end.fileno(), 0o17)
+    try:
+        assert channel.used()
+        received = master_end.recv(100)
+        master_end.close()
+        assert not channel.used()
+    finally:
+        child_end.close()
+    assert [unpack_status(received[i : i + STATUS_SIZE]) for i in (0, STATUS_SIZE)] == [
+        (os.getpid(), 0o17, STATUS_TAKEN),
+        (os.getpid(), 0o17, STATUS_AVAIL),
+    ]

@@ -17,6 +17,8 @@ DESCRIPTION
       @loop        the module of the event loop class (asyncio... or uvloop)
       @ids         "uid gid cwd" of the process
       @pid         the process id (which sibling took this client)
+      @work MS     "worked" after keeping the loop busy MS milliseconds (a slow
+                   synchronous lookup: a few clients asking it saturate the process)
       anything     echoed back
 
     Parameters (``-o`` or main.cf):
@@ -32,6 +34,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 from collections.abc import Callable
 from typing import BinaryIO
 
@@ -67,6 +70,11 @@ def answer(server: MultiServer, line: bytes) -> bytes:
         text = str(os.getpid())
     elif text == "@ids":
         text = f"{os.getuid()} {os.getgid()} {os.getcwd()}"
+    elif text.startswith("@work "):
+        busy_until = time.perf_counter() + float(text[6:]) / 1000
+        while time.perf_counter() < busy_until:
+            pass
+        text = "worked"
     return text.encode("utf-8", "surrogateescape") + b"\n"
 
 
