@@ -94,7 +94,7 @@ from typing import TYPE_CHECKING, NoReturn
 
 from master import log as postfix_log
 from master.args import ChildArgsError, ChildOptions, parse_child_args
-from master.mainconf import MainConfig, MainConfigError
+from master.mainconf import MainConfig, MainConfigError, to_int
 from master.privs import PrivilegeError, drop_privileges
 from master.status import (
     FLOW_READ_FD,
@@ -112,6 +112,10 @@ log = logging.getLogger("master")
 
 EVENT_LOOP_ENV = "PYPROXYMAP_EVENT_LOOP"
 EVENT_LOOP_PARAMETER = "pyproxymap_event_loop"
+# How long (microseconds) an idle loop keeps polling for the next request before it
+# sleeps, after a short wait for the last one (MultiServer._poll_for_next_request).
+POLL_WINDOW_PARAMETER = "pyproxymap_poll_window"
+DEFAULT_POLL_WINDOW_US = 50
 
 
 def _fd_is_open(fd: int) -> bool:
@@ -252,6 +256,10 @@ class MultiServer:
         self._load = 0.0  # share of time busy (see _load_at) at the end of the last spell
         self._load_time = time.monotonic()
         self._idle_check_pending = False  # _check_idle is scheduled
+        self.poll_window = DEFAULT_POLL_WINDOW_US / 1e6  # seconds; 0: sleep at once
+        self._idle_since: float | None = None  # the end of the last busy spell
+        self._keep_polling = True  # the last wait for a request was within the window
+        self._polling = False  # _poll is scheduled
         self._started_this_turn = False  # a request started since the last _check_idle
 
     # -- start-up --------------------------------------------------------------
@@ -318,6 +326,9 @@ class MultiServer:
         self.max_idle = self.config.get_time("max_idle")
         self.ipc_timeout = self.config.get_time("ipc_timeout")
         self.daemon_timeout = self.config.get_time("daemon_timeout")
+        window = self.config.get(POLL_WINDOW_PARAMETER)
+        micros = to_int(POLL_WINDOW_PARAMETER, window) if window else DEFAULT_POLL_WINDOW_US
+        self.poll_window = max(micros, 0) / 1e6
 
     def _set_process_title(self) -> None:
         """What ps shows for a Postfix daemon: basename(argv[0]) and the arguments."""
@@ -395,8 +406,11 @@ class MultiServer:
         self._requests_in_progress += 1
         self._started_this_turn = True
         if self._busy_since is None:
-            self._busy_since = time.monotonic()
+            self._busy_since = now = time.monotonic()
             self._young_turns = self.YOUNG_TURNS
+            if self._idle_since is not None:
+                self._keep_polling = now - self._idle_since < self.poll_window
+                self._idle_since = None
 
     def request_done(self) -> None:
         """A request is done: its use is reported after the loop turn (see above)."""
@@ -438,6 +452,37 @@ class MultiServer:
         self._load_time = now
         self._busy_since = None
         self._report_busy(False)
+        self._poll_for_next_request(now)
+
+    # -- polling before sleeping ---------------------------------------------------
+    #
+    # A loop without work sleeps in the kernel until the next request, and the CPU it
+    # ran on may go idle: waking it again costs more than serving a lookup (a virtual
+    # CPU halts and the host must resume it; real CPUs leave a power-saving state), and
+    # the client waits for that too. So when the last wait for a request was shorter
+    # than the poll window, the loop keeps polling (its poll with no timeout, as while
+    # a callback is ready) for up to that long before it sleeps: a client that waits
+    # for each reply and asks again at once finds the worker awake. Clients that pause
+    # longer cost one window, then none until a wait is short again. Linux's guest
+    # halt-polling makes the same bet one level down.
+
+    def _poll_for_next_request(self, now: float) -> None:
+        self._idle_since = now
+        loop = self.loop
+        if not self._keep_polling or not self.poll_window or self._polling:
+            return
+        if loop is not None and loop.is_running():
+            self._polling = True
+            loop.call_soon(self._poll)
+
+    def _poll(self) -> None:
+        """One more loop turn without sleeping, until the window closes or a request
+        came (a busy spell began: its end polls again)."""
+        idle_since = self._idle_since
+        if idle_since is not None and time.monotonic() - idle_since < self.poll_window:
+            self.active_loop.call_soon(self._poll)
+        else:
+            self._polling = False
 
     def _load_at(self, now: float) -> float:
         """The share of the recent past spent busy (exponentially weighted): the load

@@ -761,3 +761,51 @@ def test_a_use_is_taken_and_avail_in_one_write():
         (os.getpid(), 0o17, STATUS_TAKEN),
         (os.getpid(), 0o17, STATUS_AVAIL),
     ]
+
+
+def _switches_and_cpu(pid: int) -> tuple[int, float]:
+    """Voluntary context switches (times the process slept) and CPU seconds so far."""
+    with open(f"/proc/{pid}/status") as status:
+        fields = dict(line.split(":", 1) for line in status)
+    with open(f"/proc/{pid}/stat") as stat:
+        ticks = stat.read().rsplit(")", 1)[1].split()
+    cpu = (int(ticks[11]) + int(ticks[12])) / os.sysconf("SC_CLK_TCK")
+    return int(fields["voluntary_ctxt_switches"]), cpu
+
+
+def _sleeps_per_request(m: StandinMaster, client: socket.socket, requests: int) -> float:
+    """A client that thinks 1 ms before each request (the worker's loop is idle)."""
+    before, _ = _switches_and_cpu(m.pid)
+    for _ in range(requests):
+        time.sleep(0.001)
+        assert ask(client, "x") == "x"
+    after, _ = _switches_and_cpu(m.pid)
+    return (after - before) / requests
+
+
+@EVENT_LOOPS
+@pytest.mark.parametrize("window_us", [0, 200_000])
+def test_an_idle_loop_polls_for_a_client_that_asks_again_soon(conf, event_loop, window_us):
+    """With a poll window (here 0.2 s, robust on a loaded host) a worker whose client
+    asks again soon never sleeps between requests; without one it sleeps before each.
+    And a worker left without requests stops polling after one window."""
+    with (conf / "main.cf").open("a") as main_cf:
+        main_cf.write(f"pyproxymap_poll_window = {window_us}\n")
+    past = time.time() - 10
+    os.utime(conf / "main.cf", (past, past))
+    with StandinMaster(
+        echo("-t", "unix"), env=child_env(PYPROXYMAP_EVENT_LOOP=event_loop), config_dir=conf
+    ) as m:
+        client = m.connect()
+        ask(client, "warm-up")
+        sleeps = _sleeps_per_request(m, client, 300)
+        if window_us:
+            assert sleeps < 0.2
+        else:
+            assert sleeps > 0.6
+        time.sleep(0.3)  # past the window: polling has stopped
+        _, cpu_before = _switches_and_cpu(m.pid)
+        time.sleep(1.0)
+        _, cpu_after = _switches_and_cpu(m.pid)
+        assert cpu_after - cpu_before < 0.05  # asleep, not polling
+        client.close()
