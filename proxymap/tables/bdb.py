@@ -25,7 +25,8 @@ DESCRIPTION
 
 LOCKING
     Each access holds ``flock(LOCK_SH)`` (``LOCK_EX`` for update/delete) on ``NAME.db``,
-    the lock ``postmap`` takes exclusively while it rebuilds the file in place. Postfix
+    the lock ``postmap`` takes exclusively while it rebuilds the file in place; in a
+    worker, a read keeps it until the event-loop turn ends (indexed LOCKING). Postfix
     locks only when the request carries LOCK (every stock client does); we lock always,
     because an unlocked read racing a rebuild can crash the process. Berkeley DB caches
     pages inside the process, so after such a rebuild the handle is reopened (see
