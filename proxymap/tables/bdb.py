@@ -46,6 +46,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+from collections.abc import Callable
 
 from berkeleydb import db as bdb
 
@@ -127,7 +128,16 @@ class _BerkeleyTable(IndexedFileTable[bdb.DB]):
         try:
             return self._live_handle().get(raw_key)
         except bdb.DBError as exc:
-            raise DictRetry(f"error reading {self.path}: {_reason(exc)}")
+            raise self._read_failure(exc)
+
+    library_errors = (bdb.DBError,)
+
+    def _direct_get(self, handle: bdb.DB) -> Callable[[bytes], bytes | None]:
+        return handle.get
+
+    def _read_failure(self, exc: Exception) -> DictRetry:
+        assert isinstance(exc, bdb.DBError)
+        return DictRetry(f"error reading {self.path}: {_reason(exc)}")
 
     def _backend_put(self, raw_key: bytes, raw_value: bytes, replace: bool) -> bool:
         try:
