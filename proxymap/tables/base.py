@@ -98,34 +98,26 @@ class LoopTurn:
     once, as after every access.
     """
 
-    __slots__ = ("_loop", "_pending", "_end_callback")
+    __slots__ = ("_loop",)
 
     def __init__(self) -> None:
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._pending: list[Callable[[], None]] = []
-        self._end_callback = self._end  # made once: this runs every busy turn
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
         """Turns of ``loop`` (the worker's, from the moment it runs) may defer work."""
         self._loop = loop
 
     def defer(self, callback: Callable[[], None]) -> bool:
-        """Run ``callback`` when the current turn ends; False (not deferred) off the loop."""
+        """Run ``callback`` when the current turn ends; False (not deferred) off the loop.
+
+        Each callback is a handle of its own: the loop reports one that fails (its
+        exception handler) and still runs the others.
+        """
         loop = self._loop
         if loop is None or asyncio._get_running_loop() is not loop:
             return False
-        if not self._pending:
-            loop.call_soon(self._end_callback)
-        self._pending.append(callback)
+        loop.call_soon(callback)
         return True
-
-    def _end(self) -> None:
-        pending, self._pending = self._pending, []
-        for callback in pending:
-            try:
-                callback()
-            except Exception:  # one table's failure must not keep another's lock
-                log.exception("end of loop turn")
 
 
 @dataclass
