@@ -21,8 +21,8 @@ from typing import Any
 import pytest
 
 from proxymap import flags as F
-from proxymap.tables import indexed
-from proxymap.tables.base import LoopTurn, OpenContext
+from proxymap.tables import bdb, indexed
+from proxymap.tables.base import DictRetry, LoopTurn, OpenContext
 from tests.support.postmap import (
     CLIENT_LOOKUP_FLAGS,
     build_table,
@@ -298,3 +298,40 @@ def test_a_walk_in_a_turn_shares_the_turns_lock(tmp_path, dict_type, run_on_loop
         assert probe.state() == "free"
 
     run_on_loop(scenario)
+
+
+# --- the Berkeley DB reader's fast path ----------------------------------------------------
+
+
+def test_a_library_error_from_the_direct_getter_is_retry_logged_once(tmp_path, caplog):
+    """lookup calls DB.get itself: a Berkeley DB error there is a temporary failure
+    with the file's name, logged once, as one from the driver's own wrapper is."""
+    require_postmap()
+    spec = build_table("hash", tmp_path / "t", [("k", "one")])
+    table, _turn = open_for_turns(spec)
+    assert lookup(table, b"k") == b"one"
+    table._handle.close()  # the library now refuses every call on the handle
+    for _ in range(2):
+        with pytest.raises(DictRetry, match=f"error reading {table.path}: "):
+            lookup(table, b"k")
+    assert caplog.text.count(f"error reading {table.path}") == 1
+
+
+@pytest.mark.parametrize("entries", [5_000, 40_000])
+def test_a_reader_cache_holds_its_file_up_to_the_limit(tmp_path, entries):
+    """Readers get a cache of at least their file's size (no pread per lookup), up to
+    READER_CACHE_LIMIT; a writer keeps berkeley_db_read_buffer_size."""
+    require_postmap()
+    spec = build_table(
+        "hash", tmp_path / "t", [(f"user{n}@example.com", "x") for n in range(entries)]
+    )
+    size = table_file(spec).stat().st_size
+    reader = open_indexed(spec)
+    writer = open_indexed(spec, os.O_RDWR)
+    _, reader_bytes, _ = reader._handle.get_cachesize()
+    _, writer_bytes, _ = writer._handle.get_cachesize()
+    assert reader_bytes >= min(size, bdb.READER_CACHE_LIMIT)
+    assert reader_bytes < bdb.READER_CACHE_LIMIT * 2
+    assert writer_bytes < min(size, bdb.READER_CACHE_LIMIT)
+    reader.close()
+    writer.close()
