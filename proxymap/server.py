@@ -205,6 +205,8 @@ class ProxymapService:
         stream = stream_name(self.service_name)
         if self.reporter is not None:
             self.reporter.start(server.loop)
+        if server.loop is not None:  # local tables may keep a lock until a turn ends
+            handler.context.turn.attach(server.loop)
 
         def new_connection() -> ProxymapProtocol:
             return ProxymapProtocol(server, handler, stream)

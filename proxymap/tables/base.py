@@ -34,6 +34,7 @@ SECURITY
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from collections.abc import Callable, Mapping
@@ -85,6 +86,40 @@ class DictUnsupported(DictError):
     """
 
 
+class LoopTurn:
+    """What tables leave for the end of the event-loop turn in progress.
+
+    A local table may keep what an access acquired (a shared file lock, the check that
+    its file is unchanged) for the other requests answered in the same turn, and give
+    it up in a callback that runs as soon as the turn is over (``loop.call_soon``: the
+    next turn's first callbacks, before the loop polls again). That is possible only
+    on the thread of the loop the worker attached; elsewhere (``-S``, the self-check,
+    tests without a loop, other threads) ``defer`` refuses and the table releases at
+    once, as after every access.
+    """
+
+    __slots__ = ("_loop",)
+
+    def __init__(self) -> None:
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Turns of ``loop`` (the worker's, from the moment it runs) may defer work."""
+        self._loop = loop
+
+    def defer(self, callback: Callable[[], None]) -> bool:
+        """Run ``callback`` when the current turn ends; False (not deferred) off the loop.
+
+        Each callback is a handle of its own: the loop reports one that fails (its
+        exception handler) and still runs the others.
+        """
+        loop = self._loop
+        if loop is None or asyncio._get_running_loop() is not loop:
+            return False
+        loop.call_soon(callback)
+        return True
+
+
 @dataclass
 class OpenContext:
     """What a table may need beyond its name: configuration, and how to open nested tables.
@@ -103,6 +138,8 @@ class OpenContext:
     # after 3.7 (pgsql's client encoding), a table follows the direct lookup of the
     # client generation it serves: the 3.7 default for these, the current one else.
     legacy_client: bool = False
+    # The worker's loop turns (shared by every copy of the context): see LoopTurn.
+    turn: LoopTurn = field(default_factory=LoopTurn)
 
 
 class Table:

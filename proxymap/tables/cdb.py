@@ -34,7 +34,7 @@ import functools
 import mmap
 import os
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from proxymap.tables.base import DictOpenError, DictRetry, OpenContext
 from proxymap.tables.indexed import IndexedFileTable, damaged_error, open_error
@@ -219,7 +219,15 @@ class CdbTable(IndexedFileTable[CdbReader]):
         try:
             return self._live_handle().get(raw_key)
         except CdbFormatError as exc:
-            raise DictRetry(f"error reading {self.path}: Protocol error ({exc})")
+            raise self._read_failure(exc)
+
+    library_errors = (CdbFormatError,)
+
+    def _direct_get(self, handle: CdbReader) -> Callable[[bytes], bytes | None]:
+        return handle.get
+
+    def _read_failure(self, exc: Exception) -> DictRetry:
+        return DictRetry(f"error reading {self.path}: Protocol error ({exc})")
 
     def _backend_first(self) -> tuple[bytes, bytes] | None:
         self._next_position = HEADER_SIZE

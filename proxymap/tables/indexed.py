@@ -55,6 +55,16 @@ LOCKING
     read-only files, and a rebuild truncating the file under a lookup killed the
     process with SIGBUS in our tests.
 
+    A read-only instance in a worker keeps what its first read in an event-loop turn
+    acquired -- the shared lock, and the check that the file is the one the handle
+    shows -- for its other reads in that turn, and releases the lock when the turn
+    ends (``base.LoopTurn``). A rebuild cannot start meanwhile, so every answer of the
+    turn comes from one version of the file, the version the next turn checks again;
+    a writer waits for the end of the turn instead of the end of one lookup (flock and
+    fcntl let a new shared lock in while a writer waits: with every worker busy it may
+    wait for several turns, as it may for several lookups). Writes, and every access
+    off the worker's loop, lock and check per access.
+
 SEE ALSO
     bdb.py, lmdb.py, cdb.py; docs/TABLES.md 3.1-3.3; docs/PROTOCOL.md 3.5.
 """
@@ -92,6 +102,11 @@ RACY_WINDOW_NS = 2_000_000_000
 # errno values of a non-blocking lock attempt that met a conflicting lock (flock and
 # fcntl say EWOULDBLOCK/EAGAIN; POSIX allows fcntl to say EACCES).
 _LOCK_BUSY = frozenset({errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES})
+
+# How much of a read's preparation the current loop turn still holds (ordered).
+_TURN_NONE = 0  # nothing: the next read checks the file (and locks, if it must)
+_TURN_CHECKED = 1  # the file was checked this turn; no lock is held
+_TURN_LOCKED = 2  # checked under a shared lock that is held until the turn ends
 
 T = TypeVar("T")
 H = TypeVar("H")  # a backend's handle on the open file
@@ -253,6 +268,11 @@ class IndexedFileTable(SyncTable, Generic[H]):
         self._stamp: FileStamp | None = None
         self._new_fd_locked = False
         self._trouble: str | None = None  # the failure reported once, until a success
+        self._turn = ctx.turn if ctx is not None and not self.writable else None
+        self._turn_level = _TURN_NONE
+        self._turn_held: tuple[int, ...] = ()  # what _end_turn unlocks
+        self._end_turn_callback = self._end_turn  # made once, deferred every turn
+        self._get: Callable[[bytes], bytes | None] = self._backend_get
         self._open_file(initial=True)
         self.watch(self.path)
 
@@ -274,6 +294,18 @@ class IndexedFileTable(SyncTable, Generic[H]):
 
     def _backend_get(self, raw_key: bytes) -> bytes | None:
         raise NotImplementedError
+
+    # What the library's own getter raises (see _direct_get), and its meaning for us.
+    library_errors: tuple[type[Exception], ...] = ()
+
+    def _direct_get(self, handle: H) -> Callable[[bytes], bytes | None]:
+        """The getter ``lookup`` calls on ``handle``: ``_backend_get``, or the library's
+        own method where that is all ``_backend_get`` would do besides translating
+        ``library_errors`` (``_read_failure``); two Python calls fewer per lookup."""
+        return self._backend_get
+
+    def _read_failure(self, exc: Exception) -> DictRetry:
+        return DictRetry(f"error reading {self.path}: {exc}")
 
     def _backend_put(self, raw_key: bytes, raw_value: bytes, replace: bool) -> bool:
         raise DictUnsupported(f"table {self.spec}: update operation is not supported")
@@ -340,6 +372,7 @@ class IndexedFileTable(SyncTable, Generic[H]):
             if old_fd != held_fd:
                 os.close(old_fd)
         self._fd, self._handle, self._stamp = fd, handle, stamp
+        self._get = self._direct_get(handle)
         self._new_fd_locked = lock_new and held_fd is not None
 
     def _outdated(self) -> bool:
@@ -412,6 +445,28 @@ class IndexedFileTable(SyncTable, Generic[H]):
             if fd != self._fd:
                 os.close(fd)  # the descriptor of a file we just stopped using
 
+    def _enter_read(self, level: int) -> tuple[int, ...]:
+        """``_enter`` for a read that needs ``level``; what it acquired stays for the rest
+        of the loop turn when the turn can take it (then nothing is returned to leave)."""
+        held = self._enter(exclusive=False)
+        if self._turn_level:  # checked earlier this turn, locked now: add the lock
+            self._turn_held += held
+        elif self._turn is None or not self._turn.defer(self._end_turn_callback):
+            return held
+        else:
+            self._turn_held = held
+        self._turn_level = level
+        return ()
+
+    def _end_turn(self) -> None:
+        """The loop turn is over: release what its reads kept; the next read checks anew."""
+        held, self._turn_held, self._turn_level = self._turn_held, (), _TURN_NONE
+        if held:
+            self._leave(held)
+
+    def _read_level(self) -> int:
+        return _TURN_LOCKED if self.flags & F.LOCK or self.always_lock else _TURN_CHECKED
+
     # --- failures: one log line per episode -------------------------------------------------
     def _failed(self, exc: DictRetry) -> None:
         if self._trouble is None and not isinstance(exc, DictBusy):
@@ -454,9 +509,10 @@ class IndexedFileTable(SyncTable, Generic[H]):
             key = key[: key.index(NUL)]
         if not key:
             return None  # never stored by postmap; LMDB would even reject it
-        get = self._backend_get
         try:
-            held = self._enter(exclusive=False)
+            level = _TURN_LOCKED if flags & F.LOCK or self.always_lock else _TURN_CHECKED
+            held = self._enter_read(level) if self._turn_level < level else ()
+            get = self._get  # after _enter_read: it may have reopened the file
             try:
                 value = None
                 if flags & F.TRY1NULL:
@@ -473,6 +529,10 @@ class IndexedFileTable(SyncTable, Generic[H]):
         except DictRetry as exc:
             self._failed(exc)
             raise
+        except self.library_errors as exc:  # from the direct getter
+            failure = self._read_failure(exc)
+            self._failed(failure)
+            raise failure from None
         if self._trouble is not None:
             self._succeeded()
         if value is None or 0 not in value:
@@ -534,7 +594,11 @@ class IndexedFileTable(SyncTable, Generic[H]):
         """``operation`` on a fresh handle, locked as asked; a failure or the end of one
         goes to the table's trouble log. (``lookup`` writes the same steps out.)"""
         try:
-            held = self._enter(exclusive)
+            if exclusive:
+                held = self._enter(exclusive)
+            else:
+                level = self._read_level()
+                held = self._enter_read(level) if self._turn_level < level else ()
             try:
                 result = operation()
             finally:
@@ -560,7 +624,9 @@ class IndexedFileTable(SyncTable, Generic[H]):
         return cut_at_nul(item[0]), cut_at_nul(item[1])
 
     def close(self) -> None:
+        self._end_turn()
         if self._fd is not None:
             self._backend_close()
             os.close(self._fd)
             self._fd = self._handle = self._stamp = None
+            self._get = self._backend_get  # which says that the table is closed

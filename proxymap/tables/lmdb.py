@@ -30,7 +30,8 @@ DESCRIPTION
 
 LOCKING
     With the LOCK request flag, a shared ``fcntl`` lock (exclusive for updates) covers
-    each access -- the lock ``postmap`` holds while it rebuilds the table. A writable
+    each access -- the lock ``postmap`` holds while it rebuilds the table; in a worker,
+    a read keeps it until the event-loop turn ends (indexed LOCKING). A writable
     instance locks every access, flag or not: the file is opened without LMDB's own
     lock file, so two proxywrite processes (a process limit above 1) committing at
     once would corrupt it, and verify(8) and postscreen(8) ask for OPEN_LOCK (which
