@@ -296,10 +296,14 @@ def build_tables(
     tables: dict[str, BenchTable] = {}
     for kind in kinds:
         if kind in INDEXED_KINDS:
+            path = source
+            if kind == "btree":  # hash and btree files are both NAME.db
+                path = directory / "users-btree"
+                shutil.copyfile(source, path)
             if kind != "texthash":
-                run_checked([f"{kind}:{source}"])
+                run_checked([f"{kind}:{path}"])
             keyfile = write_keys(directory / "keys-users", user_keys)
-            tables[kind] = BenchTable(kind, f"{kind}:{source}", keyfile, "user1@example.com")
+            tables[kind] = BenchTable(kind, f"{kind}:{path}", keyfile, "user1@example.com")
         elif kind in ("inline", "static"):
             tables[kind] = small_table(directory, kind)
         elif kind == BUSY_KIND:
