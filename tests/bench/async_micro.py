@@ -45,6 +45,7 @@ from proxymap.handler import RequestHandler
 from proxymap.protocol import stream_name
 from proxymap.tables import TABLE_TYPES
 from proxymap.tables.base import AsyncTable
+from tests.bench.connection_micro import Skeleton
 
 KEYS = [
     f"nobody{i}@example.com" if i % 5 == 0 else f"user{(i * 7919) % 10_000}@example.com"
@@ -121,28 +122,6 @@ class ClientTransport:
 
     def get_extra_info(self, name, default=None):
         return default
-
-
-class Skeleton:
-    """What MultiServer gives a protocol, minus the status pipe."""
-
-    ipc_timeout = 3600
-
-    def __init__(self) -> None:
-        self.busy = 0
-        self.loop = None
-
-    def _connection_made(self, protocol: object) -> None:
-        pass
-
-    def _connection_lost(self, protocol: object) -> None:
-        pass
-
-    def request_started(self) -> None:
-        self.busy += 1
-
-    def request_done(self) -> None:
-        self.busy -= 1
 
 
 def lookup_request(table: str, key: str) -> bytes:
