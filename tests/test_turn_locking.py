@@ -261,6 +261,33 @@ def test_reads_off_the_loop_and_writable_tables_release_at_once(
 
 
 @pytest.mark.parametrize("dict_type", LOCKING_TYPES)
+def test_a_read_on_another_thread_while_the_loop_runs_releases_at_once(
+    tmp_path, dict_type, run_on_loop, probes
+):
+    """A blocking executor's thread is not the loop's turn: its access locks and
+    releases as it always did (the loop's thread is told apart without asking asyncio
+    for the running loop, a getpid() system call on Python 3.11)."""
+    require_postmap()
+    spec = build_table(dict_type, tmp_path / "t", [("k", "one")])
+    table, turn = open_for_turns(spec)
+    probe = probes(spec, dict_type)
+
+    def read_and_look() -> tuple[bytes | None, str]:
+        value = lookup(table, b"k")
+        return value, probe.state()
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        turn.attach(loop)
+        assert await loop.run_in_executor(None, read_and_look) == (b"one", "free")
+        assert lookup(table, b"k") == b"one"  # on the loop's thread: kept for the turn
+        assert probe.state() == "busy"
+
+    run_on_loop(scenario)
+    table.close()
+
+
+@pytest.mark.parametrize("dict_type", LOCKING_TYPES)
 def test_closing_a_table_in_a_turn_releases_its_lock(tmp_path, dict_type, run_on_loop, probes):
     require_postmap()
     spec = build_table(dict_type, tmp_path / "t", [("k", "one")])

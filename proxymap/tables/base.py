@@ -37,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -98,14 +99,17 @@ class LoopTurn:
     once, as after every access.
     """
 
-    __slots__ = ("_loop",)
+    __slots__ = ("_loop", "_thread")
 
     def __init__(self) -> None:
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread = 0
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Turns of ``loop`` (the worker's, from the moment it runs) may defer work."""
+        """Turns of ``loop`` (the worker's, from the moment it runs on this thread) may
+        defer work."""
         self._loop = loop
+        self._thread = threading.get_ident()
 
     def defer(self, callback: Callable[[], None]) -> bool:
         """Run ``callback`` when the current turn ends; False (not deferred) off the loop.
@@ -114,7 +118,9 @@ class LoopTurn:
         exception handler) and still runs the others.
         """
         loop = self._loop
-        if loop is None or asyncio._get_running_loop() is not loop:
+        # Not asyncio's running-loop lookup: on Python 3.11 that is a getpid() system
+        # call, one per lookup here.
+        if loop is None or threading.get_ident() != self._thread or not loop.is_running():
             return False
         loop.call_soon(callback)
         return True
