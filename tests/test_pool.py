@@ -103,6 +103,39 @@ def test_connections_are_reused_and_never_more_than_size():
     run(scenario())
 
 
+def test_the_running_loop_is_the_pools_own_only_on_its_thread():
+    """Drivers ask the pool for the running loop (asyncio's lookup is a getpid() system
+    call on Python 3.11): the pool's loop on the thread that bound it, asyncio's answer
+    elsewhere -- none on an executor thread, the new one after a new loop."""
+
+    async def scenario() -> ConnectionPool[Stream, str]:
+        server = await EchoServer().start()
+        pool = make_pool([server.endpoint], size=1)
+        loop = asyncio.get_running_loop()
+        assert pool.running_loop() is loop  # not bound yet: asyncio's answer
+        assert await ask(pool, b"hello") == b"hello"
+        assert pool.running_loop() is loop
+
+        def off_the_loop() -> str:
+            try:
+                pool.running_loop()
+            except RuntimeError:
+                return "no running loop"
+            return "the pool's loop"
+
+        assert await loop.run_in_executor(None, off_the_loop) == "no running loop"
+        await server.stop()
+        return pool
+
+    pool = run(scenario())
+
+    async def later() -> None:
+        assert pool.running_loop() is asyncio.get_running_loop()  # bound to a loop now gone
+
+    run(later())
+    pool.close()
+
+
 def test_a_full_pool_waits_then_fails_with_retry():
     async def scenario():
         server = await EchoServer().start()

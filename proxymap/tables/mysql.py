@@ -841,9 +841,9 @@ class MysqlTable(AsyncTable):
         The deadline is watched by the pool's sweeper, which cancels this task past
         it, as asyncio.timeout would (then TimeoutError): no task, timer or context
         manager per query."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.timeout
         pool = self.pool
+        loop = pool.running_loop()
+        deadline = loop.time() + self.timeout
         sweeper = pool.sweeper
         task = asyncio.current_task(loop)
         assert task is not None

@@ -528,12 +528,12 @@ class Backend:
         """Run the query of ``context`` for ``key`` (which fills its templates),
         escaped for the connection that runs it; the result, or DictRetry. See the
         module description for the failover rules."""
-        loop = asyncio.get_running_loop()
+        pool = self.pool
+        loop = pool.running_loop()
         deadline = loop.time() + self.timeout
         failed: set[str] = set()
         losses = 0
         reason = "no host answered"
-        pool = self.pool
         for _ in range(len(self.settings.hosts) + 1):
             lease = pool.lend(loop)
             if lease is None:

@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -172,6 +173,7 @@ class ConnectionPool(Generic[C, E]):
         self._usable = usable
         self._idle: list[Lease[C, E]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread = 0  # the thread that bound _loop
         self._free = self.size  # slots neither lent nor handed to a waiter
         self._waiters: deque[asyncio.Future[bool]] = deque()  # True: a slot is yours
         self.sweeper = Sweeper()  # deadlines of waiting lookups (drivers use it too)
@@ -418,8 +420,17 @@ class ConnectionPool(Generic[C, E]):
             self.in_use = 0
             self.waiting = 0
             self._loop = loop
+            self._loop_thread = threading.get_ident()
             self._free = self.size
             self._waiters = deque()
+
+    def running_loop(self) -> asyncio.AbstractEventLoop:
+        """The running loop: the pool's own when it runs on this thread (no system call),
+        else asyncio's lookup (on Python 3.11 a getpid() system call each time)."""
+        loop = self._loop
+        if loop is not None and self._loop_thread == threading.get_ident() and loop.is_running():
+            return loop
+        return asyncio.get_running_loop()
 
     def _dispose(self, lease: Lease[C, E], schedule: bool = True) -> None:
         try:
