@@ -469,13 +469,19 @@ class MemoryTransport:
         return self.closed
 
 
+def connected_in_memory(*tables: str) -> tuple[RecordingServer, ProxymapProtocol, MemoryTransport]:
+    """A protocol serving TABLES, connected to a MemoryTransport (bytes fed directly)."""
+    server = RecordingServer()
+    handler = RequestHandler("proxymap", set(tables), {})
+    protocol = ProxymapProtocol(server, handler, stream_name("proxymap"))
+    transport = MemoryTransport()
+    protocol.connection_made(transport)
+    return server, protocol, transport
+
+
 def test_slow_request_cancelled_before_its_task_ran_is_answered_and_counted(table, recwarn):
     async def main():
-        server = RecordingServer()
-        handler = RequestHandler("proxymap", {"slow:0.2"}, {})
-        protocol = ProxymapProtocol(server, handler, stream_name("proxymap"))
-        transport = MemoryTransport()
-        protocol.connection_made(transport)
+        server, protocol, transport = connected_in_memory("slow:0.2")
         protocol.data_received(lookup("slow:0.2", b"x"))
         assert server.busy == 1 and transport.reading
         protocol._slow.cancel()  # e.g. the loop shutting down: before its first step
@@ -495,11 +501,7 @@ def test_one_task_serves_a_clients_slow_requests_and_ends_with_the_connection(ta
     when the client goes."""
 
     async def main():
-        server = RecordingServer()
-        handler = RequestHandler("proxymap", {"slow:0"}, {})
-        protocol = ProxymapProtocol(server, handler, stream_name("proxymap"))
-        transport = MemoryTransport()
-        protocol.connection_made(transport)
+        server, protocol, transport = connected_in_memory("slow:0")
         tasks = set()
         for key in (b"a", b"b", b"c"):  # the general path, then the fast path
             protocol.data_received(lookup("slow:0", key))
@@ -525,11 +527,7 @@ def test_a_cancelled_task_is_replaced_by_the_next_slow_request(table, while_serv
     request gets a task of its own."""
 
     async def main():
-        server = RecordingServer()
-        handler = RequestHandler("proxymap", {"slow:0.01"}, {})
-        protocol = ProxymapProtocol(server, handler, stream_name("proxymap"))
-        transport = MemoryTransport()
-        protocol.connection_made(transport)
+        server, protocol, transport = connected_in_memory("slow:0.01")
         protocol.data_received(lookup("slow:0.01", b"a"))
         first = protocol._slow_task
         if not while_serving:
@@ -559,11 +557,7 @@ def test_a_client_waiting_for_a_slow_reply_is_never_paused(table):
     """Real clients send one request and wait: no pause and resume per slow request."""
 
     async def main():
-        server = RecordingServer()
-        handler = RequestHandler("proxymap", {"slow:0.01"}, {})
-        protocol = ProxymapProtocol(server, handler, stream_name("proxymap"))
-        transport = MemoryTransport()
-        protocol.connection_made(transport)
+        server, protocol, transport = connected_in_memory("slow:0.01")
         for key in (b"a", b"b", b"c"):
             protocol.data_received(lookup("slow:0.01", key))
             while protocol._slow is not None:
@@ -580,11 +574,7 @@ def test_input_behind_a_slow_request_pauses_reading_until_it_is_answered(table):
     reply (and the queued one) are out, then resumes; replies stay in order."""
 
     async def main():
-        server = RecordingServer()
-        handler = RequestHandler("proxymap", {"slow:0.05", table}, {})
-        protocol = ProxymapProtocol(server, handler, stream_name("proxymap"))
-        transport = MemoryTransport()
-        protocol.connection_made(transport)
+        server, protocol, transport = connected_in_memory("slow:0.05", table)
         protocol.data_received(lookup("slow:0.05", b"first"))
         assert transport.reading
         protocol.data_received(lookup(table, b"alice"))  # behind the slow one
