@@ -45,7 +45,7 @@ from proxymap.handler import RequestHandler
 from proxymap.protocol import stream_name
 from proxymap.tables import TABLE_TYPES
 from proxymap.tables.base import AsyncTable
-from tests.bench.connection_micro import Skeleton
+from tests.bench.connection_micro import CountingTransport, Skeleton
 
 KEYS = [
     f"nobody{i}@example.com" if i % 5 == 0 else f"user{(i * 7919) % 10_000}@example.com"
@@ -82,10 +82,12 @@ TABLE_TYPES["nothing"] = f"{__name__}:NothingTable"
 TABLE_TYPES["wakeup"] = f"{__name__}:WakeupTable"
 
 
-class ClientTransport:
-    """One client: counts its replies and sends the next request a loop turn later."""
+class ClientTransport(CountingTransport):
+    """One client: counts its replies and sends the next request a loop turn later
+    (the rest of a transport is connection_micro's stand-in)."""
 
     def __init__(self, loop, requests: list[bytes], count: int, finished) -> None:
+        super().__init__()
         self.loop = loop
         self.requests = requests
         self.left = count
@@ -107,18 +109,6 @@ class ClientTransport:
             self.loop.call_soon(self.send_next)
         else:
             self.finished()
-
-    def set_write_buffer_limits(self, high=None, low=None) -> None:
-        pass
-
-    def pause_reading(self) -> None:
-        pass
-
-    def resume_reading(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
     def get_extra_info(self, name, default=None):
         return default
