@@ -25,7 +25,6 @@ import argparse
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -157,25 +156,8 @@ class UnderOurMaster(PrivatePostfix):
         # postlogd needs the real master's services: ours logs to stderr instead.
         return [line for line in super().master_cf_lines() if "postlogd" not in line]
 
-    def start(self, timeout: float = 20.0) -> PrivatePostfix:
-        self.write_config()
-        env = {k: v for k, v in os.environ.items() if k != "MAIL_CONFIG"}
-        with open(self.master_output, "ab") as output:
-            self.master = subprocess.Popen(
-                [str(OUR_MASTER), "-c", str(self.conf_dir), "start"],
-                stdin=subprocess.DEVNULL,
-                stdout=output,
-                stderr=output,
-                start_new_session=True,
-                env=env,
-                cwd=str(self.tree),
-            )
-        deadline = time.monotonic() + timeout
-        while not self.socket_path().exists():
-            if self.master.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"our master did not start:\n{self.diagnostics()}")
-            time.sleep(0.05)
-        return self
+    def master_command(self) -> list[str]:
+        return [str(OUR_MASTER), "-c", str(self.conf_dir), "start"]
 
 
 def make_side(master: str, program: Path, tables, base: Path, tag: str, impl: str, prefork):

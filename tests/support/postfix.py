@@ -598,8 +598,12 @@ class PrivatePostfix:
 
     # -- life cycle ---------------------------------------------------------
 
+    def master_command(self) -> list[str]:
+        """The supervisor in the foreground on this tree (Postfix's master -d)."""
+        return [str(MASTER), "-c", str(self.conf_dir), "-d"]
+
     def start(self, timeout: float = 20.0) -> PrivatePostfix:
-        """Write the configuration, start master -d and wait for the proxymap and
+        """Write the configuration, start the master and wait for the proxymap and
         proxywrite sockets (the master creates them one after the other)."""
         self.write_config()
         self.check_permissions()
@@ -608,7 +612,7 @@ class PrivatePostfix:
         with open(self.master_output, "ab") as output:
             self.started_at = time.monotonic()
             self.master = subprocess.Popen(
-                [str(MASTER), "-c", str(self.conf_dir), "-d"],
+                self.master_command(),
                 stdin=subprocess.DEVNULL,
                 stdout=output,
                 stderr=output,
