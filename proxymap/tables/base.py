@@ -87,6 +87,29 @@ class DictUnsupported(DictError):
     """
 
 
+class BoundLoop:
+    """An event loop and the thread that bound it: whether it is the running loop here,
+    without asyncio's running-loop lookup (on Python 3.11 a getpid() system call, which
+    a per-lookup caller would pay every time)."""
+
+    __slots__ = ("loop", "_thread")
+
+    def __init__(self) -> None:
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._thread = 0
+
+    def bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._thread = threading.get_ident()
+
+    def running(self) -> asyncio.AbstractEventLoop | None:
+        """The bound loop when it runs on the calling thread, else None."""
+        loop = self.loop
+        if loop is not None and self._thread == threading.get_ident() and loop.is_running():
+            return loop
+        return None
+
+
 class LoopTurn:
     """What tables leave for the end of the event-loop turn in progress.
 
@@ -99,17 +122,15 @@ class LoopTurn:
     once, as after every access.
     """
 
-    __slots__ = ("_loop", "_thread")
+    __slots__ = ("_bound",)
 
     def __init__(self) -> None:
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread = 0
+        self._bound = BoundLoop()
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
         """Turns of ``loop`` (the worker's, from the moment it runs on this thread) may
         defer work."""
-        self._loop = loop
-        self._thread = threading.get_ident()
+        self._bound.bind(loop)
 
     def defer(self, callback: Callable[[], None]) -> bool:
         """Run ``callback`` when the current turn ends; False (not deferred) off the loop.
@@ -117,10 +138,8 @@ class LoopTurn:
         Each callback is a handle of its own: the loop reports one that fails (its
         exception handler) and still runs the others.
         """
-        loop = self._loop
-        # Not asyncio's running-loop lookup: on Python 3.11 that is a getpid() system
-        # call, one per lookup here.
-        if loop is None or threading.get_ident() != self._thread or not loop.is_running():
+        loop = self._bound.running()
+        if loop is None:
             return False
         loop.call_soon(callback)
         return True

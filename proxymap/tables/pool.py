@@ -57,7 +57,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -65,7 +64,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Generic, TypeVar
 
-from proxymap.tables.base import DictRetry
+from proxymap.tables.base import BoundLoop, DictRetry
 
 log = logging.getLogger("proxymap")
 
@@ -173,7 +172,7 @@ class ConnectionPool(Generic[C, E]):
         self._usable = usable
         self._idle: list[Lease[C, E]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._loop_thread = 0  # the thread that bound _loop
+        self._bound = BoundLoop()  # _loop and the thread that bound it
         self._free = self.size  # slots neither lent nor handed to a waiter
         self._waiters: deque[asyncio.Future[bool]] = deque()  # True: a slot is yours
         self.sweeper = Sweeper()  # deadlines of waiting lookups (drivers use it too)
@@ -420,17 +419,14 @@ class ConnectionPool(Generic[C, E]):
             self.in_use = 0
             self.waiting = 0
             self._loop = loop
-            self._loop_thread = threading.get_ident()
+            self._bound.bind(loop)
             self._free = self.size
             self._waiters = deque()
 
     def running_loop(self) -> asyncio.AbstractEventLoop:
         """The running loop: the pool's own when it runs on this thread (no system call),
         else asyncio's lookup (on Python 3.11 a getpid() system call each time)."""
-        loop = self._loop
-        if loop is not None and self._loop_thread == threading.get_ident() and loop.is_running():
-            return loop
-        return asyncio.get_running_loop()
+        return self._bound.running() or asyncio.get_running_loop()
 
     def _dispose(self, lease: Lease[C, E], schedule: bool = True) -> None:
         try:
