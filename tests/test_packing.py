@@ -40,9 +40,11 @@ main()
 
 @pytest.fixture
 def echo_instance():
-    """Our master running the echo service, one pre-forked worker, process limit 10."""
+    """Our master running the echo service, one pre-forked worker, process limit 10.
+    No max_use: a worker that served 100 newcomers would leave with its last client
+    and be replaced while a test reads the counts."""
     require_root_and_postfix()
-    pf = Instance("echo unix - n n - 10 echo\n", "pyproxymap_prefork = 1\n")
+    pf = Instance("echo unix - n n - 10 echo -o max_use=0\n", "pyproxymap_prefork = 1\n")
     wrapper = pf.daemon / "echo"
     wrapper.write_text(ECHO_WRAPPER)
     wrapper.chmod(0o755)
