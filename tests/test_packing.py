@@ -20,6 +20,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -86,6 +87,20 @@ def start_clients(pf: Instance, count: int, line: str, pause: float, stop: threa
     return threads, errors
 
 
+def paced(seconds: float, pause: float) -> Iterator[None]:
+    """Yields for SECONDS, pausing PAUSE seconds after each round of the caller's."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        yield
+        time.sleep(pause)
+
+
+def stop_clients(stop: threading.Event, threads: list[threading.Thread]) -> None:
+    stop.set()
+    for thread in threads:
+        thread.join(10)
+
+
 def test_a_load_one_worker_carries_gets_no_second_worker(echo_instance):
     """Eight clients asking every 2 ms keep the worker busy in short spells for three
     seconds, while a new client connects every 20 ms: none of them makes the master
@@ -95,15 +110,11 @@ def test_a_load_one_worker_carries_gets_no_second_worker(echo_instance):
     threads, errors = start_clients(pf, 8, "steady", 0.002, stop)
     pids = Counter()
     try:
-        deadline = time.monotonic() + 3
-        while time.monotonic() < deadline:
+        for _ in paced(3, 0.02):  # a new client every 20 ms
             with connect(pf) as newcomer:
                 pids[int(ask(newcomer, "@pid"))] += 1
-            time.sleep(0.02)
     finally:
-        stop.set()
-        for thread in threads:
-            thread.join(10)
+        stop_clients(stop, threads)
     assert not errors, errors
     service = pf.service("echo")
     assert (service["spawned"], service["total"]) == (1, 1), service
@@ -133,9 +144,7 @@ def test_a_saturated_worker_gets_a_sibling_that_takes_the_new_clients(echo_insta
         kept += newcomers
         taken = Counter(int(ask(client, "@pid")) for client in newcomers)
     finally:
-        stop.set()
-        for thread in threads:
-            thread.join(10)
+        stop_clients(stop, threads)
     for client in kept:
         client.close()
     assert not errors, errors
@@ -180,15 +189,11 @@ def test_postfix_master_gives_a_carried_load_one_worker():
             thread.start()
         workers = set()
         try:
-            deadline = time.monotonic() + 3
-            while time.monotonic() < deadline:
+            for _ in paced(3, 0.02):
                 with pf.client(timeout=10) as newcomer:
                     assert newcomer.lookup(table, "alice").get("status") == b"0"
                 workers.update(pf.worker_pids("proxymap"))
-                time.sleep(0.02)
         finally:
-            stop.set()
-            for thread in threads:
-                thread.join(10)
+            stop_clients(stop, threads)
         assert not errors, errors
         assert len(workers) == 1, workers

@@ -127,6 +127,13 @@ def lookup(table, key: bytes, flags: int = CLIENT_LOOKUP_FLAGS) -> bytes | None:
     return table.lookup(key)
 
 
+async def released_when_the_turn_ends(probe: LockProbe) -> None:
+    """The lock is held now and gone once the turn in progress has ended."""
+    assert probe.state() == "busy"
+    await asyncio.sleep(0)  # the turn ends
+    assert probe.state() == "free"
+
+
 @pytest.mark.parametrize("dict_type", LOCKING_TYPES)
 def test_the_lock_is_kept_for_the_turn_and_released_when_it_ends(
     tmp_path, dict_type, run_on_loop, probes
@@ -143,13 +150,9 @@ def test_the_lock_is_kept_for_the_turn_and_released_when_it_ends(
         assert probe.state() == "busy"  # the turn keeps the shared lock
         assert lookup(table, b"j") == b"two"
         assert lookup(table, b"missing") is None
-        assert probe.state() == "busy"
-        await asyncio.sleep(0)  # the turn ends
-        assert probe.state() == "free"
+        await released_when_the_turn_ends(probe)
         assert lookup(table, b"j") == b"two"  # the next turn locks again
-        assert probe.state() == "busy"
-        await asyncio.sleep(0)
-        assert probe.state() == "free"
+        await released_when_the_turn_ends(probe)
 
     run_on_loop(scenario)
 
@@ -220,9 +223,7 @@ def test_a_lock_asked_for_later_in_a_turn_is_taken_then(tmp_path, run_on_loop, p
         assert lookup(table, b"k", CLIENT_LOOKUP_FLAGS & ~F.LOCK) == b"one"
         assert probe.state() == "free"
         assert lookup(table, b"k") == b"one"
-        assert probe.state() == "busy"
-        await asyncio.sleep(0)
-        assert probe.state() == "free"
+        await released_when_the_turn_ends(probe)
 
     run_on_loop(scenario)
 
@@ -320,9 +321,7 @@ def test_a_walk_in_a_turn_shares_the_turns_lock(tmp_path, dict_type, run_on_loop
         assert lookup(table, b"k") == b"one"
         walked = [table.sequence(0), table.sequence(1), table.sequence(1)]
         assert sorted(item for item in walked if item) == [(b"j", b"two"), (b"k", b"one")]
-        assert probe.state() == "busy"
-        await asyncio.sleep(0)
-        assert probe.state() == "free"
+        await released_when_the_turn_ends(probe)
 
     run_on_loop(scenario)
 
