@@ -48,6 +48,9 @@ SEE ALSO
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import os
+import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -116,6 +119,39 @@ def ldif_entries() -> str:
     return "\n".join(parts)
 
 
+# dbdirect.c: the database's own latency from a C client, without a proxy.
+DIRECT_SOURCE = Path(__file__).with_name("dbdirect.c")
+# The client libraries' development packages and a header of each.
+DIRECT_HEADERS = {
+    "libmariadb-dev": Path("/usr/include/mariadb/mysql.h"),
+    "libpq-dev": Path("/usr/include/postgresql/libpq-fe.h"),
+}
+
+
+def build_direct_client(cache: Path) -> Path:
+    """Compile dbdirect.c once per source version (installing the client libraries'
+    development packages first when they are missing, as for the servers)."""
+    missing = [package for package, header in DIRECT_HEADERS.items() if not header.exists()]
+    if missing:
+        install_server_packages(*missing)
+    digest = hashlib.sha256(DIRECT_SOURCE.read_bytes()).hexdigest()[:12]
+    binary = cache / f"dbdirect-{digest}"
+    if binary.exists():
+        return binary
+    flags = subprocess.run(
+        ["mariadb_config", "--cflags", "--libs"], capture_output=True, text=True, check=True
+    ).stdout.split()
+    includes = subprocess.run(
+        ["pg_config", "--includedir"], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    binary.parent.mkdir(parents=True, exist_ok=True)
+    partial = binary.with_suffix(f".{os.getpid()}.tmp")  # two builds may race
+    command = ["gcc", "-O2", "-o", str(partial), str(DIRECT_SOURCE), *flags]
+    subprocess.run([*command, f"-I{includes}", "-lpq", "-lpthread"], check=True)
+    partial.rename(binary)
+    return binary
+
+
 def require_packages(*packages: str) -> None:
     """Install missing server packages (the benchmark runs as root, as make bench does
     for Postfix itself); no system service is started."""
@@ -136,6 +172,9 @@ class DatabaseTable:
     keyfile: Path
     probe_key: str
     count_connections: Callable[[str], int] = field(repr=False)
+    # The arguments of dbdirect.c after the program (CONNS and SECONDS appended by the
+    # caller): the same query from a C client without any proxy. None for ldap.
+    direct_args: list[str] | None = None
 
 
 class DatabaseBackends(contextlib.AbstractContextManager):
@@ -213,7 +252,24 @@ class DatabaseBackends(contextlib.AbstractContextManager):
             path = tables_dir / f"{kind}-{side}.cf"
             path.write_text(self._cf_text(kind, side))
             specs[side] = f"{dict_type(kind)}:{path}"
-        return DatabaseTable(kind, specs, keyfile, "user1@example.com", self._counter(kind))
+        return DatabaseTable(
+            kind,
+            specs,
+            keyfile,
+            "user1@example.com",
+            self._counter(kind),
+            self._direct_args(kind, keyfile),
+        )
+
+    def _direct_args(self, kind: str, keyfile: Path) -> list[str] | None:
+        """dbdirect.c's arguments for KIND, as the C side's user (runs never overlap)."""
+        kind_type = dict_type(kind)
+        if kind_type not in ("mysql", "pgsql"):
+            return None
+        port = self.mariadb().port if kind_type == "mysql" else self.postgres().port
+        user = db_user("c")
+        query = QUERIES[kind]
+        return [kind_type, "127.0.0.1", str(port), user, PASSWORD, DBNAME, query, str(keyfile)]
 
     def _cf_text(self, kind: str, side: str) -> str:
         kind_type = dict_type(kind)

@@ -79,7 +79,11 @@ DESCRIPTION
     our main.cf) and whether the issue's targets are met (5 ms @ 32: ours >= 5x the C
     lookups/s with p99 <= 15 ms; without the sleep: ours not slower than C). The warm-up
     of a database table runs at its largest connection count, so that both sides have
-    their connections and workers before the first measured run.
+    their connections and workers before the first measured run. Beside them, mysql and
+    pgsql rows are also measured "direct": the same queries from a C client
+    (dbdirect.c, built with libmariadb and libpq) with one connection per client and no
+    proxy, as that many Postfix processes with a direct table would query; the
+    database's own latency at that load, which no proxy can go below.
 
     --scale IDLE holds IDLE connections open to our server (raising RLIMIT_NOFILE, which
     the workers inherit) and compares 256 active connections' p99 with and without them.
@@ -118,6 +122,7 @@ from tests.bench.databases import (
     DATABASE_KINDS,
     ConnectionWatch,
     DatabaseBackends,
+    build_direct_client,
     dict_type,
     is_database_kind,
 )
@@ -245,7 +250,12 @@ def run_pmload(
         process.kill()
         process.communicate()
         return LoadResult(exit=-1, error="pmload timed out (server hung)")
-    result = LoadResult(exit=process.returncode, error=stderr.strip())
+    return parse_load(stdout, process.returncode, stderr)
+
+
+def parse_load(stdout: str, returncode: int, stderr: str) -> LoadResult:
+    """The name=value line of pmload (and of dbdirect.c, which prints the same)."""
+    result = LoadResult(exit=returncode, error=stderr.strip())
     for item in stdout.split():
         name, _, value = item.partition("=")
         if name in ("requests", "ok", "nokey", "other"):
@@ -253,6 +263,18 @@ def run_pmload(
         elif name in ("rps", "p50_us", "p99_us", "max_us"):
             setattr(result, name, float(value))
     return result
+
+
+def run_direct(binary: Path, args: list[str], conns: int, seconds: float) -> LoadResult:
+    """One closed-loop run of dbdirect.c: the database without any proxy."""
+    command = [str(binary), *args, str(conns), str(seconds)]
+    try:
+        done = subprocess.run(
+            command, capture_output=True, text=True, timeout=seconds + 30, check=False
+        )
+    except subprocess.TimeoutExpired:
+        return LoadResult(exit=-1, error="dbdirect timed out")
+    return parse_load(done.stdout, done.returncode, done.stderr)
 
 
 # ---------------------------------------------------------------------------
@@ -270,6 +292,7 @@ class BenchTable:
     # server-side connection count of an implementation.
     specs: dict[str, str] = field(default_factory=dict)
     count_connections: Callable[[str], int] | None = None
+    direct_args: list[str] | None = None  # dbdirect.c's (databases.DatabaseTable)
 
     def spec_for(self, impl: str) -> str:
         return self.specs.get(impl, self.spec)
@@ -356,6 +379,7 @@ def build_tables(
                 made.probe_key,
                 made.specs,
                 made.count_connections,
+                made.direct_args,
             )
         else:
             raise SystemExit(f"unknown table kind {kind!r}; choose from {', '.join(ALL_TABLES)}")
@@ -605,6 +629,11 @@ def run_benchmark(options: argparse.Namespace) -> Report:
             if kinds
             else {}
         )
+        direct_client = (
+            build_direct_client(cache_dir())
+            if any(table.direct_args for table in tables.values())
+            else None
+        )
         report.db_limits = {
             dict_type(kind): our_connection_limit(kind, options.db_pool)
             for kind in tables
@@ -624,7 +653,7 @@ def run_benchmark(options: argparse.Namespace) -> Report:
                 for impl in implementations
             }
             with running(instances):
-                measure_table(options, pmload, table, instances, report)
+                measure_table(options, pmload, table, instances, report, direct_client)
         if options.scale and "ours" in implementations:
             instances = {
                 "ours": make_instance(
@@ -708,7 +737,7 @@ def running(instances: dict[str, PrivatePostfix]):
             instance.cleanup()
 
 
-def measure_table(options, pmload, table, instances, report) -> None:
+def measure_table(options, pmload, table, instances, report, direct_client=None) -> None:
     """Every connection count on one table, C and ours alternating, on fresh instances."""
     available = {}
     for impl, instance in instances.items():
@@ -736,6 +765,7 @@ def measure_table(options, pmload, table, instances, report) -> None:
                 table.keyfile,
                 options.v311 and impl == "ours",
             )
+    direct = direct_client if table.direct_args else None
     for conns in conns_for(table.kind, options):
         for repeat in range(options.repeat):
             order = list(instances) if repeat % 2 == 0 else list(reversed(instances))
@@ -746,6 +776,19 @@ def measure_table(options, pmload, table, instances, report) -> None:
                 sample.repeat = repeat
                 report.samples.append(sample)
                 log(describe(sample))
+            if direct is not None:
+                sample = measure_direct(options, direct, table, conns)
+                sample.repeat = repeat
+                report.samples.append(sample)
+                log(describe(sample))
+
+
+def measure_direct(options, binary: Path, table: BenchTable, conns: int) -> Sample:
+    """The same queries from a C client, one connection per client and no proxy: the
+    database's own throughput and latency at this load, in the same run."""
+    assert table.direct_args is not None
+    load = run_direct(binary, table.direct_args, conns, options.seconds)
+    return Sample("direct", table.kind, conns, 0, load, None, None, 0)
 
 
 WARM_UP_ROUNDS = 10
@@ -942,6 +985,8 @@ def measure_one(options, pmload, instance, impl, table, conns) -> Sample:
 def describe(sample: Sample) -> str:
     load = sample.load
     cpu = f"{sample.cpu_us_per_lookup:.1f}" if sample.cpu_us_per_lookup else "?"
+    if sample.implementation == "direct":
+        cpu = "-"
     problem = f" ERROR exit={load.exit} {load.error}" if load.exit else ""
     database = ""
     if sample.db_samples:
@@ -949,7 +994,7 @@ def describe(sample: Sample) -> str:
         over = f" OVER BOUND in {sample.db_over_bound} samples" if sample.db_over_bound else ""
         database = f" db_conns={sample.db_connections}{bound}{over}"
     return (
-        f"{sample.implementation:4} {sample.table:9} conns={sample.conns:<3} "
+        f"{sample.implementation:6} {sample.table:9} conns={sample.conns:<3} "
         f"rps={load.rps:8.0f} p50={load.p50_us:8.1f}us p99={load.p99_us:8.1f}us "
         f"cpu={cpu}us/lookup workers={sample.workers}{database}{problem}"
     )
@@ -1165,18 +1210,23 @@ def database_markdown(report: Report, by_key: dict, conns: list[int]) -> list[st
         "DB conns: the most connections the server listed for each side during its runs "
         "(sampled 4 times per run: MariaDB PROCESSLIST and pg_stat_activity by user, "
         "slapd's established TCP connections, one slapd per side); bound: our workers x "
-        f"pyproxymap_<type>_connections ({limits}: {source}). Ratios ours/C.",
+        f"pyproxymap_<type>_connections ({limits}: {source}). Ratios ours/C. "
+        "Direct: the same queries from a C client (dbdirect.c, libmariadb / libpq), one "
+        "connection per client and no proxy, as that many Postfix processes with a direct "
+        "table would send them: the server's own throughput and latency at that load, "
+        "measured between the two sides' runs.",
         "",
         "| table | conns | lookups/s C | ours | ratio | p50 ms C | ours | p99 ms C | ours "
         "| CPU µs/lookup C | ours | RSS MiB/worker C | ours | DB conns C | ours | bound ours "
-        "| workers C | ours | target |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| workers C | ours | target | direct lookups/s | p50 ms | p99 ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     empty: dict = {}
     for kind in kinds:
         for conn in conns:
             c = by_key.get((kind, conn, "c"), empty)
             o = by_key.get((kind, conn, "ours"), empty)
+            d = by_key.get((kind, conn, "direct"), empty)
             if not c and not o:
                 continue
             over = f" ({o['db_over_bound']} samples over)" if o.get("db_over_bound") else ""
@@ -1190,7 +1240,8 @@ def database_markdown(report: Report, by_key: dict, conns: list[int]) -> list[st
                 f"| {_fmt(c.get('db_connections'))} | {_fmt(o.get('db_connections'))}{over} "
                 f"| {_fmt(o.get('db_bound'))} "
                 f"| {c.get('workers', 'n/a')} | {o.get('workers', 'n/a')} "
-                f"| {target_verdict(kind, c, o)} |"
+                f"| {target_verdict(kind, c, o)} "
+                f"| {_fmt(d.get('rps'))} | {_ms(d.get('p50_us'))} | {_ms(d.get('p99_us'))} |"
             )
     return lines
 
