@@ -25,9 +25,9 @@ from tests.bench.databases import (
     bench_keys,
     ldif_entries,
 )
-from tests.bench.run import BenchTable, listed_tables, parse_args, target_verdict
+from tests.bench.run import BenchTable, listed_tables, parse_args, run_direct, target_verdict
 from tests.support.postfix import ensure_postfix, run_postmap, settle_files
-from tests.support.servers import ensure_server_packages
+from tests.support.servers import ensure_server_packages, install_wanted
 
 
 @pytest.fixture(scope="module")
@@ -104,6 +104,44 @@ def test_the_shorter_pgsql_form_skips_the_sleep_on_a_miss(backends: DatabaseBack
         dbname="mail",
     )
     assert "never executed" in next(line for line in plan.splitlines() if "pg_sleep" in line)
+
+
+@pytest.fixture(scope="module")
+def direct_client(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    missing = [name for name, header in databases.DIRECT_HEADERS.items() if not header.exists()]
+    if missing and not install_wanted():
+        pytest.skip(f"{' '.join(missing)} not installed (PYPROXYMAP_INSTALL=1 or CI=true)")
+    return databases.build_direct_client(tmp_path_factory.mktemp("dbdirect"))
+
+
+@pytest.mark.parametrize("kind", ["mysql", "pgsql", "pgsql-5ms"])
+def test_direct_client_queries_as_postfix_would_and_counts_misses(
+    backends: DatabaseBackends, direct_client: Path, tmp_path: Path, kind: str
+) -> None:
+    table = backends.table(kind, tmp_path)
+    assert table.direct_args is not None
+    load = run_direct(direct_client, table.direct_args, 4, 0.5)
+    assert (load.exit, load.error, load.other) == (0, "", 0)
+    assert load.requests == load.ok + load.nokey > 0
+    assert 0.1 < load.nokey / load.requests < 0.3  # one key in five misses
+    assert 0 < load.p50_us <= load.p99_us <= load.max_us
+    if kind.endswith("-5ms"):
+        assert load.p50_us >= 5000 and load.rps <= 4 / 0.005
+
+
+def test_direct_client_reports_a_refused_login(
+    backends: DatabaseBackends, direct_client: Path, tmp_path: Path
+) -> None:
+    table = backends.table("mysql", tmp_path)
+    assert table.direct_args is not None
+    args = list(table.direct_args)
+    args[4] = "wrong-password"
+    load = run_direct(direct_client, args, 2, 0.2)
+    assert load.exit == 1 and "Access denied" in load.error and load.requests == 0
+
+
+def test_ldap_has_no_direct_client(backends: DatabaseBackends, tmp_path: Path) -> None:
+    assert backends.table("ldap", tmp_path).direct_args is None
 
 
 def wait_until(condition, timeout: float = 10.0) -> bool:
