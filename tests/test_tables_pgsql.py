@@ -38,7 +38,17 @@ import pytest
 
 from proxymap import flags as F
 from proxymap.tables.base import DictOpenError, DictRetry, OpenContext
-from proxymap.tables.pgsql import INET, UNIX, URI, Host, PgsqlTable, parse_host, parse_hosts
+from proxymap.tables.db_common import Template
+from proxymap.tables.pgsql import (
+    INET,
+    UNIX,
+    URI,
+    Host,
+    PgsqlTable,
+    parse_host,
+    parse_hosts,
+    statement_for,
+)
 from tests.support.postfix import (
     C_PROXYMAP,
     PostmapResult,
@@ -263,6 +273,60 @@ class TestConfiguration:
 
 
 # ---------------------------------------------------------------------------------------
+# Statement forms
+# ---------------------------------------------------------------------------------------
+
+
+class TestStatementForm:
+    @pytest.mark.parametrize(
+        "query, text, values",
+        [
+            (QUERY, b"SELECT v FROM aliases WHERE k = $1", [b"%s"]),
+            (
+                "SELECT v FROM t WHERE u = '%u' AND d='%d' AND x = 'lit' AND p LIKE '%%%s'",
+                b"SELECT v FROM t WHERE u = $1 AND d=$2 AND x = 'lit' AND p LIKE $3",
+                [b"%u", b"%d", b"%%%s"],
+            ),
+            ("SELECT v FROM t WHERE k = '%u@%d'", b"SELECT v FROM t WHERE k = $1", [b"%u@%d"]),
+            ("SELECT alias_of('%s')", b"SELECT alias_of($1)", [b"%s"]),
+            ("SELECT '%s'", b"SELECT $1", [b"%s"]),  # prepared, it fails: simple queries
+        ],
+    )
+    def test_literals_with_expansions_become_parameters(
+        self, query: str, text: bytes, values: list[bytes]
+    ) -> None:
+        statement = statement_for(Template.parse(query, "query"))
+        assert statement is not None
+        assert (statement.text, [value.text for value in statement.values]) == (text, values)
+
+    @pytest.mark.parametrize(
+        "query",
+        [
+            "SELECT v FROM t WHERE id = %s",  # part of the SQL itself
+            "SELECT v FROM t WHERE k = E'%s'",  # escape string: a backslash is special
+            "SELECT v FROM t WHERE k = U&'%s'",
+            "SELECT v FROM t WHERE k = '%s''x'",  # a doubled quote
+            "SELECT v FROM t WHERE k = 'it''s' OR k = '%s'",
+            "SELECT v FROM t WHERE k = '%s",  # unterminated
+            "SELECT v FROM \"t\" WHERE k = '%s'",  # a quoted identifier
+            "SELECT 1; SELECT v FROM t WHERE k = '%s'",  # several statements
+            "SELECT v FROM t WHERE k = '%s' -- it's",  # a comment
+            "SELECT v FROM t WHERE k = $$%s$$",
+            "SELECT v FROM t WHERE k = '\\%s'",
+            "SELECT v FROM t WHERE k = 'static'",  # nothing to parameterize
+        ],
+    )
+    def test_other_forms_stay_simple_queries(self, query: str) -> None:
+        assert statement_for(Template.parse(query, "query")) is None
+
+    def test_values_are_the_unescaped_literal(self) -> None:
+        statement = statement_for(Template.parse("SELECT 1 WHERE '%u' = 'x%%%d'", "query"))
+        assert statement is not None
+        needs = Template.parse("SELECT 1 WHERE '%u' = 'x%%%d'", "query").needs
+        assert statement.expand(b"o'b\\c@ex'ample", needs) == [b"o'b\\c", b"x%ex'ample"]
+
+
+# ---------------------------------------------------------------------------------------
 # Lookups at table level
 # ---------------------------------------------------------------------------------------
 
@@ -319,6 +383,80 @@ class TestLookups:
         # SQL NULL is libpq's "": skipped with Postfix's warning.
         assert 'empty lookup result for: "nullval" -- ignored' in caplog.text
         assert caplog.text.count('empty lookup result for: "nulls"') == 2
+
+    def test_lookups_are_prepared_statements(
+        self, database: PrivatePostgres, tmp_path: Path
+    ) -> None:
+        cf = write_cf(tmp_path / "t.cf", tcp_settings(database, query=QUERY))
+        table = make_table(cf)
+
+        async def main() -> tuple[list[object], list[dict[bytes, bytes]]]:
+            try:
+                keys = [b"alice@example.com", b"o'brien@example.com", b"back\\slash", b"nobody"]
+                answers = [await answer(table, key) for key in keys * 2]
+                return answers, [lease.connection.statements for lease in table.pool._idle]
+            finally:
+                table.close()
+
+        answers, statements = run(main())
+        expected = [b"alice@mail.example.com", b"quote-ok", b"backslash-row", None]
+        assert answers == expected * 2
+        assert table.backend.prepared
+        assert statements == [
+            {
+                b"SELECT v FROM aliases WHERE k = $1": statements[0][
+                    b"SELECT v FROM aliases WHERE k = $1"
+                ]
+            }
+        ]
+
+    def test_a_statement_postgresql_refuses_turns_to_simple_queries(
+        self, database: PrivatePostgres, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        # concat's arguments are "any": a literal is text, a parameter has no type.
+        query = "SELECT concat('%s', '-x')"
+        cf = write_cf(tmp_path / "t.cf", tcp_settings(database, query=query))
+        table = make_table(cf, flags=0)
+
+        async def main() -> list[object]:
+            try:
+                return [await answer(table, key) for key in (b"a'b", b"c", b"d")]
+            finally:
+                table.close()
+
+        with caplog.at_level(logging.INFO, logger="proxymap"):
+            assert run(main()) == [b"a'b-x", b"c-x", b"d-x"]
+        assert not table.backend.prepared
+        assert caplog.text.count("sending simple queries from now on") == 1
+        assert "could not determine data type of parameter" in caplog.text
+
+    def test_a_table_changed_under_its_statement_still_answers(
+        self, database: PrivatePostgres, tmp_path: Path
+    ) -> None:
+        database.execute(
+            "CREATE TABLE changing (k text, v text); INSERT INTO changing VALUES ('a', 'one');",
+            dbname=DBNAME,
+        )
+        cf = write_cf(
+            tmp_path / "t.cf", tcp_settings(database, query="SELECT * FROM changing WHERE k = '%s'")
+        )
+        table = make_table(cf)
+
+        async def main() -> list[object]:
+            try:
+                first = await answer(table, b"a")
+                # The statement's result type changes: PostgreSQL refuses to run it.
+                await asyncio.to_thread(
+                    database.execute,
+                    "ALTER TABLE changing ADD COLUMN w text DEFAULT 'two'",
+                    dbname=DBNAME,
+                )
+                return [first, await answer(table, b"a"), await answer(table, b"a")]
+            finally:
+                table.close()
+
+        assert run(main()) == [b"a,one", b"a,one,two", b"a,one,two"]
+        assert not table.backend.prepared  # the simple query answered where it failed
 
     def test_escaping_is_pqescapestringconn(
         self, database: PrivatePostgres, tmp_path: Path

@@ -30,7 +30,15 @@ DESCRIPTION
     connection's client encoding (with standard_conforming_strings, a ``'`` is
     doubled and a backslash stays as it is), and sent as one simple query, as
     Postfix's PQexec does: several statements are allowed and the last result
-    counts. Success is a result that returned rows or a completed command; every
+    counts. When every expansion of the query stands in a plain string literal
+    (``k = '%s'``, ``'%u@%d'``), the query goes instead as a statement prepared
+    once per connection, each such literal a parameter carrying the text the
+    literal would hold (``Statement``): the server then skips parsing and
+    planning, about half its work for a key lookup. The answer is the same; a
+    statement that fails where the simple query works (a parameter whose type
+    the server cannot infer, as in ``concat('%s')``; a table changed under it; a
+    pooler that loses statements) makes the table send simple queries from then
+    on, logged once. Success is a result that returned rows or a completed command; every
     column of every row, as the server's bytes, goes through ``result_format``
     and is joined with ``,``. SQL NULL is the empty string, which is skipped with
     Postfix's "empty lookup result" warning.
@@ -76,7 +84,8 @@ DESCRIPTION
 
 SECURITY
     A key reaches the SQL text only through PQescapeStringConn, for the encoding of
-    the connection that runs it. Logs show a URI host with its password hidden.
+    the connection that runs it, or as a parameter value, outside the SQL text. Logs
+    show a URI host with its password hidden.
 
 BUGS
     Deliberate differences from Postfix 3.7: an explicit ``encoding`` is honoured;
@@ -96,6 +105,7 @@ SEE ALSO
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import os
 import random
@@ -117,7 +127,7 @@ from proxymap.tables.base import (
     OpenContext,
 )
 from proxymap.tables.cfg_parser import CfgParser
-from proxymap.tables.db_common import Escape, QueryContext
+from proxymap.tables.db_common import Escape, Needs, QueryContext, Skip, Template, expand_or_skip
 from proxymap.tables.pool import (
     ConnectionPool,
     EndpointState,
@@ -245,6 +255,105 @@ def check_dbname(settings: Settings, spec: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------
+# Prepared statements
+# ---------------------------------------------------------------------------------------
+
+# What a template's literal text must not contain for its statement form: dollar
+# quotes and positional parameters, backslash escapes (E'' strings; non-standard
+# strings), quoted identifiers, several statements, comments (which may hold quotes).
+_NOT_PREPARABLE = re.compile(rb"[$\\\";]|--|/\*")
+# A quote after these is not a plain string literal (E'', U&'', B'', X'', N'').
+_PREFIX_BYTES = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_&")
+
+
+@dataclass(frozen=True, slots=True)
+class Statement:
+    """A query template as a statement with parameters: every plain string literal
+    that holds expansions (``'%s'``, ``'%u@%d'``) becomes ``$n``, with the literal's
+    inside as the template of its value. The server then parses and plans the
+    statement once per connection, not once per lookup: half its cost for a
+    key lookup. The value a parameter carries is the text the literal would hold
+    after unescaping, so the server compares the same string; where PostgreSQL
+    resolves a parameter's type differently (``SELECT '%s'``), preparing fails and
+    the table sends simple queries as before (``Backend``)."""
+
+    text: bytes
+    values: tuple[Template, ...]
+
+    def expand(self, key: bytes, needs: Needs) -> list[bytes | None]:
+        out: list[bytes | None] = []
+        for template in self.values:
+            value = expand_or_skip(template, key, None, None, needs)
+            assert not isinstance(value, Skip), "the caller checked that the key fills it"
+            out.append(value)
+        return out
+
+
+def statement_for(template: Template) -> Statement | None:
+    """The statement form of a query template; None when it has none (an expansion
+    outside a plain string literal, or text this scanner does not follow)."""
+    pieces = _merged(template.pieces)
+    if any(isinstance(piece, bytes) and _NOT_PREPARABLE.search(piece) for piece in pieces):
+        return None
+    out = bytearray()
+    values: list[Template] = []
+    literal: list[bytes | int] | None = None  # the pieces inside an open quote
+    for piece in pieces:
+        if isinstance(piece, int):
+            if literal is None:
+                return None  # an expansion outside quotes: part of the SQL itself
+            literal.append(piece)
+            continue
+        pos = 0
+        while pos <= len(piece):
+            quote = piece.find(b"'", pos)
+            if literal is None:
+                if quote < 0:
+                    out += piece[pos:]
+                    break
+                out += piece[pos:quote]
+                if out and out[-1] in _PREFIX_BYTES:
+                    return None
+                literal = []
+            else:
+                if quote < 0:
+                    literal.append(piece[pos:])
+                    break
+                if piece[quote + 1 : quote + 2] == b"'":
+                    return None  # a doubled quote inside the literal
+                literal.append(piece[pos:quote])
+                out += _close_literal(literal, values)
+                literal = None
+            pos = quote + 1
+    if literal is not None or not values:
+        return None
+    return Statement(bytes(out), tuple(values))
+
+
+def _merged(pieces: tuple[bytes | int, ...]) -> list[bytes | int]:
+    """Adjacent literal pieces as one (``%%`` is a piece of its own)."""
+    merged: list[bytes | int] = []
+    for piece in pieces:
+        if isinstance(piece, bytes) and merged and isinstance(merged[-1], bytes):
+            merged[-1] += piece
+        else:
+            merged.append(piece)
+    return merged
+
+
+def _close_literal(literal: list[bytes | int], values: list[Template]) -> bytes:
+    """The SQL for a literal: itself, or a parameter when it holds an expansion."""
+    if all(isinstance(piece, bytes) for piece in literal):
+        return b"'" + b"".join(literal) + b"'"  # type: ignore[arg-type]
+    raw = b"".join(
+        piece.replace(b"%", b"%%") if isinstance(piece, bytes) else b"%" + bytes([piece])
+        for piece in literal
+    )
+    values.append(Template.parse(raw, "query"))
+    return b"$%d" % len(values)
+
+
+# ---------------------------------------------------------------------------------------
 # Connections
 # ---------------------------------------------------------------------------------------
 
@@ -272,6 +381,7 @@ class Link:
         "timer",
         "broken",
         "sweeper",
+        "statements",
     )
 
     def __init__(
@@ -288,6 +398,7 @@ class Link:
         self.waiter: asyncio.Future[None] | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.broken = ""  # why the connection is unusable; "" while it works
+        self.statements: dict[bytes, bytes] = {}  # prepared here: statement text -> name
         loop.add_reader(self.fd, self._readable)
 
     @property
@@ -349,10 +460,18 @@ class Link:
         self.waiter = waiter
         await waiter
 
-    async def run(self, query: bytes, deadline: float | None) -> pq.abc.PGresult:
+    async def run(
+        self,
+        query: bytes,
+        deadline: float | None,
+        values: list[bytes | None] | None = None,
+        prepare: bytes | None = None,
+    ) -> pq.abc.PGresult:
         """Send ``query`` as one simple query and return its last result (PQexec's),
         which is TUPLES_OK or COMMAND_OK; else _Failed or _Lost. Past ``deadline``
-        (loop time) TimeoutError, the query still running.
+        (loop time) TimeoutError, the query still running. With ``values``, run
+        the prepared statement named ``query`` with them; with ``prepare``,
+        prepare ``query`` under that name.
 
         One coroutine frame from sending to the result: every nested await level
         costs again on each resumption."""
@@ -363,7 +482,12 @@ class Link:
             self.sweeper.watch(self, deadline, self._expire, self.loop)
         try:
             try:
-                pgconn.send_query(query)
+                if values is not None:
+                    pgconn.send_query_prepared(query, values)
+                elif prepare is not None:
+                    pgconn.send_prepare(prepare, query)
+                else:
+                    pgconn.send_query(query)
                 if pgconn.flush():  # the rest when the socket takes it (libpq is non-blocking)
                     self.loop.add_writer(self.fd, self._writable)
                     await self._wait()
@@ -475,6 +599,9 @@ class Backend:
         self._outages: dict[str, OutageLog] = {}  # host label -> its query failures
         self._penalties: dict[str, float] = {}  # host label -> end of its retry_interval
         self._cancelling: set[asyncio.Future[None]] = set()
+        # Queries go as prepared statements until one fails where the simple query
+        # works (see Statement): then simple queries, for good.
+        self.prepared = True
         self.pool: ConnectionPool[Link, Host] = ConnectionPool(
             spec,
             settings.hosts,
@@ -524,10 +651,15 @@ class Backend:
         self._penalties[host.label] = time.monotonic() + self.settings.retry_interval
 
     # --- one lookup ------------------------------------------------------------------
-    async def query(self, context: QueryContext, key: bytes) -> pq.abc.PGresult:
+    async def query(
+        self, context: QueryContext, key: bytes, statement: Statement | None = None
+    ) -> pq.abc.PGresult:
         """Run the query of ``context`` for ``key`` (which fills its templates),
-        escaped for the connection that runs it; the result, or DictRetry. See the
-        module description for the failover rules."""
+        as ``statement`` (its statement form) or escaped for the connection that runs
+        it; the result, or DictRetry. See the module description for the failover
+        rules."""
+        if not self.prepared:
+            statement = None
         pool = self.pool
         loop = pool.running_loop()
         deadline = loop.time() + self.timeout
@@ -547,12 +679,16 @@ class Backend:
                 break
             link = lease.connection
             try:
-                try:
-                    query = context.expand_query(context.query, key, link.escape)
-                except psycopg.Error as exc:
-                    raise link._failure(f"cannot escape the key: {_reason(exc)}") from None
-                assert query is not None  # the caller checked that the key fills the templates
-                result = await link.run(query, deadline)
+                name = None if statement is None else link.statements.get(statement.text)
+                if name is not None:
+                    assert statement is not None
+                    values = statement.expand(key, context.needs)
+                    try:
+                        result = await link.run(name, deadline, values)
+                    except _Failed as error:
+                        result = await self._simple_instead(link, context, key, deadline, error)
+                else:
+                    result = await self._first_run(link, context, key, statement, deadline)
             except _Lost as lost:
                 losses += 1
                 reason = self._after_loss(lease, str(lost), losses, failed)
@@ -582,6 +718,41 @@ class Backend:
                 outage.ok()
             return result
         raise DictRetry(f"{self.spec}: {reason}")
+
+    async def _first_run(
+        self,
+        link: Link,
+        context: QueryContext,
+        key: bytes,
+        statement: Statement | None,
+        deadline: float,
+    ) -> pq.abc.PGresult:
+        """A simple query, or the statement's first run on this connection: prepare it."""
+        if statement is None or not self.prepared:
+            return await _simple(link, context, key, deadline)
+        name = b"pyproxymap_%d" % next(_STATEMENT_NUMBERS)
+        try:
+            await link.run(statement.text, deadline, prepare=name)
+            link.statements[statement.text] = name
+            return await link.run(name, deadline, statement.expand(key, context.needs))
+        except _Failed as error:
+            return await self._simple_instead(link, context, key, deadline, error)
+
+    async def _simple_instead(
+        self, link: Link, context: QueryContext, key: bytes, deadline: float, error: _Failed
+    ) -> pq.abc.PGresult:
+        """The statement failed: the simple query answers. Its success shows that the
+        statement form is wrong for this table (a parameter whose type PostgreSQL
+        cannot infer, a pooler that loses statements): simple queries from now on."""
+        result = await _simple(link, context, key, deadline)
+        if self.prepared:
+            self.prepared = False
+            log.info(
+                "%s: sending simple queries from now on: the prepared statement failed: %s",
+                self.spec,
+                error,
+            )
+        return result
 
     def _after_loss(self, lease: PgLease, lost: str, losses: int, failed: set[str]) -> str:
         """A connection broke: replace it. Once is a connection the server dropped
@@ -629,6 +800,21 @@ class Backend:
             log.debug("%s: cancelling a timed-out query: %s", self.spec, exc)
         finally:
             self.pool.release(lease, reusable=False)
+
+
+_STATEMENT_NUMBERS = itertools.count(1)
+
+
+async def _simple(
+    link: Link, context: QueryContext, key: bytes, deadline: float
+) -> pq.abc.PGresult:
+    """The query as Postfix sends it: expanded, each piece escaped for this connection."""
+    try:
+        query = context.expand_query(context.query, key, link.escape)
+    except psycopg.Error as exc:
+        raise link._failure(f"cannot escape the key: {_reason(exc)}") from None
+    assert query is not None  # the caller checked that the key fills the templates
+    return await link.run(query, deadline)
 
 
 def _link_usable(link: Link) -> bool:
@@ -680,6 +866,7 @@ class PgsqlTable(AsyncTable):
         self.query_context = QueryContext.for_sql(cfg, context, "pgsql", table=self.spec)
         check_dbname(settings, self.spec)
         self.backend = backend_for(self.spec, settings, ctx)
+        self.statement = statement_for(self.query_context.query)
 
     @property
     def pool(self) -> ConnectionPool[Link, Host]:
@@ -698,7 +885,7 @@ class PgsqlTable(AsyncTable):
             context.expand_query(context.query, key, None) is None
         ):
             return None  # the key cannot fill the templates: no query
-        result = await self.backend.query(context, key)
+        result = await self.backend.query(context, key, self.statement)
         rows = result.ntuples
         if not rows:
             return None
