@@ -49,3 +49,34 @@ def test_git_ignores_every_run_but_not_latest() -> None:
     assert ignored(RESULTS_DIR / "runs" / "20261128T060000Z.json")
     assert ignored(RESULTS_DIR / "runs" / "20261128T060000Z.md")
     assert not ignored(RESULTS_DIR / "latest.md")
+
+
+def test_a_database_run_has_its_table_and_the_direct_columns() -> None:
+    def row(impl: str, rps: float, p99_us: float) -> dict:
+        return {
+            "table": "pgsql-5ms",
+            "conns": 32,
+            "implementation": impl,
+            "rps": rps,
+            "p50_us": 5300.0,
+            "p99_us": p99_us,
+            "runs": 1,
+            "failed_runs": 0,
+            "db_over_bound": 0,
+        }
+
+    report = Report(
+        started="2026-11-28T06:00:00Z",
+        options={"seconds": 1.0, "repeat": 1, "v311": False, "db_pool": None},
+        host={"cpus": 2, "postfix": "3.7.11"},
+        db_limits={"pgsql": 8},
+        summary=[
+            row("c", 700.0, 140_000.0),
+            row("ours", 4600.0, 10_700.0),
+            row("direct", 5600.0, 6_060.0),
+        ],
+    )
+    text = markdown(report)
+    assert "| table | conns | lookups/s C | ours | ratio | p50 µs C" not in text  # no local rows
+    line = next(line for line in text.splitlines() if line.startswith("| pgsql-5ms | 32 |"))
+    assert line.endswith("| ≥ 5x C, p99 ≤ 15 ms: met | 5,600 | 5.30 | 6.06 |")

@@ -1082,12 +1082,15 @@ def markdown(report: Report) -> str:
         "(medians), C and ours alternating. Request form: "
         + ("3.11+ for ours, 3.7 for C" if report.options["v311"] else "3.7 (postmap flags)")
         + ". Ratios are ours/C (throughput: higher is better; the rest: lower is better).",
-        "",
-        "| table | conns | lookups/s C | ours | ratio | p50 µs C | ours | p99 µs C | ours "
-        "| CPU µs/lookup C | ours | ratio | RSS MiB/worker C | ours | PSS MiB/worker C | ours "
-        "| workers C | ours |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    if tables:  # local tables (a run of database kinds alone has none)
+        lines += [
+            "",
+            "| table | conns | lookups/s C | ours | ratio | p50 µs C | ours | p99 µs C | ours "
+            "| CPU µs/lookup C | ours | ratio | RSS MiB/worker C | ours | PSS MiB/worker C | ours "
+            "| workers C | ours |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
     empty: dict = {}
     for table in tables:
         for conn in conns:
