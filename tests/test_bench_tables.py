@@ -1,10 +1,10 @@
-"""The benchmark's busy-site hash table (tests/bench/run.py, kind hash-busy)."""
+"""The benchmark's own tables (tests/bench/run.py): hash-busy and sqlite."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from tests.bench.run import BUSY_ENTRIES, BUSY_KEYS, busy_table
+from tests.bench.run import BUSY_ENTRIES, BUSY_KEYS, INDEXED_ENTRIES, busy_table, sqlite_table
 from tests.support.postfix import run_postmap
 from tests.support.postmap import require_postmap
 
@@ -24,3 +24,18 @@ def test_the_busy_table_has_its_entries_and_one_key_in_five_missing(tmp_path: Pa
     assert (found.exit, found.stdout.strip()) == (0, f"busy{BUSY_ENTRIES - 1}@mail.example.net")
     missing = run_postmap(["-q", "absent1@example.org", table.spec])
     assert missing.exit == 1
+
+
+def test_the_sqlite_table_answers_postfix_itself(tmp_path: Path) -> None:
+    """The sqlite kind: the indexed tables' entries, and a .cf Postfix's client reads."""
+    require_postmap()
+    tmp_path.chmod(0o755)
+    table = sqlite_table(tmp_path, ["user1@example.com", "nobody@example.com"])
+    assert table.keyfile.read_text().split() == ["user1@example.com", "nobody@example.com"]
+    last = f"user{INDEXED_ENTRIES - 1}@example.com"
+    found = run_postmap(["-q", last, table.spec])
+    assert (found.exit, found.stdout.strip()) == (
+        0,
+        f"user{INDEXED_ENTRIES - 1}@mail.example.net",
+    ), found.stderr
+    assert run_postmap(["-q", "nobody@example.com", table.spec]).exit == 1

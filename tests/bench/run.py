@@ -42,7 +42,8 @@ DESCRIPTION
 
     Local table kinds: hash, btree, lmdb, cdb (10 000 entries, built by postmap),
     texthash (their source), pcre, regexp, cidr (1 000 rules), inline (30 entries),
-    static, unix:passwd.byname; one key in ten absent.
+    static, unix:passwd.byname, sqlite (the 10 000 entries in an SQLite file, a
+    primary key on the address); one key in ten absent.
 
     Table kind ``hash-busy`` is a hash table as a busy site has it: 20 000 entries, 5 000
     keys drawn at random with one in five absent, and a 2-second warm-up at the largest
@@ -108,6 +109,7 @@ import random
 import resource
 import shutil
 import socket
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -156,6 +158,7 @@ LOCAL_TABLES = (
     "inline",
     "static",
     "unix",
+    "sqlite",
     "socketmap",
     BUSY_KIND,
 )
@@ -356,6 +359,8 @@ def build_tables(
             tables[kind] = BenchTable(
                 kind, f"cidr:{rules}", write_keys(directory / "keys-cidr", keys), "10.0.1.9"
             )
+        elif kind == "sqlite":
+            tables[kind] = sqlite_table(directory, user_keys)
         elif kind == "unix":
             keys = ["root", "postfix", "nobody", "daemon", "no-such-user"] * 200
             tables[kind] = BenchTable(
@@ -387,6 +392,22 @@ def build_tables(
         path.chmod(0o644)
     settle_files(directory)
     return tables
+
+
+def sqlite_table(directory: Path, keys: list[str]) -> BenchTable:
+    """The indexed tables' entries in an SQLite database (a primary key on the address)."""
+    database = directory / "users.sqlite"
+    with contextlib.closing(sqlite3.connect(database)) as connection:
+        connection.execute("CREATE TABLE t (addr TEXT PRIMARY KEY, dest TEXT NOT NULL)")
+        connection.executemany(
+            "INSERT INTO t VALUES (?, ?)",
+            ((f"user{i}@example.com", f"user{i}@mail.example.net") for i in range(INDEXED_ENTRIES)),
+        )
+        connection.commit()
+    cf = directory / "sqlite.cf"
+    cf.write_text(f"dbpath = {database}\nquery = SELECT dest FROM t WHERE addr = '%s'\n")
+    keyfile = write_keys(directory / "keys-users", keys)
+    return BenchTable("sqlite", f"sqlite:{cf}", keyfile, "user1@example.com")
 
 
 def small_table(directory: Path, kind: str) -> BenchTable:
