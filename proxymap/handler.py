@@ -120,6 +120,7 @@ from proxymap.tables import open_table
 from proxymap.tables.base import (
     BUSY_PAUSE_MAX,
     BUSY_PAUSE_MIN,
+    LATER,
     AsyncTable,
     DictBusy,
     DictConfig,
@@ -593,6 +594,8 @@ class RequestHandler:
         )
         if instance.cache is not None:
             return slow.cached
+        if type(slow.table).lookup_now is not AsyncTable.lookup_now:
+            return slow.answer_now if instance.stats is None else slow.answer_now_counted
         return slow.answer if instance.stats is None else slow.answer_counted
 
     async def _run_async(self, instance: Instance, req: Request, flags: int, echo: int) -> Reply:
@@ -756,6 +759,47 @@ class SlowLookup:
             stats.record(perf_counter() - started)
             stats.lookups += 1
             return self._failed(exc, flags)
+        stats.record(perf_counter() - started)
+        stats.lookups += 1
+        if value is None:
+            stats.misses += 1
+            return self.not_found
+        if 0 in value:
+            value = value[: value.index(b"\x00")]
+        return self.found + value + LOOKUP_END
+
+    def answer_now(self, key: bytes) -> bytes | Awaitable[bytes]:
+        """The reply at once when the table gives its answer without waiting
+        (``AsyncTable.lookup_now``), else ``answer``'s coroutine."""
+        table = self.table
+        flags = table.flags = (table.flags & self.kept_bits) | self.request_bits
+        try:
+            value = table.lookup_now(key)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes a status
+            return self._failed(exc, flags)
+        if value is LATER:
+            return self.answer(key)
+        if value is None:
+            return self.not_found
+        if 0 in value:
+            value = value[: value.index(b"\x00")]
+        return self.found + value + LOOKUP_END
+
+    def answer_now_counted(self, key: bytes) -> bytes | Awaitable[bytes]:
+        """``answer_now`` with the figures (``answer_counted``'s)."""
+        stats = self.instance.stats
+        assert stats is not None
+        started = perf_counter()
+        table = self.table
+        flags = table.flags = (table.flags & self.kept_bits) | self.request_bits
+        try:
+            value = table.lookup_now(key)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes a status
+            stats.record(perf_counter() - started)
+            stats.lookups += 1
+            return self._failed(exc, flags)
+        if value is LATER:
+            return self.answer_counted(key)
         stats.record(perf_counter() - started)
         stats.lookups += 1
         if value is None:

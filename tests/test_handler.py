@@ -36,7 +36,14 @@ from proxymap.protocol import (
     encode_reply,
 )
 from proxymap.tables import TABLE_TYPES, table_class
-from proxymap.tables.base import AsyncTable, DictConfig, DictOpenError, DictRetry
+from proxymap.tables.base import (
+    LATER,
+    AsyncTable,
+    DictConfig,
+    DictOpenError,
+    DictRetry,
+    Later,
+)
 from proxymap.tables.internal import InternalTable
 from tests.support.postfix import ensure_postfix, postmap_path
 from tests.support.vectors import vectors_dir
@@ -610,6 +617,10 @@ class AsyncOutcomes(AsyncTable):
     async def alookup(self, key: bytes) -> bytes | None:
         flags = self.flags
         await asyncio.sleep(0)
+        return self.outcome(key, flags)
+
+    @staticmethod
+    def outcome(key: bytes, flags: int) -> bytes | None:
         if key == b"retry":
             raise DictRetry("aout: server gone")
         if key == b"config":
@@ -623,7 +634,19 @@ class AsyncOutcomes(AsyncTable):
         return b"%s ran with %d" % (key, flags)
 
 
-ASYNC_KEYS = [b"alice", b"nobody", b"nul", b"retry", b"config", b"boom", b"alice"]
+class AsyncNowOutcomes(AsyncOutcomes):
+    """The same outcomes, given at once by ``lookup_now``, except for the keys that
+    start with "later" (and those only through ``alookup``)."""
+
+    dict_type = "anow"
+
+    def lookup_now(self, key: bytes) -> bytes | None | Later:
+        if key.startswith(b"later"):
+            return LATER
+        return self.outcome(key, self.flags)
+
+
+ASYNC_KEYS = [b"alice", b"nobody", b"nul", b"retry", b"config", b"boom", b"alice", b"later"]
 ASYNC_REQUESTS = [
     ("G1 postmap -q", G1, 524353, 524353),
     ("G1 OPEN_LOCK", G1, 524353 | F.OPEN_LOCK, 524353 | F.OPEN_LOCK),
@@ -662,32 +685,38 @@ def _figures(handler: RequestHandler) -> tuple:
 
 @pytest.mark.parametrize("statistics", ["yes", "no"])
 @pytest.mark.parametrize("cached", [False, True])
-def test_compiled_asynchronous_lookup_answers_as_handle(monkeypatch, caplog, statistics, cached):
+@pytest.mark.parametrize("kind", ["aout", "anow"])
+def test_compiled_asynchronous_lookup_answers_as_handle(
+    monkeypatch, caplog, statistics, cached, kind
+):
     """The fast path of an asynchronous table gives, byte for byte, what handle and
     encode_reply give, and counts the same: hits, misses, a NUL in a value, failures
     (RETRY, CONFIG), both generations, echoed flags, statistics and the result cache
-    (a second round of the same keys: fresh entries answered at once)."""
+    (a second round of the same keys: fresh entries answered at once); a table that
+    answers at once (``lookup_now``) and when it cannot."""
     monkeypatch.setitem(TABLE_TYPES, "aout", f"{__name__}:AsyncOutcomes")
+    monkeypatch.setitem(TABLE_TYPES, "anow", f"{__name__}:AsyncNowOutcomes")
     params = {"pyproxymap_statistics": statistics}
     if cached:
-        params["pyproxymap_cache_maps"] = "aout:t"
-    fast, general = reader("aout:t", **params), reader("aout:t", **params)
+        params["pyproxymap_cache_maps"] = f"{kind}:t"
+    fast, general = reader(f"{kind}:t", **params), reader(f"{kind}:t", **params)
 
     async def scenario() -> None:
         for _ in range(2 if cached else 1):
             for name, generation, flags, request_flags in ASYNC_REQUESTS:
                 for key in ASYNC_KEYS:
                     if generation == G1:
-                        request = g1("lookup", "aout:t", request_flags, key=key)
+                        request = g1("lookup", f"{kind}:t", request_flags, key=key)
                     else:
-                        request = g2("lookup", "aout:t", flags, request_flags, key=key)
+                        request = g2("lookup", f"{kind}:t", flags, request_flags, key=key)
                     fast_reply = await _compiled_answer(fast, request)
                     assert fast_reply == await _general_answer(general, request), (name, key)
                     assert _figures(fast) == _figures(general), (name, key)
 
     with caplog.at_level(logging.ERROR, "proxymap"):
         asyncio.run(scenario())
-    logged = [m for m in caplog.messages if m == "aout:t lookup failed: RuntimeError('driver bug')"]
+    bug = f"{kind}:t lookup failed: RuntimeError('driver bug')"
+    logged = [m for m in caplog.messages if m == bug]
     assert len(logged) == 2 * len(ASYNC_REQUESTS) * (2 if cached else 1)
     if statistics == "yes":
         (stats,) = fast.statistics.values()  # type: ignore[union-attr]
@@ -695,6 +724,23 @@ def test_compiled_asynchronous_lookup_answers_as_handle(monkeypatch, caplog, sta
     if cached:
         (cache,) = fast.caches.values()
         assert cache.figures.hits > 0
+
+
+def test_a_lookup_given_at_once_needs_no_coroutine(monkeypatch):
+    """``lookup_now``'s answer is the reply itself; LATER gives ``alookup``'s coroutine."""
+    monkeypatch.setitem(TABLE_TYPES, "anow", f"{__name__}:AsyncNowOutcomes")
+    for statistics in ("yes", "no"):
+        handler = reader("anow:t", pyproxymap_statistics=statistics)
+        for key in (b"alice", b"later"):
+            request = g1("lookup", "anow:t", 524353, key=key)
+            compiled = handler.compile_lookup(request)
+            assert compiled is not None
+            reply = compiled(key)
+            assert isinstance(reply, bytes) == (key == b"alice")
+            if not isinstance(reply, bytes):
+                reply = asyncio.run(reply)  # type: ignore[arg-type]
+            assert reply == asyncio.run(_general_answer(reader("anow:t"), request))
+            assert b"%s ran with 524353" % key in reply
 
 
 def test_compiled_asynchronous_lookup_sets_flags_when_it_starts(monkeypatch):

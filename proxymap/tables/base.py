@@ -35,6 +35,7 @@ SECURITY
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import os
 import threading
@@ -263,6 +264,15 @@ class SyncTable(Table):
         raise DictUnsupported(f"table {self.spec}: sequence operation is not supported")
 
 
+class Later(enum.Enum):
+    """``AsyncTable.lookup_now``'s "await ``alookup`` instead"."""
+
+    LATER = enum.auto()
+
+
+LATER = Later.LATER
+
+
 class AsyncTable(Table):
     """A table whose operations may wait (network, database): coroutines, awaited by the
     handler while the worker serves its other clients.
@@ -276,6 +286,12 @@ class AsyncTable(Table):
 
     async def alookup(self, key: bytes) -> bytes | None:
         raise DictUnsupported(f"{self.spec}: lookup is not supported")
+
+    def lookup_now(self, key: bytes) -> bytes | None | Later:
+        """The lookup's answer without waiting, when the table can give it at once (an
+        sqlite query on an indexed file: less work than a coroutine's); ``LATER`` when
+        it cannot: ``alookup`` then answers. The same flag rule as ``alookup``."""
+        return LATER
 
     async def aupdate(self, key: bytes, value: bytes) -> int:
         raise DictUnsupported(f"table {self.spec}: update operation is not supported")

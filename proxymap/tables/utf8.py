@@ -36,7 +36,15 @@ import logging
 from typing import Any
 
 from proxymap import flags as F
-from proxymap.tables.base import DictConfig, SurrogateTable, SyncTable, Table
+from proxymap.tables.base import (
+    LATER,
+    AsyncTable,
+    DictConfig,
+    Later,
+    SurrogateTable,
+    SyncTable,
+    Table,
+)
 from proxymap.tables.composite import AsyncComposite, Call, Composite, Plan, SyncComposite, choose
 
 log = logging.getLogger("proxymap")
@@ -209,3 +217,19 @@ class Utf8Table(Utf8Plans, SyncComposite):
 
 class AsyncUtf8Table(Utf8Plans, AsyncComposite):
     """The UTF-8 layer over an asynchronous table."""
+
+    inner: AsyncTable  # ``activate`` chooses this class for an asynchronous table
+
+    def lookup_now(self, key: bytes) -> bytes | None | Later:
+        """``Utf8Table.lookup`` over the inner table's ``lookup_now``."""
+        folded = self._checked_key(key)
+        if folded is None:
+            return None
+        inner = self.inner
+        saved = inner.flags & F.FOLD_ANY
+        inner.flags &= ~F.FOLD_ANY
+        try:
+            value = inner.lookup_now(folded)
+        finally:
+            inner.flags |= saved
+        return value if value is LATER else self._checked_value(value)
