@@ -29,7 +29,7 @@ import sqlite3
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -39,9 +39,9 @@ import pytest
 
 from proxymap import flags as F
 from proxymap.tables import open_table
-from proxymap.tables.base import DictOpenError, DictRetry, OpenContext
+from proxymap.tables.base import LATER, AsyncTable, DictOpenError, DictRetry, OpenContext
 from proxymap.tables.sqlite import SqliteTable, first_statement, sqlite_quote, unquoted_codes
-from proxymap.tables.utf8 import casefold_utf8, is_valid_utf8
+from proxymap.tables.utf8 import activate, casefold_utf8, is_valid_utf8
 from tests.support.postfix import (
     C_PROXYMAP,
     HANG,
@@ -757,13 +757,13 @@ def count_running(table: SqliteTable) -> Callable[[], int]:
     lock = threading.Lock()
     running = peak = 0
 
-    def counted(key: bytes, query: bytes) -> bytes | None:
+    def counted(key: bytes, sql: str, parameters: Sequence[str] = ()) -> bytes | None:
         nonlocal running, peak
         with lock:
             running += 1
             peak = max(peak, running)
         try:
-            return original(key, query)
+            return original(key, sql, parameters)
         finally:
             with lock:
                 running -= 1
@@ -863,6 +863,76 @@ def test_waiting_table_does_not_hold_up_other_tables(data: Path) -> None:
     assert peak() == locked.concurrency == 4  # 8 lookups, never more than 4 threads
     assert len(locked._idle) <= locked.concurrency  # nor connections
     assert_prompt(delays)
+
+
+def test_indexed_lookups_run_on_the_loop_thread(data: Path) -> None:
+    """A quick query answers inline (``lookup_now``, or ``alookup`` without a thread),
+    as one statement whatever the key; the UTF-8 layer passes it through."""
+    table = open_sqlite(data, {"query": ALIAS_QUERY})
+    assert table.statement is not None
+    assert table.statement.text == b"SELECT dest FROM aliases WHERE addr=?1"
+    peak = count_running(table)
+    layer = activate(open_sqlite(data, {"query": ALIAS_QUERY}, name="u.cf"))
+    assert isinstance(layer, AsyncTable)
+
+    async def lookups() -> list[object]:
+        return [
+            table.lookup_now(b"Alice@Example.COM"),
+            await table.alookup(b"alice@example.com"),
+            table.lookup_now(b"nobody@example.com"),
+            layer.lookup_now("Ålice@example.com".encode()),
+            layer.lookup_now(b"alice@example.com"),
+        ]
+
+    assert run(lookups()) == [
+        b"alice@mail.example.com",
+        b"alice@mail.example.com",
+        None,
+        None,
+        b"alice@mail.example.com",
+    ]
+    assert peak() == 0
+
+
+def test_a_slow_query_leaves_the_loop_thread(data: Path) -> None:
+    """Past INLINE_BUDGET the query is stopped and runs in a driver thread; the
+    table's next lookups go there at once, until INLINE_PAUSE has passed."""
+    table = open_sqlite(data, {"query": SLOW_QUERY.replace("2500000", "300000")})
+    peak = count_running(table)
+
+    async def slow_lookups() -> tuple[object, object, float]:
+        loop = asyncio.get_running_loop()
+        late: list[float] = []
+
+        def tick(due: float) -> None:
+            late.append(loop.time() - due)
+            if len(late) < 200:
+                loop.call_at(due + 0.002, tick, due + 0.002)
+
+        loop.call_soon(tick, loop.time())
+        first = table.lookup_now(b"k")
+        second = await table.alookup(b"k")
+        return first, second, max(late)
+
+    first, second, lateness = run(slow_lookups())
+    assert first is LATER and second == b"300000:k"
+    assert peak() == 1
+    assert table._inline_after > time.monotonic()
+    assert lateness < 0.05  # the inline attempt stopped after about a millisecond
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "SELECT dest FROM aliases WHERE addr = :k OR addr = '%s'",
+        "SELECT dest FROM aliases WHERE addr = ? OR addr = '%s'",
+        "SELECT \"dest\" FROM aliases WHERE addr = '%s'",
+        "SELECT dest FROM aliases WHERE addr = %s",
+        "SELECT dest FROM aliases WHERE addr = 'it''s' OR addr = '%s'",
+    ],
+)
+def test_other_query_forms_stay_as_they_are(data: Path, query: str) -> None:
+    assert open_sqlite(data, {"query": query}).statement is None
 
 
 @pytest.mark.serial

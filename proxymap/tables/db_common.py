@@ -69,6 +69,7 @@ from __future__ import annotations
 import enum
 import logging
 import os
+import re
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -383,6 +384,105 @@ def expand(
     """
     result = expand_or_skip(template, value, key, escape, needs)
     return None if isinstance(result, Skip) else result
+
+
+# ---------------------------------------------------------------------------
+# Statements with parameters
+# ---------------------------------------------------------------------------
+
+# A quote after these does not open a plain string literal (E'', U&'', B'', X'', N'').
+_PREFIX_BYTES = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_&")
+
+
+@dataclass(frozen=True, slots=True)
+class Statement:
+    """A query template as a statement with parameters: every plain string literal
+    that holds expansions (``'%s'``, ``'%u@%d'``) becomes a placeholder, with the
+    literal's inside as the template of its value. The value is the text the
+    literal would hold after unescaping, so the database compares the same string,
+    and the statement text stays the same from key to key (parsed once)."""
+
+    text: bytes
+    values: tuple[Template, ...]
+
+    def expand(self, key: bytes, needs: Needs) -> list[bytes]:
+        """The parameters' values for KEY, unescaped (``needs``: the table's)."""
+        out: list[bytes] = []
+        for template in self.values:
+            value = expand_or_skip(template, key, None, None, needs)
+            assert not isinstance(value, Skip), "the caller checked that the key fills it"
+            out.append(value)
+        return out
+
+
+def parameterized(
+    template: Template, unsafe: re.Pattern[bytes], placeholder: Callable[[int], bytes]
+) -> Statement | None:
+    """The statement form of a query template, PLACEHOLDER(n) for the n-th parameter;
+    None when it has none: an expansion outside a plain string literal, a doubled
+    quote in a literal, or text that UNSAFE (the dialect's) finds, which this scanner
+    does not follow (comments, other quotes, escapes, several statements)."""
+    pieces = _merged(template.pieces)
+    if any(isinstance(piece, bytes) and unsafe.search(piece) for piece in pieces):
+        return None
+    out = bytearray()
+    values: list[Template] = []
+    literal: list[bytes | int] | None = None  # the pieces inside an open quote
+    for piece in pieces:
+        if isinstance(piece, int):
+            if literal is None:
+                return None  # an expansion outside quotes: part of the SQL itself
+            literal.append(piece)
+            continue
+        pos = 0
+        while pos <= len(piece):
+            quote = piece.find(b"'", pos)
+            if literal is None:
+                if quote < 0:
+                    out += piece[pos:]
+                    break
+                out += piece[pos:quote]
+                if out and out[-1] in _PREFIX_BYTES:
+                    return None
+                literal = []
+            else:
+                if quote < 0:
+                    literal.append(piece[pos:])
+                    break
+                if piece[quote + 1 : quote + 2] == b"'":
+                    return None  # a doubled quote inside the literal
+                literal.append(piece[pos:quote])
+                out += _close_literal(literal, values, placeholder)
+                literal = None
+            pos = quote + 1
+    if literal is not None or not values:
+        return None
+    return Statement(bytes(out), tuple(values))
+
+
+def _merged(pieces: tuple[bytes | int, ...]) -> list[bytes | int]:
+    """Adjacent literal pieces as one (``%%`` is a piece of its own)."""
+    merged: list[bytes | int] = []
+    for piece in pieces:
+        if isinstance(piece, bytes) and merged and isinstance(merged[-1], bytes):
+            merged[-1] += piece
+        else:
+            merged.append(piece)
+    return merged
+
+
+def _close_literal(
+    literal: list[bytes | int], values: list[Template], placeholder: Callable[[int], bytes]
+) -> bytes:
+    """The SQL for a literal: itself, or a parameter when it holds an expansion."""
+    if all(isinstance(piece, bytes) for piece in literal):
+        return b"'" + b"".join(literal) + b"'"  # type: ignore[arg-type]
+    raw = b"".join(
+        piece.replace(b"%", b"%%") if isinstance(piece, bytes) else b"%" + bytes([piece])
+        for piece in literal
+    )
+    values.append(Template.parse(raw, "query"))
+    return placeholder(len(values))
 
 
 # ---------------------------------------------------------------------------

@@ -112,6 +112,7 @@ import random
 import re
 import select
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -127,7 +128,7 @@ from proxymap.tables.base import (
     OpenContext,
 )
 from proxymap.tables.cfg_parser import CfgParser
-from proxymap.tables.db_common import Escape, Needs, QueryContext, Skip, Template, expand_or_skip
+from proxymap.tables.db_common import Escape, QueryContext, Statement, Template, parameterized
 from proxymap.tables.pool import (
     ConnectionPool,
     EndpointState,
@@ -262,95 +263,19 @@ def check_dbname(settings: Settings, spec: str) -> None:
 # quotes and positional parameters, backslash escapes (E'' strings; non-standard
 # strings), quoted identifiers, several statements, comments (which may hold quotes).
 _NOT_PREPARABLE = re.compile(rb"[$\\\";]|--|/\*")
-# A quote after these is not a plain string literal (E'', U&'', B'', X'', N'').
-_PREFIX_BYTES = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_&")
-
-
-@dataclass(frozen=True, slots=True)
-class Statement:
-    """A query template as a statement with parameters: every plain string literal
-    that holds expansions (``'%s'``, ``'%u@%d'``) becomes ``$n``, with the literal's
-    inside as the template of its value. The server then parses and plans the
-    statement once per connection, not once per lookup: half its cost for a
-    key lookup. The value a parameter carries is the text the literal would hold
-    after unescaping, so the server compares the same string; where PostgreSQL
-    resolves a parameter's type differently (``SELECT '%s'``), preparing fails and
-    the table sends simple queries as before (``Backend``)."""
-
-    text: bytes
-    values: tuple[Template, ...]
-
-    def expand(self, key: bytes, needs: Needs) -> list[bytes | None]:
-        out: list[bytes | None] = []
-        for template in self.values:
-            value = expand_or_skip(template, key, None, None, needs)
-            assert not isinstance(value, Skip), "the caller checked that the key fills it"
-            out.append(value)
-        return out
 
 
 def statement_for(template: Template) -> Statement | None:
-    """The statement form of a query template; None when it has none (an expansion
-    outside a plain string literal, or text this scanner does not follow)."""
-    pieces = _merged(template.pieces)
-    if any(isinstance(piece, bytes) and _NOT_PREPARABLE.search(piece) for piece in pieces):
-        return None
-    out = bytearray()
-    values: list[Template] = []
-    literal: list[bytes | int] | None = None  # the pieces inside an open quote
-    for piece in pieces:
-        if isinstance(piece, int):
-            if literal is None:
-                return None  # an expansion outside quotes: part of the SQL itself
-            literal.append(piece)
-            continue
-        pos = 0
-        while pos <= len(piece):
-            quote = piece.find(b"'", pos)
-            if literal is None:
-                if quote < 0:
-                    out += piece[pos:]
-                    break
-                out += piece[pos:quote]
-                if out and out[-1] in _PREFIX_BYTES:
-                    return None
-                literal = []
-            else:
-                if quote < 0:
-                    literal.append(piece[pos:])
-                    break
-                if piece[quote + 1 : quote + 2] == b"'":
-                    return None  # a doubled quote inside the literal
-                literal.append(piece[pos:quote])
-                out += _close_literal(literal, values)
-                literal = None
-            pos = quote + 1
-    if literal is not None or not values:
-        return None
-    return Statement(bytes(out), tuple(values))
+    """The query as a statement with ``$n`` parameters (``db_common.Statement``). The
+    server parses and plans it once per connection instead of once per lookup: half
+    its work for a key lookup. Where PostgreSQL resolves a parameter's type unlike
+    the literal's (``concat('%s')``), preparing fails and the table sends simple
+    queries as before (``Backend``)."""
+    return parameterized(template, _NOT_PREPARABLE, _dollar)
 
 
-def _merged(pieces: tuple[bytes | int, ...]) -> list[bytes | int]:
-    """Adjacent literal pieces as one (``%%`` is a piece of its own)."""
-    merged: list[bytes | int] = []
-    for piece in pieces:
-        if isinstance(piece, bytes) and merged and isinstance(merged[-1], bytes):
-            merged[-1] += piece
-        else:
-            merged.append(piece)
-    return merged
-
-
-def _close_literal(literal: list[bytes | int], values: list[Template]) -> bytes:
-    """The SQL for a literal: itself, or a parameter when it holds an expansion."""
-    if all(isinstance(piece, bytes) for piece in literal):
-        return b"'" + b"".join(literal) + b"'"  # type: ignore[arg-type]
-    raw = b"".join(
-        piece.replace(b"%", b"%%") if isinstance(piece, bytes) else b"%" + bytes([piece])
-        for piece in literal
-    )
-    values.append(Template.parse(raw, "query"))
-    return b"$%d" % len(values)
+def _dollar(number: int) -> bytes:
+    return b"$%d" % number
 
 
 # ---------------------------------------------------------------------------------------
@@ -464,7 +389,7 @@ class Link:
         self,
         query: bytes,
         deadline: float | None,
-        values: list[bytes | None] | None = None,
+        values: Sequence[bytes] | None = None,
         prepare: bytes | None = None,
     ) -> pq.abc.PGresult:
         """Send ``query`` as one simple query and return its last result (PQexec's),
