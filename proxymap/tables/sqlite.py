@@ -44,17 +44,17 @@ DESCRIPTION
     and so do the table's lookups for the next INLINE_PAUSE (1 s). There, at most
     ``pyproxymap_sqlite_connections`` (default 4) lookups of one table run at once,
     each on a read-only connection of its own (``file:...?mode=ro``); the loop's
-    connection is one more.
+    connection is one more. Connections are pooled per table and handed to one
+    thread at a time (hence ``check_same_thread=False``): per-thread connections
+    would open one per executor thread (32) and could not be closed or replaced
+    from another thread. ``pyproxymap_sqlite_timeout`` (default 10 s) bounds both the
+    wait for a writer's lock (sqlite's busy timeout) and the query's run time (a
+    progress handler stops it).
 
     A query whose expansions all stand in plain string literals (``addr = '%s'``)
     runs as one statement with parameters (``?1``, ``db_common.Statement``): the same
     text for every key, so sqlite3's statement cache compiles it once per
-    connection, and the parameters carry the text the quoted literals would hold. Connections are pooled per table and handed to one thread
-    at a time (hence ``check_same_thread=False``): per-thread connections would open
-    one per executor thread (32) and could not be closed or replaced from another
-    thread. ``pyproxymap_sqlite_timeout`` (default 10 s) bounds both the wait for a
-    writer's lock (sqlite's busy timeout) and the query's run time (a progress
-    handler stops it).
+    connection, and the parameters carry the text the quoted literals would hold.
 
     Differences from Postfix 3.7, deliberate:
 
