@@ -594,7 +594,7 @@ class RequestHandler:
         )
         if instance.cache is not None:
             return slow.cached
-        if type(slow.table).lookup_now is not AsyncTable.lookup_now:
+        if slow.table.answers_now:
             return slow.answer_now if instance.stats is None else slow.answer_now_counted
         return slow.answer if instance.stats is None else slow.answer_counted
 

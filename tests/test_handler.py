@@ -43,8 +43,10 @@ from proxymap.tables.base import (
     DictOpenError,
     DictRetry,
     Later,
+    OpenContext,
 )
 from proxymap.tables.internal import InternalTable
+from proxymap.tables.utf8 import activate
 from tests.support.postfix import ensure_postfix, postmap_path
 from tests.support.vectors import vectors_dir
 
@@ -639,6 +641,7 @@ class AsyncNowOutcomes(AsyncOutcomes):
     start with "later" (and those only through ``alookup``)."""
 
     dict_type = "anow"
+    answers_now = True
 
     def lookup_now(self, key: bytes) -> bytes | None | Later:
         if key.startswith(b"later"):
@@ -724,6 +727,17 @@ def test_compiled_asynchronous_lookup_answers_as_handle(
     if cached:
         (cache,) = fast.caches.values()
         assert cache.figures.hits > 0
+
+
+def test_only_tables_that_answer_at_once_are_asked_to():
+    """The UTF-8 layer answers at once exactly when the table it wraps does."""
+    ctx = OpenContext(params={})
+    for cls, answers in ((AsyncOutcomes, False), (AsyncNowOutcomes, True)):
+        table = cls("t", os.O_RDONLY, F.FIXED, ctx)
+        layer = activate(table)
+        assert (table.answers_now, layer.answers_now) == (answers, answers)
+        assert isinstance(layer, AsyncTable)
+        assert layer.lookup_now(b"\xff") is None  # not UTF-8: not found, as alookup
 
 
 def test_a_lookup_given_at_once_needs_no_coroutine(monkeypatch):

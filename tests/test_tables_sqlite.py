@@ -873,7 +873,7 @@ def test_indexed_lookups_run_on_the_loop_thread(data: Path) -> None:
     assert table.statement.text == b"SELECT dest FROM aliases WHERE addr=?1"
     peak = count_running(table)
     layer = activate(open_sqlite(data, {"query": ALIAS_QUERY}, name="u.cf"))
-    assert isinstance(layer, AsyncTable)
+    assert isinstance(layer, AsyncTable) and layer.answers_now
 
     async def lookups() -> list[object]:
         return [

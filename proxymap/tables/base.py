@@ -287,6 +287,9 @@ class AsyncTable(Table):
     async def alookup(self, key: bytes) -> bytes | None:
         raise DictUnsupported(f"{self.spec}: lookup is not supported")
 
+    #: ``lookup_now`` may answer (the handler calls it only then)
+    answers_now = False
+
     def lookup_now(self, key: bytes) -> bytes | None | Later:
         """The lookup's answer without waiting, when the table can give it at once (an
         sqlite query on an indexed file: less work than a coroutine's); ``LATER`` when

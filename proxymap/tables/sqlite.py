@@ -209,6 +209,7 @@ class SqliteTable(BlockingTable):
     """``sqlite:NAME``: NAME is a .cf file or a main.cf parameter prefix."""
 
     dict_type = "sqlite"
+    answers_now = True
 
     def __init__(self, name: str, open_mode: int, flags: int, ctx: OpenContext) -> None:
         super().__init__(name, open_mode, flags | F.FIXED, ctx)

@@ -220,6 +220,10 @@ class AsyncUtf8Table(Utf8Plans, AsyncComposite):
 
     inner: AsyncTable  # ``activate`` chooses this class for an asynchronous table
 
+    @property
+    def answers_now(self) -> bool:  # type: ignore[override]
+        return self.inner.answers_now
+
     def lookup_now(self, key: bytes) -> bytes | None | Later:
         """``Utf8Table.lookup`` over the inner table's ``lookup_now``."""
         folded = self._checked_key(key)
