@@ -37,7 +37,7 @@ DESCRIPTION
     thread (``lookup_now``): an indexed query takes microseconds, less than handing
     it to a thread, whose Python would then wait for the loop to let go of the GIL
     (make bench: 0.24x / 0.10x the C proxymap's lookups/s at 1 / 16 connections in
-    threads, 1.39x / 1.05x inline). It never waits there: that connection has no
+    threads, 1.26-1.39x / 0.99-1.05x inline). It never waits there: that connection has no
     busy timeout, and a progress handler stops the query after INLINE_BUDGET (1 ms).
     A lookup that meets a writer's lock or outruns the budget runs again (read-only:
     nothing to undo) in the blocking-driver executor (``blocking.BlockingTable``),
