@@ -756,9 +756,7 @@ class SlowLookup:
             else:
                 value = await self._fill(key, flags)
         except Exception as exc:  # noqa: BLE001 - every failure becomes a status
-            stats.record(perf_counter() - started)
-            stats.lookups += 1
-            return self._failed(exc, flags)
+            return self._failed_counted(exc, flags, started)
         stats.record(perf_counter() - started)
         stats.lookups += 1
         if value is None:
@@ -779,31 +777,37 @@ class SlowLookup:
             return self._failed(exc, flags)
         if value is LATER:
             return self.answer(key)
-        if value is None:
-            return self.not_found
-        if 0 in value:
-            value = value[: value.index(b"\x00")]
-        return self.found + value + LOOKUP_END
+        return self._encoded(value)
 
     def answer_now_counted(self, key: bytes) -> bytes | Awaitable[bytes]:
         """``answer_now`` with the figures (``answer_counted``'s)."""
-        stats = self.instance.stats
-        assert stats is not None
         started = perf_counter()
         table = self.table
         flags = table.flags = (table.flags & self.kept_bits) | self.request_bits
         try:
             value = table.lookup_now(key)
         except Exception as exc:  # noqa: BLE001 - every failure becomes a status
-            stats.record(perf_counter() - started)
-            stats.lookups += 1
-            return self._failed(exc, flags)
+            return self._failed_counted(exc, flags, started)
         if value is LATER:
             return self.answer_counted(key)
+        stats = self.instance.stats
+        assert stats is not None
         stats.record(perf_counter() - started)
         stats.lookups += 1
+        stats.misses += value is None
+        return self._encoded(value)
+
+    def _failed_counted(self, exc: Exception, flags: int, started: float) -> bytes:
+        """``_failed`` of a lookup that the figures time and count."""
+        stats = self.instance.stats
+        assert stats is not None
+        stats.record(perf_counter() - started)
+        stats.lookups += 1
+        return self._failed(exc, flags)
+
+    def _encoded(self, value: bytes | None) -> bytes:
+        """The reply to a lookup that gave VALUE (a C string: a NUL ends it)."""
         if value is None:
-            stats.misses += 1
             return self.not_found
         if 0 in value:
             value = value[: value.index(b"\x00")]
