@@ -33,7 +33,7 @@ DESCRIPTION
     counts. When every expansion of the query stands in a plain string literal
     (``k = '%s'``, ``'%u@%d'``), the query goes instead as a statement prepared
     once per connection, each such literal a parameter carrying the text the
-    literal would hold (``Statement``): the server then skips parsing and
+    literal would hold (``db_common.Statement``): the server then skips parsing and
     planning, about half its work for a key lookup. The answer is the same; a
     statement that fails where the simple query works (a parameter whose type
     the server cannot infer, as in ``concat('%s')``; a table changed under it; a
