@@ -79,7 +79,8 @@ DESCRIPTION
     * A query that writes fails (read-only connection): RETRY. 3.7 would write.
 
 SECURITY
-    The key reaches the SQL text only inside quotes written by the administrator; a
+    The key reaches the SQL text only inside quotes written by the administrator (or
+    as a parameter of the statement form, outside the SQL text); a
     ``%`` code outside ``'...'`` in the query is warned about at open, as Postfix 3.12
     does, because the quoting protects string literals only.
 
@@ -124,7 +125,9 @@ DEFAULT_TIMEOUT = 10.0
 # costs nothing there; a runaway query is checked about every millisecond, and rarely
 # enough not to compete for the GIL with the worker's event loop.
 _PROGRESS_STEPS = 100_000
-_CACHED_STATEMENTS = 32  # queries embed the key: a small cache serves repeated keys
+# A statement form is one entry; queries that embed the key (no statement form) reuse
+# entries only for repeated keys.
+_CACHED_STATEMENTS = 32
 # A lookup first runs on the event loop's thread, within this budget, without waiting
 # for a writer's lock; past it (or locked) it runs again in a driver thread, and the
 # table's lookups go there for INLINE_PAUSE seconds before the next inline attempt.
