@@ -80,9 +80,9 @@ DESCRIPTION
 
 SECURITY
     The key reaches the SQL text only inside quotes written by the administrator (or
-    as a parameter of the statement form, outside the SQL text); a
-    ``%`` code outside ``'...'`` in the query is warned about at open, as Postfix 3.12
-    does, because the quoting protects string literals only.
+    as a parameter of the statement form, outside the SQL text); a ``%`` code outside
+    ``'...'`` in the query is warned about at open, as Postfix 3.12 does, because the
+    quoting protects string literals only.
 
 BUGS
     A database in WAL mode needs its ``-shm`` and ``-wal`` files, or a directory in
