@@ -276,14 +276,12 @@ class SqliteTable(BlockingTable):
             query = context.query_for(admitted, sqlite_quote)
         if query is None:
             return None
+        value = self._answer_now(admitted, query)
+        if value is not LATER:
+            return value
         try:
             sql, parameters = self._statement(admitted, query)
-            try:
-                if time.monotonic() < self._inline_after:
-                    raise _NotInline
-                value = self._execute_inline(admitted, sql, parameters)
-            except _NotInline:
-                value = await self._run(self._execute, admitted, sql, parameters)
+            value = await self._run(self._execute, admitted, sql, parameters)
         except _Unavailable as exc:
             self._outage.failed(exc.reason)
             raise
@@ -291,22 +289,25 @@ class SqliteTable(BlockingTable):
         return value
 
     def lookup_now(self, key: bytes) -> bytes | None | Later:
-        """``alookup`` on the event loop's thread, when it needs no waiting: the query
-        within INLINE_BUDGET and not locked (``_execute_inline``); else LATER."""
+        """``alookup`` without waiting: LATER when its domain filter must wait, or the
+        query cannot run on this thread (``_answer_now``)."""
         context = self.query
-        if time.monotonic() < self._inline_after or (
-            context.domain is not None and context.domain.asynchronous
-        ):
+        if context.domain is not None and context.domain.asynchronous:
             return LATER
         admitted = self._admit(key, self.flags)
         if admitted is None:
             return None
         query = context.query_for(admitted, sqlite_quote)
-        if query is None:
-            return None
+        return None if query is None else self._answer_now(admitted, query)
+
+    def _answer_now(self, key: bytes, query: bytes) -> bytes | None | Later:
+        """The query run on the event loop's thread (``_execute_inline``); LATER when
+        it is locked, too slow, or was lately (INLINE_PAUSE): a driver thread runs it."""
+        if time.monotonic() < self._inline_after:
+            return LATER
         try:
-            sql, parameters = self._statement(admitted, query)
-            value = self._execute_inline(admitted, sql, parameters)
+            sql, parameters = self._statement(key, query)
+            value = self._execute_inline(key, sql, parameters)
         except _NotInline:
             return LATER
         except _Unavailable as exc:
