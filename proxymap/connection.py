@@ -50,6 +50,7 @@ from collections.abc import Awaitable, Generator
 from typing import TYPE_CHECKING
 
 from master.multi_server import ClientProtocol
+from proxymap.handler import PendingReply
 from proxymap.session import REQUEST_DEADLINE, Session
 
 if TYPE_CHECKING:
@@ -76,7 +77,8 @@ class ProxymapProtocol(ClientProtocol):
         self.session = Session(handler, stream, server)
         self._answer_whole = self.session.answer_whole  # bound once: the fast path's call
         self._slow_task: asyncio.Task[None] | None = None  # serves this client's slow requests
-        self._slow: asyncio.Task[None] | None = None  # that task, while it serves them
+        # that task while it serves them, or the reply of a started lookup
+        self._slow: asyncio.Task[None] | PendingReply | None = None
         self._wake: asyncio.Future[None] | None = None  # what it waits on between them
         self._loop: asyncio.AbstractEventLoop | None = None  # known from the first slow one
         self._deadline: asyncio.TimerHandle | None = None
@@ -165,7 +167,16 @@ class ProxymapProtocol(ClientProtocol):
             self.transport.close()
 
     def _start_slow(self) -> None:
-        """Hand the session's slow request to the connection's task (made at the first)."""
+        """Hand the session's slow request to the connection's task (made at the first),
+        or, for a lookup its table started, have its reply come to ``_pending_done``."""
+        pending = self.session.slow
+        if type(pending) is PendingReply:
+            self._slow = pending
+            if pending.reply is None:
+                pending.on_reply = self._pending_done
+            else:  # not from a table as base.py has it; in order all the same
+                asyncio.get_running_loop().call_soon(self._pending_done, pending.reply)
+            return
         wake = self._wake
         if wake is not None:  # the task waits between slow requests
             self._wake = None
@@ -213,6 +224,18 @@ class ProxymapProtocol(ClientProtocol):
                 wait = self._wake = asyncio.Future(loop=self._loop)
         finally:
             self._slow = self._slow_task = self._wake = None
+
+    def _pending_done(self, reply: bytes) -> None:
+        """A started lookup's reply (``_serve_slow``'s work for it, without the task)."""
+        session = self.session
+        out = session.slow_answered(reply)
+        if out and not self._closed:
+            self.transport.write(out)
+        if session.slow is None:
+            self._slow_done()
+        elif not self._closed:
+            self._slow = None
+            self._start_slow()  # the next one was queued behind it
 
     def _slow_done(self) -> bool:
         """Between slow requests: read again, follow the session. False when the task

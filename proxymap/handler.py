@@ -91,10 +91,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Generator, Mapping
 from dataclasses import dataclass, replace
 from time import perf_counter
-from typing import cast
+from typing import Any, cast
 
 from proxymap import flags as F
 from proxymap.cache import ANSWER_BITS, MAPS, CacheKey, CacheSettings, TableCache
@@ -121,6 +121,7 @@ from proxymap.tables.base import (
     BUSY_PAUSE_MAX,
     BUSY_PAUSE_MIN,
     LATER,
+    STARTED,
     AsyncTable,
     DictBusy,
     DictConfig,
@@ -594,6 +595,8 @@ class RequestHandler:
         )
         if instance.cache is not None:
             return slow.cached
+        if slow.table.starts:
+            return slow.answer_start if instance.stats is None else slow.answer_start_counted
         if slow.table.answers_now:
             return slow.answer_now if instance.stats is None else slow.answer_now_counted
         return slow.answer if instance.stats is None else slow.answer_counted
@@ -704,6 +707,55 @@ def _g2_flags(req: Request, instance: Instance) -> int:
     return flags & ~_SANITISED
 
 
+class PendingReply:
+    """The reply to a lookup that its table started (``SlowLookup.answer_start``):
+    the table calls ``answered`` with the outcome, and the reply, encoded and counted
+    as ``answer`` would, goes to ``on_reply`` (set by the connection, which writes
+    it) -- from the table's own I/O callback, without a task. Awaiting it works too."""
+
+    __slots__ = ("slow", "flags", "stats", "started", "on_reply", "reply")
+
+    def __init__(
+        self, slow: SlowLookup, flags: int, stats: TableStats | None, started: float
+    ) -> None:
+        self.slow = slow
+        self.flags = flags
+        self.stats = stats  # None: not counted (pyproxymap_statistics = no)
+        self.started = started
+        self.on_reply: Callable[[bytes], object] | None = None
+        self.reply: bytes | None = None  # kept when it comes before on_reply is set
+
+    def answered(self, outcome: bytes | None | Exception) -> None:
+        slow = self.slow
+        if isinstance(outcome, Exception):
+            if self.stats is None:
+                reply = slow._failed(outcome, self.flags)
+            else:
+                reply = slow._failed_counted(outcome, self.flags, self.started)
+        else:
+            reply = slow._encoded(outcome) if self.stats is None else self.counted(outcome)
+        on_reply, self.on_reply = self.on_reply, None
+        if on_reply is None:
+            self.reply = reply
+        else:
+            on_reply(reply)
+
+    def counted(self, value: bytes | None) -> bytes:
+        stats = self.stats
+        assert stats is not None
+        stats.record(perf_counter() - self.started)
+        stats.lookups += 1
+        stats.misses += value is None
+        return self.slow._encoded(value)
+
+    def __await__(self) -> Generator[Any, None, bytes]:
+        if self.reply is None:
+            future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+            self.on_reply = future.set_result
+            return (yield from future.__await__())
+        return self.reply
+
+
 @dataclass(slots=True, eq=False)
 class SlowLookup:
     """The compiled lookup of an asynchronous table (``RequestHandler.compile_lookup``).
@@ -796,6 +848,38 @@ class SlowLookup:
         stats.lookups += 1
         stats.misses += value is None
         return self._encoded(value)
+
+    def answer_start(self, key: bytes) -> bytes | Awaitable[bytes] | PendingReply:
+        """The reply at once, a ``PendingReply`` when the table started the lookup
+        (``AsyncTable.lookup_start``), else ``answer``'s coroutine."""
+        table = self.table
+        flags = table.flags = (table.flags & self.kept_bits) | self.request_bits
+        pending = PendingReply(self, flags, None, 0.0)
+        try:
+            value = table.lookup_start(key, pending.answered)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes a status
+            return self._failed(exc, flags)
+        if value is STARTED:
+            return pending
+        if value is LATER:
+            return self.answer(key)
+        return self._encoded(value)
+
+    def answer_start_counted(self, key: bytes) -> bytes | Awaitable[bytes] | PendingReply:
+        """``answer_start`` with the figures (``answer_counted``'s)."""
+        started = perf_counter()
+        table = self.table
+        flags = table.flags = (table.flags & self.kept_bits) | self.request_bits
+        pending = PendingReply(self, flags, self.instance.stats, started)
+        try:
+            value = table.lookup_start(key, pending.answered)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes a status
+            return self._failed_counted(exc, flags, started)
+        if value is STARTED:
+            return pending
+        if value is LATER:
+            return self.answer_counted(key)
+        return pending.counted(value)
 
     def _failed_counted(self, exc: Exception, flags: int, started: float) -> bytes:
         """``_failed`` of a lookup that the figures time and count."""

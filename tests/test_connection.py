@@ -23,7 +23,7 @@ from proxymap.connection import ProxymapProtocol
 from proxymap.handler import RequestHandler
 from proxymap.protocol import ANNOUNCEMENT, stream_name
 from proxymap.tables import TABLE_TYPES
-from proxymap.tables.base import AsyncTable
+from proxymap.tables.base import STARTED, AsyncTable
 
 ALICE_REPLY = b"status\x000\x00value\x00alice@example.com\x00\x00"
 
@@ -40,6 +40,18 @@ class SlowTable(AsyncTable):
     async def alookup(self, key: bytes) -> bytes | None:
         await asyncio.sleep(self.delay)
         return b"slow:" + key
+
+
+class StartingSlowTable(SlowTable):
+    """``SlowTable`` whose lookups start without a coroutine (``lookup_start``), as
+    mysql's do: a stand-in, answering from a timer instead of a database callback."""
+
+    starts = True
+
+    def lookup_start(self, key: bytes, answer):
+        loop = asyncio.get_running_loop()
+        loop.call_later(self.delay, answer, b"slow:" + key)
+        return STARTED
 
 
 class RecordingServer:
@@ -78,9 +90,10 @@ def event_loop_kind(request):
     asyncio.set_event_loop_policy(None)
 
 
-@pytest.fixture
-def table(tmp_path, monkeypatch):
-    monkeypatch.setitem(TABLE_TYPES, "slow", "tests.test_connection:SlowTable")
+@pytest.fixture(params=["SlowTable", "StartingSlowTable"])
+def table(request, tmp_path, monkeypatch):
+    """A texthash table's name; ``slow:<delay>`` tables await, or start (both)."""
+    monkeypatch.setitem(TABLE_TYPES, "slow", f"tests.test_connection:{request.param}")
     path = tmp_path / "map"
     path.write_text("alice alice@example.com\nbob bob@example.com\n")
     return f"texthash:{path}"
@@ -172,6 +185,32 @@ def test_slow_request_then_fast_ones_keep_order(table):
             b"bob@example.com",
         ]
         assert server.events == ["TAKEN", "AVAIL"] * 3 and server.busy == 0
+
+    run(main())
+
+
+def test_requests_behind_a_started_lookup_keep_order(table):
+    async def main():
+        server = RecordingServer()
+        handler = RequestHandler("proxymap", {table, "slow:0.2"}, {})
+        client, protocol = await connect(handler, server)
+        await client.send(lookup("slow:0.2", b"k1"))  # learns the shortcut
+        assert dict((await client.read_lists(1))[0])[b"value"] == b"slow:k1"
+        await client.send(lookup("slow:0.2", b"k2"))  # the shortcut: started, or a task
+        await asyncio.sleep(0.05)
+        await client.send(lookup(table, b"alice") + lookup("slow:0.2", b"k3"))
+        lists = await client.read_lists(3)
+        assert [dict(pairs)[b"value"] for pairs in lists] == [
+            b"slow:k2",
+            b"alice@example.com",
+            b"slow:k3",
+        ]
+        assert server.events == ["TAKEN", "AVAIL"] * 4 and server.busy == 0
+        await client.send(lookup("slow:0.2", b"k4"))
+        await asyncio.sleep(0.05)
+        client.writer.close()  # gone before its answer: nothing breaks, nothing leaks
+        await asyncio.sleep(0.3)
+        assert server.busy == 0 and protocol.session.slow is None
 
     run(main())
 

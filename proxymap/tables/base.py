@@ -24,7 +24,9 @@ DESCRIPTION
     that other clients of the same worker are served meanwhile. Native asyncio drivers
     and socket protocols use ``proxymap.tables.pool`` for their connections; a driver
     that blocks derives from ``proxymap.tables.blocking.BlockingTable``, whose calls run
-    in a bounded executor of its own. Tables built on other tables (the UTF-8 layer,
+    in a bounded executor of its own. An asynchronous table may also answer at once
+    (``lookup_now``) or start a lookup that calls back (``lookup_start``): the
+    handler's fast path then needs no task. Tables built on other tables (the UTF-8 layer,
     pipemap, unionmap) write their logic once, as plans (``proxymap.tables.composite``),
     and are synchronous or asynchronous as their members are.
 
@@ -265,12 +267,22 @@ class SyncTable(Table):
 
 
 class Later(enum.Enum):
-    """``AsyncTable.lookup_now``'s "await ``alookup`` instead"."""
+    """``AsyncTable.lookup_now``'s and ``lookup_start``'s "await ``alookup`` instead"."""
 
     LATER = enum.auto()
 
 
+class Started(enum.Enum):
+    """``AsyncTable.lookup_start``'s "the answer comes through the callback"."""
+
+    STARTED = enum.auto()
+
+
 LATER = Later.LATER
+STARTED = Started.STARTED
+
+#: ``lookup_start``'s callback: the value (None: not found) or the exception
+AnswerCallback = Callable[["bytes | None | Exception"], None]
 
 
 class AsyncTable(Table):
@@ -294,6 +306,18 @@ class AsyncTable(Table):
         """The lookup's answer without waiting, when the table can give it at once (an
         sqlite query on an indexed file: less work than a coroutine's); ``LATER`` when
         it cannot: ``alookup`` then answers. The same flag rule as ``alookup``."""
+        return LATER
+
+    #: ``lookup_start`` may start a lookup (the handler calls it only then)
+    starts = False
+
+    def lookup_start(self, key: bytes, answer: AnswerCallback) -> bytes | None | Later | Started:
+        """Start the lookup from the caller's own stack, without a coroutine or a task:
+        ``STARTED``, and ``answer`` is called once, from a later event-loop callback
+        (never from this call), with the value or the exception ``alookup`` would give;
+        the value at once; or ``LATER`` when the table cannot start it this way
+        (``alookup`` then answers). The same flag rule as ``alookup``. What it saves
+        is two event-loop turns and the coroutine frames (tables/mysql.py)."""
         return LATER
 
     async def aupdate(self, key: bytes, value: bytes) -> int:
