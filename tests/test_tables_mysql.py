@@ -29,7 +29,14 @@ import pytest
 
 from proxymap import flags as F
 from proxymap.tables import open_table
-from proxymap.tables.base import DictOpenError, DictRetry, OpenContext, SurrogateTable
+from proxymap.tables.base import (
+    LATER,
+    STARTED,
+    DictOpenError,
+    DictRetry,
+    OpenContext,
+    SurrogateTable,
+)
 from proxymap.tables.mysql import (
     DEFAULT_SOCKET,
     Endpoint,
@@ -149,6 +156,38 @@ def db(mariadb_module: PrivateMariaDB) -> PrivateMariaDB:  # noqa: F811
 def cfdir() -> Iterator[Path]:
     with tempfile.TemporaryDirectory(prefix="pyproxymap-mysql-") as name:
         yield Path(name)
+
+
+async def started(table: MysqlTable, key: bytes) -> object:
+    """``lookup_start`` as the handler's fast path calls it: STARTED's outcome (the
+    value or the exception, as given to the callback), the value at once, or LATER."""
+    loop = asyncio.get_running_loop()
+    outcome: asyncio.Future[object] = loop.create_future()
+    value = table.lookup_start(key, outcome.set_result)
+    if value is STARTED:
+        assert not outcome.done(), "answered from within lookup_start"
+        return await outcome
+    return value
+
+
+@pytest.fixture(params=["alookup", "lookup_start"])
+def way(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The class's lookups made as they are written (``alookup``), then through
+    ``lookup_start`` -- with ``alookup`` after LATER, as the handler does."""
+    if request.param == "lookup_start":
+        original = MysqlTable.alookup
+
+        async def alookup(self: MysqlTable, key: bytes) -> bytes | None:
+            outcome = await started(self, key)
+            if outcome is LATER:
+                return await original(self, key)
+            if isinstance(outcome, Exception):
+                raise outcome
+            assert outcome is None or isinstance(outcome, bytes)
+            return outcome
+
+        monkeypatch.setattr(MysqlTable, "alookup", alookup)
+    return str(request.param)
 
 
 # ---------------------------------------------------------------------------------------
@@ -323,6 +362,7 @@ class TestOpen:
 # ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.usefixtures("way")
 class TestLookups:
     def test_values_are_the_bytes_the_server_sent(self, db: PrivateMariaDB, cfdir: Path) -> None:
         table = table_for(cfdir, db, {"query": "SELECT v, v2, l, b FROM aliases WHERE k='%s'"})
@@ -423,6 +463,87 @@ class TestLookups:
                 with pytest.raises(DictRetry):
                     await table.alookup(b"bob")
             assert await allowed.alookup(b"bob") is None
+
+        run(main())
+
+
+class TestStartedLookups:
+    """``lookup_start``'s own branches (the classes above also run through it)."""
+
+    def test_answered_in_the_data_callback(self, db: PrivateMariaDB, cfdir: Path) -> None:
+        table = table_for(cfdir, db, {"query": "SELECT v, v2 FROM aliases WHERE k='%s'"})
+        big = table_for(cfdir, db, {"query": "SELECT REPEAT('%s', 100000)"}, name="big.cf")
+
+        async def main() -> None:
+            assert await table.alookup(b"alice")  # connected: the next ones start
+            assert await started(table, b"bob") == b"bob@example.com,bob2@example.com"
+            assert await started(table, b"nobody") is None
+            assert await started(table, "über".encode()) == "uber@example.com,ünïcödé €".encode()
+            assert table.pool.in_use == 0 and table.pool.connects == 1
+            assert await big.alookup(b"x") == b"x" * 100000
+            for _ in range(2):  # taken whole after several reads
+                assert await started(big, b"xyz") == b"xyz" * 100000
+            assert big.pool.in_use == 0 and big.pool.connects == 1
+
+        run(main())
+
+    def test_failures_go_on_in_rows(self, db: PrivateMariaDB, cfdir: Path) -> None:
+        broken = table_for(cfdir, db, {"query": "SELECT nosuch FROM aliases WHERE k='%s'"})
+        two = table_for(cfdir, db, {"query": "CALL two_sets('%s')"}, name="two.cf")
+
+        async def failing() -> None:
+            for table in (broken, two):
+                table.pool.release(await table.pool.acquire(5))  # an idle connection
+                outcome = await started(table, b"bob")
+                assert isinstance(outcome, DictRetry), outcome
+                assert "query failed" in str(outcome)
+                assert table.pool.in_use == 0
+
+        run(failing())
+
+    def test_lost_connection_is_tried_again(self, db: PrivateMariaDB, cfdir: Path) -> None:
+        table = table_for(cfdir, db, {"query": "SELECT '%s' FROM DUAL WHERE SLEEP(0.5) = 0"})
+
+        async def main() -> None:
+            assert await table.alookup(b"a") == b"a"
+            thread_id = table.pool._idle[-1].connection.thread_id()
+            answer = asyncio.ensure_future(started(table, b"b"))
+            await asyncio.sleep(0.1)
+            await asyncio.to_thread(db.execute, f"KILL {thread_id}")
+            assert await answer == b"b"  # on a new connection
+            assert table.pool.connects == 2 and table.pool.in_use == 0
+
+        run(main())
+
+    def test_deadline(self, db: PrivateMariaDB, cfdir: Path) -> None:
+        path = cfdir / "slow.cf"
+        path.write_text(cf_text(db, {"query": "SELECT SLEEP('%s')"}))
+        table = MysqlTable(str(path), os.O_RDONLY, 0, context(pyproxymap_mysql_timeout="0.5"))
+
+        async def main() -> None:
+            assert await table.alookup(b"0") == b"0"
+            began = time.monotonic()
+            outcome = await started(table, b"3")
+            assert isinstance(outcome, DictRetry) and "within 0.5s" in str(outcome)
+            assert 0.45 < time.monotonic() - began < 1.0
+            while table.pool.in_use:  # until KILL QUERY has stopped it
+                await asyncio.sleep(0.05)
+            assert await started(table, b"0") == b"0"
+
+        run(main())
+
+    def test_later_when_no_connection_is_free(self, db: PrivateMariaDB, cfdir: Path) -> None:
+        path = cfdir / "one.cf"
+        path.write_text(cf_text(db, {"query": "SELECT '%s' FROM DUAL WHERE SLEEP(0.2) = 0"}))
+        table = MysqlTable(str(path), os.O_RDONLY, 0, context(pyproxymap_mysql_connections="1"))
+
+        async def main() -> None:
+            assert table.lookup_start(b"a", print) is LATER  # not connected yet
+            assert await table.alookup(b"a") == b"a"
+            first = asyncio.ensure_future(started(table, b"b"))
+            await asyncio.sleep(0)
+            assert table.lookup_start(b"c", print) is LATER  # the one connection is busy
+            assert await first == b"b"
 
         run(main())
 
@@ -590,6 +711,7 @@ class TestTls:
         assert ("TLSv1" in direct.stdout) == bool(settings) or direct.exit != 0
 
 
+@pytest.mark.usefixtures("way")
 class TestFailover:
     def test_first_host_dead_second_answers(
         self, db: PrivateMariaDB, cfdir: Path, caplog: pytest.LogCaptureFixture
@@ -670,6 +792,7 @@ class TestFailover:
         assert any("again" in r.getMessage() for r in caplog.records)
 
 
+@pytest.mark.usefixtures("way")
 class TestConcurrency:
     @pytest.mark.serial
     def test_stalled_query_holds_up_nobody_and_times_out(
@@ -703,13 +826,14 @@ class TestConcurrency:
 
         run(main())
 
-    def test_connection_bound_under_50_lookups(self, db: PrivateMariaDB, cfdir: Path) -> None:
-        db.create_user("bound", "pw", DBNAME)
+    def test_connection_bound_under_50_lookups(
+        self, db: PrivateMariaDB, cfdir: Path, way: str
+    ) -> None:
+        user = f"bound_{way}"  # a user of its own: the other way's table is still open
+        db.create_user(user, "pw", DBNAME)
         path = cfdir / "bound.cf"
         path.write_text(
-            cf_text(
-                db, {"user": "bound", "password": "pw", "query": QUERY + " AND SLEEP(0.05) = 0"}
-            )
+            cf_text(db, {"user": user, "password": "pw", "query": QUERY + " AND SLEEP(0.05) = 0"})
         )
         table = MysqlTable(str(path), os.O_RDONLY, 0, context(pyproxymap_mysql_connections="4"))
         counts: list[int] = []
@@ -717,7 +841,7 @@ class TestConcurrency:
         async def main() -> None:
             lookups = asyncio.gather(*[table.alookup(b"alice") for _ in range(50)])
             while not lookups.done():
-                counts.append(await asyncio.to_thread(db.connection_count, "bound"))
+                counts.append(await asyncio.to_thread(db.connection_count, user))
                 assert table.pool.open <= 4
             assert await lookups == [b"alice@example.com"] * 50
 

@@ -62,6 +62,13 @@ DESCRIPTION
     to that server, and the query is tried once more on another connection
     before answering RETRY.
 
+    Started lookups (``lookup_start``, the handler's fast path): when a pooled
+    connection is free at once, the query is written from the client's request
+    callback and its answer taken in the database connection's data callback, with
+    no task or coroutine; anything but one whole result set (an error, several
+    sets, a lost connection) goes on in the coroutine path from where it is. With
+    the pool busy the lookup waits in that path, in turn.
+
     Failover: a server whose connect fails is passed over for a back-off of 0.25 s
     doubling to ``retry_interval`` but at most 2 s (Postfix: ``retry_interval``,
     60 s), so a restarted server is used again within seconds. A failure is never
@@ -108,10 +115,15 @@ from asyncmy.protocol import parse_rows_from_buffer, skip_packets_from_buffer
 
 from proxymap import flags as F
 from proxymap.tables.base import (
+    LATER,
+    STARTED,
+    AnswerCallback,
     AsyncTable,
     DictOpenError,
     DictRetry,
+    Later,
     OpenContext,
+    Started,
 )
 from proxymap.tables.cfg_parser import CfgParser
 from proxymap.tables.db_common import QueryContext
@@ -563,62 +575,97 @@ async def _result_sets(connection: Connection, query: bytes) -> list[tuple]:
     nothing); the protocol is read to its end so that the connection stays usable.
 
     The usual answer -- one result set, complete in the receive buffer after at most
-    one wake-up -- is parsed here in one pass over the buffer (``_one_result_set``);
+    one wake-up -- is parsed here in one pass over the buffer (``_take_result_set``);
     anything else (an error, an OK packet, several result sets, a large or slow
     answer) is left unread for asyncmy to read from its first packet. asyncmy's own
     path costs a quarter of a lookup: a coroutine per packet, and column
     descriptions built and thrown away on every query."""
-    # asyncmy's internals (its receive buffer, write path and read waiter), as of the
-    # versions setup.cfg allows; tests/test_tables_mysql.py covers every branch.
     raw: Any = connection
     try:
-        previous = raw._result
-        if (
-            raw._connected
-            and len(query) < _MAX_PAYLOAD
-            and (previous is None or not (previous.has_next or previous.unbuffered_active))
-        ):
-            raw._result = None
-            raw._write_bytes(_QUERY_HEADER.pack(len(query) + 1, _COM_QUERY) + query)
-            raw._next_seq_id = 1
-            proto = raw._proto
-            if proto.length == proto.pos and not proto.eof and proto.exc is None:
-                # Wait for the answer (asyncmy's protocol wakes its read waiter on
-                # data, end of file and loss alike).
-                waiter = proto._read_waiter = raw._loop.create_future()
-                try:
-                    await waiter
-                except asyncio.CancelledError:
-                    raw._close_on_cancel()  # as asyncmy: the answer is unread
-                    raise
-                finally:
-                    if proto._read_waiter is waiter:
-                        proto._read_waiter = None
-            parsed = _one_result_set(proto, raw._deprecate_eof)
-            if parsed is not None and parsed is not _NOT_MINE:
-                rows, proto.pos, raw._next_seq_id, status = parsed
-                raw._affected_rows = len(rows)
-                if status:
-                    raw.server_status = status
-                return [rows]
-            await raw._read_query_result()  # asyncmy reads it from the start
-        else:
+        if not _send_query(raw, query):
             await connection.query(query)
-        result = raw._result
-        if result is not None and not result.has_next:  # the usual: one result
-            return [result.rows or ()] if result.field_count else []
-        sets = []
-        while True:
-            if result is not None and result.field_count:
-                sets.append(result.rows or ())
-            if result is None or not result.has_next:
-                return sets
-            await connection.next_result()
-            result = raw._result
+            return await _sets_read(raw)
+        proto = raw._proto
+        if proto.length == proto.pos and not proto.eof and proto.exc is None:
+            # Wait for the answer (asyncmy's protocol wakes its read waiter on
+            # data, end of file and loss alike).
+            waiter = proto._read_waiter = raw._loop.create_future()
+            try:
+                await waiter
+            except asyncio.CancelledError:
+                raw._close_on_cancel()  # as asyncmy: the answer is unread
+                raise
+            finally:
+                if proto._read_waiter is waiter:
+                    proto._read_waiter = None
+        rows = _take_result_set(raw)
+        if rows is not None and rows is not _NOT_MINE:
+            return [rows]
     except (mysql_errors.MySQLError, OSError, EOFError) as exc:
-        if _is_lost(exc):
-            raise _LostConnection(_error_text(exc)) from None
-        raise _QueryFailed(f"query failed: {_error_text(exc)}") from None
+        raise _query_error(exc) from None
+    return await _rest_of_result_sets(raw)
+
+
+async def _rest_of_result_sets(connection: Any) -> list[tuple]:
+    """``_result_sets`` of a query sent (``_send_query``) and not taken whole: asyncmy
+    reads its answer from the first packet."""
+    try:
+        await connection._read_query_result()
+        return await _sets_read(connection)
+    except (mysql_errors.MySQLError, OSError, EOFError) as exc:
+        raise _query_error(exc) from None
+
+
+async def _sets_read(connection: Any) -> list[tuple]:
+    """The rows of the result sets asyncmy has read, reading the next ones."""
+    result = connection._result
+    if result is not None and not result.has_next:  # the usual: one result
+        return [result.rows or ()] if result.field_count else []
+    sets = []
+    while True:
+        if result is not None and result.field_count:
+            sets.append(result.rows or ())
+        if result is None or not result.has_next:
+            return sets
+        await connection.next_result()
+        result = connection._result
+
+
+def _query_error(exc: BaseException) -> _LostConnection | _QueryFailed:
+    if _is_lost(exc):
+        return _LostConnection(_error_text(exc))
+    return _QueryFailed(f"query failed: {_error_text(exc)}")
+
+
+def _send_query(connection: Any, query: bytes) -> bool:
+    """Write COM_QUERY the way asyncmy would, when its state allows the answer to be
+    read here; False (nothing written) otherwise: asyncmy then sends it itself."""
+    # asyncmy's internals (its receive buffer, write path and read waiter), as of the
+    # versions setup.cfg allows; tests/test_tables_mysql.py covers every branch.
+    previous = connection._result
+    if (
+        not connection._connected
+        or len(query) >= _MAX_PAYLOAD
+        or (previous is not None and (previous.has_next or previous.unbuffered_active))
+    ):
+        return False
+    connection._result = None
+    connection._write_bytes(_QUERY_HEADER.pack(len(query) + 1, _COM_QUERY) + query)
+    connection._next_seq_id = 1
+    return True
+
+
+def _take_result_set(connection: Any) -> tuple | _Answer | None:
+    """The rows of the one whole result set in asyncmy's receive buffer, consumed
+    (``_one_result_set``); None when more bytes are needed, _NOT_MINE for the rest."""
+    parsed = _one_result_set(connection._proto, connection._deprecate_eof)
+    if parsed is None or parsed is _NOT_MINE:
+        return parsed
+    rows, connection._proto.pos, connection._next_seq_id, status = parsed
+    connection._affected_rows = len(rows)
+    if status:
+        connection.server_status = status
+    return rows
 
 
 def _as_bytes_columns(count: int) -> tuple:
@@ -735,6 +782,66 @@ class _IdleReaper:
             self.handle = None
 
 
+class _QueryInFlight:
+    """A started lookup's query (``MysqlTable.lookup_start``), on its connection.
+
+    It stands in asyncmy's protocol as the read waiter, which that protocol wakes
+    with ``set_result`` from its data, end-of-file and loss callbacks: the answer is
+    taken there, in the same callback, when it is one whole result set; else more
+    data is awaited, or ``_rows`` goes on from here. The pool's sweeper calls
+    ``expire`` past the deadline. ``answer`` is called once."""
+
+    __slots__ = ("table", "lease", "key", "query", "answer", "deadline", "over")
+
+    def __init__(
+        self,
+        table: MysqlTable,
+        lease: Lease[Connection, Endpoint],
+        key: bytes,
+        query: bytes,
+        answer: AnswerCallback,
+        deadline: float,
+    ) -> None:
+        self.table = table
+        self.lease = lease
+        self.key = key
+        self.query = query
+        self.answer = answer
+        self.deadline = deadline
+        self.over = False
+
+    def done(self) -> bool:  # asyncmy's protocol asks before set_result
+        return self.over
+
+    def set_result(self, _result: None) -> None:
+        if self.over:
+            return
+        try:
+            self._read()
+        except Exception as exc:  # noqa: BLE001 - never into asyncmy's callback
+            self.over = True
+            self.table._answer_failure(self, exc)
+
+    def _read(self) -> None:
+        connection: Any = self.lease.connection
+        rows = _take_result_set(connection)
+        if rows is None:
+            proto = connection._proto
+            if not (proto.eof or proto.exc is not None):
+                proto._read_waiter = self  # a part of the answer: wait for the rest
+                return
+        self.over = True
+        if rows is None or rows is _NOT_MINE:
+            self.table._go_on(self)
+        else:
+            self.table._answered(self, rows)
+
+    def expire(self) -> None:
+        if not self.over:
+            self.over = True
+            self.table._expired(self)
+
+
 class MysqlTable(AsyncTable):
     dict_type = "mysql"
 
@@ -774,6 +881,7 @@ class MysqlTable(AsyncTable):
         self.outage = OutageLog(self.spec)
         self.reaper = _IdleReaper(float(idle_interval))
         self._abandoned: set[asyncio.Future[None]] = set()
+        self._going_on: set[asyncio.Future[None]] = set()  # started lookups, in _rows
         self._escape = escaper(self.login.charset)
         self._escape_quotes = escaper(self.login.charset, no_backslash_escapes=True)
 
@@ -818,9 +926,12 @@ class MysqlTable(AsyncTable):
             query = queries.query_for(key, self._escape)
         if query is None:
             return None
-        rows = await self._rows(key, query)
+        return self._value(key, await self._rows(key, query))
+
+    def _value(self, key: bytes, rows: tuple | None) -> bytes | None:
         if not rows:
             return None
+        queries = self.queries
         if len(rows) == 1 and len(rows[0]) == 1 and queries.verbatim_results:
             value = rows[0][0]
             if value and 0 not in value:
@@ -835,31 +946,39 @@ class MysqlTable(AsyncTable):
                 add(value)
         return joined.value()
 
-    async def _rows(self, key: bytes, query: bytes) -> tuple | None:
+    async def _rows(
+        self, key: bytes, query: bytes, sent: _QueryInFlight | None = None
+    ) -> tuple | None:
         """The rows of the query's one result set; None when it has none (allowed).
+        ``sent``: a started lookup whose answer asyncmy reads from here on.
 
         The deadline is watched by the pool's sweeper, which cancels this task past
         it, as asyncio.timeout would (then TimeoutError): no task, timer or context
         manager per query."""
         pool = self.pool
         loop = pool.running_loop()
-        deadline = loop.time() + self.timeout
+        deadline = loop.time() + self.timeout if sent is None else sent.deadline
         sweeper = pool.sweeper
         task = asyncio.current_task(loop)
         assert task is not None
         for attempt in range(2):
-            lease = pool.lend(loop) or await pool.acquire(max(0.0, deadline - loop.time()))
+            if sent is None:
+                lease = pool.lend(loop) or await pool.acquire(max(0.0, deadline - loop.time()))
+            else:
+                lease = sent.lease
             connection = lease.connection
             try:
-                text = query  # as escaped for the server mode of this connection
-                if connection.server_status & SERVER_STATUS_NO_BACKSLASH_ESCAPES:  # type: ignore[attr-defined]  # not in the stub
-                    queries = self.queries
-                    text = queries.expand_query(queries.query, key, self._escape_quotes) or query
+                if sent is None:
+                    reading = _result_sets(connection, self._query_text(connection, key, query))
+                else:
+                    reading = _rest_of_result_sets(connection)
+                    sent = None
                 if deadline <= loop.time():
+                    reading.close()
                     raise TimeoutError
                 sweeper.watch(task, deadline, task.cancel, loop)
                 try:
-                    sets = await _result_sets(connection, text)
+                    sets = await reading
                 except asyncio.CancelledError:
                     if not sweeper.watching(task) and task.uncancel() == 0:
                         raise TimeoutError from None  # the sweeper's cancellation
@@ -891,6 +1010,108 @@ class MysqlTable(AsyncTable):
                 return sets[0]
             return self._check_sets(sets)
         raise AssertionError("not reached")
+
+    def _query_text(self, connection: Connection, key: bytes, query: bytes) -> bytes:
+        """The query as escaped for the server mode of this connection."""
+        if connection.server_status & SERVER_STATUS_NO_BACKSLASH_ESCAPES:  # type: ignore[attr-defined]  # not in the stub
+            queries = self.queries
+            return queries.expand_query(queries.query, key, self._escape_quotes) or query
+        return query
+
+    # --- started lookups (AsyncTable.lookup_start) -----------------------------------------
+    starts = True
+
+    def lookup_start(self, key: bytes, answer: AnswerCallback) -> bytes | None | Later | Started:
+        """``alookup`` without a coroutine when a pooled connection is free at once and
+        the query goes out as ``_result_sets`` sends it: the query is written now, and
+        the answer is read in asyncmy's data callback (``_QueryInFlight``). Anything
+        but one whole result set goes on in ``_rows``, from where it is."""
+        queries = self.queries
+        if queries.domain_asynchronous:
+            return LATER
+        pool = self.pool
+        loop = pool.running_loop()
+        lease = pool.lend(loop)
+        if lease is None:
+            return LATER  # before the key is expanded: alookup would do it again
+        try:
+            key = self.fold(key)
+            query = queries.query_for(key, self._escape)
+        except BaseException:
+            pool.release(lease, True, loop)
+            raise
+        if query is None:
+            pool.release(lease, True, loop)
+            return None
+        connection: Any = lease.connection
+        try:
+            sent = not connection.server_status & SERVER_STATUS_NO_BACKSLASH_ESCAPES and (
+                _send_query(connection, query)
+            )
+        except (mysql_errors.MySQLError, OSError, EOFError):  # found lost: alookup retries
+            pool.release(lease, reusable=False)
+            pool.suspect(lease)
+            return LATER
+        if not sent:
+            pool.release(lease, True, loop)
+            return LATER
+        flight = _QueryInFlight(self, lease, key, query, answer, loop.time() + self.timeout)
+        pool.sweeper.watch(flight, flight.deadline, flight.expire, loop)
+        proto = connection._proto
+        if proto.length == proto.pos and not proto.eof and proto.exc is None:
+            proto._read_waiter = flight
+        else:  # already there, or lost: read on the next turn, never from this call
+            loop.call_soon(flight.set_result, None)
+        return STARTED
+
+    def _answered(self, flight: _QueryInFlight, rows: tuple) -> None:
+        """A started lookup's one result set, taken whole."""
+        pool = self.pool
+        loop = pool.running_loop()
+        pool.sweeper.unwatch(flight)
+        pool.release(flight.lease, True, loop)
+        self.reaper.touch(pool, loop)
+        if self.outage.failing:
+            self.outage.ok()
+        try:
+            value: bytes | None | Exception = self._value(flight.key, rows)
+        except Exception as exc:  # noqa: BLE001 - e.g. expansion_limit: a status
+            value = exc
+        flight.answer(value)
+
+    def _expired(self, flight: _QueryInFlight) -> None:
+        """No whole answer by the deadline: RETRY, and the query is stopped."""
+        lease = flight.lease
+        proto = lease.connection._proto  # type: ignore[attr-defined]  # not in asyncmy's stub
+        if proto._read_waiter is flight:
+            proto._read_waiter = None
+        self._abandon(lease)
+        timeout = f"no answer from {lease.endpoint.label} within {self.timeout:g}s"
+        flight.answer(self._failed(timeout))
+
+    def _answer_failure(self, flight: _QueryInFlight, exc: Exception) -> None:
+        """A started lookup that failed here (a bug): RETRY, the connection closed."""
+        log.error("%s: lookup failed: %r", self.spec, exc, exc_info=exc)
+        self.pool.sweeper.unwatch(flight)
+        self.pool.release(flight.lease, reusable=False)
+        flight.answer(self._failed(f"lookup failed: {exc!r}"))
+
+    def _go_on(self, flight: _QueryInFlight) -> None:
+        """A started lookup whose answer is not one whole result set: ``_rows`` takes
+        it from where it is (errors, retry on a lost connection, the deadline)."""
+        self.pool.sweeper.unwatch(flight)
+        task = asyncio.ensure_future(self._finish(flight))
+        self._going_on.add(task)
+        task.add_done_callback(self._going_on.discard)
+
+    async def _finish(self, flight: _QueryInFlight) -> None:
+        try:
+            value: bytes | None | Exception = self._value(
+                flight.key, await self._rows(flight.key, flight.query, flight)
+            )
+        except Exception as exc:  # noqa: BLE001 - every failure becomes a status
+            value = exc
+        flight.answer(value)
 
     def _abandon(self, lease: Lease[Connection, Endpoint]) -> None:
         """A query that timed out still runs on the server, on a connection the server
@@ -930,7 +1151,7 @@ class MysqlTable(AsyncTable):
         return DictRetry(f"{self.spec}: {reason}")
 
     def close(self) -> None:
-        for task in self._abandoned:
+        for task in (*self._abandoned, *self._going_on):
             task.cancel()
         self.reaper.cancel()
         self.pool.close()
