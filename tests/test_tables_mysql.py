@@ -525,7 +525,7 @@ class TestStartedLookups:
             began = time.monotonic()
             outcome = await started(table, b"3")
             assert isinstance(outcome, DictRetry) and "within 0.5s" in str(outcome)
-            assert 0.45 < time.monotonic() - began < 1.0
+            assert 0.45 < time.monotonic() - began < 2.0  # a loaded machine
             while table.pool.in_use:  # until KILL QUERY has stopped it
                 await asyncio.sleep(0.05)
             assert await started(table, b"0") == b"0"

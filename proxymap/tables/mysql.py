@@ -782,6 +782,7 @@ class _IdleReaper:
             self.handle = None
 
 
+@dataclass(slots=True, eq=False)
 class _QueryInFlight:
     """A started lookup's query (``MysqlTable.lookup_start``), on its connection.
 
@@ -791,24 +792,13 @@ class _QueryInFlight:
     data is awaited, or ``_rows`` goes on from here. The pool's sweeper calls
     ``expire`` past the deadline. ``answer`` is called once."""
 
-    __slots__ = ("table", "lease", "key", "query", "answer", "deadline", "over")
-
-    def __init__(
-        self,
-        table: MysqlTable,
-        lease: Lease[Connection, Endpoint],
-        key: bytes,
-        query: bytes,
-        answer: AnswerCallback,
-        deadline: float,
-    ) -> None:
-        self.table = table
-        self.lease = lease
-        self.key = key
-        self.query = query
-        self.answer = answer
-        self.deadline = deadline
-        self.over = False
+    table: MysqlTable
+    lease: Lease[Connection, Endpoint]
+    key: bytes
+    query: bytes
+    answer: AnswerCallback
+    deadline: float
+    over: bool = False
 
     def done(self) -> bool:  # asyncmy's protocol asks before set_result
         return self.over
