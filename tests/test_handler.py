@@ -38,12 +38,14 @@ from proxymap.protocol import (
 from proxymap.tables import TABLE_TYPES, table_class
 from proxymap.tables.base import (
     LATER,
+    STARTED,
     AsyncTable,
     DictConfig,
     DictOpenError,
     DictRetry,
     Later,
     OpenContext,
+    Started,
 )
 from proxymap.tables.internal import InternalTable
 from proxymap.tables.utf8 import activate
@@ -649,6 +651,25 @@ class AsyncNowOutcomes(AsyncOutcomes):
         return self.outcome(key, self.flags)
 
 
+class AsyncStartOutcomes(AsyncOutcomes):
+    """The same outcomes, through ``lookup_start``: given to the callback on the next
+    loop turn (a failure as the exception), except for the keys that start with
+    "later" (and those only through ``alookup``)."""
+
+    dict_type = "astart"
+    starts = True
+
+    def lookup_start(self, key: bytes, answer) -> bytes | None | Later | Started:
+        if key.startswith(b"later"):
+            return LATER
+        try:
+            outcome: bytes | None | Exception = self.outcome(key, self.flags)
+        except Exception as exc:  # noqa: BLE001 - the callback takes failures too
+            outcome = exc
+        asyncio.get_running_loop().call_soon(answer, outcome)
+        return STARTED
+
+
 ASYNC_KEYS = [b"alice", b"nobody", b"nul", b"retry", b"config", b"boom", b"alice", b"later"]
 ASYNC_REQUESTS = [
     ("G1 postmap -q", G1, 524353, 524353),
@@ -688,7 +709,7 @@ def _figures(handler: RequestHandler) -> tuple:
 
 @pytest.mark.parametrize("statistics", ["yes", "no"])
 @pytest.mark.parametrize("cached", [False, True])
-@pytest.mark.parametrize("kind", ["aout", "anow"])
+@pytest.mark.parametrize("kind", ["aout", "anow", "astart"])
 def test_compiled_asynchronous_lookup_answers_as_handle(
     monkeypatch, caplog, statistics, cached, kind
 ):
@@ -699,6 +720,7 @@ def test_compiled_asynchronous_lookup_answers_as_handle(
     answers at once (``lookup_now``) and when it cannot."""
     monkeypatch.setitem(TABLE_TYPES, "aout", f"{__name__}:AsyncOutcomes")
     monkeypatch.setitem(TABLE_TYPES, "anow", f"{__name__}:AsyncNowOutcomes")
+    monkeypatch.setitem(TABLE_TYPES, "astart", f"{__name__}:AsyncStartOutcomes")
     params = {"pyproxymap_statistics": statistics}
     if cached:
         params["pyproxymap_cache_maps"] = f"{kind}:t"
@@ -730,14 +752,34 @@ def test_compiled_asynchronous_lookup_answers_as_handle(
 
 
 def test_only_tables_that_answer_at_once_are_asked_to():
-    """The UTF-8 layer answers at once exactly when the table it wraps does."""
+    """The UTF-8 layer answers at once, or starts, exactly when the table it wraps does."""
     ctx = OpenContext(params={})
-    for cls, answers in ((AsyncOutcomes, False), (AsyncNowOutcomes, True)):
+    for cls, answers, starts in (
+        (AsyncOutcomes, False, False),
+        (AsyncNowOutcomes, True, False),
+        (AsyncStartOutcomes, False, True),
+    ):
         table = cls("t", os.O_RDONLY, F.FIXED, ctx)
         layer = activate(table)
         assert (table.answers_now, layer.answers_now) == (answers, answers)
+        assert (table.starts, layer.starts) == (starts, starts)
         assert isinstance(layer, AsyncTable)
         assert layer.lookup_now(b"\xff") is None  # not UTF-8: not found, as alookup
+        assert layer.lookup_start(b"\xff", print) is None
+
+
+def test_the_utf8_layer_checks_a_started_lookups_value():
+    async def outcomes() -> list[object]:
+        layer = activate(AsyncStartOutcomes("t", os.O_RDONLY, F.FIXED, OpenContext(params={})))
+        answers: list[object] = []
+        for key in ("Ünïcode".encode(), b"retry", b"later"):
+            assert layer.lookup_start(key, answers.append) in (STARTED, LATER)
+        await asyncio.sleep(0.01)
+        return answers
+
+    value, retry = asyncio.run(outcomes())
+    assert isinstance(value, bytes) and value.startswith("Ünïcode ran with ".encode())
+    assert isinstance(retry, DictRetry)
 
 
 def test_a_lookup_given_at_once_needs_no_coroutine(monkeypatch):

@@ -39,9 +39,12 @@ from typing import Any, TypeVar
 from proxymap import flags as F
 from proxymap.tables.base import (
     LATER,
+    STARTED,
+    AnswerCallback,
     AsyncTable,
     DictConfig,
     Later,
+    Started,
     SurrogateTable,
     SyncTable,
     Table,
@@ -246,3 +249,24 @@ class AsyncUtf8Table(Utf8Plans, AsyncComposite):
         """``Utf8Table.lookup`` over the inner table's ``lookup_now``."""
         value = self._unfolded(self.inner.lookup_now, key)
         return value if value is LATER else self._checked_value(value)
+
+    @property
+    def starts(self) -> bool:  # type: ignore[override]
+        return self.inner.starts
+
+    def lookup_start(self, key: bytes, answer: AnswerCallback) -> bytes | None | Later | Started:
+        """``Utf8Table.lookup`` over the inner table's ``lookup_start``: the value the
+        callback gets is checked as ``lookup_now``'s is."""
+
+        def checked(outcome: bytes | None | Exception) -> None:
+            if not isinstance(outcome, Exception):
+                try:
+                    outcome = self._checked_value(outcome)
+                except DictConfig as exc:
+                    outcome = exc
+            answer(outcome)
+
+        value = self._unfolded(lambda folded: self.inner.lookup_start(folded, checked), key)
+        if value is LATER or value is STARTED:
+            return value
+        return self._checked_value(value)
