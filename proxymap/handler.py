@@ -733,7 +733,17 @@ class PendingReply:
             else:
                 reply = slow._failed_counted(outcome, self.flags, self.started)
         else:
-            reply = slow._encoded(outcome) if self.stats is None else self.counted(outcome)
+            reply = slow._encoded(outcome)
+            if self.stats is not None:  # counted after the reply is out, timed before
+                elapsed = perf_counter() - self.started
+                try:
+                    self._deliver(reply)
+                finally:
+                    self._count(outcome, elapsed)
+                return
+        self._deliver(reply)
+
+    def _deliver(self, reply: bytes) -> None:
         on_reply, self.on_reply = self.on_reply, None
         if on_reply is None:
             self.reply = reply
@@ -741,12 +751,15 @@ class PendingReply:
             on_reply(reply)
 
     def counted(self, value: bytes | None) -> bytes:
+        self._count(value, perf_counter() - self.started)
+        return self.slow._encoded(value)
+
+    def _count(self, value: bytes | None, elapsed: float) -> None:
         stats = self.stats
         assert stats is not None
-        stats.record(perf_counter() - self.started)
+        stats.record(elapsed)
         stats.lookups += 1
         stats.misses += value is None
-        return self.slow._encoded(value)
 
     def __await__(self) -> Generator[Any, None, bytes]:
         if self.reply is None:

@@ -1055,19 +1055,22 @@ class MysqlTable(AsyncTable):
         return STARTED
 
     def _answered(self, flight: _QueryInFlight, rows: tuple) -> None:
-        """A started lookup's one result set, taken whole."""
-        pool = self.pool
-        loop = pool.running_loop()
-        pool.sweeper.unwatch(flight)
-        pool.release(flight.lease, True, loop)
-        self.reaper.touch(pool, loop)
-        if self.outage.failing:
-            self.outage.ok()
+        """A started lookup's one result set, taken whole: the reply goes out first,
+        the bookkeeping after it (off the client's wait)."""
         try:
             value: bytes | None | Exception = self._value(flight.key, rows)
         except Exception as exc:  # noqa: BLE001 - e.g. expansion_limit: a status
             value = exc
-        flight.answer(value)
+        try:
+            flight.answer(value)
+        finally:
+            pool = self.pool
+            loop = pool.running_loop()
+            pool.sweeper.unwatch(flight)
+            pool.release(flight.lease, True, loop)
+            self.reaper.touch(pool, loop)
+            if self.outage.failing:
+                self.outage.ok()
 
     def _expired(self, flight: _QueryInFlight) -> None:
         """No whole answer by the deadline: RETRY, and the query is stopped."""
