@@ -350,6 +350,57 @@ def test_a_timed_out_waiter_leaves_the_queue():
     run(scenario())
 
 
+def test_lend_later_waits_in_turn_with_acquire_and_times_out():
+    """A callback's place in the queue: served in arrival order with acquire's
+    waiters, from the callback that frees the slot; PoolUnavailable past its time;
+    False while a slot is free (acquire connects)."""
+
+    async def scenario():
+        server = await EchoServer().start()
+        pool = make_pool([server.endpoint], size=1)
+        loop = asyncio.get_running_loop()
+        assert not pool.lend_later(print, 1.0, loop)  # a free slot: acquire's work
+        first = await pool.acquire()
+        got: list[object] = []
+        assert pool.lend_later(got.append, 5.0, loop)
+        waiting = asyncio.ensure_future(pool.acquire(5.0))
+        await asyncio.sleep(0.01)
+        assert pool.waiting == 2
+        pool.release(first)  # to the callback, at once, with the same connection
+        assert got == [first] and pool.in_use == 1 and pool.waiting == 1
+        pool.release(first)
+        second = await waiting  # then acquire's waiter
+        assert second is first and server.accepted == 1
+        assert pool.lend_later(got.append, 0.05, loop)
+        await asyncio.sleep(0.2)
+        assert isinstance(got[-1], PoolUnavailable) and "busy for 0.05s" in str(got[-1])
+        assert pool.waiting == 0 and not pool._waiters
+        pool.release(second)
+        pool.close()
+        await server.stop()
+
+    run(scenario())
+
+
+def test_lend_later_opens_a_connection_when_none_is_idle():
+    async def scenario():
+        server = await EchoServer().start()
+        pool = make_pool([server.endpoint], size=1)
+        loop = asyncio.get_running_loop()
+        held = await pool.acquire()
+        got: list[object] = []
+        assert pool.lend_later(got.append, 5.0, loop)
+        pool.release(held, reusable=False)  # closed: the slot alone is handed on
+        while not got:
+            await asyncio.sleep(0.01)
+        assert got[0] is not held and pool.in_use == 1 and server.accepted == 2
+        pool.release(got[0])  # type: ignore[arg-type]
+        pool.close()
+        await server.stop()
+
+    run(scenario())
+
+
 def test_swept_timeout_behaves_like_asyncio_timeout():
     async def scenario():
         sweeper = Sweeper(resolution=0.02)

@@ -532,7 +532,7 @@ class TestStartedLookups:
 
         run(main())
 
-    def test_later_when_no_connection_is_free(self, db: PrivateMariaDB, cfdir: Path) -> None:
+    def test_queued_when_no_connection_is_free(self, db: PrivateMariaDB, cfdir: Path) -> None:
         path = cfdir / "one.cf"
         path.write_text(cf_text(db, {"query": "SELECT '%s' FROM DUAL WHERE SLEEP(0.2) = 0"}))
         table = MysqlTable(str(path), os.O_RDONLY, 0, context(pyproxymap_mysql_connections="1"))
@@ -542,8 +542,13 @@ class TestStartedLookups:
             assert await table.alookup(b"a") == b"a"
             first = asyncio.ensure_future(started(table, b"b"))
             await asyncio.sleep(0)
-            assert table.lookup_start(b"c", print) is LATER  # the one connection is busy
+            second = asyncio.ensure_future(started(table, b"c"))  # waits for the one
+            await asyncio.sleep(0.05)
+            assert table.pool.waiting == 1 and table.pool.in_use == 1
             assert await first == b"b"
+            assert not second.done()  # sent on that connection when it came back
+            assert await second == b"c"
+            assert table.pool.connects == 1 and table.pool.in_use == 0
 
         run(main())
 

@@ -67,7 +67,8 @@ DESCRIPTION
     callback and its answer taken in the database connection's data callback, with
     no task or coroutine; anything but one whole result set (an error, several
     sets, a lost connection) goes on in the coroutine path from where it is. With
-    the pool busy the lookup waits in that path, in turn.
+    every connection busy it waits in the pool's queue (``lend_later``), in turn
+    with the coroutine lookups, and goes out from the callback that frees one.
 
     Failover: a server whose connect fails is passed over for a back-off of 0.25 s
     doubling to ``retry_interval`` but at most 2 s (Postfix: ``retry_interval``,
@@ -832,6 +833,33 @@ class _QueryInFlight:
             self.table._expired(self)
 
 
+@dataclass(slots=True, eq=False)
+class _Queued:
+    """A started lookup waiting for a pooled connection (``ConnectionPool.lend_later``)."""
+
+    table: MysqlTable
+    key: bytes
+    query: bytes
+    answer: AnswerCallback
+    deadline: float
+
+    def leased(self, lease: Lease[Connection, Endpoint] | Exception) -> None:
+        """From within the ``release`` that freed the slot: nothing may escape here."""
+        table = self.table
+        try:
+            if isinstance(lease, Exception):  # PoolUnavailable, as acquire raises it
+                self.answer(lease)
+            else:
+                try:
+                    table._queued_lease(self, lease)
+                except Exception:
+                    table.pool.release(lease, reusable=False)
+                    raise
+        except Exception as exc:  # a bug: RETRY, logged
+            log.error("%s: lookup failed: %r", table.spec, exc, exc_info=exc)
+            self.answer(table._failed(f"lookup failed: {exc!r}"))
+
+
 class MysqlTable(AsyncTable):
     dict_type = "mysql"
 
@@ -1019,20 +1047,31 @@ class MysqlTable(AsyncTable):
         queries = self.queries
         if queries.domain_asynchronous:
             return LATER
+        key = self.fold(key)  # reads the flags: before anything waits
+        query = queries.query_for(key, self._escape)
+        if query is None:
+            return None
         pool = self.pool
         loop = pool.running_loop()
+        deadline = loop.time() + self.timeout
         lease = pool.lend(loop)
-        if lease is None:
-            return LATER  # before the key is expanded: alookup would do it again
-        try:
-            key = self.fold(key)
-            query = queries.query_for(key, self._escape)
-        except BaseException:
-            pool.release(lease, True, loop)
-            raise
-        if query is None:
-            pool.release(lease, True, loop)
-            return None
+        if lease is not None:
+            return self._send(lease, key, query, answer, deadline, loop)
+        queued = _Queued(self, key, query, answer, deadline)
+        return STARTED if pool.lend_later(queued.leased, self.timeout, loop) else LATER
+
+    def _send(
+        self,
+        lease: Lease[Connection, Endpoint],
+        key: bytes,
+        query: bytes,
+        answer: AnswerCallback,
+        deadline: float,
+        loop: asyncio.AbstractEventLoop,
+    ) -> Later | Started:
+        """Send a started lookup's query on LEASE: STARTED, or LATER (the lease given
+        back) when it cannot go out as ``_result_sets`` would send it."""
+        pool = self.pool
         connection: Any = lease.connection
         try:
             sent = not connection.server_status & SERVER_STATUS_NO_BACKSLASH_ESCAPES and (
@@ -1045,14 +1084,31 @@ class MysqlTable(AsyncTable):
         if not sent:
             pool.release(lease, True, loop)
             return LATER
-        flight = _QueryInFlight(self, lease, key, query, answer, loop.time() + self.timeout)
-        pool.sweeper.watch(flight, flight.deadline, flight.expire, loop)
+        flight = _QueryInFlight(self, lease, key, query, answer, deadline)
+        pool.sweeper.watch(flight, deadline, flight.expire, loop)
         proto = connection._proto
         if proto.length == proto.pos and not proto.eof and proto.exc is None:
             proto._read_waiter = flight
         else:  # already there, or lost: read on the next turn, never from this call
             loop.call_soon(flight.set_result, None)
         return STARTED
+
+    def _queued_lease(self, queued: _Queued, lease: Lease[Connection, Endpoint]) -> None:
+        """A connection for a started lookup that waited for one."""
+        key, query, answer = queued.key, queued.query, queued.answer
+        loop = self.pool.running_loop()
+        if self._send(lease, key, query, answer, queued.deadline, loop) is LATER:
+            task = asyncio.ensure_future(self._finish_later(key, query, answer))
+            self._going_on.add(task)
+            task.add_done_callback(self._going_on.discard)
+
+    async def _finish_later(self, key: bytes, query: bytes, answer: AnswerCallback) -> None:
+        """``alookup``'s end of a started lookup that could not be sent as started."""
+        try:
+            value: bytes | None | Exception = self._value(key, await self._rows(key, query))
+        except Exception as exc:  # noqa: BLE001 - every failure becomes a status
+            value = exc
+        answer(value)
 
     def _answered(self, flight: _QueryInFlight, rows: tuple) -> None:
         """A started lookup's one result set, taken whole: the reply goes out first,
@@ -1063,6 +1119,8 @@ class MysqlTable(AsyncTable):
             value = exc
         try:
             flight.answer(value)
+        except Exception as exc:  # a bug above: the connection is fine
+            log.error("%s: answering a lookup failed: %r", self.spec, exc, exc_info=exc)
         finally:
             pool = self.pool
             loop = pool.running_loop()

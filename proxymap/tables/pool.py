@@ -45,7 +45,9 @@ DESCRIPTION
     Lending is cheap on purpose (it is on every lookup's path): a free slot with a
     ready idle connection is lent without an await (``lend``, or ``acquire``'s
     fast path); a lookup that waits for a slot waits on one future (no task), in
-    arrival order, and ``release`` hands the slot straight to the first waiter.
+    arrival order, and ``release`` hands the slot straight to the first waiter. A
+    caller without a coroutine may queue a callback instead (``lend_later``): it gets
+    the lease from within the ``release`` that frees the slot, in the same order.
     Its timeout, and the drivers' query timeouts, are watched by the pool's
     ``Sweeper``: one coarse timer (50 ms) instead of one timer per operation.
 
@@ -228,13 +230,42 @@ class ConnectionPool(Generic[C, E]):
             await self._wait_for_slot(timeout)
         try:
             lease = self._take_idle()
-            if lease is None:
-                lease = (await self._reuse() if self._idle else None) or await self._open()
+        except BaseException:
+            self._release_slot()
+            raise
+        if lease is None:
+            return await self._lease_in_slot()
+        self.in_use += 1
+        return lease
+
+    async def _lease_in_slot(self) -> Lease[C, E]:
+        """A lease in a slot already taken, when no idle connection can be taken as
+        it is: one checked for reuse, or a new one."""
+        try:
+            lease = (await self._reuse() if self._idle else None) or await self._open()
         except BaseException:
             self._release_slot()
             raise
         self.in_use += 1
         return lease
+
+    def lend_later(
+        self,
+        deliver: Callable[[Lease[C, E] | Exception], object],
+        timeout: float,
+        loop: asyncio.AbstractEventLoop,
+    ) -> bool:
+        """Queue for a lease without a coroutine when every slot is taken: ``deliver``
+        gets it (or PoolUnavailable past ``timeout``) from the callback that frees a
+        slot, in turn with ``acquire``'s waiters. False when a slot is free: then
+        ``acquire`` (a connection to open or to check)."""
+        if self._free > 0 or self._loop is not loop:
+            return False
+        waiter = _CallbackWaiter(self, deliver, timeout)
+        self._waiters.append(waiter)  # type: ignore[arg-type]  # a future's stand-in
+        self.waiting += 1
+        self.sweeper.watch(waiter, loop.time() + timeout, waiter.expire, loop)
+        return True
 
     async def _wait_for_slot(self, timeout: float | None) -> None:
         """Queue for a slot: one future and at most one timer, no task."""
@@ -447,6 +478,66 @@ _get_running_loop = asyncio._get_running_loop
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:
     return _get_running_loop()
+
+
+class _CallbackWaiter(Generic[C, E]):
+    """``lend_later``'s place in the waiters' queue, where it stands for a future
+    (``done``, ``set_result``): a granted slot becomes a lease for ``deliver``."""
+
+    __slots__ = ("pool", "deliver", "timeout", "over")
+
+    def __init__(
+        self,
+        pool: ConnectionPool[C, E],
+        deliver: Callable[[Lease[C, E] | Exception], object],
+        timeout: float,
+    ) -> None:
+        self.pool = pool
+        self.deliver = deliver
+        self.timeout = timeout
+        self.over = False
+
+    def done(self) -> bool:
+        return self.over
+
+    def set_result(self, granted: bool) -> None:
+        if self.over:
+            return
+        self.over = True
+        pool = self.pool
+        pool.waiting -= 1
+        pool.sweeper.unwatch(self)
+        if not granted:
+            pool._forget(self)  # type: ignore[arg-type]  # a future's stand-in
+            busy = f"{pool.name}: all {pool.size} connections busy for {self.timeout:g}s"
+            self.deliver(PoolUnavailable(busy))
+            return
+        try:
+            lease = pool._take_idle()
+        except Exception as exc:  # noqa: BLE001 - the deliverer answers it
+            pool._release_slot()
+            self.deliver(exc)
+            return
+        if lease is None:  # a connection to check or to open: that waits
+            task = asyncio.ensure_future(pool._lease_in_slot())
+            task.add_done_callback(self._leased)
+            return
+        pool.in_use += 1
+        self.deliver(lease)
+
+    def _leased(self, task: asyncio.Future[Lease[C, E]]) -> None:
+        if task.cancelled():
+            self.deliver(PoolUnavailable(f"{self.pool.name}: closed"))
+            return
+        failure = task.exception()
+        self.deliver(task.result() if failure is None else _as_exception(failure))
+
+    def expire(self) -> None:
+        self.set_result(False)
+
+
+def _as_exception(failure: BaseException) -> Exception:
+    return failure if isinstance(failure, Exception) else PoolUnavailable(str(failure))
 
 
 def _expire(waiter: asyncio.Future[bool]) -> None:
