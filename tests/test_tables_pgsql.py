@@ -37,7 +37,7 @@ from typing import Any, TypeVar
 import pytest
 
 from proxymap import flags as F
-from proxymap.tables.base import DictOpenError, DictRetry, OpenContext
+from proxymap.tables.base import LATER, STARTED, DictOpenError, DictRetry, OpenContext
 from proxymap.tables.db_common import Template
 from proxymap.tables.pgsql import (
     INET,
@@ -173,6 +173,38 @@ async def answer(table: PgsqlTable, key: bytes) -> bytes | None | str:
         return "RETRY"
 
 
+async def started(table: PgsqlTable, key: bytes) -> object:
+    """``lookup_start`` as the handler's fast path calls it: STARTED's outcome (the
+    value or the exception, as given to the callback), the value at once, or LATER."""
+    loop = asyncio.get_running_loop()
+    outcome: asyncio.Future[object] = loop.create_future()
+    value = table.lookup_start(key, outcome.set_result)
+    if value is STARTED:
+        assert not outcome.done(), "answered from within lookup_start"
+        return await outcome
+    return value
+
+
+@pytest.fixture(params=["alookup", "lookup_start"])
+def way(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The class's lookups made as they are written (``alookup``), then through
+    ``lookup_start`` -- with ``alookup`` after LATER, as the handler does."""
+    if request.param == "lookup_start":
+        original = PgsqlTable.alookup
+
+        async def alookup(self: PgsqlTable, key: bytes) -> bytes | None:
+            outcome = await started(self, key)
+            if outcome is LATER:
+                return await original(self, key)
+            if isinstance(outcome, Exception):
+                raise outcome
+            assert outcome is None or isinstance(outcome, bytes)
+            return outcome
+
+        monkeypatch.setattr(PgsqlTable, "alookup", alookup)
+    return str(request.param)
+
+
 # ---------------------------------------------------------------------------------------
 # Host syntax and configuration
 # ---------------------------------------------------------------------------------------
@@ -277,6 +309,7 @@ class TestConfiguration:
 # ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.usefixtures("way")
 class TestStatementForm:
     @pytest.mark.parametrize(
         "query, text, values",
@@ -331,6 +364,7 @@ class TestStatementForm:
 # ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.usefixtures("way")
 class TestLookups:
     def test_answers(
         self, database: PrivatePostgres, tmp_path: Path, caplog: pytest.LogCaptureFixture
@@ -431,14 +465,15 @@ class TestLookups:
         assert "could not determine data type of parameter" in caplog.text
 
     def test_a_table_changed_under_its_statement_still_answers(
-        self, database: PrivatePostgres, tmp_path: Path
+        self, database: PrivatePostgres, tmp_path: Path, way: str
     ) -> None:
+        name = f"changing_{way}"  # each way's own: the database lives for the module
         database.execute(
-            "CREATE TABLE changing (k text, v text); INSERT INTO changing VALUES ('a', 'one');",
+            f"CREATE TABLE {name} (k text, v text); INSERT INTO {name} VALUES ('a', 'one');",
             dbname=DBNAME,
         )
         cf = write_cf(
-            tmp_path / "t.cf", tcp_settings(database, query="SELECT * FROM changing WHERE k = '%s'")
+            tmp_path / "t.cf", tcp_settings(database, query=f"SELECT * FROM {name} WHERE k = '%s'")
         )
         table = make_table(cf)
 
@@ -448,7 +483,7 @@ class TestLookups:
                 # The statement's result type changes: PostgreSQL refuses to run it.
                 await asyncio.to_thread(
                     database.execute,
-                    "ALTER TABLE changing ADD COLUMN w text DEFAULT 'two'",
+                    f"ALTER TABLE {name} ADD COLUMN w text DEFAULT 'two'",
                     dbname=DBNAME,
                 )
                 return [first, await answer(table, b"a"), await answer(table, b"a")]
@@ -532,6 +567,98 @@ class TestLookups:
 # ---------------------------------------------------------------------------------------
 
 
+class TestStartedLookups:
+    """``lookup_start``'s own branches (the classes around it also run through it)."""
+
+    def test_answered_in_the_links_reader(self, database: PrivatePostgres, tmp_path: Path) -> None:
+        table = make_table(write_cf(tmp_path / "t.cf", tcp_settings(database, query=QUERY)))
+
+        async def main() -> list[object]:
+            try:
+                assert table.lookup_start(b"bob", print) is LATER  # no connection yet
+                assert await table.alookup(b"bob") == b"bob-bare"  # prepares the statement
+                return [
+                    await started(table, b"bob"),
+                    await started(table, b"nobody"),
+                    await started(table, b"100%"),
+                    table.pool.connects,
+                    table.pool.in_use,
+                ]
+            finally:
+                table.close()
+
+        assert run(main()) == [b"bob-bare", None, b"percent-row", 1, 0]
+
+    def test_an_error_runs_the_lookup_again(
+        self, database: PrivatePostgres, tmp_path: Path
+    ) -> None:
+        name = "started_changing"
+        database.execute(
+            f"CREATE TABLE {name} (k text, v text); INSERT INTO {name} VALUES ('a', 'one');",
+            dbname=DBNAME,
+        )
+        query = f"SELECT * FROM {name} WHERE k = '%s'"
+        table = make_table(write_cf(tmp_path / "t.cf", tcp_settings(database, query=query)))
+
+        async def main() -> list[object]:
+            try:
+                first = await table.alookup(b"a")
+                await asyncio.to_thread(
+                    database.execute, f"ALTER TABLE {name} ADD COLUMN w text", dbname=DBNAME
+                )
+                # The prepared statement now fails; the lookup again, the simple way.
+                return [first, await started(table, b"a"), table.backend.prepared]
+            finally:
+                table.close()
+
+        assert run(main()) == [b"a,one", b"a,one", False]
+
+    def test_queued_when_no_connection_is_free(
+        self, database: PrivatePostgres, tmp_path: Path
+    ) -> None:
+        query = "SELECT v FROM aliases, pg_sleep(0.2) WHERE k = '%s'"
+        cf = write_cf(tmp_path / "t.cf", tcp_settings(database, query=query))
+        table = make_table(cf, params={"pyproxymap_pgsql_connections": "1"})
+
+        async def main() -> list[object]:
+            try:
+                assert await table.alookup(b"bob") == b"bob-bare"  # prepared, one connection
+                first = asyncio.ensure_future(started(table, b"bob"))
+                await asyncio.sleep(0)
+                second = asyncio.ensure_future(started(table, b"100%"))  # waits for the one
+                await asyncio.sleep(0.05)
+                waiting = (table.pool.waiting, table.pool.in_use)
+                return [waiting, await first, await second, table.pool.connects]
+            finally:
+                table.close()
+
+        assert run(main()) == [(1, 1), b"bob-bare", b"percent-row", 1]
+
+    def test_deadline(self, database: PrivatePostgres, tmp_path: Path) -> None:
+        query = "SELECT v FROM aliases, pg_sleep(CASE WHEN '%s' = 'slow' THEN 3 ELSE 0 END) WHERE k = 'bob'"
+        cf = write_cf(tmp_path / "t.cf", tcp_settings(database, query=query))
+        table = make_table(cf, params={"pyproxymap_pgsql_timeout": "0.5"})
+
+        async def main() -> list[object]:
+            try:
+                assert await table.alookup(b"fast") == b"bob-bare"
+                began = time.monotonic()
+                outcome = await started(table, b"slow")
+                took = time.monotonic() - began
+                while table.pool.in_use:  # until the cancel has come back
+                    await asyncio.sleep(0.05)
+                return [
+                    isinstance(outcome, DictRetry),
+                    0.45 < took < 2.0,
+                    await table.alookup(b"x"),  # on a new connection
+                ]
+            finally:
+                table.close()
+
+        assert run(main()) == [True, True, b"bob-bare"]
+
+
+@pytest.mark.usefixtures("way")
 class TestFailover:
     def test_dead_hosts_are_passed_over(self, database: PrivatePostgres, tmp_path: Path) -> None:
         dead_dir = tmp_path / "nothing-here"
@@ -574,11 +701,16 @@ class TestFailover:
         assert seconds < 1.0
 
     def test_query_error_fails_over_to_another_host(
-        self, database: PrivatePostgres, tmp_path: Path, caplog: pytest.LogCaptureFixture
+        self,
+        database: PrivatePostgres,
+        tmp_path: Path,
+        caplog: pytest.LogCaptureFixture,
+        way: str,
     ) -> None:
         # Two ways to one server: the TCP host (tried before URIs) names a database
         # without the table, so its query fails, as on a host that lacks the data.
-        database.execute("CREATE DATABASE other OWNER pf")
+        other = f"other_{way}"  # each way's own: the server lives for the module
+        database.execute(f"CREATE DATABASE {other} OWNER pf")
         cf = write_cf(
             tmp_path / "t.cf",
             {
@@ -588,7 +720,7 @@ class TestFailover:
                 ),
                 "user": USER,
                 "password": PASSWORD,
-                "dbname": "other",
+                "dbname": other,
                 "query": QUERY,
             },
         )
@@ -641,6 +773,7 @@ class TestFailover:
         assert len(warnings) == 1 and "connection lost" in warnings[0], warnings
 
 
+@pytest.mark.usefixtures("way")
 class TestConnectionState:
     def test_copy_is_a_failure_and_its_connection_is_closed(
         self, database: PrivatePostgres, tmp_path: Path
@@ -709,6 +842,7 @@ class TestConnectionState:
         assert not caplog.records  # no lookup met the dead connection
 
 
+@pytest.mark.usefixtures("way")
 class TestRecovery:
     def test_restart_and_outage(
         self,
@@ -749,6 +883,7 @@ class TestRecovery:
         assert "connected to inet:127.0.0.1" in caplog.text  # and one when it is back
 
 
+@pytest.mark.usefixtures("way")
 class TestTimeoutAndConcurrency:
     @pytest.mark.serial
     def test_stalled_query(self, database: PrivatePostgres, tmp_path: Path) -> None:

@@ -70,6 +70,14 @@ DESCRIPTION
     for more than 5 s is first checked for a pending server message or a closed
     socket (a restarted server), without a round trip.
 
+    Started lookups (``lookup_start``, the handler's fast path): when the statement
+    is already prepared on a pooled connection that is free (or, with all busy,
+    once one comes back: ``lend_later``), it is sent from the client's request
+    callback and its result taken in the connection's reader, with no task or
+    coroutine. Any other outcome (an error result, a lost connection) runs the
+    lookup again the coroutine way, from its start, with the failover below (so a
+    statement that fails runs twice, and the deadline starts again).
+
     Failures, never "not found": a query error, an escaping error or an unexpected
     result status moves on to a connection to another host (the failing host's idle
     connections are dropped), as Postfix marks the host down; a connection lost
@@ -122,10 +130,15 @@ from psycopg.conninfo import make_conninfo
 
 from proxymap import flags as F
 from proxymap.tables.base import (
+    LATER,
+    STARTED,
+    AnswerCallback,
     AsyncTable,
     DictOpenError,
     DictRetry,
+    Later,
     OpenContext,
+    Started,
 )
 from proxymap.tables.cfg_parser import CfgParser
 from proxymap.tables.db_common import Escape, QueryContext, Statement, Template, parameterized
@@ -775,6 +788,102 @@ def backend_for(spec: str, settings: Settings, ctx: OpenContext | None) -> Backe
 # ---------------------------------------------------------------------------------------
 
 
+@dataclass(slots=True, eq=False)
+class _PgQueued:
+    """A started lookup waiting for a pooled connection (``ConnectionPool.lend_later``)."""
+
+    table: PgsqlTable
+    key: bytes
+    answer: AnswerCallback
+
+    def leased(self, lease: PgLease | Exception) -> None:
+        """From within the ``release`` that freed the slot: nothing may escape here."""
+        table = self.table
+        try:
+            if isinstance(lease, Exception):  # PoolUnavailable, as acquire raises it
+                self.answer(lease)
+            else:
+                try:
+                    table._queued_lease(self, lease)
+                except Exception:
+                    table.backend.pool.release(lease, reusable=False)
+                    raise
+        except Exception as exc:
+            log.error("%s: lookup failed: %r", table.spec, exc, exc_info=exc)
+            self.answer(DictRetry(f"{table.spec}: lookup failed: {exc!r}"))
+
+
+@dataclass(slots=True, eq=False)
+class _PgFlight:
+    """A started lookup's statement (``PgsqlTable.lookup_start``), on its link.
+
+    It stands in the link as the waiter, which the link's reader (and writer) wakes
+    with ``set_result`` once libpq is not busy, or ``set_exception`` when the
+    connection is lost. The pool's sweeper calls ``expire`` past the deadline."""
+
+    table: PgsqlTable
+    lease: PgLease
+    key: bytes
+    answer: AnswerCallback
+    last: pq.abc.PGresult | None = None
+    over: bool = False
+
+    def done(self) -> bool:
+        return self.over
+
+    def set_result(self, _result: None) -> None:
+        if self.over:
+            return
+        try:
+            self._read()
+        except Exception as exc:
+            self._end()
+            log.error("%s: lookup failed: %r", self.table.spec, exc, exc_info=exc)
+            self.table.backend.pool.release(self.lease, reusable=False)
+            self.answer(DictRetry(f"{self.table.spec}: lookup failed: {exc!r}"))
+
+    def _read(self) -> None:
+        link = self.lease.connection
+        pgconn = link.pgconn
+        while True:
+            if pgconn.is_busy():
+                link.waiter = self  # type: ignore[assignment]  # a future's stand-in
+                return
+            result = pgconn.get_result()
+            if result is None:
+                break
+            self.last = result
+            if result.status in _COPY_STATUSES:
+                break  # stuck in COPY: the link is of no more use (Link.run's rule)
+        self._end()
+        last = self.last
+        if last is not None and last.status in _OK_STATUSES:
+            self.table._answered(self, last)
+            return
+        if last is not None and last.status in _COPY_STATUSES:
+            link.broken = "COPY in a lookup query"
+            link._unregister()
+        pool = self.table.backend.pool
+        pool.release(self.lease, link.usable, pool.running_loop())
+        self.table._again(self)  # an error: the coroutine way tells which, and retries
+
+    def set_exception(self, _exc: BaseException) -> None:
+        if self.over:
+            return
+        self._end()
+        self.table.backend._discard(self.lease)  # lost (the link says so): another one
+        self.table._again(self)
+
+    def expire(self) -> None:
+        if not self.over:
+            self._end()
+            self.table._expired(self)
+
+    def _end(self) -> None:
+        self.over = True
+        self.table.backend.pool.sweeper.unwatch(self)
+
+
 class PgsqlTable(AsyncTable):
     dict_type = "pgsql"
 
@@ -792,6 +901,7 @@ class PgsqlTable(AsyncTable):
         check_dbname(settings, self.spec)
         self.backend = backend_for(self.spec, settings, ctx)
         self.statement = statement_for(self.query_context.query)
+        self._going_on: set[asyncio.Future[None]] = set()  # started lookups, again
 
     @property
     def pool(self) -> ConnectionPool[Link, Host]:
@@ -810,7 +920,10 @@ class PgsqlTable(AsyncTable):
             context.expand_query(context.query, key, None) is None
         ):
             return None  # the key cannot fill the templates: no query
-        result = await self.backend.query(context, key, self.statement)
+        return self._value(key, await self.backend.query(context, key, self.statement))
+
+    def _value(self, key: bytes, result: pq.abc.PGresult) -> bytes | None:
+        context = self.query_context
         rows = result.ntuples
         if not rows:
             return None
@@ -828,5 +941,111 @@ class PgsqlTable(AsyncTable):
                 add(get_value(row, column) or b"")
         return joined.value()
 
+    # --- started lookups (AsyncTable.lookup_start) -----------------------------------------
+    starts = True
+
+    def lookup_start(self, key: bytes, answer: AnswerCallback) -> bytes | None | Later | Started:
+        """``alookup`` without a coroutine when the statement is prepared on a pooled
+        connection that is free at once: it is sent now, and the result taken in the
+        link's reader (``_PgFlight``). A result that is not TUPLES_OK or COMMAND_OK,
+        or a lost connection, runs the lookup again the coroutine way (failover,
+        the simple-query fallback); the deadline expires as there."""
+        backend = self.backend
+        statement = self.statement
+        context = self.query_context
+        if statement is None or not backend.prepared or context.domain is not None:
+            return LATER
+        key = self.fold(key)  # before anything waits: the flag word is shared
+        if not (key and context.any_key_fills) and (
+            context.expand_query(context.query, key, None) is None
+        ):
+            return None  # the key cannot fill the templates: no query
+        pool = backend.pool
+        loop = pool.running_loop()
+        lease = pool.lend(loop)
+        if lease is not None:
+            return self._send(lease, key, answer, loop)
+        queued = _PgQueued(self, key, answer)
+        return STARTED if pool.lend_later(queued.leased, backend.timeout, loop) else LATER
+
+    def _send(
+        self, lease: PgLease, key: bytes, answer: AnswerCallback, loop: asyncio.AbstractEventLoop
+    ) -> Later | Started:
+        """Send a started lookup's statement on LEASE: STARTED, or LATER (the lease
+        given back) when the link has not prepared it or cannot take it now."""
+        backend = self.backend
+        pool = backend.pool
+        statement = self.statement
+        assert statement is not None
+        link = lease.connection
+        name = link.statements.get(statement.text)
+        if name is None or link.broken or link.waiter is not None:
+            pool.release(lease, True, loop)
+            return LATER
+        pgconn = link.pgconn
+        try:
+            pgconn.send_query_prepared(name, statement.expand(key, self.query_context.needs))
+            unsent = pgconn.flush()
+        except psycopg.Error:  # the connection broke: alookup takes another
+            backend._discard(lease)
+            return LATER
+        flight = _PgFlight(self, lease, key, answer)
+        link.waiter = flight  # type: ignore[assignment]  # a future's stand-in
+        if unsent:  # the rest when the socket takes it; then the result
+            loop.add_writer(link.fd, link._writable)
+        pool.sweeper.watch(flight, loop.time() + backend.timeout, flight.expire, loop)
+        return STARTED
+
+    def _answered(self, flight: _PgFlight, result: pq.abc.PGresult) -> None:
+        """A started lookup's result: the reply first, the bookkeeping after it."""
+        try:
+            value: bytes | None | Exception = self._value(flight.key, result)
+        except Exception as exc:  # noqa: BLE001 - e.g. expansion_limit: a status
+            value = exc
+        try:
+            flight.answer(value)
+        except Exception as exc:
+            log.error("%s: answering a lookup failed: %r", self.spec, exc, exc_info=exc)
+        finally:
+            lease = flight.lease
+            pool = self.backend.pool
+            pool.release(lease, lease.connection.usable, pool.running_loop())
+            outage = self.backend._outages.get(lease.endpoint.label)
+            if outage is not None:
+                outage.ok()
+
+    def _queued_lease(self, queued: _PgQueued, lease: PgLease) -> None:
+        """A connection for a started lookup that waited for one."""
+        if self._send(lease, queued.key, queued.answer, self.backend.pool.running_loop()) is LATER:
+            self._again(queued)
+
+    def _again(self, flight: _PgFlight | _PgQueued) -> None:
+        """The lookup the coroutine way, from the start (the lease is given back)."""
+        task = asyncio.ensure_future(self._query_again(flight.key, flight.answer))
+        self._going_on.add(task)
+        task.add_done_callback(self._going_on.discard)
+
+    async def _query_again(self, key: bytes, answer: AnswerCallback) -> None:
+        try:
+            result = await self.backend.query(self.query_context, key, self.statement)
+            value: bytes | None | Exception = self._value(key, result)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes a status
+            value = exc
+        answer(value)
+
+    def _expired(self, flight: _PgFlight) -> None:
+        """No result by the deadline: RETRY, and the query is cancelled, as in
+        ``Backend.query``."""
+        lease = flight.lease
+        link = lease.connection
+        if link.waiter is flight:  # type: ignore[comparison-overlap]  # a future's stand-in
+            link.waiter = None
+        backend = self.backend
+        backend._abandon(lease)
+        backend.outage(lease.endpoint).failed(f"query timed out after {backend.timeout:g}s")
+        flight.answer(_Abandoned(f"{self.spec}: query timed out after {backend.timeout:g}s"))
+
     def close(self) -> None:
+        for task in self._going_on:
+            task.cancel()
         self.backend.pool.discard_idle()
