@@ -31,7 +31,6 @@ from proxymap import flags as F
 from proxymap.tables import open_table
 from proxymap.tables.base import (
     LATER,
-    STARTED,
     DictOpenError,
     DictRetry,
     OpenContext,
@@ -61,6 +60,7 @@ from tests.support.servers import (  # noqa: F401 - fixtures, used by name
     mariadb,
     mariadb_module,
 )
+from tests.support.started import both_ways, started
 
 OUR_PROXYMAP = Path(os.environ.get("PYPROXYMAP_WORKER") or Path(sys.executable).parent / "proxymap")
 USER, PASSWORD, DBNAME = "pf", "s3cret'\"pw", "mail"
@@ -158,36 +158,7 @@ def cfdir() -> Iterator[Path]:
         yield Path(name)
 
 
-async def started(table: MysqlTable, key: bytes) -> object:
-    """``lookup_start`` as the handler's fast path calls it: STARTED's outcome (the
-    value or the exception, as given to the callback), the value at once, or LATER."""
-    loop = asyncio.get_running_loop()
-    outcome: asyncio.Future[object] = loop.create_future()
-    value = table.lookup_start(key, outcome.set_result)
-    if value is STARTED:
-        assert not outcome.done(), "answered from within lookup_start"
-        return await outcome
-    return value
-
-
-@pytest.fixture(params=["alookup", "lookup_start"])
-def way(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """The class's lookups made as they are written (``alookup``), then through
-    ``lookup_start`` -- with ``alookup`` after LATER, as the handler does."""
-    if request.param == "lookup_start":
-        original = MysqlTable.alookup
-
-        async def alookup(self: MysqlTable, key: bytes) -> bytes | None:
-            outcome = await started(self, key)
-            if outcome is LATER:
-                return await original(self, key)
-            if isinstance(outcome, Exception):
-                raise outcome
-            assert outcome is None or isinstance(outcome, bytes)
-            return outcome
-
-        monkeypatch.setattr(MysqlTable, "alookup", alookup)
-    return str(request.param)
+way = both_ways(MysqlTable)
 
 
 # ---------------------------------------------------------------------------------------

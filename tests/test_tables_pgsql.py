@@ -37,7 +37,7 @@ from typing import Any, TypeVar
 import pytest
 
 from proxymap import flags as F
-from proxymap.tables.base import LATER, STARTED, DictOpenError, DictRetry, OpenContext
+from proxymap.tables.base import LATER, DictOpenError, DictRetry, OpenContext
 from proxymap.tables.db_common import Template
 from proxymap.tables.pgsql import (
     INET,
@@ -62,6 +62,7 @@ from tests.support.servers import (
     postgres,  # noqa: F401  (fixture)
     postgres_module,  # noqa: F401  (fixture)
 )
+from tests.support.started import both_ways, started
 
 OUR_PROXYMAP = Path(os.environ.get("PYPROXYMAP_WORKER") or Path(sys.executable).parent / "proxymap")
 USER, PASSWORD, DBNAME = "pf", "secret", "mail"
@@ -173,36 +174,7 @@ async def answer(table: PgsqlTable, key: bytes) -> bytes | None | str:
         return "RETRY"
 
 
-async def started(table: PgsqlTable, key: bytes) -> object:
-    """``lookup_start`` as the handler's fast path calls it: STARTED's outcome (the
-    value or the exception, as given to the callback), the value at once, or LATER."""
-    loop = asyncio.get_running_loop()
-    outcome: asyncio.Future[object] = loop.create_future()
-    value = table.lookup_start(key, outcome.set_result)
-    if value is STARTED:
-        assert not outcome.done(), "answered from within lookup_start"
-        return await outcome
-    return value
-
-
-@pytest.fixture(params=["alookup", "lookup_start"])
-def way(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """The class's lookups made as they are written (``alookup``), then through
-    ``lookup_start`` -- with ``alookup`` after LATER, as the handler does."""
-    if request.param == "lookup_start":
-        original = PgsqlTable.alookup
-
-        async def alookup(self: PgsqlTable, key: bytes) -> bytes | None:
-            outcome = await started(self, key)
-            if outcome is LATER:
-                return await original(self, key)
-            if isinstance(outcome, Exception):
-                raise outcome
-            assert outcome is None or isinstance(outcome, bytes)
-            return outcome
-
-        monkeypatch.setattr(PgsqlTable, "alookup", alookup)
-    return str(request.param)
+way = both_ways(PgsqlTable)
 
 
 # ---------------------------------------------------------------------------------------

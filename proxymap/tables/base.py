@@ -43,6 +43,7 @@ import os
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from proxymap import flags as F
 
@@ -283,6 +284,26 @@ STARTED = Started.STARTED
 
 #: ``lookup_start``'s callback: the value (None: not found) or the exception
 AnswerCallback = Callable[["bytes | None | Exception"], None]
+
+
+def answer_with(
+    answer: AnswerCallback,
+    value_of: Callable[[bytes, Any], bytes | None],
+    key: bytes,
+    result: Any,
+    spec: str,
+) -> None:
+    """Give a started lookup's value, ``value_of(key, result)``, or the exception it
+    raised (e.g. expansion_limit), to ``answer``. It runs in a driver's callback: a
+    failure of ``answer`` itself is logged there, and goes no further."""
+    try:
+        value: bytes | None | Exception = value_of(key, result)
+    except Exception as exc:  # noqa: BLE001 - a status for the client
+        value = exc
+    try:
+        answer(value)
+    except Exception as exc:
+        log.error("%s: answering a lookup failed: %r", spec, exc, exc_info=exc)
 
 
 class AsyncTable(Table):

@@ -125,6 +125,7 @@ from proxymap.tables.base import (
     Later,
     OpenContext,
     Started,
+    answer_with,
 )
 from proxymap.tables.cfg_parser import CfgParser
 from proxymap.tables.db_common import QueryContext
@@ -134,7 +135,9 @@ from proxymap.tables.pool import (
     EndpointState,
     Lease,
     OutageLog,
+    ReadWaiter,
     connection_limit,
+    start_on_lease,
 )
 from proxymap.tables.streams import param_number
 
@@ -784,7 +787,7 @@ class _IdleReaper:
 
 
 @dataclass(slots=True, eq=False)
-class _QueryInFlight:
+class _QueryInFlight(ReadWaiter):
     """A started lookup's query (``MysqlTable.lookup_start``), on its connection.
 
     It stands in asyncmy's protocol as the read waiter, which that protocol wakes
@@ -801,17 +804,9 @@ class _QueryInFlight:
     deadline: float
     over: bool = False
 
-    def done(self) -> bool:  # asyncmy's protocol asks before set_result
-        return self.over
-
-    def set_result(self, _result: None) -> None:
-        if self.over:
-            return
-        try:
-            self._read()
-        except Exception as exc:  # noqa: BLE001 - never into asyncmy's callback
-            self.over = True
-            self.table._answer_failure(self, exc)
+    def _broken(self, exc: Exception) -> None:
+        self.over = True
+        self.table._answer_failure(self, exc)
 
     def _read(self) -> None:
         connection: Any = self.lease.connection
@@ -844,20 +839,11 @@ class _Queued:
     deadline: float
 
     def leased(self, lease: Lease[Connection, Endpoint] | Exception) -> None:
-        """From within the ``release`` that freed the slot: nothing may escape here."""
         table = self.table
-        try:
-            if isinstance(lease, Exception):  # PoolUnavailable, as acquire raises it
-                self.answer(lease)
-            else:
-                try:
-                    table._queued_lease(self, lease)
-                except Exception:
-                    table.pool.release(lease, reusable=False)
-                    raise
-        except Exception as exc:  # a bug: RETRY, logged
-            log.error("%s: lookup failed: %r", table.spec, exc, exc_info=exc)
-            self.answer(table._failed(f"lookup failed: {exc!r}"))
+        start_on_lease(table.pool, lease, self.start, self.answer, table.spec)
+
+    def start(self, lease: Lease[Connection, Endpoint]) -> None:
+        self.table._queued_lease(self, lease)
 
 
 class MysqlTable(AsyncTable):
@@ -1114,13 +1100,7 @@ class MysqlTable(AsyncTable):
         """A started lookup's one result set, taken whole: the reply goes out first,
         the bookkeeping after it (off the client's wait)."""
         try:
-            value: bytes | None | Exception = self._value(flight.key, rows)
-        except Exception as exc:  # noqa: BLE001 - e.g. expansion_limit: a status
-            value = exc
-        try:
-            flight.answer(value)
-        except Exception as exc:  # a bug above: the connection is fine
-            log.error("%s: answering a lookup failed: %r", self.spec, exc, exc_info=exc)
+            answer_with(flight.answer, self._value, flight.key, rows, self.spec)
         finally:
             pool = self.pool
             loop = pool.running_loop()

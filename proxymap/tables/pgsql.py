@@ -139,6 +139,7 @@ from proxymap.tables.base import (
     Later,
     OpenContext,
     Started,
+    answer_with,
 )
 from proxymap.tables.cfg_parser import CfgParser
 from proxymap.tables.db_common import Escape, QueryContext, Statement, Template, parameterized
@@ -147,8 +148,10 @@ from proxymap.tables.pool import (
     EndpointState,
     Lease,
     OutageLog,
+    ReadWaiter,
     Sweeper,
     connection_limit,
+    start_on_lease,
 )
 from proxymap.tables.streams import param_number
 
@@ -797,24 +800,15 @@ class _PgQueued:
     answer: AnswerCallback
 
     def leased(self, lease: PgLease | Exception) -> None:
-        """From within the ``release`` that freed the slot: nothing may escape here."""
         table = self.table
-        try:
-            if isinstance(lease, Exception):  # PoolUnavailable, as acquire raises it
-                self.answer(lease)
-            else:
-                try:
-                    table._queued_lease(self, lease)
-                except Exception:
-                    table.backend.pool.release(lease, reusable=False)
-                    raise
-        except Exception as exc:
-            log.error("%s: lookup failed: %r", table.spec, exc, exc_info=exc)
-            self.answer(DictRetry(f"{table.spec}: lookup failed: {exc!r}"))
+        start_on_lease(table.backend.pool, lease, self.start, self.answer, table.spec)
+
+    def start(self, lease: PgLease) -> None:
+        self.table._queued_lease(self, lease)
 
 
 @dataclass(slots=True, eq=False)
-class _PgFlight:
+class _PgFlight(ReadWaiter):
     """A started lookup's statement (``PgsqlTable.lookup_start``), on its link.
 
     It stands in the link as the waiter, which the link's reader (and writer) wakes
@@ -828,19 +822,11 @@ class _PgFlight:
     last: pq.abc.PGresult | None = None
     over: bool = False
 
-    def done(self) -> bool:
-        return self.over
-
-    def set_result(self, _result: None) -> None:
-        if self.over:
-            return
-        try:
-            self._read()
-        except Exception as exc:
-            self._end()
-            log.error("%s: lookup failed: %r", self.table.spec, exc, exc_info=exc)
-            self.table.backend.pool.release(self.lease, reusable=False)
-            self.answer(DictRetry(f"{self.table.spec}: lookup failed: {exc!r}"))
+    def _broken(self, exc: Exception) -> None:
+        self._end()
+        log.error("%s: lookup failed: %r", self.table.spec, exc, exc_info=exc)
+        self.table.backend.pool.release(self.lease, reusable=False)
+        self.answer(DictRetry(f"{self.table.spec}: lookup failed: {exc!r}"))
 
     def _read(self) -> None:
         link = self.lease.connection
@@ -999,13 +985,7 @@ class PgsqlTable(AsyncTable):
     def _answered(self, flight: _PgFlight, result: pq.abc.PGresult) -> None:
         """A started lookup's result: the reply first, the bookkeeping after it."""
         try:
-            value: bytes | None | Exception = self._value(flight.key, result)
-        except Exception as exc:  # noqa: BLE001 - e.g. expansion_limit: a status
-            value = exc
-        try:
-            flight.answer(value)
-        except Exception as exc:
-            log.error("%s: answering a lookup failed: %r", self.spec, exc, exc_info=exc)
+            answer_with(flight.answer, self._value, flight.key, result, self.spec)
         finally:
             lease = flight.lease
             pool = self.backend.pool

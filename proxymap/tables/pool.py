@@ -536,6 +536,59 @@ class _CallbackWaiter(Generic[C, E]):
         self.set_result(False)
 
 
+class ReadWaiter:
+    """A driver's read waiter that is not a future: the driver's data callback calls
+    ``set_result`` (after ``done``), and the answer is read in that same callback
+    (``_read``), for a started lookup. An exception there is the subclass's
+    ``_broken``, never the driver's."""
+
+    __slots__ = ()
+    over: bool
+
+    def done(self) -> bool:
+        return self.over
+
+    def set_result(self, _result: None) -> None:
+        if self.over:
+            return
+        try:
+            self._read()
+        except Exception as exc:  # noqa: BLE001 - never into the driver's callback
+            self._broken(exc)
+
+    def _read(self) -> None:
+        raise NotImplementedError
+
+    def _broken(self, exc: Exception) -> None:
+        """``_read`` failed (a bug): end the lookup (``over``) with RETRY."""
+        raise NotImplementedError
+
+
+def start_on_lease(
+    pool: ConnectionPool[C, E],
+    lease: Lease[C, E] | Exception,
+    start: Callable[[Lease[C, E]], object],
+    answer: Callable[[Exception], object],
+    spec: str,
+) -> None:
+    """``lend_later``'s delivery to a started lookup: ``start`` it on the lease, or
+    ``answer`` the failure (PoolUnavailable, as ``acquire`` raises it). It runs inside
+    the ``release`` that freed the slot, so nothing may escape: a bug is RETRY,
+    logged, and the lease is closed."""
+    try:
+        if isinstance(lease, Exception):
+            answer(lease)
+            return
+        try:
+            start(lease)
+        except Exception:
+            pool.release(lease, reusable=False)
+            raise
+    except Exception as exc:
+        log.error("%s: lookup failed: %r", spec, exc, exc_info=exc)
+        answer(DictRetry(f"{spec}: lookup failed: {exc!r}"))
+
+
 def _as_exception(failure: BaseException) -> Exception:
     return failure if isinstance(failure, Exception) else PoolUnavailable(str(failure))
 
