@@ -996,22 +996,17 @@ class MysqlTable(AsyncTable):
                     continue  # the server may have restarted: once more, on a new connection
                 raise self._failed(f"lost connection to {lease.endpoint.label}: {exc}")
             except TimeoutError:
-                self._abandon(lease)
-                raise self._failed(
-                    f"no answer from {lease.endpoint.label} within {self.timeout:g}s"
-                ) from None
+                raise self._timed_out(lease) from None
             except _QueryFailed as exc:
                 pool.release(lease, reusable=False)
                 raise self._failed(str(exc)) from None
             except BaseException:
                 pool.release(lease, reusable=False)
                 raise
-            pool.release(lease, True, loop)
-            self.reaper.touch(pool, loop)
             if len(sets) == 1:
-                if self.outage.failing:
-                    self.outage.ok()
+                self._give_back(lease, loop)
                 return sets[0]
+            self._give_back(lease, loop, answered=False)
             return self._check_sets(sets)
         raise AssertionError("not reached")
 
@@ -1099,16 +1094,9 @@ class MysqlTable(AsyncTable):
     def _answered(self, flight: _QueryInFlight, rows: tuple) -> None:
         """A started lookup's one result set, taken whole: the reply goes out first,
         the bookkeeping after it (off the client's wait)."""
-        try:
-            answer_with(flight.answer, self._value, flight.key, rows, self.spec)
-        finally:
-            pool = self.pool
-            loop = pool.running_loop()
-            pool.sweeper.unwatch(flight)
-            pool.release(flight.lease, True, loop)
-            self.reaper.touch(pool, loop)
-            if self.outage.failing:
-                self.outage.ok()
+        answer_with(flight.answer, self._value, flight.key, rows, self.spec)  # never raises
+        self.pool.sweeper.unwatch(flight)
+        self._give_back(flight.lease)
 
     def _expired(self, flight: _QueryInFlight) -> None:
         """No whole answer by the deadline: RETRY, and the query is stopped."""
@@ -1116,9 +1104,27 @@ class MysqlTable(AsyncTable):
         proto = lease.connection._proto  # type: ignore[attr-defined]  # not in asyncmy's stub
         if proto._read_waiter is flight:
             proto._read_waiter = None
+        flight.answer(self._timed_out(lease))
+
+    def _timed_out(self, lease: Lease[Connection, Endpoint]) -> DictRetry:
+        """A lookup past its deadline: its query is stopped (``_abandon``); RETRY."""
         self._abandon(lease)
-        timeout = f"no answer from {lease.endpoint.label} within {self.timeout:g}s"
-        flight.answer(self._failed(timeout))
+        return self._failed(f"no answer from {lease.endpoint.label} within {self.timeout:g}s")
+
+    def _give_back(
+        self,
+        lease: Lease[Connection, Endpoint],
+        loop: asyncio.AbstractEventLoop | None = None,
+        answered: bool = True,
+    ) -> None:
+        """A connection back in the pool after its query's whole answer; ``answered``:
+        one result set, so the outage (if any) is over."""
+        pool = self.pool
+        loop = loop or pool.running_loop()
+        pool.release(lease, True, loop)
+        self.reaper.touch(pool, loop)
+        if answered and self.outage.failing:
+            self.outage.ok()
 
     def _answer_failure(self, flight: _QueryInFlight, exc: Exception) -> None:
         """A started lookup that failed here (a bug): RETRY, the connection closed."""

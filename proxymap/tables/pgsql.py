@@ -640,9 +640,7 @@ class Backend:
                     break
                 continue
             except TimeoutError:
-                self._abandon(lease)
-                self.outage(host).failed(f"query timed out after {self.timeout:g}s")
-                raise _Abandoned(f"{self.spec}: query timed out after {self.timeout:g}s") from None
+                raise self._timed_out(lease) from None
             except asyncio.CancelledError:
                 self._abandon(lease)  # the cancelling task gives the connection back
                 raise
@@ -653,12 +651,23 @@ class Backend:
             except BaseException:
                 pool.release(lease, reusable=False)
                 raise
-            pool.release(lease, True, loop)
-            outage = self._outages.get(host.label)
-            if outage is not None:
-                outage.ok()
+            self._give_back(lease, loop)
             return result
         raise DictRetry(f"{self.spec}: {reason}")
+
+    def _give_back(self, lease: PgLease, loop: asyncio.AbstractEventLoop) -> None:
+        """A connection back in the pool after its query's result; its host's outage
+        (if any) is over."""
+        self.pool.release(lease, lease.connection.usable, loop)
+        outage = self._outages.get(lease.endpoint.label)
+        if outage is not None:
+            outage.ok()
+
+    def _timed_out(self, lease: PgLease) -> _Abandoned:
+        """A query past its deadline: cancelled on the server (``_abandon``); RETRY."""
+        self._abandon(lease)
+        self.outage(lease.endpoint).failed(f"query timed out after {self.timeout:g}s")
+        return _Abandoned(f"{self.spec}: query timed out after {self.timeout:g}s")
 
     async def _first_run(
         self,
@@ -984,15 +993,8 @@ class PgsqlTable(AsyncTable):
 
     def _answered(self, flight: _PgFlight, result: pq.abc.PGresult) -> None:
         """A started lookup's result: the reply first, the bookkeeping after it."""
-        try:
-            answer_with(flight.answer, self._value, flight.key, result, self.spec)
-        finally:
-            lease = flight.lease
-            pool = self.backend.pool
-            pool.release(lease, lease.connection.usable, pool.running_loop())
-            outage = self.backend._outages.get(lease.endpoint.label)
-            if outage is not None:
-                outage.ok()
+        answer_with(flight.answer, self._value, flight.key, result, self.spec)  # never raises
+        self.backend._give_back(flight.lease, self.backend.pool.running_loop())
 
     def _queued_lease(self, queued: _PgQueued, lease: PgLease) -> None:
         """A connection for a started lookup that waited for one."""
@@ -1020,10 +1022,7 @@ class PgsqlTable(AsyncTable):
         link = lease.connection
         if link.waiter is flight:  # type: ignore[comparison-overlap]  # a future's stand-in
             link.waiter = None
-        backend = self.backend
-        backend._abandon(lease)
-        backend.outage(lease.endpoint).failed(f"query timed out after {backend.timeout:g}s")
-        flight.answer(_Abandoned(f"{self.spec}: query timed out after {backend.timeout:g}s"))
+        flight.answer(self.backend._timed_out(lease))
 
     def close(self) -> None:
         for task in self._going_on:
