@@ -157,7 +157,6 @@ def test_a_flood_does_not_delay_a_new_client(tmp_path, descriptors, event_loop, 
 # --- fairness: a burst spreads over sibling workers -----------------------------------
 
 ECHO = "tests.support.echo_service"
-BURST = 64
 BURSTS = 5
 
 
@@ -220,22 +219,25 @@ def split(clients: list[socket.socket], pids: tuple[int, int]) -> tuple[int, int
 @pytest.mark.slow
 @pytest.mark.serial
 @pytest.mark.parametrize("event_loop", ["uvloop", "asyncio"])
-def test_a_burst_spreads_over_two_workers(tmp_path, event_loop):
-    """A burst of 64 new clients against two idle sibling workers: the one that takes
-    fewer still takes at least 3/8 of them (median of 5 bursts), so both CPUs work.
-    (Both accepting as fast as they can, one of them usually took nearly all.)"""
+@pytest.mark.parametrize("burst", [16, 64])
+def test_a_burst_spreads_over_two_workers(tmp_path, event_loop, burst):
+    """A burst of new clients against two idle sibling workers splits nearly evenly
+    (the one that takes fewer takes at least 7/16 of them) in at least 4 of 5 bursts,
+    so both CPUs work. (Both accepting as fast as they can, one of them usually took
+    nearly all. With waits shorter than the loops' millisecond timers, a uvloop
+    worker took up to ten of a burst of 16 at once: 11 to 5 was common.)"""
     with two_siblings(tmp_path, event_loop) as (path, *pids):
         splits = []
         for _ in range(BURSTS):
             clients = []
-            for _ in range(BURST):
+            for _ in range(burst):
                 client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
                 client.settimeout(30)
                 client.connect(path)
                 clients.append(client)
             splits.append(split(clients, (pids[0], pids[1])))
-    print(f"\n{event_loop}: bursts of {BURST} split {splits}")
-    assert statistics.median(min(pair) for pair in splits) >= BURST * 3 / 8
+    print(f"\n{event_loop}: bursts of {burst} split {splits}")
+    assert sum(min(pair) >= burst * 7 / 16 for pair in splits) >= BURSTS - 1, splits
 
 
 @pytest.mark.slow
