@@ -340,6 +340,9 @@ class Session:
             reply += self._serve(queued)
             if self.slow is not None:
                 return reply
+        elif not self.closing:  # the usual case, as _settle has it
+            self.idle = not self.decoder.pending
+            return reply
         return reply + self._settle()
 
     def _parsed(self, request: bytes) -> Request:

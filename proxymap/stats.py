@@ -230,8 +230,11 @@ class TableStats:
         return self.lookups - self.misses - self.failures
 
     def record(self, seconds: float) -> None:
-        """One timed lookup."""
-        self.latency.record(seconds)
+        """One timed lookup (``Latency.record`` written out: once per lookup)."""
+        latency = self.latency
+        latency.counts[bisect_left(BOUNDS, seconds)] += 1
+        if seconds > latency.top:
+            latency.top = seconds
         smoothed = self.smoothed
         smoothed = seconds if smoothed < 0 else smoothed + (seconds - smoothed) * SMOOTHING
         self.smoothed = smoothed

@@ -291,11 +291,12 @@ def answer_with(
     value_of: Callable[[bytes, Any], bytes | None],
     key: bytes,
     result: Any,
-    spec: str,
+    table: Table,
 ) -> None:
     """Give a started lookup's value, ``value_of(key, result)``, or the exception it
     raised (e.g. expansion_limit), to ``answer``. It runs in a driver's callback: a
-    failure of ``answer`` itself is logged there, and goes no further."""
+    failure of ``answer`` itself is logged there (with ``table``'s name), and goes no
+    further."""
     try:
         value: bytes | None | Exception = value_of(key, result)
     except Exception as exc:  # noqa: BLE001 - a status for the client
@@ -303,7 +304,7 @@ def answer_with(
     try:
         answer(value)
     except Exception as exc:
-        log.error("%s: answering a lookup failed: %r", spec, exc, exc_info=exc)
+        log.error("%s: answering a lookup failed: %r", table.spec, exc, exc_info=exc)
 
 
 class AsyncTable(Table):

@@ -802,6 +802,7 @@ class _QueryInFlight(ReadWaiter):
     query: bytes
     answer: AnswerCallback
     deadline: float
+    loop: asyncio.AbstractEventLoop  # the running one, where the answer comes
     over: bool = False
 
     def _broken(self, exc: Exception) -> None:
@@ -1065,7 +1066,7 @@ class MysqlTable(AsyncTable):
         if not sent:
             pool.release(lease, True, loop)
             return LATER
-        flight = _QueryInFlight(self, lease, key, query, answer, deadline)
+        flight = _QueryInFlight(self, lease, key, query, answer, deadline, loop)
         pool.sweeper.watch(flight, deadline, flight.expire, loop)
         proto = connection._proto
         if proto.length == proto.pos and not proto.eof and proto.exc is None:
@@ -1094,9 +1095,9 @@ class MysqlTable(AsyncTable):
     def _answered(self, flight: _QueryInFlight, rows: tuple) -> None:
         """A started lookup's one result set, taken whole: the reply goes out first,
         the bookkeeping after it (off the client's wait)."""
-        answer_with(flight.answer, self._value, flight.key, rows, self.spec)  # never raises
+        answer_with(flight.answer, self._value, flight.key, rows, self)  # never raises
         self.pool.sweeper.unwatch(flight)
-        self._give_back(flight.lease)
+        self._give_back(flight.lease, flight.loop)
 
     def _expired(self, flight: _QueryInFlight) -> None:
         """No whole answer by the deadline: RETRY, and the query is stopped."""

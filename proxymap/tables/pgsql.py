@@ -828,6 +828,7 @@ class _PgFlight(ReadWaiter):
     lease: PgLease
     key: bytes
     answer: AnswerCallback
+    loop: asyncio.AbstractEventLoop  # the running one, where the answer comes
     last: pq.abc.PGresult | None = None
     over: bool = False
 
@@ -984,7 +985,7 @@ class PgsqlTable(AsyncTable):
         except psycopg.Error:  # the connection broke: alookup takes another
             backend._discard(lease)
             return LATER
-        flight = _PgFlight(self, lease, key, answer)
+        flight = _PgFlight(self, lease, key, answer, loop)
         link.waiter = flight  # type: ignore[assignment]  # a future's stand-in
         if unsent:  # the rest when the socket takes it; then the result
             loop.add_writer(link.fd, link._writable)
@@ -993,8 +994,8 @@ class PgsqlTable(AsyncTable):
 
     def _answered(self, flight: _PgFlight, result: pq.abc.PGresult) -> None:
         """A started lookup's result: the reply first, the bookkeeping after it."""
-        answer_with(flight.answer, self._value, flight.key, result, self.spec)  # never raises
-        self.backend._give_back(flight.lease, self.backend.pool.running_loop())
+        answer_with(flight.answer, self._value, flight.key, result, self)  # never raises
+        self.backend._give_back(flight.lease, flight.loop)
 
     def _queued_lease(self, queued: _PgQueued, lease: PgLease) -> None:
         """A connection for a started lookup that waited for one."""
