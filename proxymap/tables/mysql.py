@@ -838,10 +838,11 @@ class _Queued:
     query: bytes
     answer: AnswerCallback
     deadline: float
+    loop: asyncio.AbstractEventLoop  # the running one
 
     def leased(self, lease: Lease[Connection, Endpoint] | Exception) -> None:
         table = self.table
-        start_on_lease(table.pool, lease, self.start, self.answer, table.spec)
+        start_on_lease(table.pool, lease, self.start, self.answer, table)
 
     def start(self, lease: Lease[Connection, Endpoint]) -> None:
         self.table._queued_lease(self, lease)
@@ -1039,7 +1040,7 @@ class MysqlTable(AsyncTable):
         lease = pool.lend(loop)
         if lease is not None:
             return self._send(lease, key, query, answer, deadline, loop)
-        queued = _Queued(self, key, query, answer, deadline)
+        queued = _Queued(self, key, query, answer, deadline, loop)
         return STARTED if pool.lend_later(queued.leased, self.timeout, loop) else LATER
 
     def _send(
@@ -1078,8 +1079,7 @@ class MysqlTable(AsyncTable):
     def _queued_lease(self, queued: _Queued, lease: Lease[Connection, Endpoint]) -> None:
         """A connection for a started lookup that waited for one."""
         key, query, answer = queued.key, queued.query, queued.answer
-        loop = self.pool.running_loop()
-        if self._send(lease, key, query, answer, queued.deadline, loop) is LATER:
+        if self._send(lease, key, query, answer, queued.deadline, queued.loop) is LATER:
             task = asyncio.ensure_future(self._finish_later(key, query, answer))
             self._going_on.add(task)
             task.add_done_callback(self._going_on.discard)

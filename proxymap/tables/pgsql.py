@@ -807,10 +807,11 @@ class _PgQueued:
     table: PgsqlTable
     key: bytes
     answer: AnswerCallback
+    loop: asyncio.AbstractEventLoop  # the running one
 
     def leased(self, lease: PgLease | Exception) -> None:
         table = self.table
-        start_on_lease(table.backend.pool, lease, self.start, self.answer, table.spec)
+        start_on_lease(table.backend.pool, lease, self.start, self.answer, table)
 
     def start(self, lease: PgLease) -> None:
         self.table._queued_lease(self, lease)
@@ -961,7 +962,7 @@ class PgsqlTable(AsyncTable):
         lease = pool.lend(loop)
         if lease is not None:
             return self._send(lease, key, answer, loop)
-        queued = _PgQueued(self, key, answer)
+        queued = _PgQueued(self, key, answer, loop)
         return STARTED if pool.lend_later(queued.leased, backend.timeout, loop) else LATER
 
     def _send(
@@ -999,7 +1000,7 @@ class PgsqlTable(AsyncTable):
 
     def _queued_lease(self, queued: _PgQueued, lease: PgLease) -> None:
         """A connection for a started lookup that waited for one."""
-        if self._send(lease, queued.key, queued.answer, self.backend.pool.running_loop()) is LATER:
+        if self._send(lease, queued.key, queued.answer, queued.loop) is LATER:
             self._again(queued)
 
     def _again(self, flight: _PgFlight | _PgQueued) -> None:

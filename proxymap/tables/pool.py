@@ -66,7 +66,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Generic, TypeVar
 
-from proxymap.tables.base import BoundLoop, DictRetry
+from proxymap.tables.base import BoundLoop, DictRetry, Table
 
 log = logging.getLogger("proxymap")
 
@@ -201,26 +201,29 @@ class ConnectionPool(Generic[C, E]):
         connection needs neither replacing nor a health check; else None (then
         ``acquire``). ``loop``: the running loop, when the caller has it (asking
         for it costs a getpid() system call in Python 3.11)."""
-        idle = self._idle
-        if self._free <= 0 or not idle or self._loop is not (loop or _get_running_loop()):
+        if self._free <= 0 or not self._idle or self._loop is not (loop or _get_running_loop()):
             return None
+        lease = self._take_recent()
+        if lease is not None:
+            self._free -= 1
+            self.in_use += 1
+        return lease
+
+    def _take_recent(self) -> Lease[C, E] | None:
+        """``_take_idle``, with the usual case first: the most recently released
+        connection, idle no longer than check_after and idle_limit, taken without
+        another look."""
+        idle = self._idle
         top = idle[-1]
         idle_for = time.monotonic() - top.last_used
-        # Idle no longer than check_after and idle_limit: lent without another look.
-        lease: Lease[C, E] | None
         if (
             idle_for <= self.check_after
             and (self.idle_limit is None or idle_for <= self.idle_limit)
             and self.age_limit is None
             and (self._usable is None or self._usable(top.connection))
         ):
-            lease = idle.pop()  # the usual case, without _take_idle's checks one by one
-        else:
-            lease = self._take_idle()
-        if lease is not None:
-            self._free -= 1
-            self.in_use += 1
-        return lease
+            return idle.pop()
+        return self._take_idle()
 
     async def acquire(self, timeout: float | None = None) -> Lease[C, E]:
         self._bind()
@@ -513,7 +516,7 @@ class _CallbackWaiter(Generic[C, E]):
             self.deliver(PoolUnavailable(busy))
             return
         try:
-            lease = pool._take_idle()
+            lease = pool._take_recent() if pool._idle else None
         except Exception as exc:  # noqa: BLE001 - the deliverer answers it
             pool._release_slot()
             self.deliver(exc)
@@ -569,7 +572,7 @@ def start_on_lease(
     lease: Lease[C, E] | Exception,
     start: Callable[[Lease[C, E]], object],
     answer: Callable[[Exception], object],
-    spec: str,
+    table: Table,
 ) -> None:
     """``lend_later``'s delivery to a started lookup: ``start`` it on the lease, or
     ``answer`` the failure (PoolUnavailable, as ``acquire`` raises it). It runs inside
@@ -585,8 +588,8 @@ def start_on_lease(
             pool.release(lease, reusable=False)
             raise
     except Exception as exc:
-        log.error("%s: lookup failed: %r", spec, exc, exc_info=exc)
-        answer(DictRetry(f"{spec}: lookup failed: {exc!r}"))
+        log.error("%s: lookup failed: %r", table.spec, exc, exc_info=exc)
+        answer(DictRetry(f"{table.spec}: lookup failed: {exc!r}"))
 
 
 def _as_exception(failure: BaseException) -> Exception:
