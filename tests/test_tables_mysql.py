@@ -487,9 +487,9 @@ class TestStartedLookups:
         run(main())
 
     def test_deadline(self, db: PrivateMariaDB, cfdir: Path) -> None:
-        path = cfdir / "slow.cf"
-        path.write_text(cf_text(db, {"query": "SELECT SLEEP('%s')"}))
-        table = MysqlTable(str(path), os.O_RDONLY, 0, context(pyproxymap_mysql_timeout="0.5"))
+        slow = {"query": "SELECT SLEEP('%s')"}
+        ctx = context(pyproxymap_mysql_timeout="0.5")
+        table = table_for(cfdir, db, slow, ctx=ctx, name="slow.cf", flags=0)
 
         async def main() -> None:
             assert await table.alookup(b"0") == b"0"
@@ -504,9 +504,9 @@ class TestStartedLookups:
         run(main())
 
     def test_queued_when_no_connection_is_free(self, db: PrivateMariaDB, cfdir: Path) -> None:
-        path = cfdir / "one.cf"
-        path.write_text(cf_text(db, {"query": "SELECT '%s' FROM DUAL WHERE SLEEP(0.2) = 0"}))
-        table = MysqlTable(str(path), os.O_RDONLY, 0, context(pyproxymap_mysql_connections="1"))
+        slow = {"query": "SELECT '%s' FROM DUAL WHERE SLEEP(0.2) = 0"}
+        ctx = context(pyproxymap_mysql_connections="1")
+        table = table_for(cfdir, db, slow, ctx=ctx, name="one.cf", flags=0)
 
         async def main() -> None:
             assert table.lookup_start(b"a", print) is LATER  # not connected yet

@@ -118,7 +118,6 @@ from proxymap.tables.pool import (
     ConnectionPool,
     Lease,
     OutageLog,
-    PoolUnavailable,
     connection_limit,
 )
 from proxymap.tables.utf8 import is_valid_utf8
@@ -947,9 +946,7 @@ class Channels:
         try:
             await waiter
         except TimeoutError:
-            raise PoolUnavailable(
-                f"{self.pool.name}: all {self.pool.size} connections busy for {timeout:g}s"
-            ) from None
+            raise self.pool.busy_for(timeout) from None
         except asyncio.CancelledError:
             if waiter.done() and not waiter.cancelled():
                 self._wake(1)  # woken, but gone: pass the place on

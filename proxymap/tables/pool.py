@@ -294,7 +294,11 @@ class ConnectionPool(Generic[C, E]):
                 self.sweeper.unwatch(waiter)
         if not granted:
             self._forget(waiter)
-            raise PoolUnavailable(f"{self.name}: all {self.size} connections busy for {timeout:g}s")
+            raise self.busy_for(timeout)
+
+    def busy_for(self, timeout: float | None) -> PoolUnavailable:
+        """What a lookup that waited ``timeout`` seconds for a connection gets."""
+        return PoolUnavailable(f"{self.name}: all {self.size} connections busy for {timeout:g}s")
 
     def _forget(self, waiter: asyncio.Future[bool]) -> None:
         try:
@@ -512,8 +516,7 @@ class _CallbackWaiter(Generic[C, E]):
         pool.sweeper.unwatch(self)
         if not granted:
             pool._forget(self)  # type: ignore[arg-type]  # a future's stand-in
-            busy = f"{pool.name}: all {pool.size} connections busy for {self.timeout:g}s"
-            self.deliver(PoolUnavailable(busy))
+            self.deliver(pool.busy_for(self.timeout))
             return
         try:
             lease = pool._take_recent() if pool._idle else None
