@@ -24,10 +24,12 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from proxymap import flags as F
+from proxymap.tables import mysql as mysql_module
 from proxymap.tables import open_table
 from proxymap.tables.base import (
     LATER,
@@ -40,6 +42,8 @@ from proxymap.tables.mysql import (
     DEFAULT_SOCKET,
     Endpoint,
     MysqlTable,
+    ResultHeader,
+    _one_result_set,
     mysql_escape,
     parse_host,
     read_option_files,
@@ -185,6 +189,33 @@ class TestEscape:
         assert mysql_escape(b"\xbf\x5c'", "gbk", no_backslash_escapes=True) == b"\xbf\x5c''"
         # The byte-wise charsets escape the same byte.
         assert mysql_escape(b"\xbf\x5c'", "latin1") == b"\xbf\\\\\\'"
+
+
+def answer_packets(value: bytes, definition: bytes = b"\x03def\x00\x00\x00\x01v") -> bytes:
+    """One result set as MariaDB sends it with DEPRECATE_EOF: the column count, one
+    column definition, one row and the closing OK packet (status 2, autocommit)."""
+    payloads = [b"\x01", definition, bytes([len(value)]) + value, b"\xfe\x00\x00\x02\x00\x00\x00"]
+    return b"".join(
+        len(payload).to_bytes(3, "little") + bytes([seq]) + payload
+        for seq, payload in enumerate(payloads, 1)
+    )
+
+
+class TestResultParsing:
+    def test_a_kept_header_is_matched_within_the_valid_bytes(self) -> None:
+        header = ResultHeader()
+        answer = answer_packets(b"abc")
+        proto = SimpleNamespace(buffer=bytearray(answer), pos=0, length=len(answer))
+        assert _one_result_set(proto, True, header) == ([(b"abc",)], len(answer), 5, 2)
+        assert header.data == answer[:-19]  # up to the row packet
+        # A receive buffer longer than its valid bytes: what lies past them is old.
+        proto = SimpleNamespace(buffer=bytearray(answer * 2), pos=0, length=8)
+        assert _one_result_set(proto, True, header) is None  # more bytes needed
+        other = answer_packets(b"xy", definition=b"\x03def\x00\x00\x00\x01w")
+        proto = SimpleNamespace(buffer=bytearray(answer + other), pos=len(answer))
+        proto.length = len(answer) + len(other)
+        assert _one_result_set(proto, True, header)[0] == [(b"xy",)]
+        assert header.data == other[:-18]  # the new one is kept
 
 
 class TestHosts:
@@ -368,6 +399,28 @@ class TestLookups:
                 assert await rows.alookup(b"k") == b",".join(b"%d" % n for n in range(1, 2001))
                 assert await small.alookup(b"bob") == b"bob@example.com"
                 assert await small.alookup(b"nobody") is None
+
+        run(main())
+
+    def test_answers_whose_columns_change_with_the_key(
+        self, db: PrivateMariaDB, cfdir: Path, way: str, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        # The column definition of a literal carries its length: an answer to a key
+        # of another length opens with other bytes than the kept ResultHeader, so its
+        # columns are parsed, and an answer to a key of the same length reuses them.
+        table = table_for(cfdir, db, {"query": "SELECT '%s' AS v"})
+        parsed = []
+        columns = mysql_module._columns
+        monkeypatch.setattr(
+            mysql_module, "_columns", lambda *args: parsed.append(1) or columns(*args)
+        )
+
+        async def main() -> None:
+            for key in (b"a", b"b", b"longer key", b"c", b"d", b"longer kez", b"", b"e"):
+                assert await table.alookup(key) == (key or None)
+            assert len(parsed) == 5  # all but b and d: a, longer key, c, longer kez, e
+            assert table.header.data.startswith(b"\x01\x00\x00\x01\x01")  # one column
+            assert table.pool.connects == 1
 
         run(main())
 

@@ -574,9 +574,12 @@ def _is_lost(exc: BaseException) -> bool:
     return code in _LOST_CODES
 
 
-async def _result_sets(connection: Connection, query: bytes) -> list[tuple]:
+async def _result_sets(
+    connection: Connection, query: bytes, header: ResultHeader | None = None
+) -> list[tuple]:
     """The rows of every result set the query returns (statements without one add
     nothing); the protocol is read to its end so that the connection stays usable.
+    ``header``: the table's ``ResultHeader`` (none for a query of its own).
 
     The usual answer -- one result set, complete in the receive buffer after at most
     one wake-up -- is parsed here in one pass over the buffer (``_take_result_set``);
@@ -602,7 +605,7 @@ async def _result_sets(connection: Connection, query: bytes) -> list[tuple]:
             finally:
                 if proto._read_waiter is waiter:
                     proto._read_waiter = None
-        rows = _take_result_set(raw)
+        rows = _take_result_set(raw, header or ResultHeader())
         if rows is not None and rows is not _NOT_MINE:
             return [rows]
     except (mysql_errors.MySQLError, OSError, EOFError) as exc:
@@ -659,10 +662,10 @@ def _send_query(connection: Any, query: bytes) -> bool:
     return True
 
 
-def _take_result_set(connection: Any) -> tuple | _Answer | None:
+def _take_result_set(connection: Any, header: ResultHeader) -> tuple | _Answer | None:
     """The rows of the one whole result set in asyncmy's receive buffer, consumed
     (``_one_result_set``); None when more bytes are needed, _NOT_MINE for the rest."""
-    parsed = _one_result_set(connection._proto, connection._deprecate_eof)
+    parsed = _one_result_set(connection._proto, connection._deprecate_eof, header)
     if parsed is None or parsed is _NOT_MINE:
         return parsed
     rows, connection._proto.pos, connection._next_seq_id, status = parsed
@@ -679,13 +682,63 @@ def _as_bytes_columns(count: int) -> tuple:
     return converters
 
 
-def _one_result_set(proto: Any, deprecate_eof: bool) -> tuple | _Answer | None:
+@dataclass(slots=True)
+class ResultHeader:
+    """The packets that opened a table's last whole result set, up to its rows: the
+    column count, the column definitions and (without DEPRECATE_EOF) their EOF
+    packet. A query's answers repeat them byte for byte whatever the key, so an
+    answer that starts with the same bytes has the same columns and is parsed from
+    its first row (``_one_result_set``); any other is parsed whole, and kept."""
+
+    data: bytes = b""
+    converters: tuple = ()  # asyncmy's, one per column: each value as the server's bytes
+    seq: int = 0  # the sequence id of the first row packet
+
+
+def _one_result_set(
+    proto: Any, deprecate_eof: bool, header: ResultHeader
+) -> tuple | _Answer | None:
     """Parse the answer to a COM_QUERY in asyncmy's receive buffer without consuming
     it: (rows, end position, next sequence id, server status) for one whole result
     set; None when more bytes are needed; _NOT_MINE for anything else."""
     buffer = proto.buffer
     pos = proto.pos
     end = proto.length
+    known = header.data
+    if known and buffer.startswith(known, pos, end):
+        converters = header.converters
+        seq = header.seq
+        pos += len(known)
+    else:
+        parsed = _columns(buffer, pos, end, deprecate_eof)
+        if parsed is None or parsed is _NOT_MINE:
+            return parsed
+        columns, seq, start = parsed
+        converters = _BYTES_CONVERTERS.get(columns) or _as_bytes_columns(columns)
+        header.data, header.converters, header.seq = bytes(buffer[pos:start]), converters, seq
+        pos = start
+    rows: list[tuple] = []
+    pos, seq = parse_rows_from_buffer(buffer, pos, end, converters, seq, rows, deprecate_eof)
+    size = _terminator(buffer, pos, end, seq, deprecate_eof)
+    if size is None or size is _NOT_MINE:
+        return size
+    # An EOF packet: the warning count (2 bytes), then the status. An OK packet
+    # (DEPRECATE_EOF): affected rows and insert id (length-encoded, one byte each
+    # after a SELECT), then the status.
+    at = pos + 7
+    if deprecate_eof and (buffer[pos + 5] >= 0xFB or buffer[pos + 6] >= 0xFB):
+        at = _skip_length_encoded(buffer, _skip_length_encoded(buffer, pos + 5))
+    status = buffer[at] | buffer[at + 1] << 8
+    if status & _MORE_RESULTS:
+        return _NOT_MINE
+    return rows, pos + 4 + size, (seq + 1) & 0xFF, status
+
+
+def _columns(
+    buffer: bytearray, pos: int, end: int, deprecate_eof: bool
+) -> tuple[int, int, int] | _Answer | None:
+    """The packets that open a result set at POS: (columns, sequence id of the first
+    row, position of the first row); None or _NOT_MINE as ``_one_result_set``."""
     size = _complete_packet(buffer, pos, end, 1)
     if size is None or size is _NOT_MINE:
         return size
@@ -701,22 +754,7 @@ def _one_result_set(proto: Any, deprecate_eof: bool) -> tuple | _Answer | None:
             return size
         pos += 4 + size
         seq = (seq + 1) & 0xFF
-    rows: list[tuple] = []
-    converters = _BYTES_CONVERTERS.get(columns) or _as_bytes_columns(columns)
-    pos, seq = parse_rows_from_buffer(buffer, pos, end, converters, seq, rows, deprecate_eof)
-    size = _terminator(buffer, pos, end, seq, deprecate_eof)
-    if size is None or size is _NOT_MINE:
-        return size
-    # An EOF packet: the warning count (2 bytes), then the status. An OK packet
-    # (DEPRECATE_EOF): affected rows and insert id (length-encoded, one byte each
-    # after a SELECT), then the status.
-    at = pos + 7
-    if deprecate_eof and (buffer[pos + 5] >= 0xFB or buffer[pos + 6] >= 0xFB):
-        at = _skip_length_encoded(buffer, _skip_length_encoded(buffer, pos + 5))
-    status = buffer[at] | buffer[at + 1] << 8
-    if status & _MORE_RESULTS:
-        return _NOT_MINE
-    return rows, pos + 4 + size, (seq + 1) & 0xFF, status
+    return columns, seq, pos
 
 
 def _complete_packet(buffer: bytearray, pos: int, end: int, seq: int) -> int | _Answer | None:
@@ -811,7 +849,7 @@ class _QueryInFlight(ReadWaiter):
 
     def _read(self) -> None:
         connection: Any = self.lease.connection
-        rows = _take_result_set(connection)
+        rows = _take_result_set(connection, self.table.header)
         if rows is None:
             proto = connection._proto
             if not (proto.eof or proto.exc is not None):
@@ -890,6 +928,7 @@ class MysqlTable(AsyncTable):
         self._going_on: set[asyncio.Future[None]] = set()  # started lookups, in _rows
         self._escape = escaper(self.login.charset)
         self._escape_quotes = escaper(self.login.charset, no_backslash_escapes=True)
+        self.header = ResultHeader()  # of this table's answers (_one_result_set)
 
     # --- configuration -----------------------------------------------------------------
     def _read_login(self, cfg: CfgParser) -> _Login:
@@ -975,7 +1014,8 @@ class MysqlTable(AsyncTable):
             connection = lease.connection
             try:
                 if sent is None:
-                    reading = _result_sets(connection, self._query_text(connection, key, query))
+                    text = self._query_text(connection, key, query)
+                    reading = _result_sets(connection, text, self.header)
                 else:
                     reading = _rest_of_result_sets(connection)
                     sent = None
