@@ -48,8 +48,10 @@ DESCRIPTION
 
     Status: the service calls ``server.request_started()`` and
     ``server.request_done()`` around each request it serves. The master hears TAKEN
-    only from a saturated process -- busy nine tenths of the time, as a moving
-    average over about 50 ms -- when a client waits to be accepted (a failure is
+    only from a saturated process -- one whose requests wait for a backend at its
+    bound (``service.waiting_for_backends``), or busy nine tenths of the time (a
+    moving average over about 50 ms) and on the CPU nine tenths of that busy time --
+    when a client waits to be accepted (a failure is
     ignored), and AVAIL when it is no longer saturated or a whole turn of the event
     loop found no new request (a failure means the master is gone, so the process
     exits 0). Other work is reported after it is done, TAKEN and AVAIL in one
@@ -255,6 +257,9 @@ class MultiServer:
         self._young_turns = 0  # busy turns of this spell left that report their use
         self._load = 0.0  # share of time busy (see _load_at) at the end of the last spell
         self._load_time = time.monotonic()
+        self._busy_time = 0.0  # seconds spent in busy spells that have ended
+        # CPU time and busy time at the last two marks of _cpu_bound (the older first)
+        self._cpu_marks = [(time.process_time(), 0.0)] * 2
         self._idle_check_pending = False  # _check_idle is scheduled
         self.poll_window = DEFAULT_POLL_WINDOW_US / 1e6  # seconds; 0: sleep at once
         self._idle_since: float | None = None  # the end of the last busy spell
@@ -374,10 +379,14 @@ class MultiServer:
     # left waiting there makes it spawn another child (up to the process limit).
     # A Postfix daemon serves one request at a time and says TAKEN before each and
     # AVAIL after it. A worker that multiplexes clients takes a new client within a
-    # loop turn even while it works: a sibling helps only once it is saturated, its
-    # loop busy SATURATED_LOAD of the time (a moving average over about
-    # LOAD_TIME_CONSTANT; a busy spell runs from a request after an idle loop turn
-    # to the next loop turn that finds no work). So:
+    # loop turn even while it works: a sibling helps only once it is saturated:
+    # either its requests queue for a backend at its bound (the service says so:
+    # a sibling brings connections of its own), or its loop is busy SATURATED_LOAD of
+    # the time (a moving average over about LOAD_TIME_CONSTANT; a busy spell runs
+    # from a request after an idle loop turn to the next loop turn that finds no
+    # work) and the process was on the CPU SATURATED_LOAD of that busy time. A busy
+    # worker off the CPU waits for backends that have room, or for a CPU that other
+    # processes hold: a sibling would answer nobody sooner. So:
     #
     # * The master hears TAKEN only from a saturated worker, and then only when it
     #   matters: when a client waits to be accepted (the master may then spawn for
@@ -391,7 +400,7 @@ class MultiServer:
     #   a few messages per spell.
     # * AVAIL at the end of a spell is the last callback before the loop would sleep.
     # * A slow (asynchronous) request in progress keeps the spell going, like a slow
-    #   table in Postfix: a worker that keeps waiting for backends is saturated.
+    #   table in Postfix; it saturates the worker only through the backend's bound.
     #
     # A steady load that one worker carries therefore never makes the master spawn,
     # however many clients connect meanwhile; once one worker is saturated the next
@@ -450,6 +459,8 @@ class MultiServer:
         now = time.monotonic()
         self._load = self._load_at(now)
         self._load_time = now
+        if self._busy_since is not None:
+            self._busy_time += now - self._busy_since
         self._busy_since = None
         self._report_busy(False)
         self._poll_for_next_request(now)
@@ -497,9 +508,29 @@ class MultiServer:
         return load
 
     def _saturated(self) -> bool:
-        return self._busy_since is not None and (
-            self._load_at(time.monotonic()) >= self.SATURATED_LOAD
-        )
+        """Requests wait for a backend, or busy nine tenths of the recent past and on
+        the CPU for nine tenths of that busy time (see above)."""
+        busy_since = self._busy_since
+        if busy_since is None:
+            return False
+        if self.service.waiting_for_backends(self):
+            return True
+        now = time.monotonic()
+        return self._load_at(now) >= self.SATURATED_LOAD and self._cpu_bound(now - busy_since)
+
+    def _cpu_bound(self, spell: float) -> bool:
+        """The CPU time used per second of busy time, over the last one to two
+        LOAD_TIME_CONSTANTs of busy time, is SATURATED_LOAD or more. SPELL: the
+        length of the spell in progress."""
+        cpu = time.process_time()
+        busy = self._busy_time + spell
+        marks = self._cpu_marks
+        tau = self.LOAD_TIME_CONSTANT
+        if busy - marks[1][1] >= tau:  # a new mark; the window starts at the last one
+            marks[0], marks[1] = marks[1], (cpu, busy)
+        cpu_mark, busy_mark = marks[0]
+        span = busy - busy_mark
+        return span > 0.0 and (cpu - cpu_mark) / span >= self.SATURATED_LOAD
 
     def _report_busy(self, busy: bool) -> None:
         """Tell the master TAKEN (busy) or AVAIL, when that is news to it."""
@@ -600,6 +631,7 @@ class MultiServer:
             os.set_blocking(self.status_fd, True)
         self._start_idle_timer()
         self._start_watchdog()
+        self._cpu_marks = [(time.process_time(), 0.0)] * 2  # start-up is nobody's request
         try:
             loop.run_forever()
         finally:

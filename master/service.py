@@ -16,6 +16,8 @@ DESCRIPTION
          then ``accept()``, then the service's protocol object gets ``connection_made``
          (its post-accept work, e.g. the proxymap announcement).
       -S mode: ``serve_standalone(server, stdin, stdout)`` once, then exit 0.
+    ``waiting_for_backends(server)`` is asked when a client waits to be accepted while
+    the process is busy: it is one way to be saturated (see ``master.multi_server``).
 
     A service's connection protocol subclasses ``master.multi_server.ClientProtocol``
     (an ``asyncio.Protocol``) and must call ``server.request_started()`` before and
@@ -44,6 +46,12 @@ class Service(Protocol):
     def post_init(self, server: MultiServer) -> None: ...
 
     def pre_accept(self, server: MultiServer) -> None: ...
+
+    def waiting_for_backends(self, server: MultiServer) -> bool:
+        """Requests wait for a backend this process may not ask more of (every
+        connection it may open is busy): a sibling, with connections of its own,
+        would serve sooner. Asked when a client waits to be accepted."""
+        ...
 
     def protocol_factory(self, server: MultiServer) -> Callable[[], asyncio.Protocol]: ...
 

@@ -74,7 +74,8 @@ from proxymap.session import Session
 from proxymap.stats import Reporter, StatsSettings, open_directory
 from proxymap.tables import TABLE_TYPES, table_class
 from proxymap.tables.base import AsyncTable, DictBusy, DictOpenError, SyncTable
-from proxymap.tables.pool import connection_limit
+from proxymap.tables.blocking import calls_waiting
+from proxymap.tables.pool import connection_limit, lookups_waiting
 
 if TYPE_CHECKING:
     from master.multi_server import MultiServer
@@ -198,6 +199,10 @@ class ProxymapService:
         if changed is not None:
             log.info("table %s has changed -- restarting", changed)
             server.exit(0)
+
+    def waiting_for_backends(self, _server: MultiServer) -> bool:
+        """A lookup waits for a pooled connection or a driver thread at its bound."""
+        return lookups_waiting() or calls_waiting()
 
     def protocol_factory(self, server: MultiServer) -> Callable[[], asyncio.Protocol]:
         handler = self.handler

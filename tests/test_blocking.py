@@ -74,6 +74,23 @@ def test_at_most_concurrency_calls_at_once_and_the_loop_keeps_running():
     assert table.peak == 2 and ticks >= 20  # three rounds of 0.1 s, loop never blocked
 
 
+def test_calls_waiting_for_a_thread_tell_the_worker_it_waits_for_backends():
+    table = SleepyTable(0.1)
+
+    async def scenario():
+        two = asyncio.gather(table.alookup(b"a"), table.alookup(b"b"))
+        await asyncio.sleep(0.03)
+        running = blocking.calls_waiting()  # both threads of the table busy, none waits
+        third = asyncio.ensure_future(table.alookup(b"c"))
+        await asyncio.sleep(0.03)
+        waiting = blocking.calls_waiting()
+        await two
+        await third
+        return running, waiting, blocking.calls_waiting()
+
+    assert asyncio.run(scenario()) == (False, True, False)
+
+
 @pytest.mark.serial
 def test_a_hung_driver_answers_retry_at_the_timeout_and_holds_its_slots():
     table = SleepyTable(0.6, timeout=0.1)

@@ -69,11 +69,14 @@ def keep_asking(pf: Instance, line: str, pause: float, stop: threading.Event, er
     try:
         with connect(pf) as client:
             while not stop.is_set():
-                assert ask(client, line) == ("worked" if line.startswith("@work") else line)
+                assert ask(client, line) == ANSWERS.get(line.split()[0], line)
                 if pause:
                     time.sleep(pause)
     except Exception as error:  # noqa: BLE001 - reported by the test
         errors.append(error)
+
+
+ANSWERS = {"@work": "worked", "@wait": "waited", "@backend": "served"}
 
 
 def start_clients(pf: Instance, count: int, line: str, pause: float, stop: threading.Event):
@@ -121,14 +124,24 @@ def test_a_load_one_worker_carries_gets_no_second_worker(echo_instance):
     assert len(pids) == 1 and sum(pids.values()) > 50
 
 
-def test_a_saturated_worker_gets_a_sibling_that_takes_the_new_clients(echo_instance):
-    """Two clients asking for 5 ms of work back to back saturate the worker; the next
+# The CPU time a saturated worker gets is what tells it saturated: alone on the machine,
+# so that another test's load does not take it.
+@pytest.mark.serial
+@pytest.mark.parametrize("line, pause", [("@work 5", 0), ("@backend 5", 0.01)])
+def test_a_saturated_worker_gets_a_sibling_that_takes_the_new_clients(echo_instance, line, pause):
+    """Two clients asking for 5 ms of work back to back saturate the worker, as do two
+    clients whose requests take turns on a backend that serves one at a time; the next
     client makes the master spawn, and from then on new clients go to the new worker
-    instead of queueing behind the saturated one."""
+    instead of queueing behind the saturated one.
+
+    The newcomers of the busy loop come at once; those of the backend come 10 ms apart.
+    A saturated worker lets its siblings accept first (4 ms against at most 3), and a
+    loop that is free, as when it waits for a backend, takes a share of a burst all the
+    same: some 2 clients in 6 (a busy loop does not get to accept)."""
     pf = echo_instance
     (first,) = (w["pid"] for w in pf.workers("echo"))
     stop = threading.Event()
-    threads, errors = start_clients(pf, 2, "@work 5", 0, stop)
+    threads, errors = start_clients(pf, 2, line, 0, stop)
     try:
         time.sleep(0.5)  # the load average passes the saturation mark
         with connect(pf) as newcomer:
@@ -140,7 +153,10 @@ def test_a_saturated_worker_gets_a_sibling_that_takes_the_new_clients(echo_insta
         # go to it: the saturated worker lets its siblings accept first.
         kept = []
         wait_until(lambda: int(ask(kept.append(connect(pf)) or kept[-1], "@pid")) == second)
-        newcomers = [connect(pf) for _ in range(6)]
+        newcomers = []
+        for _ in range(6):
+            newcomers.append(connect(pf))
+            time.sleep(pause)
         kept += newcomers
         taken = Counter(int(ask(client, "@pid")) for client in newcomers)
     finally:
@@ -150,6 +166,29 @@ def test_a_saturated_worker_gets_a_sibling_that_takes_the_new_clients(echo_insta
     assert not errors, errors
     assert taken[second] >= 5, taken
     assert pf.service("echo")["total"] == 2
+
+
+def test_a_worker_waiting_with_its_loop_free_gets_no_sibling(echo_instance):
+    """Eight clients whose requests wait 5 ms each, back to back, for a backend that has
+    room for all of them: the worker always has a request in progress, but its loop is
+    free and no request waits for a turn, so a sibling would serve nobody sooner.
+    Newcomers every 20 ms make the master spawn nothing."""
+    pf = echo_instance
+    (first,) = (w["pid"] for w in pf.workers("echo"))
+    stop = threading.Event()
+    threads, errors = start_clients(pf, 8, "@wait 5", 0, stop)
+    pids = Counter()
+    try:
+        time.sleep(0.5)  # long past the mark a busy load average would pass
+        for _ in paced(1, 0.02):
+            with connect(pf) as newcomer:
+                pids[int(ask(newcomer, "@pid"))] += 1
+    finally:
+        stop_clients(stop, threads)
+    assert not errors, errors
+    assert pids.keys() == {first} and sum(pids.values()) > 20, pids
+    service = pf.service("echo")
+    assert (service["spawned"], service["total"]) == (1, 1), service
 
 
 def keep_looking_up(pf: PrivatePostfix, table: str, stop: threading.Event, errors: list):

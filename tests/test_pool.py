@@ -13,7 +13,8 @@ import socket
 
 import pytest
 
-from proxymap.tables.pool import ConnectionPool, PoolUnavailable, Sweeper
+from proxymap.tables import pool as pool_module
+from proxymap.tables.pool import ConnectionPool, PoolUnavailable, Sweeper, lookups_waiting
 from proxymap.tables.streams import Stream, close_stream, stream_opener
 
 
@@ -148,6 +149,31 @@ def test_a_full_pool_waits_then_fails_with_retry():
         assert await slow == b"sleep 0.5"
         assert await ask(pool, b"after") == b"after"  # the waiter left no slot behind
         assert server.accepted == 1
+        pool.close()
+        await server.stop()
+
+    run(scenario())
+
+
+def test_a_queued_lookup_tells_the_worker_it_waits_for_backends(monkeypatch):
+    """What the worker tells its master (``waiting_for_backends``): a lookup waits for
+    a connection of a pool at its bound, or began to within QUEUE_MEMORY."""
+    monkeypatch.setattr(pool_module, "QUEUE_MEMORY", 0.5)
+
+    async def scenario():
+        server = await EchoServer().start()
+        pool = make_pool([server.endpoint], size=1)
+        assert await ask(pool, b"first") == b"first"  # a busy connection: not waiting
+        slow = asyncio.create_task(ask(pool, b"sleep 0.3"))
+        await asyncio.sleep(0.05)
+        assert pool.in_use == 1 and not lookups_waiting()
+        queued = asyncio.create_task(ask(pool, b"queued"))
+        await asyncio.sleep(0.05)
+        assert pool.waiting == 1 and lookups_waiting()
+        assert (await slow, await queued) == (b"sleep 0.3", b"queued")
+        assert pool.waiting == 0 and lookups_waiting()  # it queued some 0.25 s ago
+        await asyncio.sleep(0.35)
+        assert not lookups_waiting()
         pool.close()
         await server.stop()
 

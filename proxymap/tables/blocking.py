@@ -42,6 +42,12 @@ R = TypeVar("R")
 DEFAULT_THREADS = 32
 _executor: ThreadPoolExecutor | None = None
 _threads = DEFAULT_THREADS
+_waiting = [0]  # calls that found every thread of their table busy, waiting for one
+
+
+def calls_waiting() -> bool:
+    """A call of this process waits for a thread: its table's threads are all busy."""
+    return _waiting[0] > 0
 
 
 def configure(params: Mapping[str, str]) -> None:
@@ -115,12 +121,16 @@ class BlockingTable(AsyncTable):
 
     async def _run(self, function: Callable[..., R], *args: object) -> R:
         gate = self._bound_gate()
+        waits = gate.locked()  # every thread of the table is busy
+        _waiting[0] += waits
         try:
             await asyncio.wait_for(gate.acquire(), self.timeout)
         except TimeoutError:
             raise DictRetry(
                 f"{self.spec}: all {self.concurrency} driver threads busy for {self.timeout:g}s"
             ) from None
+        finally:
+            _waiting[0] -= waits
         future = asyncio.get_running_loop().run_in_executor(executor(), function, *args)
         future.add_done_callback(lambda done: self._finished(gate, done))
         try:

@@ -60,6 +60,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -136,6 +137,18 @@ class Lease(Generic[C, E]):
     last_used: float = field(default_factory=time.monotonic)
 
 
+_POOLS: weakref.WeakSet[ConnectionPool] = weakref.WeakSet()  # every pool of this process
+QUEUE_MEMORY = 0.05  # seconds a pool counts as at its bound after a lookup queued
+
+
+def lookups_waiting() -> bool:
+    """A lookup of this process waits for a pooled connection, or one began to in the
+    last QUEUE_MEMORY seconds: a pool is at its bound (the queue of a pool at its
+    bound empties and fills again with every answer, so the moment alone says little)."""
+    since = time.monotonic() - QUEUE_MEMORY
+    return any(pool.waiting or pool.queued_at > since for pool in _POOLS)
+
+
 class ConnectionPool(Generic[C, E]):
     def __init__(
         self,
@@ -180,8 +193,10 @@ class ConnectionPool(Generic[C, E]):
         self.sweeper = Sweeper()  # deadlines of waiting lookups (drivers use it too)
         self.in_use = 0
         self.waiting = 0
+        self.queued_at = float("-inf")  # time.monotonic() when a lookup last queued
         self.connects = 0
         self.failovers = 0
+        _POOLS.add(self)
 
     @property
     def open(self) -> int:
@@ -267,6 +282,7 @@ class ConnectionPool(Generic[C, E]):
         waiter = _CallbackWaiter(self, deliver, timeout)
         self._waiters.append(waiter)  # type: ignore[arg-type]  # a future's stand-in
         self.waiting += 1
+        self.queued_at = time.monotonic()
         self.sweeper.watch(waiter, loop.time() + timeout, waiter.expire, loop)
         return True
 
@@ -277,6 +293,7 @@ class ConnectionPool(Generic[C, E]):
         waiter: asyncio.Future[bool] = loop.create_future()
         self._waiters.append(waiter)
         self.waiting += 1
+        self.queued_at = time.monotonic()
         if timeout is not None:
             self.sweeper.watch(waiter, loop.time() + timeout, lambda: _expire(waiter))
         try:
