@@ -50,7 +50,8 @@ DESCRIPTION
     ``server.request_done()`` around each request it serves. The master hears TAKEN
     only from a saturated process -- one whose requests wait for a backend at its
     bound (``service.waiting_for_backends``), or busy nine tenths of the time (a
-    moving average over about 50 ms) and on the CPU nine tenths of that busy time --
+    moving average over about 50 ms) and its loop on the CPU nine tenths of that busy
+    time --
     when a client waits to be accepted (a failure is
     ignored), and AVAIL when it is no longer saturated or a whole turn of the event
     loop found no new request (a failure means the master is gone, so the process
@@ -259,7 +260,7 @@ class MultiServer:
         self._load_time = time.monotonic()
         self._busy_time = 0.0  # seconds spent in busy spells that have ended
         # CPU time and busy time at the last two marks of _cpu_bound (the older first)
-        self._cpu_marks = [(time.process_time(), 0.0)] * 2
+        self._cpu_marks = [(time.thread_time(), 0.0)] * 2
         self._idle_check_pending = False  # _check_idle is scheduled
         self.poll_window = DEFAULT_POLL_WINDOW_US / 1e6  # seconds; 0: sleep at once
         self._idle_since: float | None = None  # the end of the last busy spell
@@ -384,7 +385,7 @@ class MultiServer:
     # a sibling brings connections of its own), or its loop is busy SATURATED_LOAD of
     # the time (a moving average over about LOAD_TIME_CONSTANT; a busy spell runs
     # from a request after an idle loop turn to the next loop turn that finds no
-    # work) and the process was on the CPU SATURATED_LOAD of that busy time. A busy
+    # work) and its thread was on the CPU SATURATED_LOAD of that busy time. A busy
     # worker off the CPU waits for backends that have room, or for a CPU that other
     # processes hold: a sibling would answer nobody sooner. So:
     #
@@ -519,10 +520,11 @@ class MultiServer:
         return self._load_at(now) >= self.SATURATED_LOAD and self._cpu_bound(now - busy_since)
 
     def _cpu_bound(self, spell: float) -> bool:
-        """The CPU time used per second of busy time, over the last one to two
-        LOAD_TIME_CONSTANTs of busy time, is SATURATED_LOAD or more. SPELL: the
+        """The CPU time the loop's thread used per second of busy time, over the last
+        one to two LOAD_TIME_CONSTANTs of busy time, is SATURATED_LOAD or more (the
+        threads of blocking drivers say so through waiting_for_backends). SPELL: the
         length of the spell in progress."""
-        cpu = time.process_time()
+        cpu = time.thread_time()
         busy = self._busy_time + spell
         marks = self._cpu_marks
         tau = self.LOAD_TIME_CONSTANT
@@ -631,7 +633,7 @@ class MultiServer:
             os.set_blocking(self.status_fd, True)
         self._start_idle_timer()
         self._start_watchdog()
-        self._cpu_marks = [(time.process_time(), 0.0)] * 2  # start-up is nobody's request
+        self._cpu_marks = [(time.thread_time(), 0.0)] * 2  # start-up is nobody's request
         try:
             loop.run_forever()
         finally:
