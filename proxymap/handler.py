@@ -243,6 +243,7 @@ class RequestHandler:
         #: canonical table name -> its live figures (None: pyproxymap_statistics = no)
         self.statistics: dict[str, TableStats] | None = {} if self.stats_settings.enabled else None
         self.bad = 0  # requests answered BAD (not a table's figure)
+        self.lock_waits = 0  # requests waiting for a table file a writer holds locked
         self._denied_names = 0  # unapproved names with figures of their own
         access = "read-write" if self.writer else "read-only"
         parameter = "proxy_write_maps" if self.writer else "proxy_read_maps"
@@ -487,17 +488,21 @@ class RequestHandler:
         later requests wait behind this one, the other clients are served meanwhile.
         """
         pause = BUSY_PAUSE_MIN
-        while True:
-            await asyncio.sleep(pause)
-            instance.table.flags = flags  # other requests may have run in between
-            try:
-                reply = self._run_sync(instance, req, echo, function)
-            except DictBusy:
-                pause = min(pause * 2, BUSY_PAUSE_MAX)
-                continue
-            if instance.stats is not None:
-                instance.stats.count(req.op, reply.status)
-            return reply
+        self.lock_waits += 1
+        try:
+            while True:
+                await asyncio.sleep(pause)
+                instance.table.flags = flags  # other requests may have run in between
+                try:
+                    reply = self._run_sync(instance, req, echo, function)
+                except DictBusy:
+                    pause = min(pause * 2, BUSY_PAUSE_MAX)
+                    continue
+                if instance.stats is not None:
+                    instance.stats.count(req.op, reply.status)
+                return reply
+        finally:
+            self.lock_waits -= 1
 
     # --- the fast path ------------------------------------------------------------------
     def compile_lookup(self, req: Request) -> LookupFunction | None:

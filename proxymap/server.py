@@ -201,8 +201,13 @@ class ProxymapService:
             server.exit(0)
 
     def waiting_for_backends(self, _server: MultiServer) -> bool:
-        """A lookup waits for a pooled connection or a driver thread at its bound."""
-        return lookups_waiting() or calls_waiting()
+        """A request waits for a backend at its bound: a pooled connection, a driver
+        thread, or a table file that a writer holds locked (which admits one writer;
+        Postfix's daemon would wait in flock() and be busy for its master)."""
+        handler = self.handler
+        return (
+            lookups_waiting() or calls_waiting() or (handler is not None and handler.lock_waits > 0)
+        )
 
     def protocol_factory(self, server: MultiServer) -> Callable[[], asyncio.Protocol]:
         handler = self.handler
