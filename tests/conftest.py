@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -78,6 +79,14 @@ def _runs_workers(config: pytest.Config) -> bool:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    # A shell without job control starts a background job with SIGINT ignored, and
+    # an ignored signal stays ignored across exec: the workers, masters and commands
+    # the tests start would then outlive the SIGINT that some tests send them (our
+    # workers keep an ignored SIGINT on purpose, as a foreground master's children).
+    # The tests start them as Postfix's master and a terminal would: SIGINT at its
+    # default.
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     if _runs_workers(config):
         directory = tempfile.mkdtemp(prefix="pyproxymap-xdist-")
         config.stash[_lock_dir_key] = directory
