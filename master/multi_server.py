@@ -50,10 +50,9 @@ DESCRIPTION
     ``server.request_done()`` around each request it serves. The master hears TAKEN
     only from a saturated process -- one whose requests wait for a backend at its
     bound (``service.waiting_for_backends``), or busy nine tenths of the time (a
-    moving average over about 50 ms) and its loop on the CPU nine tenths of that busy
-    time --
-    when a client waits to be accepted (a failure is
-    ignored), and AVAIL when it is no longer saturated or a whole turn of the event
+    moving average over about 50 ms) with its loop on the CPU nine tenths of that
+    busy time -- when a client waits to be accepted (a failure is ignored), and
+    AVAIL when it is no longer saturated or a whole turn of the event
     loop found no new request (a failure means the master is gone, so the process
     exits 0). Other work is reported after it is done, TAKEN and AVAIL in one
     write per loop turn, for the first turns of a busy spell: a client that waits
@@ -509,8 +508,8 @@ class MultiServer:
         return load
 
     def _saturated(self) -> bool:
-        """Requests wait for a backend, or busy nine tenths of the recent past and on
-        the CPU for nine tenths of that busy time (see above)."""
+        """A request waits for a backend at its bound, or the process was busy nine
+        tenths of the recent past and on the CPU nine tenths of that busy time."""
         busy_since = self._busy_since
         if busy_since is None:
             return False

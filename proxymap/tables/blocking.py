@@ -23,6 +23,8 @@ DESCRIPTION
     the other blocking tables. A call that does not finish within ``timeout`` (when
     set) answers RETRY; its thread is left to finish on its own and keeps its slot
     until then, so a hung backend is never asked more than ``concurrency`` times.
+    ``calls_waiting()`` says whether a call waits for one of its table's threads (the
+    worker is then saturated, for its master).
 """
 
 from __future__ import annotations

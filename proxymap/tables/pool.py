@@ -40,7 +40,9 @@ DESCRIPTION
     server has broken too.
 
     Figures for the live statistics: ``open``, ``in_use``, ``waiting``, ``size``,
-    ``connects``, ``failovers``.
+    ``connects``, ``failovers``. For the worker's status to its master,
+    ``lookups_waiting()`` says whether any pool of the process is at its bound (a
+    lookup waits, or began to in the last 50 ms): the worker is then saturated.
 
     Lending is cheap on purpose (it is on every lookup's path): a free slot with a
     ready idle connection is lent without an await (``lend``, or ``acquire``'s
