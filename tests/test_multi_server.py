@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 
 from master import log as postfix_log
+from master import multi_server
 from master.status import (
     STATUS_AVAIL,
     STATUS_SIZE,
@@ -809,3 +810,63 @@ def test_an_idle_loop_polls_for_a_client_that_asks_again_soon(conf, event_loop, 
         _, cpu_after = _switches_and_cpu(m.pid)
         assert cpu_after - cpu_before < 0.05  # asleep, not polling
         client.close()
+
+
+class Clocks:
+    """Stands in for the time module in master.multi_server: wall and CPU time as set."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.cpu = 5.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def thread_time(self) -> float:
+        return self.cpu
+
+    def spend(self, seconds: float, cpu_share: float) -> None:
+        self.now += seconds
+        self.cpu += seconds * cpu_share
+
+
+class Backends:
+    name = "echo"
+    waiting = False
+
+    def waiting_for_backends(self, _server) -> bool:
+        return self.waiting
+
+
+@pytest.mark.parametrize(
+    "cpu_share, backends_waiting, saturated",
+    [
+        (1.0, False, True),  # the loop works all the time: a sibling helps
+        (0.95, False, True),
+        (0.5, False, False),  # half of it waiting for backends with room
+        (0.5, True, True),  # ... that are at their bound
+        (0.0, True, True),
+    ],
+)
+def test_saturation_is_cpu_time_or_a_backend_at_its_bound(
+    monkeypatch, cpu_share, backends_waiting, saturated
+):
+    """The rule of _saturated, on clocks the test sets: after an idle second, 0.3 s
+    of one busy spell (its moving average past 0.9) in which the loop's thread got
+    CPU_SHARE of the time, with or without a lookup waiting for a backend at its
+    bound. The idle second, without CPU time, does not dilute the share."""
+    clocks = Clocks()
+    monkeypatch.setattr(multi_server, "time", clocks)
+    service = Backends()
+    server = multi_server.MultiServer(service, ["echo"])  # type: ignore[arg-type]
+    assert not server._saturated()  # idle
+    clocks.spend(1.0, 0.0)
+    server.request_started()
+    clocks.spend(0.3, cpu_share)
+    service.waiting = backends_waiting
+    assert server._saturated() is saturated
+    if not backends_waiting:  # a young spell is never saturated by the CPU alone
+        young = multi_server.MultiServer(service, ["echo"])  # type: ignore[arg-type]
+        young.request_started()
+        clocks.spend(0.02, 1.0)
+        assert not young._saturated()
