@@ -40,6 +40,7 @@ from proxymap.tables.base import (
     LATER,
     STARTED,
     AsyncTable,
+    DictBusy,
     DictConfig,
     DictOpenError,
     DictRetry,
@@ -387,6 +388,39 @@ def test_asynchronous_table_gets_a_coroutine(monkeypatch, caplog):
     with caplog.at_level(logging.ERROR, "proxymap"):
         assert answer(handler, g2("lookup", "amem:t", 0, 16, key=b"boom")).status == RETRY
     assert "driver bug" in caplog.text
+
+
+class LockedTable(InternalTable):
+    """A synchronous table whose file a writer holds locked for its first lookups."""
+
+    dict_type = "locked"
+    busy_for = 2  # lookups that find the lock held
+
+    def lookup(self, key: bytes) -> bytes | None:
+        if LockedTable.busy_for:
+            LockedTable.busy_for -= 1
+            raise DictBusy("locked by a writer")
+        return super().lookup(key)
+
+
+def test_a_lookup_waiting_for_a_writers_lock_is_counted(monkeypatch):
+    """The wait for a locked table file runs on the loop, and the handler counts it:
+    the worker tells its master it waits for a backend (server.waiting_for_backends)."""
+    monkeypatch.setitem(TABLE_TYPES, "locked", f"{__name__}:LockedTable")
+    monkeypatch.setattr(LockedTable, "busy_for", 2)
+    handler = reader("locked:t")
+
+    async def scenario() -> tuple[int, Reply, int]:
+        pending = handler.handle(g2("lookup", "locked:t", 0, 16, key=b"k"))
+        assert not isinstance(pending, Reply)
+        waiting = asyncio.ensure_future(pending)
+        await asyncio.sleep(0)
+        during = handler.lock_waits
+        reply = await waiting
+        return during, reply, handler.lock_waits
+
+    during, reply, after = asyncio.run(scenario())
+    assert (during, reply.status, after) == (1, NOKEY, 0)
 
 
 # --- open-reply flags for every row of open-flags.tsv ----------------------------------------
