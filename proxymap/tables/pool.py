@@ -282,20 +282,23 @@ class ConnectionPool(Generic[C, E]):
         if self._free > 0 or self._loop is not loop:
             return False
         waiter = _CallbackWaiter(self, deliver, timeout)
-        self._waiters.append(waiter)  # type: ignore[arg-type]  # a future's stand-in
-        self.waiting += 1
-        self.queued_at = time.monotonic()
+        self._join_queue(waiter)  # type: ignore[arg-type]  # a future's stand-in
         self.sweeper.watch(waiter, loop.time() + timeout, waiter.expire, loop)
         return True
+
+    def _join_queue(self, waiter: asyncio.Future[bool]) -> None:
+        """WAITER waits for a slot, last in line; counted (``waiting``, and the time for
+        ``lookups_waiting``) until it is served or gives up."""
+        self._waiters.append(waiter)
+        self.waiting += 1
+        self.queued_at = time.monotonic()
 
     async def _wait_for_slot(self, timeout: float | None) -> None:
         """Queue for a slot: one future and at most one timer, no task."""
         loop = self._loop
         assert loop is not None
         waiter: asyncio.Future[bool] = loop.create_future()
-        self._waiters.append(waiter)
-        self.waiting += 1
-        self.queued_at = time.monotonic()
+        self._join_queue(waiter)
         if timeout is not None:
             self.sweeper.watch(waiter, loop.time() + timeout, lambda: _expire(waiter))
         try:

@@ -97,7 +97,9 @@ class Backend:
         self.queue: deque[tuple[float, Callable[[], None]]] = deque()
         self.queued_at = float("-inf")  # time.monotonic() when a request last queued
 
-    def ask(self, loop: asyncio.AbstractEventLoop, seconds: float, done: Callable[[], None]):
+    def ask(
+        self, loop: asyncio.AbstractEventLoop, seconds: float, done: Callable[[], None]
+    ) -> None:
         if self.free:
             self.free -= 1
             loop.call_later(seconds, self._served, loop, done)
